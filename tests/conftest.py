@@ -1,0 +1,54 @@
+"""Shared helpers: run the installed ``yolosafe`` CLI in a subprocess, as a user would, on CPU and offline.
+
+GPUs come from the package's fake NVML backend (``YOLOSAFE_FAKE_GPUS``); OOMs from its fault-injection hook
+(``YOLOSAFE_INJECT_OOM``), which raises the real ``torch.OutOfMemoryError`` inside the real Ultralytics trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+YOLOSAFE = shutil.which("yolosafe") or str(Path(sys.executable).with_name("yolosafe"))
+# The smallest real training that still exercises train, val and checkpoints: seconds on 2 CPU cores.
+TINY = ["--imgsz", "64", "--batch", "8", "--effective-batch", "16", "workers=0", "plots=False"]
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic dataset and one Ultralytics config dir for the whole session."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path, shared_cache: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``run_cli(*args, env={...})`` runs ``yolosafe`` in ``tmp_path`` and returns the completed process."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOSAFE_", "PYTORCH_"))}
+        full_env.update(
+            YOLOSAFE_CACHE=str(shared_cache / "yolosafe"),
+            YOLO_CONFIG_DIR=str(shared_cache / "ultralytics"),
+            YOLO_OFFLINE="1",
+            **(env or {}),
+        )
+        return subprocess.run(
+            [YOLOSAFE, *args], cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout
+        )
+
+    return run
+
+
+def run_dir_of(tmp_path: Path, name: str = "train") -> Path:
+    return tmp_path / "runs" / "detect" / name
+
+
+def story(run_dir: Path) -> dict:
+    return json.loads((run_dir / "yolosafe.json").read_text())

@@ -1,0 +1,61 @@
+"""The GPU inventory: the fake backend every test uses, and the real NVML path on a machine without a driver."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from yolosafe import gpus
+
+
+def test_fake_sizes():
+    inv = gpus.read_inventory({gpus.FAKE_ENV: "2x24GB,1x80GB"})
+    assert inv.backend == "fake" and inv.ids == (0, 1, 2)
+    assert [g.total_mib for g in inv.gpus] == [24576, 24576, 81920]
+    assert inv.gpus[0].free_mib == 24576 and inv.problem is None
+
+
+def test_fake_json_with_processes(tmp_path):
+    spec = {"driver": "550.54.15", "cuda": "12.4",
+            "gpus": [{"name": "A100", "total_mib": 40960, "used_mib": 13000,
+                      "processes": [{"pid": 4242, "used_mib": 13000}]}]}
+    path = tmp_path / "fake.json"
+    path.write_text(json.dumps(spec))
+    for value in (json.dumps(spec), f"@{path}"):
+        inv = gpus.read_inventory({gpus.FAKE_ENV: value})
+        gpu = inv.gpus[0]
+        assert (inv.driver, inv.cuda, gpu.name, gpu.used_mib, gpu.free_mib) == ("550.54.15", "12.4", "A100", 13000,
+                                                                                27960)
+        assert gpu.processes == (gpus.GPUProcess(4242, 13000),)
+
+
+def test_fake_none_is_a_machine_without_driver():
+    inv = gpus.read_inventory({gpus.FAKE_ENV: "none"})
+    assert inv.gpus == () and "no NVIDIA driver" in inv.problem
+
+
+def test_fake_phase_memory_follows_phase_file(tmp_path):
+    phase_file = tmp_path / "phase.json"
+    spec = json.dumps({"gpus": [{"total_mib": 10000, "used_mib": 500, "phase_mib": {"train": 3000, "val": 7000}}]})
+    backend = gpus.FakeBackend(spec, {gpus.PHASE_FILE_ENV: str(phase_file)})
+    assert backend.read_memory(0).used_mib == 500
+    phase_file.write_text(json.dumps({"phase": "val", "pid": 77}))
+    reading = backend.read_memory(0)
+    assert reading.used_mib == 7500 and gpus.GPUProcess(77, 7000) in reading.processes
+    with pytest.raises(gpus.GPUReadError):
+        backend.read_memory(1)
+
+
+@pytest.mark.parametrize("spec", ["4x", "lots", "{not json"])
+def test_bad_fake_spec(spec):
+    with pytest.raises(gpus.FakeSpecError):
+        gpus.open_backend({gpus.FAKE_ENV: spec}).inventory()
+
+
+def test_real_nvml_without_driver_reports_no_gpu():
+    """This machine (and CI) has no NVIDIA driver: NVML must say so, not crash."""
+    inv = gpus.read_inventory({})
+    if inv.gpus:
+        pytest.skip("a real GPU is present")
+    assert inv.backend == "nvml" and inv.problem

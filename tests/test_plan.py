@@ -1,0 +1,100 @@
+"""The train-arg builder: pure, no torch, no Ultralytics import."""
+
+from __future__ import annotations
+
+import pytest
+
+from yolosafe.plan import PlanError, build_plan, check_passthrough, parse_gpus, parse_passthrough
+
+
+def plan(**overrides):
+    args = {"model": "yolov8n.yaml", "data": "d.yaml", "gpus": (0, 1, 2, 3), "batch": 64, "effective_batch": 128}
+    return build_plan(**{**args, **overrides})
+
+
+def test_four_gpus_split_and_accumulate():
+    p = plan()
+    assert p.device == "0,1,2,3"
+    assert p.per_gpu_batch == 16
+    assert p.accumulate == 2
+    assert p.val_batch == 16  # the per-GPU train batch, not Ultralytics' 2x
+    kwargs = p.train_kwargs()
+    assert kwargs["batch"] == 64 and kwargs["nbs"] == 128 and kwargs["device"] == "0,1,2,3"
+
+
+def test_cpu_plan_and_default_effective_batch():
+    p = plan(gpus=(), batch=16, effective_batch=None)
+    assert p.device == "cpu" and p.per_gpu_batch == 16
+    assert p.effective_batch == 64 and p.accumulate == 4  # what Ultralytics' nbs=64 gives
+    assert plan(gpus=(), batch=48, effective_batch=None).effective_batch == 48  # round(64/48) = 1
+
+
+def test_halving_keeps_effective_batch():
+    p = plan()
+    half = p.halved()
+    assert (half.batch, half.per_gpu_batch, half.accumulate, half.real_effective_batch) == (32, 8, 4, 128)
+    assert half.val_batch == p.val_batch
+    assert plan(batch=4, effective_batch=8).halved() is None  # 1 per GPU cannot be halved
+    assert plan().halved(min_per_gpu=16) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"batch": 6}, "does not split evenly over 4 GPUs"),
+        ({"batch": 0}, "--batch 0"),
+        ({"batch": 16, "effective_batch": 8, "gpus": ()}, "smaller than --batch"),
+        ({"val_batch": 0}, "--val-batch 0"),
+        ({"epochs": 0}, "--epochs 0"),
+    ],
+)
+def test_bad_numbers(overrides, words):
+    with pytest.raises(PlanError, match=words):
+        plan(**overrides)
+
+
+def test_batch_split_suggests_multiples():
+    with pytest.raises(PlanError, match="4 or 8"):
+        plan(batch=6)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [("0,0", "listed twice"), ("9", "no GPU 9"), ("a,b", "not a GPU id")],
+)
+def test_bad_gpus(text, words):
+    with pytest.raises(PlanError, match=words):
+        parse_gpus(text, (0, 1, 2, 3))
+
+
+def test_gpus_without_any_gpu_names_cpu():
+    with pytest.raises(PlanError, match="--gpus cpu"):
+        parse_gpus("0,1,2,3", (), "no NVIDIA driver")
+    assert parse_gpus("cpu", ()) == ()
+    assert parse_gpus(None, ()) == ()
+    assert parse_gpus(None, (0, 1)) == (0,)
+    assert parse_gpus("all", (0, 1)) == (0, 1)
+
+
+def test_passthrough_checked_against_ultralytics_config():
+    assert check_passthrough(parse_passthrough(["lr0=0.02", "cache=False", "workers=2"])) == {
+        "lr0": 0.02,
+        "cache": False,
+        "workers": 2,
+    }
+    with pytest.raises(PlanError, match="--effective-batch"):
+        check_passthrough({"accumulate": 4})
+    with pytest.raises(PlanError, match="did you mean 'epochs'"):
+        check_passthrough({"epoch": 3})
+    with pytest.raises(PlanError, match="use --batch"):
+        check_passthrough({"batch": 8})
+    with pytest.raises(PlanError, match="key=value"):
+        parse_passthrough(["lr0"])
+
+
+def test_effective_batch_not_multiple_is_noted():
+    from yolosafe.plan import plan_warnings
+
+    p = plan(effective_batch=100)
+    assert p.accumulate == 2 and p.real_effective_batch == 128
+    assert "not a multiple" in plan_warnings(p)[0]

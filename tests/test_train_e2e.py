@@ -1,0 +1,71 @@
+"""End to end through the installed CLI: real Ultralytics trainings on CPU, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import cloudpickle
+import psutil
+
+from tests.conftest import TINY, YOLOSAFE, run_dir_of, story
+
+
+def test_default_run_trains_and_records_everything(run_cli, tmp_path):
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+    result = run_cli("train", "--epochs", "2", *TINY, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    for name in ("weights/last.pt", "weights/best.pt", "results.csv", "yolosafe.json", "train.log", "events.jsonl"):
+        assert (run / name).is_file(), name
+    assert "Epoch" in result.stdout and "2/2" in result.stdout  # Ultralytics' own progress, live
+    assert str(run / "weights" / "last.pt") in result.stderr  # ends with the run dir and its weights
+
+    s = story(run)
+    assert s["outcome"] == "completed" and len(s["attempts"]) == 1
+    assert s["attempts"][0]["exit_code"] == 0 and s["plan"]["device"] == "cpu"
+    assert s["versions"]["torch"] and s["versions"]["ultralytics"]
+    assert s["final_metrics"]  # the final validation of best.pt
+
+    seen = json.loads((run / "worker-1.json").read_text())
+    wanted = "expandable_segments:True,max_split_size_mb:128"
+    assert seen["env"]["PYTORCH_CUDA_ALLOC_CONF"] == wanted and seen["env"]["PYTORCH_ALLOC_CONF"] == wanted
+    assert seen["env"]["RANK"] is None and seen["env"]["WORLD_SIZE"] is None  # stray DDP variables removed
+    assert seen["pid"] != os.getpid()  # trained in a child process
+
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    for kind in ("train_start", "train_end", "val_start", "val_end"):
+        assert sorted({e["epoch"] for e in events if e["event"] == kind and not e["final"]}) == [0, 1], kind
+    assert {e["batch"] for e in events if e["event"] == "val_start"} == {8}  # --val-batch default: per-GPU batch
+
+
+def test_callbacks_survive_cloudpickle():
+    """Ultralytics pickles the trainer's callbacks into the state file its DDP ranks load."""
+    from yolosafe import callbacks
+
+    clone = cloudpickle.loads(cloudpickle.dumps(callbacks.CALLBACKS))
+    assert clone == callbacks.CALLBACKS  # module-level functions travel by reference: the same code in every rank
+
+
+def test_sigterm_stops_worker_and_everything_it_started(tmp_path, shared_cache):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOSAFE_", "PYTORCH_"))}
+    env.update(YOLOSAFE_CACHE=str(shared_cache / "yolosafe"), YOLO_CONFIG_DIR=str(shared_cache / "ultralytics"))
+    proc = subprocess.Popen([YOLOSAFE, "train", "--epochs", "50", *TINY], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = run_dir_of(tmp_path)
+    deadline = time.time() + 120
+    while not ((run / "events.jsonl").is_file() and (run / "worker-1.json").is_file()):
+        assert time.time() < deadline and proc.poll() is None, "training never started"
+        time.sleep(0.2)
+    worker = json.loads((run / "worker-1.json").read_text())["pid"]
+    family = {worker, *(c.pid for c in psutil.Process(worker).children(recursive=True))}
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    time.sleep(0.5)
+    assert not [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert story(run)["outcome"] == "interrupted"

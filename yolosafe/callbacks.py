@@ -1,0 +1,161 @@
+"""What runs inside the Ultralytics trainer, in the single training process and in every DDP rank.
+
+The callbacks are plain module-level functions: Ultralytics pickles the trainer's callbacks with cloudpickle into
+the state file its DDP ranks load, and module-level functions travel by reference, so every rank runs this very
+code. They learn where to write from the environment the supervisor set (``YOLOSAFE_RUN_DIR``, ``YOLOSAFE_SPEC``),
+which reaches every rank because ``torch.distributed.run`` inherits it.
+
+They record phase events (train/val start and end, with epoch, rank and batch) as JSON lines in the run directory,
+and raise the injected faults of ``YOLOSAFE_INJECT_OOM`` at the requested point.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from yolosafe import oom, rundir
+from yolosafe.gpus import PHASE_FILE_ENV
+
+
+@dataclass
+class _State:
+    """Where this process is in training; per process, like the rank itself."""
+
+    phase: str | None = None
+    epoch: int = 0
+    iteration: int = 0
+    final: bool = False  # the validation of best.pt after the last epoch
+
+
+STATE = _State()
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", -1))
+
+
+def run_dir() -> Path | None:
+    value = os.environ.get(rundir.RUN_DIR_ENV)
+    return Path(value) if value else None
+
+
+def spec() -> dict[str, Any]:
+    """This attempt's run spec (read once per process)."""
+    path = os.environ.get(rundir.SPEC_ENV)
+    return _read_spec(path) if path else {}
+
+
+@functools.cache
+def _read_spec(path: str) -> dict[str, Any]:
+    return rundir.read_json(Path(path))
+
+
+def _device_index(obj: Any) -> int | None:
+    device = getattr(obj, "device", None)
+    return getattr(device, "index", None)
+
+
+def _event(event: str, obj: Any, **fields: Any) -> None:
+    directory = run_dir()
+    if directory is None:
+        return
+    record = {
+        "t": time.time(),
+        "event": event,
+        "phase": STATE.phase,
+        "epoch": STATE.epoch,
+        "final": STATE.final,
+        "rank": rank(),
+        "gpu": _device_index(obj),
+        "pid": os.getpid(),
+        "attempt": spec().get("attempt"),
+        **fields,
+    }
+    rundir.append_jsonl(directory / rundir.EVENTS, record)
+    phase_file = os.environ.get(PHASE_FILE_ENV)
+    if phase_file:  # lets the fake NVML backend follow the phases (tests, drills)
+        live = STATE.phase if event.endswith("_start") else None
+        rundir.write_json(Path(phase_file), {"phase": live, "pid": os.getpid()})
+
+
+def _maybe_inject(phase: str) -> None:
+    """Raise the fault of ``YOLOSAFE_INJECT_OOM`` here if it matches; counted across retries in the run dir."""
+    injection = oom.parse_injection(os.environ.get(oom.INJECT_ENV))
+    if injection is None or not injection.matches(phase, STATE.epoch, STATE.iteration, rank()):
+        return
+    counter = (run_dir() or Path(".")) / ".injected"
+    done = int(counter.read_text()) if counter.is_file() else 0
+    if injection.times and done >= injection.times:
+        return
+    counter.write_text(str(done + 1))
+    if injection.error == "runtime":
+        raise RuntimeError("yolosafe injected a non-OOM failure (YOLOSAFE_INJECT_OOM error=runtime)")
+    import torch
+
+    gpu = max(rank(), 0)
+    raise torch.OutOfMemoryError(oom.fake_message(gpu))
+
+
+def on_train_epoch_start(trainer: Any) -> None:
+    # yolosafe owns OOM recovery: Ultralytics' in-process halving (first epoch, single GPU) would halve the batch a
+    # second time for one OOM and keep a fragmented allocator; its counter at 3 makes the trainer re-raise instead.
+    trainer._oom_retries = 3
+    STATE.phase, STATE.epoch, STATE.iteration, STATE.final = "train", trainer.epoch, 0, False
+    _event("train_start", trainer, batch=trainer.batch_size // max(trainer.world_size, 1))
+
+
+def on_train_batch_start(trainer: Any) -> None:
+    _maybe_inject("train")
+    STATE.iteration += 1
+
+
+def on_train_epoch_end(trainer: Any) -> None:
+    _event("train_end", trainer)
+
+
+def on_val_start(validator: Any) -> None:
+    STATE.phase, STATE.iteration = ("final" if STATE.final else "val"), 0
+    loader = getattr(validator, "dataloader", None)
+    _event("val_start", validator, batch=getattr(loader, "batch_size", None))
+
+
+def on_val_batch_start(validator: Any) -> None:
+    STATE.iteration = validator.batch_i
+    _maybe_inject(STATE.phase or "val")
+
+
+def on_val_end(validator: Any) -> None:
+    _end_val(validator)
+
+
+def on_fit_epoch_end(trainer: Any) -> None:
+    _end_val(trainer)  # on_val_end fires on rank 0 only; the other ranks close their validation here
+
+
+def _end_val(obj: Any) -> None:
+    if STATE.phase in {"val", "final"}:
+        _event("val_end", obj)
+        STATE.phase = None
+
+
+CALLBACKS = {
+    "on_train_epoch_start": on_train_epoch_start,
+    "on_train_batch_start": on_train_batch_start,
+    "on_train_epoch_end": on_train_epoch_end,
+    "on_val_start": on_val_start,
+    "on_val_batch_start": on_val_batch_start,
+    "on_val_end": on_val_end,
+    "on_fit_epoch_end": on_fit_epoch_end,
+}
+
+
+def register(model: Any) -> None:
+    """Add yolosafe's callbacks to an Ultralytics ``Model`` (or trainer/validator) once."""
+    for event, callback in CALLBACKS.items():
+        if callback not in model.callbacks.get(event, []):
+            model.add_callback(event, callback)

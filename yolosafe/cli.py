@@ -1,0 +1,306 @@
+"""The ``yolosafe`` command: a thin layer over the library.
+
+Bad input ends in one line on stderr and exit status 2, never a traceback. Nothing here imports torch or
+ultralytics: ``--help``, ``--dry-run`` and ``yolosafe gpus`` start in a fraction of a second; the training itself
+happens in the worker process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from yolosafe import __version__, allocator, datasets, gpus, plan, rundir, supervise
+
+EXIT_USAGE = 2
+DEFAULTS: dict[str, Any] = {
+    "model": None,  # yolov8n.pt when present in the working directory, else yolov8n.yaml (built, never downloaded)
+    "data": datasets.SHAPES,
+    "gpus": None,
+    "batch": 16,
+    "effective_batch": None,
+    "val_batch": None,
+    "imgsz": 640,
+    "epochs": 100,
+    "alloc_conf": None,
+    "project": "runs/detect",
+    "name": "train",
+    "max_retries": 3,
+    "min_batch": 1,
+    "args": [],
+}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+def fail(message: str) -> None:
+    raise UsageError(message)
+
+
+def default_model() -> str:
+    return "yolov8n.pt" if Path("yolov8n.pt").is_file() else "yolov8n.yaml"
+
+
+def load_config(path: str | None) -> dict[str, Any]:
+    """``--config FILE.yaml``: the same keys as the options (dashes or underscores), plus ``args:`` for Ultralytics."""
+    if not path:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        fail(f"--config {path}: {exc.strerror}")
+    except yaml.YAMLError as exc:
+        fail(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})")
+    if not isinstance(data, dict):
+        fail(f"--config {path}: expected a mapping of option names to values")
+    config = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        fail(f"--config {path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(DEFAULTS))}")
+    if isinstance(config.get("gpus"), (list, tuple, int)):
+        gpu_list = config["gpus"] if isinstance(config["gpus"], (list, tuple)) else [config["gpus"]]
+        config["gpus"] = ",".join(map(str, gpu_list))
+    if isinstance(config.get("args"), dict):
+        config["args"] = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in config["args"].items()]
+    return config
+
+
+def resolve_options(ctx: click.Context, config: dict[str, Any], dataset_defaults: dict[str, Any]) -> dict[str, Any]:
+    """Precedence, highest first: command-line flags, --config file, the dataset's registry entry, built-in defaults."""
+    resolved = {}
+    for key, default in DEFAULTS.items():
+        given = key in ctx.params and ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT
+        if given:
+            resolved[key] = ctx.params[key]
+        elif key in config:
+            resolved[key] = config[key]
+        elif key in dataset_defaults:
+            resolved[key] = dataset_defaults[key]
+        else:
+            resolved[key] = default
+    if ctx.params.get("args"):
+        resolved["args"] = [*config.get("args", []), *ctx.params["args"]]
+    return resolved
+
+
+def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
+    try:
+        selected = plan.parse_gpus(
+            None if options["gpus"] is None else str(options["gpus"]), inventory.ids, inventory.problem
+        )
+        return plan.build_plan(
+            model=options["model"] or default_model(),
+            data=options["data_yaml"],
+            gpus=selected,
+            batch=int(options["batch"]),
+            effective_batch=options["effective_batch"],
+            val_batch=options["val_batch"],
+            imgsz=int(options["imgsz"]),
+            epochs=int(options["epochs"]),
+            extra=plan.parse_passthrough(options["args"]),
+        )
+    except plan.PlanError as exc:
+        fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+def next_run_name(project: Path, name: str) -> Path:
+    """Where ``new_run_dir`` would put the run, without creating it (for the dry run)."""
+    n = 1
+    while (project / (name if n == 1 else f"{name}{n}")).exists():
+        n += 1
+    return project / (name if n == 1 else f"{name}{n}")
+
+
+def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulated: bool) -> None:
+    gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
+    if simulated:
+        gpus_text += "  [fake GPUs: the worker would train on CPU]"
+    spec_file = rundir.spec_path(run_dir, 1)
+    prefix = " ".join(f"{k}={shlex.quote(env[k])}" for k in allocator.ENV_VARS)
+    lines = [
+        ("model", p.model),
+        ("data", p.data),
+        ("device", gpus_text),
+        ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
+        ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
+                            f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),
+        ("val batch", f"{p.val_batch} per GPU"),
+        ("imgsz / epochs", f"{p.imgsz} / {p.epochs}"),
+        ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),
+        ("run dir", f"{run_dir} (not created by a dry run)"),
+        ("train kwargs", json.dumps(p.train_kwargs(), sort_keys=True)),
+        ("child command", f"{prefix} {sys.executable} -m yolosafe.worker {spec_file}"),
+    ]
+    click.echo("yolosafe train --dry-run")
+    for label, value in lines:
+        click.echo(f"  {label:<16} {value}")
+    for note in plan.plan_warnings(p):
+        click.echo(f"  note: {note}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="yolosafe")
+def cli() -> None:
+    """Train Ultralytics YOLO on one or many GPUs without dying of CUDA out-of-memory."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("--model", help="Model YAML or weights. Default: yolov8n.pt if present here, else yolov8n.yaml.")
+@click.option("--data", help="Dataset name from datasets.yaml, a data YAML path, or 'shapes' (built in).")
+@click.option("--datasets", "datasets_file", help="Dataset registry (default: $YOLOSAFE_DATASETS or ./datasets.yaml).")
+@click.option("--gpus", help="GPU ids '0,1,2,3', 'all' or 'cpu'. Default: GPU 0 if there is one, else cpu.")
+@click.option("--batch", type=int, help="Total batch over all GPUs (split evenly). Default 16.")
+@click.option("--effective-batch", type=int, help="Images per optimizer step (Ultralytics nbs). Default: 64-ish.")
+@click.option("--val-batch", type=int, help="Validation batch per GPU. Default: the per-GPU train batch.")
+@click.option("--imgsz", type=int, help="Image size. Default 640 (shapes: 128).")
+@click.option("--epochs", type=int, help="Epochs. Default 100 (shapes: 3).")
+@click.option("--alloc-conf", help="PYTORCH_CUDA_ALLOC_CONF options merged over yours and the default.")
+@click.option("--config", "config_file", help="YAML file with these options (flags override it).")
+@click.option("--project", help="Parent folder of runs. Default runs/detect.")
+@click.option("--name", help="Run name; an existing run is never overwritten (train, train2, ...).")
+@click.option("--max-retries", type=int, help="Relaunches after an OOM. Default 3.")
+@click.option("--min-batch", type=int, help="Never halve below this per-GPU batch. Default 1.")
+@click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
+@click.argument("args", nargs=-1)
+@click.pass_context
+def train(ctx: click.Context, datasets_file: str | None, config_file: str | None, resume_dir: str | None,
+          dry_run: bool, **_: Any) -> None:
+    """Train with OOM protection. Extra ARGS are Ultralytics train arguments as key=value (e.g. lr0=0.01)."""
+    if resume_dir:
+        sys.exit(resume(Path(resume_dir), ctx))
+    config = load_config(config_file)
+    data_name = ctx.params["data"] or config.get("data") or DEFAULTS["data"]
+    try:
+        dataset = datasets.resolve(str(data_name), datasets.registry_path(datasets_file))
+    except datasets.DatasetError as exc:
+        fail(str(exc))
+    options = resolve_options(ctx, config, dataset.defaults)
+    options["data_yaml"] = str(dataset.yaml_path)
+    try:
+        inventory = gpus.read_inventory()
+        env = allocator.apply(os.environ, options["alloc_conf"])
+    except (gpus.FakeSpecError, allocator.AllocConfError) as exc:
+        fail(str(exc))
+    p = build(options, inventory)
+    for note in plan.plan_warnings(p):
+        supervise.say(f"note: {note}")
+    simulated = inventory.backend == "fake" and bool(p.gpus)
+    project = Path(options["project"])
+    if dry_run:
+        print_dry_run(p, env, next_run_name(project, options["name"]), simulated)
+        return
+    run_dir = rundir.new_run_dir(project, options["name"])
+    story = {
+        "yolosafe": __version__,
+        "command": sys.argv,
+        "run_dir": str(run_dir),
+        "dataset": {"name": dataset.name, "yaml": str(dataset.yaml_path)},
+        "plan": p.summary(),
+        "allocator": {k: env[k] for k in allocator.ENV_VARS},
+        "versions": {**supervise.versions(), "driver": inventory.driver, "cuda_driver": inventory.cuda},
+        "gpu_backend": inventory.backend,
+        "gpus": [g.__dict__ | {"processes": [pr.__dict__ for pr in g.processes]}
+                 for g in inventory.gpus if g.index in p.gpus],
+        "simulated_on_cpu": simulated,
+        "max_retries": options["max_retries"],
+        "min_batch": options["min_batch"],
+    }
+    supervise.say(f"run directory {run_dir}")
+    code = run_supervised(run_dir, p, env, options, simulated, story)
+    sys.exit(code)
+
+
+def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], options: dict[str, Any],
+                   simulated: bool, story: dict[str, Any], resume_from: Path | None = None) -> int:
+    run_options = supervise.RunOptions(env=env, max_retries=int(options["max_retries"]),
+                                       min_batch=int(options["min_batch"]), simulate_on_cpu=simulated)
+    supervisor = supervise.Supervisor(run_dir, run_options, story)
+    code = supervisor.run(p, resume=resume_from)
+    weights = story.get("weights", {})
+    supervise.say(f"run directory: {run_dir}")
+    for name, path in weights.items():
+        supervise.say(f"{name} weights: {path}")
+    return code
+
+
+def resume(run_dir: Path, ctx: click.Context) -> int:
+    """``--resume RUN_DIR``: the same plan as the last attempt, from weights/last.pt, appended to the same story."""
+    story_file = run_dir / rundir.STORY
+    if not story_file.is_file():
+        fail(f"--resume {run_dir}: not a yolosafe run directory (no {rundir.STORY})")
+    last = run_dir / "weights" / "last.pt"
+    if not last.is_file():
+        fail(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
+    story = rundir.read_json(story_file)
+    attempts = story.get("attempts") or [{}]
+    summary = dict(story["plan"])
+    summary.update({k: attempts[-1][k] for k in ("batch", "val_batch") if k in attempts[-1]})
+    fields = plan.TrainPlan.__dataclass_fields__
+    p = plan.TrainPlan(**{k: v for k, v in summary.items() if k in fields} | {"gpus": tuple(summary["gpus"])})
+    try:
+        env = allocator.apply(os.environ, None) | {k: v for k, v in story["allocator"].items()}
+    except allocator.AllocConfError as exc:
+        fail(str(exc))
+    options = {"max_retries": story.get("max_retries", 3), "min_batch": story.get("min_batch", 1)}
+    supervise.say(f"resuming {run_dir} from {last}")
+    return run_supervised(run_dir, p, env, options, bool(story.get("simulated_on_cpu")), story, resume_from=last)
+
+
+@cli.command("gpus")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def gpus_command(as_json: bool) -> None:
+    """List the GPUs NVML sees (or the fake ones of YOLOSAFE_FAKE_GPUS), their memory and processes."""
+    try:
+        inventory = gpus.read_inventory()
+    except gpus.FakeSpecError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps({
+            "backend": inventory.backend, "driver": inventory.driver, "cuda": inventory.cuda,
+            "problem": inventory.problem,
+            "gpus": [g.__dict__ | {"free_mib": g.free_mib, "processes": [pr.__dict__ for pr in g.processes]}
+                     for g in inventory.gpus],
+        }, indent=2))
+        return
+    if not inventory.gpus:
+        click.echo(f"no GPU: {inventory.problem}; yolosafe train runs on CPU (--gpus cpu)", err=True)
+        sys.exit(1)
+    click.echo(f"driver {inventory.driver}, CUDA {inventory.cuda} ({inventory.backend})")
+    click.echo(f"{'GPU':>3}  {'name':<24} {'used MiB':>9} {'free MiB':>9} {'total MiB':>9} {'util':>5}  processes")
+    for g in inventory.gpus:
+        procs = ", ".join(f"{pr.pid}:{pr.used_mib:.0f}MiB" if pr.used_mib is not None else str(pr.pid)
+                          for pr in g.processes) or "-"
+        click.echo(f"{g.index:>3}  {(g.name or '?')[:24]:<24} {_num(g.used_mib):>9} {_num(g.free_mib):>9} "
+                   f"{_num(g.total_mib):>9} {_num(g.utilization, '%'):>5}  {procs}")
+
+
+def _num(value: float | None, suffix: str = "") -> str:
+    return "?" if value is None else f"{value:.0f}{suffix}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click's own usage errors are reduced to one line, like ours; both exit with status 2."""
+    try:
+        cli.main(args=argv, prog_name="yolosafe", standalone_mode=False)
+    except UsageError as exc:
+        click.echo(f"yolosafe: error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx else ""
+        click.echo(f"yolosafe: error: {where}{exc.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Abort:
+        sys.exit(supervise.EXIT_INTERRUPTED)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,146 @@
+"""Datasets by name: the team's ``datasets.yaml`` and the built-in synthetic ``shapes`` set.
+
+``shapes`` exists so that ``yolosafe train`` works on a fresh machine with no GPU and no internet: a small,
+deterministic detection set (coloured squares, circles and triangles on noise) generated offline on first use into
+a cache directory, in Ultralytics' YOLO layout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REGISTRY_ENV = "YOLOSAFE_DATASETS"
+CACHE_ENV = "YOLOSAFE_CACHE"
+SHAPES = "shapes"
+SHAPES_VERSION = 1
+SHAPES_CLASSES = ("square", "circle", "triangle")
+SHAPES_DEFAULTS = {"imgsz": 128, "epochs": 3, "batch": 16}
+
+
+class DatasetError(ValueError):
+    """A dataset name or file that cannot be used; ``str()`` is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    yaml_path: Path
+    defaults: dict[str, Any] = field(default_factory=dict)  # imgsz / epochs / batch suggested by the registry
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "yolosafe")
+
+
+def registry_path(explicit: str | None = None) -> Path | None:
+    """``--datasets FILE``, else ``$YOLOSAFE_DATASETS``, else ``./datasets.yaml`` when present."""
+    for candidate in (explicit, os.environ.get(REGISTRY_ENV)):
+        if candidate:
+            path = Path(candidate)
+            if not path.is_file():
+                raise DatasetError(f"dataset registry {path} not found")
+            return path
+    local = Path("datasets.yaml")
+    return local if local.is_file() else None
+
+
+def load_registry(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    entries = data.get("datasets", {}) if isinstance(data, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        raise DatasetError(f"{path}: expected 'datasets:' mapping names to entries with 'path:' or 'builtin:'")
+    return entries
+
+
+def resolve(name_or_path: str, registry: Path | None = None) -> Dataset:
+    """A ``--data`` value to a dataset: a YAML path, a name in the registry, or the built-in ``shapes``."""
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise DatasetError(f"--data {name_or_path}: file not found")
+        return Dataset(path.stem, path.resolve())
+    entries = load_registry(registry)
+    entry = entries.get(name_or_path)
+    if entry is None and name_or_path == SHAPES:
+        entry = {"builtin": SHAPES, **SHAPES_DEFAULTS}
+    if entry is None:
+        known = sorted({*entries, SHAPES})
+        where = f" in {registry}" if registry else " (no datasets.yaml here)"
+        raise DatasetError(f"--data {name_or_path}: unknown dataset{where}; known: {', '.join(known)}")
+    defaults = {k: entry[k] for k in ("imgsz", "epochs", "batch") if k in entry}
+    if entry.get("builtin") == SHAPES:
+        return Dataset(name_or_path, ensure_shapes(), defaults)
+    if "path" not in entry:
+        raise DatasetError(f"{registry}: dataset '{name_or_path}' has neither 'path:' nor 'builtin: shapes'")
+    path = Path(entry["path"])
+    if not path.is_absolute() and registry is not None:
+        path = registry.parent / path
+    if not path.is_file():
+        raise DatasetError(f"{registry}: dataset '{name_or_path}' points to {path}, which does not exist")
+    return Dataset(name_or_path, path.resolve(), defaults)
+
+
+def ensure_shapes(root: Path | None = None, train: int = 32, val: int = 16, size: int = 128) -> Path:
+    """Generate ``shapes`` once (atomically, so parallel runs can race safely) and return its data YAML."""
+    target = (root or cache_dir() / "datasets") / f"shapes-v{SHAPES_VERSION}"
+    data_yaml = target / "data.yaml"
+    if data_yaml.is_file():
+        return data_yaml
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".shapes-", dir=target.parent))
+    try:
+        _write_shapes(staging, train, val, size)
+        (staging / "data.yaml").write_text(
+            yaml.safe_dump({"path": str(target), "train": "images/train", "val": "images/val",
+                            "names": dict(enumerate(SHAPES_CLASSES))}, sort_keys=False)
+        )
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            if not data_yaml.is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return data_yaml
+
+
+def _write_shapes(root: Path, train: int, val: int, size: int) -> None:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(SHAPES_VERSION)
+    for split, count in (("train", train), ("val", val)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(count):
+            noise = rng.integers(0, 64, (size, size, 3), dtype=np.uint8)
+            image = Image.fromarray(noise)
+            draw = ImageDraw.Draw(image)
+            lines = []
+            for _ in range(int(rng.integers(1, 4))):
+                cls = int(rng.integers(len(SHAPES_CLASSES)))
+                w = int(rng.integers(size // 6, size // 3))
+                x0, y0 = (int(v) for v in rng.integers(0, size - w, 2))
+                box = (x0, y0, x0 + w, y0 + w)
+                colour = tuple(int(c) for c in rng.integers(96, 256, 3))
+                if cls == 0:
+                    draw.rectangle(box, fill=colour)
+                elif cls == 1:
+                    draw.ellipse(box, fill=colour)
+                else:
+                    draw.polygon([(x0 + w / 2, y0), (x0, y0 + w), (x0 + w, y0 + w)], fill=colour)
+                lines.append(f"{cls} {(x0 + w / 2) / size:.6f} {(y0 + w / 2) / size:.6f} {w / size:.6f} {w / size:.6f}")
+            image.save(root / "images" / split / f"{i:04d}.png")
+            (root / "labels" / split / f"{i:04d}.txt").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,340 @@
+"""GPU inventory: the one place in yolosafe that talks to NVML.
+
+Like gpustat and nvitop, NVML is kept behind one small module that initialises lazily, turns a failed NVML query
+into a missing value (``None``) instead of a crash, and returns typed records. A machine without an NVIDIA driver is
+not an error here: its inventory simply has no GPUs and says why in ``Inventory.problem``.
+
+A fake backend, selected by the environment variable ``YOLOSAFE_FAKE_GPUS``, stands in for NVML on machines without
+GPUs (tests, CI, drills). Every command reads it exactly as it reads real NVML, through :func:`open_backend`.
+Accepted values (see docs/fake-gpus.md):
+
+- ``4x24GB`` or ``2x24GB,1x80GB``: that many idle GPUs of that size (GB means GiB, as nvidia-smi's MiB do);
+- ``none``: a machine with no NVIDIA driver;
+- a JSON object, inline or as ``@path/to/spec.json``::
+
+      {"driver": "550.54.15", "cuda": "12.4",
+       "gpus": [{"name": "NVIDIA A100", "total_mib": 40960, "used_mib": 13000,
+                 "processes": [{"pid": 4242, "used_mib": 13000}]}]}
+
+  Optional per-GPU ``"phase_mib": {"train": 9000, "val": 21000}`` makes the memory of the training processes follow
+  the phase the trainer reports (see :class:`FakeBackend`), so tests can script a validation peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+FAKE_ENV = "YOLOSAFE_FAKE_GPUS"
+PHASE_FILE_ENV = "YOLOSAFE_FAKE_PHASE_FILE"
+MIB = 1024**2
+
+
+class GPUReadError(RuntimeError):
+    """NVML failed while reading a GPU that the inventory listed (the driver went away, a GPU fell off the bus)."""
+
+
+class FakeSpecError(ValueError):
+    """The value of YOLOSAFE_FAKE_GPUS cannot be understood."""
+
+
+@dataclass(frozen=True)
+class GPUProcess:
+    """A compute process on a GPU. ``used_mib`` is None where NVML cannot say (some containers, MIG)."""
+
+    pid: int
+    used_mib: float | None
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """What the memory sampler needs from one GPU, read cheaply many times a second."""
+
+    index: int
+    total_mib: float | None
+    used_mib: float | None
+    processes: tuple[GPUProcess, ...] = ()
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One GPU as ``yolosafe gpus`` shows it."""
+
+    index: int
+    name: str | None
+    uuid: str | None
+    total_mib: float | None
+    used_mib: float | None
+    utilization: int | None
+    processes: tuple[GPUProcess, ...] = ()
+
+    @property
+    def free_mib(self) -> float | None:
+        if self.total_mib is None or self.used_mib is None:
+            return None
+        return self.total_mib - self.used_mib
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The GPUs of this machine, the driver and CUDA versions, and why there are none when there are none."""
+
+    backend: str
+    gpus: tuple[GPU, ...] = ()
+    driver: str | None = None
+    cuda: str | None = None
+    problem: str | None = None
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(g.index for g in self.gpus)
+
+
+class GPUBackend(Protocol):
+    """What yolosafe needs from NVML; implemented by :class:`NvmlBackend` and :class:`FakeBackend`."""
+
+    name: str
+
+    def inventory(self) -> Inventory: ...
+
+    def read_memory(self, index: int) -> MemoryReading: ...
+
+    def close(self) -> None: ...
+
+
+def _safe(call: Any, *args: Any) -> Any:
+    """Call an NVML function and turn any NVML error into None, as gpustat does for unsupported fields."""
+    import pynvml
+
+    try:
+        return call(*args)
+    except pynvml.NVMLError:
+        return None
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class NvmlBackend:
+    """Real NVML through nvidia-ml-py. Initialises on first use; a missing driver becomes ``Inventory.problem``."""
+
+    name = "nvml"
+
+    def __init__(self) -> None:
+        self._ready: bool | None = None
+        self._problem: str | None = None
+        self._handles: dict[int, Any] = {}
+
+    def _init(self) -> bool:
+        if self._ready is None:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._ready = True
+            except ImportError:
+                self._ready, self._problem = False, "nvidia-ml-py is not installed"
+            except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...: all mean "no usable GPU"
+                self._ready, self._problem = False, f"no NVIDIA driver ({exc})"
+        return self._ready
+
+    def _handle(self, index: int) -> Any:
+        import pynvml
+
+        if index not in self._handles:
+            self._handles[index] = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return self._handles[index]
+
+    def _processes(self, handle: Any) -> tuple[GPUProcess, ...]:
+        import pynvml
+
+        found: dict[int, GPUProcess] = {}
+        for query in (pynvml.nvmlDeviceGetComputeProcesses, pynvml.nvmlDeviceGetGraphicsProcesses):
+            for proc in _safe(query, handle) or ():
+                used = proc.usedGpuMemory
+                found[proc.pid] = GPUProcess(proc.pid, None if used is None else used / MIB)
+        return tuple(found.values())
+
+    def inventory(self) -> Inventory:
+        if not self._init():
+            return Inventory(self.name, problem=self._problem)
+        import pynvml
+
+        count = _safe(pynvml.nvmlDeviceGetCount) or 0
+        gpus = []
+        for index in range(count):
+            handle = _safe(self._handle, index)
+            if handle is None:
+                continue
+            memory = _safe(pynvml.nvmlDeviceGetMemoryInfo, handle)
+            util = _safe(pynvml.nvmlDeviceGetUtilizationRates, handle)
+            gpus.append(
+                GPU(
+                    index=index,
+                    name=_text(_safe(pynvml.nvmlDeviceGetName, handle)),
+                    uuid=_text(_safe(pynvml.nvmlDeviceGetUUID, handle)),
+                    total_mib=memory.total / MIB if memory else None,
+                    used_mib=memory.used / MIB if memory else None,
+                    utilization=util.gpu if util else None,
+                    processes=self._processes(handle),
+                )
+            )
+        cuda = _safe(pynvml.nvmlSystemGetCudaDriverVersion_v2)
+        return Inventory(
+            self.name,
+            gpus=tuple(gpus),
+            driver=_text(_safe(pynvml.nvmlSystemGetDriverVersion)),
+            cuda=f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None,
+            problem=None if gpus else "NVML found no GPU",
+        )
+
+    def read_memory(self, index: int) -> MemoryReading:
+        if not self._init():
+            raise GPUReadError(self._problem or "NVML unavailable")
+        import pynvml
+
+        try:
+            handle = self._handle(index)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        except pynvml.NVMLError as exc:
+            raise GPUReadError(f"GPU {index}: {exc}") from exc
+        return MemoryReading(index, memory.total / MIB, memory.used / MIB, self._processes(handle))
+
+    def close(self) -> None:
+        if self._ready:
+            import pynvml
+
+            _safe(pynvml.nvmlShutdown)
+        self._ready, self._handles = None, {}
+
+
+@dataclass
+class FakeGPU:
+    """One fake GPU: fixed used memory and processes, plus optional memory that follows the trainer's phase."""
+
+    name: str
+    total_mib: float
+    used_mib: float = 0.0
+    utilization: int = 0
+    processes: tuple[GPUProcess, ...] = ()
+    phase_mib: dict[str, float] = field(default_factory=dict)
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
+
+
+def _parse_sizes(spec: str) -> list[FakeGPU]:
+    gpus: list[FakeGPU] = []
+    for group in spec.split(","):
+        match = _SIZE.match(group)
+        if not match:
+            raise FakeSpecError(f"{FAKE_ENV}: cannot read {group.strip()!r}; expected e.g. '4x24GB' or JSON")
+        count, size, unit = int(match[1]), float(match[2]), match[3].upper()
+        total = size * 1024 if unit in {"GB", "GIB"} else size
+        gpus += [FakeGPU(f"Fake GPU {total / 1024:g}GB", total) for _ in range(count)]
+    return gpus
+
+
+def _parse_json(data: Mapping[str, Any]) -> tuple[list[FakeGPU], str, str]:
+    try:
+        gpus = [
+            FakeGPU(
+                name=g.get("name", "Fake GPU"),
+                total_mib=float(g["total_mib"]),
+                used_mib=float(g.get("used_mib", 0)),
+                utilization=int(g.get("utilization", 0)),
+                processes=tuple(GPUProcess(int(p["pid"]), float(p["used_mib"])) for p in g.get("processes", ())),
+                phase_mib={k: float(v) for k, v in g.get("phase_mib", {}).items()},
+            )
+            for g in data.get("gpus", ())
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FakeSpecError(f"{FAKE_ENV}: bad GPU entry ({exc!r}); each needs at least 'total_mib'") from exc
+    return gpus, str(data.get("driver", "fake")), str(data.get("cuda", "fake"))
+
+
+class FakeBackend:
+    """NVML stand-in. Used memory is the spec's ``used_mib`` plus, with ``phase_mib``, the memory of the phase
+    currently written (as ``{"phase": "val", "pid": 123}``) in the file named by ``YOLOSAFE_FAKE_PHASE_FILE``;
+    that memory is attributed to the writer's pid, so it counts as the training run's own."""
+
+    name = "fake"
+
+    def __init__(self, spec: str, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        self.spec = spec
+        self._phase_file = env.get(PHASE_FILE_ENV)
+        text = spec.strip()
+        self.driver, self.cuda, self.problem = "fake", "fake", None
+        if text.lower() == "none":
+            self.gpus: list[FakeGPU] = []
+            self.driver = self.cuda = None
+            self.problem = "no NVIDIA driver (fake: YOLOSAFE_FAKE_GPUS=none)"
+        elif text.startswith(("{", "@")):
+            try:
+                raw = Path(text[1:]).read_text() if text.startswith("@") else text
+                data = json.loads(raw)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise FakeSpecError(f"{FAKE_ENV}: cannot read JSON spec ({exc})") from exc
+            self.gpus, self.driver, self.cuda = _parse_json(data)
+        else:
+            self.gpus = _parse_sizes(text)
+
+    def _phase(self) -> tuple[str | None, int | None]:
+        if not self._phase_file:
+            return None, None
+        try:
+            state = json.loads(Path(self._phase_file).read_text())
+            return state.get("phase"), state.get("pid")
+        except (OSError, ValueError):
+            return None, None
+
+    def _reading(self, index: int) -> MemoryReading:
+        gpu = self.gpus[index]
+        used, processes = gpu.used_mib, gpu.processes
+        phase, pid = self._phase()
+        extra = gpu.phase_mib.get(phase, 0.0) if phase else 0.0
+        if extra:
+            used += extra
+            processes = (*processes, GPUProcess(int(pid or 0), extra))
+        return MemoryReading(index, gpu.total_mib, min(used, gpu.total_mib), processes)
+
+    def inventory(self) -> Inventory:
+        gpus = []
+        for index, gpu in enumerate(self.gpus):
+            reading = self._reading(index)
+            gpus.append(
+                GPU(index, gpu.name, f"GPU-fake-{index:04d}", gpu.total_mib, reading.used_mib, gpu.utilization,
+                    reading.processes)
+            )
+        return Inventory(self.name, tuple(gpus), self.driver, self.cuda, self.problem)
+
+    def read_memory(self, index: int) -> MemoryReading:
+        if not 0 <= index < len(self.gpus):
+            raise GPUReadError(f"GPU {index}: no such fake GPU")
+        return self._reading(index)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def open_backend(env: Mapping[str, str] | None = None) -> GPUBackend:
+    """The backend every command uses: the fake when ``YOLOSAFE_FAKE_GPUS`` is set, real NVML otherwise."""
+    env = os.environ if env is None else env
+    spec = env.get(FAKE_ENV)
+    return FakeBackend(spec, env) if spec else NvmlBackend()
+
+
+def read_inventory(env: Mapping[str, str] | None = None) -> Inventory:
+    """One-shot inventory (opens and closes NVML)."""
+    backend = open_backend(env)
+    try:
+        return backend.inventory()
+    finally:
+        backend.close()

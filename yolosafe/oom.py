@@ -1,0 +1,101 @@
+"""What an out-of-memory looks like: PyTorch's message, parsed; the words that mark an OOM in a log; and the
+fault-injection spec that makes the real trainer raise one on purpose.
+
+No torch import here: the supervisor classifies failures without it; the trainer side passes in the exception.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+INJECT_ENV = "YOLOSAFE_INJECT_OOM"
+
+# Substrings that mark a failed attempt as an out-of-memory (PyTorch, cuBLAS, cuDNN wording). A DDP peer that dies of
+# a NCCL/timeout error after another rank's OOM needs no marker: the OOM rank's own record or traceback is there too.
+OOM_MARKERS = (
+    "CUDA out of memory",
+    "OutOfMemoryError",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+    "cudaErrorMemoryAllocation",
+)
+
+_UNIT = {"B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "TiB": 1024.0**2}
+_SIZE = r"([\d.]+) (B|KiB|MiB|GiB|TiB)"
+_FIELDS = {
+    "tried_mib": rf"Tried to allocate {_SIZE}",
+    "total_mib": rf"total capacity of {_SIZE}",
+    "free_mib": rf"of which {_SIZE} is free",
+    "process_mib": rf"this process has {_SIZE} memory in use",
+    "allocated_mib": rf"{_SIZE} is allocated by PyTorch",
+    "reserved_unallocated_mib": rf"{_SIZE} is reserved by PyTorch but unallocated",
+}
+
+
+def is_oom_text(text: str) -> bool:
+    return any(marker in text for marker in OOM_MARKERS)
+
+
+def parse_message(message: str) -> dict[str, Any]:
+    """The figures of a PyTorch OOM message (any of them may be missing), sizes in MiB."""
+    text = " ".join(message.split())
+    found: dict[str, Any] = {}
+    gpu = re.search(r"GPU (\d+) has a total capacity", text)
+    if gpu:
+        found["gpu"] = int(gpu[1])
+    for key, pattern in _FIELDS.items():
+        match = re.search(pattern, text)
+        if match:
+            found[key] = round(float(match[1]) * _UNIT[match[2]], 2)
+    return found
+
+
+def fake_message(gpu: int, tried_mib: float = 300.0, total_mib: float = 48640.0) -> str:
+    """A message in PyTorch's own format, for injected OOMs (numbers shaped like the epoch-134 post-mortem)."""
+    free = 194.56
+    allocated, unallocated = total_mib - free - 1200 - 302, 302.0
+    return (
+        f"CUDA out of memory. Tried to allocate {tried_mib:.2f} MiB. GPU {gpu} has a total capacity of "
+        f"{total_mib / 1024:.2f} GiB of which {free:.2f} MiB is free. Including non-PyTorch memory, this process has "
+        f"{(total_mib - free) / 1024:.2f} GiB memory in use. Of the allocated memory {allocated / 1024:.2f} GiB is "
+        f"allocated by PyTorch, and {unallocated:.2f} MiB is reserved by PyTorch but unallocated. If reserved but "
+        "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid "
+        "fragmentation.  See documentation for Memory Management  "
+        "(https://pytorch.org/docs/stable/notes/cuda.html#environment-variables) [injected by yolosafe]"
+    )
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Where to raise: ``phase`` train / val / final (the validation of best.pt after the last epoch), the 0-based
+    ``epoch`` and ``iteration`` (batch index), the ``rank``; ``times`` matching points raise (0 = every time, across
+    retries); ``error`` oom (the real ``torch.OutOfMemoryError``) or runtime (a plain, non-OOM ``RuntimeError``)."""
+
+    phase: str = "train"
+    epoch: int = 0
+    iteration: int = 0
+    rank: int = 0
+    times: int = 1
+    error: str = "oom"
+
+    def matches(self, phase: str, epoch: int, iteration: int, rank: int) -> bool:
+        return (phase, epoch, iteration, max(rank, 0)) == (self.phase, self.epoch, self.iteration, self.rank)
+
+
+def parse_injection(text: str | None) -> Injection | None:
+    """``YOLOSAFE_INJECT_OOM='phase=val,epoch=1,rank=0,times=1'``; raises ValueError on a malformed spec."""
+    if not text:
+        return None
+    fields: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in Injection.__dataclass_fields__:
+            raise ValueError(f"{INJECT_ENV}: cannot read {item!r}; keys: phase, epoch, iteration, rank, times, error")
+        fields[key] = value if key in {"phase", "error"} else int(value)
+    injection = Injection(**fields)
+    if injection.phase not in {"train", "val", "final"} or injection.error not in {"oom", "runtime"}:
+        raise ValueError(f"{INJECT_ENV}: phase must be train/val/final and error oom/runtime, got {text!r}")
+    return injection

@@ -1,0 +1,408 @@
+"""The supervisor: runs training in a child process, watches it, classifies how it ended, and retries after an OOM.
+
+``yolosafe train`` never trains in its own process. Each attempt writes a run spec into the run directory and
+starts ``python -m yolosafe.worker SPEC`` in its own session, with the allocator settings in its environment and
+stray ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` removed (inherited from a caller, they silently turn Ultralytics into a
+DDP rank). Its output is streamed, byte for byte so progress bars stay live, to the terminal and to ``train.log``.
+
+Ctrl-C or SIGTERM stops the worker and every process it started, DDP ranks included: they are tracked as a process
+tree while alive, because a rank whose launcher died is re-parented and no longer findable then.
+
+After an OOM (on any rank, in training or validation) the next attempt halves the batch, keeps ``nbs`` so the
+effective batch is unchanged, and resumes from ``weights/last.pt``; the policy is :func:`next_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from yolosafe import oom, rundir
+from yolosafe.plan import TrainPlan
+
+STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+EXIT_OK, EXIT_FAILED, EXIT_OOM_EXHAUSTED, EXIT_INTERRUPTED = 0, 1, 3, 130
+STOP_GRACE_S = 10.0
+
+
+class ProcessTree:
+    """The descendants of one process, refreshed in the background so none is lost when its parent dies.
+
+    Processes are kept as ``psutil.Process`` objects, which know their start time: a pid reused by an unrelated
+    process after ours exited is never signalled.
+    """
+
+    def __init__(self, root: int, interval: float = 0.5) -> None:
+        import psutil
+
+        self.root = root
+        self._known: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            self._known[root] = psutil.Process(root)
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="yolosafe-tree", daemon=True)
+
+    def start(self) -> ProcessTree:
+        self._thread.start()
+        return self
+
+    def refresh(self) -> set[int]:
+        """Look for new descendants now; returns the pids of the known processes still alive."""
+        import psutil
+
+        root = self._known.get(self.root)
+        try:
+            for child in root.children(recursive=True) if root else ():
+                self._known.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+        return self.pids()
+
+    def pids(self) -> set[int]:
+        return {pid for pid, proc in list(self._known.items()) if proc.is_running()}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def signal_all(self, signum: int) -> None:
+        import psutil
+
+        self.refresh()
+        for proc in list(self._known.values()):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signum)  # checks the process is still the one we saw
+
+
+@dataclass
+class AttemptResult:
+    exit_code: int
+    duration_s: float
+    interrupted: int | None = None  # the signal that made yolosafe stop the attempt
+
+
+def child_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if k not in STRAY_DIST_VARS}
+    env.update(extra)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # Offline first: no update checks, analytics or error reporting from inside Ultralytics (set YOLO_OFFLINE=0 to
+    # allow them). Weights the user names explicitly are still fetched as usual.
+    env.setdefault("YOLO_OFFLINE", "1")
+    return env
+
+
+def run_child(
+    cmd: Sequence[str],
+    env: dict[str, str],
+    log: IO[bytes],
+    on_start: Callable[[ProcessTree], None] | None = None,
+    out: IO[bytes] | None = None,
+) -> AttemptResult:
+    """Run ``cmd`` in its own session, tee its output, and stop its whole tree on SIGINT/SIGTERM."""
+    out = out or sys.stdout.buffer
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    tree = ProcessTree(proc.pid).start()
+    received: list[int] = []
+
+    killer = threading.Timer(STOP_GRACE_S, tree.signal_all, args=(signal.SIGKILL,))
+
+    def stop(signum: int, _frame: Any) -> None:
+        if received:
+            tree.signal_all(signal.SIGKILL)  # second Ctrl-C: no more waiting
+            return
+        received.append(signum)
+        tree.signal_all(signal.SIGINT)  # lets Ultralytics remove its DDP temp files
+        killer.start()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        if on_start:
+            on_start(tree)
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            for stream in (out, log):
+                stream.write(chunk)
+                stream.flush()
+        proc.wait()
+        if received:  # the pipe closed: make sure nothing of the tree outlives us
+            tree.signal_all(signal.SIGKILL)
+    finally:
+        killer.cancel()
+        tree.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return AttemptResult(proc.returncode, time.monotonic() - started, received[0] if received else None)
+
+
+@dataclass
+class Failure:
+    """How an attempt ended, as the retry policy needs it."""
+
+    kind: str  # completed | oom | failed | killed | interrupted
+    phase: str | None = None  # train | val | final, for an OOM
+    epoch: int | None = None
+    rank: int | None = None
+    gpu: int | None = None
+    message: str = ""
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def classify(result: AttemptResult, records: list[dict[str, Any]], log_tail: str) -> Failure:
+    """An attempt's outcome from its exit status, the failure records its ranks wrote, and the end of its log.
+
+    An OOM anywhere makes the attempt an OOM: the NCCL or timeout errors of the other ranks follow from it.
+    """
+    if result.interrupted:
+        return Failure("interrupted", message=signal.Signals(result.interrupted).name)
+    if result.exit_code == 0:
+        return Failure("completed")
+    ooms = [r for r in records if r.get("oom")]
+    if ooms:
+        first = min(ooms, key=lambda r: r.get("t", 0))
+        return Failure("oom", first.get("phase") or "train", first.get("epoch"), first.get("rank"),
+                       first.get("gpu"), first.get("message", ""), ooms)
+    if oom.is_oom_text(log_tail):  # an OOM where no record could be written (e.g. while building the model)
+        line = next((ln for ln in reversed(log_tail.splitlines()) if oom.is_oom_text(ln)), "")
+        return Failure("oom", "train", message=line.strip(), records=[])
+    if result.exit_code < 0:
+        name = signal.Signals(-result.exit_code).name
+        return Failure("killed", message=f"the worker was killed by {name}")
+    first = records[0] if records else {}
+    message = first.get("message") or next((ln for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
+    return Failure("failed", first.get("phase"), first.get("epoch"), first.get("rank"), message=message.strip(),
+                   records=records)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the next attempt does: the plan it runs, and whether it only re-runs the final validation."""
+
+    plan: TrainPlan
+    final_val_only: bool
+    change: str  # one line for the terminal and yolosafe.json
+
+
+def next_step(plan: TrainPlan, failure: Failure, val_ooms: int, min_batch: int) -> Step | None:
+    """The retry policy after an OOM; None when nothing smaller is allowed.
+
+    - final validation (training finished): re-run only the validation, with half the validation batch;
+    - validation: first halve the validation batch (training was fine), then the train batch if it happens again;
+    - training: halve the per-GPU batch, keep ``nbs`` (accumulation doubles, the effective batch stays).
+    """
+    half_val = plan.val_batch // 2
+    if failure.phase == "final":
+        if half_val < 1:
+            return None
+        return Step(plan.with_val_batch(half_val), True, f"final validation again with val batch {half_val}")
+    if failure.phase == "val" and val_ooms <= 1 and half_val >= 1:
+        return Step(plan.with_val_batch(half_val), False, f"val batch {plan.val_batch} -> {half_val} per GPU")
+    smaller = plan.halved(min_batch)
+    if smaller is None:
+        return None
+    return Step(
+        smaller,
+        False,
+        f"batch {plan.batch} -> {smaller.batch} ({plan.per_gpu_batch} -> {smaller.per_gpu_batch} per GPU), "
+        f"accumulate {plan.accumulate} -> {smaller.accumulate}, effective batch {smaller.real_effective_batch}",
+    )
+
+
+def advice(failure: Failure, plan: TrainPlan, others_mib: dict[int, float] | None = None) -> list[str]:
+    """Next steps once retries are exhausted, from what the OOM records say."""
+    tips = []
+    busy = sorted(gpu for gpu, mib in (others_mib or {}).items() if mib > 1024)
+    if busy:
+        keep = [g for g in plan.gpus if g not in busy]
+        tips.append(f"GPU(s) {', '.join(map(str, busy))} also hold other processes' memory: "
+                    f"exclude them (--gpus {','.join(map(str, keep)) or 'cpu'}) or free them (yolosafe gpus)")
+    if len(plan.gpus) > 1:
+        tips.append(f"train on fewer GPUs, each with more headroom (e.g. --gpus {plan.gpus[0]})")
+    if failure.phase in {"val", "final"}:
+        tips.append("validation is the peak: --val-batch 1, or val=False and validate once afterwards")
+    tips.append(f"a smaller image size (--imgsz {max(plan.imgsz // 2 // 32 * 32, 32)})")
+    tips.append("cache=False (Ultralytics' RAM/disk image cache) and fewer workers (workers=2)")
+    tips.append("a smaller model (e.g. yolov8n instead of yolov8s/m/l/x)")
+    figures = next((r.get("figures") for r in failure.records if r.get("figures")), None)
+    if figures and figures.get("reserved_unallocated_mib", 0) > 1024:
+        tips.append(f"{figures['reserved_unallocated_mib']:.0f} MiB was reserved but unallocated (fragmentation): "
+                    "keep expandable_segments:True in --alloc-conf")
+    return tips
+
+
+def tail(path: Path, start: int, limit: int = 20000) -> str:
+    """The text written to ``path`` since byte ``start`` (its last ``limit`` bytes)."""
+    with open(path, "rb") as fh:
+        fh.seek(max(start, fh.seek(0, os.SEEK_END) - limit))
+        return fh.read().decode(errors="replace")
+
+
+@dataclass
+class RunOptions:
+    """How the supervisor runs attempts (everything but the plan)."""
+
+    env: dict[str, str]  # the child's environment: allocator settings in, stray DDP variables out
+    max_retries: int = 3
+    min_batch: int = 1
+    simulate_on_cpu: bool = False  # fake GPUs: the plan is for GPUs, the worker trains on CPU
+
+
+def versions() -> dict[str, str | None]:
+    """Package versions, read from metadata: no torch import in the supervisor."""
+    from importlib import metadata
+
+    found: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for package in ("yolosafe", "torch", "torchvision", "ultralytics", "nvidia-ml-py"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+class Supervisor:
+    """One run: attempts until training completes, fails for another reason, or OOM retries run out."""
+
+    def __init__(self, run_dir: Path, options: RunOptions, story: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.options = options
+        self.story = story
+        self.story.setdefault("attempts", [])
+
+    def save(self) -> None:
+        rundir.write_json(self.run_dir / rundir.STORY, self.story)
+
+    def spec(self, plan: TrainPlan, attempt: int, resume: Path | None, final_val_only: bool) -> dict[str, Any]:
+        kwargs = {
+            **plan.train_kwargs(),
+            "model": plan.model,
+            "project": str(self.run_dir.parent),
+            "name": self.run_dir.name,
+            "exist_ok": True,  # the run dir is yolosafe's, made fresh by new_run_dir
+        }
+        if self.options.simulate_on_cpu:
+            kwargs["device"] = "cpu"
+        return {
+            "attempt": attempt,
+            "mode": "final_val" if final_val_only else "train",
+            "run_dir": str(self.run_dir),
+            "model": plan.model,
+            "resume": str(resume) if resume else None,
+            "val_batch": plan.val_batch,
+            "plan": plan.summary(),
+            "train_kwargs": kwargs,
+        }
+
+    def attempt(self, spec: dict[str, Any]) -> tuple[AttemptResult, Failure]:
+        attempt = spec["attempt"]
+        path = rundir.spec_path(self.run_dir, attempt)
+        rundir.write_json(path, spec)
+        cmd = [sys.executable, "-m", "yolosafe.worker", str(path)]
+        env = child_env(self.options.env, {rundir.RUN_DIR_ENV: str(self.run_dir), rundir.SPEC_ENV: str(path)})
+        log_path = self.run_dir / rundir.LOG
+        with open(log_path, "ab") as log:
+            start = log.tell()
+            header = f"\n=== yolosafe attempt {attempt} ({spec['mode']}): {' '.join(cmd)}\n".encode()
+            log.write(header)
+            result = run_child(cmd, env, log)
+        failure = classify(result, rundir.failure_records(self.run_dir, attempt), tail(log_path, start))
+        return result, failure
+
+    def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> int:
+        """Attempts until done; returns the exit status for ``yolosafe train``."""
+        retries, val_ooms = 0, 0
+        while True:
+            attempt = len(self.story["attempts"]) + 1
+            spec = self.spec(plan, attempt, resume, final_val_only)
+            worker_file = rundir.worker_path(self.run_dir, attempt)
+            entry: dict[str, Any] = {
+                "attempt": attempt,
+                "mode": spec["mode"],
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "batch": plan.batch,
+                "per_gpu_batch": plan.per_gpu_batch,
+                "val_batch": plan.val_batch,
+                "nbs": plan.effective_batch,
+                "accumulate": plan.accumulate,
+                "resumed_from": str(resume) if resume else None,
+            }
+            self.story["attempts"].append(entry)
+            self.story["outcome"] = "running"
+            self.save()
+            result, failure = self.attempt(spec)
+            observed = rundir.read_json(worker_file) if worker_file.is_file() else {}
+            entry.update(
+                duration_s=round(result.duration_s, 2),
+                exit_code=result.exit_code,
+                outcome=failure.kind,
+                reason=failure.message[:500],
+                phase=failure.phase,
+                epoch=failure.epoch,
+                rank=failure.rank,
+                gpu=failure.gpu,
+                resumed_from_epoch=observed.get("resumed_from_epoch"),
+            )
+            self.story["outcome"] = failure.kind
+            self._record_results()
+            self.save()
+            if failure.kind == "completed":
+                return EXIT_OK
+            if failure.kind == "interrupted":
+                say(f"stopped by {failure.message}; resume with: yolosafe train --resume {self.run_dir}")
+                return EXIT_INTERRUPTED
+            if failure.kind == "killed":
+                say(f"{failure.message} (the kernel's OOM killer if host RAM ran out, or kill -9); "
+                    f"resume with: yolosafe train --resume {self.run_dir}")
+                return EXIT_FAILED
+            if failure.kind == "failed":
+                where = f" in {failure.phase} at epoch {failure.epoch}" if failure.phase else ""
+                say(f"training failed{where}, not an OOM, not retried: {failure.message or 'see ' + str(rundir.LOG)}")
+                return EXIT_FAILED
+            where = f"rank {failure.rank}, " if failure.rank not in (None, -1) else ""
+            say(f"OOM in {failure.phase} at epoch {failure.epoch} ({where}batch {plan.per_gpu_batch}/GPU, "
+                f"val batch {plan.val_batch}/GPU)")
+            val_ooms += failure.phase == "val"
+            allowed = retries < self.options.max_retries
+            step = next_step(plan, failure, val_ooms, self.options.min_batch) if allowed else None
+            if step is None:
+                self.story["outcome"] = "oom_exhausted"
+                self.save()
+                say(f"giving up after {retries} retr{'y' if retries == 1 else 'ies'}; next steps:")
+                for tip in advice(failure, plan):
+                    say(f"  - {tip}")
+                return EXIT_OOM_EXHAUSTED
+            retries += 1
+            plan, final_val_only = step.plan, step.final_val_only
+            last = self.run_dir / "weights" / "last.pt"
+            resume = last if last.is_file() and not final_val_only else None
+            entry["next"] = step.change
+            self.save()
+            how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
+            say(f"retry {retries}/{self.options.max_retries}: {step.change}; {how}")
+
+    def _record_results(self) -> None:
+        weights = self.run_dir / "weights"
+        found = {name: weights / f"{name}.pt" for name in ("last", "best")}
+        self.story["weights"] = {name: str(path) for name, path in found.items() if path.is_file()}
+        metrics = self.run_dir / "final_metrics.json"
+        if metrics.is_file():
+            self.story["final_metrics"] = rundir.read_json(metrics)
+
+
+def say(message: str) -> None:
+    print(f"yolosafe: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,121 @@
+"""yolosafe's Ultralytics trainers: the task trainers with three changes that callbacks alone cannot make.
+
+1. ``--val-batch`` really sets the validation batch. Ultralytics builds the validation loader with twice the per-GPU
+   train batch, and the final validation of best.pt reuses that loader; ``get_dataloader(mode="val")`` is the one
+   place both come from, in a single process and in every DDP rank.
+2. A rank that fails writes a record of it (``failure-N-rankR.json``: phase, epoch, iteration, batch and the figures
+   of PyTorch's message) into the run directory before it dies, so the supervisor can tell an OOM on rank 3 from
+   the NCCL errors it causes on ranks 0-2.
+3. A fresh multi-GPU launch keeps the run directory: Ultralytics deletes ``save_dir`` before it spawns the DDP
+   ranks (``generate_ddp_command``), which would delete yolosafe's own log, spec and story of the run.
+
+The classes are module-level so that Ultralytics' DDP state file, which pickles ``type(trainer)``, imports them
+by reference in every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any
+
+from ultralytics.models.yolo.classify import ClassificationTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
+
+from yolosafe import callbacks, oom, rundir
+
+
+def failure_record(exc: BaseException, batch: int | None) -> dict[str, Any]:
+    """What the supervisor needs to know about a failure, from inside the process that failed."""
+    import torch
+
+    message = str(exc)
+    is_oom = isinstance(exc, torch.OutOfMemoryError) or oom.is_oom_text(message)
+    state = callbacks.STATE
+    return {
+        "t": time.time(),
+        "oom": is_oom,
+        "error": type(exc).__name__,
+        "message": message.strip().splitlines()[0][:2000] if message.strip() else "",
+        "phase": "final" if state.final else state.phase,
+        "epoch": state.epoch,
+        "iteration": state.iteration,
+        "rank": callbacks.rank(),
+        "pid": os.getpid(),
+        "batch": batch,
+        "val_batch": callbacks.spec().get("val_batch"),
+        "attempt": callbacks.spec().get("attempt"),
+        "figures": oom.parse_message(message) if is_oom else {},
+        "traceback": traceback.format_exception(exc)[-3:],
+    }
+
+
+def write_failure(exc: BaseException, batch: int | None) -> None:
+    directory = callbacks.run_dir()
+    if directory is None or isinstance(exc, KeyboardInterrupt):
+        return
+    record = failure_record(exc, batch)
+    record.setdefault("gpu", record["figures"].get("gpu"))
+    rundir.write_json(rundir.failure_path(directory, record["attempt"] or 0, record["rank"]), record)
+
+
+class SafeTrainerMixin:
+    """The three changes described in the module docstring, for any Ultralytics task trainer."""
+
+    def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
+        if mode == "val":
+            batch_size = int(callbacks.spec().get("val_batch") or batch_size)
+        return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
+
+    def _do_train(self) -> None:
+        try:
+            super()._do_train()
+        except BaseException as exc:
+            write_failure(exc, self.batch_size // max(self.world_size, 1))
+            raise
+
+    def final_eval(self) -> None:
+        callbacks.STATE.final = True
+        super().final_eval()
+
+    def train(self) -> None:
+        if not (self.ddp and not self.resume):
+            return super().train()
+        self.resume = True  # only read by generate_ddp_command, to skip its rmtree(save_dir)
+        try:
+            return super().train()
+        finally:
+            self.resume = False
+
+
+class SafeDetectionTrainer(SafeTrainerMixin, DetectionTrainer):
+    pass
+
+
+class SafeSegmentationTrainer(SafeTrainerMixin, SegmentationTrainer):
+    pass
+
+
+class SafePoseTrainer(SafeTrainerMixin, PoseTrainer):
+    pass
+
+
+class SafeOBBTrainer(SafeTrainerMixin, OBBTrainer):
+    pass
+
+
+class SafeClassificationTrainer(SafeTrainerMixin, ClassificationTrainer):
+    pass
+
+
+TRAINERS = {
+    "detect": SafeDetectionTrainer,
+    "segment": SafeSegmentationTrainer,
+    "pose": SafePoseTrainer,
+    "obb": SafeOBBTrainer,
+    "classify": SafeClassificationTrainer,
+}

@@ -1,0 +1,118 @@
+"""The training process: ``python -m yolosafe.worker SPEC``, started and watched by the supervisor.
+
+It trains with Ultralytics in its own process so that the allocator settings are in its environment before torch
+starts CUDA, so that Ultralytics' DDP launch (``torch.distributed.run``) hands that environment to every rank, and
+so that an OOM kills a process, not yolosafe. It records what it saw (environment, torch, CUDA) in the run
+directory: proof that the settings reached the process that allocates GPU memory.
+
+Exit status: 0 done, 1 training failed (see the failure records), 3 the model or dataset could not be loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from yolosafe import allocator, callbacks, rundir
+
+EXIT_FAILED, EXIT_SETUP = 1, 3
+
+
+def _observed(spec: dict[str, Any], resumed_from_epoch: int | None) -> dict[str, Any]:
+    import torch
+    import ultralytics
+
+    return {
+        "pid": os.getpid(),
+        "attempt": spec["attempt"],
+        "env": {k: os.environ.get(k) for k in (*allocator.ENV_VARS, "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE")},
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": torch.cuda.device_count(),
+        "ultralytics": ultralytics.__version__,
+        "resumed_from_epoch": resumed_from_epoch,
+    }
+
+
+def _load(model_path: str) -> Any:
+    """Ultralytics model from a YAML (built, no download) or weights (which Ultralytics may fetch)."""
+    from ultralytics import YOLO
+
+    try:
+        return YOLO(model_path)
+    except Exception as exc:  # offline download failure, missing file, corrupt checkpoint: one line, no traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"yolosafe: cannot load model {model_path!r}: {first}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_SETUP) from None
+
+
+def train(spec: dict[str, Any], run_dir: Path) -> None:
+    from yolosafe.trainer import TRAINERS
+
+    kwargs = dict(spec["train_kwargs"])
+    if spec.get("resume"):
+        model = _load(spec["resume"])
+        kwargs["resume"] = spec["resume"]
+        resumed_from = (model.ckpt or {}).get("epoch")
+    else:
+        model = _load(spec["model"])
+        resumed_from = None
+    rundir.write_json(rundir.worker_path(run_dir, spec["attempt"]), _observed(spec, resumed_from))
+    callbacks.register(model)
+    metrics = model.train(trainer=TRAINERS[model.task], **kwargs)
+    _save_metrics(run_dir, metrics)
+
+
+def _save_metrics(run_dir: Path, metrics: Any) -> None:
+    """The final validation's metrics (a metrics object, or the checkpoint's dict after DDP)."""
+    values = getattr(metrics, "results_dict", metrics)
+    if isinstance(values, dict):
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+        rundir.write_json(run_dir / "final_metrics.json", numbers)
+
+
+def final_validation(spec: dict[str, Any], run_dir: Path) -> None:
+    """Validate best.pt once more, alone on one device with a smaller batch: training itself is finished."""
+    from yolosafe.trainer import write_failure
+
+    weights = run_dir / "weights" / "best.pt"
+    model = _load(str(weights if weights.is_file() else run_dir / "weights" / "last.pt"))
+    rundir.write_json(rundir.worker_path(run_dir, spec["attempt"]), _observed(spec, None))
+    callbacks.STATE.final = True
+    callbacks.register(model)
+    kwargs = spec["train_kwargs"]
+    try:
+        metrics = model.val(
+            data=kwargs["data"],
+            imgsz=kwargs["imgsz"],
+            batch=spec["val_batch"],
+            device=kwargs["device"].split(",")[0],
+            project=kwargs["project"],
+            name=kwargs["name"],
+            exist_ok=True,
+            plots=False,
+        )
+    except BaseException as exc:
+        write_failure(exc, None)
+        raise
+    _save_metrics(run_dir, metrics)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    spec_file = Path(argv[0])
+    spec = rundir.read_json(spec_file)
+    run_dir = Path(spec["run_dir"])
+    os.environ[rundir.RUN_DIR_ENV] = str(run_dir)
+    os.environ[rundir.SPEC_ENV] = str(spec_file.resolve())
+    if spec["mode"] == "final_val":
+        final_validation(spec, run_dir)
+    else:
+        train(spec, run_dir)
+
+
+if __name__ == "__main__":
+    main()
