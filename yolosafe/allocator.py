@@ -1,155 +1,177 @@
-"""``PYTORCH_CUDA_ALLOC_CONF``: the caching allocator's settings, validated and merged, for the training process.
+"""The CUDA caching-allocator settings that yolosafe hands to the training child process.
 
-They only take effect if they are in the environment before torch initialises CUDA, which is why the supervisor
-puts them into the environment of the child it starts rather than into its own. ``expandable_segments:True`` is the
-default: it lets the allocator grow segments instead of leaving GiBs "reserved but unallocated" (the fragmentation
-in the OOM messages of the post-mortems). A user's own value is kept: their keys win over the default, and
-``--alloc-conf`` wins over both. Recent torch reads ``PYTORCH_ALLOC_CONF`` first and the old name as a fallback, so
-both are set to the same merged value.
+PyTorch reads ``PYTORCH_CUDA_ALLOC_CONF`` / ``PYTORCH_ALLOC_CONF`` once, when it initialises CUDA, so the value has to
+be in the child's environment before it starts; changing it afterwards does nothing. yolosafe turns on
+``expandable_segments`` by default because it cuts fragmentation, the usual cause of an OOM with gigabytes
+"reserved but unallocated". A user's own settings are kept and win key by key.
 
-Keys and value rules follow PyTorch's CUDA memory-management notes (``c10/cuda/CUDAAllocatorConfig``). torch itself
-reports a bad value only when CUDA starts, deep inside the training process; here it is one line before anything
-runs. No torch import: the CLI must start fast.
+Every string is validated here, with the rules of c10's allocator config parser, so a typo fails at once with one
+clear line naming where it came from, instead of as a C++ assertion deep inside the child after the dataset loaded.
+This module does not import torch: the CLI must start fast.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Mapping
 
+# Torch reads both names, but which one wins differs between versions (and between its generic and CUDA parsers),
+# so apply() sets both to the same value.
 ENV_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 DEFAULTS: dict[str, str] = {"expandable_segments": "True"}
+OVERRIDE_SOURCE = "--alloc-conf"
+
+_DIGITS = re.compile(r"\d+")
+_DECIMAL = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class AllocConfError(ValueError):
-    """A malformed or invalid allocator string; ``str()`` is one line naming where it came from."""
+    """A malformed or invalid allocator string; str(e) is one line: the source, what is wrong and what is allowed."""
 
 
-def _bool(value: str) -> str:
-    if value.lower() not in {"true", "false"}:
-        raise ValueError("expected True or False")
-    return value.capitalize()
+def _boolean(value: str) -> str | None:
+    # torch accepts only 'True'/'False'; canonicalising is what makes a user's 'true' work.
+    return value.capitalize() if value.lower() in ("true", "false") else None
 
 
-def _int(minimum: int) -> Callable[[str], str]:
-    def check(value: str) -> str:
-        if not value.isdigit() or int(value) < minimum:
-            raise ValueError(f"expected an integer >= {minimum}")
-        return str(int(value))
+def _integer(minimum: int) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return str(int(value)) if _DIGITS.fullmatch(value) and int(value) >= minimum else None
 
     return check
 
 
-def _fraction(upper_inclusive: bool) -> Callable[[str], str]:
-    def check(value: str) -> str:
-        try:
-            number = float(value)
-        except ValueError:
-            number = -1.0
-        if not (0 < number < 1 or (upper_inclusive and number == 1)):
-            raise ValueError(f"expected a number in (0, 1{']' if upper_inclusive else ')'}")
-        return value
+def _fraction(*, allow_one: bool) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if not _DECIMAL.fullmatch(value):
+            return None
+        number = float(value)
+        return str(number) if 0 < number < 1 or (allow_one and number == 1) else None
 
     return check
 
 
-def _power_of_two(value: str, limit: int | None = None) -> bool:
-    return value.isdigit() and int(value) > 0 and int(value) & (int(value) - 1) == 0 and (
-        limit is None or int(value) <= limit)
+def _power_of_two(value: str, *, maximum: int | None = None, allow_zero: bool = False) -> str | None:
+    if not _DIGITS.fullmatch(value):
+        return None
+    number = int(value)
+    if (number == 0 and allow_zero) or (number > 0 and number & (number - 1) == 0):
+        return str(number) if maximum is None or number <= maximum else None
+    return None
 
 
-def _threads(value: str) -> str:
-    if not _power_of_two(value, 128):
-        raise ValueError("expected a power of two <= 128")
-    return value
+def _register_threads(value: str) -> str | None:
+    return _power_of_two(value, maximum=128)
 
 
-def _roundup(value: str) -> str:
-    if _power_of_two(value):
-        return value
+def _roundup(value: str) -> str | None:
+    """One power-of-two division count, or '[size:div,...]' per size interval (size in MB, '>' for the rest)."""
     if not (value.startswith("[") and value.endswith("]")):
-        raise ValueError("expected a power of two or [size:divisions,...,>:divisions]")
-    for pair in value[1:-1].split(","):
-        size, sep, divisions = (p.strip() for p in pair.partition(":"))
-        if not sep or not (size == ">" or _power_of_two(size)) or not _power_of_two(divisions):
-            raise ValueError(f"bad interval {pair.strip()!r}: sizes and divisions must be powers of two")
-    return value
+        return _power_of_two(value)
+    entries = []
+    for entry in value[1:-1].split(","):
+        size, sep, div = (part.strip() for part in entry.partition(":"))
+        size = size if size == ">" else _power_of_two(size)
+        div = _power_of_two(div, allow_zero=True)  # torch: 0 turns rounding off for that interval
+        if not sep or size is None or div is None:
+            return None
+        entries.append(f"{size}:{div}")
+    return "[" + ",".join(entries) + "]"
 
 
-def _backend(value: str) -> str:
-    if value not in {"native", "cudaMallocAsync"}:
-        raise ValueError("expected native or cudaMallocAsync")
-    return value
+def _backend(value: str) -> str | None:
+    return value if value in ("native", "cudaMallocAsync") else None
 
 
-RULES: dict[str, Callable[[str], str]] = {
-    "backend": _backend,
-    "expandable_segments": _bool,
-    "max_split_size_mb": _int(21),  # torch rejects <= 20
-    "max_non_split_rounding_mb": _int(1),
-    "garbage_collection_threshold": _fraction(upper_inclusive=False),
-    "roundup_power2_divisions": _roundup,
-    "release_lock_on_cudamalloc": _bool,
-    "pinned_use_cuda_host_register": _bool,
-    "pinned_num_register_threads": _threads,
-    "pinned_use_background_threads": _bool,
-    "pinned_reserve_segment_size_mb": _int(1),
-    "per_process_memory_fraction": _fraction(upper_inclusive=True),
-    "graph_capture_record_stream_reuse": _bool,
+_BOOL = (_boolean, "True or False (any case)")
+# key -> (check returning the canonical value or None, what is allowed). Keys and limits are those of c10's parser.
+_KEYS: dict[str, tuple[Callable[[str], str | None], str]] = {
+    "backend": (_backend, "'native' or 'cudaMallocAsync'"),
+    "expandable_segments": _BOOL,
+    "max_split_size_mb": (_integer(21), "an integer > 20 (MB)"),
+    "max_non_split_rounding_mb": (_integer(21), "an integer > 20 (MB)"),
+    "garbage_collection_threshold": (_fraction(allow_one=False), "a number strictly between 0 and 1"),
+    "roundup_power2_divisions": (
+        _roundup,
+        "a power of two, or a list like [256:1,512:2,>:8] of size:divisions, size a power of two (MB) or '>',"
+        " divisions a power of two or 0 (no rounding)",
+    ),
+    "per_process_memory_fraction": (_fraction(allow_one=True), "a number > 0 and <= 1"),
+    "release_lock_on_cudamalloc": _BOOL,
+    "graph_capture_record_stream_reuse": _BOOL,
+    "throw_on_cudamalloc_oom": _BOOL,
+    "large_segment_size_mb": (_integer(11), "an integer > 10 (MB)"),
+    "pinned_use_cuda_host_register": _BOOL,
+    "pinned_use_background_threads": _BOOL,
+    "pinned_num_register_threads": (_register_threads, "a power of two <= 128"),
+    "pinned_reserve_segment_size_mb": (_integer(1), "a positive integer (MB)"),
+    "pinned_max_cached_size_mb": (_integer(0), "a non-negative integer (MB)"),
+    "pinned_max_round_threshold_mb": (_integer(0), "a non-negative integer (MB)"),
+    "pinned_free_catch_all": _BOOL,
 }
 
 
-def _items(conf: str, source: str) -> list[str]:
-    """Split on commas outside brackets (``roundup_power2_divisions:[256:1,512:2]`` is one item)."""
-    items, depth, current = [], 0, ""
-    for char in conf:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if depth < 0:
-            raise AllocConfError(f"{source}: unbalanced ']' in {conf!r}")
+def _split_items(conf: str, source: str) -> list[str]:
+    """Split on the commas between items, not on those inside roundup_power2_divisions' [...] list."""
+    items, start, depth = [], 0, 0
+    for i, char in enumerate(conf):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        if depth not in (0, 1):
+            raise AllocConfError(f"{source}: unbalanced or nested brackets in {conf!r}; use one level of [...]")
         if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
+            items.append(conf[start:i])
+            start = i + 1
     if depth:
-        raise AllocConfError(f"{source}: unbalanced '[' in {conf!r}")
-    return [item.strip() for item in [*items, current] if item.strip()]
+        raise AllocConfError(f"{source}: unbalanced brackets in {conf!r}; every '[' needs a closing ']'")
+    items.append(conf[start:])
+    return [item.strip() for item in items if item.strip()]
 
 
 def parse(conf: str, source: str) -> dict[str, str]:
-    """``key:value,key:value`` to an ordered dict of canonical values; raises :class:`AllocConfError`."""
+    """Validate 'key:value,key:value' and return its canonical values in order; raise AllocConfError on any fault."""
     options: dict[str, str] = {}
-    for item in _items(conf, source):
-        key, sep, value = (part.strip() for part in item.partition(":"))
-        if not sep or not key or not value:
-            raise AllocConfError(f"{source}: {item!r} is not key:value (e.g. expandable_segments:True)")
-        if key not in RULES:
-            close = difflib.get_close_matches(key, RULES, n=1)
-            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(RULES)}"
-            raise AllocConfError(f"{source}: unknown allocator option {key!r}; {hint}")
+    for item in _split_items(conf, source):
+        key, sep, raw = (part.strip() for part in item.partition(":"))
+        if not sep:
+            raise AllocConfError(f"{source}: {item!r} is not key:value; write items like 'expandable_segments:True'")
+        if key not in _KEYS:
+            close = difflib.get_close_matches(key, _KEYS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(_KEYS)}"
+            raise AllocConfError(f"{source}: unknown allocator key {key!r}; {hint}")
         if key in options:
-            raise AllocConfError(f"{source}: {key} is given twice")
-        try:
-            options[key] = RULES[key](value)
-        except ValueError as exc:
-            raise AllocConfError(f"{source}: {key}:{value}: {exc}") from None
+            raise AllocConfError(f"{source}: {key!r} is given twice; give each key once")
+        check, allowed = _KEYS[key]
+        value = check(raw)
+        if value is None:
+            raise AllocConfError(f"{source}: bad value {raw!r} for {key!r}; allowed: {allowed}")
+        options[key] = value
     return options
 
 
-def render(options: Mapping[str, str]) -> str:
+def render(options: dict[str, str]) -> str:
+    """The 'key:value,key:value' string torch parses."""
     return ",".join(f"{key}:{value}" for key, value in options.items())
 
 
 def merge(env: Mapping[str, str], override: str | None) -> dict[str, str]:
-    """Defaults < ``PYTORCH_CUDA_ALLOC_CONF`` < ``PYTORCH_ALLOC_CONF`` < ``--alloc-conf``, key by key."""
-    merged = dict(DEFAULTS)
-    for source, value in ((name, env.get(name)) for name in ENV_VARS):
-        merged.update(parse(value or "", source))
-    merged.update(parse(override or "", "--alloc-conf"))
-    return merged
+    """DEFAULTS < PYTORCH_CUDA_ALLOC_CONF < PYTORCH_ALLOC_CONF < --alloc-conf, key by key, each validated."""
+    options = dict(DEFAULTS)
+    for name in ENV_VARS:
+        if name in env:
+            options.update(parse(env[name], name))
+    if override is not None:
+        options.update(parse(override, OVERRIDE_SOURCE))
+    return options
 
 
 def apply(env: Mapping[str, str], override: str | None) -> dict[str, str]:
-    """A copy of ``env`` with both variables set to the merged value, so old and new torch agree."""
+    """A copy of env for the child, with both ENV_VARS set to the merged value so old and new torch agree."""
+    child = dict(env)
     value = render(merge(env, override))
-    return {**env, **dict.fromkeys(ENV_VARS, value)}
+    for name in ENV_VARS:
+        child[name] = value
+    return child

@@ -83,7 +83,7 @@ def _event(event: str, obj: Any, **fields: Any) -> None:
         rundir.write_json(Path(phase_file), {"phase": live, "pid": os.getpid()})
 
 
-def _maybe_inject(phase: str) -> None:
+def maybe_inject(phase: str) -> None:
     """Raise the fault of ``YOLOSAFE_INJECT_OOM`` here if it matches; counted across retries in the run dir."""
     injection = oom.parse_injection(os.environ.get(oom.INJECT_ENV))
     if injection is None or not injection.matches(phase, STATE.epoch, STATE.iteration, rank()):
@@ -105,13 +105,12 @@ def on_train_epoch_start(trainer: Any) -> None:
     # yolosafe owns OOM recovery: Ultralytics' in-process halving (first epoch, single GPU) would halve the batch a
     # second time for one OOM and keep a fragmented allocator; its counter at 3 makes the trainer re-raise instead.
     trainer._oom_retries = 3
-    STATE.phase, STATE.epoch, STATE.iteration, STATE.final = "train", trainer.epoch, 0, False
+    STATE.phase, STATE.epoch, STATE.iteration, STATE.final = "train", trainer.epoch, -1, False
     _event("train_start", trainer, batch=trainer.batch_size // max(trainer.world_size, 1))
 
 
 def on_train_batch_start(trainer: Any) -> None:
-    _maybe_inject("train")
-    STATE.iteration += 1
+    STATE.iteration += 1  # the training step's own injection point is SafeTrainerMixin.preprocess_batch
 
 
 def on_train_epoch_end(trainer: Any) -> None:
@@ -126,7 +125,7 @@ def on_val_start(validator: Any) -> None:
 
 def on_val_batch_start(validator: Any) -> None:
     STATE.iteration = validator.batch_i
-    _maybe_inject(STATE.phase or "val")
+    maybe_inject(STATE.phase or "val")
 
 
 def on_val_end(validator: Any) -> None:

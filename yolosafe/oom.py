@@ -24,14 +24,16 @@ OOM_MARKERS = (
 )
 
 _UNIT = {"B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "TiB": 1024.0**2}
-_SIZE = r"([\d.]+) (B|KiB|MiB|GiB|TiB)"
+_SIZE = r"([\d.]+) ?(B|KiB|MiB|GiB|TiB)"
+# Current PyTorch wording first, then the pre-2.1 one ("(GPU 0; 15.90 GiB total capacity; ...)"): first match wins.
 _FIELDS = {
-    "tried_mib": rf"Tried to allocate {_SIZE}",
-    "total_mib": rf"total capacity of {_SIZE}",
-    "free_mib": rf"of which {_SIZE} is free",
-    "process_mib": rf"this process has {_SIZE} memory in use",
-    "allocated_mib": rf"{_SIZE} is allocated by PyTorch",
-    "reserved_unallocated_mib": rf"{_SIZE} is reserved by PyTorch but unallocated",
+    "tried_mib": [rf"Tried to allocate {_SIZE}"],
+    "total_mib": [rf"total capacity of {_SIZE}", rf"{_SIZE} total capacity"],
+    "free_mib": [rf"of which {_SIZE} is free", rf"{_SIZE} free;"],
+    "process_mib": [rf"this process has {_SIZE} memory in use"],
+    "allocated_mib": [rf"{_SIZE} is allocated by PyTorch", rf"{_SIZE} already allocated"],
+    "reserved_unallocated_mib": [rf"{_SIZE} is reserved by PyTorch but unallocated"],
+    "reserved_mib": [rf"{_SIZE} reserved in total by PyTorch"],
 }
 
 
@@ -39,17 +41,25 @@ def is_oom_text(text: str) -> bool:
     return any(marker in text for marker in OOM_MARKERS)
 
 
+def _mib(number: str, unit: str) -> float:
+    return round(float(number) * _UNIT[unit], 2)
+
+
 def parse_message(message: str) -> dict[str, Any]:
-    """The figures of a PyTorch OOM message (any of them may be missing), sizes in MiB."""
+    """The figures of a PyTorch OOM message (any may be missing), sizes in MiB; ``processes`` maps the pids that
+    newer messages list ("Process 3066 has 79.10 GiB memory in use") to their memory."""
     text = " ".join(message.split())
     found: dict[str, Any] = {}
-    gpu = re.search(r"GPU (\d+) has a total capacity", text)
+    gpu = re.search(r"GPU (\d+)(?: has a total capacity|;)", text)
     if gpu:
         found["gpu"] = int(gpu[1])
-    for key, pattern in _FIELDS.items():
-        match = re.search(pattern, text)
+    for key, patterns in _FIELDS.items():
+        match = next((m for m in (re.search(p, text) for p in patterns) if m), None)
         if match:
-            found[key] = round(float(match[1]) * _UNIT[match[2]], 2)
+            found[key] = _mib(match[1], match[2])
+    processes = {int(m[1]): _mib(m[2], m[3]) for m in re.finditer(rf"Process (\d+) has {_SIZE} memory in use", text)}
+    if processes:
+        found["processes"] = processes
     return found
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -328,6 +329,8 @@ class Supervisor:
         retries, val_ooms = 0, 0
         while True:
             attempt = len(self.story["attempts"]) + 1
+            if resume is not None:
+                resume = self.keep_checkpoint(resume, attempt)
             spec = self.spec(plan, attempt, resume, final_val_only)
             worker_file = rundir.worker_path(self.run_dir, attempt)
             entry: dict[str, Any] = {
@@ -394,6 +397,12 @@ class Supervisor:
             self.save()
             how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
             say(f"retry {retries}/{self.options.max_retries}: {step.change}; {how}")
+
+    def keep_checkpoint(self, last: Path, attempt: int) -> Path:
+        """A copy of the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch."""
+        kept = last.with_name(f"last-before-attempt{attempt}.pt")
+        shutil.copy2(last, kept)
+        return kept
 
     def _record_results(self) -> None:
         weights = self.run_dir / "weights"

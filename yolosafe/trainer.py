@@ -1,4 +1,4 @@
-"""yolosafe's Ultralytics trainers: the task trainers with three changes that callbacks alone cannot make.
+"""yolosafe's Ultralytics trainers: the task trainers with the changes that callbacks alone cannot make.
 
 1. ``--val-batch`` really sets the validation batch. Ultralytics builds the validation loader with twice the per-GPU
    train batch, and the final validation of best.pt reuses that loader; ``get_dataloader(mode="val")`` is the one
@@ -8,6 +8,9 @@
    the NCCL errors it causes on ranks 0-2.
 3. A fresh multi-GPU launch keeps the run directory: Ultralytics deletes ``save_dir`` before it spawns the DDP
    ranks (``generate_ddp_command``), which would delete yolosafe's own log, spec and story of the run.
+4. Checkpoints are written atomically, so the one a retry resumes from is never half a file.
+5. The training step has an injection point (``YOLOSAFE_INJECT_OOM``) inside the try block where a real OOM
+   surfaces, so tests prove that Ultralytics' own in-process halving stays off (see callbacks.py).
 
 The classes are module-level so that Ultralytics' DDP state file, which pickles ``type(trainer)``, imports them
 by reference in every rank.
@@ -64,12 +67,17 @@ def write_failure(exc: BaseException, batch: int | None) -> None:
 
 
 class SafeTrainerMixin:
-    """The three changes described in the module docstring, for any Ultralytics task trainer."""
+    """The changes described in the module docstring, for any Ultralytics task trainer."""
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
         if mode == "val":
             batch_size = int(callbacks.spec().get("val_batch") or batch_size)
         return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
+
+    def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # Inside the training step's try block, where a real OOM surfaces and Ultralytics' own handler looks.
+        callbacks.maybe_inject("train")
+        return super().preprocess_batch(batch)
 
     def _do_train(self) -> None:
         try:
@@ -77,6 +85,21 @@ class SafeTrainerMixin:
         except BaseException as exc:
             write_failure(exc, self.batch_size // max(self.world_size, 1))
             raise
+
+    def save_model(self) -> bool:
+        # Ultralytics writes last.pt/best.pt in place: a rank killed mid-write (SIGKILL, host OOM killer) would leave
+        # the very checkpoint a retry resumes from truncated. Write beside it, then rename: all or nothing.
+        final = {"last": self.last, "best": self.best}
+        partial = {name: path.with_name(f".{path.name}.partial") for name, path in final.items()}
+        self.last, self.best = partial["last"], partial["best"]
+        try:
+            saved = super().save_model()
+        finally:
+            self.last, self.best = final["last"], final["best"]
+        for name, path in partial.items():
+            if path.exists():
+                os.replace(path, final[name])
+        return saved
 
     def final_eval(self) -> None:
         callbacks.STATE.final = True

@@ -1,0 +1,122 @@
+"""OOM recovery end to end: the real Ultralytics trainer on CPU, the real torch.OutOfMemoryError injected inside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import TINY, YOLOSAFE, run_dir_of, story
+
+
+def events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+
+def assert_finished(run: Path, epochs: int, nbs: int = 16) -> dict:
+    assert (run / "weights" / "last.pt").is_file() and (run / "weights" / "best.pt").is_file()
+    rows = (run / "results.csv").read_text().strip().splitlines()[1:]
+    assert [int(float(r.split(",")[0])) for r in rows][-1] == epochs  # every requested epoch completed
+    s = story(run)
+    assert s["outcome"] == "completed"
+    assert {a["nbs"] for a in s["attempts"]} == {nbs}  # the effective batch never changed
+    return s
+
+
+def inject(spec: str) -> dict[str, str]:
+    return {"YOLOSAFE_INJECT_OOM": spec}
+
+
+def test_oom_in_first_training_step_restarts_with_half_batch(run_cli, tmp_path):
+    result = run_cli("train", "--epochs", "2", *TINY, env=inject("phase=train,epoch=0,iteration=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    s = assert_finished(run, 2)
+    first, second = s["attempts"]
+    assert (first["outcome"], first["phase"], first["epoch"]) == ("oom", "train", 0)
+    assert (first["batch"], first["accumulate"]) == (8, 2) and (second["batch"], second["accumulate"]) == (4, 4)
+    assert second["resumed_from"] is None  # no checkpoint yet: from scratch
+    record = json.loads((run / "failure-1-rank0.json").read_text())
+    assert record["oom"] and record["error"] == "OutOfMemoryError" and record["figures"]["tried_mib"] == 300.0
+    assert (record["phase"], record["epoch"], record["iteration"], record["batch"]) == ("train", 0, 1, 8)
+    # Ultralytics' own in-process halving is off: one halving per OOM, and the batch reported is the one that ran.
+    log = (run / "train.log").read_text()
+    assert "Reducing to batch" not in log
+    assert {e["batch"] for e in events(run) if e["event"] == "train_start" and e["attempt"] == 2} == {4}
+
+
+def test_oom_in_epoch_2_of_3_resumes_from_checkpoint(run_cli, tmp_path):
+    result = run_cli("train", "--epochs", "3", *TINY, env=inject("phase=train,epoch=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    s = assert_finished(run, 3)
+    first, second = s["attempts"]
+    assert (first["phase"], first["epoch"]) == ("train", 2)
+    assert second["resumed_from_epoch"] == 1 and second["batch"] == 4  # not restarted from 0
+    assert Path(second["resumed_from"]).is_file()  # the checkpoint it resumed from is kept
+    assert sorted({e["epoch"] for e in events(run) if e["event"] == "train_start" and e["attempt"] == 2}) == [2]
+
+
+def test_oom_in_validation_halves_only_val_batch(run_cli, tmp_path):
+    result = run_cli("train", "--epochs", "3", *TINY, env=inject("phase=val,epoch=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    s = assert_finished(run, 3)
+    first, second = s["attempts"]
+    assert (first["outcome"], first["phase"], first["epoch"]) == ("oom", "val", 1)
+    assert (second["batch"], second["val_batch"], second["resumed_from_epoch"]) == (8, 4, 0)
+    val_batches = {e["batch"] for e in events(run) if e["event"] == "val_start" and e["attempt"] == 2}
+    assert val_batches == {4}  # --val-batch really controls the loader, the final validation included
+
+
+def test_oom_in_final_validation_keeps_training(run_cli, tmp_path):
+    result = run_cli("train", "--epochs", "2", *TINY, env=inject("phase=final,epoch=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    s = assert_finished(run, 2)
+    first, second = s["attempts"]
+    assert (first["phase"], second["mode"], second["val_batch"]) == ("final", "final_val", 4)
+    assert not [e for e in events(run) if e["event"] == "train_start" and e["attempt"] == 2]  # no training again
+    assert "metrics/mAP50-95(B)" in s["final_metrics"]
+
+
+def test_oom_every_time_gives_up_with_advice(run_cli, tmp_path):
+    result = run_cli("train", "--epochs", "2", "--max-retries", "2", *TINY, env=inject("phase=train,times=0"))
+    assert result.returncode == 3
+    run = run_dir_of(tmp_path)
+    s = story(run)
+    assert s["outcome"] == "oom_exhausted" and [a["batch"] for a in s["attempts"]] == [8, 4, 2]
+    assert "next steps" in result.stderr and "--imgsz" in result.stderr and "smaller model" in result.stderr
+    assert len(list(run.glob("failure-*-rank0.json"))) == 3 and (run / "train.log").is_file()  # nothing deleted
+
+
+def test_non_oom_crash_is_not_retried(run_cli, tmp_path):
+    result = run_cli("train", "--epochs", "2", *TINY, env=inject("phase=train,epoch=0,error=runtime"))
+    assert result.returncode == 1
+    s = story(run_dir_of(tmp_path))
+    assert s["outcome"] == "failed" and len(s["attempts"]) == 1
+    assert "not an OOM, not retried" in result.stderr and "injected a non-OOM failure" in result.stderr
+
+
+def test_sigkilled_worker_is_reported_and_resumable(run_cli, tmp_path, shared_cache):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOSAFE_", "PYTORCH_"))}
+    env.update(YOLOSAFE_CACHE=str(shared_cache / "yolosafe"), YOLO_CONFIG_DIR=str(shared_cache / "ultralytics"))
+    proc = subprocess.Popen([YOLOSAFE, "train", "--epochs", "4", *TINY], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = run_dir_of(tmp_path)
+    deadline = time.time() + 120
+    while not (run / "weights" / "last.pt").is_file():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(json.loads((run / "worker-1.json").read_text())["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "killed by SIGKILL" in err and f"--resume {run}" in err
+    assert story(run)["outcome"] == "killed"
+
+    result = run_cli("train", "--resume", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    s = assert_finished(run, 4)
+    assert s["attempts"][1]["resumed_from_epoch"] >= 0
