@@ -121,3 +121,18 @@ def test_gpus_table_with_fake_backend(run_cli):
     assert "A100" in result.stdout and "27960" in result.stdout and "4242:13000MiB" in result.stdout
     result = run_cli("gpus", env={"YOLOSAFE_FAKE_GPUS": "none"})
     assert result.returncode == 1 and "no GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ultralytics_builtin_dataset_names_pass_through(run_cli):
+    result = run_cli("train", "--data", "coco8.yaml", "--dry-run")
+    assert result.returncode == 0 and '"data": "coco8.yaml"' in result.stdout
+
+
+def test_resume_refuses_what_cannot_be_resumed(run_cli, tmp_path):
+    assert_usage_error(run_cli("train", "--resume", "nowhere"), "not a yolosafe run directory")
+    run = run_dir_of(tmp_path)
+    (run / "weights").mkdir(parents=True)
+    (run / "yolosafe.json").write_text(json.dumps({"outcome": "completed"}))
+    assert_usage_error(run_cli("train", "--resume", str(run)), "no weights/last.pt")
+    (run / "weights" / "last.pt").write_bytes(b"")
+    assert_usage_error(run_cli("train", "--resume", str(run)), "already completed")

@@ -243,6 +243,8 @@ def resume(run_dir: Path, ctx: click.Context) -> int:
     if not last.is_file():
         fail(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
     story = rundir.read_json(story_file)
+    if story.get("outcome") == "completed":
+        fail(f"--resume {run_dir}: this run already completed; start a new run instead")
     attempts = story.get("attempts") or [{}]
     summary = dict(story["plan"])
     summary.update({k: attempts[-1][k] for k in ("batch", "val_batch") if k in attempts[-1]})

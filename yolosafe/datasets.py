@@ -7,6 +7,7 @@ a cache directory, in Ultralytics' YOLO layout.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -68,9 +69,11 @@ def resolve(name_or_path: str, registry: Path | None = None) -> Dataset:
     """A ``--data`` value to a dataset: a YAML path, a name in the registry, or the built-in ``shapes``."""
     if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
         path = Path(name_or_path)
-        if not path.is_file():
-            raise DatasetError(f"--data {name_or_path}: file not found")
-        return Dataset(path.stem, path.resolve())
+        if path.is_file():
+            return Dataset(path.stem, path.resolve())
+        if os.sep not in name_or_path and _ultralytics_ships(name_or_path):
+            return Dataset(path.stem, path)  # e.g. coco8.yaml: Ultralytics resolves it (and fetches the images)
+        raise DatasetError(f"--data {name_or_path}: file not found")
     entries = load_registry(registry)
     entry = entries.get(name_or_path)
     if entry is None and name_or_path == SHAPES:
@@ -90,6 +93,14 @@ def resolve(name_or_path: str, registry: Path | None = None) -> Dataset:
     if not path.is_file():
         raise DatasetError(f"{registry}: dataset '{name_or_path}' points to {path}, which does not exist")
     return Dataset(name_or_path, path.resolve(), defaults)
+
+
+def _ultralytics_ships(name: str) -> bool:
+    """Whether Ultralytics has a data YAML of that name in its package (found without importing ultralytics)."""
+    spec = importlib.util.find_spec("ultralytics")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return (Path(next(iter(spec.submodule_search_locations))) / "cfg" / "datasets" / name).is_file()
 
 
 def ensure_shapes(root: Path | None = None, train: int = 32, val: int = 16, size: int = 128) -> Path:
