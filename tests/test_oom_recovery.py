@@ -84,12 +84,18 @@ def test_oom_in_final_validation_keeps_training(run_cli, tmp_path):
 
 
 def test_oom_every_time_gives_up_with_advice(run_cli, tmp_path):
-    result = run_cli("train", "--epochs", "2", "--max-retries", "2", *TINY, env=inject("phase=train,times=0"))
+    # Two fake GPUs; a stale kernel (pid 4242) holds 13 GB of GPU 1. The worker trains on CPU with the same batches.
+    gpus = {"gpus": [{"total_mib": 24576}, {"total_mib": 24576, "used_mib": 13000,
+                                            "processes": [{"pid": 4242, "used_mib": 13000}]}]}
+    env = {**inject("phase=train,times=0"), "YOLOSAFE_FAKE_GPUS": json.dumps(gpus)}
+    result = run_cli("train", "--epochs", "2", "--max-retries", "2", "--gpus", "0,1", *TINY, env=env)
     assert result.returncode == 3
     run = run_dir_of(tmp_path)
     s = story(run)
-    assert s["outcome"] == "oom_exhausted" and [a["batch"] for a in s["attempts"]] == [8, 4, 2]
-    assert "next steps" in result.stderr and "--imgsz" in result.stderr and "smaller model" in result.stderr
+    assert s["outcome"] == "oom_exhausted" and [a["per_gpu_batch"] for a in s["attempts"]] == [4, 2, 1]
+    assert {a["nbs"] for a in s["attempts"]} == {16}
+    for advice in ("next steps", "GPU(s) 1 also hold", "--gpus 0", "--imgsz", "smaller model"):
+        assert advice in result.stderr, result.stderr[-2000:]
     assert len(list(run.glob("failure-*-rank0.json"))) == 3 and (run / "train.log").is_file()  # nothing deleted
 
 

@@ -6,12 +6,17 @@ code. They learn where to write from the environment the supervisor set (``YOLOS
 which reaches every rank because ``torch.distributed.run`` inherits it.
 
 They record phase events (train/val start and end, with epoch, rank and batch) as JSON lines in the run directory,
-and raise the injected faults of ``YOLOSAFE_INJECT_OOM`` at the requested point.
+with torch's own peak allocated and reserved memory of the phase in each end event (the peaks are reset at each phase
+start), and raise the injected faults of ``YOLOSAFE_INJECT_OOM`` at the requested point. Right before validation
+they collect garbage and empty the allocator cache on every rank (spec ``clear_before_val``, on by default):
+Ultralytics does it only above 50 % use, and validation's differently shaped batches cannot reuse train's cached
+blocks.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe import oom, rundir
-from yolosafe.gpus import PHASE_FILE_ENV
+from yolosafe.gpus import MIB, PHASE_FILE_ENV
 
 
 @dataclass
@@ -80,7 +85,50 @@ def _event(event: str, obj: Any, **fields: Any) -> None:
     phase_file = os.environ.get(PHASE_FILE_ENV)
     if phase_file:  # lets the fake NVML backend follow the phases (tests, drills)
         live = STATE.phase if event.endswith("_start") else None
-        rundir.write_json(Path(phase_file), {"phase": live, "pid": os.getpid()})
+        rundir.write_json(Path(phase_file), {"phase": live, "pid": os.getpid(), "epoch": STATE.epoch})
+
+
+def _cuda_device(obj: Any) -> Any:
+    """The CUDA device the trainer or validator runs on; None on the CPU, where torch has no memory statistics."""
+    device = getattr(obj, "device", None)
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    return device if torch.cuda.is_available() else None
+
+
+def _reset_peaks(obj: Any) -> None:
+    device = _cuda_device(obj)
+    if device is not None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peaks(obj: Any) -> dict[str, float | None]:
+    """torch's peak allocated and reserved MiB since the phase started; reserved minus allocated is the allocator's
+    cache and fragmentation, which NVML counts as used."""
+    device = _cuda_device(obj)
+    if device is None:
+        return {"max_allocated_mib": None, "max_reserved_mib": None}
+    import torch
+
+    return {"max_allocated_mib": round(torch.cuda.max_memory_allocated(device) / MIB, 1),
+            "max_reserved_mib": round(torch.cuda.max_memory_reserved(device) / MIB, 1)}
+
+
+def _clear_cache(obj: Any) -> float | None:
+    """Collect garbage and give the allocator's cached blocks back to the driver; the MiB given back (None on CPU)."""
+    gc.collect()
+    device = _cuda_device(obj)
+    if device is None:
+        return None
+    import torch
+
+    before = torch.cuda.memory_reserved(device)
+    torch.cuda.empty_cache()
+    return round((before - torch.cuda.memory_reserved(device)) / MIB, 1)
 
 
 def maybe_inject(phase: str) -> None:
@@ -106,6 +154,7 @@ def on_train_epoch_start(trainer: Any) -> None:
     # second time for one OOM and keep a fragmented allocator; its counter at 3 makes the trainer re-raise instead.
     trainer._oom_retries = 3
     STATE.phase, STATE.epoch, STATE.iteration, STATE.final = "train", trainer.epoch, -1, False
+    _reset_peaks(trainer)
     _event("train_start", trainer, batch=trainer.batch_size // max(trainer.world_size, 1))
 
 
@@ -114,13 +163,15 @@ def on_train_batch_start(trainer: Any) -> None:
 
 
 def on_train_epoch_end(trainer: Any) -> None:
-    _event("train_end", trainer)
+    _event("train_end", trainer, **_peaks(trainer))
 
 
 def on_val_start(validator: Any) -> None:
     STATE.phase, STATE.iteration = ("final" if STATE.final else "val"), 0
+    cleared = _clear_cache(validator) if spec().get("clear_before_val", True) else None
+    _reset_peaks(validator)
     loader = getattr(validator, "dataloader", None)
-    _event("val_start", validator, batch=getattr(loader, "batch_size", None))
+    _event("val_start", validator, batch=getattr(loader, "batch_size", None), cleared_mib=cleared)
 
 
 def on_val_batch_start(validator: Any) -> None:
@@ -138,7 +189,7 @@ def on_fit_epoch_end(trainer: Any) -> None:
 
 def _end_val(obj: Any) -> None:
     if STATE.phase in {"val", "final"}:
-        _event("val_end", obj)
+        _event("val_end", obj, **_peaks(obj))
         STATE.phase = None
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import click
 import yaml
 
-from yolosafe import __version__, allocator, datasets, gpus, plan, rundir, supervise
+from yolosafe import __version__, allocator, datasets, gpus, plan, report, rundir, supervise
 
 EXIT_USAGE = 2
 DEFAULTS: dict[str, Any] = {
@@ -34,6 +34,9 @@ DEFAULTS: dict[str, Any] = {
     "name": "train",
     "max_retries": 3,
     "min_batch": 1,
+    "watch_interval": 0.1,
+    "warn_at": 0.9,
+    "clear_before_val": True,
     "args": [],
 }
 
@@ -90,6 +93,21 @@ def resolve_options(ctx: click.Context, config: dict[str, Any], dataset_defaults
     if ctx.params.get("args"):
         resolved["args"] = [*config.get("args", []), *ctx.params["args"]]
     return resolved
+
+
+WATCH_KEYS = ("watch_interval", "warn_at", "clear_before_val")
+
+
+def check_watch(options: dict[str, Any]) -> None:
+    """--watch-interval 0 turns the watch off; faster than 100 Hz buys nothing and costs CPU."""
+    try:
+        interval, warn_at = float(options["watch_interval"]), float(options["warn_at"])
+    except (TypeError, ValueError):
+        fail(f"watch-interval {options['watch_interval']!r} / warn-at {options['warn_at']!r}: expected numbers")
+    if interval != 0 and not 0.01 <= interval <= 60:
+        fail(f"--watch-interval {interval:g}: give seconds between 0.01 and 60, or 0 to turn the memory watch off")
+    if not 0 < warn_at <= 1:
+        fail(f"--warn-at {warn_at:g}: give a share of GPU memory above 0 and at most 1 (e.g. 0.9)")
 
 
 def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
@@ -170,6 +188,10 @@ def cli() -> None:
 @click.option("--name", help="Run name; an existing run is never overwritten (train, train2, ...).")
 @click.option("--max-retries", type=int, help="Relaunches after an OOM. Default 3.")
 @click.option("--min-batch", type=int, help="Never halve below this per-GPU batch. Default 1.")
+@click.option("--watch-interval", type=float, help="Seconds between GPU memory samples; 0 = no watch. Default 0.1.")
+@click.option("--warn-at", type=float, help="Warn when a GPU's used memory reaches this share of it. Default 0.9.")
+@click.option("--clear-before-val/--no-clear-before-val", default=None,
+              help="Empty the CUDA cache on every rank right before validation. Default on.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
 @click.argument("args", nargs=-1)
@@ -187,6 +209,7 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
         fail(str(exc))
     options = resolve_options(ctx, config, dataset.defaults)
     options["data_yaml"] = str(dataset.yaml_path)
+    check_watch(options)
     try:
         inventory = gpus.read_inventory()
         env = allocator.apply(os.environ, options["alloc_conf"])
@@ -215,6 +238,7 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
         "simulated_on_cpu": simulated,
         "max_retries": options["max_retries"],
         "min_batch": options["min_batch"],
+        **{key: options[key] for key in WATCH_KEYS},
     }
     supervise.say(f"run directory {run_dir}")
     code = run_supervised(run_dir, p, env, options, simulated, story)
@@ -223,15 +247,37 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
 
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], options: dict[str, Any],
                    simulated: bool, story: dict[str, Any], resume_from: Path | None = None) -> int:
+    if simulated:  # the fake NVML backend follows the phases the trainer writes there (docs/fake-gpus.md)
+        env = {gpus.PHASE_FILE_ENV: str(run_dir / rundir.FAKE_PHASE), **env}
     run_options = supervise.RunOptions(env=env, max_retries=int(options["max_retries"]),
-                                       min_batch=int(options["min_batch"]), simulate_on_cpu=simulated)
+                                       min_batch=int(options["min_batch"]), simulate_on_cpu=simulated,
+                                       watch_interval=float(options["watch_interval"]),
+                                       warn_at=float(options["warn_at"]),
+                                       clear_before_val=bool(options["clear_before_val"]))
     supervisor = supervise.Supervisor(run_dir, run_options, story)
     code = supervisor.run(p, resume=resume_from)
+    if supervisor.watch is not None:
+        print_memory_table(run_dir)
     weights = story.get("weights", {})
     supervise.say(f"run directory: {run_dir}")
     for name, path in weights.items():
         supervise.say(f"{name} weights: {path}")
     return code
+
+
+def print_memory_table(run_dir: Path) -> None:
+    """The end of ``yolosafe train``: peaks per GPU, and where the report files are. Never changes the exit status."""
+    try:
+        summary = report.write(run_dir)
+    except report.NoMemoryData as exc:
+        supervise.say(f"memory: {exc}")
+        return
+    except Exception as exc:  # the run is over whatever happens here: a broken report must not hide its outcome
+        supervise.say(f"memory report failed: {type(exc).__name__}: {exc}")
+        return
+    supervise.say(f"memory per GPU (NVML peaks; {rundir.MEMORY_SUMMARY}, {rundir.MEMORY_PLOT} in the run directory):")
+    for line in report.table(summary):
+        click.echo(f"  {line}", err=True)
 
 
 def resume(run_dir: Path, ctx: click.Context) -> int:
@@ -254,7 +300,8 @@ def resume(run_dir: Path, ctx: click.Context) -> int:
         env = allocator.apply(os.environ, None) | {k: v for k, v in story["allocator"].items()}
     except allocator.AllocConfError as exc:
         fail(str(exc))
-    options = {"max_retries": story.get("max_retries", 3), "min_batch": story.get("min_batch", 1)}
+    options = {"max_retries": story.get("max_retries", 3), "min_batch": story.get("min_batch", 1),
+               **{key: story.get(key, DEFAULTS[key]) for key in WATCH_KEYS}}
     supervise.say(f"resuming {run_dir} from {last}")
     return run_supervised(run_dir, p, env, options, bool(story.get("simulated_on_cpu")), story, resume_from=last)
 
@@ -285,6 +332,30 @@ def gpus_command(as_json: bool) -> None:
                           for pr in g.processes) or "-"
         click.echo(f"{g.index:>3}  {(g.name or '?')[:24]:<24} {_num(g.used_mib):>9} {_num(g.free_mib):>9} "
                    f"{_num(g.total_mib):>9} {_num(g.utilization, '%'):>5}  {procs}")
+
+
+@cli.command("report")
+@click.argument("run_dir", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print memory_summary.json instead of the table.")
+def report_command(run_dir: str | None, as_json: bool) -> None:
+    """Memory peaks per GPU and phase of RUN_DIR (default: the latest run under ./runs); rewrites the summary and
+    memory.png."""
+    path = Path(run_dir) if run_dir else rundir.latest_run(Path("runs"))
+    if path is None:
+        fail("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
+    if not (path / rundir.STORY).is_file():
+        fail(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
+    try:
+        summary = report.write(path)
+    except report.NoMemoryData as exc:
+        click.echo(f"yolosafe: no memory data in {path}: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{path}: GPU memory, NVML peaks (epochs 0-based); plot: {path / rundir.MEMORY_PLOT}")
+    for line in report.table(summary):
+        click.echo(line)
 
 
 def _num(value: float | None, suffix: str = "") -> str:

@@ -17,7 +17,8 @@ Accepted values (see docs/fake-gpus.md):
                  "processes": [{"pid": 4242, "used_mib": 13000}]}]}
 
   Optional per-GPU ``"phase_mib": {"train": 9000, "val": 21000}`` makes the memory of the training processes follow
-  the phase the trainer reports (see :class:`FakeBackend`), so tests can script a validation peak.
+  the phase the trainer reports (see :class:`FakeBackend`), so tests can script a validation peak; optional
+  ``"epoch_mib": {"val": 500}`` adds that much more per (0-based) epoch, so the peak lands on a known epoch.
 """
 
 from __future__ import annotations
@@ -224,6 +225,7 @@ class FakeGPU:
     utilization: int = 0
     processes: tuple[GPUProcess, ...] = ()
     phase_mib: dict[str, float] = field(default_factory=dict)
+    epoch_mib: dict[str, float] = field(default_factory=dict)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
@@ -251,6 +253,7 @@ def _parse_json(data: Mapping[str, Any]) -> tuple[list[FakeGPU], str, str]:
                 utilization=int(g.get("utilization", 0)),
                 processes=tuple(GPUProcess(int(p["pid"]), float(p["used_mib"])) for p in g.get("processes", ())),
                 phase_mib={k: float(v) for k, v in g.get("phase_mib", {}).items()},
+                epoch_mib={k: float(v) for k, v in g.get("epoch_mib", {}).items()},
             )
             for g in data.get("gpus", ())
         ]
@@ -261,8 +264,9 @@ def _parse_json(data: Mapping[str, Any]) -> tuple[list[FakeGPU], str, str]:
 
 class FakeBackend:
     """NVML stand-in. Used memory is the spec's ``used_mib`` plus, with ``phase_mib``, the memory of the phase
-    currently written (as ``{"phase": "val", "pid": 123}``) in the file named by ``YOLOSAFE_FAKE_PHASE_FILE``;
-    that memory is attributed to the writer's pid, so it counts as the training run's own."""
+    currently written (as ``{"phase": "val", "pid": 123, "epoch": 4}``) in the file named by
+    ``YOLOSAFE_FAKE_PHASE_FILE`` (plus ``epoch_mib`` times the epoch); that memory is attributed to the writer's pid,
+    so it counts as the training run's own."""
 
     name = "fake"
 
@@ -270,6 +274,7 @@ class FakeBackend:
         env = os.environ if env is None else env
         self.spec = spec
         self._phase_file = env.get(PHASE_FILE_ENV)
+        self._phase_seen: tuple[tuple[int, int, int], tuple[str | None, int | None, int]] | None = None
         text = spec.strip()
         self.driver, self.cuda, self.problem = "fake", "fake", None
         if text.lower() == "none":
@@ -286,20 +291,26 @@ class FakeBackend:
         else:
             self.gpus = _parse_sizes(text)
 
-    def _phase(self) -> tuple[str | None, int | None]:
+    def _phase(self) -> tuple[str | None, int | None, int]:
+        """The phase file's ``(phase, pid, epoch)``, parsed again only when the file changed: the memory watch reads
+        every GPU many times a second."""
         if not self._phase_file:
-            return None, None
+            return None, None, 0
         try:
-            state = json.loads(Path(self._phase_file).read_text())
-            return state.get("phase"), state.get("pid")
-        except (OSError, ValueError):
-            return None, None
+            stat = os.stat(self._phase_file)
+            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if self._phase_seen is None or self._phase_seen[0] != key:
+                state = json.loads(Path(self._phase_file).read_text())
+                self._phase_seen = key, (state.get("phase"), state.get("pid"), int(state.get("epoch") or 0))
+            return self._phase_seen[1]
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None, None, 0
 
     def _reading(self, index: int) -> MemoryReading:
         gpu = self.gpus[index]
         used, processes = gpu.used_mib, gpu.processes
-        phase, pid = self._phase()
-        extra = gpu.phase_mib.get(phase, 0.0) if phase else 0.0
+        phase, pid, epoch = self._phase()
+        extra = gpu.phase_mib.get(phase, 0.0) + epoch * gpu.epoch_mib.get(phase, 0.0) if phase else 0.0
         if extra:
             used += extra
             processes = (*processes, GPUProcess(int(pid or 0), extra))

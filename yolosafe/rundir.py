@@ -9,13 +9,15 @@ Layout (Ultralytics' own files, ``weights/``, ``results.csv``, ``args.yaml``, si
     worker-N.json          what the worker of attempt N saw (environment, torch, CUDA)
     events.jsonl           phase events from the trainer callbacks of every rank (train/val start and end)
     failure-N-rankR.json   what killed rank R of attempt N (an OOM record when "oom" is true), written as it died
+    memory.csv             NVML samples of every GPU of the run, all attempts (the supervisor's memory watch)
+    memory_summary.json    peaks per GPU and phase, from memory.csv joined with events.jsonl (``yolosafe report``)
+    memory.png             used memory per GPU over time, validation shaded, OOM marked (``yolosafe report``)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,10 @@ from typing import Any
 STORY = "yolosafe.json"
 LOG = "train.log"
 EVENTS = "events.jsonl"
+MEMORY_CSV = "memory.csv"
+MEMORY_SUMMARY = "memory_summary.json"
+MEMORY_PLOT = "memory.png"
+FAKE_PHASE = ".fake-phase.json"  # the phase file of the fake NVML backend (YOLOSAFE_FAKE_PHASE_FILE), fake GPUs only
 RUN_DIR_ENV = "YOLOSAFE_RUN_DIR"
 SPEC_ENV = "YOLOSAFE_SPEC"
 
@@ -41,6 +47,11 @@ def failure_path(run_dir: Path, attempt: int, rank: int) -> Path:
 
 def failure_records(run_dir: Path, attempt: int) -> list[dict[str, Any]]:
     return [read_json(p) for p in sorted(run_dir.glob(f"failure-{attempt}-rank*.json"))]
+
+
+def all_failure_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The failure records of every attempt (the memory report marks the OOMs among them)."""
+    return [read_json(p) for p in sorted(run_dir.glob("failure-*-rank*.json"))]
 
 
 def new_run_dir(project: Path, name: str) -> Path:
@@ -91,12 +102,3 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a killed rank
-
-
-def last_epoch_saved(run_dir: Path) -> int | None:
-    """The 0-based epoch stored in ``weights/last.pt``, read from results.csv (1-based rows) without torch."""
-    csv = run_dir / "results.csv"
-    if not (run_dir / "weights" / "last.pt").is_file() or not csv.is_file():
-        return None
-    rows = [r for r in csv.read_text().splitlines()[1:] if re.match(r"^\s*\d", r)]
-    return int(float(rows[-1].split(",")[0])) - 1 if rows else None

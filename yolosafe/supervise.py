@@ -22,13 +22,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from yolosafe import oom, rundir
+from yolosafe.gpus import open_backend
 from yolosafe.plan import TrainPlan
+from yolosafe.watch import MemoryWatch
 
 STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 EXIT_OK, EXIT_FAILED, EXIT_OOM_EXHAUSTED, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -99,6 +101,9 @@ def child_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in STRAY_DIST_VARS}
     env.update(extra)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # CUDA numbers GPUs fastest first, NVML and nvidia-smi by PCI bus: make --gpus 2 the GPU that yolosafe gpus and
+    # the memory watch call GPU 2.
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     # Offline first: no update checks, analytics or error reporting from inside Ultralytics (set YOLO_OFFLINE=0 to
     # allow them). Weights the user names explicitly are still fetched as usual.
     env.setdefault("YOLO_OFFLINE", "1")
@@ -261,6 +266,9 @@ class RunOptions:
     max_retries: int = 3
     min_batch: int = 1
     simulate_on_cpu: bool = False  # fake GPUs: the plan is for GPUs, the worker trains on CPU
+    watch_interval: float = 0.1  # seconds between NVML samples of the memory watch; 0 turns it off
+    warn_at: float = 0.9  # used/total share of a GPU that prints a memory warning
+    clear_before_val: bool = True  # gc + empty_cache on every rank right before validation
 
 
 def versions() -> dict[str, str | None]:
@@ -284,6 +292,7 @@ class Supervisor:
         self.options = options
         self.story = story
         self.story.setdefault("attempts", [])
+        self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
 
     def save(self) -> None:
         rundir.write_json(self.run_dir / rundir.STORY, self.story)
@@ -305,6 +314,7 @@ class Supervisor:
             "model": plan.model,
             "resume": str(resume) if resume else None,
             "val_batch": plan.val_batch,
+            "clear_before_val": self.options.clear_before_val,
             "plan": plan.summary(),
             "train_kwargs": kwargs,
         }
@@ -320,9 +330,28 @@ class Supervisor:
             start = log.tell()
             header = f"\n=== yolosafe attempt {attempt} ({spec['mode']}): {' '.join(cmd)}\n".encode()
             log.write(header)
-            result = run_child(cmd, env, log)
+            with self.memory_watch(spec) as on_start:
+                result = run_child(cmd, env, log, on_start=on_start)
         failure = classify(result, rundir.failure_records(self.run_dir, attempt), tail(log_path, start))
         return result, failure
+
+    @contextlib.contextmanager
+    def memory_watch(self, spec: dict[str, Any]) -> Iterator[Callable[[ProcessTree], None] | None]:
+        """Sample the attempt's GPUs from the moment its worker starts (``run_child``'s ``on_start``, which hands
+        over the process tree: the worker and its DDP ranks) until it has exited; yields None when the watch is off."""
+        gpu_ids = spec["plan"]["gpus"]
+        if not gpu_ids or self.options.watch_interval <= 0:
+            yield None
+            return
+        if self.watch is None:
+            self.watch = MemoryWatch(self.run_dir, gpu_ids, self.options.watch_interval, self.options.warn_at,
+                                     lambda: open_backend(self.options.env), say)
+        watch = self.watch
+        try:
+            yield lambda tree: watch.start(spec["attempt"], tree.pids)
+        finally:
+            watch.stop()
+            self.story["memory_watch"] = watch.status()
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> int:
         """Attempts until done; returns the exit status for ``yolosafe train``."""
@@ -349,6 +378,8 @@ class Supervisor:
             self.save()
             result, failure = self.attempt(spec)
             observed = rundir.read_json(worker_file) if worker_file.is_file() else {}
+            if observed.get("torch_cuda"):
+                self.story.setdefault("versions", {})["torch_cuda"] = observed["torch_cuda"]
             entry.update(
                 duration_s=round(result.duration_s, 2),
                 exit_code=result.exit_code,
@@ -386,7 +417,7 @@ class Supervisor:
                 self.story["outcome"] = "oom_exhausted"
                 self.save()
                 say(f"giving up after {retries} retr{'y' if retries == 1 else 'ies'}; next steps:")
-                for tip in advice(failure, plan):
+                for tip in advice(failure, plan, self.others_at_launch()):
                     say(f"  - {tip}")
                 return EXIT_OOM_EXHAUSTED
             retries += 1
@@ -397,6 +428,10 @@ class Supervisor:
             self.save()
             how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
             say(f"retry {retries}/{self.options.max_retries}: {step.change}; {how}")
+
+    def others_at_launch(self) -> dict[int, float]:
+        """Memory that other processes held on each selected GPU when the run started (a stale kernel, a colleague)."""
+        return {g["index"]: sum(p["used_mib"] or 0 for p in g["processes"]) for g in self.story.get("gpus", [])}
 
     def keep_checkpoint(self, last: Path, attempt: int) -> Path:
         """A copy of the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch."""

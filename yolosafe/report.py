@@ -1,0 +1,242 @@
+"""The memory report of a run: ``memory.csv`` joined with the phase events, summarised per GPU and phase, plotted.
+
+Each NVML sample is given the phase and epoch of its GPU at that moment (the latest event of the rank on that GPU
+at or before the sample, within the same attempt: :func:`yolosafe.watch.phase_after`), so a validation peak on one
+GPU is attributed to validation on that GPU, whatever the other GPUs were doing. torch's own peaks (from the ranks'
+end events) stand next to NVML's view: NVML's "this run" minus torch's reserved is the CUDA context and non-PyTorch
+memory; torch's reserved minus allocated is the allocator's cache and fragmentation.
+
+``yolosafe train`` writes the report when it ends; ``yolosafe report RUN_DIR`` writes it again. pandas and
+matplotlib are imported inside the functions: the CLI must start without them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from yolosafe import rundir
+from yolosafe.watch import event_gpus, phase_after
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+VAL_PHASES = ("val", "final")
+PLOT_POINTS = 4000  # per GPU; longer runs are plotted as the maximum of each time bin, so no peak is lost
+
+
+class NoMemoryData(Exception):
+    """The run has no memory samples; the message says why, in one line."""
+
+
+def plan_gpus(run_dir: Path) -> list[int]:
+    story = rundir.read_json(run_dir / rundir.STORY)
+    return list(story.get("plan", {}).get("gpus", []))
+
+
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    return [e for e in rundir.read_jsonl(run_dir / rundir.EVENTS) if e.get("attempt") is not None and "t" in e]
+
+
+def load(run_dir: Path) -> pd.DataFrame:
+    """The samples of ``memory.csv`` with ``phase`` and ``epoch`` columns; raises :class:`NoMemoryData`."""
+    import pandas as pd
+
+    path = run_dir / rundir.MEMORY_CSV
+    if not path.is_file():
+        raise NoMemoryData(f"no {rundir.MEMORY_CSV}: the watch was off (--watch-interval 0), the run trained on the "
+                           "CPU, or it predates the memory watch")
+    try:
+        samples = pd.read_csv(path, on_bad_lines="skip")
+    except pd.errors.EmptyDataError:
+        samples = pd.DataFrame()
+    if not samples.empty:  # a last line cut short by a killed supervisor has missing fields: drop it
+        samples = samples.dropna(subset=["t", "attempt", "gpu", "used_mib"])
+        samples = samples.astype({"t": float, "attempt": "int64", "gpu": "int64"})
+    if samples.empty:
+        raise NoMemoryData(f"{rundir.MEMORY_CSV} has no samples: the worker ended before the first one")
+    gpus = plan_gpus(run_dir)
+    rows = [{"t": e["t"], "attempt": e["attempt"], "gpu": gpu, "phase": phase_after(e), "epoch": e.get("epoch")}
+            for e in events(run_dir) for gpu in event_gpus(e, gpus)]
+    phases = pd.DataFrame(rows, columns=["t", "attempt", "gpu", "phase", "epoch"]).astype(
+        {"t": float, "attempt": "int64", "gpu": "int64"})
+    joined = pd.merge_asof(samples.sort_values("t"), phases.sort_values("t"), on="t", by=["attempt", "gpu"],
+                           direction="backward")
+    joined["phase"] = joined["phase"].fillna("other")  # before the attempt's first event: setup
+    return joined
+
+
+def torch_peaks(run_dir: Path) -> dict[tuple[int, str], dict[str, float]]:
+    """torch's peak allocated and reserved MiB per (GPU, phase), from the end events of every rank (GPU only)."""
+    gpus = plan_gpus(run_dir)
+    found: dict[tuple[int, str], dict[str, float]] = {}
+    for event in events(run_dir):
+        if event.get("max_reserved_mib") is None:
+            continue
+        for gpu in event_gpus(event, gpus):
+            peaks = found.setdefault((gpu, str(event.get("phase"))), {})
+            for key in ("max_allocated_mib", "max_reserved_mib"):
+                peaks[key] = max(peaks.get(key, 0.0), float(event[key] or 0.0))
+    return found
+
+
+def ooms(run_dir: Path) -> list[dict[str, Any]]:
+    """The OOMs of the run, each with the GPU it hit (NVML index) where the record tells."""
+    gpus = plan_gpus(run_dir)
+    found = []
+    for record in rundir.all_failure_records(run_dir):
+        if not record.get("oom"):
+            continue
+        index = record.get("gpu")
+        if index is None and record.get("rank") is not None and gpus:
+            index = max(int(record["rank"]), 0)
+        gpu = gpus[index] if index is not None and 0 <= index < len(gpus) else None
+        found.append({k: record.get(k) for k in ("t", "attempt", "phase", "epoch", "rank")} | {"gpu": gpu})
+    return found
+
+
+def _num(value: Any, digits: int = 1) -> float | None:
+    """A JSON-safe rounded number: None for a missing figure (None or NaN)."""
+    return None if value is None or math.isnan(value) else round(float(value), digits)
+
+
+def summarize(run_dir: Path, samples: pd.DataFrame) -> dict[str, Any]:
+    """Per GPU and phase: the peak of used memory (and when), this run's and others' memory, torch's peaks."""
+    story = rundir.read_json(run_dir / rundir.STORY)
+    peaks = torch_peaks(run_dir)
+    gpus: dict[str, Any] = {}
+    for gpu, rows in samples.groupby("gpu"):
+        total = rows["total_mib"].max()
+        phases = {}
+        for phase, part in rows.groupby("phase"):
+            top = part.loc[part["used_mib"].idxmax()]
+            allocator = peaks.get((int(gpu), str(phase)), {})
+            reserved, allocated = allocator.get("max_reserved_mib"), allocator.get("max_allocated_mib")
+            phases[str(phase)] = {
+                "peak_used_mib": _num(top["used_mib"]),
+                "peak_used_share": _num(top["used_mib"] / total, 4) if total else None,
+                "headroom_mib": _num(total - top["used_mib"]),
+                "epoch_of_peak": None if _num(top["epoch"]) is None else int(top["epoch"]),
+                "attempt_of_peak": int(top["attempt"]),
+                "t_of_peak": round(float(top["t"]), 3),
+                "ours_at_peak_mib": _num(top["ours_mib"]),
+                "others_at_peak_mib": _num(top["others_mib"]),
+                "peak_ours_mib": _num(part["ours_mib"].max()),
+                "peak_others_mib": _num(part["others_mib"].max()),
+                "torch_max_allocated_mib": _num(allocated),
+                "torch_max_reserved_mib": _num(reserved),
+                "torch_reserved_minus_allocated_mib": _num(reserved - allocated) if allocator else None,
+                "samples": len(part),
+            }
+        gpus[str(gpu)] = {
+            "total_mib": _num(total),
+            "peak_used_mib": _num(rows["used_mib"].max()),
+            "headroom_mib": _num(total - rows["used_mib"].max()),
+            "peak_others_mib": _num(rows["others_mib"].max()),
+            "phases": phases,
+        }
+    watch = story.get("memory_watch", {})
+    return {
+        "run_dir": str(run_dir.resolve()),
+        "interval_s": watch.get("interval_s"),
+        "warn_at": watch.get("warn_at"),
+        "samples": len(samples),
+        "attempts": sorted(int(a) for a in samples["attempt"].unique()),
+        "gpus": gpus,
+        "warnings": watch.get("warnings", []),
+        "ooms": ooms(run_dir),
+    }
+
+
+def _val_intervals(run_dir: Path, end_of: dict[int, float]) -> list[tuple[float, float]]:
+    """Validation periods, from the first rank's start to the last rank's end; one left open (an OOM) ends with the
+    attempt's last sample."""
+    starts: dict[tuple[Any, ...], float] = {}
+    ends: dict[tuple[Any, ...], float] = {}
+    for e in events(run_dir):
+        key = (e["attempt"], e.get("phase"), e.get("epoch"))
+        if key[1] in VAL_PHASES and e["event"] == "val_start":
+            starts[key] = min(starts.get(key, e["t"]), e["t"])
+        elif key[1] in VAL_PHASES and e["event"] == "val_end":
+            ends[key] = max(ends.get(key, e["t"]), e["t"])
+    return [(start, ends.get(key, end_of.get(key[0], start))) for key, start in starts.items()]
+
+
+def plot(run_dir: Path, samples: pd.DataFrame, summary: dict[str, Any]) -> Path:
+    """``memory.png``: used memory per GPU over time, the total of each GPU, validation shaded, OOMs marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    t0 = samples["t"].min()
+    span = samples["t"].max() - t0
+    scale, unit = (60.0, "min") if span > 600 else (1.0, "s")
+    fig = Figure(figsize=(11, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for gpu, rows in samples.groupby("gpu"):
+        if len(rows) > PLOT_POINTS:
+            bins = ((rows["t"] - t0) // (span / PLOT_POINTS)).astype(int)
+            rows = rows.groupby(bins).agg(t=("t", "first"), used_mib=("used_mib", "max"))
+        ax.plot((rows["t"] - t0) / scale, rows["used_mib"] / 1024, lw=1.2, label=f"GPU {gpu}")
+    for i, total in enumerate(sorted(samples["total_mib"].dropna().unique())):
+        ax.axhline(total / 1024, color="black", ls="--", lw=0.8, label="total memory" if i == 0 else None)
+    if summary["warn_at"]:
+        top = samples["total_mib"].max() * summary["warn_at"] / 1024
+        ax.axhline(top, color="tab:red", ls=":", lw=0.8, label=f"warning at {summary['warn_at']:.0%}")
+    end_of = samples.groupby("attempt")["t"].max().to_dict()
+    for i, (start, end) in enumerate(_val_intervals(run_dir, end_of)):
+        ax.axvspan((start - t0) / scale, (end - t0) / scale, color="tab:orange", alpha=0.15,
+                   label="validation" if i == 0 else None)
+    for i, event in enumerate(o for o in summary["ooms"] if o.get("t")):
+        x = (event["t"] - t0) / scale
+        ax.axvline(x, color="red", lw=1.0, label="OOM" if i == 0 else None)
+        rows = samples[samples["gpu"] == event["gpu"]] if event["gpu"] is not None else samples.iloc[0:0]
+        if not rows.empty:
+            nearest = rows.iloc[(rows["t"] - event["t"]).abs().argmin()]
+            ax.plot([x], [nearest["used_mib"] / 1024], "x", color="red", ms=12, mew=2.5)
+    ax.set_xlabel(f"time since the first sample ({unit})")
+    ax.set_ylabel("GPU memory used (GiB, NVML)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{run_dir.name}: GPU memory per GPU, {len(samples)} samples")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small", ncol=2)
+    fig.tight_layout()
+    path = run_dir / rundir.MEMORY_PLOT
+    fig.savefig(path)
+    return path
+
+
+def write(run_dir: Path) -> dict[str, Any]:
+    """Join, summarise, write ``memory_summary.json`` and ``memory.png``; raises :class:`NoMemoryData`."""
+    samples = load(run_dir)
+    summary = summarize(run_dir, samples)
+    rundir.write_json(run_dir / rundir.MEMORY_SUMMARY, summary)
+    plot(run_dir, samples, summary)
+    return summary
+
+
+def _gib(mib: float | None) -> str:
+    return "?" if mib is None else f"{mib / 1024:.1f} GiB"
+
+
+def _peak(phases: dict[str, Any], names: tuple[str, ...]) -> str:
+    found = [phases[n] for n in names if n in phases]
+    if not found:
+        return "-"
+    top = max(found, key=lambda p: p["peak_used_mib"] or 0)
+    share = f" {top['peak_used_share']:.0%}" if top["peak_used_share"] is not None else ""
+    epoch = f" e{top['epoch_of_peak']}" if top["epoch_of_peak"] is not None else ""
+    return f"{_gib(top['peak_used_mib'])}{share}{epoch}"
+
+
+def table(summary: dict[str, Any]) -> list[str]:
+    """GPU x (train peak, val peak, headroom, other processes): the lines ``yolosafe train`` ends with."""
+    header = f"{'GPU':>3}  {'total':>9}  {'train peak':>20}  {'val peak':>20}  {'headroom':>9}  {'others':>9}"
+    lines = [header]
+    for gpu, info in sorted(summary["gpus"].items(), key=lambda item: int(item[0])):
+        phases = info["phases"]
+        lines.append(f"{gpu:>3}  {_gib(info['total_mib']):>9}  {_peak(phases, ('train',)):>20}  "
+                     f"{_peak(phases, VAL_PHASES):>20}  {_gib(info['headroom_mib']):>9}  "
+                     f"{_gib(info['peak_others_mib']):>9}")
+    return lines
