@@ -79,7 +79,7 @@ def test_config_file_and_flag_precedence(run_cli, tmp_path):
     result = run_cli("train", "--config", "run.yaml", "--batch", "16", "--dry-run", env=FOUR)
     assert result.returncode == 0, result.stderr
     assert "16 total = 8 per GPU" in result.stdout and "accumulate 4" in result.stdout
-    assert '"epochs": 7' in result.stdout and '"lr0": 0.02' in result.stdout and '"device": "0,1"' in result.stdout
+    assert '"epochs": 7' in result.stdout and '"lr0": 0.02' in result.stdout and "0,1  (2 GPUs)" in result.stdout
 
 
 def test_dry_run_never_reuses_a_run_name(run_cli, tmp_path):
@@ -136,3 +136,15 @@ def test_resume_refuses_what_cannot_be_resumed(run_cli, tmp_path):
     assert_usage_error(run_cli("train", "--resume", str(run)), "no weights/last.pt")
     (run / "weights" / "last.pt").write_bytes(b"")
     assert_usage_error(run_cli("train", "--resume", str(run)), "already completed")
+
+
+def test_worker_sees_exactly_the_planned_gpus(run_cli):
+    """--gpus are nvidia-smi's numbers; the worker gets them as CUDA_VISIBLE_DEVICES and torch devices 0..n-1."""
+    from yolosafe.plan import build_plan
+    from yolosafe.supervise import launch_device
+
+    p = build_plan(model="m.yaml", data="d.yaml", gpus=(2, 3), batch=16)
+    assert launch_device(p, simulate_on_cpu=False) == ("0,1", "2,3")
+    assert launch_device(p, simulate_on_cpu=True) == ("cpu", None)
+    result = run_cli("train", "--gpus", "1", "--dry-run", env={**FOUR, "CUDA_VISIBLE_DEVICES": "2,3"})
+    assert_usage_error(result, "no GPU 1", "available: 2, 3", "CUDA_VISIBLE_DEVICES=2,3")

@@ -59,3 +59,12 @@ def test_real_nvml_without_driver_reports_no_gpu():
     if inv.gpus:
         pytest.skip("a real GPU is present")
     assert inv.backend == "nvml" and inv.problem
+
+
+def test_cuda_visible_devices_restricts_in_nvml_numbering():
+    inv = gpus.read_inventory({gpus.FAKE_ENV: "4x24GB"})
+    assert gpus.visible_ids(inv, None) == (0, 1, 2, 3)
+    assert gpus.visible_ids(inv, "2,3") == (2, 3)
+    assert gpus.visible_ids(inv, "GPU-fake-0001,0") == (1, 0)  # UUIDs too
+    assert gpus.visible_ids(inv, "1,9,2") == (1,)  # like CUDA: the list ends at the first unknown entry
+    assert gpus.visible_ids(inv, "") == ()

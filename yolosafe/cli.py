@@ -112,8 +112,9 @@ def check_watch(options: dict[str, Any]) -> None:
 
 def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
     try:
+        visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
         selected = plan.parse_gpus(
-            None if options["gpus"] is None else str(options["gpus"]), inventory.ids, inventory.problem
+            None if options["gpus"] is None else str(options["gpus"]), visible, inventory.problem
         )
         return plan.build_plan(
             model=options["model"] or default_model(),
@@ -127,7 +128,8 @@ def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
             extra=plan.parse_passthrough(options["args"]),
         )
     except plan.PlanError as exc:
-        fail(str(exc))
+        hidden = len(visible) < len(inventory.ids)
+        fail(f"{exc} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if hidden else str(exc))
     raise AssertionError("unreachable")
 
 
@@ -144,7 +146,9 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
     if simulated:
         gpus_text += "  [fake GPUs: the worker would train on CPU]"
     spec_file = rundir.spec_path(run_dir, 1)
-    prefix = " ".join(f"{k}={shlex.quote(env[k])}" for k in allocator.ENV_VARS)
+    device, visible = supervise.launch_device(p, simulated)
+    child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
     lines = [
         ("model", p.model),
         ("data", p.data),
@@ -156,7 +160,7 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("imgsz / epochs", f"{p.imgsz} / {p.epochs}"),
         ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),
         ("run dir", f"{run_dir} (not created by a dry run)"),
-        ("train kwargs", json.dumps(p.train_kwargs(), sort_keys=True)),
+        ("train kwargs", json.dumps(p.train_kwargs() | {"device": device}, sort_keys=True)),
         ("child command", f"{prefix} {sys.executable} -m yolosafe.worker {spec_file}"),
     ]
     click.echo("yolosafe train --dry-run")
@@ -200,7 +204,7 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
           dry_run: bool, **_: Any) -> None:
     """Train with OOM protection. Extra ARGS are Ultralytics train arguments as key=value (e.g. lr0=0.01)."""
     if resume_dir:
-        sys.exit(resume(Path(resume_dir), ctx))
+        sys.exit(resume(Path(resume_dir)))
     config = load_config(config_file)
     data_name = ctx.params["data"] or config.get("data") or DEFAULTS["data"]
     try:
@@ -280,7 +284,7 @@ def print_memory_table(run_dir: Path) -> None:
         click.echo(f"  {line}", err=True)
 
 
-def resume(run_dir: Path, ctx: click.Context) -> int:
+def resume(run_dir: Path) -> int:
     """``--resume RUN_DIR``: the same plan as the last attempt, from weights/last.pt, appended to the same story."""
     story_file = run_dir / rundir.STORY
     if not story_file.is_file():

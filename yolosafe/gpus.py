@@ -335,6 +335,25 @@ class FakeBackend:
         """Nothing to release."""
 
 
+def visible_ids(inventory: Inventory, cuda_visible: str | None) -> tuple[int, ...]:
+    """The GPUs this process may use, in NVML numbering: all of them, or those ``CUDA_VISIBLE_DEVICES`` names.
+
+    A scheduler (SLURM, Kubernetes) or the user may have set it; yolosafe runs its worker with
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, in which CUDA's numbers are NVML's. Entries are indices or GPU UUIDs; as in
+    CUDA, the list ends at the first entry that names no GPU.
+    """
+    if cuda_visible is None:
+        return inventory.ids
+    by_uuid = {g.uuid: g.index for g in inventory.gpus if g.uuid}
+    ids: list[int] = []
+    for item in (part.strip() for part in cuda_visible.split(",")):
+        index = int(item) if item.isdigit() else by_uuid.get(item)
+        if index is None or index not in inventory.ids:
+            break
+        ids.append(index)
+    return tuple(ids)
+
+
 def open_backend(env: Mapping[str, str] | None = None) -> GPUBackend:
     """The backend every command uses: the fake when ``YOLOSAFE_FAKE_GPUS`` is set, real NVML otherwise."""
     env = os.environ if env is None else env

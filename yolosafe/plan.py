@@ -176,7 +176,7 @@ def parse_gpus(text: str | None, available: Sequence[int], problem: str | None =
         if gpu in ids:
             raise PlanError(f"--gpus {text}: GPU {gpu} is listed twice")
         if gpu not in available:
-            raise PlanError(f"--gpus {text}: no GPU {gpu}; this machine has {', '.join(map(str, available))}")
+            raise PlanError(f"--gpus {text}: no GPU {gpu}; available: {', '.join(map(str, available)) or 'none'}")
         ids.append(gpu)
     return tuple(ids)
 

@@ -258,6 +258,18 @@ def tail(path: Path, start: int, limit: int = 20000) -> str:
         return fh.read().decode(errors="replace")
 
 
+def launch_device(plan: TrainPlan, simulate_on_cpu: bool) -> tuple[str, str | None]:
+    """Ultralytics' ``device`` and the worker's ``CUDA_VISIBLE_DEVICES``.
+
+    The worker sees exactly the plan's GPUs, numbered 0..n-1 in the plan's order: torch's device i of every rank is
+    then the plan's i-th GPU, which is how the events, failure records and memory report name NVML's GPU. With fake
+    GPUs the worker trains on the CPU.
+    """
+    if simulate_on_cpu or not plan.gpus:
+        return "cpu", None
+    return ",".join(str(i) for i in range(len(plan.gpus))), plan.device
+
+
 @dataclass
 class RunOptions:
     """How the supervisor runs attempts (everything but the plan)."""
@@ -305,8 +317,7 @@ class Supervisor:
             "name": self.run_dir.name,
             "exist_ok": True,  # the run dir is yolosafe's, made fresh by new_run_dir
         }
-        if self.options.simulate_on_cpu:
-            kwargs["device"] = "cpu"
+        kwargs["device"], visible = launch_device(plan, self.options.simulate_on_cpu)
         return {
             "attempt": attempt,
             "mode": "final_val" if final_val_only else "train",
@@ -315,6 +326,7 @@ class Supervisor:
             "resume": str(resume) if resume else None,
             "val_batch": plan.val_batch,
             "clear_before_val": self.options.clear_before_val,
+            "cuda_visible_devices": visible,
             "plan": plan.summary(),
             "train_kwargs": kwargs,
         }
@@ -324,7 +336,10 @@ class Supervisor:
         path = rundir.spec_path(self.run_dir, attempt)
         rundir.write_json(path, spec)
         cmd = [sys.executable, "-m", "yolosafe.worker", str(path)]
-        env = child_env(self.options.env, {rundir.RUN_DIR_ENV: str(self.run_dir), rundir.SPEC_ENV: str(path)})
+        extra = {rundir.RUN_DIR_ENV: str(self.run_dir), rundir.SPEC_ENV: str(path)}
+        if spec["cuda_visible_devices"]:
+            extra["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
+        env = child_env(self.options.env, extra)
         log_path = self.run_dir / rundir.LOG
         with open(log_path, "ab") as log:
             start = log.tell()
@@ -388,7 +403,7 @@ class Supervisor:
                 phase=failure.phase,
                 epoch=failure.epoch,
                 rank=failure.rank,
-                gpu=failure.gpu,
+                gpu=plan.gpus[failure.gpu] if failure.gpu is not None and 0 <= failure.gpu < len(plan.gpus) else None,
                 resumed_from_epoch=observed.get("resumed_from_epoch"),
             )
             self.story["outcome"] = failure.kind
@@ -417,7 +432,7 @@ class Supervisor:
                 self.story["outcome"] = "oom_exhausted"
                 self.save()
                 say(f"giving up after {retries} retr{'y' if retries == 1 else 'ies'}; next steps:")
-                for tip in advice(failure, plan, self.others_at_launch()):
+                for tip in advice(failure, plan, self.others_mib()):
                     say(f"  - {tip}")
                 return EXIT_OOM_EXHAUSTED
             retries += 1
@@ -429,9 +444,13 @@ class Supervisor:
             how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
             say(f"retry {retries}/{self.options.max_retries}: {step.change}; {how}")
 
-    def others_at_launch(self) -> dict[int, float]:
-        """Memory that other processes held on each selected GPU when the run started (a stale kernel, a colleague)."""
-        return {g["index"]: sum(p["used_mib"] or 0 for p in g["processes"]) for g in self.story.get("gpus", [])}
+    def others_mib(self) -> dict[int, float]:
+        """The most memory other processes (a stale kernel, a colleague) held on each GPU of the run: at launch, and
+        while the memory watch sampled."""
+        found = {g["index"]: sum(p["used_mib"] or 0 for p in g["processes"]) for g in self.story.get("gpus", [])}
+        for gpu, mib in (self.watch.peak_others if self.watch else {}).items():
+            found[gpu] = max(found.get(gpu, 0.0), mib)
+        return found
 
     def keep_checkpoint(self, last: Path, attempt: int) -> Path:
         """A copy of the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch."""

@@ -57,12 +57,26 @@ def failure_record(exc: BaseException, batch: int | None) -> dict[str, Any]:
     }
 
 
-def write_failure(exc: BaseException, batch: int | None) -> None:
+def _cuda_peaks(device: Any) -> dict[str, float]:
+    """torch's view at the moment of death (the phase's end event, which holds these otherwise, never comes)."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda" or not torch.cuda.is_available():
+        return {}
+    return {"max_allocated_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "max_reserved_mib": round(torch.cuda.max_memory_reserved(device) / 2**20, 1)}
+
+
+def write_failure(exc: BaseException, batch: int | None, device: Any = None) -> None:
+    """Write this rank's failure record. ``gpu`` is the rank's CUDA device index, which the supervisor's
+    ``CUDA_VISIBLE_DEVICES`` makes the position of the GPU in the plan's ``gpus``."""
     directory = callbacks.run_dir()
     if directory is None or isinstance(exc, KeyboardInterrupt):
         return
     record = failure_record(exc, batch)
-    record.setdefault("gpu", record["figures"].get("gpu"))
+    index = getattr(device, "index", None)
+    record["gpu"] = index if index is not None else record["figures"].get("gpu")
+    record.update(_cuda_peaks(device))
     rundir.write_json(rundir.failure_path(directory, record["attempt"] or 0, record["rank"]), record)
 
 
@@ -83,7 +97,7 @@ class SafeTrainerMixin:
         try:
             super()._do_train()
         except BaseException as exc:
-            write_failure(exc, self.batch_size // max(self.world_size, 1))
+            write_failure(exc, self.batch_size // max(self.world_size, 1), self.device)
             raise
 
     def save_model(self) -> bool:

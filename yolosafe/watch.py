@@ -125,6 +125,7 @@ class MemoryWatch:
         self.read_errors = 0
         self.cpu_s = 0.0  # CPU seconds the sampler thread used, all attempts: its cost, measured where it runs
         self.warnings: list[dict[str, Any]] = []
+        self.peak_others: dict[int, float] = {}  # per GPU: the most other processes held while we sampled
         self.stopped: str | None = None  # why sampling ended early, if it did
         self._warned: set[tuple[int, str]] = set()
         self._reported_error = False
@@ -192,6 +193,8 @@ class MemoryWatch:
                     continue
                 active[gpu] = 0
                 mine, theirs = split(reading, ours)
+                if theirs is not None:
+                    self.peak_others[gpu] = max(self.peak_others.get(gpu, 0.0), theirs)
                 writer.writerow((f"{now:.3f}", attempt, gpu, _round(reading.total_mib), _round(reading.used_mib),
                                  _round(mine), _round(theirs)))
                 self.samples += 1

@@ -96,7 +96,7 @@ def final_validation(spec: dict[str, Any], run_dir: Path) -> None:
             plots=False,
         )
     except BaseException as exc:
-        write_failure(exc, None)
+        write_failure(exc, None, getattr(model, "device", None))
         raise
     _save_metrics(run_dir, metrics)
 
