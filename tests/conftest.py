@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,23 +28,42 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def cli_env(shared_cache: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without yolosafe/allocator settings, plus the shared caches and ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOSAFE_", "PYTORCH_"))}
+    env.update(YOLOSAFE_CACHE=str(shared_cache / "yolosafe"), YOLO_CONFIG_DIR=str(shared_cache / "ultralytics"),
+               YOLO_OFFLINE="1", **(extra or {}))
+    return env
+
+
 @pytest.fixture
 def run_cli(tmp_path: Path, shared_cache: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """``run_cli(*args, env={...})`` runs ``yolosafe`` in ``tmp_path`` and returns the completed process."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOSAFE_", "PYTORCH_"))}
-        full_env.update(
-            YOLOSAFE_CACHE=str(shared_cache / "yolosafe"),
-            YOLO_CONFIG_DIR=str(shared_cache / "ultralytics"),
-            YOLO_OFFLINE="1",
-            **(env or {}),
-        )
-        return subprocess.run(
-            [YOLOSAFE, *args], cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout
-        )
+        return subprocess.run([YOLOSAFE, *args], cwd=tmp_path, env=cli_env(shared_cache, env), capture_output=True,
+                              text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def start_cli(tmp_path: Path, shared_cache: Path) -> Callable[..., subprocess.Popen[str]]:
+    """``start_cli(*args)`` starts ``yolosafe`` in ``tmp_path`` without waiting (stderr piped, stdout dropped)."""
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([YOLOSAFE, *args], cwd=tmp_path, env=cli_env(shared_cache),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    return start
+
+
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen[str], what: str, timeout: float = 120) -> None:
+    """Poll ``condition`` while ``proc`` runs; fail the test if it exits or ``timeout`` passes first."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline and proc.poll() is None, f"{what} never happened"
+        time.sleep(0.05)
 
 
 def run_dir_of(tmp_path: Path, name: str = "train") -> Path:

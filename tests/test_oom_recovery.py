@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
-from tests.conftest import TINY, YOLOSAFE, run_dir_of, story
+from tests.conftest import TINY, run_dir_of, story, wait_until
 
 
 def events(run: Path) -> list[dict]:
@@ -30,12 +28,17 @@ def inject(spec: str) -> dict[str, str]:
     return {"YOLOSAFE_INJECT_OOM": spec}
 
 
-def test_oom_in_first_training_step_restarts_with_half_batch(run_cli, tmp_path):
-    result = run_cli("train", "--epochs", "2", *TINY, env=inject("phase=train,epoch=0,iteration=1"))
+def recovered(run_cli, tmp_path: Path, epochs: int, injection: str) -> tuple[Path, dict, dict]:
+    """Train with one injected OOM; check the run finished; return it with its two attempts."""
+    result = run_cli("train", "--epochs", str(epochs), *TINY, env=inject(injection))
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
-    s = assert_finished(run, 2)
-    first, second = s["attempts"]
+    first, second = assert_finished(run, epochs)["attempts"]
+    return run, first, second
+
+
+def test_oom_in_first_training_step_restarts_with_half_batch(run_cli, tmp_path):
+    run, first, second = recovered(run_cli, tmp_path, 2, "phase=train,epoch=0,iteration=1")
     assert (first["outcome"], first["phase"], first["epoch"]) == ("oom", "train", 0)
     assert (first["batch"], first["accumulate"]) == (8, 2) and (second["batch"], second["accumulate"]) == (4, 4)
     assert second["resumed_from"] is None  # no checkpoint yet: from scratch
@@ -49,11 +52,7 @@ def test_oom_in_first_training_step_restarts_with_half_batch(run_cli, tmp_path):
 
 
 def test_oom_in_epoch_2_of_3_resumes_from_checkpoint(run_cli, tmp_path):
-    result = run_cli("train", "--epochs", "3", *TINY, env=inject("phase=train,epoch=2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = run_dir_of(tmp_path)
-    s = assert_finished(run, 3)
-    first, second = s["attempts"]
+    run, first, second = recovered(run_cli, tmp_path, 3, "phase=train,epoch=2")
     assert (first["phase"], first["epoch"]) == ("train", 2)
     assert second["resumed_from_epoch"] == 1 and second["batch"] == 4  # not restarted from 0
     assert Path(second["resumed_from"]).is_file()  # the checkpoint it resumed from is kept
@@ -61,11 +60,7 @@ def test_oom_in_epoch_2_of_3_resumes_from_checkpoint(run_cli, tmp_path):
 
 
 def test_oom_in_validation_halves_only_val_batch(run_cli, tmp_path):
-    result = run_cli("train", "--epochs", "3", *TINY, env=inject("phase=val,epoch=1"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = run_dir_of(tmp_path)
-    s = assert_finished(run, 3)
-    first, second = s["attempts"]
+    run, first, second = recovered(run_cli, tmp_path, 3, "phase=val,epoch=1")
     assert (first["outcome"], first["phase"], first["epoch"]) == ("oom", "val", 1)
     assert (second["batch"], second["val_batch"], second["resumed_from_epoch"]) == (8, 4, 0)
     val_batches = {e["batch"] for e in events(run) if e["event"] == "val_start" and e["attempt"] == 2}
@@ -73,14 +68,10 @@ def test_oom_in_validation_halves_only_val_batch(run_cli, tmp_path):
 
 
 def test_oom_in_final_validation_keeps_training(run_cli, tmp_path):
-    result = run_cli("train", "--epochs", "2", *TINY, env=inject("phase=final,epoch=1"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = run_dir_of(tmp_path)
-    s = assert_finished(run, 2)
-    first, second = s["attempts"]
+    run, first, second = recovered(run_cli, tmp_path, 2, "phase=final,epoch=1")
     assert (first["phase"], second["mode"], second["val_batch"]) == ("final", "final_val", 4)
     assert not [e for e in events(run) if e["event"] == "train_start" and e["attempt"] == 2]  # no training again
-    assert "metrics/mAP50-95(B)" in s["final_metrics"]
+    assert "metrics/mAP50-95(B)" in story(run)["final_metrics"]
 
 
 def test_oom_every_time_gives_up_with_advice(run_cli, tmp_path):
@@ -107,16 +98,10 @@ def test_non_oom_crash_is_not_retried(run_cli, tmp_path):
     assert "not an OOM, not retried" in result.stderr and "injected a non-OOM failure" in result.stderr
 
 
-def test_sigkilled_worker_is_reported_and_resumable(run_cli, tmp_path, shared_cache):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOSAFE_", "PYTORCH_"))}
-    env.update(YOLOSAFE_CACHE=str(shared_cache / "yolosafe"), YOLO_CONFIG_DIR=str(shared_cache / "ultralytics"))
-    proc = subprocess.Popen([YOLOSAFE, "train", "--epochs", "4", *TINY], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_sigkilled_worker_is_reported_and_resumable(run_cli, start_cli, tmp_path):
+    proc = start_cli("train", "--epochs", "4", *TINY)
     run = run_dir_of(tmp_path)
-    deadline = time.time() + 120
-    while not (run / "weights" / "last.pt").is_file():
-        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
-        time.sleep(0.05)
+    wait_until((run / "weights" / "last.pt").is_file, proc, "a checkpoint")
     os.kill(json.loads((run / "worker-1.json").read_text())["pid"], signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "killed by SIGKILL" in err and f"--resume {run}" in err

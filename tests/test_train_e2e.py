@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import cloudpickle
 import psutil
 
-from tests.conftest import TINY, YOLOSAFE, run_dir_of, story
+from tests.conftest import TINY, run_dir_of, story, wait_until
 
 
 def test_default_run_trains_and_records_everything(run_cli, tmp_path):
@@ -50,16 +49,10 @@ def test_callbacks_survive_cloudpickle():
     assert clone == callbacks.CALLBACKS  # module-level functions travel by reference: the same code in every rank
 
 
-def test_sigterm_stops_worker_and_everything_it_started(tmp_path, shared_cache):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOSAFE_", "PYTORCH_"))}
-    env.update(YOLOSAFE_CACHE=str(shared_cache / "yolosafe"), YOLO_CONFIG_DIR=str(shared_cache / "ultralytics"))
-    proc = subprocess.Popen([YOLOSAFE, "train", "--epochs", "50", *TINY], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_sigterm_stops_worker_and_everything_it_started(start_cli, tmp_path):
+    proc = start_cli("train", "--epochs", "50", *TINY)
     run = run_dir_of(tmp_path)
-    deadline = time.time() + 120
-    while not ((run / "events.jsonl").is_file() and (run / "worker-1.json").is_file()):
-        assert time.time() < deadline and proc.poll() is None, "training never started"
-        time.sleep(0.2)
+    wait_until(lambda: (run / "events.jsonl").is_file() and (run / "worker-1.json").is_file(), proc, "training")
     worker = json.loads((run / "worker-1.json").read_text())["pid"]
     family = {worker, *(c.pid for c in psutil.Process(worker).children(recursive=True))}
     proc.send_signal(signal.SIGTERM)
