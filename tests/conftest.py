@@ -32,8 +32,8 @@ def cli_env(shared_cache: Path, extra: dict[str, str] | None = None) -> dict[str
     """This process's environment without yolosafe/allocator settings, plus the shared caches and ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOSAFE_", "PYTORCH_"))}
     env.update(YOLOSAFE_CACHE=str(shared_cache / "yolosafe"), YOLO_CONFIG_DIR=str(shared_cache / "ultralytics"),
-               YOLO_OFFLINE="1", **(extra or {}))
-    return env
+               YOLO_OFFLINE="1")
+    return env | (extra or {})
 
 
 @pytest.fixture
