@@ -370,6 +370,15 @@ class Supervisor:
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> int:
         """Attempts until done; returns the exit status for ``yolosafe train``."""
+        try:
+            return self._attempts(plan, resume, final_val_only)
+        except KeyboardInterrupt:  # Ctrl-C between attempts (during one, run_child handles it)
+            self.story["outcome"] = "interrupted"
+            self.save()
+            say(f"stopped; resume with: yolosafe train --resume {self.run_dir}")
+            return EXIT_INTERRUPTED
+
+    def _attempts(self, plan: TrainPlan, resume: Path | None, final_val_only: bool) -> int:
         retries, val_ooms = 0, 0
         while True:
             attempt = len(self.story["attempts"]) + 1
