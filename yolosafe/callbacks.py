@@ -136,7 +136,7 @@ def maybe_inject(phase: str) -> None:
     injection = oom.parse_injection(os.environ.get(oom.INJECT_ENV))
     if injection is None or not injection.matches(phase, STATE.epoch, STATE.iteration, rank()):
         return
-    counter = (run_dir() or Path(".")) / ".injected"
+    counter = (run_dir() or Path(".")) / rundir.INJECTED
     done = int(counter.read_text()) if counter.is_file() else 0
     if injection.times and done >= injection.times:
         return

@@ -12,6 +12,9 @@ Layout (Ultralytics' own files, ``weights/``, ``results.csv``, ``args.yaml``, si
     memory.csv             NVML samples of every GPU of the run, all attempts (the supervisor's memory watch)
     memory_summary.json    peaks per GPU and phase, from memory.csv joined with events.jsonl (``yolosafe report``)
     memory.png             used memory per GPU over time, validation shaded, OOM marked (``yolosafe report``)
+    final_metrics.json     the final validation's metrics (of best.pt), whichever attempt ran it
+    weights/last-before-attemptN.pt   the checkpoint attempt N resumed from, kept (last.pt moves on every epoch)
+    .injected              how many injected faults (YOLOSAFE_INJECT_OOM) have fired, across attempts
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ EVENTS = "events.jsonl"
 MEMORY_CSV = "memory.csv"
 MEMORY_SUMMARY = "memory_summary.json"
 MEMORY_PLOT = "memory.png"
+FINAL_METRICS = "final_metrics.json"
+INJECTED = ".injected"
 FAKE_PHASE = ".fake-phase.json"  # the phase file of the fake NVML backend (YOLOSAFE_FAKE_PHASE_FILE), fake GPUs only
 RUN_DIR_ENV = "YOLOSAFE_RUN_DIR"
 SPEC_ENV = "YOLOSAFE_SPEC"

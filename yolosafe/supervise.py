@@ -471,7 +471,7 @@ class Supervisor:
         weights = self.run_dir / "weights"
         found = {name: weights / f"{name}.pt" for name in ("last", "best")}
         self.story["weights"] = {name: str(path) for name, path in found.items() if path.is_file()}
-        metrics = self.run_dir / "final_metrics.json"
+        metrics = self.run_dir / rundir.FINAL_METRICS
         if metrics.is_file():
             self.story["final_metrics"] = rundir.read_json(metrics)
 

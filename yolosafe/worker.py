@@ -17,7 +17,7 @@ from typing import Any
 
 from yolosafe import allocator, callbacks, rundir
 
-EXIT_FAILED, EXIT_SETUP = 1, 3
+EXIT_SETUP = 3  # the model could not be loaded (1, a training failure, is Python's own exit status)
 
 
 def _observed(spec: dict[str, Any], resumed_from_epoch: int | None) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def _save_metrics(run_dir: Path, metrics: Any) -> None:
     values = getattr(metrics, "results_dict", metrics)
     if isinstance(values, dict):
         numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
-        rundir.write_json(run_dir / "final_metrics.json", numbers)
+        rundir.write_json(run_dir / rundir.FINAL_METRICS, numbers)
 
 
 def final_validation(spec: dict[str, Any], run_dir: Path) -> None:
