@@ -237,8 +237,7 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
         "allocator": {k: env[k] for k in allocator.ENV_VARS},
         "versions": {**supervise.versions(), "driver": inventory.driver, "cuda_driver": inventory.cuda},
         "gpu_backend": inventory.backend,
-        "gpus": [g.__dict__ | {"processes": [pr.__dict__ for pr in g.processes]}
-                 for g in inventory.gpus if g.index in p.gpus],
+        "gpus": [g.as_dict() for g in inventory.gpus if g.index in p.gpus],
         "simulated_on_cpu": simulated,
         "max_retries": options["max_retries"],
         "min_batch": options["min_batch"],
@@ -322,8 +321,7 @@ def gpus_command(as_json: bool) -> None:
         click.echo(json.dumps({
             "backend": inventory.backend, "driver": inventory.driver, "cuda": inventory.cuda,
             "problem": inventory.problem,
-            "gpus": [g.__dict__ | {"free_mib": g.free_mib, "processes": [pr.__dict__ for pr in g.processes]}
-                     for g in inventory.gpus],
+            "gpus": [g.as_dict() for g in inventory.gpus],
         }, indent=2))
         return
     if not inventory.gpus:

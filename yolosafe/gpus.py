@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,6 +79,11 @@ class GPU:
         if self.total_mib is None or self.used_mib is None:
             return None
         return self.total_mib - self.used_mib
+
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, free memory included (``yolosafe gpus --json``, yolosafe.json)."""
+        return {**asdict(self), "free_mib": self.free_mib}
 
 
 @dataclass(frozen=True)
@@ -333,6 +338,14 @@ class FakeBackend:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def nvml_index(plan_gpus: Sequence[int], device_index: int | None) -> int | None:
+    """The NVML index of a rank's CUDA device: the worker sees exactly the plan's GPUs, in order, so CUDA device i
+    is ``plan_gpus[i]``. None when unknown (no device, or a process on the CPU)."""
+    if device_index is None or not 0 <= device_index < len(plan_gpus):
+        return None
+    return plan_gpus[device_index]
 
 
 def visible_ids(inventory: Inventory, cuda_visible: str | None) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from yolosafe import rundir
+from yolosafe.gpus import nvml_index
 from yolosafe.watch import event_gpus, phase_after
 
 if TYPE_CHECKING:
@@ -91,8 +92,8 @@ def ooms(run_dir: Path) -> list[dict[str, Any]]:
         index = record.get("gpu")
         if index is None and record.get("rank") is not None and gpus:
             index = max(int(record["rank"]), 0)
-        gpu = gpus[index] if index is not None and 0 <= index < len(gpus) else None
-        found.append({k: record.get(k) for k in ("t", "attempt", "phase", "epoch", "rank")} | {"gpu": gpu})
+        found.append({k: record.get(k) for k in ("t", "attempt", "phase", "epoch", "rank")}
+                     | {"gpu": nvml_index(gpus, index)})
     return found
 
 

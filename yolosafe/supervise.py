@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from yolosafe import oom, rundir
-from yolosafe.gpus import open_backend
+from yolosafe.gpus import nvml_index, open_backend
 from yolosafe.plan import TrainPlan
 from yolosafe.watch import MemoryWatch
 
@@ -412,7 +412,7 @@ class Supervisor:
                 phase=failure.phase,
                 epoch=failure.epoch,
                 rank=failure.rank,
-                gpu=plan.gpus[failure.gpu] if failure.gpu is not None and 0 <= failure.gpu < len(plan.gpus) else None,
+                gpu=nvml_index(plan.gpus, failure.gpu),
                 resumed_from_epoch=observed.get("resumed_from_epoch"),
             )
             self.story["outcome"] = failure.kind

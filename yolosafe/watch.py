@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from yolosafe import rundir
-from yolosafe.gpus import GPUBackend, GPUReadError, MemoryReading
+from yolosafe.gpus import GPUBackend, GPUReadError, MemoryReading, nvml_index
 
 COLUMNS = ("t", "attempt", "gpu", "total_mib", "used_mib", "ours_mib", "others_mib")
 MAX_FAILED_READS = 50  # consecutive, per GPU (5 s at 10 Hz): then the GPU is no longer sampled
@@ -44,7 +44,8 @@ def event_gpus(event: Mapping[str, Any], plan_gpus: Sequence[int]) -> tuple[int,
     index = event.get("gpu")
     if index is None:
         return tuple(plan_gpus)
-    return (plan_gpus[index],) if 0 <= index < len(plan_gpus) else ()
+    gpu = nvml_index(plan_gpus, index)
+    return () if gpu is None else (gpu,)
 
 
 def phase_after(event: Mapping[str, Any]) -> str:
