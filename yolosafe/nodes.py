@@ -1,0 +1,123 @@
+"""Which machines a run spans: ``--nnodes/--node-rank/--rdzv-endpoint/--rdzv-id``, or SLURM's variables.
+
+Pure: no torch, no network. ``yolosafe train`` runs on every node with the same options; each node's supervisor
+launches its local ranks through ``torch.distributed.run`` with the flags :func:`torchrun_flags` returns.
+
+Rendezvous is torchrun's ``static`` backend: node ``R`` of ``N`` gets global ranks ``R * nproc .. R * nproc + nproc -
+1``, so node 0 holds rank 0, the rank that writes checkpoints and results, and hosts the TCP store at the endpoint.
+(torchrun's ``c10d`` backend hands out node ranks in the order nodes join, which would make "node 0" a matter of
+luck.) The rendezvous id is not used by the static backend; yolosafe records it so every node can tell it joined
+the same job.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_PORT = 29500  # torchrun's own default master port
+SLURM_PORT_SPAN = 10_000  # SLURM jobs sharing a first node get different ports: 29500 + job id % span
+
+
+class NodesError(ValueError):
+    """A usage error in the multi-node options; ``str()`` is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """This node's place in the job. ``nnodes == 1`` is an ordinary single-machine run."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    endpoint: str | None = None  # HOST:PORT of node 0's rendezvous store
+    rdzv_id: str | None = None
+    source: str = "single"  # single | flags | slurm
+
+    @property
+    def multi(self) -> bool:
+        return self.nnodes > 1
+
+    def world_size(self, gpus_per_node: int) -> int:
+        return self.nnodes * max(gpus_per_node, 1)
+
+    def first_rank(self, gpus_per_node: int) -> int:
+        """The global rank of this node's local rank 0."""
+        return self.node_rank * max(gpus_per_node, 1)
+
+    def summary(self) -> dict[str, object]:
+        return {"nnodes": self.nnodes, "node_rank": self.node_rank, "endpoint": self.endpoint,
+                "rdzv_id": self.rdzv_id, "source": self.source}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[07-10,12],cpu3`` -> ``gpu07``; ``a1-[3-4]`` -> ``a1-3``."""
+    text = nodelist.strip()
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", text)
+    if not match or not (match[1] or match[2]):
+        raise NodesError(f"SLURM_JOB_NODELIST {nodelist!r}: cannot read the first host")
+    prefix, ranges = match[1], match[2]
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0].strip()
+    if not first.isdigit():
+        raise NodesError(f"SLURM_JOB_NODELIST {nodelist!r}: cannot read the first host")
+    return prefix + first
+
+
+def _endpoint(text: str, option: str = "--rdzv-endpoint") -> str:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        host, port = text.strip(), str(DEFAULT_PORT)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise NodesError(f"{option} {text!r}: expected HOST:PORT, e.g. node0:29500")
+    return f"{host}:{int(port)}"
+
+
+def from_slurm(env: Mapping[str, str]) -> Nodes | None:
+    """The job's nodes from ``srun``'s variables; None outside SLURM or for a one-node job."""
+    try:
+        nnodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
+    except ValueError as exc:
+        raise NodesError(f"SLURM_NNODES {env.get('SLURM_NNODES')!r}: not a number") from exc
+    if nnodes <= 1:
+        return None
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist or "SLURM_NODEID" not in env:
+        raise NodesError("SLURM_NNODES > 1 but SLURM_JOB_NODELIST/SLURM_NODEID are missing: run under srun, "
+                         "or give --nnodes/--node-rank/--rdzv-endpoint")
+    job = env.get("SLURM_JOB_ID", "")
+    port = env.get("MASTER_PORT") or str(DEFAULT_PORT + (int(job) % SLURM_PORT_SPAN if job.isdigit() else 0))
+    return check(Nodes(nnodes, int(env["SLURM_NODEID"]), _endpoint(f"{first_host(nodelist)}:{port}", "SLURM"),
+                       job or None, "slurm"))
+
+
+def check(nodes: Nodes) -> Nodes:
+    if nodes.nnodes < 1:
+        raise NodesError(f"--nnodes {nodes.nnodes}: must be at least 1")
+    if not 0 <= nodes.node_rank < nodes.nnodes:
+        raise NodesError(f"--node-rank {nodes.node_rank}: must be 0..{nodes.nnodes - 1} for --nnodes {nodes.nnodes}")
+    if nodes.multi and not nodes.endpoint:
+        raise NodesError(f"--nnodes {nodes.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address, the same on "
+                         "every node)")
+    return nodes
+
+
+def resolve(nnodes: int | None, node_rank: int | None, endpoint: str | None, rdzv_id: str | None,
+            env: Mapping[str, str]) -> Nodes:
+    """Flags win over SLURM; neither means one machine. Raises :class:`NodesError` with one line."""
+    if nnodes is None and node_rank is None and endpoint is None:
+        return from_slurm(env) or Nodes(rdzv_id=rdzv_id)
+    nodes = Nodes(nnodes if nnodes is not None else 1, node_rank or 0,
+                  _endpoint(endpoint) if endpoint else None, rdzv_id, "flags")
+    return check(nodes)
+
+
+def torchrun_flags(nodes: Nodes, master_port: int) -> list[str]:
+    """torch.distributed.run's node and rendezvous flags. One node: a local store on ``master_port``."""
+    if not nodes.multi:
+        return ["--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
+    assert nodes.endpoint is not None
+    return ["--nnodes", str(nodes.nnodes), "--node-rank", str(nodes.node_rank), "--rdzv-backend", "static",
+            "--rdzv-endpoint", nodes.endpoint]
