@@ -167,6 +167,17 @@ def test_driver_without_v3_process_functions(nvml):
     backend.close()
 
 
+def test_older_driver_without_newer_symbols(nvml):
+    """No ``nvmlSystemGetCudaDriverVersion_v2``: the CUDA version comes from the older symbol; no
+    ``nvmlDeviceGetCount_v2``: no GPU can be counted, and the inventory says why."""
+    nvml(Driver([gpu()], missing={"nvmlSystemGetCudaDriverVersion_v2"}))
+    assert gpus.read_inventory({}).cuda == "12.4"
+    nvml(Driver([gpu()], missing={"nvmlDeviceGetCount_v2"}))
+    inv = gpus.read_inventory({})
+    assert (inv.gpus, inv.driver) == ((), "550.54.15")
+    assert inv.problem == "NVML cannot count the GPUs (nvmlDeviceGetCount: Function Not Found)"
+
+
 def test_mig_mode_on(nvml, capsys):
     """MIG: the parent GPU gives its memory but no utilisation and no per-process memory; on some drivers not even
     its memory (that GPU is then an invalid record, MIG noted)."""
@@ -244,3 +255,18 @@ def test_gpu_lost_while_the_watch_samples(nvml, tmp_path, caplog):
     rows = (tmp_path / rundir.MEMORY_CSV).read_text().splitlines()
     gpu0 = [r for r in rows[1:] if r.split(",")[2] == "0"]
     assert len(gpu0) >= before // 2 + 5 and gpu0[0].split(",")[3:] == ["24576.0", "500.0", "500.0", "0.0"]
+
+
+def test_yolosafe_train_dry_run_over_nvml_refuses_an_invalid_gpu_in_one_line(nvml, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    data = tmp_path / "data.yaml"
+    data.write_text("path: .\ntrain: images\nval: images\nnames: {0: box}\n")
+    nvml(Driver([gpu(0), gpu(1, lost=True), gpu(2, processes=[(4242, None)])]))
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "0,2", "--batch", "8", "--data", str(data))
+    assert (code, err) == (0, "") and "0,2  (2 GPUs)" in out
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "0,1", "--batch", "8", "--data", str(data))
+    assert (code, out) == (2, "")
+    assert err == ("yolosafe: error: GPU 1: NVML cannot open it (nvmlDeviceGetHandleByIndex: GPU is lost); "
+                   "choose other GPUs with --gpus (see yolosafe gpus)\n")
+    assert not (tmp_path / "runs").exists()

@@ -116,6 +116,8 @@ def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
         selected = plan.parse_gpus(
             None if options["gpus"] is None else str(options["gpus"]), visible, inventory.problem
         )
+        for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
+            raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
         return plan.build_plan(
             model=options["model"] or default_model(),
             data=options["data_yaml"],

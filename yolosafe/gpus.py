@@ -179,8 +179,8 @@ class NvmlBackend:
         return default
 
     def _first(self, names: Sequence[str], *args: Any) -> Any:
-        """The first of ``names`` (newest first) that this driver has: nvidia-ml-py's unversioned process and CUDA
-        functions call only the newest C symbol (``_v3``), which drivers before 510 lack."""
+        """The first of ``names`` (newest first) that this nvidia-ml-py and driver have: nvidia-ml-py's unversioned
+        process functions call only the newest C symbol (``_v3``), which older drivers lack."""
         for name in names:
             value = self._query(name, *args)
             if name not in self._missing:
