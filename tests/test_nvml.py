@@ -143,13 +143,17 @@ def test_used_gpu_memory_not_available(nvml):
 
 def test_more_processes_than_the_first_buffer_holds(nvml):
     """nvidia-ml-py asks for the count with an empty buffer (INSUFFICIENT_SIZE), then reads into 2n+5 entries:
-    processes that start in between still fit."""
+    processes that start in between still fit. More than that: nvidia-ml-py gives up, that sample's processes are
+    unknown, the next sample has them."""
     many, later = [(1000 + i, 10) for i in range(40)], [(5000 + i, 20) for i in range(9)]
-    driver = nvml(Driver([gpu(processes=many, spawn=later)]))
+    burst = [(6000 + i, 1) for i in range(8)]
+    driver = nvml(Driver([gpu(processes=many, spawn=later), gpu(1, processes=[(1, 1)], spawn=burst)]))
     backend = gpus.NvmlBackend()
     reading = backend.read_memory(0)
     assert len(reading.processes) == 49 and gpus.GPUProcess(5008, 20) in reading.processes
     assert driver.calls["nvmlDeviceGetComputeRunningProcesses_v3"] == 2
+    assert backend.read_memory(1).processes is None  # 9 processes for 1 * 2 + 5 entries
+    assert len(backend.read_memory(1).processes) == 9
     backend.close()
 
 
