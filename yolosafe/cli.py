@@ -116,6 +116,8 @@ def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
         selected = plan.parse_gpus(
             None if options["gpus"] is None else str(options["gpus"]), visible, inventory.problem
         )
+        for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
+            raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
         return plan.build_plan(
             model=options["model"] or default_model(),
             data=options["data_yaml"],
@@ -332,6 +334,7 @@ def gpus_command(as_json: bool) -> None:
     for g in inventory.gpus:
         procs = ", ".join(f"{pr.pid}:{pr.used_mib:.0f}MiB" if pr.used_mib is not None else str(pr.pid)
                           for pr in g.processes) or "-"
+        procs = f"invalid: {g.problem}" if g.problem else f"MIG on; {procs}" if g.mig else procs
         click.echo(f"{g.index:>3}  {(g.name or '?')[:24]:<24} {_num(g.used_mib):>9} {_num(g.free_mib):>9} "
                    f"{_num(g.total_mib):>9} {_num(g.utilization, '%'):>5}  {procs}")
 

@@ -24,6 +24,7 @@ Accepted values (see docs/fake-gpus.md):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from typing import Any, Protocol
 FAKE_ENV = "YOLOSAFE_FAKE_GPUS"
 PHASE_FILE_ENV = "YOLOSAFE_FAKE_PHASE_FILE"
 MIB = 1024**2
+log = logging.getLogger(__name__)
 
 
 class GPUReadError(RuntimeError):
@@ -59,7 +61,7 @@ class MemoryReading:
     index: int
     total_mib: float | None
     used_mib: float | None
-    processes: tuple[GPUProcess, ...] = ()
+    processes: tuple[GPUProcess, ...] | None = ()  # None: NVML cannot list them (some drivers, MIG)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,12 @@ class GPU:
     used_mib: float | None
     utilization: int | None
     processes: tuple[GPUProcess, ...] = ()
+    mig: bool | None = None  # MIG mode on; None where NVML cannot say (GPUs without MIG)
+    problem: str | None = None  # why NVML cannot read this GPU; None for a valid GPU
+
+    @property
+    def valid(self) -> bool:
+        return self.problem is None
 
     @property
     def free_mib(self) -> float | None:
@@ -113,22 +121,30 @@ class GPUBackend(Protocol):
     def close(self) -> None: ...
 
 
-def _safe(call: Any, *args: Any) -> Any:
-    """Call an NVML function and turn any NVML error into None, as gpustat does for unsupported fields."""
-    import pynvml
-
-    try:
-        return call(*args)
-    except pynvml.NVMLError:
-        return None
-
-
 def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / MIB
+
+
+# NVML errors that say "no driver" or "this driver or card has no such figure": logged at debug level (the inventory
+# says it), the others (a lost GPU, an unknown error) as warnings.
+_QUIET = {"NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded", "NVMLError_NotSupported",
+          "NVMLError_NoPermission", "NVMLError_FunctionNotFound", "NVMLLibraryMismatchError"}
+_MISSING = {"absent", "NVMLError_FunctionNotFound", "NVMLLibraryMismatchError"}  # no such function: not asked again
+_FAILED = object()  # what _query returns for a failed call that returns nothing when it succeeds (nvmlInit)
+
+
 class NvmlBackend:
-    """Real NVML through nvidia-ml-py. Initialises on first use; a missing driver becomes ``Inventory.problem``."""
+    """Real NVML through nvidia-ml-py. Initialises on first use; a missing driver becomes ``Inventory.problem``.
+
+    Every NVML call goes through :meth:`_query` (nvitop's ``nvmlQuery``): the function is looked up by name, and a
+    name this nvidia-ml-py lacks, a C symbol this driver lacks or any NVML error is a missing value, logged once per
+    function and error. A GPU that cannot be read stays in the inventory as an invalid record (gpustat's
+    ``InvalidGPU``), so ``--gpus`` keeps NVML's numbering and the user sees why.
+    """
 
     name = "nvml"
 
@@ -136,87 +152,118 @@ class NvmlBackend:
         self._ready: bool | None = None
         self._problem: str | None = None
         self._handles: dict[int, Any] = {}
+        self._missing: set[str] = set()  # functions this nvidia-ml-py or driver lacks: not asked again
+        self._logged: set[tuple[str, str]] = set()
+        self.failure = ""  # "function: error" of the latest failed query, for the messages that need it
+
+    def _query(self, name: str, *args: Any, default: Any = None) -> Any:
+        """``pynvml.<name>(*args)``, or ``default`` when the function is missing or NVML fails."""
+        import pynvml
+
+        if name in self._missing:
+            return default
+        function = getattr(pynvml, name, None)
+        if function is None:
+            error, kind = "nvidia-ml-py has no such function", "absent"
+        else:
+            try:
+                return function(*args)
+            except (pynvml.NVMLError, getattr(pynvml, "NVMLLibraryMismatchError", pynvml.NVMLError)) as exc:
+                error, kind = str(exc) or type(exc).__name__, type(exc).__name__
+        if kind in _MISSING:
+            self._missing.add(name)
+        self.failure = f"{name}: {error}"
+        if (name, error) not in self._logged:
+            self._logged.add((name, error))
+            log.log(logging.DEBUG if kind in _QUIET else logging.WARNING, "NVML %s", self.failure)
+        return default
+
+    def _first(self, names: Sequence[str], *args: Any) -> Any:
+        """The first of ``names`` (newest first) that this nvidia-ml-py and driver have: nvidia-ml-py's unversioned
+        process functions call only the newest C symbol (``_v3``), which older drivers lack."""
+        for name in names:
+            value = self._query(name, *args)
+            if name not in self._missing:
+                return value
+        return None
 
     def _init(self) -> bool:
         if self._ready is None:
             try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                self._ready = True
+                import pynvml  # noqa: F401
             except ImportError:
                 self._ready, self._problem = False, "nvidia-ml-py is not installed"
-            except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...: all mean "no usable GPU"
-                self._ready, self._problem = False, f"no NVIDIA driver ({exc})"
+                return False
+            self._ready = self._query("nvmlInit", default=_FAILED) is not _FAILED
+            self._problem = None if self._ready else f"no NVIDIA driver ({self.failure})"
         return self._ready
 
     def _handle(self, index: int) -> Any:
-        import pynvml
-
         if index not in self._handles:
-            self._handles[index] = pynvml.nvmlDeviceGetHandleByIndex(index)
+            handle = self._query("nvmlDeviceGetHandleByIndex", index)
+            if handle is None:
+                return None
+            self._handles[index] = handle
         return self._handles[index]
 
-    def _processes(self, handle: Any) -> tuple[GPUProcess, ...]:
-        import pynvml
-
+    def _processes(self, handle: Any) -> tuple[GPUProcess, ...] | None:
+        """Compute and graphics processes (a pid once); None when NVML cannot list them (some drivers, MIG)."""
         found: dict[int, GPUProcess] = {}
-        for query in (pynvml.nvmlDeviceGetComputeProcesses, pynvml.nvmlDeviceGetGraphicsProcesses):
-            for proc in _safe(query, handle) or ():
-                used = proc.usedGpuMemory
-                found[proc.pid] = GPUProcess(proc.pid, None if used is None else used / MIB)
+        for kind in ("Compute", "Graphics"):
+            name = f"nvmlDeviceGet{kind}RunningProcesses"
+            procs = self._first((name, f"{name}_v2"), handle)
+            if procs is None:
+                return None
+            found.update((p.pid, GPUProcess(p.pid, _mib(p.usedGpuMemory))) for p in procs)
         return tuple(found.values())
+
+    def _gpu(self, index: int) -> GPU:
+        handle = self._handle(index)
+        if handle is None:
+            return GPU(index, None, None, None, None, None, problem=f"NVML cannot open it ({self.failure})")
+        memory = self._query("nvmlDeviceGetMemoryInfo", handle)
+        problem = None if memory is not None else f"NVML cannot read its memory ({self.failure})"
+        util = self._query("nvmlDeviceGetUtilizationRates", handle)
+        mig = self._query("nvmlDeviceGetMigMode", handle)
+        return GPU(
+            index=index,
+            name=_text(self._query("nvmlDeviceGetName", handle)),
+            uuid=_text(self._query("nvmlDeviceGetUUID", handle)),
+            total_mib=None if memory is None else _mib(memory.total),
+            used_mib=None if memory is None else _mib(memory.used),
+            utilization=None if util is None else util.gpu,
+            processes=self._processes(handle) or (),
+            mig=None if mig is None else bool(mig[0]),
+            problem=problem,
+        )
 
     def inventory(self) -> Inventory:
         if not self._init():
             return Inventory(self.name, problem=self._problem)
-        import pynvml
-
-        count = _safe(pynvml.nvmlDeviceGetCount) or 0
-        gpus = []
-        for index in range(count):
-            handle = _safe(self._handle, index)
-            if handle is None:
-                continue
-            memory = _safe(pynvml.nvmlDeviceGetMemoryInfo, handle)
-            util = _safe(pynvml.nvmlDeviceGetUtilizationRates, handle)
-            gpus.append(
-                GPU(
-                    index=index,
-                    name=_text(_safe(pynvml.nvmlDeviceGetName, handle)),
-                    uuid=_text(_safe(pynvml.nvmlDeviceGetUUID, handle)),
-                    total_mib=memory.total / MIB if memory else None,
-                    used_mib=memory.used / MIB if memory else None,
-                    utilization=util.gpu if util else None,
-                    processes=self._processes(handle),
-                )
-            )
-        cuda = _safe(pynvml.nvmlSystemGetCudaDriverVersion_v2)
+        count = self._query("nvmlDeviceGetCount")
+        problem = f"NVML cannot count the GPUs ({self.failure})" if count is None else "NVML found no GPU"
+        gpus = tuple(self._gpu(index) for index in range(count or 0))
+        cuda = self._first(("nvmlSystemGetCudaDriverVersion_v2", "nvmlSystemGetCudaDriverVersion"))
         return Inventory(
             self.name,
-            gpus=tuple(gpus),
-            driver=_text(_safe(pynvml.nvmlSystemGetDriverVersion)),
+            gpus=gpus,
+            driver=_text(self._query("nvmlSystemGetDriverVersion")),
             cuda=f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None,
-            problem=None if gpus else "NVML found no GPU",
+            problem=None if gpus else problem,
         )
 
     def read_memory(self, index: int) -> MemoryReading:
         if not self._init():
             raise GPUReadError(self._problem or "NVML unavailable")
-        import pynvml
-
-        try:
-            handle = self._handle(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        except pynvml.NVMLError as exc:
-            raise GPUReadError(f"GPU {index}: {exc}") from exc
-        return MemoryReading(index, memory.total / MIB, memory.used / MIB, self._processes(handle))
+        handle = self._handle(index)
+        memory = None if handle is None else self._query("nvmlDeviceGetMemoryInfo", handle)
+        if memory is None:
+            raise GPUReadError(f"GPU {index}: {self.failure}")
+        return MemoryReading(index, _mib(memory.total), _mib(memory.used), self._processes(handle))
 
     def close(self) -> None:
         if self._ready:
-            import pynvml
-
-            _safe(pynvml.nvmlShutdown)
+            self._query("nvmlShutdown")
         self._ready, self._handles = None, {}
 
 

@@ -96,6 +96,8 @@ class PhaseTracker:
 
 def split(reading: MemoryReading, ours: set[int]) -> tuple[float | None, float | None]:
     """The MiB of the run's own processes and of all others on one GPU (None where NVML gives no figure)."""
+    if reading.processes is None:  # NVML cannot list this GPU's processes (some drivers, MIG)
+        return None, None
     mine = [p.used_mib for p in reading.processes if p.pid in ours]
     theirs = [p.used_mib for p in reading.processes if p.pid not in ours]
     return _sum(mine), _sum(theirs)

@@ -1,0 +1,276 @@
+"""The real NVML backend over nvidia-ml-py's own Python functions, with only the shared library faked (fake_nvml)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import pynvml
+import pytest
+
+from tests import fake_nvml
+from tests.fake_nvml import NOT_SUPPORTED, UNKNOWN, Driver, gpu
+from yolosafe import cli, gpus, rundir, watch
+
+ABSENT = "nvidia-ml-py has no such function"
+
+
+@pytest.fixture
+def nvml(monkeypatch, caplog):
+    """``nvml(driver)`` serves nvidia-ml-py from that fake driver. Afterwards: no callback crashed, and yolosafe
+    asked nvidia-ml-py only for functions it has (a wrong name fails here, named)."""
+    monkeypatch.delenv(gpus.FAKE_ENV, raising=False)
+    caplog.set_level(logging.DEBUG, logger="yolosafe.gpus")
+    drivers: list[Driver | None] = []
+
+    def use(driver: Driver | None) -> Driver | None:
+        fake_nvml.install(monkeypatch, driver)
+        drivers.append(driver)
+        return driver
+
+    yield use
+    assert not [c for d in drivers if d for c in d.crashes]
+    assert not [r.getMessage() for r in caplog.get_records("call") if ABSENT in r.getMessage()]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``yolosafe ARGS`` in this process (where the fake library is installed): exit status, stdout, stderr."""
+    try:
+        cli.main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_patching_a_name_nvidia_ml_py_lacks_fails(monkeypatch):
+    """The guard of every test here: a patch can never create a function nvidia-ml-py does not have."""
+    with pytest.raises(AttributeError):
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeProcesses", lambda handle: [])
+    assert not hasattr(pynvml, "nvmlDeviceGetComputeProcesses")
+
+
+def test_a_wrong_function_name_is_a_missing_value_and_a_warning_naming_it(monkeypatch, caplog):
+    fake_nvml.install(monkeypatch, Driver([gpu()]))
+    backend = gpus.NvmlBackend()
+    assert backend.inventory().gpus[0].valid
+    with caplog.at_level(logging.WARNING, logger="yolosafe.gpus"):
+        assert backend._query("nvmlDeviceGetComputeProcesses", backend._handle(0)) is None
+    assert f"nvmlDeviceGetComputeProcesses: {ABSENT}" in caplog.text
+    backend.close()
+
+
+@pytest.mark.parametrize(("driver", "why"), [(None, "NVML Shared Library Not Found"),
+                                             (Driver([gpu()], init_error=fake_nvml.DRIVER_NOT_LOADED),
+                                              "Driver Not Loaded")])
+def test_no_driver_is_an_inventory_without_gpus(nvml, capsys, driver, why):
+    nvml(driver)
+    inv = gpus.read_inventory({})
+    assert (inv.backend, inv.gpus, inv.driver) == ("nvml", (), None)
+    assert inv.problem == f"no NVIDIA driver (nvmlInit: {why})"
+    with pytest.raises(gpus.GPUReadError, match=why):
+        gpus.NvmlBackend().read_memory(0)
+    code, out, err = run_cli(capsys, "gpus")
+    assert (code, out) == (1, "") and err == f"no GPU: {inv.problem}; yolosafe train runs on CPU (--gpus cpu)\n"
+
+
+def test_one_gpu_every_figure_through_nvidia_ml_py(nvml):
+    driver = nvml(Driver([gpu(total_mib=40960, used_mib=13000, util=55,
+                              processes=[(4242, 12000), (4343, 500)], graphics=[(900, 500), (4343, 500)])]))
+    inv = gpus.read_inventory({})
+    assert (inv.backend, inv.driver, inv.cuda, inv.problem, inv.ids) == ("nvml", "550.54.15", "12.4", None, (0,))
+    g = inv.gpus[0]
+    assert (g.name, g.uuid, g.total_mib, g.used_mib, g.free_mib, g.utilization, g.mig, g.valid) == (
+        "NVIDIA Fake 0", "GPU-fake-nvml-0000", 40960, 13000, 27960, 55, False, True)
+    assert g.processes == (gpus.GPUProcess(4242, 12000), gpus.GPUProcess(4343, 500), gpus.GPUProcess(900, 500))
+    backend = gpus.NvmlBackend()
+    reading = backend.read_memory(0)
+    assert (reading.total_mib, reading.used_mib, len(reading.processes)) == (40960, 13000, 3)
+    backend.close()
+    assert driver.calls["nvmlDeviceGetComputeRunningProcesses_v3"] >= 2  # nvidia-ml-py picked the newest symbol
+    assert "nvmlDeviceGetComputeRunningProcesses_v2" not in driver.calls
+    assert driver.calls["nvmlShutdown"] == 2
+
+
+def test_four_gpus_in_nvml_order(nvml):
+    nvml(Driver([gpu(i, total_mib=24576 * (1 + i % 2), used_mib=100 * i) for i in range(4)]))
+    inv = gpus.read_inventory({})
+    assert inv.ids == (0, 1, 2, 3) and all(g.valid for g in inv.gpus)
+    assert [g.total_mib for g in inv.gpus] == [24576, 49152, 24576, 49152]
+    assert [g.used_mib for g in inv.gpus] == [0, 100, 200, 300]
+    assert gpus.visible_ids(inv, "GPU-fake-nvml-0003,1") == (3, 1)
+    backend = gpus.NvmlBackend()
+    assert [backend.read_memory(i).used_mib for i in range(4)] == [0, 100, 200, 300]
+    with pytest.raises(gpus.GPUReadError, match="Invalid Argument"):
+        backend.read_memory(4)
+    backend.close()
+
+
+def test_utilization_not_supported_is_unknown_and_logged_once(nvml, caplog):
+    nvml(Driver([gpu(errors={"nvmlDeviceGetUtilizationRates": NOT_SUPPORTED})]))
+    backend = gpus.NvmlBackend()
+    first, second = backend.inventory(), backend.inventory()
+    assert first == second and first.gpus[0].utilization is None and first.gpus[0].valid
+    assert first.gpus[0].total_mib == 24576
+    said = [r for r in caplog.records if "nvmlDeviceGetUtilizationRates: Not Supported" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.DEBUG]
+    backend.close()
+
+
+def test_process_lists_not_supported(nvml):
+    nvml(Driver([gpu(used_mib=3000, errors={name: NOT_SUPPORTED for name in fake_nvml.PROCESS_LISTS})]))
+    g = gpus.read_inventory({}).gpus[0]
+    assert (g.valid, g.used_mib, g.processes) == (True, 3000, ())
+    backend = gpus.NvmlBackend()
+    reading = backend.read_memory(0)
+    assert (reading.used_mib, reading.processes) == (3000, None)
+    assert watch.split(reading, {os.getpid()}) == (None, None)  # unknown, not "nobody"
+    backend.close()
+
+
+def test_used_gpu_memory_not_available(nvml):
+    nvml(Driver([gpu(processes=[(os.getpid(), None), (77, 1000)])]))
+    backend = gpus.NvmlBackend()
+    reading = backend.read_memory(0)
+    assert reading.processes == (gpus.GPUProcess(os.getpid(), None), gpus.GPUProcess(77, 1000))
+    assert watch.split(reading, {os.getpid()}) == (None, 1000)
+    backend.close()
+
+
+def test_more_processes_than_the_first_buffer_holds(nvml):
+    """nvidia-ml-py asks for the count with an empty buffer (INSUFFICIENT_SIZE), then reads into 2n+5 entries:
+    processes that start in between still fit. More than that: nvidia-ml-py gives up, that sample's processes are
+    unknown, the next sample has them."""
+    many, later = [(1000 + i, 10) for i in range(40)], [(5000 + i, 20) for i in range(9)]
+    burst = [(6000 + i, 1) for i in range(8)]
+    driver = nvml(Driver([gpu(processes=many, spawn=later), gpu(1, processes=[(1, 1)], spawn=burst)]))
+    backend = gpus.NvmlBackend()
+    reading = backend.read_memory(0)
+    assert len(reading.processes) == 49 and gpus.GPUProcess(5008, 20) in reading.processes
+    assert driver.calls["nvmlDeviceGetComputeRunningProcesses_v3"] == 2
+    assert backend.read_memory(1).processes is None  # 9 processes for 1 * 2 + 5 entries
+    assert len(backend.read_memory(1).processes) == 9
+    backend.close()
+
+
+def test_driver_without_v3_process_functions(nvml):
+    """nvidia-ml-py's unversioned process functions call only ``_v3`` and raise NVMLLibraryMismatchError on an
+    older driver: yolosafe falls back to ``_v2`` and then asks ``_v2`` directly."""
+    missing = {"nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetGraphicsRunningProcesses_v3"}
+    driver = nvml(Driver([gpu(processes=[(4242, 1500)], graphics=[(31, 2)])], missing=missing))
+    backend = gpus.NvmlBackend()
+    assert backend.inventory().gpus[0].processes == (gpus.GPUProcess(4242, 1500), gpus.GPUProcess(31, 2))
+    for _ in range(3):
+        assert backend.read_memory(0).processes == (gpus.GPUProcess(4242, 1500), gpus.GPUProcess(31, 2))
+    assert driver.calls["nvmlDeviceGetComputeRunningProcesses_v2"] == 8  # 4 reads x (sizing call + fill)
+    assert not missing & set(driver.calls)
+    backend.close()
+
+
+def test_older_driver_without_newer_symbols(nvml):
+    """No ``nvmlSystemGetCudaDriverVersion_v2``: the CUDA version comes from the older symbol; no
+    ``nvmlDeviceGetCount_v2``: no GPU can be counted, and the inventory says why."""
+    nvml(Driver([gpu()], missing={"nvmlSystemGetCudaDriverVersion_v2"}))
+    assert gpus.read_inventory({}).cuda == "12.4"
+    nvml(Driver([gpu()], missing={"nvmlDeviceGetCount_v2"}))
+    inv = gpus.read_inventory({})
+    assert (inv.gpus, inv.driver) == ((), "550.54.15")
+    assert inv.problem == "NVML cannot count the GPUs (nvmlDeviceGetCount: Function Not Found)"
+
+
+def test_mig_mode_on(nvml, capsys):
+    """MIG: the parent GPU gives its memory but no utilisation and no per-process memory; on some drivers not even
+    its memory (that GPU is then an invalid record, MIG noted)."""
+    mig_procs = {"util": 0, "mig": True, "errors": {"nvmlDeviceGetUtilizationRates": NOT_SUPPORTED}}
+    nvml(Driver([gpu(0, used_mib=9000, processes=[(4242, None)], **mig_procs),
+                 gpu(1, mig=True, errors={name: NOT_SUPPORTED for name in
+                                          ["nvmlDeviceGetMemoryInfo", *fake_nvml.PROCESS_LISTS]})]))
+    first, second = gpus.read_inventory({}).gpus
+    assert (first.mig, first.valid, first.used_mib, first.utilization) == (True, True, 9000, None)
+    assert first.processes == (gpus.GPUProcess(4242, None),)
+    assert (second.mig, second.valid, second.total_mib) == (True, False, None)
+    assert second.problem == "NVML cannot read its memory (nvmlDeviceGetMemoryInfo: Not Supported)"
+    code, out, _ = run_cli(capsys, "gpus")
+    assert code == 0 and "MIG on; 4242" in out and "invalid: NVML cannot read its memory" in out
+
+
+def test_a_gpu_whose_handle_cannot_be_read_stays_as_an_invalid_record(nvml, capsys):
+    nvml(Driver([gpu(0), gpu(1, errors={"nvmlDeviceGetHandleByIndex_v2": UNKNOWN}), gpu(2, lost=True)]))
+    inv = gpus.read_inventory({})
+    assert inv.ids == (0, 1, 2) and [g.valid for g in inv.gpus] == [True, False, False]
+    assert inv.gpus[1].problem == "NVML cannot open it (nvmlDeviceGetHandleByIndex: Unknown Error)"
+    assert inv.gpus[2].problem == "NVML cannot open it (nvmlDeviceGetHandleByIndex: GPU is lost)"
+    assert (inv.gpus[2].name, inv.gpus[2].total_mib, inv.gpus[2].free_mib) == (None, None, None)
+    code, out, _ = run_cli(capsys, "gpus")
+    assert code == 0
+    lines = out.splitlines()
+    assert "invalid: NVML cannot open it (nvmlDeviceGetHandleByIndex: GPU is lost)" in lines[-1]
+    assert lines[-1].split()[0] == "2" and "NVIDIA Fake 0" in lines[-3]
+
+
+def test_yolosafe_gpus_and_json_end_to_end(nvml, capsys):
+    nvml(Driver([gpu(0, total_mib=40960, used_mib=13000, processes=[(4242, 13000)]), gpu(1, processes=[(7, None)])]))
+    code, out, err = run_cli(capsys, "gpus")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == "driver 550.54.15, CUDA 12.4 (nvml)"
+    assert "NVIDIA Fake 0" in out and "4242:13000MiB" in out and out.splitlines()[-1].endswith("  7")
+    code, out, err = run_cli(capsys, "gpus", "--json")
+    data = json.loads(out)
+    assert (code, data["backend"], data["driver"], data["cuda"], data["problem"]) == (0, "nvml", "550.54.15", "12.4",
+                                                                                    None)
+    first, second = data["gpus"]
+    assert (first["free_mib"], first["processes"], first["mig"], first["problem"]) == (
+        27960, [{"pid": 4242, "used_mib": 13000}], False, None)
+    assert second["processes"] == [{"pid": 7, "used_mib": None}]
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_gpu_lost_while_the_watch_samples(nvml, tmp_path, caplog):
+    """The real MemoryWatch over NvmlBackend: GPU 1 falls off the bus mid-run; it is reported once, GPU 0 goes on
+    being sampled; when GPU 0 is lost too, the watch ends cleanly, training untouched."""
+    driver = nvml(Driver([gpu(0, used_mib=500, processes=[(os.getpid(), 500)]), gpu(1, used_mib=700)]))
+    said: list[str] = []
+    w = watch.MemoryWatch(tmp_path, [0, 1], 0.01, 0.9, gpus.NvmlBackend, said.append)
+    w.start(1, lambda: {os.getpid()})
+    wait_for(lambda: w.samples >= 10)
+    driver.gpus[1]["lost"] = True
+    wait_for(lambda: w.read_errors >= 5)
+    before = w.samples
+    wait_for(lambda: w.samples >= before + 5)
+    assert w.alive and w.stopped is None
+    driver.gpus[0]["lost"] = True
+    wait_for(lambda: not w.alive)
+    w.stop()
+    assert said == ["memory watch: NVML read failed (GPU 1: nvmlDeviceGetMemoryInfo: GPU is lost); sampling goes on, "
+                    "GPUs that keep failing are dropped", "memory watch stopped: no GPU could be read"]
+    assert w.stopped == "memory watch stopped: no GPU could be read"
+    lost_logs = [r for r in caplog.records if "GPU is lost" in r.getMessage()]
+    assert [r.levelno for r in lost_logs] == [logging.WARNING]  # one backend, one (function, error): one line
+    rows = (tmp_path / rundir.MEMORY_CSV).read_text().splitlines()
+    gpu0 = [r for r in rows[1:] if r.split(",")[2] == "0"]
+    assert len(gpu0) >= before // 2 + 5 and gpu0[0].split(",")[3:] == ["24576.0", "500.0", "500.0", "0.0"]
+
+
+def test_yolosafe_train_dry_run_over_nvml_refuses_an_invalid_gpu_in_one_line(nvml, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    data = tmp_path / "data.yaml"
+    data.write_text("path: .\ntrain: images\nval: images\nnames: {0: box}\n")
+    nvml(Driver([gpu(0), gpu(1, lost=True), gpu(2, processes=[(4242, None)])]))
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "0,2", "--batch", "8", "--data", str(data))
+    assert (code, err) == (0, "") and "0,2  (2 GPUs)" in out
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "0,1", "--batch", "8", "--data", str(data))
+    assert (code, out) == (2, "")
+    assert err == ("yolosafe: error: GPU 1: NVML cannot open it (nvmlDeviceGetHandleByIndex: GPU is lost); "
+                   "choose other GPUs with --gpus (see yolosafe gpus)\n")
+    assert not (tmp_path / "runs").exists()
