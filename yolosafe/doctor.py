@@ -170,10 +170,13 @@ def run_view(path: Path) -> RunView:
     view = RunView(str(path))
     try:
         view.story = records.load_story(path)
-        view.failures = records.load_failures(path)
     except records.RecordError as exc:
         view.problem = str(exc)
         return view
+    try:
+        view.failures = records.load_failures(path)
+    except records.RecordError as exc:  # the story still tells most of it
+        view.problem = str(exc)
     view.memory, view.memory_note = memory(path)
     return view
 

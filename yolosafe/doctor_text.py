@@ -81,6 +81,8 @@ def run_lines(view: RunView | None) -> list[str]:
                  f"GPU, val batch {p.get('val_batch')} per GPU, effective batch {p.get('effective_batch')} "
                  f"(accumulate {p.get('accumulate')}), imgsz {p.get('imgsz')}")
     lines += [*_attempt_lines(view), *_failure_lines(view)]
+    if view.problem:
+        lines.append(f"cannot read: {view.problem}")
     if view.memory:
         lines += ["memory peaks per GPU (NVML; epochs 0-based):", *(f"  {ln}" for ln in report.table(view.memory))]
     else:

@@ -79,6 +79,8 @@ def run_causes(view: RunView | None) -> list[Cause]:
         return [Cause(f"the run cannot be read: {view.problem}", f"yolosafe doctor ANOTHER_RUN_DIR (or repair "
                                                                  f"{view.path})")]
     story = view.story
+    damaged = [Cause(f"a run file cannot be read: {view.problem}", "the story alone is used; repair or remove "
+                     "that file")] if view.problem else []
     ooms = [f for f in view.failures if f.oom]
     done = [a for a in story.attempts if a.outcome == "completed"]
     if story.outcome == "completed" and ooms and done and done[-1].batch:
@@ -88,7 +90,7 @@ def run_causes(view: RunView | None) -> list[Cause]:
                       f"{last.batch} ({last.per_gpu_batch} per GPU), val batch {last.val_batch} per GPU",
                       f"--batch {last.batch} --effective-batch {nbs} --val-batch {last.val_batch}")]
     found = [_val_cause(ooms, story), _train_cause(ooms, story), _fragmentation(ooms, story)]
-    return [c for c in found if c is not None]
+    return [*damaged, *(c for c in found if c is not None)]
 
 
 def _holder_cause(h: Holder, rest: str) -> Cause | None:
