@@ -3,6 +3,7 @@ those pids, and run directories written through yolosafe's own records (never th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -122,10 +123,8 @@ class Processes:
                 proc.kill()
             proc.wait()
         for pid in self.orphans:
-            try:
+            with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
 
 
 def alive(pid: int) -> bool:

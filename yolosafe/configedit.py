@@ -63,12 +63,17 @@ def _offset(text: str, line: int, col: int) -> int:
 def _replace_value(text: str, data: Any, key: Any, value: int, name: str) -> tuple[int, int, str]:
     """(start, end, new text) of the value of ``key``, after checking the characters there are that value."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
 
     line, col = data.lc.value(key)
-    start = _offset(text, line, col)
-    match = _PLAIN.match(text, start)
-    old = match.group(0) if match else ""
-    if not match or YAML(typ="safe").load(old) != data[key]:
+    start, match = 0, None
+    try:
+        start = _offset(text, line, col)
+        match = _PLAIN.match(text, start)
+        found = match is not None and YAML(typ="safe").load(match.group(0)) == data[key]
+    except (IndexError, YAMLError):
+        found = False
+    if not found or match is None:
         raise EditError(f"{name}: cannot locate the value of {key!r} (line {line + 1}); edit it by hand")
     return start, match.end(), str(value)
 

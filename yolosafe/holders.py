@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -223,8 +224,14 @@ def stop(holder: Holder, timeout_s: float = 10.0) -> tuple[bool, str]:
         return True, f"pid {holder.pid} had already exited"
     except psutil.AccessDenied:
         return False, f"pid {holder.pid}: not allowed to signal it"
-    try:
-        proc.wait(timeout_s)
-    except psutil.TimeoutExpired:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:  # exited; its parent has not collected it yet
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    else:
         return False, f"pid {holder.pid} still runs {timeout_s:g} s after SIGTERM: kill -KILL {holder.pid} if you must"
     return True, f"pid {holder.pid} exited"
