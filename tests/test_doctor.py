@@ -140,3 +140,12 @@ def test_a_run_that_recovered_suggests_what_worked(tmp_path):
 def test_not_a_run_directory_is_a_usage_error(tmp_path):
     out = run_doctor(tmp_path, str(tmp_path))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a yolosafe run directory" in out.stderr
+
+
+def test_a_plan_of_the_wrong_shape_is_one_line(tmp_path):
+    run = oom_run(tmp_path / "run")
+    story = json.loads((run / rundir.STORY).read_text())
+    story["plan"] |= {"gpus": ["zero", 1], "batch": "many"}
+    (run / rundir.STORY).write_text(json.dumps(story))
+    out = run_doctor(tmp_path, str(run))
+    assert out.returncode == 0 and "Traceback" not in out.stdout + out.stderr

@@ -57,7 +57,10 @@ def test_failures_load_in_numeric_attempt_order(tmp_path):
 @pytest.mark.parametrize("content, words", [
     ("{\"plan\": {", "damaged, not JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ("{\"attempts\": 3}", "'attempts' is not a list"),
+    ("{\"attempts\": 3}", "'attempts' is 3, expected list[Attempt]"),
+    ("{\"plan\": 3}", "'plan' is 3, expected dict[str, Any]"),
+    ("{\"attempts\": [{\"attempt\": 1, \"batch\": \"x\"}]}", "'batch' is 'x', expected int | None"),
+    ("{\"attempts\": [7]}", "'attempts' is not a list of objects"),
     (b"\xff\xfe", "damaged, not JSON"),
 ])
 def test_a_damaged_story_is_one_line(tmp_path, content, words):

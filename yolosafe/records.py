@@ -21,6 +21,17 @@ R = TypeVar("R", bound="Record")
 _FAILURE_NAME = re.compile(r"failure-(\d+)-rank(\d+)\.json$")
 
 
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                       "None": (type(None),), "dict": (dict,), "list": (list,)}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """``value`` against a field's annotation as written (``int | None``, ``dict[str, Any]``...)."""
+    allowed = tuple(t for part in annotation.split(" | ") for t in _TYPES.get(part.split("[")[0].strip(), (object,)))
+    if not isinstance(value, allowed):
+        raise TypeError(f"{key!r} is {value!r}, expected {annotation}")
+
+
 def _default(f: Field[Any]) -> Any:
     if f.default is not MISSING:
         return f.default
@@ -40,8 +51,13 @@ class Record:
 
     @classmethod
     def from_dict(cls: type[R], data: dict[str, Any]) -> R:
-        known = {f.name for f in fields(cls)} - {"extra", "keys", "name"}
+        """Raises TypeError (one line) for a known key of the wrong type: readers can then trust the fields."""
+        known = {f.name: f for f in fields(cls)}
+        for name in ("extra", "keys", "name"):
+            known.pop(name, None)
         values = {k: v for k, v in data.items() if k in known}
+        for key, value in values.items():
+            _check_type(key, value, str(known[key].type))
         return cls(**cls._convert(values), extra={k: v for k, v in data.items() if k not in known},
                    keys=tuple(data))
 
@@ -115,7 +131,8 @@ class Story(Record):
 
     @property
     def plan_gpus(self) -> list[int]:
-        return [int(g) for g in self.plan.get("gpus") or []]
+        gpus = self.plan.get("gpus")
+        return [g for g in gpus if isinstance(g, int)] if isinstance(gpus, list) else []
 
 
 @dataclass
@@ -212,8 +229,14 @@ def save_failure(run_dir: Path, record: Failure) -> Path:
 
 
 def load_events(run_dir: Path) -> list[Event]:
-    """Every complete line of ``events.jsonl`` (a line cut short by a killed rank is skipped)."""
-    return [Event.from_dict(e) for e in rundir.read_jsonl(run_dir / rundir.EVENTS) if isinstance(e, dict)]
+    """Every complete line of ``events.jsonl`` (a line cut short by a killed rank, or not an event, is skipped)."""
+    found = []
+    for line in rundir.read_jsonl(run_dir / rundir.EVENTS):
+        try:
+            found.append(Event.from_dict(line))
+        except (TypeError, AttributeError):
+            continue
+    return found
 
 
 def load_workers(run_dir: Path) -> list[WorkerSeen]:

@@ -146,7 +146,12 @@ def env_causes(environ: Environment, box: Machine) -> list[Cause]:
 
 
 def verdict(box: Machine, environ: Environment, view: RunView | None) -> list[Cause]:
-    causes = [*run_causes(view), *machine_causes(box, environ), *env_causes(environ, box)]
+    try:
+        from_run = run_causes(view)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a plan of the wrong shape: one line
+        from_run = [Cause(f"the run's plan cannot be read ({type(exc).__name__}: {exc})", "yolosafe doctor RUN_DIR "
+                          "of another run")]
+    causes = [*from_run, *machine_causes(box, environ), *env_causes(environ, box)]
     run = f" --run {shlex.quote(view.path)}" if view else ""
     causes.append(Cause("to repair step by step (asks before each change)", f"yolosafe fix --config YOUR.yaml{run}"))
     return causes
