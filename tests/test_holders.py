@@ -140,3 +140,37 @@ def test_judge_gpus_reads_the_fake_inventory(procs, monkeypatch):
     judged = holders.judge_gpus(gpus.read_inventory().gpus)
     assert [(h.gpu, h.pid, h.action) for h in judged] == [(1, sleeper.pid, ASK), (1, os.getpid(), NEVER)]
 
+
+
+SUPERVISOR = """
+import os, subprocess, sys, time
+run = sys.argv[1]
+log = open(os.path.join(run, "train.log"), "ab") if sys.argv[2] == "writes" else None
+env = {**os.environ, "YOLOSAFE_RUN_DIR": run, "YOLOSAFE_SPEC": os.path.join(run, "spec-1.json")}
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "yolosafe.worker"], env=env)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
+                    reason="needs root, unshare and nsenter")
+@pytest.mark.parametrize("log, action", [("writes", NEVER), ("gone", PROVEN)])
+def test_a_supervisor_that_is_a_containers_pid_1_is_alive_while_it_writes_the_log(tmp_path, log, action):
+    """``docker run IMAGE yolosafe train``: the supervisor is pid 1 and the worker's parent. It is alive; a pid 1
+    that does not write the run's log only adopted the worker."""
+    (tmp_path / "run").mkdir()
+    init = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", SUPERVISOR,
+                             str(tmp_path / "run"), log], stdin=subprocess.DEVNULL)
+    try:
+        inner = _namespace_init(init.pid)
+        for _ in range(100):
+            if psutil.Process(inner).children():
+                break
+            time.sleep(0.05)
+        probe = ["nsenter", "-t", str(inner), "--pid", "--mount", sys.executable, "-c",
+                 "from yolosafe import holders; h = holders.judge(2, 0, 1.0); print(h.action, '|', h.reason)"]
+        out = subprocess.run(probe, capture_output=True, text=True, check=True, timeout=60).stdout
+        assert out.startswith(f"{action} |"), out
+    finally:
+        init.kill()
+        init.wait()

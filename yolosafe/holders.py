@@ -107,9 +107,19 @@ def _run_env(proc: psutil.Process) -> dict[str, str]:
     return {k: env[k] for k in RUN_VARS if k in env}
 
 
-def supervisor_gone(proc: psutil.Process, run_env: dict[str, str]) -> tuple[bool, str]:
+def _writes_log(proc: psutil.Process, run_dir: str) -> bool:
+    """Whether ``proc`` has the run's ``train.log`` open: the supervisor does while an attempt runs."""
+    log = os.path.realpath(os.path.join(run_dir, rundir.LOG))
+    try:
+        return any(os.path.realpath(f.path) == log for f in proc.open_files())
+    except psutil.Error:
+        return False
+
+
+def supervisor_gone(proc: psutil.Process, run_env: dict[str, str], run_dir: str) -> tuple[bool, str]:
     """Walk up through the processes of the same attempt (same run variables) to the worker; its parent is the
-    supervisor. Gone when the worker has no parent or was adopted by pid 1 or a reaper."""
+    supervisor. Gone when the worker has no parent, or was adopted by pid 1 or a reaper that is not itself the
+    supervisor (a supervisor running as a container's pid 1 has the run's train.log open)."""
     top = proc
     while True:
         try:
@@ -121,8 +131,8 @@ def supervisor_gone(proc: psutil.Process, run_env: dict[str, str]) -> tuple[bool
         top = parent
     if parent is None:
         return True, f"its worker (pid {top.pid}) has no parent any more"
-    reaper = named(parent, REAPERS)
-    if parent.pid <= 1 or reaper:
+    adopted = parent.pid <= 1 or named(parent, REAPERS)
+    if adopted and not _writes_log(parent, run_dir):
         return True, f"its worker (pid {top.pid}) was adopted by pid {parent.pid} ({parent.name()})"
     return False, f"supervised by pid {parent.pid} ({parent.name()})"
 
@@ -160,7 +170,7 @@ def _classify(pid: int, proc: psutil.Process, mine: set[int]) -> tuple[str, str,
     run_env = _run_env(proc)
     if run_env:
         run = run_env.get(rundir.RUN_DIR_ENV) or str(Path(run_env[rundir.SPEC_ENV]).parent)
-        gone, how = supervisor_gone(proc, run_env)
+        gone, how = supervisor_gone(proc, run_env, run)
         if gone:
             return "stale yolosafe", f"a yolosafe worker or DDP rank of {run} whose supervisor is gone ({how})", \
                 PROVEN, run, None
