@@ -363,6 +363,37 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
         click.echo(line)
 
 
+@cli.command("doctor")
+@click.argument("run_dir", required=False)
+@click.option("--project", help="Where to look for the newest run when RUN_DIR is not given. Default ./runs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor_command(run_dir: str | None, project: str | None, as_json: bool) -> None:
+    """Explain GPU memory: the machine, the environment, a run (default: the newest), and what to do. Read-only."""
+    from yolosafe import doctor, doctor_text
+
+    try:
+        found = doctor.diagnose(run_dir, project)
+    except doctor.DoctorError as exc:
+        fail(str(exc))
+    click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else "\n".join(doctor_text.render(found)))
+
+
+@cli.command("fix")
+@click.option("--config", "config_file", help="A yolosafe train --config YAML to adapt to the run's OOMs.")
+@click.option("--run", "run_dir", help="The run the config change is derived from. Default: the newest under ./runs.")
+@click.option("--yes", is_flag=True, help="Accept what is provably safe without asking (stale yolosafe processes, "
+                                          "the rc line, the config change).")
+def fix_command(config_file: str | None, run_dir: str | None, yes: bool) -> None:
+    """Propose repairs one by one (y/N, default No; no terminal means No unless --yes); back up what it edits."""
+    from yolosafe import fixes
+
+    try:
+        code = fixes.main(config_file, run_dir, yes)
+    except fixes.FixUsageError as exc:
+        fail(str(exc))
+    sys.exit(code)
+
+
 def _num(value: float | None, suffix: str = "") -> str:
     return "?" if value is None else f"{value:.0f}{suffix}"
 
@@ -382,3 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(supervise.EXIT_INTERRUPTED)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

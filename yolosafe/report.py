@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from yolosafe import rundir
+from yolosafe import records, rundir
 from yolosafe.gpus import nvml_index
 from yolosafe.watch import event_gpus, phase_after
 
@@ -32,8 +32,7 @@ class NoMemoryData(Exception):
 
 
 def plan_gpus(run_dir: Path) -> list[int]:
-    story = rundir.read_json(run_dir / rundir.STORY)
-    return list(story.get("plan", {}).get("gpus", []))
+    return records.load_story(run_dir).plan_gpus
 
 
 def events(run_dir: Path) -> list[dict[str, Any]]:
@@ -86,14 +85,14 @@ def ooms(run_dir: Path) -> list[dict[str, Any]]:
     """The OOMs of the run, each with the GPU it hit (NVML index) where the record tells."""
     gpus = plan_gpus(run_dir)
     found = []
-    for record in rundir.all_failure_records(run_dir):
-        if not record.get("oom"):
+    for record in records.load_failures(run_dir):  # attempt, then rank, in numeric order
+        if not record.oom:
             continue
-        index = record.get("gpu")
-        if index is None and record.get("rank") is not None and gpus:
-            index = max(int(record["rank"]), 0)
-        found.append({k: record.get(k) for k in ("t", "attempt", "phase", "epoch", "rank")}
-                     | {"gpu": nvml_index(gpus, index)})
+        index = record.gpu
+        if index is None and record.rank is not None and gpus:
+            index = max(int(record.rank), 0)
+        found.append({"t": record.t, "attempt": record.attempt, "phase": record.phase, "epoch": record.epoch,
+                      "rank": record.rank, "gpu": nvml_index(gpus, index)})
     return found
 
 
