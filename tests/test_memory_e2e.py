@@ -39,7 +39,7 @@ def test_fake_validation_peak_is_found_on_its_gpu_and_epoch(run_cli, tmp_path):
     assert gpus["1"]["peak_others_mib"] == 5000 and gpus["1"]["phases"]["val"]["peak_used_mib"] == 9000
     assert gpus["3"]["headroom_mib"] == 1576
     warnings = [line for line in result.stderr.splitlines() if "memory warning" in line]
-    assert len(warnings) == 1 and "GPU 3 at 94% in val, epoch 0" in warnings[0]  # two validations: one line
+    assert len(warnings) == 1 and "GPU 3 at 94% in val, epoch 1" in warnings[0]  # two validations: one line
     assert story(run)["memory_watch"]["warnings"][0]["gpu"] == 3
 
     csv_lines = (run / "memory.csv").read_text().splitlines()

@@ -227,17 +227,8 @@ def _peak(phases: dict[str, Any], names: tuple[str, ...]) -> str:
         return "-"
     top = max(found, key=lambda p: p["peak_used_mib"] or 0)
     share = f" {top['peak_used_share']:.0%}" if top["peak_used_share"] is not None else ""
-    epoch = f" e{top['epoch_of_peak']}" if top["epoch_of_peak"] is not None else ""
+    epoch = f" e{top['epoch_of_peak'] + 1}" if top["epoch_of_peak"] is not None else ""  # 1-based, as shown
     return f"{_gib(top['peak_used_mib'])}{share}{epoch}"
 
 
-def table(summary: dict[str, Any]) -> list[str]:
-    """GPU x (train peak, val peak, headroom, other processes): the lines ``yolosafe train`` ends with."""
-    header = f"{'GPU':>3}  {'total':>9}  {'train peak':>20}  {'val peak':>20}  {'headroom':>9}  {'others':>9}"
-    lines = [header]
-    for gpu, info in sorted(summary["gpus"].items(), key=lambda item: int(item[0])):
-        phases = info["phases"]
-        lines.append(f"{gpu:>3}  {_gib(info['total_mib']):>9}  {_peak(phases, ('train',)):>20}  "
-                     f"{_peak(phases, VAL_PHASES):>20}  {_gib(info['headroom_mib']):>9}  "
-                     f"{_gib(info['peak_others_mib']):>9}")
-    return lines
+
