@@ -112,13 +112,9 @@ def check_watch(options: dict[str, Any]) -> None:
 
 def check_inputs(options: dict[str, Any]) -> None:
     """Everything the worker or Ultralytics would otherwise find out only after a run directory exists."""
-    try:
-        validate.check_options(options)
-        validate.check_model(options["model"] or default_model())
-        validate.check_data(options["data_yaml"])
-        validate.check_ultralytics_args(plan.parse_passthrough(options["args"]))
-    except plan.PlanError as exc:
-        fail(str(exc))
+    validate.check_options(options)
+    validate.check_model(options["model"] or default_model())
+    validate.check_data(options["data_yaml"])
 
 
 def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
@@ -237,6 +233,7 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     except (gpus.FakeSpecError, allocator.AllocConfError) as exc:
         fail(str(exc))
     p = build(options, inventory)
+    validate.check_ultralytics_args(p.extra)
     for note in plan.plan_warnings(p):
         supervise.say(f"note: {note}")
     simulated = inventory.backend == "fake" and bool(p.gpus)

@@ -232,3 +232,29 @@ def _peak(phases: dict[str, Any], names: tuple[str, ...]) -> str:
 
 
 
+
+
+def table(summary: dict[str, Any]) -> list[str]:
+    """GPU x (train peak, val peak, headroom, other processes): the lines ``yolosafe train`` ends with.
+
+    Columns that mean nothing are left out (no other processes on any GPU, no validation), and GPUs whose samples are
+    all zero (fake GPUs while the training ran on the CPU) get one note instead of rows of zeros.
+    """
+    gpus = sorted(summary["gpus"].items(), key=lambda item: int(item[0]))
+    measured = [(gpu, info) for gpu, info in gpus if info.get("peak_used_mib")]
+    idle = [gpu for gpu, info in gpus if not info.get("peak_used_mib")]
+    others = any(info.get("peak_others_mib") for _, info in measured)
+    val = any(set(info["phases"]) & set(VAL_PHASES) for _, info in measured)
+    lines = []
+    if measured:
+        lines.append(f"{'GPU':>3}  {'total':>9}  {'train peak':>20}" + (f"  {'val peak':>20}" if val else "")
+                     + f"  {'headroom':>9}" + (f"  {'others':>9}" if others else ""))
+    for gpu, info in measured:
+        phases = info["phases"]
+        lines.append(f"{gpu:>3}  {_gib(info['total_mib']):>9}  {_peak(phases, ('train',)):>20}"
+                     + (f"  {_peak(phases, VAL_PHASES):>20}" if val else "") + f"  {_gib(info['headroom_mib']):>9}"
+                     + (f"  {_gib(info['peak_others_mib']):>9}" if others else ""))
+    if idle:
+        lines.append(f"GPU {', '.join(idle)}: no memory in use in any sample (fake GPUs while the training ran on the "
+                     "CPU, or idle ones): no peaks to show")
+    return lines

@@ -85,11 +85,11 @@ def prepare(run_dir: Path, given: dict[str, Any], defaults: dict[str, Any], dry_
                                   "wait for it or stop it first") from None
     if rundir.mark_if_orphaned(run_dir):
         story = read_story(run_dir)
-    if story.get("outcome") == "completed":
-        raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
     last = run_dir / "weights" / "last.pt"
     if not last.is_file():
         raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
+    if story.get("outcome") == "completed":
+        raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
     validate.check_checkpoint(last, f"--resume {run_dir}: weights/last.pt")
     options = {key: given[key] if given.get(key) is not None else story.get(key, defaults.get(key))
                for key in RUN_OPTIONS}

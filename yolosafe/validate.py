@@ -233,12 +233,12 @@ def check_ultralytics_args(args: Mapping[str, Any]) -> None:
                 raise InputError(f"{key}=None: Ultralytics needs a value for '{key}'")
             continue
         if key in rules.get("CFG_FLOAT_KEYS", ()) and (isinstance(value, bool) or not isinstance(value, number)):
-            raise InputError(f"{key}={value}: Ultralytics needs a number (e.g. {key}={rules['DEFAULTS'].get(key)})")
+            raise InputError(f"{key}={value}: Ultralytics needs a number (e.g. {key}={_default(key)})")
         if key in rules.get("CFG_FRACTION_KEYS", ()):
             _check_fraction(key, value)
         if key in rules.get("CFG_INT_KEYS", ()):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise InputError(f"{key}={value}: Ultralytics needs a whole number (e.g. {key}=8)")
+                raise InputError(f"{key}={value}: Ultralytics needs a whole number (e.g. {key}={_default(key)})")
             minimum = rules.get("CFG_INT_MIN", {}).get(key)
             if minimum is not None and value < minimum:
                 raise InputError(f"{key}={value}: Ultralytics needs {key} >= {minimum}")
@@ -248,6 +248,10 @@ def check_ultralytics_args(args: Mapping[str, Any]) -> None:
             raise InputError(f"{key}={value}: Ultralytics needs text")
 
 
+def _default(key: str) -> Any:
+    return ultralytics_rules()["DEFAULTS"].get(key, 0.5)
+
+
 _TYPED = ("CFG_FLOAT_KEYS", "CFG_FRACTION_KEYS", "CFG_INT_KEYS", "CFG_BOOL_KEYS", "CFG_STR_KEYS")
 
 
@@ -255,6 +259,6 @@ def _check_fraction(key: str, value: Any) -> None:
     if key == "fraction" and (isinstance(value, list) or (isinstance(value, int) and value > 1)):
         return  # counts and [train, val] splits: Ultralytics checks those itself
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(f"{key}={value}: Ultralytics needs a number between 0 and 1 (e.g. {key}=0.5)")
+        raise InputError(f"{key}={value}: Ultralytics needs a number between 0 and 1 (e.g. {key}={_default(key)})")
     if not 0.0 <= value <= 1.0:
         raise InputError(f"{key}={value}: Ultralytics needs a value between 0.0 and 1.0")
