@@ -149,11 +149,11 @@ def next_run_name(project: Path, name: str) -> Path:
 
 
 def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulated: bool,
-                  resume_from: Path | None = None) -> None:
+                  resume_from: Path | None = None, attempt: int = 1) -> None:
     gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
     if simulated:
         gpus_text += "  [fake GPUs: the worker would train on CPU]"
-    spec_file = rundir.spec_path(run_dir, 1)
+    spec_file = rundir.spec_path(run_dir, attempt)
     device, visible = supervise.launch_device(p, simulated)
     child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
@@ -271,7 +271,7 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool) -> int:
     """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
     r = resume.prepare(run_dir, given, DEFAULTS, dry_run)
     if dry_run:
-        print_dry_run(r.plan, r.env, r.run_dir, r.simulated, resume_from=r.last)
+        print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, len(r.story.get("attempts", [])) + 1)
         return 0
     resume.record(r, given)
     supervise.say(f"resuming {r.run_dir} from {r.last}")
