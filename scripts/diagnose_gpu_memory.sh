@@ -210,6 +210,7 @@ OUTCOMES = {
     "killed": "the worker was killed by a signal yolosafe did not send (SIGKILL: host OOM killer or kill -9)",
     "interrupted": "stopped by Ctrl-C/SIGTERM; resumable",
     "running": "running now, or its supervisor died without recording an outcome",
+    "supervisor_died": "its supervisor died while training (found by a later yolosafe command); resumable",
 }
 
 
