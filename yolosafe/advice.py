@@ -23,7 +23,7 @@ def advice(failure: Failure, plan: TrainPlan, others_mib: dict[int, float] | Non
     """Next steps once retries are exhausted, fitted to the case: ``min_batch`` is given when the minimum per-GPU
     batch, not the number of retries, is what stopped it."""
     tips = []
-    if min_batch is not None and failure.phase not in {"val", "final"}:
+    if min_batch is not None and failure.phase != "final":
         tips.append(f"the per-GPU batch {plan.per_gpu_batch} cannot be halved below --min-batch {min_batch}: "
                     "lower --min-batch, or see below")
     busy = sorted(gpu for gpu, mib in (others_mib or {}).items() if mib > 1024)
