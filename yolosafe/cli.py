@@ -123,7 +123,7 @@ def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
         selected = plan.parse_gpus(
             None if options["gpus"] is None else str(options["gpus"]), visible, inventory.problem
         )
-        return plan.build_plan(
+        built = plan.build_plan(
             model=options["model"] or default_model(),
             data=options["data_yaml"],
             gpus=selected,
@@ -137,7 +137,8 @@ def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
     except plan.PlanError as exc:
         hidden = len(visible) < len(inventory.ids)
         fail(f"{exc} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if hidden else str(exc))
-    raise AssertionError("unreachable")
+    validate.check_ultralytics_args(built.extra)  # after the unknown and yolosafe-owned keys were refused
+    return built
 
 
 def next_run_name(project: Path, name: str) -> Path:
@@ -233,7 +234,6 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     except (gpus.FakeSpecError, allocator.AllocConfError) as exc:
         fail(str(exc))
     p = build(options, inventory)
-    validate.check_ultralytics_args(p.extra)
     for note in plan.plan_warnings(p):
         supervise.say(f"note: {note}")
     simulated = inventory.backend == "fake" and bool(p.gpus)
@@ -242,11 +242,10 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
         print_dry_run(p, env, next_run_name(project, options["name"]), simulated)
         return
     named = ctx.get_parameter_source("name") is not click.core.ParameterSource.DEFAULT or "name" in config
-    holder = rundir.holder(project / options["name"]) if named else None
-    if holder is not None:
-        fail(f"--name {options['name']}: {project / options['name']} is training now (yolosafe pid {holder})")
-    run_dir = rundir.new_run_dir(project, options["name"])
-    rundir.lock(run_dir)  # its descriptor stays open until this process exits: one run per directory
+    try:
+        run_dir = rundir.claim_new_run_dir(project, options["name"], refuse_live=named)
+    except rundir.RunLocked as exc:
+        fail(f"--name {options['name']}: {exc}")
     story = {
         "yolosafe": __version__,
         "command": sys.argv,

@@ -140,17 +140,30 @@ def lock(run_dir: Path) -> int:
     return fd
 
 
+def claim_new_run_dir(project: Path, name: str, refuse_live: bool) -> Path:
+    """A new run directory (:func:`new_run_dir`), locked for this process's life. ``refuse_live``: the user named
+    this run, so a live run of that name is a mistake (:class:`RunLocked`), not a reason to go to ``name2``."""
+    if refuse_live:
+        pid = holder(project / name)
+        if pid is not None:
+            raise RunLocked(project / name, pid)
+    run_dir = new_run_dir(project, name)
+    lock(run_dir)  # its descriptor stays open until this process exits
+    return run_dir
+
+
 def holder(run_dir: Path) -> str | None:
     """The pid of the live process holding the run directory, or None when nobody does."""
-    if not (run_dir / LOCK).is_file():
-        return None
     try:
-        fd = lock(run_dir)
-    except RunLocked as exc:
-        return exc.pid or "?"
+        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return None
-    os.close(fd)  # only probing: a lock taken and released at once
+        return None  # no lock file: no yolosafe has run here since locks exist
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a probe: released by the close below, the file unchanged
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
     return None
 
 
