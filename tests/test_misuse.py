@@ -227,8 +227,14 @@ def test_tracebacks_stay_off_the_terminal_progress_stays_live():
     tee.write(b"\nTrace")
     tee.write(b"back (most recent call last):\n  File \"x.py\", line 1\n    boom()\nRuntimeError: boom\n\n"
               b"During handling of the above exception, another exception occurred:\n\n"
-              b"[rank1]: Traceback (most recent call last):\n[rank1]:   File \"y\"\nKeyboardInterrupt\nafter\n")
+              b"[rank1]: Traceback (most recent call last):\n[rank1]:   File \"y\"\n"
+              b"FileNotFoundError: \x1b[34mtrain:\x1b[0m no images\nSee the docs\n\n"
+              b"The above exception was the direct cause of the following exception:\n\n"
+              b"Traceback (most recent call last):\n  File \"z\"\nKeyboardInterrupt\n\nafter\n")
     assert out.getvalue() == b"  1/4 loss 1.2\r  2/4 loss 1.1\nafter\n"
+    log = ("x\nTraceback (most recent call last):\n  File \"y\"\n"
+           "FileNotFoundError: \x1b[34mtrain:\x1b[0m no images\nmore\n")
+    assert terminal.exception_line(log) == "FileNotFoundError: train: no images"
 
 
 def plan_on(gpus: tuple[int, ...], model: str = "yolov8n.yaml") -> plan.TrainPlan:

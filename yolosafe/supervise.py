@@ -191,11 +191,11 @@ def classify(result: AttemptResult, records: list[dict[str, Any]], log_tail: str
         name = signal.Signals(-result.exit_code).name
         return Failure("killed", message=f"the worker was killed by {name}")
     first = records[0] if records else {}
-    message = first.get("message") or next((ln for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
+    last_line = next((ln for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
+    message = first.get("message") or terminal.exception_line(log_tail) or last_line
     if first.get("error") and first.get("message"):
         message = f"{first['error']}: {message}"
-    message = message.strip().removeprefix("yolosafe: ")
-    return Failure("failed", first.get("phase"), first.get("epoch"), first.get("rank"), message=message,
+    return Failure("failed", first.get("phase"), first.get("epoch"), first.get("rank"), message=terminal.plain(message),
                    records=records)
 
 

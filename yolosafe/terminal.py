@@ -17,6 +17,7 @@ from yolosafe.plan import TrainPlan
 HEADER = "Traceback (most recent call last):"
 CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
 RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s?")  # torch.distributed.run's per-rank line prefix
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours and cursor moves (Ultralytics colours its messages)
 
 
 def start_lines(plan: TrainPlan, env: dict[str, str], simulated: bool) -> list[str]:
@@ -42,14 +43,15 @@ class TracebackFilter:
 
     Output passes through as it comes, partial lines included, so progress bars stay live; only a partial line that
     could still become a traceback's first line is held until it is complete. A traceback is its header, the
-    indented frame lines, the exception line that ends it, and chained tracebacks after it.
+    indented frame lines, the exception line that ends it and the rest of its message (up to the next blank line),
+    and chained tracebacks after it.
     """
 
     def __init__(self, out: IO[bytes]) -> None:
         self.out = out
         self.line = b""  # the current line, so far
         self.shown = 0  # how much of it is on the terminal already
-        self.state = "text"  # text | frames (inside a traceback) | after (just after its exception line)
+        self.state = "text"  # text | frames (in a traceback) | after (its exception message) | gap (blank after it)
 
     def write(self, chunk: bytes) -> int:
         for piece in chunk.splitlines(keepends=True):
@@ -76,12 +78,32 @@ class TracebackFilter:
                 return False
             self.state = "after"  # the exception line: the supervisor names the cause in its own line
             return False
-        if self.state == "after":
-            if not core.strip() or core.startswith(CHAINED):
-                return False
-            self.state = "text"
+        if self.state == "after":  # the exception message's further lines, up to a blank line
+            if not core.strip():
+                self.state = "gap"
+            return False
+        if core.startswith(CHAINED) or (self.state == "gap" and not core.strip()):
+            return False
+        self.state = "text"
         return True
 
 
 def _core(line: bytes) -> str:
     return RANK_PREFIX.sub("", line.decode(errors="replace").rstrip("\r\n"))
+
+
+def plain(text: str) -> str:
+    """One line for the user: no colour codes, no rank prefix, no ``yolosafe:`` of a message that is quoted."""
+    return RANK_PREFIX.sub("", ANSI.sub("", text)).strip().removeprefix("yolosafe: ")
+
+
+def exception_line(log_text: str) -> str | None:
+    """The exception line of the last traceback in ``log_text`` (``FileNotFoundError: ...``), if there is one."""
+    found, inside = None, False
+    for raw in log_text.splitlines():
+        line = RANK_PREFIX.sub("", ANSI.sub("", raw)).rstrip()
+        if line.startswith(HEADER):
+            inside = True
+        elif inside and line and not line[0].isspace():
+            found, inside = plain(line), False
+    return found
