@@ -39,7 +39,7 @@ def test_fake_validation_peak_is_found_on_its_gpu_and_epoch(run_cli, tmp_path):
     assert gpus["1"]["peak_others_mib"] == 5000 and gpus["1"]["phases"]["val"]["peak_used_mib"] == 9000
     assert gpus["3"]["headroom_mib"] == 1576
     warnings = [line for line in result.stderr.splitlines() if "memory warning" in line]
-    assert len(warnings) == 1 and "GPU 3 at 94% in val, epoch 0" in warnings[0]  # two validations: one line
+    assert len(warnings) == 1 and "GPU 3 at 94% in val, epoch 1" in warnings[0]  # two validations: one line
     assert story(run)["memory_watch"]["warnings"][0]["gpu"] == 3
 
     csv_lines = (run / "memory.csv").read_text().splitlines()
@@ -48,14 +48,14 @@ def test_fake_validation_peak_is_found_on_its_gpu_and_epoch(run_cli, tmp_path):
     assert png.stat().st_size > 20_000
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == (1100, 500)
-    assert "val peak" in result.stderr and "9.8 GiB 41% e1" in result.stderr  # the table yolosafe train ends with
+    assert "val peak" in result.stderr and "9.8 GiB 41% e2" in result.stderr  # the table yolosafe train ends with
 
     png.unlink()
     again = run_cli("report", "--json")  # the latest run under ./runs
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["gpus"] == gpus and png.is_file()
     table = run_cli("report", str(run))
-    assert table.returncode == 0 and "22.5 GiB 94% e0" in table.stdout
+    assert table.returncode == 0 and "22.5 GiB 94% e1" in table.stdout
 
 
 def test_report_without_memory_data_says_so_in_one_line(run_cli, tmp_path):

@@ -64,7 +64,7 @@ def test_report_finds_the_validation_peak_on_its_gpu(ddp_run):
     with Image.open(ddp_run / rundir.MEMORY_PLOT) as image:
         assert image.format == "PNG" and image.size == (1100, 500)
     lines = report.table(summary)
-    assert len(lines) == 3 and "29.3 GiB 73% e0" in lines[2]
+    assert len(lines) == 3 and "29.3 GiB 73% e1" in lines[2]
 
 
 def test_no_samples_is_one_reason(tmp_path):

@@ -54,7 +54,7 @@ def test_samples_split_ours_from_others_and_warn_once_per_gpu_and_phase(tmp_path
     assert (first["0"]["used_mib"], first["0"]["ours_mib"], first["0"]["others_mib"]) == ("9500.0", "8500.0", "1000.0")
     assert (first["1"]["used_mib"], first["1"]["ours_mib"], first["1"]["others_mib"]) == ("3000.0", "3000.0", "0.0")
     assert {r["attempt"] for r in got} == {"1"}
-    assert len(said) == 1 and "GPU 0 at 95% in val, epoch 3" in said[0], said  # many samples over 90 %, one line
+    assert len(said) == 1 and "GPU 0 at 95% in val, epoch 4" in said[0], said  # many samples over 90 %, one line
     assert w.status()["warnings"][0]["gpu"] == 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import click
 import yaml
 
-from yolosafe import __version__, allocator, datasets, gpus, plan, report, rundir, supervise
+from yolosafe import __version__, allocator, datasets, gpus, plan, report, resume, rundir, supervise, terminal, validate
 
 EXIT_USAGE = 2
 DEFAULTS: dict[str, Any] = {
@@ -110,6 +110,13 @@ def check_watch(options: dict[str, Any]) -> None:
         fail(f"--warn-at {warn_at:g}: give a share of GPU memory above 0 and at most 1 (e.g. 0.9)")
 
 
+def check_inputs(options: dict[str, Any]) -> None:
+    """Everything the worker or Ultralytics would otherwise find out only after a run directory exists."""
+    validate.check_options(options)
+    validate.check_model(options["model"] or default_model())
+    validate.check_data(options["data_yaml"])
+
+
 def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
     try:
         visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -118,7 +125,7 @@ def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
         )
         for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
             raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
-        return plan.build_plan(
+        built = plan.build_plan(
             model=options["model"] or default_model(),
             data=options["data_yaml"],
             gpus=selected,
@@ -132,7 +139,8 @@ def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
     except plan.PlanError as exc:
         hidden = len(visible) < len(inventory.ids)
         fail(f"{exc} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if hidden else str(exc))
-    raise AssertionError("unreachable")
+    validate.check_ultralytics_args(built.extra)  # after the unknown and yolosafe-owned keys were refused
+    return built
 
 
 def next_run_name(project: Path, name: str) -> Path:
@@ -143,11 +151,12 @@ def next_run_name(project: Path, name: str) -> Path:
     return project / (name if n == 1 else f"{name}{n}")
 
 
-def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulated: bool) -> None:
+def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulated: bool,
+                  resume_from: Path | None = None, attempt: int = 1) -> None:
     gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
     if simulated:
         gpus_text += "  [fake GPUs: the worker would train on CPU]"
-    spec_file = rundir.spec_path(run_dir, 1)
+    spec_file = rundir.spec_path(run_dir, attempt)
     device, visible = supervise.launch_device(p, simulated)
     child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
@@ -161,7 +170,8 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("val batch", f"{p.val_batch} per GPU"),
         ("imgsz / epochs", f"{p.imgsz} / {p.epochs}"),
         ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),
-        ("run dir", f"{run_dir} (not created by a dry run)"),
+        ("run dir", f"{run_dir} (resumed from {resume_from}; nothing trained by a dry run)" if resume_from
+         else f"{run_dir} (not created by a dry run)"),
         ("train kwargs", json.dumps(p.train_kwargs() | {"device": device}, sort_keys=True)),
         ("child command", f"{prefix} {sys.executable} -m yolosafe.worker {spec_file}"),
     ]
@@ -205,8 +215,11 @@ def cli() -> None:
 def train(ctx: click.Context, datasets_file: str | None, config_file: str | None, resume_dir: str | None,
           dry_run: bool, **_: Any) -> None:
     """Train with OOM protection. Extra ARGS are Ultralytics train arguments as key=value (e.g. lr0=0.01)."""
+    validate.check_injection(os.environ)
     if resume_dir:
-        sys.exit(resume(Path(resume_dir)))
+        given = {k: v for k, v in ctx.params.items()
+                 if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+        sys.exit(resume_run(Path(resume_dir), given, dry_run))
     config = load_config(config_file)
     data_name = ctx.params["data"] or config.get("data") or DEFAULTS["data"]
     try:
@@ -216,6 +229,7 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     options = resolve_options(ctx, config, dataset.defaults)
     options["data_yaml"] = str(dataset.yaml_path)
     check_watch(options)
+    check_inputs(options)
     try:
         inventory = gpus.read_inventory()
         env = allocator.apply(os.environ, options["alloc_conf"])
@@ -229,7 +243,11 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     if dry_run:
         print_dry_run(p, env, next_run_name(project, options["name"]), simulated)
         return
-    run_dir = rundir.new_run_dir(project, options["name"])
+    named = ctx.get_parameter_source("name") is not click.core.ParameterSource.DEFAULT or "name" in config
+    try:
+        run_dir = rundir.claim_new_run_dir(project, options["name"], refuse_live=named)
+    except rundir.RunLocked as exc:
+        fail(f"--name {options['name']}: {exc}")
     story = {
         "yolosafe": __version__,
         "command": sys.argv,
@@ -250,6 +268,17 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     sys.exit(code)
 
 
+def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool) -> int:
+    """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
+    r = resume.prepare(run_dir, given, DEFAULTS, dry_run)
+    if dry_run:
+        print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, len(r.story.get("attempts", [])) + 1)
+        return 0
+    resume.record(r, given)
+    supervise.say(f"resuming {r.run_dir} from {r.last}")
+    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last)
+
+
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], options: dict[str, Any],
                    simulated: bool, story: dict[str, Any], resume_from: Path | None = None) -> int:
     if simulated:  # the fake NVML backend follows the phases the trainer writes there (docs/fake-gpus.md)
@@ -259,6 +288,8 @@ def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], option
                                        watch_interval=float(options["watch_interval"]),
                                        warn_at=float(options["warn_at"]),
                                        clear_before_val=bool(options["clear_before_val"]))
+    for line in terminal.start_lines(p, env, simulated):
+        supervise.say(line)
     supervisor = supervise.Supervisor(run_dir, run_options, story)
     code = supervisor.run(p, resume=resume_from)
     if supervisor.watch is not None:
@@ -283,32 +314,6 @@ def print_memory_table(run_dir: Path) -> None:
     supervise.say(f"memory per GPU (NVML peaks; {rundir.MEMORY_SUMMARY}, {rundir.MEMORY_PLOT} in the run directory):")
     for line in report.table(summary):
         click.echo(f"  {line}", err=True)
-
-
-def resume(run_dir: Path) -> int:
-    """``--resume RUN_DIR``: the same plan as the last attempt, from weights/last.pt, appended to the same story."""
-    story_file = run_dir / rundir.STORY
-    if not story_file.is_file():
-        fail(f"--resume {run_dir}: not a yolosafe run directory (no {rundir.STORY})")
-    last = run_dir / "weights" / "last.pt"
-    if not last.is_file():
-        fail(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
-    story = rundir.read_json(story_file)
-    if story.get("outcome") == "completed":
-        fail(f"--resume {run_dir}: this run already completed; start a new run instead")
-    attempts = story.get("attempts") or [{}]
-    summary = dict(story["plan"])
-    summary.update({k: attempts[-1][k] for k in ("batch", "val_batch") if k in attempts[-1]})
-    fields = plan.TrainPlan.__dataclass_fields__
-    p = plan.TrainPlan(**{k: v for k, v in summary.items() if k in fields} | {"gpus": tuple(summary["gpus"])})
-    try:
-        env = allocator.apply(os.environ, None) | {k: v for k, v in story["allocator"].items()}
-    except allocator.AllocConfError as exc:
-        fail(str(exc))
-    options = {"max_retries": story.get("max_retries", 3), "min_batch": story.get("min_batch", 1),
-               **{key: story.get(key, DEFAULTS[key]) for key in WATCH_KEYS}}
-    supervise.say(f"resuming {run_dir} from {last}")
-    return run_supervised(run_dir, p, env, options, bool(story.get("simulated_on_cpu")), story, resume_from=last)
 
 
 @cli.command("gpus")
@@ -350,6 +355,8 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
         fail("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
     if not (path / rundir.STORY).is_file():
         fail(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
+    if rundir.mark_if_orphaned(path):
+        click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
@@ -358,7 +365,7 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{path}: GPU memory, NVML peaks (epochs 0-based); plot: {path / rundir.MEMORY_PLOT}")
+    click.echo(f"{path}: GPU memory, NVML peaks (epochs 1-based); plot: {path / rundir.MEMORY_PLOT}")
     for line in report.table(summary):
         click.echo(line)
 
@@ -402,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: click's own usage errors are reduced to one line, like ours; both exit with status 2."""
     try:
         cli.main(args=argv, prog_name="yolosafe", standalone_mode=False)
-    except UsageError as exc:
+    except (UsageError, validate.InputError) as exc:
         click.echo(f"yolosafe: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     except click.UsageError as exc:

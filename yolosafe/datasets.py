@@ -74,6 +74,8 @@ def resolve(name_or_path: str, registry: Path | None = None) -> Dataset:
         if os.sep not in name_or_path and _ultralytics_ships(name_or_path):
             return Dataset(path.stem, path)  # e.g. coco8.yaml: Ultralytics resolves it (and fetches the images)
         raise DatasetError(f"--data {name_or_path}: file not found")
+    if Path(name_or_path).is_file():
+        raise DatasetError(f"--data {name_or_path}: a file, but not a data YAML (.yaml) with train:, val:, names:")
     entries = load_registry(registry)
     entry = entries.get(name_or_path)
     if entry is None and name_or_path == SHAPES:

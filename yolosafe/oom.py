@@ -104,8 +104,22 @@ def parse_injection(text: str | None) -> Injection | None:
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in Injection.__dataclass_fields__:
             raise ValueError(f"{INJECT_ENV}: cannot read {item!r}; keys: phase, epoch, iteration, rank, times, error")
-        fields[key] = value if key in {"phase", "error"} else int(value)
+        if key in {"phase", "error"}:
+            fields[key] = value
+        elif re.fullmatch(r"\d+", value):
+            fields[key] = int(value)
+        else:
+            raise ValueError(f"{INJECT_ENV}: {key}={value!r} must be a whole number >= 0")
     injection = Injection(**fields)
     if injection.phase not in {"train", "val", "final"} or injection.error not in {"oom", "runtime"}:
         raise ValueError(f"{INJECT_ENV}: phase must be train/val/final and error oom/runtime, got {text!r}")
     return injection
+
+
+# Host (CPU) memory, not GPU memory: PyTorch's CPU allocator and Python's own wording.
+HOST_OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
+                    "MemoryError", "Cannot allocate memory")
+
+
+def is_host_oom(text: str) -> bool:
+    return any(marker in text for marker in HOST_OOM_MARKERS)

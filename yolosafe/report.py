@@ -226,17 +226,34 @@ def _peak(phases: dict[str, Any], names: tuple[str, ...]) -> str:
         return "-"
     top = max(found, key=lambda p: p["peak_used_mib"] or 0)
     share = f" {top['peak_used_share']:.0%}" if top["peak_used_share"] is not None else ""
-    epoch = f" e{top['epoch_of_peak']}" if top["epoch_of_peak"] is not None else ""
+    epoch = f" e{top['epoch_of_peak'] + 1}" if top["epoch_of_peak"] is not None else ""  # 1-based, as shown
     return f"{_gib(top['peak_used_mib'])}{share}{epoch}"
 
 
+
+
+
 def table(summary: dict[str, Any]) -> list[str]:
-    """GPU x (train peak, val peak, headroom, other processes): the lines ``yolosafe train`` ends with."""
-    header = f"{'GPU':>3}  {'total':>9}  {'train peak':>20}  {'val peak':>20}  {'headroom':>9}  {'others':>9}"
-    lines = [header]
-    for gpu, info in sorted(summary["gpus"].items(), key=lambda item: int(item[0])):
+    """GPU x (train peak, val peak, headroom, other processes): the lines ``yolosafe train`` ends with.
+
+    Columns that mean nothing are left out (no other processes on any GPU, no validation), and GPUs whose samples are
+    all zero (fake GPUs while the training ran on the CPU) get one note instead of rows of zeros.
+    """
+    gpus = sorted(summary["gpus"].items(), key=lambda item: int(item[0]))
+    measured = [(gpu, info) for gpu, info in gpus if info.get("peak_used_mib")]
+    idle = [gpu for gpu, info in gpus if not info.get("peak_used_mib")]
+    others = any(info.get("peak_others_mib") for _, info in measured)
+    val = any(set(info["phases"]) & set(VAL_PHASES) for _, info in measured)
+    lines = []
+    if measured:
+        lines.append(f"{'GPU':>3}  {'total':>9}  {'train peak':>20}" + (f"  {'val peak':>20}" if val else "")
+                     + f"  {'headroom':>9}" + (f"  {'others':>9}" if others else ""))
+    for gpu, info in measured:
         phases = info["phases"]
-        lines.append(f"{gpu:>3}  {_gib(info['total_mib']):>9}  {_peak(phases, ('train',)):>20}  "
-                     f"{_peak(phases, VAL_PHASES):>20}  {_gib(info['headroom_mib']):>9}  "
-                     f"{_gib(info['peak_others_mib']):>9}")
+        lines.append(f"{gpu:>3}  {_gib(info['total_mib']):>9}  {_peak(phases, ('train',)):>20}"
+                     + (f"  {_peak(phases, VAL_PHASES):>20}" if val else "") + f"  {_gib(info['headroom_mib']):>9}"
+                     + (f"  {_gib(info['peak_others_mib']):>9}" if others else ""))
+    if idle:
+        lines.append(f"GPU {', '.join(idle)}: no memory in use in any sample (fake GPUs while the training ran on the "
+                     "CPU, or idle ones): no peaks to show")
     return lines

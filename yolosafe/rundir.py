@@ -15,10 +15,16 @@ Layout (Ultralytics' own files, ``weights/``, ``results.csv``, ``args.yaml``, si
     final_metrics.json     the final validation's metrics (of best.pt), whichever attempt ran it
     weights/last-before-attemptN.pt   the checkpoint attempt N resumed from, kept (last.pt moves on every epoch)
     .injected              how many injected faults (YOLOSAFE_INJECT_OOM) have fired, across attempts
+    .lock                  held (flock) by the supervisor that runs in it, for its whole life; holds its pid
+
+One run per directory: the lock is an OS lock on an open file, released by the kernel when the supervisor exits,
+however it dies, so it is never stale; the pid in the file is only there to name the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -34,6 +40,8 @@ MEMORY_PLOT = "memory.png"
 FINAL_METRICS = "final_metrics.json"
 INJECTED = ".injected"
 FAKE_PHASE = ".fake-phase.json"  # the phase file of the fake NVML backend (YOLOSAFE_FAKE_PHASE_FILE), fake GPUs only
+LOCK = ".lock"
+ORPHANED = "supervisor_died"  # the outcome of a run whose supervisor died while it said "running"
 RUN_DIR_ENV = "YOLOSAFE_RUN_DIR"
 SPEC_ENV = "YOLOSAFE_SPEC"
 
@@ -107,3 +115,69 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a killed rank
+
+
+class RunLocked(Exception):
+    """Another live process holds the run directory; ``pid`` is the holder's."""
+
+    def __init__(self, run_dir: Path, pid: str) -> None:
+        super().__init__(f"{run_dir} is in use by a running yolosafe (pid {pid or '?'})")
+        self.pid = pid
+
+
+def lock(run_dir: Path) -> int:
+    """Take the run directory's lock for this process's life (the descriptor stays open, never inherited by the
+    worker); raises :class:`RunLocked` naming the holder."""
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise RunLocked(run_dir, pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def claim_new_run_dir(project: Path, name: str, refuse_live: bool) -> Path:
+    """A new run directory (:func:`new_run_dir`), locked for this process's life. ``refuse_live``: the user named
+    this run, so a live run of that name is a mistake (:class:`RunLocked`), not a reason to go to ``name2``."""
+    if refuse_live:
+        pid = holder(project / name)
+        if pid is not None:
+            raise RunLocked(project / name, pid)
+    run_dir = new_run_dir(project, name)
+    lock(run_dir)  # its descriptor stays open until this process exits
+    return run_dir
+
+
+def holder(run_dir: Path) -> str | None:
+    """The pid of the live process holding the run directory, or None when nobody does."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file: no yolosafe has run here since locks exist
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a probe: released by the close below, the file unchanged
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+    return None
+
+
+def mark_if_orphaned(run_dir: Path) -> bool:
+    """A story that says "running" while nobody holds the lock: its supervisor died (kill -9, power loss). Say so in
+    the story, so that neither the user nor ``--resume`` takes it for a live run. Returns whether it was marked."""
+    path = run_dir / STORY
+    with contextlib.suppress(OSError, ValueError):
+        story = read_json(path)
+        if not isinstance(story, dict) or story.get("outcome") != "running" or holder(run_dir) is not None:
+            return False
+        story["outcome"] = ORPHANED
+        for attempt in story.get("attempts", [])[-1:]:
+            attempt.setdefault("outcome", ORPHANED)
+        write_json(path, story)
+        return True
+    return False

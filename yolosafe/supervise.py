@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from yolosafe import oom, rundir
+from yolosafe import oom, rundir, terminal
+from yolosafe.advice import advice
 from yolosafe.gpus import nvml_index, open_backend
 from yolosafe.plan import TrainPlan
 from yolosafe.watch import MemoryWatch
@@ -190,8 +191,11 @@ def classify(result: AttemptResult, records: list[dict[str, Any]], log_tail: str
         name = signal.Signals(-result.exit_code).name
         return Failure("killed", message=f"the worker was killed by {name}")
     first = records[0] if records else {}
-    message = first.get("message") or next((ln for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
-    return Failure("failed", first.get("phase"), first.get("epoch"), first.get("rank"), message=message.strip(),
+    last_line = next((ln for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
+    message = first.get("message") or terminal.exception_line(log_tail) or last_line
+    if first.get("error") and first.get("message"):
+        message = f"{first['error']}: {message}"
+    return Failure("failed", first.get("phase"), first.get("epoch"), first.get("rank"), message=terminal.plain(message),
                    records=records)
 
 
@@ -227,28 +231,6 @@ def next_step(plan: TrainPlan, failure: Failure, val_ooms: int, min_batch: int) 
         f"batch {plan.batch} -> {smaller.batch} ({plan.per_gpu_batch} -> {smaller.per_gpu_batch} per GPU), "
         f"accumulate {plan.accumulate} -> {smaller.accumulate}, effective batch {smaller.real_effective_batch}",
     )
-
-
-def advice(failure: Failure, plan: TrainPlan, others_mib: dict[int, float] | None = None) -> list[str]:
-    """Next steps once retries are exhausted, from what the OOM records say."""
-    tips = []
-    busy = sorted(gpu for gpu, mib in (others_mib or {}).items() if mib > 1024)
-    if busy:
-        keep = [g for g in plan.gpus if g not in busy]
-        tips.append(f"GPU(s) {', '.join(map(str, busy))} also hold other processes' memory: "
-                    f"exclude them (--gpus {','.join(map(str, keep)) or 'cpu'}) or free them (yolosafe gpus)")
-    if len(plan.gpus) > 1:
-        tips.append(f"train on fewer GPUs, each with more headroom (e.g. --gpus {plan.gpus[0]})")
-    if failure.phase in {"val", "final"}:
-        tips.append("validation is the peak: --val-batch 1, or val=False and validate once afterwards")
-    tips.append(f"a smaller image size (--imgsz {max(plan.imgsz // 2 // 32 * 32, 32)})")
-    tips.append("cache=False (Ultralytics' RAM/disk image cache) and fewer workers (workers=2)")
-    tips.append("a smaller model (e.g. yolov8n instead of yolov8s/m/l/x)")
-    figures = next((r.get("figures") for r in failure.records if r.get("figures")), None)
-    if figures and figures.get("reserved_unallocated_mib", 0) > 1024:
-        tips.append(f"{figures['reserved_unallocated_mib']:.0f} MiB was reserved but unallocated (fragmentation): "
-                    "keep expandable_segments:True in --alloc-conf")
-    return tips
 
 
 def tail(path: Path, start: int, limit: int = 20000) -> str:
@@ -346,7 +328,7 @@ class Supervisor:
             header = f"\n=== yolosafe attempt {attempt} ({spec['mode']}): {' '.join(cmd)}\n".encode()
             log.write(header)
             with self.memory_watch(spec) as on_start:
-                result = run_child(cmd, env, log, on_start=on_start)
+                result = run_child(cmd, env, log, on_start=on_start, out=terminal.TracebackFilter(sys.stdout.buffer))
         failure = classify(result, rundir.failure_records(self.run_dir, attempt), tail(log_path, start))
         return result, failure
 
@@ -428,11 +410,12 @@ class Supervisor:
                     f"resume with: yolosafe train --resume {self.run_dir}")
                 return EXIT_FAILED
             if failure.kind == "failed":
-                where = f" in {failure.phase} at epoch {failure.epoch}" if failure.phase else ""
-                say(f"training failed{where}, not an OOM, not retried: {failure.message or 'see ' + str(rundir.LOG)}")
+                where = f" in {failure.phase} at epoch {_shown(failure.epoch)}" if failure.phase else ""
+                say(f"training failed{where}, not an OOM, not retried: {failure.message or 'no message'} "
+                    f"(traceback: {self.run_dir / rundir.LOG})")
                 return EXIT_FAILED
             where = f"rank {failure.rank}, " if failure.rank not in (None, -1) else ""
-            say(f"OOM in {failure.phase} at epoch {failure.epoch} ({where}batch {plan.per_gpu_batch}/GPU, "
+            say(f"OOM in {failure.phase} at epoch {_shown(failure.epoch)} ({where}batch {plan.per_gpu_batch}/GPU, "
                 f"val batch {plan.val_batch}/GPU)")
             val_ooms += failure.phase == "val"
             allowed = retries < self.options.max_retries
@@ -441,7 +424,7 @@ class Supervisor:
                 self.story["outcome"] = "oom_exhausted"
                 self.save()
                 say(f"giving up after {retries} retr{'y' if retries == 1 else 'ies'}; next steps:")
-                for tip in advice(failure, plan, self.others_mib()):
+                for tip in advice(failure, plan, self.others_mib(), self.options.min_batch if allowed else None):
                     say(f"  - {tip}")
                 return EXIT_OOM_EXHAUSTED
             retries += 1
@@ -474,6 +457,11 @@ class Supervisor:
         metrics = self.run_dir / rundir.FINAL_METRICS
         if metrics.is_file():
             self.story["final_metrics"] = rundir.read_json(metrics)
+
+
+def _shown(epoch: int | None) -> str:
+    """Epochs as Ultralytics shows them (1-based); the records keep its 0-based ``trainer.epoch``."""
+    return "?" if epoch is None else str(epoch + 1)
 
 
 def say(message: str) -> None:

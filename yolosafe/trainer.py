@@ -9,7 +9,8 @@
 3. A fresh multi-GPU launch keeps the run directory: Ultralytics deletes ``save_dir`` before it spawns the DDP
    ranks (``generate_ddp_command``), which would delete yolosafe's own log, spec and story of the run.
 4. Checkpoints are written atomically, so the one a retry resumes from is never half a file.
-5. The training step has an injection point (``YOLOSAFE_INJECT_OOM``) inside the try block where a real OOM
+5. A resume may change ``nbs`` (``--effective-batch``), which Ultralytics would otherwise take from the checkpoint.
+6. The training step has an injection point (``YOLOSAFE_INJECT_OOM``) inside the try block where a real OOM
    surfaces, so tests prove that Ultralytics' own in-process halving stays off (see callbacks.py).
 
 The classes are module-level so that Ultralytics' DDP state file, which pickles ``type(trainer)``, imports them
@@ -114,6 +115,13 @@ class SafeTrainerMixin:
             if path.exists():
                 os.replace(path, final[name])
         return saved
+
+    def check_resume(self, overrides: dict[str, Any]) -> None:
+        # Ultralytics resumes with the checkpoint's nbs; a resume with another --effective-batch passes its own.
+        nbs = overrides.get("nbs")
+        super().check_resume({k: v for k, v in overrides.items() if k != "nbs"})
+        if self.resume and nbs is not None:
+            self.args.nbs = nbs
 
     def final_eval(self) -> None:
         callbacks.STATE.final = True

@@ -229,7 +229,8 @@ class MemoryWatch:
         self.warnings.append({"t": round(time.time(), 3), "gpu": reading.index, "phase": phase, "epoch": epoch,
                               "used_mib": _round(reading.used_mib), "total_mib": _round(reading.total_mib),
                               "ours_mib": _round(ours), "others_mib": _round(others)})
-        self._say(f"memory warning: GPU {reading.index} at {share:.0%} in {phase}, epoch {epoch}: "
+        shown = "?" if epoch is None else epoch + 1  # 1-based, as Ultralytics shows epochs
+        self._say(f"memory warning: GPU {reading.index} at {share:.0%} in {phase}, epoch {shown}: "
                   f"{_gib(reading.used_mib)} of {_gib(reading.total_mib)} GiB used "
                   f"(this run {_gib(ours)}, other processes {_gib(others)})")
 

@@ -45,7 +45,7 @@ def _load(model_path: str) -> Any:
         return YOLO(model_path)
     except Exception as exc:  # offline download failure, missing file, corrupt checkpoint: one line, no traceback
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"yolosafe: cannot load model {model_path!r}: {first}", file=sys.stderr, flush=True)
+        print(f"cannot load model {model_path!r}: {first}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_SETUP) from None
 
 
@@ -56,6 +56,9 @@ def train(spec: dict[str, Any], run_dir: Path) -> None:
     if spec.get("resume"):
         model = _load(spec["resume"])
         kwargs["resume"] = spec["resume"]
+        # The run directory where it is now: the checkpoint's own save_dir is where the run was (moved, or copied).
+        kwargs["save_dir"] = str(run_dir)
+        kwargs = {k: v for k, v in kwargs.items() if k not in {"project", "name", "exist_ok"}}
         resumed_from = (model.ckpt or {}).get("epoch")
     else:
         model = _load(spec["model"])
