@@ -126,7 +126,7 @@ def test_memory_peaks_come_from_the_report(tmp_path):
                                          "val": {**phase, "peak_used_mib": 33000.0}}}}}
     rundir.write_json(run / rundir.MEMORY_SUMMARY, summary)
     out = run_doctor(tmp_path, str(run))
-    assert "memory peaks per GPU" in out.stdout and "21.5 GiB 50% e3" in out.stdout and "32.2 GiB" in out.stdout
+    assert "memory peaks per GPU" in out.stdout and "21.5 GiB 50% e4" in out.stdout and "32.2 GiB" in out.stdout
 
 
 def test_a_run_that_recovered_suggests_what_worked(tmp_path):

@@ -266,6 +266,7 @@ def test_yolosafe_train_dry_run_over_nvml_refuses_an_invalid_gpu_in_one_line(nvm
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     data = tmp_path / "data.yaml"
     data.write_text("path: .\ntrain: images\nval: images\nnames: {0: box}\n")
+    (tmp_path / "images").mkdir()  # the data is checked before the plan
     nvml(Driver([gpu(0), gpu(1, lost=True), gpu(2, processes=[(4242, None)])]))
     code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "0,2", "--batch", "8", "--data", str(data))
     assert (code, err) == (0, "") and "0,2  (2 GPUs)" in out
