@@ -291,7 +291,8 @@ def plan_warnings(plan: TrainPlan) -> list[str]:
     """Things that are allowed but probably not what the user meant."""
     if plan.real_effective_batch == plan.effective_batch:
         return []
-    return [f"effective batch {plan.effective_batch} with batch {plan.batch}: Ultralytics will accumulate "
+    why = "is not a multiple of" if plan.effective_batch % plan.batch else "is more than the run's iterations of"
+    return [f"effective batch {plan.effective_batch} {why} batch {plan.batch}: Ultralytics will accumulate "
             f"{plan.accumulate} steps, an effective batch of {plan.real_effective_batch}"]
 
 
@@ -300,5 +301,5 @@ def describe_accumulation(plan: TrainPlan) -> str:
     nb, warmup = plan.batches_per_epoch, plan.warmup_iterations
     if nb is None:
         return f"at most {plan.accumulate}, ramped up from 1 during warm-up (dataset size unknown)"
-    ramp = f"ramped 1 -> {plan.accumulate} over the first {warmup} (warm-up)" if warmup else "no warm-up ramp"
-    return f"{plan.accumulate} of {nb} iterations/epoch ({nb * plan.epochs} in all, the cap); {ramp}"
+    ramp = f"ramped 1 -> {plan.accumulate} over its first {warmup} (warm-up)" if warmup else "no warm-up ramp"
+    return f"{plan.accumulate}, at most the run's {nb * plan.epochs} iterations ({nb} per epoch); {ramp}"
