@@ -178,12 +178,14 @@ def _check_warmup() -> None:
               "self.accumulate = max(1, int(np.interp(ni, xi, [1, acc0]).round()))")
     for warmup_epochs, epochs, nb in ((3.0, 100, 7), (3.0, 2, 4), (0.5, 10, 3), (0.0, 5, 9), (3.0, 1, 4)):
         fake = SimpleNamespace(args=SimpleNamespace(warmup_epochs=warmup_epochs), epochs=epochs)
-        assert _trainer()._get_warmup_iterations(fake, nb) == plan.warmup_iterations(warmup_epochs, epochs, nb)
+        real, ours = _trainer()._get_warmup_iterations(fake, nb), plan.warmup_iterations(warmup_epochs, epochs, nb)
+        assert real == ours, f"warmup_epochs={warmup_epochs}, epochs={epochs}, {nb} batches: {real} != plan's {ours}"
     for acc0 in (1, 2, 3, 4, 7, 16):
         for nw in (1, 2, 4, 5, 12, 21):
             for ni in range(nw + 1):
                 real = max(1, int(np.interp(ni, [0, nw], [1, acc0]).round()))
-                assert plan.warmup_accumulate(ni, nw, acc0) == real, (ni, nw, acc0)
+                ours = plan.warmup_accumulate(ni, nw, acc0)
+                assert ours == real, f"iteration {ni} of {nw}, accumulate {acc0}: {real} != plan's {ours}"
 
 
 def _check_loader_length() -> None:
@@ -247,7 +249,7 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("final_eval_callback_order", "final_eval validates best.pt (on_val_start ...) then runs "
                "on_fit_epoch_end, before on_train_end", "BaseTrainer.final_eval/_do_train", _check_final_eval_order),
     Assumption("val_batch_start_per_batch", "on_val_batch_start runs once per validation batch before its forward "
-               "pass, before validator.batch_i is set (yolosafe counts the batches itself)",
+               "pass (yolosafe counts the batches itself, never reads validator.batch_i: it is set after the callback)",
                "ultralytics.engine.validator.BaseValidator.__call__", _check_val_batch_start),
     Assumption("callback_ranks", "train epoch/batch callbacks, on_fit_epoch_end, on_val_start and on_val_batch_start "
                "run on every rank, on_val_end on rank 0 only; every rank has a validator",
