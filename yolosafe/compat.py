@@ -119,8 +119,11 @@ def _check_final_eval_writes() -> None:
     _in_order(_trainer().final_eval, "strip_optimizer(self.last)", "strip_optimizer(self.best")
 
 
-def _check_final_eval_order() -> None:
-    _in_order(_trainer()._do_train, "self.final_eval()", 'self.run_callbacks("on_train_end")')
+def _check_callback_order() -> None:
+    _in_order(_trainer()._do_train, "self.epoch = epoch", 'self.run_callbacks("on_train_epoch_start")',
+              'self.run_callbacks("on_train_batch_start")', 'self.run_callbacks("on_train_epoch_end")',
+              "self.validate()", "self.save_model()", 'self.run_callbacks("on_fit_epoch_end")', "self.final_eval()",
+              'self.run_callbacks("on_train_end")')
     _in_order(_trainer().final_eval, "self.validator(model=model)", 'self.run_callbacks("on_fit_epoch_end")')
 
 
@@ -217,6 +220,8 @@ def _check_ddp_launch() -> None:
     _in_order(_trainer().__init__, "self.ddp = world_size > 1 and LOCAL_RANK == -1")
     _in_order(_trainer().train, "cmd, file = generate_ddp_command(self)", "subprocess.run(cmd, check=True)")
     _in_order(dist.generate_ddp_command, "if not trainer.resume: shutil.rmtree(trainer.save_dir)")
+    assert "resume" not in _source(_trainer().train), "BaseTrainer.train reads trainer.resume itself"
+    assert "trainer.resume" not in _source(dist.generate_ddp_file), "the ranks' state file carries trainer.resume"
     _in_order(dist.generate_ddp_file, '"trainer": type(trainer)', '"callbacks": trainer.callbacks',
               "pickle_module=cloudpickle", 'trainer = state["trainer"](', "_callbacks=state[\"callbacks\"]",
               "trainer.train()")
@@ -246,8 +251,10 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "when fitness improved); epochN.pt bypasses them", "BaseTrainer.save_model", _check_save_model),
     Assumption("final_eval_strip_writes", "final_eval rewrites last.pt and best.pt in place (strip_optimizer), "
                "outside save_model", "BaseTrainer.final_eval", _check_final_eval_writes),
-    Assumption("final_eval_callback_order", "final_eval validates best.pt (on_val_start ...) then runs "
-               "on_fit_epoch_end, before on_train_end", "BaseTrainer.final_eval/_do_train", _check_final_eval_order),
+    Assumption("final_eval_callback_order", "each epoch runs on_train_epoch_start (after setting trainer.epoch), "
+               "on_train_batch_start per batch, on_train_epoch_end, validation, save_model, on_fit_epoch_end; then "
+               "final_eval validates best.pt and runs on_fit_epoch_end, before on_train_end",
+               "BaseTrainer._do_train/final_eval", _check_callback_order),
     Assumption("val_batch_start_per_batch", "on_val_batch_start runs once per validation batch before its forward "
                "pass (yolosafe counts the batches itself, never reads validator.batch_i: it is set after the callback)",
                "ultralytics.engine.validator.BaseValidator.__call__", _check_val_batch_start),
@@ -266,7 +273,8 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("default_cfg", "Ultralytics' defaults nbs=64 and warmup_epochs=3.0 (plan.py's constants)",
                "ultralytics/cfg/default.yaml", _check_defaults),
     Assumption("ddp_launch", "multi-GPU train() spawns torch.distributed.run with the inherited environment, deletes "
-               "save_dir unless trainer.resume, and pickles type(trainer) and the callbacks for the ranks",
+               "save_dir unless trainer.resume (read nowhere else on the way), and pickles type(trainer) and the "
+               "callbacks for the ranks",
                "BaseTrainer.train, ultralytics.utils.dist.generate_ddp_command/generate_ddp_file", _check_ddp_launch),
     Assumption("model_train_api", "Model.train(trainer=cls) instantiates our trainer with the model's callbacks, and "
                "a loaded model keeps its checkpoint in model.ckpt", "ultralytics.engine.model.Model.train/_load",

@@ -75,8 +75,8 @@ class TrainPlan:
 
     @property
     def batches_per_epoch(self) -> int | None:
-        """``len(train_loader)`` on each rank, when the dataset size is known."""
-        if self.train_images is None:
+        """``len(train_loader)`` on each rank, when the dataset size is known (``fraction=`` not worked out)."""
+        if self.train_images is None or self.extra.get("fraction", 1.0) != 1.0:
             return None
         return batches_per_epoch(self.train_images, self.per_gpu_batch, self.world_size)
 
