@@ -122,3 +122,16 @@ def test_accumulation_is_capped_and_ramped_like_ultralytics():
     assert (four.batches_per_epoch, four.warmup_iterations) == (1, 2)
     assert "ramped 1 -> 2 over its first 2" in describe_accumulation(four)
     assert "dataset size unknown" in describe_accumulation(plan())
+
+
+def test_count_images_feeds_the_plan(tmp_path):
+    from yolosafe.datasets import count_images
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for name in ("1.jpg", "2.PNG", "a/3.webp", "notes.txt"):
+        (tmp_path / "images" / name).write_text("x")
+    (tmp_path / "list.txt").write_text("images/1.jpg\n\nimages/2.PNG\n")
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: [images, list.txt]\nval: missing\n")
+    assert count_images(data) == 5 and count_images(data, "val") is None
+    assert count_images(tmp_path / "absent.yaml") is None
