@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from yolosafe.plan import PlanError, build_plan, check_passthrough, parse_gpus, parse_passthrough
+from yolosafe.plan import (
+    PlanError,
+    build_plan,
+    check_passthrough,
+    describe_accumulation,
+    parse_gpus,
+    parse_passthrough,
+    warmup_accumulate,
+)
 
 
 def plan(**overrides):
@@ -98,3 +106,32 @@ def test_effective_batch_not_multiple_is_noted():
     p = plan(effective_batch=100)
     assert p.accumulate == 2 and p.real_effective_batch == 128
     assert "not a multiple" in plan_warnings(p)[0]
+
+
+def test_accumulation_is_capped_and_ramped_like_ultralytics():
+    # Ultralytics caps accumulate at len(train_loader) * epochs: 8 images, batch 8, one epoch -> 1 step, not 8.
+    small = plan(gpus=(), batch=8, effective_batch=64, epochs=1, train_images=8)
+    assert (small.batches_per_epoch, small.accumulate, small.real_effective_batch) == (1, 1, 8)
+    assert plan(gpus=(), batch=8, effective_batch=64, epochs=1).accumulate == 8  # size unknown: not capped
+    assert plan(gpus=(), batch=8, effective_batch=64, epochs=1, train_images=8, extra={"time": 1.0}).accumulate == 8
+    # The tests' TINY run: shapes' 32 images, batch 8, nbs 16, 2 epochs: warm-up is 1 epoch = 4 iterations.
+    tiny = plan(gpus=(), batch=8, effective_batch=16, epochs=2, train_images=32)
+    assert (tiny.batches_per_epoch, tiny.accumulate, tiny.warmup_iterations) == (4, 2, 4)
+    assert [warmup_accumulate(i, 4, 2) for i in range(6)] == [1, 1, 2, 2, 2, 2]  # np.interp rounds half to even
+    four = plan(train_images=32, epochs=3)  # 4 GPUs x 16: 8 images per rank, one batch per epoch
+    assert (four.batches_per_epoch, four.warmup_iterations) == (1, 2)
+    assert "ramped 1 -> 2 over its first 2" in describe_accumulation(four)
+    assert "dataset size unknown" in describe_accumulation(plan())
+
+
+def test_count_images_feeds_the_plan(tmp_path):
+    from yolosafe.datasets import count_images
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for name in ("1.jpg", "2.PNG", "a/3.webp", "notes.txt"):
+        (tmp_path / "images" / name).write_text("x")
+    (tmp_path / "list.txt").write_text("images/1.jpg\n\nimages/2.PNG\n")
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: [images, list.txt]\nval: missing\n")
+    assert count_images(data) == 5 and count_images(data, "val") is None
+    assert count_images(tmp_path / "absent.yaml") is None

@@ -167,7 +167,7 @@ def on_train_epoch_end(trainer: Any) -> None:
 
 
 def on_val_start(validator: Any) -> None:
-    STATE.phase, STATE.iteration = ("final" if STATE.final else "val"), 0
+    STATE.phase, STATE.iteration = ("final" if STATE.final else "val"), -1
     cleared = _clear_cache(validator) if spec().get("clear_before_val", True) else None
     _reset_peaks(validator)
     loader = getattr(validator, "dataloader", None)
@@ -175,7 +175,8 @@ def on_val_start(validator: Any) -> None:
 
 
 def on_val_batch_start(validator: Any) -> None:
-    STATE.iteration = validator.batch_i
+    # Counted here: Ultralytics sets validator.batch_i after this callback (None on the first batch, then the last).
+    STATE.iteration += 1
     maybe_inject(STATE.phase or "val")
 
 

@@ -135,6 +135,7 @@ def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
             imgsz=int(options["imgsz"]),
             epochs=int(options["epochs"]),
             extra=plan.parse_passthrough(options["args"]),
+            train_images=datasets.count_images(Path(options["data_yaml"])),
         )
     except plan.PlanError as exc:
         hidden = len(visible) < len(inventory.ids)
@@ -167,6 +168,7 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
         ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
                             f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),
+        ("accumulation", plan.describe_accumulation(p)),
         ("val batch", f"{p.val_batch} per GPU"),
         ("imgsz / epochs", f"{p.imgsz} / {p.epochs}"),
         ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),

@@ -6,6 +6,8 @@ before any process touches a GPU.
 Ultralytics has no ``accumulate`` argument: it accumulates ``round(nbs / batch)`` steps, where ``batch`` is the total
 batch over all GPUs. So yolosafe sets ``nbs`` to the effective batch the user wants; when a retry halves the batch,
 keeping ``nbs`` doubles the accumulation and the effective batch (and Ultralytics' weight-decay scaling) survives.
+Ultralytics also caps that at the run's iterations and ramps it up from 1 during warm-up: the functions below are its
+formula (guarded against its source by ``yolosafe.compat``), so the dry run shows what really runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import yaml
 
 ULTRALYTICS_DEFAULT_NBS = 64
+ULTRALYTICS_DEFAULT_WARMUP_EPOCHS = 3.0
 
 # Train arguments yolosafe owns: set through its own options, never as pass-through key=value.
 OWNED_KEYS = {
@@ -56,6 +59,7 @@ class TrainPlan:
     imgsz: int
     epochs: int
     extra: dict[str, Any] = field(default_factory=dict)  # checked Ultralytics pass-through args
+    train_images: int | None = None  # the training split's size, when known: it caps and times the accumulation
 
     @property
     def device(self) -> str:
@@ -70,9 +74,25 @@ class TrainPlan:
         return self.batch // self.world_size
 
     @property
+    def batches_per_epoch(self) -> int | None:
+        """``len(train_loader)`` on each rank, when the dataset size is known (``fraction=`` not worked out)."""
+        if self.train_images is None or self.extra.get("fraction", 1.0) != 1.0:
+            return None
+        return batches_per_epoch(self.train_images, self.per_gpu_batch, self.world_size)
+
+    @property
     def accumulate(self) -> int:
-        """Ultralytics' own formula (``BaseTrainer._build_train_pipeline``)."""
-        return max(round(self.effective_batch / self.batch), 1)
+        """The accumulation after warm-up, capped like Ultralytics caps it (when the dataset size is known)."""
+        nb = self.batches_per_epoch
+        iterations = None if nb is None or self.extra.get("time") else nb * self.epochs
+        return nominal_accumulate(self.effective_batch, self.batch, iterations)
+
+    @property
+    def warmup_iterations(self) -> int | None:
+        """The iterations over which Ultralytics ramps the accumulation from 1 up to :attr:`accumulate`."""
+        nb = self.batches_per_epoch
+        warmup = float(self.extra.get("warmup_epochs", ULTRALYTICS_DEFAULT_WARMUP_EPOCHS))
+        return None if nb is None else warmup_iterations(warmup, self.epochs, nb)
 
     @property
     def real_effective_batch(self) -> int:
@@ -110,7 +130,39 @@ class TrainPlan:
             "per_gpu_batch": self.per_gpu_batch,
             "accumulate": self.accumulate,
             "real_effective_batch": self.real_effective_batch,
+            "warmup_iterations": self.warmup_iterations,
         }
+
+
+# Ultralytics' accumulation, step by step (``yolosafe.compat`` checks each against Ultralytics' own source).
+
+def batches_per_epoch(images: int, per_gpu_batch: int, world_size: int) -> int:
+    """``len(train_loader)`` per rank: ``build_dataloader`` splits the images over the ranks (rounding up, like
+    ``DistributedSampler``), shrinks the batch to the shard, and keeps the last partial batch."""
+    samples = -(-images // world_size)
+    batch = min(per_gpu_batch, samples)
+    return -(-samples // batch) if batch > 0 else 0
+
+
+def nominal_accumulate(nbs: int, batch: int, iterations: int | None = None) -> int:
+    """``BaseTrainer._build_train_pipeline``: ``max(round(nbs / batch), 1)``, at most the run's iterations
+    (``len(train_loader) * epochs``, not capped in ``time`` mode, ``iterations`` None)."""
+    accumulate = max(round(nbs / batch), 1)
+    return accumulate if iterations is None else min(accumulate, iterations)
+
+
+def warmup_iterations(warmup_epochs: float, epochs: int, batches: int) -> int:
+    """``BaseTrainer._get_warmup_iterations``: warm-up leaves at least the last epoch alone."""
+    warmup = min(warmup_epochs, max(epochs - 1, 0))
+    return round(warmup * batches) if warmup > 0 else 0
+
+
+def warmup_accumulate(iteration: int, warmup: int, accumulate: int) -> int:
+    """The accumulation at global iteration ``iteration`` (``BaseTrainer._do_train``:
+    ``max(1, int(np.interp(ni, [0, nw], [1, acc0]).round()))`` while ``ni <= nw``), without numpy."""
+    if not warmup or iteration >= warmup:
+        return accumulate
+    return max(1, round((accumulate - 1) / warmup * iteration + 1))
 
 
 @functools.cache
@@ -197,6 +249,7 @@ def build_plan(
     imgsz: int = 640,
     epochs: int = 100,
     extra: Mapping[str, Any] | None = None,
+    train_images: int | None = None,
 ) -> TrainPlan:
     """Resolve and check a training request. Raises :class:`PlanError` with one line for the user."""
     world = max(len(gpus), 1)
@@ -230,15 +283,23 @@ def build_plan(
         imgsz=imgsz,
         epochs=epochs,
         extra=check_passthrough(extra or {}),
+        train_images=train_images,
     )
 
 
 def plan_warnings(plan: TrainPlan) -> list[str]:
     """Things that are allowed but probably not what the user meant."""
-    notes = []
-    if plan.real_effective_batch != plan.effective_batch:
-        notes.append(
-            f"effective batch {plan.effective_batch} is not a multiple of batch {plan.batch}: Ultralytics will "
-            f"accumulate {plan.accumulate} steps, an effective batch of {plan.real_effective_batch}"
-        )
-    return notes
+    if plan.real_effective_batch == plan.effective_batch:
+        return []
+    why = "is not a multiple of" if plan.effective_batch % plan.batch else "is more than the run's iterations of"
+    return [f"effective batch {plan.effective_batch} {why} batch {plan.batch}: Ultralytics will accumulate "
+            f"{plan.accumulate} steps, an effective batch of {plan.real_effective_batch}"]
+
+
+def describe_accumulation(plan: TrainPlan) -> str:
+    """The dry run's line: the accumulation that really runs, cap and warm-up ramp included."""
+    nb, warmup = plan.batches_per_epoch, plan.warmup_iterations
+    if nb is None:
+        return f"at most {plan.accumulate}, ramped up from 1 during warm-up (dataset size unknown)"
+    ramp = f"ramped 1 -> {plan.accumulate} over its first {warmup} (warm-up)" if warmup else "no warm-up ramp"
+    return f"{plan.accumulate}, at most the run's {nb * plan.epochs} iterations ({nb} per epoch); {ramp}"

@@ -106,6 +106,8 @@ class SafeTrainerMixin:
         # the very checkpoint a retry resumes from truncated. Write beside it, then rename: all or nothing.
         final = {"last": self.last, "best": self.best}
         partial = {name: path.with_name(f".{path.name}.partial") for name, path in final.items()}
+        for path in partial.values():  # a killed rank's leftover: promote only what this save writes
+            path.unlink(missing_ok=True)
         self.last, self.best = partial["last"], partial["best"]
         try:
             saved = super().save_model()

@@ -104,8 +104,20 @@ def final_validation(spec: dict[str, Any], run_dir: Path) -> None:
     _save_metrics(run_dir, metrics)
 
 
+def warn_unsupported_ultralytics() -> None:
+    """One line on stderr when the installed Ultralytics is outside the range whose private details were verified."""
+    import ultralytics
+
+    from yolosafe import compat
+
+    line = compat.version_warning(ultralytics.__version__)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    warn_unsupported_ultralytics()
     spec_file = Path(argv[0])
     spec = rundir.read_json(spec_file)
     run_dir = Path(spec["run_dir"])
