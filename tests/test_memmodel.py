@@ -91,14 +91,14 @@ def test_gpus_auto_leaves_out_busy_gpus_and_takes_the_most_free():
 
 def _history_line(tmp_path, run: int, predicted: memmodel.Prediction, measured: float) -> dict:
     return {"run_dir": str(tmp_path / f"run{run}"), "gpu": 0, "gpu_name": "Fake GPU", "phase": "train",
-            "predicted_peak_mib": predicted.peak_mib, "predicted_reserved_mib": predicted.reserved_mib,
-            "predicted_outside_mib": predicted.context_mib + predicted.outside_mib, "measured_peak_mib": measured}
+            "predicted_peak_mib": predicted.peak_mib, "calibration": 1.0,
+            "predicted_uncalibrated_mib": predicted.peak_mib, "measured_peak_mib": measured}
 
 
 def test_history_moves_the_prediction_toward_what_this_machine_measured(tmp_path):
     terms, setup = memmodel.table_terms("yolov8s"), memmodel.Setup()
     base = memmodel.predict(terms, setup, "train", 32)
-    measured = base.context_mib + 1.5 * base.reserved_mib  # this GPU type needs 50 % more than the model says
+    measured = 1.5 * base.peak_mib  # this GPU type needs 50 % more than the model says
     path = tmp_path / "history.jsonl"
     assert history.calibration("Fake GPU", path) == (1.0, 0)
     errors = []

@@ -80,16 +80,16 @@ def test_batch_auto_dry_run_keeps_the_effective_batch(run_cli):
     assert cpu.returncode == 2 and "--batch auto needs GPUs" in cpu.stderr
 
 
-def fake_gpu_for_batch(per_gpu: int, imgsz: int) -> float:
+def fake_gpu_for_batch(per_gpu: int, imgsz: int, world_size: int) -> float:
     """The smallest fake GPU (MiB) on which --batch auto picks ``per_gpu`` images of yolov8n at ``imgsz``."""
-    terms, setup = memmodel.table_terms("yolov8n"), memmodel.Setup(imgsz=imgsz)
+    terms, setup = memmodel.table_terms("yolov8n"), memmodel.Setup(imgsz=imgsz, world_size=world_size)
     peak = max(memmodel.predict(terms, setup, p, per_gpu).peak_mib for p in ("train", "val"))
     return float(int(peak / 0.85) + 1)
 
 
 @pytest.mark.slow
 def test_batch_auto_trains_end_to_end_and_the_history_learns(run_cli, tmp_path, shared_cache):
-    total = fake_gpu_for_batch(4, 64)
+    total = fake_gpu_for_batch(4, 64, world_size=2)
     spec = json.dumps({"gpus": [{"name": "Fake Tiny", "total_mib": total, "phase_mib": {"train": 700, "val": 650}}
                                 for _ in range(2)]})
     result = run_cli("train", "--gpus", "auto", "--batch", "auto", "--imgsz", "64", "--epochs", "1",

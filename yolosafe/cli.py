@@ -281,9 +281,9 @@ def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], option
                                        clear_before_val=bool(options["clear_before_val"]))
     supervisor = supervise.Supervisor(run_dir, run_options, story)
     code = supervisor.run(p, resume=resume_from)
-    history.record(run_dir, story)  # predicted vs measured peaks: the next plan learns from this machine
     if supervisor.watch is not None:
         print_memory_table(run_dir)
+        history.record(run_dir, story)  # predicted vs measured peaks: the next plan learns from this machine
     weights = story.get("weights", {})
     supervise.say(f"run directory: {run_dir}")
     for name, path in weights.items():

@@ -3,9 +3,9 @@
 After each run yolosafe appends one line per phase to ``memory_history.jsonl`` in its cache directory
 (``$YOLOSAFE_CACHE`` or ``~/.cache/yolosafe``): model, imgsz, batch, AMP, GPU name, torch and driver versions, the
 predicted peak (from ``yolosafe.json``'s ``memory_plan``) and the measured one (NVML peak of the run's own processes,
-from ``memory_summary.json``). The memory model multiplies its reserved term by the median ratio of measured to
-predicted for the same GPU name, shrunk toward 1 while there are few runs (n / (n + 1) of the way), so one odd run
-cannot swing the next plan far.
+from ``memory_summary.json``). The memory model multiplies its predicted peak by the median ratio of measured to
+(uncalibrated) predicted for the same GPU name, shrunk toward 1 while there are few runs (n / (n + 1) of the way),
+so one odd run cannot swing the next plan far.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def entries_for_run(run_dir: Path, story: dict[str, Any]) -> list[dict[str, Any]
                 "model": memory_plan["model"], "imgsz": memory_plan["imgsz"], "amp": memory_plan["amp"],
                 "batch": predicted["batch"], "phase": phase, "world_size": memory_plan["world_size"],
                 "torch": versions.get("torch"), "driver": versions.get("driver"),
-                "predicted_peak_mib": predicted["peak_mib"], "predicted_reserved_mib": predicted["reserved_mib"],
-                "predicted_outside_mib": predicted["context_mib"] + predicted["outside_mib"],
+                "predicted_peak_mib": predicted["peak_mib"], "calibration": predicted["calibration"],
+                "predicted_uncalibrated_mib": round(predicted["peak_mib"] / (predicted["calibration"] or 1.0), 1),
                 "measured_peak_mib": measured,
             })
     return lines
@@ -82,16 +82,17 @@ def read(path: Path | None = None) -> list[dict[str, Any]]:
 
 
 def calibration(gpu_name: str | None, path: Path | None = None) -> tuple[float, int]:
-    """``(factor, n)``: the correction of the reserved term for this GPU type, from ``n`` earlier runs here."""
+    """``(factor, n)``: the correction of the predicted peak for this GPU type, from ``n`` earlier runs here. Each
+    ratio is taken against the uncalibrated prediction, so corrections never compound."""
     ratios, runs = [], set()
     for entry in read(path):
         if entry.get("gpu_name") != gpu_name:
             continue
         runs.add((entry.get("run_dir"), entry.get("gpu")))
-        reserved = float(entry.get("predicted_reserved_mib") or 0)
-        measured = float(entry.get("measured_peak_mib") or 0) - float(entry.get("predicted_outside_mib") or 0)
-        if reserved > 0 and measured > 0:
-            ratios.append(measured / reserved)
+        predicted = float(entry.get("predicted_uncalibrated_mib") or entry.get("predicted_peak_mib") or 0)
+        measured = float(entry.get("measured_peak_mib") or 0)
+        if predicted > 0 and measured > 0:
+            ratios.append(measured / predicted)
     if not ratios:
         return 1.0, 0
     n = len(runs)

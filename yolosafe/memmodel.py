@@ -8,7 +8,7 @@ machine's own runs (:mod:`yolosafe.history`). The model (docs/memory-model.md):
     allocated = weights, gradients, optimizer state, EMA, AMP weight copies   (bytes per parameter)
               + activations saved for backward + the loss's tensors          (per image, ∝ imgsz², measured)
     reserved  = allocated × allocator factor   (the caching allocator's blocks: Ultralytics' ``GPU_mem`` column)
-    peak      = reserved × calibration + CUDA context + NCCL buffers (DDP)   (what NVML shows; what must fit)
+    peak      = (reserved + CUDA context + NCCL buffers in DDP) × calibration   (NVML's view; what must fit)
 
 Validation runs the EMA model in half precision with its own batch while the training state stays allocated.
 """
@@ -145,7 +145,7 @@ class Prediction:
     @property
     def peak_mib(self) -> float:
         """What NVML should show for this process at the peak: what has to fit in the GPU's free memory."""
-        return self.reserved_mib * self.calibration + self.context_mib + self.outside_mib
+        return (self.reserved_mib + self.context_mib + self.outside_mib) * self.calibration
 
     def as_dict(self) -> dict[str, Any]:
         return {"phase": self.phase, "batch": self.batch, "fixed_mib": round(self.fixed_mib, 1),

@@ -42,10 +42,10 @@ def print_tiers(table: dict[str, Any]) -> None:
 
 def print_terms(prediction: dict[str, Any]) -> None:
     p = prediction
-    click.echo(f"  {p['phase']:<5} peak {_gib(p['peak_mib'])} = ({p['fixed_mib']:.0f} MiB + "
+    click.echo(f"  {p['phase']:<5} peak {_gib(p['peak_mib'])} = (({p['fixed_mib']:.0f} MiB + "
                f"{p['per_image_mib']:.1f} MiB x {p['batch']} images) x {p['allocator_factor']} allocator "
-               f"x {p['calibration']} calibration "
-               f"+ {p['context_mib']:.0f} MiB context + {p['outside_mib']:.0f} MiB NCCL")
+               f"+ {p['context_mib']:.0f} MiB context + {p['outside_mib']:.0f} MiB NCCL) "
+               f"x {p['calibration']} calibration")
     for term, source in p["sources"].items():
         if p["phase"] == "train" or term == "state":  # the other sources are the same for both phases
             click.echo(f"        {term}: {source}")
