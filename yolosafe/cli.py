@@ -233,8 +233,7 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     try:
         inventory = gpus.read_inventory()
         env = allocator.apply(os.environ, options["alloc_conf"])
-        options["model"] = options["model"] or default_model()
-        options, auto = planner.resolve_auto(options, inventory)  # --gpus auto[:N], --batch auto (docs/memory-model.md)
+        options, auto = planner.resolve_auto(options | {"model": options["model"] or default_model()}, inventory)
     except (gpus.FakeSpecError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         fail(str(exc))
     p = build(options, inventory)
