@@ -142,3 +142,12 @@ def test_host_ram_cache_per_rank_and_workers():
     lean = hostram.estimate({"workers": 16}, 8, 640, None, available=24 * 1024)
     assert not lean.fits and any("workers=" in a for a in hostram.advice(lean))
     assert hostram.advice(hostram.estimate({}, 1, 640, 1000, available=None)) == []  # unknown RAM: no advice
+
+
+def test_fake_gpu_memory_follows_fixed_plus_per_image(tmp_path):
+    phase = tmp_path / "phase.json"
+    spec = {"gpus": [{"total_mib": 24576, "phase_mib": {"train": 500}, "per_image_mib": {"train": 100, "val": 10}}]}
+    backend = gpus.FakeBackend(json.dumps(spec), {gpus.PHASE_FILE_ENV: str(phase)})
+    for name, batch, used in (("train", 4, 900), ("train", 8, 1300), ("val", 16, 160)):
+        phase.write_text(json.dumps({"phase": name, "pid": 1, "epoch": 0, "batch": batch}))
+        assert backend.read_memory(0).used_mib == used

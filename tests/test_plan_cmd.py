@@ -90,8 +90,8 @@ def fake_gpu_for_batch(per_gpu: int, imgsz: int, world_size: int) -> float:
 @pytest.mark.slow
 def test_batch_auto_trains_end_to_end_and_the_history_learns(run_cli, tmp_path, shared_cache):
     total = fake_gpu_for_batch(4, 64, world_size=2)
-    spec = json.dumps({"gpus": [{"name": "Fake Tiny", "total_mib": total, "phase_mib": {"train": 700, "val": 650}}
-                                for _ in range(2)]})
+    scripted = {"phase_mib": {"train": 500, "val": 450}, "per_image_mib": {"train": 50, "val": 25}}
+    spec = json.dumps({"gpus": [{"name": "Fake Tiny", "total_mib": total, **scripted} for _ in range(2)]})
     result = run_cli("train", "--gpus", "auto", "--batch", "auto", "--imgsz", "64", "--epochs", "1",
                      "--effective-batch", "16", "--watch-interval", "0.02", "workers=0", "plots=False",
                      env={"YOLOSAFE_FAKE_GPUS": spec})
@@ -101,8 +101,8 @@ def test_batch_auto_trains_end_to_end_and_the_history_learns(run_cli, tmp_path, 
     assert run["plan"]["effective_batch"] == 16 and run["memory_plan"]["predicted"]["train"]["batch"] == 4
     lines = [json.loads(x) for x in (shared_cache / "yolosafe" / "memory_history.jsonl").read_text().splitlines()]
     mine = [x for x in lines if x["run_dir"] == str(run_dir_of(tmp_path).resolve())]
-    assert {(x["gpu"], x["phase"], x["measured_peak_mib"]) for x in mine} == {
-        (0, "train", 700.0), (1, "train", 700.0), (0, "val", 650.0), (1, "val", 650.0)}
+    assert {(x["gpu"], x["phase"], x["measured_peak_mib"]) for x in mine} == {  # fixed + per image x 4 images
+        (0, "train", 700.0), (1, "train", 700.0), (0, "val", 550.0), (1, "val", 550.0)}
     again = json.loads(run_cli("plan", "--gpus", "0", "--batch", "4", "--imgsz", "64", "--json",
                                env={"YOLOSAFE_FAKE_GPUS": spec}).stdout)
     assert again["memory"]["gpus"][0]["calibrated_runs"] >= 1
