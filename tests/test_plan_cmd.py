@@ -107,3 +107,22 @@ def test_batch_auto_trains_end_to_end_and_the_history_learns(run_cli, tmp_path, 
                                env={"YOLOSAFE_FAKE_GPUS": spec}).stdout)
     assert again["memory"]["gpus"][0]["calibrated_runs"] >= 1
     assert "calibrated on" in again["memory"]["predicted"]["train"]["sources"]["calibration"]
+
+
+@pytest.mark.slow
+def test_plan_runs_the_fake_pass_for_a_custom_yaml_once(run_cli, tmp_path, shared_cache):
+    from importlib import resources
+
+    base = (resources.files("ultralytics") / "cfg" / "models" / "v8" / "yolov8.yaml").read_text()
+    (tmp_path / "my-net.yaml").write_text(base.replace("nc: 80", "nc: 3"))  # first scale (n) is used
+    args = ("plan", "--model", "my-net.yaml", "--imgsz", "640", "--batch", "8", "--json")
+    first = run_cli(*args, env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
+    assert first.returncode == 0, first.stderr[-2000:]
+    memory = json.loads(first.stdout)["memory"]
+    assert memory["terms_source"].startswith("fake pass (torch") and memory["model"] == "my-net"
+    table = memmodel.table_terms("yolov8n")
+    per_image = memory["predicted"]["train"]["per_image_mib"]
+    assert 0.8 < per_image / (table.train_act_per_image_mib + table.loss_per_image_mib) < 1.2
+    assert list((shared_cache / "yolosafe" / "memterms").glob("my-net-*.json"))
+    again = run_cli(*args, env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
+    assert json.loads(again.stdout)["memory"]["predicted"] == memory["predicted"]  # from the cache: no second pass

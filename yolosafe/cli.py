@@ -262,7 +262,7 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
         "batch_auto": auto,
         "memory_plan": planner.memory_plan(p, inventory, options, allow_fake_pass=False),
     }
-    for note in (story["memory_plan"] or {}).get("host_ram", {}).get("advice", []):
+    for note in planner.warnings(story["memory_plan"]):
         supervise.say(f"warning: {note}")
     supervise.say(f"run directory {run_dir}")
     code = run_supervised(run_dir, p, env, options, simulated, story)

@@ -232,6 +232,13 @@ def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: dict[str,
     }
 
 
+def warnings(memory: dict[str, Any] | None) -> list[str]:
+    """What ``yolosafe train`` prints before it starts: each GPU's warnings and the host RAM advice."""
+    if not memory:
+        return []
+    return [w for g in memory["gpus"] for w in g["warnings"]] + memory["host_ram"]["advice"]
+
+
 def tier_table(vram_gib: list[float], imgsz: int, options: dict[str, Any], fraction: float) -> dict[str, Any]:
     """Largest safe per-GPU batch per model of the table and per VRAM size, from the model (never typed in)."""
     setup = replace(setup_of(options, 1), imgsz=imgsz)

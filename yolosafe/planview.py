@@ -72,7 +72,7 @@ def print_plan(p: plan.TrainPlan, memory: dict[str, Any], auto: dict[str, Any] |
                f"{p.effective_batch} -> accumulate {p.accumulate} = {p.real_effective_batch} per optimizer step")
     host = memory["host_ram"]
     click.echo(f"  host RAM: about {_gib(host['needed_mib'])} needed, {_gib(host['available_mib'])} available")
-    for note in [w for g in memory["gpus"] for w in g["warnings"]] + host["advice"] + plan.plan_warnings(p):
+    for note in planner.warnings(memory) + plan.plan_warnings(p):
         click.echo(f"  warning: {note}")
 
 
