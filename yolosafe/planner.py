@@ -141,7 +141,10 @@ class GpuMemory:
         if self.val.peak_mib > self.train.peak_mib:
             notes.append(f"GPU {g.index}: validation ({self.val.peak_mib / 1024:.1f} GiB) is predicted above "
                          f"training ({self.train.peak_mib / 1024:.1f} GiB): lower --val-batch")
-        if g.total_mib and self.headroom_mib < LOW_MARGIN * g.total_mib:
+        if self.headroom_mib < 0:
+            notes.append(f"GPU {g.index}: the predicted peak {self.peak_mib / 1024:.1f} GiB does not fit the "
+                         f"{(g.free_mib or 0) / 1024:.1f} GiB free: lower --batch, or use --batch auto")
+        elif g.total_mib and self.headroom_mib < LOW_MARGIN * g.total_mib:
             notes.append(f"GPU {g.index}: margin {self.headroom_mib / 1024:.1f} GiB is under "
                          f"{LOW_MARGIN:.0%} of the GPU: an OOM is likely; lower --batch")
         return notes
