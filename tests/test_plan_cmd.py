@@ -61,11 +61,14 @@ def test_plan_gpus_auto_2_on_four_gpus_two_busy(run_cli):
     assert too_many.returncode == 2 and "only 2 of 4 GPUs are idle" in too_many.stderr
 
 
-def test_plan_warns_about_a_busy_gpu_and_a_thin_margin(run_cli):
-    result = run_cli("plan", "--gpus", "0", "--batch", "96", "--imgsz", "640", "--model", "yolov8m.yaml",
-                     env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})
-    assert result.returncode == 0, result.stderr
-    assert "another process uses 12.7 GiB" in result.stdout and "margin" in result.stdout
+def test_plan_warns_about_a_busy_gpu_a_thin_margin_and_a_batch_that_cannot_fit(run_cli):
+    terms, setup, free = memmodel.table_terms("yolov8m"), memmodel.Setup(), 24576 - 13000
+    thin = next(b for b in range(1, 200) if 0 < free - memmodel.predict(terms, setup, "train", b).peak_mib < 2457)
+    for batch, expected in ((thin, "under 10% of the GPU"), (96, "does not fit the 11.3 GiB free")):
+        result = run_cli("plan", "--gpus", "0", "--batch", str(batch), "--imgsz", "640", "--model", "yolov8m.yaml",
+                         env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})
+        assert result.returncode == 0, result.stderr
+        assert "another process uses 12.7 GiB" in result.stdout and expected in result.stdout
 
 
 def test_batch_auto_dry_run_keeps_the_effective_batch(run_cli):
