@@ -85,7 +85,9 @@ def _event(event: str, obj: Any, **fields: Any) -> None:
     phase_file = os.environ.get(PHASE_FILE_ENV)
     if phase_file:  # lets the fake NVML backend follow the phases (tests, drills)
         live = STATE.phase if event.endswith("_start") else None
-        rundir.write_json(Path(phase_file), {"phase": live, "pid": os.getpid(), "epoch": STATE.epoch})
+        planned = spec().get("plan", {})  # the per-GPU batch, for the fake's per_image_mib (the CPU runs the total)
+        batch = planned.get("per_gpu_batch") if live == "train" else planned.get("val_batch")
+        rundir.write_json(Path(phase_file), {"phase": live, "pid": os.getpid(), "epoch": STATE.epoch, "batch": batch})
 
 
 def _cuda_device(obj: Any) -> Any:

@@ -17,7 +17,23 @@ from typing import Any
 import click
 import yaml
 
-from yolosafe import __version__, allocator, datasets, gpus, plan, report, resume, rundir, supervise, terminal, validate
+from yolosafe import (
+    __version__,
+    allocator,
+    datasets,
+    gpus,
+    history,
+    memmodel,
+    plan,
+    planner,
+    planview,
+    report,
+    resume,
+    rundir,
+    supervise,
+    terminal,
+    validate,
+)
 
 EXIT_USAGE = 2
 DEFAULTS: dict[str, Any] = {
@@ -37,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "watch_interval": 0.1,
     "warn_at": 0.9,
     "clear_before_val": True,
+    "memory_fraction": 0.85,  # --batch auto: the share of the smallest free GPU memory the predicted peaks may fill
     "args": [],
 }
 
@@ -194,8 +211,9 @@ def cli() -> None:
 @click.option("--model", help="Model YAML or weights. Default: yolov8n.pt if present here, else yolov8n.yaml.")
 @click.option("--data", help="Dataset name from datasets.yaml, a data YAML path, or 'shapes' (built in).")
 @click.option("--datasets", "datasets_file", help="Dataset registry (default: $YOLOSAFE_DATASETS or ./datasets.yaml).")
-@click.option("--gpus", help="GPU ids '0,1,2,3', 'all' or 'cpu'. Default: GPU 0 if there is one, else cpu.")
-@click.option("--batch", type=int, help="Total batch over all GPUs (split evenly). Default 16.")
+@click.option("--gpus", help="GPU ids '0,1,2,3', 'all', 'auto[:N]' or 'cpu'. Default: GPU 0 if there is one, else cpu.")
+@click.option("--batch", type=planner.BatchOrAuto(),
+              help="Total batch over all GPUs (split evenly) or auto. Default 16.")
 @click.option("--effective-batch", type=int, help="Images per optimizer step (Ultralytics nbs). Default: 64-ish.")
 @click.option("--val-batch", type=int, help="Validation batch per GPU. Default: the per-GPU train batch.")
 @click.option("--imgsz", type=int, help="Image size. Default 640 (shapes: 128).")
@@ -210,6 +228,7 @@ def cli() -> None:
 @click.option("--warn-at", type=float, help="Warn when a GPU's used memory reaches this share of it. Default 0.9.")
 @click.option("--clear-before-val/--no-clear-before-val", default=None,
               help="Empty the CUDA cache on every rank right before validation. Default on.")
+@click.option("--memory-fraction", type=float, help="--batch auto: share of the free GPU memory to fill. Default 0.85.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
 @click.argument("args", nargs=-1)
@@ -235,10 +254,11 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     try:
         inventory = gpus.read_inventory()
         env = allocator.apply(os.environ, options["alloc_conf"])
-    except (gpus.FakeSpecError, allocator.AllocConfError) as exc:
+        options, auto = planner.resolve_auto(options | {"model": options["model"] or default_model()}, inventory)
+    except (gpus.FakeSpecError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         fail(str(exc))
     p = build(options, inventory)
-    for note in plan.plan_warnings(p):
+    for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         supervise.say(f"note: {note}")
     simulated = inventory.backend == "fake" and bool(p.gpus)
     project = Path(options["project"])
@@ -264,7 +284,11 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
         "max_retries": options["max_retries"],
         "min_batch": options["min_batch"],
         **{key: options[key] for key in WATCH_KEYS},
+        "batch_auto": auto,
+        "memory_plan": planner.memory_plan(p, inventory, options, allow_fake_pass=False),
     }
+    for note in planner.warnings(story["memory_plan"]):
+        supervise.say(f"warning: {note}")
     supervise.say(f"run directory {run_dir}")
     code = run_supervised(run_dir, p, env, options, simulated, story)
     sys.exit(code)
@@ -296,6 +320,7 @@ def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], option
     code = supervisor.run(p, resume=resume_from)
     if supervisor.watch is not None:
         print_memory_table(run_dir)
+        history.record(run_dir, story)  # predicted vs measured peaks: the next plan learns from this machine
     weights = story.get("weights", {})
     supervise.say(f"run directory: {run_dir}")
     for name, path in weights.items():
@@ -316,6 +341,27 @@ def print_memory_table(run_dir: Path) -> None:
     supervise.say(f"memory per GPU (NVML peaks; {rundir.MEMORY_SUMMARY}, {rundir.MEMORY_PLOT} in the run directory):")
     for line in report.table(summary):
         click.echo(f"  {line}", err=True)
+
+
+@cli.command("plan")
+@click.option("--vram", help="Print the tier table for these GPU sizes in GiB instead (e.g. 8,12,24,48,80).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_file: str | None,
+                 config_file: str | None, **_: Any) -> None:
+    """Predict each GPU's train and validation peaks for the same options as train; train nothing."""
+    config = load_config(config_file)
+    try:
+        dataset = datasets.resolve(str(ctx.params["data"] or config.get("data") or DEFAULTS["data"]),
+                                   datasets.registry_path(datasets_file))
+        options = resolve_options(ctx, config, dataset.defaults) | {"data_yaml": str(dataset.yaml_path)}
+        options["model"] = options["model"] or default_model()
+        planview.run(options, gpus.read_inventory(), build, vram, as_json)
+    except (datasets.DatasetError, gpus.FakeSpecError, plan.PlanError, memmodel.UnknownModel) as exc:
+        fail(str(exc))
+
+
+plan_command.params[:0] = [p for p in train.params if p.name not in ("resume_dir", "dry_run")]
 
 
 @cli.command("gpus")

@@ -18,7 +18,9 @@ Accepted values (see docs/fake-gpus.md):
 
   Optional per-GPU ``"phase_mib": {"train": 9000, "val": 21000}`` makes the memory of the training processes follow
   the phase the trainer reports (see :class:`FakeBackend`), so tests can script a validation peak; optional
-  ``"epoch_mib": {"val": 500}`` adds that much more per (0-based) epoch, so the peak lands on a known epoch.
+  ``"epoch_mib": {"val": 500}`` adds that much more per (0-based) epoch, so the peak lands on a known epoch; optional
+  ``"per_image_mib": {"train": 120, "val": 10}`` adds that much per image of the phase's per-GPU batch (the plan's,
+  written in the phase file), so the memory follows fixed + per image x batch as the memory model predicts it.
 """
 
 from __future__ import annotations
@@ -278,6 +280,7 @@ class FakeGPU:
     processes: tuple[GPUProcess, ...] = ()
     phase_mib: dict[str, float] = field(default_factory=dict)
     epoch_mib: dict[str, float] = field(default_factory=dict)
+    per_image_mib: dict[str, float] = field(default_factory=dict)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
@@ -306,6 +309,7 @@ def _parse_json(data: Mapping[str, Any]) -> tuple[list[FakeGPU], str, str]:
                 processes=tuple(GPUProcess(int(p["pid"]), float(p["used_mib"])) for p in g.get("processes", ())),
                 phase_mib={k: float(v) for k, v in g.get("phase_mib", {}).items()},
                 epoch_mib={k: float(v) for k, v in g.get("epoch_mib", {}).items()},
+                per_image_mib={k: float(v) for k, v in g.get("per_image_mib", {}).items()},
             )
             for g in data.get("gpus", ())
         ]
@@ -358,11 +362,20 @@ class FakeBackend:
         except (OSError, ValueError, TypeError, AttributeError):
             return None, None, 0
 
+    def _phase_batch(self) -> int:
+        """The per-GPU batch of the phase in the phase file (0 when unknown): read only for ``per_image_mib``."""
+        try:
+            return int(json.loads(Path(self._phase_file or "").read_text()).get("batch") or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0
+
     def _reading(self, index: int) -> MemoryReading:
         gpu = self.gpus[index]
         used, processes = gpu.used_mib, gpu.processes
         phase, pid, epoch = self._phase()
         extra = gpu.phase_mib.get(phase, 0.0) + epoch * gpu.epoch_mib.get(phase, 0.0) if phase else 0.0
+        if phase and gpu.per_image_mib.get(phase):
+            extra += gpu.per_image_mib[phase] * self._phase_batch()
         if extra:
             used += extra
             processes = (*processes, GPUProcess(int(pid or 0), extra))

@@ -1,0 +1,153 @@
+"""The memory model, the planner's choices and the history correction: pure functions, no training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from yolosafe import gpus, history, hostram, memmodel, plan, planner
+
+FAMILIES = [[f"yolov8{s}" for s in "nsmlx"], [f"yolo11{s}" for s in "nsmlx"]]
+OPTIONS = {"imgsz": 640, "args": [], "memory_fraction": 0.85}
+
+
+def gpu(index: int, total_gib: float, used_mib: float = 0.0, name: str = "Fake GPU", pids: tuple = ()) -> gpus.GPU:
+    procs = tuple(gpus.GPUProcess(pid, used_mib / max(len(pids), 1)) for pid in pids)
+    return gpus.GPU(index, name, f"GPU-{index}", total_gib * 1024, used_mib, 0, procs)
+
+
+def test_the_table_covers_the_common_models_with_sources():
+    table = memmodel.load_table()
+    assert set(table) >= {name for family in FAMILIES for name in family}
+    for terms in table.values():
+        assert terms.source == "table" and terms.imgsz == 640
+        assert terms.train_act_per_image_mib > terms.val_act_per_image_mib > 0 and terms.loss_per_image_mib > 0
+
+
+def test_a_prediction_is_fixed_plus_per_image_times_batch_with_explicit_terms():
+    terms = memmodel.table_terms("yolov8n.pt")
+    one, eight = (memmodel.predict(terms, memmodel.Setup(), "train", b) for b in (1, 8))
+    assert eight.allocated_mib - one.allocated_mib == pytest.approx(7 * one.per_image_mib)
+    assert eight.peak_mib == pytest.approx(eight.allocated_mib * memmodel.ALLOCATOR_PEAK + memmodel.CONTEXT_MIB)
+    steady = memmodel.predict(terms, memmodel.Setup(worst_case=False), "train", 8)
+    assert steady.reserved_mib == pytest.approx(eight.allocated_mib * memmodel.ALLOCATOR_STEADY)
+    assert 100 < one.per_image_mib < 140  # issue 11: ~120 MB per image for yolov8n at 640
+    assert set(one.sources) == {"activations", "state", "allocator", "context", "calibration"}
+    ddp = memmodel.predict(terms, memmodel.Setup(world_size=2), "train", 8)
+    assert ddp.outside_mib == memmodel.NCCL_MIB and ddp.fixed_mib > eight.fixed_mib  # NCCL, DDP buckets
+    fp32 = memmodel.predict(terms, memmodel.Setup(amp=False), "train", 8)
+    assert fp32.per_image_mib == pytest.approx(eight.per_image_mib * memmodel.FP32_ACTIVATIONS)
+    at_1280 = memmodel.predict(terms, memmodel.Setup(imgsz=1280), "train", 8)
+    assert at_1280.per_image_mib == pytest.approx(4 * eight.per_image_mib)  # quadratic in imgsz
+    assert "scaled from 640 to 1280" in at_1280.sources["activations"]
+
+
+def test_largest_batch_is_the_edge_of_the_budget():
+    terms, setup = memmodel.table_terms("yolo11s"), memmodel.Setup()
+    budget = 20_000
+    best = memmodel.largest_batch(terms, setup, budget)
+    peak = lambda b: max(memmodel.predict(terms, setup, p, b).peak_mib for p in ("train", "val"))  # noqa: E731
+    assert peak(best) <= budget < peak(best + 1)
+    assert memmodel.largest_batch(terms, setup, 100) == 0
+
+
+def test_tier_table_is_monotonic():
+    vram = [4, 8, 12, 24, 48, 80]
+    small, large = (planner.tier_table(vram, size, OPTIONS, 0.85)["batches"] for size in (640, 1280))
+    for model, row in small.items():
+        batches = [row[f"{v:g}"] for v in vram]
+        assert batches == sorted(batches), f"more VRAM, smaller batch: {model}"
+        assert all(large[model][k] <= row[k] for k in row), f"larger imgsz, larger batch: {model}"
+    for family in FAMILIES:
+        for v in vram:
+            batches = [small[m][f"{v:g}"] for m in family]
+            assert batches == sorted(batches, reverse=True), f"bigger model, larger batch at {v} GiB: {family}"
+    assert small["yolov8n"]["80"] > small["yolov8x"]["80"] > 0
+
+
+def test_the_smallest_free_gpu_decides():
+    terms, setup = memmodel.table_terms("yolov8m"), memmodel.Setup(world_size=2)
+    roomy, tight = gpu(0, 24), gpu(1, 24, used_mib=12 * 1024, pids=(4242,))
+    per_gpu, reasons = planner.auto_batch(terms, setup, [roomy, tight], 0.85, None, history_file=None)
+    alone = memmodel.largest_batch(terms, setup, 0.85 * tight.free_mib)
+    assert per_gpu == alone < memmodel.largest_batch(terms, setup, 0.85 * roomy.free_mib)
+    assert len(reasons) == 2 and "GPU 1" in reasons[1]
+
+
+def test_gpus_auto_leaves_out_busy_gpus_and_takes_the_most_free():
+    inventory = gpus.Inventory("fake", (gpu(0, 24, 13000, pids=(4242,)), gpu(1, 24, 300), gpu(2, 24, 9000, pids=(7,)),
+                                        gpu(3, 24, 100)))
+    chosen, reasons = planner.choose_gpus("auto:2", inventory, inventory.ids)
+    assert chosen == (1, 3)
+    assert any("GPU 0 left out" in r and "4242" in r for r in reasons) and "chose GPUs 1,3" in reasons[-1]
+    assert planner.choose_gpus("auto", inventory, inventory.ids)[0] == (1, 3)
+    assert planner.choose_gpus("auto:1", inventory, inventory.ids)[0] == (3,)  # the most free
+    with pytest.raises(plan.PlanError, match="only 2 of 4 GPUs are idle"):
+        planner.choose_gpus("auto:3", inventory, inventory.ids)
+    with pytest.raises(plan.PlanError, match="auto:N"):
+        planner.choose_gpus("auto:x", inventory, inventory.ids)
+
+
+def _history_line(tmp_path, run: int, predicted: memmodel.Prediction, measured: float) -> dict:
+    return {"run_dir": str(tmp_path / f"run{run}"), "gpu": 0, "gpu_name": "Fake GPU", "phase": "train",
+            "predicted_peak_mib": predicted.peak_mib, "calibration": 1.0,
+            "predicted_uncalibrated_mib": predicted.peak_mib, "measured_peak_mib": measured}
+
+
+def test_history_moves_the_prediction_toward_what_this_machine_measured(tmp_path):
+    terms, setup = memmodel.table_terms("yolov8s"), memmodel.Setup()
+    base = memmodel.predict(terms, setup, "train", 32)
+    measured = 1.5 * base.peak_mib  # this GPU type needs 50 % more than the model says
+    path = tmp_path / "history.jsonl"
+    assert history.calibration("Fake GPU", path) == (1.0, 0)
+    errors = []
+    for run in range(1, 5):
+        path.open("a").write(json.dumps(_history_line(tmp_path, run, base, measured)) + "\n")
+        factor, n = history.calibration("Fake GPU", path)
+        assert n == run
+        errors.append(abs(memmodel.predict(terms, setup, "train", 32, factor).peak_mib - measured))
+    assert errors == sorted(errors, reverse=True) and errors[0] < abs(base.peak_mib - measured)
+    assert history.calibration("Other GPU", path) == (1.0, 0)  # per GPU type
+    lines = planner.gpu_memory(terms, setup, gpu(0, 24), 32, 32, path)
+    assert lines.calibrated_runs == 4 and "calibrated on 4 earlier run(s)" in lines.train.sources["calibration"]
+
+
+def test_a_finished_run_is_appended_to_the_history(tmp_path):
+    from yolosafe import rundir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    train = memmodel.predict(memmodel.table_terms("yolov8n"), memmodel.Setup(), "train", 16).as_dict()
+    val = memmodel.predict(memmodel.table_terms("yolov8n"), memmodel.Setup(), "val", 16).as_dict()
+    story = {"gpus": [{"index": 2, "name": "Fake GPU"}], "versions": {"torch": "2.x", "driver": "550"},
+             "memory_plan": {"model": "yolov8n", "imgsz": 640, "amp": True, "world_size": 1,
+                             "predicted": {"train": train, "val": val}}}
+    rundir.write_json(run / rundir.MEMORY_SUMMARY, {"gpus": {"2": {"phases": {
+        "train": {"peak_ours_mib": 3000.0}, "val": {"peak_ours_mib": 1500.0}, "final": {"peak_ours_mib": 1700.0}}}}})
+    path = tmp_path / "h.jsonl"
+    assert history.record(run, story, path) == 2
+    lines = history.read(path)
+    assert [(x["phase"], x["measured_peak_mib"], x["gpu_name"]) for x in lines] == [
+        ("train", 3000.0, "Fake GPU"), ("val", 1700.0, "Fake GPU")]
+    assert lines[0]["torch"] == "2.x" and lines[0]["predicted_peak_mib"] == train["peak_mib"]
+    assert history.record(tmp_path / "missing", story, path) == 0  # never raises
+
+
+def test_host_ram_cache_per_rank_and_workers():
+    est = hostram.estimate({"cache": "ram", "workers": 8}, 4, 640, 100_000, available=64 * 1024)
+    assert not est.fits and est.per_rank_cache_mib > 80 * 1024  # 100k decoded 640 px images
+    advice = hostram.advice(est)
+    assert any("cache=disk" in a and "per rank" in a for a in advice)
+    lean = hostram.estimate({"workers": 16}, 8, 640, None, available=24 * 1024)
+    assert not lean.fits and any("workers=" in a for a in hostram.advice(lean))
+    assert hostram.advice(hostram.estimate({}, 1, 640, 1000, available=None)) == []  # unknown RAM: no advice
+
+
+def test_fake_gpu_memory_follows_fixed_plus_per_image(tmp_path):
+    phase = tmp_path / "phase.json"
+    spec = {"gpus": [{"total_mib": 24576, "phase_mib": {"train": 500}, "per_image_mib": {"train": 100, "val": 10}}]}
+    backend = gpus.FakeBackend(json.dumps(spec), {gpus.PHASE_FILE_ENV: str(phase)})
+    for name, batch, used in (("train", 4, 900), ("train", 8, 1300), ("val", 16, 160)):
+        phase.write_text(json.dumps({"phase": name, "pid": 1, "epoch": 0, "batch": batch}))
+        assert backend.read_memory(0).used_mib == used

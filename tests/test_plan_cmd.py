@@ -1,0 +1,131 @@
+"""`yolosafe plan`, `--batch auto` and `--gpus auto` through the installed CLI, on fake GPUs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_dir_of, story
+from yolosafe import memmodel
+
+FOUR_TWO_BUSY = json.dumps({"gpus": [
+    {"name": "Fake A", "total_mib": 24576, "used_mib": 13000, "processes": [{"pid": 4242, "used_mib": 13000}]},
+    {"name": "Fake A", "total_mib": 24576, "used_mib": 200},
+    {"name": "Fake A", "total_mib": 24576, "used_mib": 9000, "processes": [{"pid": 77, "used_mib": 9000}]},
+    {"name": "Fake A", "total_mib": 24576, "used_mib": 100},
+]})
+
+
+def test_plan_without_gpus_uses_the_table_and_says_so(run_cli):
+    result = run_cli("plan", "--model", "yolov8s.yaml", "--imgsz", "640", "--batch", "16",
+                     env={"YOLOSAFE_FAKE_GPUS": "none"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "figures from: table" in out and "no GPU here" in out
+    assert "train peak" in out and "val   peak" in out and "allocator" in out and "context" in out
+    data = json.loads(run_cli("plan", "--model", "yolov8s.yaml", "--imgsz", "640", "--json",
+                              env={"YOLOSAFE_FAKE_GPUS": "none"}).stdout)
+    assert data["memory"]["terms_source"] == "table" and data["memory"]["gpus"] == []
+    assert data["memory"]["predicted"]["train"]["batch"] == 16
+
+
+def test_plan_tier_table_is_generated_and_monotonic(run_cli):
+    result = run_cli("plan", "--vram", "8,12,24,48,80", "--imgsz", "640", "--json", env={"YOLOSAFE_FAKE_GPUS": "none"})
+    assert result.returncode == 0, result.stderr
+    table = json.loads(result.stdout)
+    assert table["vram_gib"] == [8, 12, 24, 48, 80] and table["imgsz"] == 640
+    for row in table["batches"].values():
+        assert list(row.values()) == sorted(row.values())
+    text = run_cli("plan", "--vram", "8,24", env={"YOLOSAFE_FAKE_GPUS": "none"}).stdout
+    assert "largest safe per-GPU batch" in text and "yolo11x" in text and "24 GiB" in text
+    bad = run_cli("plan", "--vram", "8,big")
+    assert bad.returncode == 2 and bad.stderr.startswith("yolosafe: error: --vram 8,big")
+
+
+def test_plan_gpus_auto_2_on_four_gpus_two_busy(run_cli):
+    result = run_cli("plan", "--gpus", "auto:2", "--batch", "auto", "--imgsz", "640", "--json",
+                     env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["plan"]["gpus"] == [1, 3] and data["auto"]["gpus"] == [1, 3]
+    assert any("GPU 0 left out" in r for r in data["auto"]["reasons"])
+    per_gpu = data["auto"]["per_gpu_batch"]
+    assert data["plan"]["batch"] == 2 * per_gpu and data["plan"]["per_gpu_batch"] == per_gpu
+    limit = 0.85 * (24576 - 200)
+    for g in data["memory"]["gpus"]:
+        assert g["train_peak_mib"] <= limit and g["val_peak_mib"] <= limit and g["calibrated_runs"] == 0
+    text = run_cli("plan", "--gpus", "auto:2", "--batch", "auto", env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY}).stdout
+    assert "auto: chose GPUs 1,3" in text and "not calibrated here" in text
+    too_many = run_cli("plan", "--gpus", "auto:3", env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})
+    assert too_many.returncode == 2 and "only 2 of 4 GPUs are idle" in too_many.stderr
+
+
+def test_plan_warns_about_a_busy_gpu_a_thin_margin_and_a_batch_that_cannot_fit(run_cli):
+    terms, setup, free = memmodel.table_terms("yolov8m"), memmodel.Setup(), 24576 - 13000
+    thin = next(b for b in range(1, 200) if 0 < free - memmodel.predict(terms, setup, "train", b).peak_mib < 2457)
+    for batch, expected in ((thin, "under 10% of the GPU"), (96, "does not fit the 11.3 GiB free")):
+        result = run_cli("plan", "--gpus", "0", "--batch", str(batch), "--imgsz", "640", "--model", "yolov8m.yaml",
+                         env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})
+        assert result.returncode == 0, result.stderr
+        assert "another process uses 12.7 GiB" in result.stdout and expected in result.stdout
+
+
+def test_batch_auto_dry_run_keeps_the_effective_batch(run_cli):
+    result = run_cli("train", "--gpus", "auto:2", "--batch", "auto", "--imgsz", "640", "--effective-batch", "256",
+                     "--dry-run", env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})
+    assert result.returncode == 0, result.stderr
+    assert "note: chose GPUs 1,3" in result.stderr and "images fit 85%" in result.stderr
+    assert "nbs 256" in result.stdout
+    bad = run_cli("train", "--batch", "lots", "--dry-run", env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
+    assert bad.returncode == 2 and "--batch" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    cpu = run_cli("train", "--batch", "auto", "--gpus", "cpu", "--dry-run")
+    assert cpu.returncode == 2 and "--batch auto needs GPUs" in cpu.stderr
+
+
+def fake_gpu_for_batch(per_gpu: int, imgsz: int, world_size: int) -> float:
+    """The smallest fake GPU (MiB) on which --batch auto picks ``per_gpu`` images of yolov8n at ``imgsz``."""
+    terms, setup = memmodel.table_terms("yolov8n"), memmodel.Setup(imgsz=imgsz, world_size=world_size)
+    peak = max(memmodel.predict(terms, setup, p, per_gpu).peak_mib for p in ("train", "val"))
+    return float(int(peak / 0.85) + 1)
+
+
+@pytest.mark.slow
+def test_batch_auto_trains_end_to_end_and_the_history_learns(run_cli, tmp_path, shared_cache):
+    total = fake_gpu_for_batch(4, 64, world_size=2)
+    scripted = {"phase_mib": {"train": 500, "val": 450}, "per_image_mib": {"train": 50, "val": 25}}
+    spec = json.dumps({"gpus": [{"name": "Fake Tiny", "total_mib": total, **scripted} for _ in range(2)]})
+    result = run_cli("train", "--gpus", "auto", "--batch", "auto", "--imgsz", "64", "--epochs", "1",
+                     "--effective-batch", "16", "--watch-interval", "0.02", "workers=0", "plots=False",
+                     env={"YOLOSAFE_FAKE_GPUS": spec})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    run = story(run_dir_of(tmp_path))
+    assert run["batch_auto"]["per_gpu_batch"] == 4 and run["plan"]["batch"] == 8 and run["plan"]["gpus"] == [0, 1]
+    assert run["plan"]["effective_batch"] == 16 and run["memory_plan"]["predicted"]["train"]["batch"] == 4
+    lines = [json.loads(x) for x in (shared_cache / "yolosafe" / "memory_history.jsonl").read_text().splitlines()]
+    mine = [x for x in lines if x["run_dir"] == str(run_dir_of(tmp_path).resolve())]
+    assert {(x["gpu"], x["phase"], x["measured_peak_mib"]) for x in mine} == {  # fixed + per image x 4 images
+        (0, "train", 700.0), (1, "train", 700.0), (0, "val", 550.0), (1, "val", 550.0)}
+    again = json.loads(run_cli("plan", "--gpus", "0", "--batch", "4", "--imgsz", "64", "--json",
+                               env={"YOLOSAFE_FAKE_GPUS": spec}).stdout)
+    assert again["memory"]["gpus"][0]["calibrated_runs"] >= 1
+    assert "calibrated on" in again["memory"]["predicted"]["train"]["sources"]["calibration"]
+
+
+@pytest.mark.slow
+def test_plan_runs_the_fake_pass_for_a_custom_yaml_once(run_cli, tmp_path, shared_cache):
+    from importlib import resources
+
+    base = (resources.files("ultralytics") / "cfg" / "models" / "v8" / "yolov8.yaml").read_text()
+    (tmp_path / "my-net.yaml").write_text(base.replace("nc: 80", "nc: 3"))  # first scale (n) is used
+    args = ("plan", "--model", "my-net.yaml", "--imgsz", "640", "--batch", "8", "--json")
+    first = run_cli(*args, env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
+    assert first.returncode == 0, first.stderr[-2000:]
+    memory = json.loads(first.stdout)["memory"]
+    assert memory["terms_source"].startswith("fake pass (torch") and memory["model"] == "my-net"
+    table = memmodel.table_terms("yolov8n")
+    per_image = memory["predicted"]["train"]["per_image_mib"]
+    assert 0.8 < per_image / (table.train_act_per_image_mib + table.loss_per_image_mib) < 1.2
+    assert list((shared_cache / "yolosafe" / "memterms").glob("my-net-*.json"))
+    again = run_cli(*args, env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
+    assert json.loads(again.stdout)["memory"]["predicted"] == memory["predicted"]  # from the cache: no second pass
