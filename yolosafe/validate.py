@@ -55,7 +55,7 @@ def check_options(options: Mapping[str, Any]) -> None:
     """Types and ranges of yolosafe's options, whether they came from flags or a ``--config`` file."""
     for key, minimum in INT_OPTIONS.items():
         value = options.get(key)
-        if value is None:
+        if value is None or (key == "batch" and value == "auto"):  # --batch auto: planner.resolve_auto decides
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool) or not isinstance(value, int):
