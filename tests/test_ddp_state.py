@@ -13,7 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import cli_env
+
+pytestmark = pytest.mark.slow  # real Ultralytics trainings on CPU
 
 MAKE = """
 import sys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from tests.conftest import TINY, run_dir_of, story
@@ -19,6 +20,7 @@ FAKE = json.dumps({"gpus": [
 ]})
 
 
+@pytest.mark.slow
 def test_fake_validation_peak_is_found_on_its_gpu_and_epoch(run_cli, tmp_path):
     result = run_cli("train", "--gpus", "0,1,2,3", "--epochs", "2", "--watch-interval", "0.02", *TINY,
                      env={"YOLOSAFE_FAKE_GPUS": FAKE})

@@ -7,7 +7,11 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY, run_dir_of, story, wait_until
+
+pytestmark = pytest.mark.slow  # real Ultralytics trainings on CPU
 
 
 def events(run: Path) -> list[dict]:

@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import TINY, run_dir_of, story, wait_until
 
 
+@pytest.mark.slow
 def test_default_run_trains_and_records_everything(run_cli, tmp_path):
     env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
     result = run_cli("train", "--epochs", "2", *TINY, env=env)
@@ -50,6 +51,7 @@ def test_callbacks_survive_cloudpickle():
     assert clone == callbacks.CALLBACKS  # module-level functions travel by reference: the same code in every rank
 
 
+@pytest.mark.slow
 def test_sigterm_stops_worker_and_everything_it_started(start_cli, tmp_path):
     proc = start_cli("train", "--epochs", "50", *TINY)
     run = run_dir_of(tmp_path)
@@ -65,6 +67,7 @@ def test_sigterm_stops_worker_and_everything_it_started(start_cli, tmp_path):
     assert story(run)["outcome"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_named_weights_without_network_end_in_one_clear_line(run_cli):
     """A user may name pretrained weights; Ultralytics fetches them as usual, and offline that is one line."""
     result = run_cli("train", "--model", "yolov8s.pt", "--epochs", "1", *TINY)
