@@ -14,6 +14,7 @@ Layout (Ultralytics' own files, ``weights/``, ``results.csv``, ``args.yaml``, si
     memory.png             used memory per GPU over time, validation shaded, OOM marked (``yolosafe report``)
     final_metrics.json     the final validation's metrics (of best.pt), whichever attempt ran it
     weights/last-before-attemptN.pt   the checkpoint attempt N resumed from, kept (last.pt moves on every epoch)
+    ranks/attempt-N/       torch.distributed.run's per-rank logs and error files of attempt N (several GPUs)
     .injected              how many injected faults (YOLOSAFE_INJECT_OOM) have fired, across attempts
 """
 
@@ -44,6 +45,10 @@ def spec_path(run_dir: Path, attempt: int) -> Path:
 
 def worker_path(run_dir: Path, attempt: int) -> Path:
     return run_dir / f"worker-{attempt}.json"
+
+
+def ranks_log_dir(run_dir: Path, attempt: int) -> Path:
+    return run_dir / "ranks" / f"attempt-{attempt}"
 
 
 def failure_path(run_dir: Path, attempt: int, rank: int) -> Path:

@@ -6,14 +6,11 @@
 2. A rank that fails writes a record of it (``failure-N-rankR.json``: phase, epoch, iteration, batch and the figures
    of PyTorch's message) into the run directory before it dies, so the supervisor can tell an OOM on rank 3 from
    the NCCL errors it causes on ranks 0-2.
-3. A fresh multi-GPU launch keeps the run directory: Ultralytics deletes ``save_dir`` before it spawns the DDP
-   ranks (``generate_ddp_command``), which would delete yolosafe's own log, spec and story of the run.
+3. yolosafe launches the DDP ranks itself (:mod:`yolosafe.launch`): in a rank, the world size is the launcher's
+   ``WORLD_SIZE``, never Ultralytics' count of the device string, and the trainer never launches ranks of its own.
 4. Checkpoints are written atomically, so the one a retry resumes from is never half a file.
 5. The training step has an injection point (``YOLOSAFE_INJECT_OOM``) inside the try block where a real OOM
    surfaces, so tests prove that Ultralytics' own in-process halving stays off (see callbacks.py).
-
-The classes are module-level so that Ultralytics' DDP state file, which pickles ``type(trainer)``, imports them
-by reference in every rank.
 """
 
 from __future__ import annotations
@@ -74,7 +71,7 @@ def write_failure(exc: BaseException, batch: int | None, device: Any = None) -> 
     if directory is None or isinstance(exc, KeyboardInterrupt):
         return
     record = failure_record(exc, batch)
-    index = getattr(device, "index", None)
+    index = callbacks.gpu_index(device)
     record["gpu"] = index if index is not None else record["figures"].get("gpu")
     record.update(_cuda_peaks(device))
     rundir.write_json(rundir.failure_path(directory, record["attempt"] or 0, record["rank"]), record)
@@ -82,6 +79,12 @@ def write_failure(exc: BaseException, batch: int | None, device: Any = None) -> 
 
 class SafeTrainerMixin:
     """The changes described in the module docstring, for any Ultralytics task trainer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ddp = False  # Ultralytics' own launch (temp file, pickled trainer) is never used
+        if callbacks.is_rank():
+            self.world_size = int(os.environ["WORLD_SIZE"])
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
         if mode == "val":
@@ -118,15 +121,6 @@ class SafeTrainerMixin:
     def final_eval(self) -> None:
         callbacks.STATE.final = True
         super().final_eval()
-
-    def train(self) -> None:
-        if not (self.ddp and not self.resume):
-            return super().train()
-        self.resume = True  # only read by generate_ddp_command, to skip its rmtree(save_dir)
-        try:
-            return super().train()
-        finally:
-            self.resume = False
 
 
 class SafeDetectionTrainer(SafeTrainerMixin, DetectionTrainer):
