@@ -17,7 +17,7 @@ from typing import Any
 import click
 import yaml
 
-from yolosafe import __version__, allocator, datasets, gpus, plan, report, rundir, supervise
+from yolosafe import __version__, allocator, datasets, gpus, oom, plan, report, rundir, supervise
 
 EXIT_USAGE = 2
 DEFAULTS: dict[str, Any] = {
@@ -220,6 +220,10 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     except (gpus.FakeSpecError, allocator.AllocConfError) as exc:
         fail(str(exc))
     p = build(options, inventory)
+    try:
+        oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size)
+    except ValueError as exc:
+        fail(str(exc))
     for note in plan.plan_warnings(p):
         supervise.say(f"note: {note}")
     simulated = inventory.backend == "fake" and bool(p.gpus)
@@ -292,6 +296,8 @@ def resume(run_dir: Path) -> int:
     if not last.is_file():
         fail(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
     story = rundir.read_json(story_file)
+    if supervise.state_of(story) == "running":
+        fail(f"--resume {run_dir}: this run is still running (yolosafe pid {story['supervisor']['pid']})")
     if story.get("outcome") == "completed":
         fail(f"--resume {run_dir}: this run already completed; start a new run instead")
     attempts = story.get("attempts") or [{}]
@@ -347,6 +353,7 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
         fail("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
     if not (path / rundir.STORY).is_file():
         fail(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
+    click.echo(f"{path}: {supervise.state_of(rundir.read_json(path / rundir.STORY))}", err=True)
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:

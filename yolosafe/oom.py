@@ -109,3 +109,11 @@ def parse_injection(text: str | None) -> Injection | None:
     if injection.phase not in {"train", "val", "final"} or injection.error not in {"oom", "runtime"}:
         raise ValueError(f"{INJECT_ENV}: phase must be train/val/final and error oom/runtime, got {text!r}")
     return injection
+
+
+def check_injection(text: str | None, world_size: int) -> None:
+    """A usage error (ValueError, one line) for a spec that cannot fire in this plan: a rank it does not have."""
+    injection = parse_injection(text)
+    if injection is not None and injection.rank >= world_size:
+        ranks = "rank 0" if world_size == 1 else f"ranks 0-{world_size - 1}"
+        raise ValueError(f"{INJECT_ENV}: rank={injection.rank} does not exist: this run has {ranks}")

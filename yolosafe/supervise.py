@@ -71,6 +71,11 @@ def classify(result: AttemptResult, records: list[dict[str, Any]], log_tail: str
         first = min(ooms, key=lambda r: r.get("t", 0))
         return Failure("oom", first.get("phase") or "train", first.get("epoch"), first.get("rank"),
                        first.get("gpu"), first.get("message", ""), ooms)
+    killed = [r for r in records if r.get("signal")]
+    if killed:  # a rank killed by a signal (kill -9, the kernel's OOM killer): the others' errors follow from it
+        first = min(killed, key=lambda r: r.get("t") or 0)
+        return Failure("killed", rank=first.get("rank"), gpu=first.get("gpu"), message=first.get("message", ""),
+                       records=records)
     if oom.is_oom_text(log_tail):  # an OOM where no record could be written (e.g. while building the model)
         line = next((ln for ln in reversed(log_tail.splitlines()) if oom.is_oom_text(ln)), "")
         return Failure("oom", "train", message=line.strip(), records=[])
@@ -325,16 +330,16 @@ class Supervisor:
                 say(f"stopped by {failure.message}; resume with: yolosafe train --resume {self.run_dir}")
                 return EXIT_INTERRUPTED
             if failure.kind == "killed":
-                say(f"{failure.message} (the kernel's OOM killer if host RAM ran out, or kill -9); "
-                    f"resume with: yolosafe train --resume {self.run_dir}")
+                say(f"{failure.message}{where_gpu(plan, failure)} (the kernel's OOM killer if host RAM ran out, or "
+                    f"kill -9); resume with: yolosafe train --resume {self.run_dir}")
                 return EXIT_FAILED
             if failure.kind == "failed":
-                where = f" in {failure.phase} at epoch {failure.epoch}" if failure.phase else ""
+                where = f" in {failure.phase} at {epoch_text(failure.epoch, plan.epochs)}" if failure.phase else ""
+                where += where_gpu(plan, failure)
                 say(f"training failed{where}, not an OOM, not retried: {failure.message or 'see ' + str(rundir.LOG)}")
                 return EXIT_FAILED
-            where = f"rank {failure.rank}, " if failure.rank not in (None, -1) else ""
-            say(f"OOM in {failure.phase} at epoch {failure.epoch} ({where}batch {plan.per_gpu_batch}/GPU, "
-                f"val batch {plan.val_batch}/GPU)")
+            say(f"OOM in {failure.phase} at {epoch_text(failure.epoch, plan.epochs)}{where_gpu(plan, failure)} "
+                f"(batch {plan.per_gpu_batch}/GPU, val batch {plan.val_batch}/GPU)")
             val_ooms += failure.phase == "val"
             allowed = retries < self.options.max_retries
             step = next_step(plan, failure, val_ooms, self.options.min_batch) if allowed else None
@@ -375,6 +380,29 @@ class Supervisor:
         metrics = self.run_dir / rundir.FINAL_METRICS
         if metrics.is_file():
             self.story["final_metrics"] = rundir.read_json(metrics)
+
+
+def epoch_text(epoch: int | None, epochs: int) -> str:
+    """An epoch as Ultralytics shows it: 1-based, "epoch 2/3"."""
+    return "an unknown epoch" if epoch is None else f"epoch {epoch + 1}/{epochs}"
+
+
+def where_gpu(plan: TrainPlan, failure: Failure) -> str:
+    """" on rank 1, GPU 3" (NVML numbering), as far as the failure records tell."""
+    parts = [] if failure.rank in (None, -1) else [f"rank {failure.rank}"]
+    gpu = nvml_index(plan.gpus, failure.gpu)
+    if gpu is not None:
+        parts.append(f"GPU {gpu}")
+    return f" on {', '.join(parts)}" if parts else ""
+
+
+def state_of(story: dict[str, Any]) -> str:
+    """The outcome of a run as a reader should call it: a "running" run whose supervisor is gone (SIGKILL, a crash
+    of the machine) is "abandoned" and can be resumed."""
+    outcome = str(story.get("outcome") or "unknown")
+    if outcome == "running" and not proc.is_alive(story.get("supervisor") or {}):
+        return "abandoned"
+    return outcome
 
 
 def say(message: str) -> None:
