@@ -353,16 +353,16 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
         fail("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
     if not (path / rundir.STORY).is_file():
         fail(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
-    click.echo(f"{path}: {supervise.state_of(rundir.read_json(path / rundir.STORY))}", err=True)
+    state = supervise.state_of(rundir.read_json(path / rundir.STORY))
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
-        click.echo(f"yolosafe: no memory data in {path}: {exc}", err=True)
+        click.echo(f"yolosafe: no memory data in {path} (run {state}): {exc}", err=True)
         sys.exit(1)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{path}: GPU memory, NVML peaks (epochs 0-based); plot: {path / rundir.MEMORY_PLOT}")
+    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 0-based); plot: {path / rundir.MEMORY_PLOT}")
     for line in report.table(summary):
         click.echo(line)
 

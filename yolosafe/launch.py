@@ -80,7 +80,7 @@ def record_failures(failures: dict[int, Any]) -> None:
         signal_name = failure.signal_name() if failure.exitcode < 0 else None
         message = _error_message(failure)
         if signal_name:
-            message = f"rank {rank} (GPU {failure.local_rank}) was killed by {signal_name}"
+            message = f"rank {rank} was killed by {signal_name}"
         rundir.write_json(path, {
             "t": failure.timestamp, "oom": oom.is_oom_text(message), "error": signal_name or "exit",
             "message": message, "signal": signal_name, "exit_code": failure.exitcode, "rank": rank,

@@ -168,7 +168,8 @@ def exit_with_parent() -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(PARENT_POLL_S)
-        print(f"yolosafe: parent process {parent} is gone; pid {os.getpid()} exits", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # the output pipe may have died with the parent
+            print(f"yolosafe: parent process {parent} is gone; pid {os.getpid()} exits", file=sys.stderr, flush=True)
         os._exit(1)
 
     threading.Thread(target=watch, name="yolosafe-parent-watch", daemon=True).start()

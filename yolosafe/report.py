@@ -55,6 +55,7 @@ def load(run_dir: Path) -> pd.DataFrame:
     if not samples.empty:  # a last line cut short by a killed supervisor has missing fields: drop it
         samples = samples.dropna(subset=["t", "attempt", "gpu", "used_mib"])
         samples = samples.astype({"t": float, "attempt": "int64", "gpu": "int64"})
+        samples = samples.drop(columns=["phase", "epoch"], errors="ignore")  # joined again below, from all events
     if samples.empty:
         raise NoMemoryData(f"{rundir.MEMORY_CSV} has no samples: the worker ended before the first one")
     gpus = plan_gpus(run_dir)

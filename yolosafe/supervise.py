@@ -330,8 +330,10 @@ class Supervisor:
                 say(f"stopped by {failure.message}; resume with: yolosafe train --resume {self.run_dir}")
                 return EXIT_INTERRUPTED
             if failure.kind == "killed":
-                say(f"{failure.message}{where_gpu(plan, failure)} (the kernel's OOM killer if host RAM ran out, or "
-                    f"kill -9); resume with: yolosafe train --resume {self.run_dir}")
+                gpu = nvml_index(plan.gpus, failure.gpu)
+                on_gpu = f" on GPU {gpu}" if gpu is not None else ""
+                say(f"{failure.message}{on_gpu} (the kernel's OOM killer if host RAM ran out, or kill -9); "
+                    f"resume with: yolosafe train --resume {self.run_dir}")
                 return EXIT_FAILED
             if failure.kind == "failed":
                 where = f" in {failure.phase} at {epoch_text(failure.epoch, plan.epochs)}" if failure.phase else ""
