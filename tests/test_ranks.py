@@ -88,6 +88,28 @@ def test_rank_injection_for_a_missing_rank_is_a_usage_error(run_cli, tmp_path):
     assert "rank=2 does not exist: this run has ranks 0-1" in result.stderr and not (tmp_path / "runs").exists()
 
 
+def test_epoch_peaks_become_ultralytics_metrics_per_nvml_gpu(tmp_path, monkeypatch):
+    """The rank on CUDA device 1 of a plan on GPUs 2,3 reports as GPU 3; GPUs without figures are NaN (one column
+    set every epoch, so results.csv stays aligned)."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from yolosafe import callbacks, peakmetrics
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"plan": {"gpus": [2, 3]}}))
+    monkeypatch.setenv("YOLOSAFE_SPEC", str(spec))
+    monkeypatch.setattr(callbacks.STATE, "train_peaks", {"max_allocated_mib": 10.0, "max_reserved_mib": 12.0})
+    found = peakmetrics.epoch_peaks(SimpleNamespace(device=torch.device("cuda", 1), world_size=1))
+    assert list(found) == peakmetrics.keys([2, 3]) and len(found) == 8
+    assert (found["memory/gpu3_train_allocated_mib"], found["memory/gpu3_train_reserved_mib"]) == (10.0, 12.0)
+    assert math.isnan(found["memory/gpu2_train_reserved_mib"]) and math.isnan(found["memory/gpu3_val_reserved_mib"])
+    ordered = peakmetrics.ordered({"memory/gpu3_val_reserved_mib": 5.0, "lr/pg0": 0.1})
+    assert list(ordered)[:2] == ["lr/pg0", "memory/gpu2_train_allocated_mib"] and len(ordered) == 9
+
+
 @pytest.mark.slow
 def test_oom_on_rank_2_of_4_in_training_halves_every_rank(run_cli, tmp_path):
     args = ["--gpus", "0,1,2,3", "--epochs", "2", "--imgsz", "64", "--batch", "16", "--effective-batch", "32",
@@ -107,6 +129,9 @@ def test_oom_on_rank_2_of_4_in_training_halves_every_rank(run_cli, tmp_path):
     assert len({pid for _, pid in ran.values()}) == 4
     assert {e["epoch"] for e in events(run, 2, "train_start")} == {1}
     assert {e["gpu"] for e in events(run, 2, "train_start")} == {0, 1, 2, 3}
+    header = (run / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[-16:] == [f"memory/gpu{g}_{p}_{k}_mib" for g in range(4) for p in ("train", "val")
+                            for k in ("allocated", "reserved")]  # torch's peaks of every GPU (NaN on the CPU)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import functools
 import gc
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class _State:
     epoch: int = 0
     iteration: int = 0
     final: bool = False  # the validation of best.pt after the last epoch
+    train_peaks: dict[str, float | None] = field(default_factory=dict)  # torch's peaks of this epoch's training
 
 
 STATE = _State()
@@ -119,7 +120,7 @@ def _reset_peaks(obj: Any) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peaks(obj: Any) -> dict[str, float | None]:
+def torch_peaks(obj: Any) -> dict[str, float | None]:
     """torch's peak allocated and reserved MiB since the phase started; reserved minus allocated is the allocator's
     cache and fragmentation, which NVML counts as used."""
     device = _cuda_device(obj)
@@ -175,7 +176,8 @@ def on_train_batch_start(trainer: Any) -> None:
 
 
 def on_train_epoch_end(trainer: Any) -> None:
-    _event("train_end", trainer, **_peaks(trainer))
+    STATE.train_peaks = torch_peaks(trainer)
+    _event("train_end", trainer, **STATE.train_peaks)
 
 
 def on_val_start(validator: Any) -> None:
@@ -201,7 +203,7 @@ def on_fit_epoch_end(trainer: Any) -> None:
 
 def _end_val(obj: Any) -> None:
     if STATE.phase in {"val", "final"}:
-        _event("val_end", obj, **_peaks(obj))
+        _event("val_end", obj, **torch_peaks(obj))
         STATE.phase = None
 
 

@@ -9,7 +9,9 @@
 3. yolosafe launches the DDP ranks itself (:mod:`yolosafe.launch`): in a rank, the world size is the launcher's
    ``WORLD_SIZE``, never Ultralytics' count of the device string, and the trainer never launches ranks of its own.
 4. Checkpoints are written atomically, so the one a retry resumes from is never half a file.
-5. The training step has an injection point (``YOLOSAFE_INJECT_OOM``) inside the try block where a real OOM
+5. Each epoch's torch memory peaks of every GPU go into Ultralytics' metrics (results.csv, loggers):
+   :mod:`yolosafe.peakmetrics`.
+6. The training step has an injection point (``YOLOSAFE_INJECT_OOM``) inside the try block where a real OOM
    surfaces, so tests prove that Ultralytics' own in-process halving stays off (see callbacks.py).
 """
 
@@ -26,7 +28,7 @@ from ultralytics.models.yolo.obb import OBBTrainer
 from ultralytics.models.yolo.pose import PoseTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
 
-from yolosafe import callbacks, oom, rundir
+from yolosafe import callbacks, oom, peakmetrics, rundir
 
 
 def failure_record(exc: BaseException, batch: int | None) -> dict[str, Any]:
@@ -117,6 +119,14 @@ class SafeTrainerMixin:
             if path.exists():
                 os.replace(path, final[name])
         return saved
+
+    def validate(self) -> tuple[Any, Any]:
+        metrics, fitness = super().validate()
+        peaks = peakmetrics.epoch_peaks(self)  # every rank takes part: it gathers the peaks of every GPU
+        return (None if metrics is None else {**metrics, **peaks}), fitness
+
+    def save_metrics(self, metrics: dict[str, Any]) -> None:
+        super().save_metrics(peakmetrics.ordered(metrics))
 
     def final_eval(self) -> None:
         callbacks.STATE.final = True
