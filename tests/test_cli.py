@@ -70,7 +70,8 @@ def test_dry_run_four_fake_gpus(run_cli):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for text in ("0,1,2,3", "64 total = 16 per GPU", "nbs 128", "accumulate 2", "16 per GPU",
-                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "-m yolosafe.worker", '"nbs": 128'):
+                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "-m yolosafe.worker", '"nbs": 128',
+                 "-m yolosafe.launch --nnodes 1 --nproc-per-node 4", "each one a rank process on the CPU"):
         assert text in out, out
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import click
 import yaml
 
-from yolosafe import __version__, allocator, datasets, gpus, oom, plan, report, rundir, supervise
+from yolosafe import __version__, allocator, datasets, gpus, launch, oom, plan, report, rundir, supervise
 
 EXIT_USAGE = 2
 DEFAULTS: dict[str, Any] = {
@@ -144,8 +144,12 @@ def next_run_name(project: Path, name: str) -> Path:
 def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulated: bool) -> None:
     gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
     if simulated:
-        gpus_text += "  [fake GPUs: the worker would train on CPU]"
+        gpus_text += "  [fake GPUs: each one a rank process on the CPU]" if len(p.gpus) > 1 else "  [fake GPU: on CPU]"
     spec_file = rundir.spec_path(run_dir, 1)
+    command = [sys.executable, "-m", "yolosafe.worker", str(spec_file)]
+    if p.world_size > 1:  # the port is picked again at launch
+        ranks = launch.Launch(p.world_size, launch.free_port(), rundir.ranks_log_dir(run_dir, 1))
+        command = launch.command(sys.executable, ranks, spec_file)
     device, visible = supervise.launch_device(p, simulated)
     child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
@@ -161,7 +165,7 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),
         ("run dir", f"{run_dir} (not created by a dry run)"),
         ("train kwargs", json.dumps(p.train_kwargs() | {"device": device}, sort_keys=True)),
-        ("child command", f"{prefix} {sys.executable} -m yolosafe.worker {spec_file}"),
+        ("child command", f"{prefix} {shlex.join(command)}"),
     ]
     click.echo("yolosafe train --dry-run")
     for label, value in lines:
