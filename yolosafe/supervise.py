@@ -292,17 +292,7 @@ class Supervisor:
                 resume = self.keep_checkpoint(resume, attempt)
             spec = self.spec(plan, attempt, resume, final_val_only)
             worker_file = rundir.worker_path(self.run_dir, attempt)
-            entry: dict[str, Any] = {
-                "attempt": attempt,
-                "mode": spec["mode"],
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "batch": plan.batch,
-                "per_gpu_batch": plan.per_gpu_batch,
-                "val_batch": plan.val_batch,
-                "nbs": plan.effective_batch,
-                "accumulate": plan.accumulate,
-                "resumed_from": str(resume) if resume else None,
-            }
+            entry = new_entry(plan, spec, resume)
             self.story["attempts"].append(entry)
             self.story["outcome"] = "running"
             self.save()
@@ -324,22 +314,9 @@ class Supervisor:
             self.story["outcome"] = failure.kind
             self._record_results()
             self.save()
-            if failure.kind == "completed":
-                return EXIT_OK
-            if failure.kind == "interrupted":
-                say(f"stopped by {failure.message}; resume with: yolosafe train --resume {self.run_dir}")
-                return EXIT_INTERRUPTED
-            if failure.kind == "killed":
-                gpu = nvml_index(plan.gpus, failure.gpu)
-                on_gpu = f" on GPU {gpu}" if gpu is not None else ""
-                say(f"{failure.message}{on_gpu} (the kernel's OOM killer if host RAM ran out, or kill -9); "
-                    f"resume with: yolosafe train --resume {self.run_dir}")
-                return EXIT_FAILED
-            if failure.kind == "failed":
-                where = f" in {failure.phase} at {epoch_text(failure.epoch, plan.epochs)}" if failure.phase else ""
-                where += where_gpu(plan, failure)
-                say(f"training failed{where}, not an OOM, not retried: {failure.message or 'see ' + str(rundir.LOG)}")
-                return EXIT_FAILED
+            ended = self._ended(failure, plan)
+            if ended is not None:
+                return ended
             say(f"OOM in {failure.phase} at {epoch_text(failure.epoch, plan.epochs)}{where_gpu(plan, failure)} "
                 f"(batch {plan.per_gpu_batch}/GPU, val batch {plan.val_batch}/GPU)")
             val_ooms += failure.phase == "val"
@@ -360,6 +337,26 @@ class Supervisor:
             self.save()
             how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
             say(f"retry {retries}/{self.options.max_retries}: {step.change}; {how}")
+
+    def _ended(self, failure: Failure, plan: TrainPlan) -> int | None:
+        """The exit status of an attempt that ends the run (anything but an OOM), said in one line; None for an OOM."""
+        if failure.kind == "completed":
+            return EXIT_OK
+        if failure.kind == "interrupted":
+            say(f"stopped by {failure.message}; resume with: yolosafe train --resume {self.run_dir}")
+            return EXIT_INTERRUPTED
+        if failure.kind == "killed":
+            gpu = nvml_index(plan.gpus, failure.gpu)
+            on_gpu = f" on GPU {gpu}" if gpu is not None else ""
+            say(f"{failure.message}{on_gpu} (the kernel's OOM killer if host RAM ran out, or kill -9); "
+                f"resume with: yolosafe train --resume {self.run_dir}")
+            return EXIT_FAILED
+        if failure.kind == "failed":
+            where = f" in {failure.phase} at {epoch_text(failure.epoch, plan.epochs)}" if failure.phase else ""
+            where += where_gpu(plan, failure)
+            say(f"training failed{where}, not an OOM, not retried: {failure.message or 'see ' + str(rundir.LOG)}")
+            return EXIT_FAILED
+        return None
 
     def others_mib(self) -> dict[int, float]:
         """The most memory other processes (a stale kernel, a colleague) held on each GPU of the run: at launch, and
@@ -382,6 +379,21 @@ class Supervisor:
         metrics = self.run_dir / rundir.FINAL_METRICS
         if metrics.is_file():
             self.story["final_metrics"] = rundir.read_json(metrics)
+
+
+def new_entry(plan: TrainPlan, spec: dict[str, Any], resume: Path | None) -> dict[str, Any]:
+    """An attempt's record in ``yolosafe.json`` as it starts; its outcome is added when it ends."""
+    return {
+        "attempt": spec["attempt"],
+        "mode": spec["mode"],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "batch": plan.batch,
+        "per_gpu_batch": plan.per_gpu_batch,
+        "val_batch": plan.val_batch,
+        "nbs": plan.effective_batch,
+        "accumulate": plan.accumulate,
+        "resumed_from": str(resume) if resume else None,
+    }
 
 
 def epoch_text(epoch: int | None, epochs: int) -> str:
