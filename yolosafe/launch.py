@@ -98,6 +98,7 @@ def _error_message(failure: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         record_failures(exc.failures)
         print(exc.format_msg(), file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except SignalException as exc:  # Ctrl-C/SIGTERM: torch.distributed.run has stopped the ranks; no traceback
+        print(f"yolosafe: rank launcher stopped by {exc.sigval.name}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(exc.sigval)) from None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Exit status: 0 done, 1 training failed (see the failure records), 3 the model or
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -128,12 +129,18 @@ def run(spec_file: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     proc.exit_with_parent()  # the supervisor (or, for a rank, the launcher) SIGKILLed: end too
-    if callbacks.is_rank():  # the launcher's per-rank error file gets this rank's traceback
-        from torch.distributed.elastic.multiprocessing.errors import record
+    try:
+        if callbacks.is_rank():  # the launcher's per-rank error file gets this rank's traceback
+            from torch.distributed.elastic.multiprocessing.errors import record
 
-        record(run)(Path(argv[0]))
-    else:
-        run(Path(argv[0]))
+            record(run)(Path(argv[0]))
+        else:
+            run(Path(argv[0]))
+    except KeyboardInterrupt:  # stopped by yolosafe (Ctrl-C): one line, not a traceback per rank
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher forwards the same Ctrl-C: once is enough
+        where = f"rank {callbacks.rank()}" if callbacks.is_rank() else "worker"
+        print(f"yolosafe: {where} stopped by SIGINT", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
