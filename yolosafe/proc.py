@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+PARENT_ENV = "YOLOSAFE_PARENT_PID"  # the pid a started process must have as its parent (set by whoever starts it)
 STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 STOP_GRACE_S = 8.0  # after a Ctrl-C, the tree gets this long to end on its own before SIGKILL
 PARENT_POLL_S = 0.25
@@ -102,6 +103,7 @@ def child_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in STRAY_DIST_VARS}
     env.update(extra)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env[PARENT_ENV] = str(os.getpid())
     return env
 
 
@@ -161,9 +163,12 @@ def exit_with_parent() -> None:
     A daemon thread polls ``getppid``; once the process is re-parented it leaves with ``os._exit``. The chain ends
     level by level: the supervisor dies, its launcher notices and exits, the launcher's ranks notice and exit.
     Polling rather than ``PR_SET_PDEATHSIG``: that fires when the parent *thread* that forked us ends, and torch's
-    launcher may start ranks from any thread; polling is also portable.
+    launcher may start ranks from any thread; polling is also portable. The expected parent comes from
+    ``YOLOSAFE_PARENT_PID`` where the starter set it, so a parent that died before this call counts too; this process
+    sets it in turn for the processes it starts (the launcher's ranks inherit its environment).
     """
-    parent = os.getppid()
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())
+    os.environ[PARENT_ENV] = str(os.getpid())
 
     def watch() -> None:
         while os.getppid() == parent:
