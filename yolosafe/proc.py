@@ -51,11 +51,14 @@ class ProcessTree:
         return self
 
     def refresh(self) -> set[int]:
-        """Look for new descendants now (of the root and of every known process, in case the root is gone);
-        returns the pids of the known processes still alive."""
+        """Look for new descendants now (of every known process: the root may be gone, its ranks not), forget the
+        ones that ended (a long run starts thousands of dataloader workers); returns the pids still alive."""
         import psutil
 
-        for proc in list(self._known.values()):
+        for pid, proc in list(self._known.items()):
+            if not _alive(proc):
+                self._known.pop(pid, None)  # the background thread may prune it too
+                continue
             try:
                 for child in proc.children(recursive=True):
                     self._known.setdefault(child.pid, child)
