@@ -88,6 +88,37 @@ def test_rank_injection_for_a_missing_rank_is_a_usage_error(run_cli, tmp_path):
     assert "rank=2 does not exist: this run has ranks 0-1" in result.stderr and not (tmp_path / "runs").exists()
 
 
+def test_launch_arguments_are_torchruns_own(tmp_path):
+    """The argv yolosafe builds parses with torch.distributed.run's own parser: single node (static rendezvous on a
+    free port) and the multi-node shape a later step needs (c10d rendezvous)."""
+    from torch.distributed.run import parse_args
+
+    from yolosafe import launch
+
+    port = launch.free_port()
+    single = parse_args(launch.torchrun_args(launch.Launch(4, port, tmp_path), "yolosafe.worker", ["spec.json"]))
+    assert (single.nproc_per_node, single.nnodes, single.master_port, single.master_addr) == ("4", "1", port,
+                                                                                             "127.0.0.1")
+    assert (single.module, single.training_script, single.training_script_args) == (True, "yolosafe.worker",
+                                                                                     ["spec.json"])
+    assert (single.max_restarts, single.log_dir, single.tee) == (0, str(tmp_path), "3")
+    multi = launch.Launch(8, port, tmp_path, nnodes=2, node_rank=1, rdzv_endpoint="node0:29400", rdzv_id="run7")
+    parsed = parse_args(launch.torchrun_args(multi, "yolosafe.worker", ["spec.json"]))
+    assert (parsed.nnodes, parsed.rdzv_backend, parsed.rdzv_endpoint, parsed.rdzv_id) == ("2", "c10d", "node0:29400",
+                                                                                          "run7")
+
+
+def test_a_running_story_whose_supervisor_is_gone_is_abandoned():
+    from yolosafe import proc, supervise
+
+    me = proc.identity(os.getpid())
+    assert supervise.state_of({"outcome": "running", "supervisor": me}) == "running"
+    gone = me | {"create_time": me["create_time"] - 5}  # the same pid, another process: ours is gone
+    assert supervise.state_of({"outcome": "running", "supervisor": gone}) == "abandoned"  # a reused pid
+    assert supervise.state_of({"outcome": "running"}) == "abandoned"  # no supervisor recorded
+    assert supervise.state_of({"outcome": "completed", "supervisor": gone}) == "completed"
+
+
 def test_epoch_peaks_become_ultralytics_metrics_per_nvml_gpu(tmp_path, monkeypatch):
     """The rank on CUDA device 1 of a plan on GPUs 2,3 reports as GPU 3; GPUs without figures are NaN (one column
     set every epoch, so results.csv stays aligned)."""
