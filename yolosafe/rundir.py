@@ -34,7 +34,8 @@ MEMORY_SUMMARY = "memory_summary.json"
 MEMORY_PLOT = "memory.png"
 FINAL_METRICS = "final_metrics.json"
 INJECTED = ".injected"
-FAKE_PHASE = ".fake-phase.json"  # the phase file of the fake NVML backend (YOLOSAFE_FAKE_PHASE_FILE), fake GPUs only
+# the phase file of the fake NVML backend (YOLOSAFE_FAKE_PHASE_FILE), fake GPUs only; ranks write .fake-phase-gpuN.json
+FAKE_PHASE = ".fake-phase.json"
 RUN_DIR_ENV = "YOLOSAFE_RUN_DIR"
 SPEC_ENV = "YOLOSAFE_SPEC"
 

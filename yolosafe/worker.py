@@ -7,7 +7,8 @@ trains as that rank (with fake GPUs, as a CPU rank over gloo: :mod:`yolosafe.cpu
 (environment, torch, CUDA) in the run directory: proof that the settings reached the process that allocates GPU
 memory.
 
-Exit status: 0 done, 1 training failed (see the failure records), 3 the model or dataset could not be loaded.
+Exit status: 0 done, 1 training failed (see the failure records), 3 the model or dataset could not be loaded,
+130 stopped by yolosafe (Ctrl-C). It ends by itself when its parent is gone (:func:`yolosafe.proc.exit_with_parent`).
 """
 
 from __future__ import annotations
