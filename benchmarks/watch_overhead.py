@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from yolosafe import gpus, rundir
-from yolosafe.supervise import ProcessTree
+from yolosafe.proc import ProcessTree
 from yolosafe.watch import MemoryWatch
 
 YOLOSAFE = shutil.which("yolosafe") or str(Path(sys.executable).with_name("yolosafe"))

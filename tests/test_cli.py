@@ -72,7 +72,8 @@ def test_dry_run_four_fake_gpus(run_cli):
     for text in ("0,1,2,3", "64 total = 16 per GPU", "nbs 128", "accumulate 2", "16 per GPU",
                  "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "-m yolosafe.worker", '"nbs": 128',
                  # shapes: 32 images over 4 ranks = 1 batch of 16 per epoch, 3 epochs; warm-up min(3, 3 - 1) epochs
-                 "accumulation     2, at most the run's 3 iterations (1 per epoch); ramped 1 -> 2 over its first 2"):
+                 "accumulation     2, at most the run's 3 iterations (1 per epoch); ramped 1 -> 2 over its first 2",
+                 "-m yolosafe.launch --nnodes 1 --nproc-per-node 4", "each one a rank process on the CPU"):
         assert text in out, out
 
 

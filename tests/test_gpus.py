@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -40,11 +43,23 @@ def test_fake_phase_memory_follows_phase_file(tmp_path):
     spec = json.dumps({"gpus": [{"total_mib": 10000, "used_mib": 500, "phase_mib": {"train": 3000, "val": 7000}}]})
     backend = gpus.FakeBackend(spec, {gpus.PHASE_FILE_ENV: str(phase_file)})
     assert backend.read_memory(0).used_mib == 500
-    phase_file.write_text(json.dumps({"phase": "val", "pid": 77}))
+    phase_file.write_text(json.dumps({"phase": "val", "pid": os.getpid()}))
     reading = backend.read_memory(0)
-    assert reading.used_mib == 7500 and gpus.GPUProcess(77, 7000) in reading.processes
+    assert reading.used_mib == 7500 and gpus.GPUProcess(os.getpid(), 7000) in reading.processes
     with pytest.raises(gpus.GPUReadError):
         backend.read_memory(1)
+
+
+def test_fake_phase_memory_is_per_rank_gpu_and_ends_with_its_process(tmp_path):
+    """Each rank's phase memory lands on its own GPU only, and a process that has exited holds none."""
+    base = tmp_path / "phase.json"
+    spec = json.dumps({"gpus": [{"total_mib": 10000, "phase_mib": {"train": 3000}}] * 2})
+    backend = gpus.FakeBackend(spec, {gpus.PHASE_FILE_ENV: str(base)})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gpus.fake_phase_file(base, 1).write_text(json.dumps({"phase": "train", "pid": os.getpid()}))
+    assert [backend.read_memory(i).used_mib for i in (0, 1)] == [0, 3000]
+    gpus.fake_phase_file(base, 1).write_text(json.dumps({"phase": "train", "pid": int(dead.stdout)}))
+    assert backend.read_memory(1).used_mib == 0 and backend.read_memory(1).processes == ()
 
 
 @pytest.mark.parametrize("spec", ["4x", "lots", "{not json"])

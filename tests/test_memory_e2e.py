@@ -45,7 +45,8 @@ def test_fake_validation_peak_is_found_on_its_gpu_and_epoch(run_cli, tmp_path):
     assert story(run)["memory_watch"]["warnings"][0]["gpu"] == 3
 
     csv_lines = (run / "memory.csv").read_text().splitlines()
-    assert csv_lines[0] == "t,attempt,gpu,total_mib,used_mib,ours_mib,others_mib" and len(csv_lines) > 100
+    assert csv_lines[0] == "t,attempt,gpu,total_mib,used_mib,ours_mib,others_mib,phase,epoch" and len(csv_lines) > 100
+    assert {line.split(",")[7] for line in csv_lines[1:]} >= {"train", "val"}
     png = run / "memory.png"
     assert png.stat().st_size > 20_000
     with Image.open(png) as image:

@@ -11,7 +11,7 @@ import time
 
 import psutil
 
-from yolosafe.supervise import child_env, run_child
+from yolosafe.proc import child_env, run_child
 
 # A child that starts a grandchild in a new session (as a DDP launcher's ranks may be), then waits forever.
 FAMILY = """

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from yolosafe import gpus, rundir, watch
-from yolosafe.supervise import RunOptions, Supervisor, run_child
+from yolosafe.proc import run_child
+from yolosafe.supervise import RunOptions, Supervisor
 
 SPEC = json.dumps({"gpus": [
     {"total_mib": 10000, "used_mib": 1000, "processes": [{"pid": 4242, "used_mib": 1000}],

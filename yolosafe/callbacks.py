@@ -1,9 +1,8 @@
 """What runs inside the Ultralytics trainer, in the single training process and in every DDP rank.
 
-The callbacks are plain module-level functions: Ultralytics pickles the trainer's callbacks with cloudpickle into
-the state file its DDP ranks load, and module-level functions travel by reference, so every rank runs this very
-code. They learn where to write from the environment the supervisor set (``YOLOSAFE_RUN_DIR``, ``YOLOSAFE_SPEC``),
-which reaches every rank because ``torch.distributed.run`` inherits it.
+Every rank is a ``python -m yolosafe.worker SPEC`` process started by yolosafe's launcher (:mod:`yolosafe.launch`)
+and registers these callbacks itself. They learn where to write from the environment the supervisor set
+(``YOLOSAFE_RUN_DIR``, ``YOLOSAFE_SPEC``), which reaches every rank through ``torch.distributed.run``.
 
 They record phase events (train/val start and end, with epoch, rank and batch) as JSON lines in the run directory,
 with torch's own peak allocated and reserved memory of the phase in each end event (the peaks are reset at each phase
@@ -19,12 +18,12 @@ import functools
 import gc
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from yolosafe import oom, rundir
-from yolosafe.gpus import MIB, PHASE_FILE_ENV
+from yolosafe.gpus import MIB, PHASE_FILE_ENV, fake_phase_file, nvml_index
 
 
 @dataclass
@@ -35,6 +34,7 @@ class _State:
     epoch: int = 0
     iteration: int = 0
     final: bool = False  # the validation of best.pt after the last epoch
+    train_peaks: dict[str, float | None] = field(default_factory=dict)  # torch's peaks of this epoch's training
 
 
 STATE = _State()
@@ -42,6 +42,20 @@ STATE = _State()
 
 def rank() -> int:
     return int(os.environ.get("RANK", -1))
+
+
+def is_rank() -> bool:
+    """Whether this process is one rank of several, started by the launcher (which sets ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def gpu_index(device: Any) -> int | None:
+    """The rank's GPU as a CUDA device index, which is its position in the plan's ``gpus``; a CPU rank (fake GPUs)
+    stands for the GPU at its ``LOCAL_RANK``. None for a single process on the CPU."""
+    index = getattr(device, "index", None)
+    if index is None and is_rank() and getattr(device, "type", "cpu") == "cpu":
+        return int(os.environ.get("LOCAL_RANK", 0))
+    return index
 
 
 def run_dir() -> Path | None:
@@ -61,8 +75,7 @@ def _read_spec(path: str) -> dict[str, Any]:
 
 
 def _device_index(obj: Any) -> int | None:
-    device = getattr(obj, "device", None)
-    return getattr(device, "index", None)
+    return gpu_index(getattr(obj, "device", None))
 
 
 def _event(event: str, obj: Any, **fields: Any) -> None:
@@ -82,12 +95,14 @@ def _event(event: str, obj: Any, **fields: Any) -> None:
         **fields,
     }
     rundir.append_jsonl(directory / rundir.EVENTS, record)
-    phase_file = os.environ.get(PHASE_FILE_ENV)
-    if phase_file:  # lets the fake NVML backend follow the phases (tests, drills)
+    base = os.environ.get(PHASE_FILE_ENV)
+    if base:  # lets the fake NVML backend follow the phases (tests, drills), each rank on its own GPU
         live = STATE.phase if event.endswith("_start") else None
-        planned = spec().get("plan", {})  # the per-GPU batch, for the fake's per_image_mib (the CPU runs the total)
+        planned = spec().get("plan", {})  # the per-GPU batch, for the fake's per_image_mib
         batch = planned.get("per_gpu_batch") if live == "train" else planned.get("val_batch")
-        rundir.write_json(Path(phase_file), {"phase": live, "pid": os.getpid(), "epoch": STATE.epoch, "batch": batch})
+        gpu = nvml_index(planned.get("gpus", []), record["gpu"]) if record["gpu"] is not None else None
+        rundir.write_json(fake_phase_file(base, gpu),
+                          {"phase": live, "pid": os.getpid(), "epoch": STATE.epoch, "batch": batch})
 
 
 def _cuda_device(obj: Any) -> Any:
@@ -108,7 +123,7 @@ def _reset_peaks(obj: Any) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peaks(obj: Any) -> dict[str, float | None]:
+def torch_peaks(obj: Any) -> dict[str, float | None]:
     """torch's peak allocated and reserved MiB since the phase started; reserved minus allocated is the allocator's
     cache and fragmentation, which NVML counts as used."""
     device = _cuda_device(obj)
@@ -147,8 +162,7 @@ def maybe_inject(phase: str) -> None:
         raise RuntimeError("yolosafe injected a non-OOM failure (YOLOSAFE_INJECT_OOM error=runtime)")
     import torch
 
-    gpu = max(rank(), 0)
-    raise torch.OutOfMemoryError(oom.fake_message(gpu))
+    raise torch.OutOfMemoryError(oom.fake_message(int(os.environ.get("LOCAL_RANK", 0))))
 
 
 def on_train_epoch_start(trainer: Any) -> None:
@@ -165,7 +179,8 @@ def on_train_batch_start(trainer: Any) -> None:
 
 
 def on_train_epoch_end(trainer: Any) -> None:
-    _event("train_end", trainer, **_peaks(trainer))
+    STATE.train_peaks = torch_peaks(trainer)
+    _event("train_end", trainer, **STATE.train_peaks)
 
 
 def on_val_start(validator: Any) -> None:
@@ -192,7 +207,7 @@ def on_fit_epoch_end(trainer: Any) -> None:
 
 def _end_val(obj: Any) -> None:
     if STATE.phase in {"val", "final"}:
-        _event("val_end", obj, **_peaks(obj))
+        _event("val_end", obj, **torch_peaks(obj))
         STATE.phase = None
 
 

@@ -23,7 +23,9 @@ from yolosafe import (
     datasets,
     gpus,
     history,
+    launch,
     memmodel,
+    oom,
     plan,
     planner,
     planview,
@@ -173,8 +175,12 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
                   resume_from: Path | None = None, attempt: int = 1) -> None:
     gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
     if simulated:
-        gpus_text += "  [fake GPUs: the worker would train on CPU]"
+        gpus_text += "  [fake GPUs: each one a rank process on the CPU]" if len(p.gpus) > 1 else "  [fake GPU: on CPU]"
     spec_file = rundir.spec_path(run_dir, attempt)
+    command = [sys.executable, "-m", "yolosafe.worker", str(spec_file)]
+    if p.world_size > 1:  # the port is picked again at launch
+        ranks = launch.Launch(p.world_size, launch.free_port(), rundir.ranks_log_dir(run_dir, attempt))
+        command = launch.command(sys.executable, ranks, spec_file)
     device, visible = supervise.launch_device(p, simulated)
     child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
@@ -192,7 +198,7 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("run dir", f"{run_dir} (resumed from {resume_from}; nothing trained by a dry run)" if resume_from
          else f"{run_dir} (not created by a dry run)"),
         ("train kwargs", json.dumps(p.train_kwargs() | {"device": device}, sort_keys=True)),
-        ("child command", f"{prefix} {sys.executable} -m yolosafe.worker {spec_file}"),
+        ("child command", f"{prefix} {shlex.join(command)}"),
     ]
     click.echo("yolosafe train --dry-run")
     for label, value in lines:
@@ -258,6 +264,10 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     except (gpus.FakeSpecError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         fail(str(exc))
     p = build(options, inventory)
+    try:
+        oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size)
+    except ValueError as exc:
+        fail(str(exc))
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         supervise.say(f"note: {note}")
     simulated = inventory.backend == "fake" and bool(p.gpus)
@@ -405,15 +415,16 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
         fail(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
     if rundir.mark_if_orphaned(path):
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
+    state = rundir.read_json(path / rundir.STORY).get("outcome") or "unknown"
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
-        click.echo(f"yolosafe: no memory data in {path}: {exc}", err=True)
+        click.echo(f"yolosafe: no memory data in {path} (run {state}): {exc}", err=True)
         sys.exit(1)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{path}: GPU memory, NVML peaks (epochs 1-based); plot: {path / rundir.MEMORY_PLOT}")
+    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {path / rundir.MEMORY_PLOT}")
     for line in report.table(summary):
         click.echo(line)
 

@@ -318,11 +318,28 @@ def _parse_json(data: Mapping[str, Any]) -> tuple[list[FakeGPU], str, str]:
     return gpus, str(data.get("driver", "fake")), str(data.get("cuda", "fake"))
 
 
+def fake_phase_file(base: str | Path, gpu: int | None) -> Path:
+    """The phase file of one GPU (NVML index), written by the rank on it; ``gpu`` None: the file of a single
+    process that stands for every GPU."""
+    path = Path(base)
+    return path if gpu is None else path.with_name(f"{path.stem}-gpu{gpu}{path.suffix}")
+
+
+def _pid_alive(pid: int | None) -> bool:
+    import psutil
+
+    try:
+        return bool(pid) and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError):
+        return False
+
+
 class FakeBackend:
     """NVML stand-in. Used memory is the spec's ``used_mib`` plus, with ``phase_mib``, the memory of the phase
-    currently written (as ``{"phase": "val", "pid": 123, "epoch": 4}``) in the file named by
-    ``YOLOSAFE_FAKE_PHASE_FILE`` (plus ``epoch_mib`` times the epoch); that memory is attributed to the writer's pid,
-    so it counts as the training run's own."""
+    currently written (as ``{"phase": "val", "pid": 123, "epoch": 4}``) in the GPU's phase file
+    (:func:`fake_phase_file` of ``YOLOSAFE_FAKE_PHASE_FILE``: each rank writes its own GPU's; a single process the
+    base file, for every GPU) plus ``epoch_mib`` times the epoch. That memory is attributed to the writer's pid, so it
+    counts as the training run's own, and only while that process lives: an exited rank holds no GPU memory."""
 
     name = "fake"
 
@@ -330,7 +347,7 @@ class FakeBackend:
         env = os.environ if env is None else env
         self.spec = spec
         self._phase_file = env.get(PHASE_FILE_ENV)
-        self._phase_seen: tuple[tuple[int, int, int], tuple[str | None, int | None, int]] | None = None
+        self._phase_seen: dict[Path, tuple[tuple[int, int, int], tuple[str | None, int | None, int, int]]] = {}
         text = spec.strip()
         self.driver, self.cuda, self.problem = "fake", "fake", None
         if text.lower() == "none":
@@ -347,35 +364,33 @@ class FakeBackend:
         else:
             self.gpus = _parse_sizes(text)
 
-    def _phase(self) -> tuple[str | None, int | None, int]:
-        """The phase file's ``(phase, pid, epoch)``, parsed again only when the file changed: the memory watch reads
-        every GPU many times a second."""
+    def _phase(self, index: int) -> tuple[str | None, int | None, int, int]:
+        """The ``(phase, pid, epoch, batch)`` of GPU ``index`` from a live writer: the rank on it, else a single
+        process for every GPU. A file is parsed again only when it changed (the watch reads every GPU many times a
+        second). ``batch`` is the phase's per-GPU batch (0 when unknown), for ``per_image_mib``."""
         if not self._phase_file:
-            return None, None, 0
-        try:
-            stat = os.stat(self._phase_file)
-            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-            if self._phase_seen is None or self._phase_seen[0] != key:
-                state = json.loads(Path(self._phase_file).read_text())
-                self._phase_seen = key, (state.get("phase"), state.get("pid"), int(state.get("epoch") or 0))
-            return self._phase_seen[1]
-        except (OSError, ValueError, TypeError, AttributeError):
-            return None, None, 0
-
-    def _phase_batch(self) -> int:
-        """The per-GPU batch of the phase in the phase file (0 when unknown): read only for ``per_image_mib``."""
-        try:
-            return int(json.loads(Path(self._phase_file or "").read_text()).get("batch") or 0)
-        except (OSError, ValueError, TypeError, AttributeError):
-            return 0
+            return None, None, 0, 0
+        for path in (fake_phase_file(self._phase_file, index), Path(self._phase_file)):
+            try:
+                stat = os.stat(path)
+                key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+                if path not in self._phase_seen or self._phase_seen[path][0] != key:
+                    state = json.loads(path.read_text())
+                    self._phase_seen[path] = key, (state.get("phase"), state.get("pid"), int(state.get("epoch") or 0),
+                                                   int(state.get("batch") or 0))
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue
+            if _pid_alive(self._phase_seen[path][1][1]):
+                return self._phase_seen[path][1]
+        return None, None, 0, 0
 
     def _reading(self, index: int) -> MemoryReading:
         gpu = self.gpus[index]
         used, processes = gpu.used_mib, gpu.processes
-        phase, pid, epoch = self._phase()
+        phase, pid, epoch, batch = self._phase(index)
         extra = gpu.phase_mib.get(phase, 0.0) + epoch * gpu.epoch_mib.get(phase, 0.0) if phase else 0.0
         if phase and gpu.per_image_mib.get(phase):
-            extra += gpu.per_image_mib[phase] * self._phase_batch()
+            extra += gpu.per_image_mib[phase] * batch
         if extra:
             used += extra
             processes = (*processes, GPUProcess(int(pid or 0), extra))

@@ -123,3 +123,11 @@ HOST_OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAll
 
 def is_host_oom(text: str) -> bool:
     return any(marker in text for marker in HOST_OOM_MARKERS)
+
+
+def check_injection(text: str | None, world_size: int) -> None:
+    """A usage error (ValueError, one line) for a spec that cannot fire in this plan: a rank it does not have."""
+    injection = parse_injection(text)
+    if injection is not None and injection.rank >= world_size:
+        ranks = "rank 0" if world_size == 1 else f"ranks 0-{world_size - 1}"
+        raise ValueError(f"{INJECT_ENV}: rank={injection.rank} does not exist: this run has {ranks}")

@@ -54,6 +54,7 @@ def load(run_dir: Path) -> pd.DataFrame:
     if not samples.empty:  # a last line cut short by a killed supervisor has missing fields: drop it
         samples = samples.dropna(subset=["t", "attempt", "gpu", "used_mib"])
         samples = samples.astype({"t": float, "attempt": "int64", "gpu": "int64"})
+        samples = samples.drop(columns=["phase", "epoch"], errors="ignore")  # joined again below, from all events
     if samples.empty:
         raise NoMemoryData(f"{rundir.MEMORY_CSV} has no samples: the worker ended before the first one")
     gpus = plan_gpus(run_dir)
@@ -195,6 +196,7 @@ def plot(run_dir: Path, samples: pd.DataFrame, summary: dict[str, Any]) -> Path:
         if not rows.empty:
             nearest = rows.iloc[(rows["t"] - event["t"]).abs().argmin()]
             ax.plot([x], [nearest["used_mib"] / 1024], "x", color="red", ms=12, mew=2.5)
+    _mark_peaks(ax, summary, t0, scale)
     ax.set_xlabel(f"time since the first sample ({unit})")
     ax.set_ylabel("GPU memory used (GiB, NVML)")
     ax.set_ylim(bottom=0)
@@ -205,6 +207,19 @@ def plot(run_dir: Path, samples: pd.DataFrame, summary: dict[str, Any]) -> Path:
     path = run_dir / rundir.MEMORY_PLOT
     fig.savefig(path)
     return path
+
+
+def _mark_peaks(ax: Any, summary: dict[str, Any], t0: float, scale: float) -> None:
+    """Each GPU's own train and validation peak (the table's figures), marked where it happened."""
+    for gpu, info in sorted(summary["gpus"].items(), key=lambda item: int(item[0])):
+        for names, marker, label in ((("train",), "^", "train peak"), (VAL_PHASES, "v", "val peak")):
+            found = [info["phases"][n] for n in names if info["phases"].get(n, {}).get("peak_used_mib") is not None]
+            if not found:
+                continue
+            top = max(found, key=lambda p: p["peak_used_mib"])
+            point = ((top["t_of_peak"] - t0) / scale, top["peak_used_mib"] / 1024)
+            ax.plot(*point, marker, color="black", ms=6, label=label if gpu == min(summary["gpus"], key=int) else None)
+            ax.annotate(f"GPU {gpu}", point, textcoords="offset points", xytext=(4, 4), fontsize="x-small")
 
 
 def write(run_dir: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ Layout (Ultralytics' own files, ``weights/``, ``results.csv``, ``args.yaml``, si
     memory.png             used memory per GPU over time, validation shaded, OOM marked (``yolosafe report``)
     final_metrics.json     the final validation's metrics (of best.pt), whichever attempt ran it
     weights/last-before-attemptN.pt   the checkpoint attempt N resumed from, kept (last.pt moves on every epoch)
+    ranks/attempt-N/       torch.distributed.run's per-rank logs and error files of attempt N (several GPUs)
     .injected              how many injected faults (YOLOSAFE_INJECT_OOM) have fired, across attempts
     .lock                  held (flock) by the supervisor that runs in it, for its whole life; holds its pid
 
@@ -39,9 +40,10 @@ MEMORY_SUMMARY = "memory_summary.json"
 MEMORY_PLOT = "memory.png"
 FINAL_METRICS = "final_metrics.json"
 INJECTED = ".injected"
-FAKE_PHASE = ".fake-phase.json"  # the phase file of the fake NVML backend (YOLOSAFE_FAKE_PHASE_FILE), fake GPUs only
+# the phase file of the fake NVML backend (YOLOSAFE_FAKE_PHASE_FILE), fake GPUs only; ranks write .fake-phase-gpuN.json
+FAKE_PHASE = ".fake-phase.json"
 LOCK = ".lock"
-ORPHANED = "supervisor_died"  # the outcome of a run whose supervisor died while it said "running"
+ORPHANED = "abandoned"  # the outcome of a run whose supervisor died while it said "running" (resumable)
 RUN_DIR_ENV = "YOLOSAFE_RUN_DIR"
 SPEC_ENV = "YOLOSAFE_SPEC"
 
@@ -52,6 +54,10 @@ def spec_path(run_dir: Path, attempt: int) -> Path:
 
 def worker_path(run_dir: Path, attempt: int) -> Path:
     return run_dir / f"worker-{attempt}.json"
+
+
+def ranks_log_dir(run_dir: Path, attempt: int) -> Path:
+    return run_dir / "ranks" / f"attempt-{attempt}"
 
 
 def failure_path(run_dir: Path, attempt: int, rank: int) -> Path:

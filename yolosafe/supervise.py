@@ -1,12 +1,10 @@
 """The supervisor: runs training in a child process, watches it, classifies how it ended, and retries after an OOM.
 
 ``yolosafe train`` never trains in its own process. Each attempt writes a run spec into the run directory and
-starts ``python -m yolosafe.worker SPEC`` in its own session, with the allocator settings in its environment and
-stray ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` removed (inherited from a caller, they silently turn Ultralytics into a
-DDP rank). Its output is streamed, byte for byte so progress bars stay live, to the terminal and to ``train.log``.
-
-Ctrl-C or SIGTERM stops the worker and every process it started, DDP ranks included: they are tracked as a process
-tree while alive, because a rank whose launcher died is re-parented and no longer findable then.
+starts ``python -m yolosafe.worker SPEC`` (one GPU, or the CPU) or yolosafe's rank launcher (several GPUs, one rank
+each: :mod:`yolosafe.launch`) in its own session, with the allocator settings in its environment and stray
+``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` removed. Its output is streamed to the terminal and to ``train.log``; Ctrl-C or
+SIGTERM stops the whole process tree, every rank included (:mod:`yolosafe.proc`).
 
 After an OOM (on any rank, in training or validation) the next attempt halves the batch, keeps ``nbs`` so the
 effective batch is unchanged, and resumes from ``weights/last.pt``; the policy is :func:`next_step`.
@@ -18,90 +16,26 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from yolosafe import oom, rundir, terminal
+from yolosafe import launch, oom, proc, rundir, terminal
 from yolosafe.advice import advice
 from yolosafe.gpus import nvml_index, open_backend
 from yolosafe.plan import TrainPlan
+from yolosafe.proc import AttemptResult, ProcessTree, run_child
 from yolosafe.watch import MemoryWatch
 
-STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 EXIT_OK, EXIT_FAILED, EXIT_OOM_EXHAUSTED, EXIT_INTERRUPTED = 0, 1, 3, 130
-STOP_GRACE_S = 10.0
 
 
-class ProcessTree:
-    """The descendants of one process, refreshed in the background so none is lost when its parent dies.
-
-    Processes are kept as ``psutil.Process`` objects, which know their start time: a pid reused by an unrelated
-    process after ours exited is never signalled.
-    """
-
-    def __init__(self, root: int, interval: float = 0.5) -> None:
-        import psutil
-
-        self.root = root
-        self._known: dict[int, psutil.Process] = {}
-        with contextlib.suppress(psutil.Error):
-            self._known[root] = psutil.Process(root)
-        self._stop = threading.Event()
-        self._interval = interval
-        self._thread = threading.Thread(target=self._run, name="yolosafe-tree", daemon=True)
-
-    def start(self) -> ProcessTree:
-        self._thread.start()
-        return self
-
-    def refresh(self) -> set[int]:
-        """Look for new descendants now; returns the pids of the known processes still alive."""
-        import psutil
-
-        root = self._known.get(self.root)
-        try:
-            for child in root.children(recursive=True) if root else ():
-                self._known.setdefault(child.pid, child)
-        except psutil.Error:
-            pass
-        return self.pids()
-
-    def pids(self) -> set[int]:
-        return {pid for pid, proc in list(self._known.items()) if proc.is_running()}
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.refresh()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def signal_all(self, signum: int) -> None:
-        import psutil
-
-        self.refresh()
-        for proc in list(self._known.values()):
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(signum)  # checks the process is still the one we saw
-
-
-@dataclass
-class AttemptResult:
-    exit_code: int
-    duration_s: float
-    interrupted: int | None = None  # the signal that made yolosafe stop the attempt
-
-
-def child_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in base.items() if k not in STRAY_DIST_VARS}
-    env.update(extra)
-    env.setdefault("PYTHONUNBUFFERED", "1")
+def training_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """The environment of an attempt's processes (worker, launcher, every rank)."""
+    env = proc.child_env(base, extra)
     # CUDA numbers GPUs fastest first, NVML and nvidia-smi by PCI bus: make --gpus 2 the GPU that yolosafe gpus and
     # the memory watch call GPU 2.
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -109,52 +43,6 @@ def child_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     # allow them). Weights the user names explicitly are still fetched as usual.
     env.setdefault("YOLO_OFFLINE", "1")
     return env
-
-
-def run_child(
-    cmd: Sequence[str],
-    env: dict[str, str],
-    log: IO[bytes],
-    on_start: Callable[[ProcessTree], None] | None = None,
-    out: IO[bytes] | None = None,
-) -> AttemptResult:
-    """Run ``cmd`` in its own session, tee its output, and stop its whole tree on SIGINT/SIGTERM."""
-    out = out or sys.stdout.buffer
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    tree = ProcessTree(proc.pid).start()
-    received: list[int] = []
-
-    killer = threading.Timer(STOP_GRACE_S, tree.signal_all, args=(signal.SIGKILL,))
-
-    def stop(signum: int, _frame: Any) -> None:
-        if received:
-            tree.signal_all(signal.SIGKILL)  # second Ctrl-C: no more waiting
-            return
-        received.append(signum)
-        tree.signal_all(signal.SIGINT)  # lets Ultralytics remove its DDP temp files
-        killer.start()
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-    try:
-        if on_start:
-            on_start(tree)
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        while chunk := os.read(fd, 65536):
-            for stream in (out, log):
-                stream.write(chunk)
-                stream.flush()
-        proc.wait()
-        if received:  # the pipe closed: make sure nothing of the tree outlives us
-            tree.signal_all(signal.SIGKILL)
-    finally:
-        killer.cancel()
-        tree.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return AttemptResult(proc.returncode, time.monotonic() - started, received[0] if received else None)
 
 
 @dataclass
@@ -184,6 +72,11 @@ def classify(result: AttemptResult, records: list[dict[str, Any]], log_tail: str
         first = min(ooms, key=lambda r: r.get("t", 0))
         return Failure("oom", first.get("phase") or "train", first.get("epoch"), first.get("rank"),
                        first.get("gpu"), first.get("message", ""), ooms)
+    killed = [r for r in records if r.get("signal")]
+    if killed:  # a rank killed by a signal (kill -9, the kernel's OOM killer): the others' errors follow from it
+        first = min(killed, key=lambda r: r.get("t") or 0)
+        return Failure("killed", rank=first.get("rank"), gpu=first.get("gpu"), message=first.get("message", ""),
+                       records=records)
     if oom.is_oom_text(log_tail):  # an OOM where no record could be written (e.g. while building the model)
         line = next((ln for ln in reversed(log_tail.splitlines()) if oom.is_oom_text(ln)), "")
         return Failure("oom", "train", message=line.strip(), records=[])
@@ -300,9 +193,12 @@ class Supervisor:
             "exist_ok": True,  # the run dir is yolosafe's, made fresh by new_run_dir
         }
         kwargs["device"], visible = launch_device(plan, self.options.simulate_on_cpu)
+        mode = "final_val" if final_val_only else "train"
         return {
             "attempt": attempt,
-            "mode": "final_val" if final_val_only else "train",
+            "mode": mode,
+            "world_size": plan.world_size if mode == "train" else 1,  # the final validation runs alone
+            "cpu_ranks": self.options.simulate_on_cpu,
             "run_dir": str(self.run_dir),
             "model": plan.model,
             "resume": str(resume) if resume else None,
@@ -313,15 +209,24 @@ class Supervisor:
             "train_kwargs": kwargs,
         }
 
+    def command(self, spec: dict[str, Any], path: Path) -> list[str]:
+        """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU."""
+        if spec["world_size"] <= 1:
+            return [sys.executable, "-m", "yolosafe.worker", str(path)]
+        log_dir = rundir.ranks_log_dir(self.run_dir, spec["attempt"])
+        return launch.command(sys.executable, launch.Launch(spec["world_size"], launch.free_port(), log_dir), path)
+
     def attempt(self, spec: dict[str, Any]) -> tuple[AttemptResult, Failure]:
         attempt = spec["attempt"]
         path = rundir.spec_path(self.run_dir, attempt)
         rundir.write_json(path, spec)
-        cmd = [sys.executable, "-m", "yolosafe.worker", str(path)]
+        cmd = self.command(spec, path)
+        self.story["attempts"][-1]["command"] = cmd
+        self.save()
         extra = {rundir.RUN_DIR_ENV: str(self.run_dir), rundir.SPEC_ENV: str(path)}
         if spec["cuda_visible_devices"]:
             extra["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
-        env = child_env(self.options.env, extra)
+        env = training_env(self.options.env, extra)
         log_path = self.run_dir / rundir.LOG
         with open(log_path, "ab") as log:
             start = log.tell()
@@ -352,6 +257,7 @@ class Supervisor:
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> int:
         """Attempts until done; returns the exit status for ``yolosafe train``."""
+        self.story["supervisor"] = proc.identity(os.getpid())  # lets a later reader tell a dead run from a live one
         try:
             return self._attempts(plan, resume, final_val_only)
         except KeyboardInterrupt:  # Ctrl-C between attempts (during one, run_child handles it)
@@ -368,17 +274,7 @@ class Supervisor:
                 resume = self.keep_checkpoint(resume, attempt)
             spec = self.spec(plan, attempt, resume, final_val_only)
             worker_file = rundir.worker_path(self.run_dir, attempt)
-            entry: dict[str, Any] = {
-                "attempt": attempt,
-                "mode": spec["mode"],
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "batch": plan.batch,
-                "per_gpu_batch": plan.per_gpu_batch,
-                "val_batch": plan.val_batch,
-                "nbs": plan.effective_batch,
-                "accumulate": plan.accumulate,
-                "resumed_from": str(resume) if resume else None,
-            }
+            entry = new_entry(plan, spec, resume)
             self.story["attempts"].append(entry)
             self.story["outcome"] = "running"
             self.save()
@@ -400,23 +296,11 @@ class Supervisor:
             self.story["outcome"] = failure.kind
             self._record_results()
             self.save()
-            if failure.kind == "completed":
-                return EXIT_OK
-            if failure.kind == "interrupted":
-                say(f"stopped by {failure.message}; resume with: yolosafe train --resume {self.run_dir}")
-                return EXIT_INTERRUPTED
-            if failure.kind == "killed":
-                say(f"{failure.message} (the kernel's OOM killer if host RAM ran out, or kill -9); "
-                    f"resume with: yolosafe train --resume {self.run_dir}")
-                return EXIT_FAILED
-            if failure.kind == "failed":
-                where = f" in {failure.phase} at epoch {_shown(failure.epoch)}" if failure.phase else ""
-                say(f"training failed{where}, not an OOM, not retried: {failure.message or 'no message'} "
-                    f"(traceback: {self.run_dir / rundir.LOG})")
-                return EXIT_FAILED
-            where = f"rank {failure.rank}, " if failure.rank not in (None, -1) else ""
-            say(f"OOM in {failure.phase} at epoch {_shown(failure.epoch)} ({where}batch {plan.per_gpu_batch}/GPU, "
-                f"val batch {plan.val_batch}/GPU)")
+            ended = self._ended(failure, plan)
+            if ended is not None:
+                return ended
+            say(f"OOM in {failure.phase} at {epoch_text(failure.epoch, plan.epochs)}{where_gpu(plan, failure)} "
+                f"(batch {plan.per_gpu_batch}/GPU, val batch {plan.val_batch}/GPU)")
             val_ooms += failure.phase == "val"
             allowed = retries < self.options.max_retries
             step = next_step(plan, failure, val_ooms, self.options.min_batch) if allowed else None
@@ -435,6 +319,27 @@ class Supervisor:
             self.save()
             how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
             say(f"retry {retries}/{self.options.max_retries}: {step.change}; {how}")
+
+    def _ended(self, failure: Failure, plan: TrainPlan) -> int | None:
+        """The exit status of an attempt that ends the run (anything but an OOM), said in one line; None for an OOM."""
+        if failure.kind == "completed":
+            return EXIT_OK
+        if failure.kind == "interrupted":
+            say(f"stopped by {failure.message}; resume with: yolosafe train --resume {self.run_dir}")
+            return EXIT_INTERRUPTED
+        if failure.kind == "killed":
+            gpu = nvml_index(plan.gpus, failure.gpu)
+            on_gpu = f" on GPU {gpu}" if gpu is not None else ""
+            say(f"{failure.message}{on_gpu} (the kernel's OOM killer if host RAM ran out, or kill -9); "
+                f"resume with: yolosafe train --resume {self.run_dir}")
+            return EXIT_FAILED
+        if failure.kind == "failed":
+            where = f" in {failure.phase} at {epoch_text(failure.epoch, plan.epochs)}" if failure.phase else ""
+            where += where_gpu(plan, failure)
+            say(f"training failed{where}, not an OOM, not retried: {failure.message or 'no message'} "
+                f"(traceback: {self.run_dir / rundir.LOG})")
+            return EXIT_FAILED
+        return None
 
     def others_mib(self) -> dict[int, float]:
         """The most memory other processes (a stale kernel, a colleague) held on each GPU of the run: at launch, and
@@ -459,9 +364,33 @@ class Supervisor:
             self.story["final_metrics"] = rundir.read_json(metrics)
 
 
-def _shown(epoch: int | None) -> str:
-    """Epochs as Ultralytics shows them (1-based); the records keep its 0-based ``trainer.epoch``."""
-    return "?" if epoch is None else str(epoch + 1)
+def new_entry(plan: TrainPlan, spec: dict[str, Any], resume: Path | None) -> dict[str, Any]:
+    """An attempt's record in ``yolosafe.json`` as it starts; its outcome is added when it ends."""
+    return {
+        "attempt": spec["attempt"],
+        "mode": spec["mode"],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "batch": plan.batch,
+        "per_gpu_batch": plan.per_gpu_batch,
+        "val_batch": plan.val_batch,
+        "nbs": plan.effective_batch,
+        "accumulate": plan.accumulate,
+        "resumed_from": str(resume) if resume else None,
+    }
+
+
+def epoch_text(epoch: int | None, epochs: int) -> str:
+    """An epoch as Ultralytics shows it: 1-based, "epoch 2/3"."""
+    return "an unknown epoch" if epoch is None else f"epoch {epoch + 1}/{epochs}"
+
+
+def where_gpu(plan: TrainPlan, failure: Failure) -> str:
+    """" on rank 1, GPU 3" (NVML numbering), as far as the failure records tell."""
+    parts = [] if failure.rank in (None, -1) else [f"rank {failure.rank}"]
+    gpu = nvml_index(plan.gpus, failure.gpu)
+    if gpu is not None:
+        parts.append(f"GPU {gpu}")
+    return f" on {', '.join(parts)}" if parts else ""
 
 
 def say(message: str) -> None:

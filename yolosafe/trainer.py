@@ -6,15 +6,14 @@
 2. A rank that fails writes a record of it (``failure-N-rankR.json``: phase, epoch, iteration, batch and the figures
    of PyTorch's message) into the run directory before it dies, so the supervisor can tell an OOM on rank 3 from
    the NCCL errors it causes on ranks 0-2.
-3. A fresh multi-GPU launch keeps the run directory: Ultralytics deletes ``save_dir`` before it spawns the DDP
-   ranks (``generate_ddp_command``), which would delete yolosafe's own log, spec and story of the run.
+3. yolosafe launches the DDP ranks itself (:mod:`yolosafe.launch`): in a rank, the world size is the launcher's
+   ``WORLD_SIZE``, never Ultralytics' count of the device string, and the trainer never launches ranks of its own.
 4. Checkpoints are written atomically, so the one a retry resumes from is never half a file.
 5. A resume may change ``nbs`` (``--effective-batch``), which Ultralytics would otherwise take from the checkpoint.
-6. The training step has an injection point (``YOLOSAFE_INJECT_OOM``) inside the try block where a real OOM
+6. Each epoch's torch memory peaks of every GPU go into Ultralytics' metrics (results.csv, loggers):
+   :mod:`yolosafe.peakmetrics`.
+7. The training step has an injection point (``YOLOSAFE_INJECT_OOM``) inside the try block where a real OOM
    surfaces, so tests prove that Ultralytics' own in-process halving stays off (see callbacks.py).
-
-The classes are module-level so that Ultralytics' DDP state file, which pickles ``type(trainer)``, imports them
-by reference in every rank.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from ultralytics.models.yolo.obb import OBBTrainer
 from ultralytics.models.yolo.pose import PoseTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
 
-from yolosafe import callbacks, oom, rundir
+from yolosafe import callbacks, oom, peakmetrics, rundir
 
 
 def failure_record(exc: BaseException, batch: int | None) -> dict[str, Any]:
@@ -75,7 +74,7 @@ def write_failure(exc: BaseException, batch: int | None, device: Any = None) -> 
     if directory is None or isinstance(exc, KeyboardInterrupt):
         return
     record = failure_record(exc, batch)
-    index = getattr(device, "index", None)
+    index = callbacks.gpu_index(device)
     record["gpu"] = index if index is not None else record["figures"].get("gpu")
     record.update(_cuda_peaks(device))
     rundir.write_json(rundir.failure_path(directory, record["attempt"] or 0, record["rank"]), record)
@@ -83,6 +82,12 @@ def write_failure(exc: BaseException, batch: int | None, device: Any = None) -> 
 
 class SafeTrainerMixin:
     """The changes described in the module docstring, for any Ultralytics task trainer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ddp = False  # Ultralytics' own launch (temp file, pickled trainer) is never used
+        if callbacks.is_rank():
+            self.world_size = int(os.environ["WORLD_SIZE"])
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
         if mode == "val":
@@ -125,18 +130,17 @@ class SafeTrainerMixin:
         if self.resume and nbs is not None:
             self.args.nbs = nbs
 
+    def validate(self) -> tuple[Any, Any]:
+        metrics, fitness = super().validate()
+        peaks = peakmetrics.epoch_peaks(self)  # every rank takes part: it gathers the peaks of every GPU
+        return (None if metrics is None else {**metrics, **peaks}), fitness
+
+    def save_metrics(self, metrics: dict[str, Any]) -> None:
+        super().save_metrics(peakmetrics.ordered(metrics))
+
     def final_eval(self) -> None:
         callbacks.STATE.final = True
         super().final_eval()
-
-    def train(self) -> None:
-        if not (self.ddp and not self.resume):
-            return super().train()
-        self.resume = True  # only read by generate_ddp_command, to skip its rmtree(save_dir)
-        try:
-            return super().train()
-        finally:
-            self.resume = False
 
 
 class SafeDetectionTrainer(SafeTrainerMixin, DetectionTrainer):

@@ -4,8 +4,9 @@ A run that dies "during validation at epoch 134" while nvidia-smi shows 39 GB fr
 one phase, for a moment. Only a sampler running throughout sees that moment, and it must live outside the training
 process: the supervisor survives the OOM, sees other people's processes on the same GPUs, and never competes with
 the ranks for GPU memory. It runs in a background thread at a fixed rate and writes one CSV row per GPU and sample
-(``memory.csv``, long format, all attempts), splitting each GPU's memory into the run's own processes (the worker
-and its DDP ranks, matched by the supervisor's process tree) and everybody else's.
+(``memory.csv``, long format, all attempts, with each sample's phase and epoch), splitting each GPU's memory into
+the run's own processes (the worker and its DDP ranks, matched by the supervisor's process tree) and everybody
+else's.
 
 It follows ``events.jsonl`` as the ranks append to it, so a GPU crossing the warning threshold is reported with its
 phase and epoch, once per GPU and phase. The phase of a sample is the phase started by the latest event of the rank
@@ -31,7 +32,8 @@ from typing import IO, Any
 from yolosafe import rundir
 from yolosafe.gpus import GPUBackend, GPUReadError, MemoryReading, nvml_index
 
-COLUMNS = ("t", "attempt", "gpu", "total_mib", "used_mib", "ours_mib", "others_mib")
+# phase and epoch (0-based) are the GPU's at the sample, from its rank's latest event: a CSV reader can group by them
+COLUMNS = ("t", "attempt", "gpu", "total_mib", "used_mib", "ours_mib", "others_mib", "phase", "epoch")
 MAX_FAILED_READS = 50  # consecutive, per GPU (5 s at 10 Hz): then the GPU is no longer sampled
 FLUSH_S = 1.0  # a crash of the supervisor loses at most this much of memory.csv
 PIDS_S = 0.5  # how often the run's pids are asked again (the process tree itself refreshes every 0.5 s)
@@ -199,7 +201,7 @@ class MemoryWatch:
                 if theirs is not None:
                     self.peak_others[gpu] = max(self.peak_others.get(gpu, 0.0), theirs)
                 writer.writerow((f"{now:.3f}", attempt, gpu, _round(reading.total_mib), _round(reading.used_mib),
-                                 _round(mine), _round(theirs)))
+                                 _round(mine), _round(theirs), *self.tracker.at(gpu)))
                 self.samples += 1
                 self._check(reading, mine, theirs)
             if not active:

@@ -1,21 +1,25 @@
 """The training process: ``python -m yolosafe.worker SPEC``, started and watched by the supervisor.
 
 It trains with Ultralytics in its own process so that the allocator settings are in its environment before torch
-starts CUDA, so that Ultralytics' DDP launch (``torch.distributed.run``) hands that environment to every rank, and
-so that an OOM kills a process, not yolosafe. It records what it saw (environment, torch, CUDA) in the run
-directory: proof that the settings reached the process that allocates GPU memory.
+starts CUDA, and so that an OOM kills a process, not yolosafe. For more than one GPU the supervisor starts it once
+per GPU through yolosafe's launcher (:mod:`yolosafe.launch`): each copy is one DDP rank, builds yolosafe's trainer and
+trains as that rank (with fake GPUs, as a CPU rank over gloo: :mod:`yolosafe.cpuranks`). It records what it saw
+(environment, torch, CUDA) in the run directory: proof that the settings reached the process that allocates GPU
+memory.
 
-Exit status: 0 done, 1 training failed (see the failure records), 3 the model or dataset could not be loaded.
+Exit status: 0 done, 1 training failed (see the failure records), 3 the model or dataset could not be loaded,
+130 stopped by yolosafe (Ctrl-C). It ends by itself when its parent is gone (:func:`yolosafe.proc.exit_with_parent`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from yolosafe import allocator, callbacks, rundir
+from yolosafe import allocator, callbacks, proc, rundir
 
 EXIT_SETUP = 3  # the model could not be loaded (1, a training failure, is Python's own exit status)
 
@@ -27,7 +31,8 @@ def _observed(spec: dict[str, Any], resumed_from_epoch: int | None) -> dict[str,
     return {
         "pid": os.getpid(),
         "attempt": spec["attempt"],
-        "env": {k: os.environ.get(k) for k in (*allocator.ENV_VARS, "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE")},
+        "env": {k: os.environ.get(k) for k in (*allocator.ENV_VARS, "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE",
+                                               "MASTER_ADDR", "MASTER_PORT")},
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
@@ -49,9 +54,17 @@ def _load(model_path: str) -> Any:
         raise SystemExit(EXIT_SETUP) from None
 
 
-def train(spec: dict[str, Any], run_dir: Path) -> None:
+def _trainer_class(task: str, spec: dict[str, Any]) -> type:
     from yolosafe.trainer import TRAINERS
 
+    if spec.get("cpu_ranks") and callbacks.is_rank():
+        from yolosafe import cpuranks
+
+        return cpuranks.on_cpu(TRAINERS[task])
+    return TRAINERS[task]
+
+
+def train(spec: dict[str, Any], run_dir: Path) -> None:
     kwargs = dict(spec["train_kwargs"])
     if spec.get("resume"):
         model = _load(spec["resume"])
@@ -63,10 +76,12 @@ def train(spec: dict[str, Any], run_dir: Path) -> None:
     else:
         model = _load(spec["model"])
         resumed_from = None
-    rundir.write_json(rundir.worker_path(run_dir, spec["attempt"]), _observed(spec, resumed_from))
+    if callbacks.rank() <= 0:  # one record per attempt; every rank's pid is in its events
+        rundir.write_json(rundir.worker_path(run_dir, spec["attempt"]), _observed(spec, resumed_from))
     callbacks.register(model)
-    metrics = model.train(trainer=TRAINERS[model.task], **kwargs)
-    _save_metrics(run_dir, metrics)
+    metrics = model.train(trainer=_trainer_class(model.task, spec), **kwargs)
+    if callbacks.rank() <= 0:
+        _save_metrics(run_dir, metrics)
 
 
 def _save_metrics(run_dir: Path, metrics: Any) -> None:
@@ -115,10 +130,7 @@ def warn_unsupported_ultralytics() -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    warn_unsupported_ultralytics()
-    spec_file = Path(argv[0])
+def run(spec_file: Path) -> None:
     spec = rundir.read_json(spec_file)
     run_dir = Path(spec["run_dir"])
     os.environ[rundir.RUN_DIR_ENV] = str(run_dir)
@@ -127,6 +139,25 @@ def main(argv: list[str] | None = None) -> None:
         final_validation(spec, run_dir)
     else:
         train(spec, run_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    proc.exit_with_parent()  # the supervisor (or, for a rank, the launcher) SIGKILLed: end too
+    if not callbacks.is_rank() or callbacks.rank() == 0:
+        warn_unsupported_ultralytics()  # once per attempt, not once per rank
+    try:
+        if callbacks.is_rank():  # the launcher's per-rank error file gets this rank's traceback
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            record(run)(Path(argv[0]))
+        else:
+            run(Path(argv[0]))
+    except KeyboardInterrupt:  # stopped by yolosafe (Ctrl-C): one line, not a traceback per rank
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher forwards the same Ctrl-C: once is enough
+        where = f"rank {callbacks.rank()}" if callbacks.is_rank() else "worker"
+        print(f"yolosafe: {where} stopped by SIGINT", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""How yolosafe starts DDP ranks: torch.distributed.run, launched by yolosafe itself, one rank per GPU of the plan.
+
+Each rank runs ``python -m yolosafe.worker SPEC``, builds yolosafe's trainer and trains as a rank of the group
+(instead of Ultralytics' own launch, which writes a temp file with a cloudpickled trainer class and deletes the run
+directory before it starts). torch.distributed.run brings what a supervisor needs: per-rank logs and error files in
+``RUN_DIR/ranks/attempt-N`` (``--log-dir``, ``--tee``; each rank's traceback through ``@record``), the teardown of
+every rank when one fails, and the flags of a multi-node launch (``--nnodes``, ``--node-rank``, rendezvous).
+
+The launcher process is ``python -m yolosafe.launch <torchrun arguments>``: torch.distributed.run's own argument
+parser and ``run()``, plus one thing the command line tool cannot do: when ranks fail, it turns torch's structured
+failure list (``ChildFailedError.failures``: rank, exit code, signal, error file) into failure records for the ranks
+that could not write their own (a rank killed by a signal), so the supervisor can say "rank 1 was killed by SIGKILL".
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SHUTDOWN_TIMEOUT_S = 5  # torchrun's SIGTERM-to-SIGKILL wait for the surviving ranks after one failed (default 30)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where and how many ranks. Single node: static rendezvous at ``master_addr:master_port``. Multi-node: the same
+    with ``nnodes``/``node_rank`` on every node, or a c10d rendezvous (``rdzv_endpoint``, ``rdzv_id``)."""
+
+    nproc_per_node: int
+    master_port: int
+    log_dir: Path
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    rdzv_endpoint: str | None = None
+    rdzv_id: str | None = None
+
+
+def torchrun_args(launch: Launch, module: str, args: Sequence[str]) -> list[str]:
+    """torch.distributed.run's arguments that run ``python -m module *args`` on every rank."""
+    argv = ["--nnodes", str(launch.nnodes), "--nproc-per-node", str(launch.nproc_per_node)]
+    if launch.rdzv_endpoint:
+        argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", launch.rdzv_endpoint,
+                 "--rdzv-id", launch.rdzv_id or "yolosafe"]
+    else:
+        argv += ["--node-rank", str(launch.node_rank), "--master-addr", launch.master_addr,
+                 "--master-port", str(launch.master_port)]
+    argv += ["--max-restarts", "0",  # a failed rank ends the attempt: yolosafe decides what the next one runs
+             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
+             "--log-dir", str(launch.log_dir), "--tee", "3", "--log-line-prefix-template", "[rank${rank}]: "]
+    return [*argv, "-m", module, *args]
+
+
+def command(python: str, launch: Launch, spec: Path) -> list[str]:
+    """The launcher's command line, as the supervisor runs it and ``yolosafe.json`` records it."""
+    return [python, "-m", "yolosafe.launch", *torchrun_args(launch, "yolosafe.worker", [str(spec)])]
+
+
+def free_port() -> int:
+    """A free TCP port on this machine, found as Ultralytics finds one (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def record_failures(failures: dict[int, Any]) -> None:
+    """Failure records for ranks that died without writing their own (killed by a signal, or before the trainer)."""
+    from yolosafe import callbacks, oom, rundir
+
+    directory, attempt = callbacks.run_dir(), callbacks.spec().get("attempt") or 0
+    if directory is None:
+        return
+    for rank, failure in failures.items():
+        path = rundir.failure_path(directory, attempt, rank)
+        if path.exists():
+            continue
+        signal_name = failure.signal_name() if failure.exitcode < 0 else None
+        message = _error_message(failure)
+        if signal_name:
+            message = f"rank {rank} was killed by {signal_name}"
+        rundir.write_json(path, {
+            "t": failure.timestamp, "oom": oom.is_oom_text(message), "error": signal_name or "exit",
+            "message": message, "signal": signal_name, "exit_code": failure.exitcode, "rank": rank,
+            "gpu": failure.local_rank, "pid": failure.pid, "attempt": attempt, "phase": None, "epoch": None,
+            "error_file": failure.error_file, "by": "launcher",
+        })
+
+
+def _error_message(failure: Any) -> str:
+    """The first line of the rank's error file (its exception), else its exit code."""
+    data = failure.error_file_data or {}
+    text = str((data.get("message") or {}).get("message", "") if isinstance(data.get("message"), dict)
+               else data.get("message", ""))
+    return text.strip().splitlines()[0][:2000] if text.strip() else f"exited with status {failure.exitcode}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from yolosafe import proc
+
+    proc.exit_with_parent()
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except ChildFailedError as exc:
+        record_failures(exc.failures)
+        print(exc.format_msg(), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except SignalException as exc:  # Ctrl-C/SIGTERM: torch.distributed.run has stopped the ranks; no traceback
+        print(f"yolosafe: rank launcher stopped by {exc.sigval.name}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(exc.sigval)) from None
+
+
+if __name__ == "__main__":
+    main()

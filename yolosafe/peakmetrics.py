@@ -1,0 +1,60 @@
+"""Each epoch's torch memory peaks, per GPU and phase, as Ultralytics metrics: they land in ``results.csv`` and in
+every logger Ultralytics feeds (TensorBoard, MLflow, W&B, ...), where users already look.
+
+Every rank knows only its own GPU's peaks (the callbacks reset them at each phase start), so right after each
+validation all ranks exchange theirs (``all_gather_object``, one small collective per epoch) and rank 0 reports the
+peaks of every GPU. The keys are fixed by the plan's GPUs, ``memory/gpu{N}_{train|val}_{allocated|reserved}_mib``
+(NVML numbering), and are NaN where torch has no figure (the CPU), so results.csv keeps the same columns every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from yolosafe import callbacks
+from yolosafe.gpus import nvml_index
+
+PREFIX = "memory/"
+KINDS = {"allocated": "max_allocated_mib", "reserved": "max_reserved_mib"}
+
+
+def plan_gpus() -> list[int]:
+    return list(callbacks.spec().get("plan", {}).get("gpus", []))
+
+
+def keys(gpus: list[int]) -> list[str]:
+    return [f"{PREFIX}gpu{gpu}_{phase}_{kind}_mib" for gpu in gpus for phase in ("train", "val") for kind in KINDS]
+
+
+def _mine(trainer: Any) -> tuple[int | None, dict[str, dict[str, float | None]]]:
+    gpus = plan_gpus()
+    index = callbacks.gpu_index(getattr(trainer, "device", None))
+    gpu = nvml_index(gpus, index) if index is not None else (gpus[0] if len(gpus) == 1 else None)
+    return gpu, {"train": callbacks.STATE.train_peaks, "val": callbacks.torch_peaks(trainer)}
+
+
+def epoch_peaks(trainer: Any) -> dict[str, float]:
+    """This epoch's peaks of every GPU of the plan; to be called by every rank at the same point (a collective)."""
+    mine = _mine(trainer)
+    everyone = [mine]
+    if trainer.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            everyone = [None] * trainer.world_size
+            dist.all_gather_object(everyone, mine)
+    found = dict.fromkeys(keys(plan_gpus()), math.nan)
+    for gpu, phases in (item for item in everyone if item is not None):
+        for phase, peaks in phases.items():
+            for kind, field in KINDS.items():
+                key = f"{PREFIX}gpu{gpu}_{phase}_{kind}_mib"
+                if key in found and (peaks or {}).get(field) is not None:
+                    found[key] = float(peaks[field])
+    return found
+
+
+def ordered(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with the peak columns last and always present (NaN when this epoch had no validation)."""
+    rest = {k: v for k, v in metrics.items() if not k.startswith(PREFIX)}
+    return {**rest, **{key: metrics.get(key, math.nan) for key in keys(plan_gpus())}}

@@ -1,0 +1,205 @@
+"""Process control: the supervised child in its own session, its whole process tree, signals, and parent death.
+
+The supervisor starts one child per attempt (the worker, or the rank launcher); the launcher starts the DDP ranks.
+torch.distributed.run starts every rank in a session of its own, so a signal to a process group never reaches them
+and a rank whose launcher died is re-parented and no longer findable: the supervisor keeps the tree's processes as
+``psutil.Process`` objects, refreshed in the background, and signals each one it saw.
+
+Every process yolosafe starts (worker, launcher, rank) also watches its own parent (:func:`exit_with_parent`): when
+the supervisor is SIGKILLed, nobody is left to stop the tree, so each level ends itself when its parent is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+PARENT_ENV = "YOLOSAFE_PARENT_PID"  # the pid a started process must have as its parent (set by whoever starts it)
+STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+STOP_GRACE_S = 8.0  # after a Ctrl-C, the tree gets this long to end on its own before SIGKILL
+PARENT_POLL_S = 0.25
+
+
+class ProcessTree:
+    """The descendants of one process, refreshed in the background so none is lost when its parent dies.
+
+    Processes are kept as ``psutil.Process`` objects, which know their start time: a pid reused by an unrelated
+    process after ours exited is never signalled.
+    """
+
+    def __init__(self, root: int, interval: float = 0.5) -> None:
+        import psutil
+
+        self.root = root
+        self._known: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            self._known[root] = psutil.Process(root)
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="yolosafe-tree", daemon=True)
+
+    def start(self) -> ProcessTree:
+        self._thread.start()
+        return self
+
+    def refresh(self) -> set[int]:
+        """Look for new descendants now (of every known process: the root may be gone, its ranks not), forget the
+        ones that ended (a long run starts thousands of dataloader workers); returns the pids still alive."""
+        import psutil
+
+        for pid, proc in list(self._known.items()):
+            if not _alive(proc):
+                self._known.pop(pid, None)  # the background thread may prune it too
+                continue
+            try:
+                for child in proc.children(recursive=True):
+                    self._known.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+        return self.pids()
+
+    def pids(self) -> set[int]:
+        return {pid for pid, proc in list(self._known.items()) if _alive(proc)}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def signal_all(self, signum: int) -> None:
+        import psutil
+
+        self.refresh()
+        for proc in list(self._known.values()):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signum)  # checks the process is still the one we saw
+
+
+def _alive(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@dataclass
+class AttemptResult:
+    exit_code: int
+    duration_s: float
+    interrupted: int | None = None  # the signal that made yolosafe stop the child
+
+
+def child_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """``base`` without inherited rank variables (they silently turn Ultralytics into a DDP rank), plus ``extra``."""
+    env = {k: v for k, v in base.items() if k not in STRAY_DIST_VARS}
+    env.update(extra)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env[PARENT_ENV] = str(os.getpid())
+    return env
+
+
+def run_child(
+    cmd: Sequence[str],
+    env: dict[str, str],
+    log: IO[bytes],
+    on_start: Callable[[ProcessTree], None] | None = None,
+    out: IO[bytes] | None = None,
+) -> AttemptResult:
+    """Run ``cmd`` in its own session, tee its output, and stop its whole tree on SIGINT/SIGTERM."""
+    out = out or sys.stdout.buffer
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    tree = ProcessTree(proc.pid).start()
+    received: list[int] = []
+    killer = threading.Timer(STOP_GRACE_S, tree.signal_all, args=(signal.SIGKILL,))
+
+    def stop(signum: int, _frame: Any) -> None:
+        if received:
+            tree.signal_all(signal.SIGKILL)  # second Ctrl-C: no more waiting
+            return
+        received.append(signum)
+        tree.signal_all(signal.SIGINT)  # every rank, the launcher and the worker: each stops cleanly
+        killer.start()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        if on_start:
+            on_start(tree)
+        _tee(proc, (out, log))
+        proc.wait()
+        if received or tree.refresh() - {proc.pid}:  # nothing of the tree outlives the attempt
+            tree.signal_all(signal.SIGKILL)
+    finally:
+        killer.cancel()
+        tree.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return AttemptResult(proc.returncode, time.monotonic() - started, received[0] if received else None)
+
+
+def _tee(proc: subprocess.Popen[bytes], streams: Sequence[IO[bytes]]) -> None:
+    """Copy the child's output, byte for byte (progress bars stay live), until every writer closed the pipe."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    while chunk := os.read(fd, 65536):
+        for stream in streams:
+            stream.write(chunk)
+            stream.flush()
+
+
+def exit_with_parent() -> None:
+    """End this process soon after its parent is gone (the parent SIGKILLed: nobody else will stop us).
+
+    A daemon thread polls ``getppid``; once the process is re-parented it leaves with ``os._exit``. The chain ends
+    level by level: the supervisor dies, its launcher notices and exits, the launcher's ranks notice and exit.
+    Polling rather than ``PR_SET_PDEATHSIG``: that fires when the parent *thread* that forked us ends, and torch's
+    launcher may start ranks from any thread; polling is also portable. The expected parent comes from
+    ``YOLOSAFE_PARENT_PID`` where the starter set it, so a parent that died before this call counts too; this process
+    sets it in turn for the processes it starts (the launcher's ranks inherit its environment).
+    """
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())
+    os.environ[PARENT_ENV] = str(os.getpid())
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        with contextlib.suppress(OSError):  # the output pipe may have died with the parent
+            print(f"yolosafe: parent process {parent} is gone; pid {os.getpid()} exits", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="yolosafe-parent-watch", daemon=True).start()
+
+
+def identity(pid: int) -> dict[str, Any]:
+    """What names a process beyond its pid: its start time (a reused pid has another)."""
+    import psutil
+
+    try:
+        return {"pid": pid, "create_time": psutil.Process(pid).create_time()}
+    except psutil.Error:
+        return {"pid": pid, "create_time": None}
+
+
+def is_alive(ident: dict[str, Any]) -> bool:
+    """Whether the process recorded by :func:`identity` still runs (same pid and start time, not a zombie)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(ident["pid"]))
+        same = ident.get("create_time") is None or abs(proc.create_time() - float(ident["create_time"])) < 0.01
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
