@@ -16,7 +16,7 @@ from typing import Any
 
 from yolosafe import allocator, gpus, records, report, rundir
 from yolosafe.holders import PROVEN, Holder, judge_gpus
-from yolosafe.supervise import STRAY_DIST_VARS
+from yolosafe.proc import STRAY_DIST_VARS
 
 BUSY_MIB = 1024  # other processes' memory on a GPU above which the verdict names it
 
