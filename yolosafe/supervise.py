@@ -58,6 +58,9 @@ class Failure:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
+TEARDOWN_SIGNALS = ("SIGTERM", "SIGINT")  # what torch.distributed.run sends the other ranks when one fails
+
+
 def classify(result: AttemptResult, records: list[dict[str, Any]], log_tail: str) -> Failure:
     """An attempt's outcome from its exit status, the failure records its ranks wrote, and the end of its log.
 
@@ -74,7 +77,9 @@ def classify(result: AttemptResult, records: list[dict[str, Any]], log_tail: str
                        first.get("gpu"), first.get("message", ""), ooms)
     killed = [r for r in records if r.get("signal")]
     if killed:  # a rank killed by a signal (kill -9, the kernel's OOM killer): the others' errors follow from it
-        first = min(killed, key=lambda r: r.get("t") or 0)
+        # The launcher SIGTERMs the surviving ranks after the first death, and its timestamps are whole seconds:
+        # a SIGTERM is the cause only when nothing else killed a rank.
+        first = min(killed, key=lambda r: (r.get("signal") in TEARDOWN_SIGNALS, r.get("t") or 0))
         return Failure("killed", rank=first.get("rank"), gpu=first.get("gpu"), message=first.get("message", ""),
                        records=records)
     if oom.is_oom_text(log_tail):  # an OOM where no record could be written (e.g. while building the model)

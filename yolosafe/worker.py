@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,9 @@ def main(argv: list[str] | None = None) -> None:
             record(run)(Path(argv[0]))
         else:
             run(Path(argv[0]))
-    except KeyboardInterrupt:  # stopped by yolosafe (Ctrl-C): one line, not a traceback per rank
+    except KeyboardInterrupt:  # stopped by yolosafe (Ctrl-C): the traceback for train.log, one line for the terminal
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher forwards the same Ctrl-C: once is enough
+        traceback.print_exc()  # the supervisor's terminal filter keeps it off the terminal (yolosafe.terminal)
         where = f"rank {callbacks.rank()}" if callbacks.is_rank() else "worker"
         print(f"yolosafe: {where} stopped by SIGINT", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
