@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import MISSING, Field, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +37,22 @@ def _default(f: Field[Any]) -> Any:
     if f.default is not MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not MISSING else MISSING
+
+
+class Outcome(str, Enum):
+    """How an attempt, or the whole run, ended (``outcome`` in ``yolosafe.json``); the values are what the file holds."""
+
+    RUNNING = "running"  # the run's outcome while its supervisor lives
+    COMPLETED = "completed"
+    OOM = "oom"  # an attempt that ran out of GPU memory (the run goes on with a smaller batch)
+    FAILED = "failed"  # not an OOM: not retried
+    KILLED = "killed"  # a rank or the worker was killed by a signal (kill -9, the kernel's OOM killer)
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM to yolosafe
+    OOM_EXHAUSTED = "oom_exhausted"  # the run's outcome when the retries or the minimum batch ran out
+    ABANDONED = "abandoned"  # the run's supervisor died while it said "running" (marked by the next reader)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class RecordError(ValueError):
@@ -98,7 +115,7 @@ class Attempt(Record):
     resumed_from: str | None = None
     duration_s: float | None = None
     exit_code: int | None = None
-    outcome: str | None = None  # completed | oom | failed | killed | interrupted; None while it runs
+    outcome: str | None = None  # an Outcome; None while it runs
     reason: str | None = None
     phase: str | None = None
     epoch: int | None = None
@@ -114,7 +131,7 @@ class Story(Record):
 
     plan: dict[str, Any] = field(default_factory=dict)
     attempts: list[Attempt] = field(default_factory=list)
-    outcome: str | None = None  # running | completed | oom | failed | killed | interrupted | oom_exhausted
+    outcome: str | None = None  # an Outcome
     run_dir: str | None = None
     command: list[str] | None = None
     dataset: dict[str, Any] | None = None

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yolosafe import launch, oom, proc, rundir, terminal
+from yolosafe import launch, oom, proc, rundir, runspec, terminal
 from yolosafe.advice import advice
 from yolosafe.gpus import nvml_index, open_backend
 from yolosafe.plan import TrainPlan
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
+from yolosafe.runspec import RunSpec
 from yolosafe.watch import MemoryWatch
 
 EXIT_OK, EXIT_FAILED, EXIT_OOM_EXHAUSTED, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -189,7 +190,7 @@ class Supervisor:
     def save(self) -> None:
         rundir.write_json(self.run_dir / rundir.STORY, self.story)
 
-    def spec(self, plan: TrainPlan, attempt: int, resume: Path | None, final_val_only: bool) -> dict[str, Any]:
+    def spec(self, plan: TrainPlan, attempt: int, resume: Path | None, final_val_only: bool) -> RunSpec:
         kwargs = {
             **plan.train_kwargs(),
             "model": plan.model,
@@ -198,44 +199,43 @@ class Supervisor:
             "exist_ok": True,  # the run dir is yolosafe's, made fresh by new_run_dir
         }
         kwargs["device"], visible = launch_device(plan, self.options.simulate_on_cpu)
-        mode = "final_val" if final_val_only else "train"
-        return {
-            "attempt": attempt,
-            "mode": mode,
-            "world_size": plan.world_size if mode == "train" else 1,  # the final validation runs alone
-            "cpu_ranks": self.options.simulate_on_cpu,
-            "run_dir": str(self.run_dir),
-            "model": plan.model,
-            "resume": str(resume) if resume else None,
-            "val_batch": plan.val_batch,
-            "clear_before_val": self.options.clear_before_val,
-            "cuda_visible_devices": visible,
-            "plan": plan.summary(),
-            "train_kwargs": kwargs,
-        }
+        mode = runspec.FINAL_VAL if final_val_only else runspec.TRAIN
+        return RunSpec(
+            attempt=attempt,
+            mode=mode,
+            world_size=plan.world_size if mode == runspec.TRAIN else 1,  # the final validation runs alone
+            fake_gpus=self.options.simulate_on_cpu,
+            run_dir=str(self.run_dir),
+            model=plan.model,
+            resume=str(resume) if resume else None,
+            val_batch=plan.val_batch,
+            clear_before_val=self.options.clear_before_val,
+            cuda_visible_devices=visible,
+            plan=plan.summary(),
+            train_kwargs=kwargs,
+        )
 
-    def command(self, spec: dict[str, Any], path: Path) -> list[str]:
+    def command(self, spec: RunSpec, path: Path) -> list[str]:
         """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU."""
-        if spec["world_size"] <= 1:
+        if spec.world_size <= 1:
             return [sys.executable, "-m", "yolosafe.worker", str(path)]
-        log_dir = rundir.ranks_log_dir(self.run_dir, spec["attempt"])
-        return launch.command(sys.executable, launch.Launch(spec["world_size"], launch.free_port(), log_dir), path)
+        log_dir = rundir.ranks_log_dir(self.run_dir, spec.attempt)
+        return launch.command(sys.executable, launch.Launch(spec.world_size, launch.free_port(), log_dir), path)
 
-    def attempt(self, spec: dict[str, Any]) -> tuple[AttemptResult, Failure]:
-        attempt = spec["attempt"]
-        path = rundir.spec_path(self.run_dir, attempt)
-        rundir.write_json(path, spec)
+    def attempt(self, spec: RunSpec) -> tuple[AttemptResult, Failure]:
+        attempt = spec.attempt
+        path = spec.save()
         cmd = self.command(spec, path)
         self.story["attempts"][-1]["command"] = cmd
         self.save()
         extra = {rundir.RUN_DIR_ENV: str(self.run_dir), rundir.SPEC_ENV: str(path)}
-        if spec["cuda_visible_devices"]:
-            extra["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
+        if spec.cuda_visible_devices:
+            extra["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         env = training_env(self.options.env, extra)
         log_path = self.run_dir / rundir.LOG
         with open(log_path, "ab") as log:
             start = log.tell()
-            header = f"\n=== yolosafe attempt {attempt} ({spec['mode']}): {' '.join(cmd)}\n".encode()
+            header = f"\n=== yolosafe attempt {attempt} ({spec.mode}): {' '.join(cmd)}\n".encode()
             log.write(header)
             with self.memory_watch(spec) as on_start:
                 result = run_child(cmd, env, log, on_start=on_start, out=terminal.TracebackFilter(sys.stdout.buffer))
@@ -243,10 +243,10 @@ class Supervisor:
         return result, failure
 
     @contextlib.contextmanager
-    def memory_watch(self, spec: dict[str, Any]) -> Iterator[Callable[[ProcessTree], None] | None]:
+    def memory_watch(self, spec: RunSpec) -> Iterator[Callable[[ProcessTree], None] | None]:
         """Sample the attempt's GPUs from the moment its worker starts (``run_child``'s ``on_start``, which hands
         over the process tree: the worker and its DDP ranks) until it has exited; yields None when the watch is off."""
-        gpu_ids = spec["plan"]["gpus"]
+        gpu_ids = spec.plan["gpus"]
         if not gpu_ids or self.options.watch_interval <= 0:
             yield None
             return
@@ -255,7 +255,7 @@ class Supervisor:
                                      lambda: open_backend(self.options.env), say)
         watch = self.watch
         try:
-            yield lambda tree: watch.start(spec["attempt"], tree.pids)
+            yield lambda tree: watch.start(spec.attempt, tree.pids)
         finally:
             watch.stop()
             self.story["memory_watch"] = watch.status()
@@ -369,11 +369,11 @@ class Supervisor:
             self.story["final_metrics"] = rundir.read_json(metrics)
 
 
-def new_entry(plan: TrainPlan, spec: dict[str, Any], resume: Path | None) -> dict[str, Any]:
+def new_entry(plan: TrainPlan, spec: RunSpec, resume: Path | None) -> dict[str, Any]:
     """An attempt's record in ``yolosafe.json`` as it starts; its outcome is added when it ends."""
     return {
-        "attempt": spec["attempt"],
-        "mode": spec["mode"],
+        "attempt": spec.attempt,
+        "mode": spec.mode,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "batch": plan.batch,
         "per_gpu_batch": plan.per_gpu_batch,

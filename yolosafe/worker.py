@@ -58,7 +58,7 @@ def _load(model_path: str) -> Any:
 def _trainer_class(task: str, spec: dict[str, Any]) -> type:
     from yolosafe.trainer import TRAINERS
 
-    if spec.get("cpu_ranks") and callbacks.is_rank():
+    if spec.get("fake_gpus") and callbacks.is_rank():
         from yolosafe import cpuranks
 
         return cpuranks.on_cpu(TRAINERS[task])
