@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import run_dir_of, story
 from tests.test_cli import FOUR, assert_usage_error
 from yolosafe import advice, plan, report, rundir, terminal
-from yolosafe.supervise import Failure
+from yolosafe.policy import AttemptEnd as Failure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -264,7 +264,7 @@ def test_memory_table_leaves_out_what_means_nothing():
 
 
 def test_no_double_prefix_in_messages():
-    from yolosafe.supervise import AttemptResult, classify
+    from yolosafe.policy import AttemptResult, classify
 
     result = classify(AttemptResult(3, 1.0), [], "...\nyolosafe: cannot load model 'x.pt': gone\n")
     assert result.message == "cannot load model 'x.pt': gone"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from yolosafe import oom
+from yolosafe.advice import advice
 from yolosafe.plan import build_plan
-from yolosafe.supervise import AttemptResult, Failure, advice, classify, next_step
+from yolosafe.policy import AttemptEnd as Failure
+from yolosafe.policy import AttemptResult, classify, next_step
 
 # Verbatim from the post-mortems in ../shared/seeds: 003.md (4 x 48 GB, epoch 134) and 004.md (first validation).
 SEED_003 = """CUDA out of memory. Tried to allocate 300.00 MiB
@@ -75,16 +77,16 @@ def test_classify_oom_on_one_rank_beats_nccl_errors_on_others():
         {"t": 1.0, "oom": True, "rank": 3, "gpu": 3, "phase": "val", "epoch": 134, "message": "CUDA out of memory."},
     ]
     failure = classify(ok(), records, "")
-    assert (failure.kind, failure.phase, failure.epoch, failure.rank, failure.gpu) == ("oom", "val", 134, 3, 3)
+    assert (failure.outcome, failure.phase, failure.epoch, failure.rank, failure.gpu) == ("oom", "val", 134, 3, 3)
 
 
 def test_classify_other_outcomes():
-    assert classify(ok(0), [], "").kind == "completed"
-    assert classify(ok(1), [], "...\n" + SEED_003).kind == "oom"  # no record written: the log still tells
-    assert classify(ok(-9), [], "").kind == "killed"
+    assert classify(ok(0), [], "").outcome == "completed"
+    assert classify(ok(1), [], "...\n" + SEED_003).outcome == "oom"  # no record written: the log still tells
+    assert classify(ok(-9), [], "").outcome == "killed"
     failed = classify(ok(1), [{"oom": False, "message": "boom", "phase": "train", "epoch": 2}], "")
-    assert (failed.kind, failed.message, failed.epoch) == ("failed", "boom", 2)
-    assert classify(AttemptResult(1, 1.0, interrupted=15), [], "").kind == "interrupted"
+    assert (failed.outcome, failed.message, failed.epoch) == ("failed", "boom", 2)
+    assert classify(AttemptResult(1, 1.0, interrupted=15), [], "").outcome == "interrupted"
 
 
 def plan4():

@@ -10,9 +10,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from yolosafe import gpus, rundir, watch
+from yolosafe.options import DEFAULTS
 from yolosafe.proc import run_child
+from yolosafe.records import Story
 from yolosafe.supervise import RunOptions, Supervisor
 
 SPEC = json.dumps({"gpus": [
@@ -120,24 +123,28 @@ def test_nvml_gone_for_good_stops_the_watch_cleanly(tmp_path):
     assert len(rows(tmp_path)) == 4
 
 
+def run_options(env: dict, **given) -> RunOptions:
+    return RunOptions.of(env, {**DEFAULTS, **given}, simulated=False)
+
+
 def test_watch_runs_while_the_worker_lives_and_stops_with_it(tmp_path):
     phase_file = tmp_path / rundir.FAKE_PHASE
     env = {**os.environ, gpus.FAKE_ENV: SPEC, gpus.PHASE_FILE_ENV: str(phase_file)}
-    supervisor = Supervisor(tmp_path, RunOptions(env=env, watch_interval=0.01), {})
+    supervisor = Supervisor(tmp_path, run_options(env, watch_interval=0.01), Story())
     child = ("import json, os, sys, time\n"
              "json.dump({'phase': 'train', 'pid': os.getpid()}, open(sys.argv[1], 'w'))\n"
              "time.sleep(1.0)\n")
-    spec = {"attempt": 1, "plan": {"gpus": [0, 1]}}
+    spec = SimpleNamespace(attempt=1, plan={"gpus": [0, 1]})
     with supervisor.memory_watch(spec) as on_start:
         result = run_child([sys.executable, "-c", child, str(phase_file)], env, io.BytesIO(), on_start=on_start,
                            out=io.BytesIO())
     assert result.exit_code == 0
     assert supervisor.watch is not None and not supervisor.watch.alive
     assert not [t for t in threading.enumerate() if t.name == "yolosafe-watch"]  # no thread leak
-    assert supervisor.story["memory_watch"]["samples"] > 10
+    assert supervisor.story.memory_watch["samples"] > 10
     assert any(r["gpu"] == "0" and r["ours_mib"] == "2000.0" for r in rows(tmp_path))  # the child, via its pid
 
-    off = Supervisor(tmp_path, RunOptions(env=env, watch_interval=0), {})
+    off = Supervisor(tmp_path, run_options(env, watch_interval=0), Story())
     with off.memory_watch(spec) as on_start:
         assert on_start is None and off.watch is None
 
@@ -148,5 +155,5 @@ def test_spec_carries_clear_before_val(tmp_path):
     plan = build_plan(model="yolov8n.yaml", data="d.yaml", gpus=(0, 1), batch=8, effective_batch=16, val_batch=None,
                       imgsz=64, epochs=1, extra={})
     for flag in (True, False):
-        spec = Supervisor(tmp_path, RunOptions(env={}, clear_before_val=flag), {}).spec(plan, 1, None, False)
-        assert spec["clear_before_val"] is flag
+        spec = Supervisor(tmp_path, run_options({}, clear_before_val=flag), Story()).spec(plan, 1, None, False)
+        assert spec.clear_before_val is flag

@@ -15,10 +15,10 @@ from yolosafe import oom
 from yolosafe.plan import TrainPlan
 
 if TYPE_CHECKING:
-    from yolosafe.supervise import Failure
+    from yolosafe.policy import AttemptEnd
 
 
-def advice(failure: Failure, plan: TrainPlan, others_mib: dict[int, float] | None = None,
+def advice(failure: AttemptEnd, plan: TrainPlan, others_mib: dict[int, float] | None = None,
            min_batch: int | None = None) -> list[str]:
     """Next steps once retries are exhausted, fitted to the case: ``min_batch`` is given when the minimum per-GPU
     batch, not the number of retries, is what stopped it."""

@@ -9,202 +9,36 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from yolosafe import (
     __version__,
-    allocator,
     datasets,
     gpus,
-    history,
-    launch,
     memmodel,
-    oom,
+    options,
     plan,
     planner,
     planview,
     report,
-    resume,
     rundir,
-    supervise,
-    terminal,
+    trainrun,
     validate,
 )
+from yolosafe.exits import Exit
+from yolosafe.validate import InputError
 
-EXIT_USAGE = 2
-DEFAULTS: dict[str, Any] = {
-    "model": None,  # yolov8n.pt when present in the working directory, else yolov8n.yaml (built, never downloaded)
-    "data": datasets.SHAPES,
-    "gpus": None,
-    "batch": 16,
-    "effective_batch": None,
-    "val_batch": None,
-    "imgsz": 640,
-    "epochs": 100,
-    "alloc_conf": None,
-    "project": "runs/detect",
-    "name": "train",
-    "max_retries": 3,
-    "min_batch": 1,
-    "watch_interval": 0.1,
-    "warn_at": 0.9,
-    "clear_before_val": True,
-    "memory_fraction": 0.85,  # --batch auto: the share of the smallest free GPU memory the predicted peaks may fill
-    "args": [],
-}
+D, SHAPES = options.DEFAULTS, datasets.SHAPES_DEFAULTS  # the help texts say the defaults these hold
 
 
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit status 2."""
-
-
-def fail(message: str) -> None:
-    raise UsageError(message)
-
-
-def default_model() -> str:
-    return "yolov8n.pt" if Path("yolov8n.pt").is_file() else "yolov8n.yaml"
-
-
-def load_config(path: str | None) -> dict[str, Any]:
-    """``--config FILE.yaml``: the same keys as the options (dashes or underscores), plus ``args:`` for Ultralytics."""
-    if not path:
-        return {}
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        fail(f"--config {path}: {exc.strerror}")
-    except yaml.YAMLError as exc:
-        fail(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})")
-    if not isinstance(data, dict):
-        fail(f"--config {path}: expected a mapping of option names to values")
-    config = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        fail(f"--config {path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(DEFAULTS))}")
-    if isinstance(config.get("gpus"), (list, tuple, int)):
-        gpu_list = config["gpus"] if isinstance(config["gpus"], (list, tuple)) else [config["gpus"]]
-        config["gpus"] = ",".join(map(str, gpu_list))
-    if isinstance(config.get("args"), dict):
-        config["args"] = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in config["args"].items()]
-    return config
-
-
-def resolve_options(ctx: click.Context, config: dict[str, Any], dataset_defaults: dict[str, Any]) -> dict[str, Any]:
-    """Precedence, highest first: command-line flags, --config file, the dataset's registry entry, built-in defaults."""
-    resolved = {}
-    for key, default in DEFAULTS.items():
-        given = key in ctx.params and ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT
-        if given:
-            resolved[key] = ctx.params[key]
-        elif key in config:
-            resolved[key] = config[key]
-        elif key in dataset_defaults:
-            resolved[key] = dataset_defaults[key]
-        else:
-            resolved[key] = default
-    if ctx.params.get("args"):
-        resolved["args"] = [*config.get("args", []), *ctx.params["args"]]
-    return resolved
-
-
-WATCH_KEYS = ("watch_interval", "warn_at", "clear_before_val")
-
-
-def check_watch(options: dict[str, Any]) -> None:
-    """--watch-interval 0 turns the watch off; faster than 100 Hz buys nothing and costs CPU."""
-    try:
-        interval, warn_at = float(options["watch_interval"]), float(options["warn_at"])
-    except (TypeError, ValueError):
-        fail(f"watch-interval {options['watch_interval']!r} / warn-at {options['warn_at']!r}: expected numbers")
-    if interval != 0 and not 0.01 <= interval <= 60:
-        fail(f"--watch-interval {interval:g}: give seconds between 0.01 and 60, or 0 to turn the memory watch off")
-    if not 0 < warn_at <= 1:
-        fail(f"--warn-at {warn_at:g}: give a share of GPU memory above 0 and at most 1 (e.g. 0.9)")
-
-
-def check_inputs(options: dict[str, Any]) -> None:
-    """Everything the worker or Ultralytics would otherwise find out only after a run directory exists."""
-    validate.check_options(options)
-    validate.check_model(options["model"] or default_model())
-    validate.check_data(options["data_yaml"])
-
-
-def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
-    try:
-        visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        selected = plan.parse_gpus(
-            None if options["gpus"] is None else str(options["gpus"]), visible, inventory.problem
-        )
-        for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
-            raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
-        built = plan.build_plan(
-            model=options["model"] or default_model(),
-            data=options["data_yaml"],
-            gpus=selected,
-            batch=int(options["batch"]),
-            effective_batch=options["effective_batch"],
-            val_batch=options["val_batch"],
-            imgsz=int(options["imgsz"]),
-            epochs=int(options["epochs"]),
-            extra=plan.parse_passthrough(options["args"]),
-            train_images=datasets.count_images(Path(options["data_yaml"])),
-        )
-    except plan.PlanError as exc:
-        hidden = len(visible) < len(inventory.ids)
-        fail(f"{exc} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if hidden else str(exc))
-    validate.check_ultralytics_args(built.extra)  # after the unknown and yolosafe-owned keys were refused
-    return built
-
-
-def next_run_name(project: Path, name: str) -> Path:
-    """Where ``new_run_dir`` would put the run, without creating it (for the dry run)."""
-    n = 1
-    while (project / (name if n == 1 else f"{name}{n}")).exists():
-        n += 1
-    return project / (name if n == 1 else f"{name}{n}")
-
-
-def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulated: bool,
-                  resume_from: Path | None = None, attempt: int = 1) -> None:
-    gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
-    if simulated:
-        gpus_text += "  [fake GPUs: each one a rank process on the CPU]" if len(p.gpus) > 1 else "  [fake GPU: on CPU]"
-    spec_file = rundir.spec_path(run_dir, attempt)
-    command = [sys.executable, "-m", "yolosafe.worker", str(spec_file)]
-    if p.world_size > 1:  # the port is picked again at launch
-        ranks = launch.Launch(p.world_size, launch.free_port(), rundir.ranks_log_dir(run_dir, attempt))
-        command = launch.command(sys.executable, ranks, spec_file)
-    device, visible = supervise.launch_device(p, simulated)
-    child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
-    lines = [
-        ("model", p.model),
-        ("data", p.data),
-        ("device", gpus_text),
-        ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
-        ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
-                            f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),
-        ("accumulation", plan.describe_accumulation(p)),
-        ("val batch", f"{p.val_batch} per GPU"),
-        ("imgsz / epochs", f"{p.imgsz} / {p.epochs}"),
-        ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),
-        ("run dir", f"{run_dir} (resumed from {resume_from}; nothing trained by a dry run)" if resume_from
-         else f"{run_dir} (not created by a dry run)"),
-        ("train kwargs", json.dumps(p.train_kwargs() | {"device": device}, sort_keys=True)),
-        ("child command", f"{prefix} {shlex.join(command)}"),
-    ]
-    click.echo("yolosafe train --dry-run")
-    for label, value in lines:
-        click.echo(f"  {label:<16} {value}")
-    for note in plan.plan_warnings(p):
-        click.echo(f"  note: {note}")
+def given_options(ctx: click.Context) -> dict[str, Any]:
+    """The options typed on the command line (click's defaults are None: the real ones live in yolosafe.options)."""
+    return {k: v for k, v in ctx.params.items()
+            if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -214,27 +48,32 @@ def cli() -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
-@click.option("--model", help="Model YAML or weights. Default: yolov8n.pt if present here, else yolov8n.yaml.")
+@click.option("--model",
+              help="Model YAML or weights. Default: {} if present here, else {}.".format(*options.DEFAULT_MODELS))
 @click.option("--data", help="Dataset name from datasets.yaml, a data YAML path, or 'shapes' (built in).")
 @click.option("--datasets", "datasets_file", help="Dataset registry (default: $YOLOSAFE_DATASETS or ./datasets.yaml).")
 @click.option("--gpus", help="GPU ids '0,1,2,3', 'all', 'auto[:N]' or 'cpu'. Default: GPU 0 if there is one, else cpu.")
 @click.option("--batch", type=planner.BatchOrAuto(),
-              help="Total batch over all GPUs (split evenly) or auto. Default 16.")
+              help=f"Total batch over all GPUs (split evenly) or auto. Default {D['batch']}.")
 @click.option("--effective-batch", type=int, help="Images per optimizer step (Ultralytics nbs). Default: 64-ish.")
 @click.option("--val-batch", type=int, help="Validation batch per GPU. Default: the per-GPU train batch.")
-@click.option("--imgsz", type=int, help="Image size. Default 640 (shapes: 128).")
-@click.option("--epochs", type=int, help="Epochs. Default 100 (shapes: 3).")
+@click.option("--imgsz", type=int, help=f"Image size. Default {D['imgsz']} (shapes: {SHAPES['imgsz']}).")
+@click.option("--epochs", type=int, help=f"Epochs. Default {D['epochs']} (shapes: {SHAPES['epochs']}).")
 @click.option("--alloc-conf", help="PYTORCH_CUDA_ALLOC_CONF options merged over yours and the default.")
 @click.option("--config", "config_file", help="YAML file with these options (flags override it).")
-@click.option("--project", help="Parent folder of runs. Default runs/detect.")
+@click.option("--project", help=f"Parent folder of runs. Default {D['project']}.")
 @click.option("--name", help="Run name; an existing run is never overwritten (train, train2, ...).")
-@click.option("--max-retries", type=int, help="Relaunches after an OOM. Default 3.")
-@click.option("--min-batch", type=int, help="Never halve below this per-GPU batch. Default 1.")
-@click.option("--watch-interval", type=float, help="Seconds between GPU memory samples; 0 = no watch. Default 0.1.")
-@click.option("--warn-at", type=float, help="Warn when a GPU's used memory reaches this share of it. Default 0.9.")
+@click.option("--max-retries", type=int, help=f"Relaunches after an OOM. Default {D['max_retries']}.")
+@click.option("--min-batch", type=int, help=f"Never halve below this per-GPU batch. Default {D['min_batch']}.")
+@click.option("--watch-interval", type=float,
+              help=f"Seconds between GPU memory samples; 0 = no watch. Default {D['watch_interval']}.")
+@click.option("--warn-at", type=float,
+              help=f"Warn when a GPU's used memory reaches this share of it. Default {D['warn_at']}.")
 @click.option("--clear-before-val/--no-clear-before-val", default=None,
-              help="Empty the CUDA cache on every rank right before validation. Default on.")
-@click.option("--memory-fraction", type=float, help="--batch auto: share of the free GPU memory to fill. Default 0.85.")
+              help="Empty the CUDA cache on every rank right before validation. Default "
+                   f"{'on' if D['clear_before_val'] else 'off'}.")
+@click.option("--memory-fraction", type=float,
+              help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
 @click.argument("args", nargs=-1)
@@ -243,114 +82,10 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
           dry_run: bool, **_: Any) -> None:
     """Train with OOM protection. Extra ARGS are Ultralytics train arguments as key=value (e.g. lr0=0.01)."""
     validate.check_injection(os.environ)
+    given = given_options(ctx)
     if resume_dir:
-        given = {k: v for k, v in ctx.params.items()
-                 if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
-        sys.exit(resume_run(Path(resume_dir), given, dry_run))
-    config = load_config(config_file)
-    data_name = ctx.params["data"] or config.get("data") or DEFAULTS["data"]
-    try:
-        dataset = datasets.resolve(str(data_name), datasets.registry_path(datasets_file))
-    except datasets.DatasetError as exc:
-        fail(str(exc))
-    options = resolve_options(ctx, config, dataset.defaults)
-    options["data_yaml"] = str(dataset.yaml_path)
-    check_watch(options)
-    check_inputs(options)
-    try:
-        inventory = gpus.read_inventory()
-        env = allocator.apply(os.environ, options["alloc_conf"])
-        options, auto = planner.resolve_auto(options | {"model": options["model"] or default_model()}, inventory)
-    except (gpus.FakeSpecError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
-        fail(str(exc))
-    p = build(options, inventory)
-    try:
-        oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size)
-    except ValueError as exc:
-        fail(str(exc))
-    for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
-        supervise.say(f"note: {note}")
-    simulated = inventory.backend == "fake" and bool(p.gpus)
-    project = Path(options["project"])
-    if dry_run:
-        print_dry_run(p, env, next_run_name(project, options["name"]), simulated)
-        return
-    named = ctx.get_parameter_source("name") is not click.core.ParameterSource.DEFAULT or "name" in config
-    try:
-        run_dir = rundir.claim_new_run_dir(project, options["name"], refuse_live=named)
-    except rundir.RunLocked as exc:
-        fail(f"--name {options['name']}: {exc}")
-    story = {
-        "yolosafe": __version__,
-        "command": sys.argv,
-        "run_dir": str(run_dir),
-        "dataset": {"name": dataset.name, "yaml": str(dataset.yaml_path)},
-        "plan": p.summary(),
-        "allocator": {k: env[k] for k in allocator.ENV_VARS},
-        "versions": {**supervise.versions(), "driver": inventory.driver, "cuda_driver": inventory.cuda},
-        "gpu_backend": inventory.backend,
-        "gpus": [g.as_dict() for g in inventory.gpus if g.index in p.gpus],
-        "simulated_on_cpu": simulated,
-        "max_retries": options["max_retries"],
-        "min_batch": options["min_batch"],
-        **{key: options[key] for key in WATCH_KEYS},
-        "batch_auto": auto,
-        "memory_plan": planner.memory_plan(p, inventory, options, allow_fake_pass=False),
-    }
-    for note in planner.warnings(story["memory_plan"]):
-        supervise.say(f"warning: {note}")
-    supervise.say(f"run directory {run_dir}")
-    code = run_supervised(run_dir, p, env, options, simulated, story)
-    sys.exit(code)
-
-
-def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool) -> int:
-    """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
-    r = resume.prepare(run_dir, given, DEFAULTS, dry_run)
-    if dry_run:
-        print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, len(r.story.get("attempts", [])) + 1)
-        return 0
-    resume.record(r, given)
-    supervise.say(f"resuming {r.run_dir} from {r.last}")
-    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last)
-
-
-def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], options: dict[str, Any],
-                   simulated: bool, story: dict[str, Any], resume_from: Path | None = None) -> int:
-    if simulated:  # the fake NVML backend follows the phases the trainer writes there (docs/fake-gpus.md)
-        env = {gpus.PHASE_FILE_ENV: str(run_dir / rundir.FAKE_PHASE), **env}
-    run_options = supervise.RunOptions(env=env, max_retries=int(options["max_retries"]),
-                                       min_batch=int(options["min_batch"]), simulate_on_cpu=simulated,
-                                       watch_interval=float(options["watch_interval"]),
-                                       warn_at=float(options["warn_at"]),
-                                       clear_before_val=bool(options["clear_before_val"]))
-    for line in terminal.start_lines(p, env, simulated):
-        supervise.say(line)
-    supervisor = supervise.Supervisor(run_dir, run_options, story)
-    code = supervisor.run(p, resume=resume_from)
-    if supervisor.watch is not None:
-        print_memory_table(run_dir)
-        history.record(run_dir, story)  # predicted vs measured peaks: the next plan learns from this machine
-    weights = story.get("weights", {})
-    supervise.say(f"run directory: {run_dir}")
-    for name, path in weights.items():
-        supervise.say(f"{name} weights: {path}")
-    return code
-
-
-def print_memory_table(run_dir: Path) -> None:
-    """The end of ``yolosafe train``: peaks per GPU, and where the report files are. Never changes the exit status."""
-    try:
-        summary = report.write(run_dir)
-    except report.NoMemoryData as exc:
-        supervise.say(f"memory: {exc}")
-        return
-    except Exception as exc:  # the run is over whatever happens here: a broken report must not hide its outcome
-        supervise.say(f"memory report failed: {type(exc).__name__}: {exc}")
-        return
-    supervise.say(f"memory per GPU (NVML peaks; {rundir.MEMORY_SUMMARY}, {rundir.MEMORY_PLOT} in the run directory):")
-    for line in report.table(summary):
-        click.echo(f"  {line}", err=True)
+        sys.exit(trainrun.resume_run(Path(resume_dir), given, dry_run))
+    sys.exit(trainrun.new_run(trainrun.resolve(given, config_file, datasets_file), dry_run))
 
 
 @cli.command("plan")
@@ -360,15 +95,12 @@ def print_memory_table(run_dir: Path) -> None:
 def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_file: str | None,
                  config_file: str | None, **_: Any) -> None:
     """Predict each GPU's train and validation peaks for the same options as train; train nothing."""
-    config = load_config(config_file)
+    opts = trainrun.resolve(given_options(ctx), config_file, datasets_file)
+    opts["model"] = opts["model"] or options.default_model()
     try:
-        dataset = datasets.resolve(str(ctx.params["data"] or config.get("data") or DEFAULTS["data"]),
-                                   datasets.registry_path(datasets_file))
-        options = resolve_options(ctx, config, dataset.defaults) | {"data_yaml": str(dataset.yaml_path)}
-        options["model"] = options["model"] or default_model()
-        planview.run(options, gpus.read_inventory(), build, vram, as_json)
-    except (datasets.DatasetError, gpus.FakeSpecError, plan.PlanError, memmodel.UnknownModel) as exc:
-        fail(str(exc))
+        planview.run(opts, gpus.read_inventory(), trainrun.build, vram, as_json)
+    except (gpus.FakeSpecError, plan.PlanError, memmodel.UnknownModel) as exc:
+        raise InputError(str(exc)) from None
 
 
 plan_command.params[:0] = [p for p in train.params if p.name not in ("resume_dir", "dry_run")]
@@ -381,7 +113,7 @@ def gpus_command(as_json: bool) -> None:
     try:
         inventory = gpus.read_inventory()
     except gpus.FakeSpecError as exc:
-        fail(str(exc))
+        raise InputError(str(exc)) from None
     if as_json:
         click.echo(json.dumps({
             "backend": inventory.backend, "driver": inventory.driver, "cuda": inventory.cuda,
@@ -410,9 +142,9 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     memory.png."""
     path = Path(run_dir) if run_dir else rundir.latest_run(Path("runs"))
     if path is None:
-        fail("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
+        raise InputError("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
     if not (path / rundir.STORY).is_file():
-        fail(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
+        raise InputError(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
     if rundir.mark_if_orphaned(path):
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
     state = rundir.read_json(path / rundir.STORY).get("outcome") or "unknown"
@@ -440,7 +172,7 @@ def doctor_command(run_dir: str | None, project: str | None, as_json: bool) -> N
     try:
         found = doctor.diagnose(run_dir, project)
     except doctor.DoctorError as exc:
-        fail(str(exc))
+        raise InputError(str(exc)) from None
     click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else "\n".join(doctor_text.render(found)))
 
 
@@ -456,7 +188,7 @@ def fix_command(config_file: str | None, run_dir: str | None, yes: bool) -> None
     try:
         code = fixes.main(config_file, run_dir, yes)
     except fixes.FixUsageError as exc:
-        fail(str(exc))
+        raise InputError(str(exc)) from None
     sys.exit(code)
 
 
@@ -468,15 +200,15 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: click's own usage errors are reduced to one line, like ours; both exit with status 2."""
     try:
         cli.main(args=argv, prog_name="yolosafe", standalone_mode=False)
-    except (UsageError, validate.InputError) as exc:
+    except InputError as exc:
         click.echo(f"yolosafe: error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(Exit.USAGE)
     except click.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
         click.echo(f"yolosafe: error: {where}{exc.format_message()}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(Exit.USAGE)
     except click.exceptions.Abort:
-        sys.exit(supervise.EXIT_INTERRUPTED)
+        sys.exit(Exit.INTERRUPTED)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
 

@@ -1,6 +1,6 @@
 """The training-config change ``yolosafe fix`` proposes after a run that ran out of memory.
 
-The config is read and checked by the code of ``yolosafe train --config`` (``cli.load_config`` and ``plan``), the
+The config is read and checked by the code of ``yolosafe train --config`` (``options.load_config`` and ``plan``), the
 change is computed with ``plan`` (half the per-GPU batch that ran out of memory, the config's own effective batch
 kept; or what finally worked, for a run that recovered by itself), and the config must belong to the run: the GPUs,
 model, data and batches it names must be those the run started with.
@@ -31,12 +31,12 @@ class ConfigChange:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """``cli.load_config``: the reader of ``yolosafe train --config``; its usage error becomes one line here."""
-    from yolosafe import cli
+    """``options.load_config``: the reader of ``yolosafe train --config``; its usage error becomes one line here."""
+    from yolosafe import options
 
     try:
-        return cli.load_config(str(path))
-    except cli.UsageError as exc:
+        return options.load_config(str(path))
+    except options.InputError as exc:
         raise ConfigFixError(str(exc)) from None
 
 

@@ -40,7 +40,7 @@ def _default(f: Field[Any]) -> Any:
 
 
 class Outcome(str, Enum):
-    """How an attempt, or the whole run, ended (``outcome`` in ``yolosafe.json``); the values are what the file holds."""
+    """How an attempt, or the whole run, ended (``outcome`` in ``yolosafe.json``); the values are the file's."""
 
     RUNNING = "running"  # the run's outcome while its supervisor lives
     COMPLETED = "completed"
@@ -83,6 +83,12 @@ class Record:
         """Nested records from their dicts (overridden where a field holds records)."""
         return values
 
+    @classmethod
+    def new(cls: type[R], **values: Any) -> R:
+        """A record as yolosafe writes it: every field in the file, in field order, ``null`` for "not known"."""
+        names = tuple(f.name for f in fields(cls) if f.name not in ("extra", "keys", "name"))
+        return cls(**values, keys=names)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, keys in the order they were read: a field is written when it was there or is not at its
         default."""
@@ -113,6 +119,7 @@ class Attempt(Record):
     nbs: int | None = None
     accumulate: int | None = None
     resumed_from: str | None = None
+    command: list[str] | None = None  # the worker's or the rank launcher's command line
     duration_s: float | None = None
     exit_code: int | None = None
     outcome: str | None = None  # an Outcome; None while it runs
@@ -127,17 +134,33 @@ class Attempt(Record):
 
 @dataclass
 class Story(Record):
-    """``yolosafe.json``: the plan, versions, every attempt and the outcome."""
+    """``yolosafe.json``: the plan, versions, every attempt and the outcome. Written by the supervisor (and a resume),
+    read by report, doctor, fix and the next resume."""
 
-    plan: dict[str, Any] = field(default_factory=dict)
+    yolosafe: str | None = None  # the version that started the run
+    command: list[str] | None = None
+    run_dir: str | None = None  # where the run is now (a resume updates it)
+    dataset: dict[str, Any] | None = None
+    plan: dict[str, Any] = field(default_factory=dict)  # TrainPlan.summary() of the run's current plan
+    allocator: dict[str, str] | None = None
+    versions: dict[str, Any] | None = None
+    gpu_backend: str | None = None  # nvml | fake
+    gpus: list[dict[str, Any]] | None = None  # the plan's GPUs at launch (GPU.as_dict), with their processes
+    simulated_on_cpu: bool | None = None
+    max_retries: int | None = None
+    min_batch: int | None = None
+    watch_interval: float | None = None
+    warn_at: float | None = None
+    clear_before_val: bool | None = None
+    batch_auto: dict[str, Any] | None = None  # --batch auto: the choice and its reasons
+    memory_plan: dict[str, Any] | None = None  # the memory model's prediction for the plan
+    supervisor: dict[str, Any] | None = None  # proc.identity of the supervisor: tells a dead run from a live one
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str | None = None  # an Outcome
-    run_dir: str | None = None
-    command: list[str] | None = None
-    dataset: dict[str, Any] | None = None
-    allocator: dict[str, str] | None = None
-    gpus: list[dict[str, Any]] | None = None
-    simulated_on_cpu: bool | None = None
+    memory_watch: dict[str, Any] | None = None
+    weights: dict[str, str] | None = None
+    final_metrics: dict[str, Any] | None = None
+    resumes: list[dict[str, Any]] | None = None
 
     @classmethod
     def _convert(cls, values: dict[str, Any]) -> dict[str, Any]:

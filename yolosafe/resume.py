@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yolosafe import allocator, gpus, plan, rundir, validate
+from yolosafe import allocator, gpus, plan, records, rundir, validate
+from yolosafe.options import DEFAULTS
 
 # Options a resume applies (and records); every other option given with --resume is refused.
 APPLIED = ("gpus", "batch", "effective_batch", "val_batch", "max_retries", "min_batch", "alloc_conf",
@@ -33,7 +34,7 @@ class Resume:
 
     run_dir: Path
     last: Path
-    story: dict[str, Any]
+    story: records.Story
     plan: plan.TrainPlan
     env: dict[str, str]
     options: dict[str, Any]
@@ -50,23 +51,20 @@ def refused(given: dict[str, Any]) -> None:
                                   "--val-batch, --max-retries, --min-batch, --alloc-conf, --watch-interval, --warn-at)")
 
 
-def read_story(run_dir: Path) -> dict[str, Any]:
-    story_file = run_dir / rundir.STORY
-    if not story_file.is_file():
+def read_story(run_dir: Path) -> records.Story:
+    if not (run_dir / rundir.STORY).is_file():
         raise validate.InputError(f"--resume {run_dir}: not a yolosafe run directory (no {rundir.STORY})")
     try:
-        story = rundir.read_json(story_file)
-    except (OSError, ValueError) as exc:
-        raise validate.InputError(f"--resume {run_dir}: {rundir.STORY} is unreadable ({exc})") from None
-    if not isinstance(story, dict):
-        raise validate.InputError(f"--resume {run_dir}: {rundir.STORY} is not a yolosafe story (not a mapping)")
-    return story
+        return records.load_story(run_dir)
+    except records.RecordError as exc:  # "PATH: damaged, ...": the path is said once
+        detail = str(exc).removeprefix(f"{run_dir / rundir.STORY}: ")
+        raise validate.InputError(f"--resume {run_dir}: {rundir.STORY} is unreadable ({detail})") from None
 
 
-def prepare(run_dir: Path, given: dict[str, Any], defaults: dict[str, Any], dry_run: bool) -> Resume:
+def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool) -> Resume:
     """Check the run can be resumed here and now and build its plan; raises :class:`validate.InputError`.
 
-    ``given`` holds the options the user gave; ``defaults`` yolosafe's defaults. A real resume takes the run's lock
+    ``given`` holds the options the user gave. A real resume takes the run's lock
     first, so two resumes of one directory can never both start; a dry run only checks nobody holds it.
     """
     refused(given)
@@ -88,29 +86,32 @@ def prepare(run_dir: Path, given: dict[str, Any], defaults: dict[str, Any], dry_
     last = run_dir / "weights" / "last.pt"
     if not last.is_file():
         raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
-    if story.get("outcome") == "completed":
+    if story.outcome == records.Outcome.COMPLETED:
         raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
     validate.check_checkpoint(last, f"--resume {run_dir}: weights/last.pt")
-    options = {key: given[key] if given.get(key) is not None else story.get(key, defaults.get(key))
-               for key in RUN_OPTIONS}
+    options = {key: _first(given.get(key), getattr(story, key), DEFAULTS[key]) for key in RUN_OPTIONS}
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
     validate.check_options({**options, **applied, "project": str(run_dir.parent), "name": run_dir.name})
     p, simulated = _plan(story, given)
     try:
-        env = allocator.apply({**os.environ, **story.get("allocator", {})}, given.get("alloc_conf"))
+        env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))
     except allocator.AllocConfError as exc:
         raise validate.InputError(str(exc)) from None
     return Resume(run_dir, last, story, p, env, options, simulated, lock_fd)
 
 
-def _plan(story: dict[str, Any], given: dict[str, Any]) -> tuple[plan.TrainPlan, bool]:
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _plan(story: records.Story, given: dict[str, Any]) -> tuple[plan.TrainPlan, bool]:
     """The last attempt's plan, with the GPUs and batches the user gave instead."""
-    summary = story.get("plan")
-    if not isinstance(summary, dict):
+    summary = story.plan
+    if not summary:
         raise validate.InputError(f"--resume: {rundir.STORY} has no plan; it is not a yolosafe run")
-    last_attempt = (story.get("attempts") or [{}])[-1]
+    last = story.attempts[-1] if story.attempts else records.Attempt(attempt=0)
     chosen = tuple(summary.get("gpus", ()))
-    simulated = bool(story.get("simulated_on_cpu"))
+    simulated = bool(story.simulated_on_cpu)
     try:
         if given.get("gpus") is not None:
             inventory = gpus.read_inventory()
@@ -119,9 +120,9 @@ def _plan(story: dict[str, Any], given: dict[str, Any]) -> tuple[plan.TrainPlan,
             simulated = inventory.backend == "fake" and bool(chosen)
         p = plan.build_plan(
             model=summary["model"], data=summary["data"], gpus=chosen,
-            batch=_pick(given, "batch", last_attempt, summary),
-            effective_batch=_pick(given, "effective_batch", {}, summary),
-            val_batch=_pick(given, "val_batch", last_attempt, summary),
+            batch=_first(given.get("batch"), last.batch, summary.get("batch")),
+            effective_batch=_first(given.get("effective_batch"), summary.get("effective_batch")),
+            val_batch=_first(given.get("val_batch"), last.val_batch, summary.get("val_batch")),
             imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {},
         )
     except (plan.PlanError, gpus.FakeSpecError, KeyError, TypeError) as exc:
@@ -129,24 +130,19 @@ def _plan(story: dict[str, Any], given: dict[str, Any]) -> tuple[plan.TrainPlan,
     return p, simulated
 
 
-def _pick(given: dict[str, Any], key: str, attempt: dict[str, Any], summary: dict[str, Any]) -> Any:
-    if given.get(key) is not None:
-        return given[key]
-    return attempt.get(key, summary.get(key))
-
-
 def record(r: Resume, given: dict[str, Any]) -> None:
     """What this resume changed, where the run now is, and the options it runs with, in the story."""
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
-    r.story.setdefault("resumes", []).append({
+    r.story.resumes = [*(r.story.resumes or []), {
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_dir": str(r.run_dir),
-        "previous_run_dir": r.story.get("run_dir"),
+        "previous_run_dir": r.story.run_dir,
         "from": str(r.last),
         "applied": applied,
-    })
-    r.story["run_dir"] = str(r.run_dir)
-    r.story["plan"] = r.plan.summary()
-    r.story["simulated_on_cpu"] = r.simulated
-    r.story["allocator"] = {k: r.env[k] for k in allocator.ENV_VARS}
-    r.story.update({key: r.options[key] for key in RUN_OPTIONS})
+    }]
+    r.story.run_dir = str(r.run_dir)
+    r.story.plan = r.plan.summary()
+    r.story.simulated_on_cpu = r.simulated
+    r.story.allocator = {k: r.env[k] for k in allocator.ENV_VARS}
+    for key in RUN_OPTIONS:
+        setattr(r.story, key, r.options[key])

@@ -9,6 +9,7 @@ cause. The user sees progress and a sentence, not 40 lines of Ultralytics intern
 from __future__ import annotations
 
 import re
+import sys
 from typing import IO
 
 from yolosafe import allocator
@@ -18,6 +19,11 @@ HEADER = "Traceback (most recent call last):"
 CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
 RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s?")  # torch.distributed.run's per-rank line prefix
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours and cursor moves (Ultralytics colours its messages)
+
+
+def say(message: str) -> None:
+    """One line of yolosafe's own on stderr, prefixed so it stands out from Ultralytics' output."""
+    print(f"yolosafe: {message}", file=sys.stderr, flush=True)
 
 
 def start_lines(plan: TrainPlan, env: dict[str, str], simulated: bool) -> list[str]:
