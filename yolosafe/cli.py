@@ -261,7 +261,7 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
         inventory = gpus.read_inventory()
         env = allocator.apply(os.environ, options["alloc_conf"])
         options, auto = planner.resolve_auto(options | {"model": options["model"] or default_model()}, inventory)
-    except (gpus.FakeSpecError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
+    except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         fail(str(exc))
     p = build(options, inventory)
     try:
@@ -367,7 +367,7 @@ def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_f
         options = resolve_options(ctx, config, dataset.defaults) | {"data_yaml": str(dataset.yaml_path)}
         options["model"] = options["model"] or default_model()
         planview.run(options, gpus.read_inventory(), build, vram, as_json)
-    except (datasets.DatasetError, gpus.FakeSpecError, plan.PlanError, memmodel.UnknownModel) as exc:
+    except (datasets.DatasetError, gpus.FakeGpusError, plan.PlanError, memmodel.UnknownModel) as exc:
         fail(str(exc))
 
 
@@ -380,7 +380,7 @@ def gpus_command(as_json: bool) -> None:
     """List the GPUs NVML sees (or the fake ones of YOLOSAFE_FAKE_GPUS), their memory and processes."""
     try:
         inventory = gpus.read_inventory()
-    except gpus.FakeSpecError as exc:
+    except gpus.FakeGpusError as exc:
         fail(str(exc))
     if as_json:
         click.echo(json.dumps({

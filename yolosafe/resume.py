@@ -124,7 +124,7 @@ def _plan(story: dict[str, Any], given: dict[str, Any]) -> tuple[plan.TrainPlan,
             val_batch=_pick(given, "val_batch", last_attempt, summary),
             imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {},
         )
-    except (plan.PlanError, gpus.FakeSpecError, KeyError, TypeError) as exc:
+    except (plan.PlanError, gpus.FakeGpusError, KeyError, TypeError) as exc:
         raise validate.InputError(f"--resume: {exc}") from None
     return p, simulated
 
