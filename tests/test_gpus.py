@@ -64,7 +64,7 @@ def test_fake_phase_memory_is_per_rank_gpu_and_ends_with_its_process(tmp_path):
 
 @pytest.mark.parametrize("spec", ["4x", "lots", "{not json"])
 def test_bad_fake_spec(spec):
-    with pytest.raises(gpus.FakeSpecError):
+    with pytest.raises(gpus.FakeGpusError):
         gpus.open_backend({gpus.FAKE_ENV: spec}).inventory()
 
 

@@ -99,7 +99,7 @@ def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_f
     opts["model"] = opts["model"] or options.default_model()
     try:
         planview.run(opts, gpus.read_inventory(), trainrun.build, vram, as_json)
-    except (gpus.FakeSpecError, plan.PlanError, memmodel.UnknownModel) as exc:
+    except (gpus.FakeGpusError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
 
 
@@ -112,7 +112,7 @@ def gpus_command(as_json: bool) -> None:
     """List the GPUs NVML sees (or the fake ones of YOLOSAFE_FAKE_GPUS), their memory and processes."""
     try:
         inventory = gpus.read_inventory()
-    except gpus.FakeSpecError as exc:
+    except gpus.FakeGpusError as exc:
         raise InputError(str(exc)) from None
     if as_json:
         click.echo(json.dumps({

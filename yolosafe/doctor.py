@@ -105,7 +105,7 @@ class Diagnosis:
 def machine(env: Mapping[str, str]) -> Machine:
     try:
         inventory = gpus.read_inventory(env)
-    except gpus.FakeSpecError as exc:
+    except gpus.FakeGpusError as exc:
         raise DoctorError(str(exc)) from None
     holders = judge_gpus(inventory.gpus)
     views = [GPUView(g.index, g.name, g.total_mib, g.used_mib, g.free_mib, [h for h in holders if h.gpu == g.index])

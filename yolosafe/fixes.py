@@ -206,7 +206,7 @@ def main(config_file: str | None, run_dir: str | None, yes: bool, env: Mapping[s
     try:
         run = doctor.find_run(run_dir, None)
         inventory = gpus.read_inventory(env)
-    except (doctor.DoctorError, gpus.FakeSpecError) as exc:
+    except (doctor.DoctorError, gpus.FakeGpusError) as exc:
         raise FixUsageError(f"--run {exc}" if run_dir and isinstance(exc, doctor.DoctorError) else str(exc)) from None
     ask, summary = Asker(yes), Summary()
     say(f"GPU memory repair, {time.strftime('%Y-%m-%d %H:%M:%S')}: each change is asked first (default No)")

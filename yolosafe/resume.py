@@ -125,7 +125,7 @@ def _plan(story: records.Story, given: dict[str, Any]) -> tuple[plan.TrainPlan, 
             val_batch=_first(given.get("val_batch"), last.val_batch, summary.get("val_batch")),
             imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {},
         )
-    except (plan.PlanError, gpus.FakeSpecError, KeyError, TypeError) as exc:
+    except (plan.PlanError, gpus.FakeGpusError, KeyError, TypeError) as exc:
         raise validate.InputError(f"--resume: {exc}") from None
     return p, simulated
 

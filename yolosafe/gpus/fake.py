@@ -1,0 +1,196 @@
+"""The fake GPU backend: NVML's stand-in on machines without GPUs (tests, CI, drills).
+
+Selected by the environment variable ``YOLOSAFE_FAKE_GPUS``, whose value is a *layout* of fake GPUs, and read by
+every command exactly as it reads real NVML (``open_backend``), so the multi-GPU paths run unchanged on a laptop.
+Accepted layouts (see docs/fake-gpus.md):
+
+- ``4x24GB`` or ``2x24GB,1x80GB``: that many idle GPUs of that size (GB means GiB, as nvidia-smi's MiB do);
+- ``none``: a machine with no NVIDIA driver;
+- a JSON object, inline or as ``@path/to/layout.json``::
+
+      {"driver": "550.54.15", "cuda": "12.4",
+       "gpus": [{"name": "NVIDIA A100", "total_mib": 40960, "used_mib": 13000,
+                 "processes": [{"pid": 4242, "used_mib": 13000}]}]}
+
+  Optional per-GPU ``"phase_mib": {"train": 9000, "val": 21000}`` makes the memory of the training processes follow
+  the phase the trainer reports (see :class:`FakeBackend`), so tests can script a validation peak; optional
+  ``"epoch_mib": {"val": 500}`` adds that much more per (0-based) epoch, so the peak lands on a known epoch; optional
+  ``"per_image_mib": {"train": 120, "val": 10}`` adds that much per image of the phase's per-GPU batch (the plan's,
+  written in the phase file), so the memory follows fixed + per image x batch as the memory model predicts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from yolosafe.gpus.inventory import GPU, GPUProcess, GPUReadError, Inventory, MemoryReading
+
+FAKE_ENV = "YOLOSAFE_FAKE_GPUS"
+PHASE_FILE_ENV = "YOLOSAFE_FAKE_PHASE_FILE"
+
+# What a GPU's phase file says: (phase, writer's pid, epoch, per-GPU batch).
+Phase = tuple[str | None, int | None, int, int]
+_NO_PHASE: Phase = (None, None, 0, 0)
+_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
+
+
+class FakeGpusError(ValueError):
+    """The value of YOLOSAFE_FAKE_GPUS (the fake GPU layout) cannot be understood."""
+
+
+@dataclass
+class FakeGPU:
+    """One fake GPU: fixed used memory and processes, plus optional memory that follows the trainer's phase."""
+
+    name: str
+    total_mib: float
+    used_mib: float = 0.0
+    utilization: int = 0
+    processes: tuple[GPUProcess, ...] = ()
+    phase_mib: dict[str, float] = field(default_factory=dict)
+    epoch_mib: dict[str, float] = field(default_factory=dict)
+    per_image_mib: dict[str, float] = field(default_factory=dict)
+
+
+def _parse_sizes(layout: str) -> list[FakeGPU]:
+    """Idle GPUs from the short layout, ``2x24GB,1x80GB``: groups in index order."""
+    gpus: list[FakeGPU] = []
+    for group in layout.split(","):
+        match = _SIZE.match(group)
+        if not match:
+            raise FakeGpusError(f"{FAKE_ENV}: cannot read {group.strip()!r}; expected e.g. '4x24GB' or JSON")
+        count, size, unit = int(match[1]), float(match[2]), match[3].upper()
+        total = size * 1024 if unit in {"GB", "GIB"} else size
+        gpus += [FakeGPU(f"Fake GPU {total / 1024:g}GB", total) for _ in range(count)]
+    return gpus
+
+
+def _parse_json(data: Mapping[str, Any]) -> tuple[list[FakeGPU], str, str]:
+    """GPUs, driver and CUDA version from the JSON layout; a bad GPU entry is one :class:`FakeGpusError`."""
+    try:
+        gpus = [
+            FakeGPU(
+                name=g.get("name", "Fake GPU"),
+                total_mib=float(g["total_mib"]),
+                used_mib=float(g.get("used_mib", 0)),
+                utilization=int(g.get("utilization", 0)),
+                processes=tuple(GPUProcess(int(p["pid"]), float(p["used_mib"])) for p in g.get("processes", ())),
+                phase_mib={k: float(v) for k, v in g.get("phase_mib", {}).items()},
+                epoch_mib={k: float(v) for k, v in g.get("epoch_mib", {}).items()},
+                per_image_mib={k: float(v) for k, v in g.get("per_image_mib", {}).items()},
+            )
+            for g in data.get("gpus", ())
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FakeGpusError(f"{FAKE_ENV}: bad GPU entry ({exc!r}); each needs at least 'total_mib'") from exc
+    return gpus, str(data.get("driver", "fake")), str(data.get("cuda", "fake"))
+
+
+def parse_layout(layout: str) -> tuple[list[FakeGPU], str | None, str | None, str | None]:
+    """The GPUs, driver version, CUDA version and "no driver" problem a ``YOLOSAFE_FAKE_GPUS`` value describes.
+    Raises :class:`FakeGpusError` (each command turns it into one line) for a value it cannot read."""
+    text = layout.strip()
+    if text.lower() == "none":
+        return [], None, None, "no NVIDIA driver (fake: YOLOSAFE_FAKE_GPUS=none)"
+    if text.startswith(("{", "@")):
+        try:
+            raw = Path(text[1:]).read_text() if text.startswith("@") else text
+            data = json.loads(raw)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FakeGpusError(f"{FAKE_ENV}: cannot read JSON spec ({exc})") from exc
+        gpus, driver, cuda = _parse_json(data)
+        return gpus, driver, cuda, None
+    return _parse_sizes(text), "fake", "fake", None
+
+
+def fake_phase_file(base: str | Path, gpu: int | None) -> Path:
+    """The phase file of one GPU (NVML index), written by the rank on it; ``gpu`` None: the file of a single
+    process that stands for every GPU."""
+    path = Path(base)
+    return path if gpu is None else path.with_name(f"{path.stem}-gpu{gpu}{path.suffix}")
+
+
+def _pid_alive(pid: int | None) -> bool:
+    """Whether the phase file's writer still runs: an exited (or zombie) rank holds no GPU memory."""
+    import psutil
+
+    try:
+        return bool(pid) and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError):
+        return False
+
+
+class FakeBackend:
+    """NVML stand-in. Used memory is the layout's ``used_mib`` plus, with ``phase_mib``, the memory of the phase
+    currently written (as ``{"phase": "val", "pid": 123, "epoch": 4}``) in the GPU's phase file
+    (:func:`fake_phase_file` of ``YOLOSAFE_FAKE_PHASE_FILE``: each rank writes its own GPU's; a single process the
+    base file, for every GPU) plus ``epoch_mib`` times the epoch. That memory is attributed to the writer's pid, so it
+    counts as the training run's own, and only while that process lives: an exited rank holds no GPU memory."""
+
+    name = "fake"
+
+    def __init__(self, layout: str, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        self.layout = layout
+        self._phase_file = env.get(PHASE_FILE_ENV)
+        self._phase_seen: dict[Path, tuple[tuple[int, int, int], Phase]] = {}
+        self.gpus, self.driver, self.cuda, self.problem = parse_layout(layout)
+
+    def _phase(self, index: int) -> Phase:
+        """The ``(phase, pid, epoch, batch)`` of GPU ``index`` from a live writer: the rank on it, else a single
+        process for every GPU. A file is parsed again only when it changed (the watch reads every GPU many times a
+        second). ``batch`` is the phase's per-GPU batch (0 when unknown), for ``per_image_mib``."""
+        if not self._phase_file:
+            return _NO_PHASE
+        for path in (fake_phase_file(self._phase_file, index), Path(self._phase_file)):
+            try:
+                stat = os.stat(path)
+                key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+                if path not in self._phase_seen or self._phase_seen[path][0] != key:
+                    state = json.loads(path.read_text())
+                    self._phase_seen[path] = key, (state.get("phase"), state.get("pid"), int(state.get("epoch") or 0),
+                                                   int(state.get("batch") or 0))
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue
+            if _pid_alive(self._phase_seen[path][1][1]):
+                return self._phase_seen[path][1]
+        return _NO_PHASE
+
+    def _reading(self, index: int) -> MemoryReading:
+        """GPU ``index``'s memory now: the layout's, plus the phase's memory held by the phase file's live writer."""
+        gpu = self.gpus[index]
+        used, processes = gpu.used_mib, gpu.processes
+        phase, pid, epoch, batch = self._phase(index)
+        extra = gpu.phase_mib.get(phase, 0.0) + epoch * gpu.epoch_mib.get(phase, 0.0) if phase else 0.0
+        if phase and gpu.per_image_mib.get(phase):
+            extra += gpu.per_image_mib[phase] * batch
+        if extra:
+            used += extra
+            processes = (*processes, GPUProcess(int(pid or 0), extra))
+        return MemoryReading(index, gpu.total_mib, min(used, gpu.total_mib), processes)
+
+    def inventory(self) -> Inventory:
+        """Every fake GPU, as NVML would list it (UUIDs ``GPU-fake-0000``...), its memory as of now."""
+        gpus = []
+        for index, gpu in enumerate(self.gpus):
+            reading = self._reading(index)
+            gpus.append(
+                GPU(index, gpu.name, f"GPU-fake-{index:04d}", gpu.total_mib, reading.used_mib, gpu.utilization,
+                    reading.processes)
+            )
+        return Inventory(self.name, tuple(gpus), self.driver, self.cuda, self.problem)
+
+    def read_memory(self, index: int) -> MemoryReading:
+        """One GPU's memory, for the watch; an index beyond the layout fails as a lost GPU would."""
+        if not 0 <= index < len(self.gpus):
+            raise GPUReadError(f"GPU {index}: no such fake GPU")
+        return self._reading(index)
+
+    def close(self) -> None:
+        """Nothing to release."""
