@@ -15,11 +15,12 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 # Torch reads both names, but which one wins differs between versions (and between its generic and CUDA parsers),
 # so apply() sets both to the same value.
 ENV_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
-DEFAULTS: dict[str, str] = {"expandable_segments": "True"}
+DEFAULTS: Mapping[str, str] = MappingProxyType({"expandable_segments": "True"})
 OVERRIDE_SOURCE = "--alloc-conf"
 
 _DIGITS = re.compile(r"\d+")
@@ -86,7 +87,7 @@ def _backend(value: str) -> str | None:
 
 _BOOL = (_boolean, "True or False (any case)")
 # key -> (check returning the canonical value or None, what is allowed). Keys and limits are those of c10's parser.
-_KEYS: dict[str, tuple[Callable[[str], str | None], str]] = {
+_KEYS: Mapping[str, tuple[Callable[[str], str | None], str]] = MappingProxyType({
     "backend": (_backend, "'native' or 'cudaMallocAsync'"),
     "expandable_segments": _BOOL,
     "max_split_size_mb": (_integer(21), "an integer > 20 (MB)"),
@@ -109,7 +110,7 @@ _KEYS: dict[str, tuple[Callable[[str], str | None], str]] = {
     "pinned_max_cached_size_mb": (_integer(0), "a non-negative integer (MB)"),
     "pinned_max_round_threshold_mb": (_integer(0), "a non-negative integer (MB)"),
     "pinned_free_catch_all": _BOOL,
-}
+})
 
 
 def _split_items(conf: str, source: str) -> list[str]:

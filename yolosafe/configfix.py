@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe import plan
-from yolosafe.records import Failure, Story
-
-VAL_PHASES = ("val", "final")
+from yolosafe.records import VAL_PHASES, Failure, Story
 
 
 class ConfigFixError(ValueError):

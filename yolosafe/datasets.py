@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -22,7 +23,7 @@ CACHE_ENV = "YOLOSAFE_CACHE"
 SHAPES = "shapes"
 SHAPES_VERSION = 1
 SHAPES_CLASSES = ("square", "circle", "triangle")
-SHAPES_DEFAULTS = {"imgsz": 128, "epochs": 3, "batch": 16}
+SHAPES_DEFAULTS = MappingProxyType({"imgsz": 128, "epochs": 3, "batch": 16})
 
 
 class DatasetError(ValueError):
@@ -159,8 +160,8 @@ def _write_shapes(root: Path, train: int, val: int, size: int) -> None:
             (root / "labels" / split / f"{i:04d}.txt").write_text("\n".join(lines) + "\n")
 
 
-IMAGE_SUFFIXES = {".avif", ".bmp", ".dng", ".heic", ".heif", ".jp2", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff",
-                  ".webp"}  # Ultralytics' IMG_FORMATS
+IMAGE_SUFFIXES = frozenset({".avif", ".bmp", ".dng", ".heic", ".heif", ".jp2", ".jpeg", ".jpg", ".mpo", ".png", ".tif",
+                            ".tiff", ".webp"})  # Ultralytics' IMG_FORMATS
 
 
 def count_images(data_yaml: Path, split: str = "train") -> int | None:

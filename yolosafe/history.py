@@ -13,12 +13,13 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from yolosafe import datasets, rundir
 
 HISTORY_FILE = "memory_history.jsonl"
-PHASES = {"train": ("train",), "val": ("val", "final")}
+PHASES = MappingProxyType({"train": ("train",), "val": ("val", "final")})
 
 
 def history_path() -> Path:

@@ -19,7 +19,7 @@ MIB = 2**20
 RANK_MIB = 2500.0  # one training process: torch, CUDA libraries, the model on the host (assumption)
 WORKER_MIB = 400.0  # one dataloader worker: a forked copy, mostly shared, plus its batches (assumption)
 ASPECT = 0.75  # the short side of an average photo over its long side (COCO: ~0.75)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm", ".heic"}
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm", ".heic"})
 ULTRALYTICS_WORKERS = 8
 
 

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 MIB = 2**20
@@ -34,7 +35,8 @@ FP32_ACTIVATIONS = 1.95  # fp32 / AMP activation bytes: 187.2 / 96.0 MiB per ima
 OBJECTS_PER_IMAGE = 100  # the loss pads targets to the most objects in a batch: assume a busy scene
 # Bytes per parameter kept through the training step: fp32 weights, gradients, EMA copy, AMP's fp16 weight casts.
 BYTES_WEIGHTS, BYTES_GRADS, BYTES_EMA, BYTES_AMP_CAST = 4, 4, 4, 2
-OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "adamax": 8, "nadam": 8, "radam": 8, "sgd": 4, "rmsprop": 4, "auto": 8}
+OPTIMIZER_BYTES = MappingProxyType({"adamw": 8, "adam": 8, "adamax": 8, "nadam": 8, "radam": 8, "sgd": 4, "rmsprop": 4,
+                                   "auto": 8})
 
 
 class UnknownModel(LookupError):

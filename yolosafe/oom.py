@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 INJECT_ENV = "YOLOSAFE_INJECT_OOM"
@@ -23,10 +24,10 @@ OOM_MARKERS = (
     "cudaErrorMemoryAllocation",
 )
 
-_UNIT = {"B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "TiB": 1024.0**2}
+_UNIT = MappingProxyType({"B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "TiB": 1024.0**2})
 _SIZE = r"([\d.]+) ?(B|KiB|MiB|GiB|TiB)"
 # Current PyTorch wording first, then the pre-2.1 one ("(GPU 0; 15.90 GiB total capacity; ...)"): first match wins.
-_FIELDS = {
+_FIELDS = MappingProxyType({
     "tried_mib": [rf"Tried to allocate {_SIZE}"],
     "total_mib": [rf"total capacity of {_SIZE}", rf"{_SIZE} total capacity"],
     "free_mib": [rf"of which {_SIZE} is free", rf"{_SIZE} free;"],
@@ -34,7 +35,7 @@ _FIELDS = {
     "allocated_mib": [rf"{_SIZE} is allocated by PyTorch", rf"{_SIZE} already allocated"],
     "reserved_unallocated_mib": [rf"{_SIZE} is reserved by PyTorch but unallocated"],
     "reserved_mib": [rf"{_SIZE} reserved in total by PyTorch"],
-}
+})
 
 
 def is_oom_text(text: str) -> bool:

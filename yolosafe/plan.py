@@ -17,6 +17,7 @@ import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -25,7 +26,7 @@ ULTRALYTICS_DEFAULT_NBS = 64
 ULTRALYTICS_DEFAULT_WARMUP_EPOCHS = 3.0
 
 # Train arguments yolosafe owns: set through its own options, never as pass-through key=value.
-OWNED_KEYS = {
+OWNED_KEYS = MappingProxyType({
     "batch": "--batch",
     "nbs": "--effective-batch",
     "device": "--gpus",
@@ -39,7 +40,7 @@ OWNED_KEYS = {
     "resume": "--resume RUN_DIR",
     "mode": "the yolosafe subcommand",
     "task": "--model (the task follows the model)",
-}
+})
 
 
 class PlanError(ValueError):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from yolosafe import rundir
@@ -22,8 +24,10 @@ R = TypeVar("R", bound="Record")
 _FAILURE_NAME = re.compile(r"failure-(\d+)-rank(\d+)\.json$")
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
-                                       "None": (type(None),), "dict": (dict,), "list": (list,)}
+_TYPES: Mapping[str, tuple[type, ...]] = MappingProxyType({
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),), "dict": (dict,),
+    "list": (list,),
+})
 
 
 def _check_type(key: str, value: Any, annotation: str) -> None:
@@ -53,6 +57,9 @@ class Outcome(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+VAL_PHASES = ("val", "final")  # the phases of a record that are validation: each epoch's, and best.pt's at the end
 
 
 class RecordError(ValueError):

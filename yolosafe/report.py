@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from yolosafe import records, rundir
 from yolosafe.gpus import nvml_index
+from yolosafe.records import VAL_PHASES
 from yolosafe.watch import event_gpus, phase_after
 
 if TYPE_CHECKING:
     import pandas as pd
 
-VAL_PHASES = ("val", "final")
 PLOT_POINTS = 4000  # per GPU; longer runs are plotted as the maximum of each time bin, so no peak is lost
 
 

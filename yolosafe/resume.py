@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from yolosafe import allocator, gpus, plan, records, rundir, validate
@@ -22,9 +23,9 @@ from yolosafe.options import DEFAULTS
 # Options a resume applies (and records); every other option given with --resume is refused.
 APPLIED = ("gpus", "batch", "effective_batch", "val_batch", "max_retries", "min_batch", "alloc_conf",
            "watch_interval", "warn_at", "clear_before_val")
-REFUSED = {"model": "--model", "data": "--data", "datasets_file": "--datasets", "imgsz": "--imgsz",
+REFUSED = MappingProxyType({"model": "--model", "data": "--data", "datasets_file": "--datasets", "imgsz": "--imgsz",
            "epochs": "--epochs", "config_file": "--config", "project": "--project", "name": "--name",
-           "args": "Ultralytics key=value arguments"}
+           "args": "Ultralytics key=value arguments"})
 RUN_OPTIONS = ("max_retries", "min_batch", "watch_interval", "warn_at", "clear_before_val")  # kept in the story
 
 

@@ -93,7 +93,7 @@ def new_run(opts: dict[str, Any], dry_run: bool) -> Exit:
         inventory = gpus.read_inventory()
         env = allocator.apply(os.environ, opts["alloc_conf"])
         opts, auto = planner.resolve_auto(opts | {"model": opts["model"] or options.default_model()}, inventory)
-    except (gpus.FakeSpecError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
+    except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
     p = build(opts, inventory)
     try:

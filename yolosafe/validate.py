@@ -22,6 +22,7 @@ import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -32,8 +33,8 @@ from yolosafe import oom
 # user names it; any other .pt must be a file here.
 RELEASE_WEIGHTS = re.compile(r"^(yolo|yoloe|rtdetr|sam|mobile_sam|FastSAM)[\w.-]*\.pt$")
 # yolosafe's own options, integers and numbers (from a --config file they arrive untyped).
-INT_OPTIONS = {"batch": 1, "effective_batch": 1, "val_batch": 1, "imgsz": 32, "epochs": 1, "max_retries": 0,
-               "min_batch": 1}
+INT_OPTIONS = MappingProxyType({"batch": 1, "effective_batch": 1, "val_batch": 1, "imgsz": 32, "epochs": 1,
+                               "max_retries": 0, "min_batch": 1})
 STR_OPTIONS = ("model", "data", "project", "name", "alloc_conf", "gpus")
 
 

@@ -12,9 +12,7 @@ from yolosafe import plan
 from yolosafe.doctor import BUSY_MIB, Cause, Environment, GPUView, Machine, RunView
 from yolosafe.gpus import nvml_index
 from yolosafe.holders import ASK, PROVEN, Holder
-from yolosafe.records import Failure, Story
-
-VAL_PHASES = ("val", "final")
+from yolosafe.records import VAL_PHASES, Failure, Story
 
 
 def story_plan(story: Story, batch: int | None = None) -> plan.TrainPlan | None:
