@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,21 @@ def test_worker_sees_exactly_the_planned_gpus(run_cli):
     assert launch_device(p, simulate_on_cpu=True) == ("cpu", None)
     result = run_cli("train", "--gpus", "1", "--dry-run", env={**FOUR, "CUDA_VISIBLE_DEVICES": "2,3"})
     assert_usage_error(result, "no GPU 1", "available: 2, 3", "CUDA_VISIBLE_DEVICES=2,3")
+
+
+def test_readme_exit_table_is_the_one_exit_table():
+    import re
+
+    from yolosafe.exits import Exit
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| .+ \|$", readme, re.MULTILINE)
+    assert sorted(map(int, rows)) == sorted(status.value for status in Exit)
+
+
+def test_help_shows_the_defaults_of_the_one_defaults_table(run_cli):
+    from yolosafe.options import DEFAULTS
+
+    helptext = " ".join(run_cli("train", "--help").stdout.split())
+    for key in ("batch", "max_retries", "min_batch", "warn_at", "memory_fraction", "project"):
+        assert f"Default {DEFAULTS[key]}." in helptext, key
