@@ -99,14 +99,14 @@ class Processes:
         return self.start([sys.executable, "-c", SLEEPER, "-m", "ipykernel_launcher", "-f", "kernel-3f2a.json"])
 
     def yolosafe_worker(self, run: Path) -> subprocess.Popen:
-        """A worker of a live run: yolosafe's run variables in its environment, this test as its supervisor."""
-        env = {**os.environ, rundir.RUN_DIR_ENV: str(run), rundir.SPEC_ENV: str(run / "spec-1.json")}
+        """A worker of a live run: yolosafe's run marker in its environment, this test as its supervisor."""
+        env = {**os.environ, rundir.RUN_DIR_ENV: str(run)}
         return self.start([sys.executable, "-c", SLEEPER, "-m", "yolosafe.worker"], env=env)
 
     def orphaned_rank(self, run: Path) -> int:
         """A DDP rank whose worker and supervisor are gone: started through a shell that exits at once, so the
         rank is re-parented to pid 1."""
-        env = {**os.environ, rundir.RUN_DIR_ENV: str(run), rundir.SPEC_ENV: str(run / "spec-1.json")}
+        env = {**os.environ, rundir.RUN_DIR_ENV: str(run)}
         out = subprocess.run(["sh", "-c", f'{sys.executable} -c "{SLEEPER}" >/dev/null 2>&1 & echo $!'], env=env,
                              capture_output=True, text=True, check=True)
         pid = int(out.stdout)

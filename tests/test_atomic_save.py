@@ -11,14 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ultralytics.engine.trainer import BaseTrainer
 
-from yolosafe.trainer import SafeDetectionTrainer
+from tests.contexts import run_context
+from yolosafe.trainer import trainer_class
 
 
-def trainer(weights: Path, fitness: float, best_fitness: float) -> SafeDetectionTrainer:
+def trainer(weights: Path, fitness: float, best_fitness: float) -> BaseTrainer:
     from ultralytics.utils.torch_utils import ModelEMA
 
-    t = SafeDetectionTrainer.__new__(SafeDetectionTrainer)
+    cls = trainer_class("detect", run_context(weights.parent))
+    t = cls.__new__(cls)
     t.model = torch.nn.Linear(2, 2)
     t.ema, t.optimizer = ModelEMA(t.model), torch.optim.SGD(t.model.parameters(), lr=0.1)
     t.scaler = torch.amp.GradScaler("cuda", enabled=False)

@@ -146,7 +146,7 @@ SUPERVISOR = """
 import os, subprocess, sys, time
 run = sys.argv[1]
 log = open(os.path.join(run, "train.log"), "ab") if sys.argv[2] == "writes" else None
-env = {**os.environ, "YOLOSAFE_RUN_DIR": run, "YOLOSAFE_SPEC": os.path.join(run, "spec-1.json")}
+env = {**os.environ, "YOLOSAFE_RUN_DIR": run}
 worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "yolosafe.worker"], env=env)
 time.sleep(600)
 """

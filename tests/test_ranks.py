@@ -109,7 +109,7 @@ def test_launch_arguments_are_torchruns_own(tmp_path):
                                                                                           "run7")
 
 
-def test_epoch_peaks_become_ultralytics_metrics_per_nvml_gpu(tmp_path, monkeypatch):
+def test_epoch_peaks_become_ultralytics_metrics_per_nvml_gpu(tmp_path):
     """The rank on CUDA device 1 of a plan on GPUs 2,3 reports as GPU 3; GPUs without figures are NaN (one column
     set every epoch, so results.csv stays aligned)."""
     import math
@@ -117,17 +117,16 @@ def test_epoch_peaks_become_ultralytics_metrics_per_nvml_gpu(tmp_path, monkeypat
 
     import torch
 
-    from yolosafe import callbacks, peakmetrics
+    from tests.contexts import run_context
+    from yolosafe import peakmetrics
 
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"plan": {"gpus": [2, 3]}}))
-    monkeypatch.setenv("YOLOSAFE_SPEC", str(spec))
-    monkeypatch.setattr(callbacks.STATE, "train_peaks", {"max_allocated_mib": 10.0, "max_reserved_mib": 12.0})
-    found = peakmetrics.epoch_peaks(SimpleNamespace(device=torch.device("cuda", 1), world_size=1))
+    context = run_context(tmp_path, plan={"gpus": [2, 3]})
+    context.progress.train_peaks = {"max_allocated_mib": 10.0, "max_reserved_mib": 12.0}
+    found = peakmetrics.epoch_peaks(SimpleNamespace(device=torch.device("cuda", 1), world_size=1), context)
     assert list(found) == peakmetrics.keys([2, 3]) and len(found) == 8
     assert (found["memory/gpu3_train_allocated_mib"], found["memory/gpu3_train_reserved_mib"]) == (10.0, 12.0)
     assert math.isnan(found["memory/gpu2_train_reserved_mib"]) and math.isnan(found["memory/gpu3_val_reserved_mib"])
-    ordered = peakmetrics.ordered({"memory/gpu3_val_reserved_mib": 5.0, "lr/pg0": 0.1})
+    ordered = peakmetrics.ordered({"memory/gpu3_val_reserved_mib": 5.0, "lr/pg0": 0.1}, context)
     assert list(ordered)[:2] == ["lr/pg0", "memory/gpu2_train_allocated_mib"] and len(ordered) == 9
 
 

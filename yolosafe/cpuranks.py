@@ -5,7 +5,8 @@ the CPU, so recovery, teardown and reports are exercised with real ranks, real c
 from rank 0 only. Ultralytics 8.4's DDP path assumes accelerators in four places; this mixin changes exactly those,
 and is put in front of yolosafe's trainer only in such ranks (:func:`on_cpu`). The real-GPU path never sees it.
 
-1. ``__init__``: Ultralytics sets ``world_size`` to 0 for ``device='cpu'``; a rank's world size is the launcher's.
+1. ``__init__``: Ultralytics sets ``world_size`` to 0 for ``device='cpu'``; a rank's world size is the launcher's
+   (:class:`yolosafe.trainer.LauncherWorldSize`, in every rank).
 2. ``_setup_ddp``: Ultralytics pins a CUDA device and picks nccl; here the CPU device and gloo.
 3. ``DistributedDataParallel(device_ids=[self.device.index])`` gets ``[None]`` on the CPU, which DDP rejects.
 4. The final validation asks ``torch.cuda`` for a rank's device and builds AutoBackend there; here the CPU.
@@ -14,10 +15,12 @@ and is put in front of yolosafe's trainer only in such ranks (:func:`on_cpu`). T
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from yolosafe.context import RunContext
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
@@ -47,12 +50,14 @@ def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
 class CpuRankMixin:
     """Changes 2-4 of the module docstring, for a yolosafe trainer running as a CPU rank."""
 
+    run_context: RunContext  # bound to the trainer class (yolosafe.trainer.trainer_class)
+
     def _setup_ddp(self) -> None:
         import torch
         import torch.distributed as dist
 
         self.device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT, rank=int(os.environ["RANK"]),
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT, rank=self.run_context.rank.index,
                                 world_size=self.world_size)
 
     def _setup_train(self) -> None:

@@ -1,12 +1,16 @@
 """Who holds a GPU's memory, and whether yolosafe may ever stop it.
 
 The judgement errs on the side of leaving a process alone: ``yolosafe fix --yes`` stops only what yolosafe can prove
-is its own and stale (a worker or DDP rank whose supervisor is gone: it carries yolosafe's run variables in its
+is its own and stale (a worker or DDP rank whose supervisor is gone: it carries yolosafe's run marker in its
 environment and has been re-parented to an init or reaper), and asks a person about anything else. Some processes
 are never offered at all: pid 0 and 1 (in a container entered with ``docker exec`` or ``nsenter`` the shell's parent
 is pid 0 and pid 1 is the container's init, which stops the container if it takes SIGTERM), this process and its
 ancestors, kernel threads, NVIDIA's daemons and display servers, and other users' processes (the command a person
 with the rights would run is given instead).
+
+The run marker is ``YOLOSAFE_RUN_DIR``: the supervisor sets it, in one place, in the environment of every process it
+starts for a run (the worker, or the launcher and through it every rank), and nothing reads it but this judgement
+(in ``/proc/PID/environ``); the processes of a run learn their run directory from their run spec.
 
 Every process is identified by pid *and* start time (``psutil``): a pid reused after the judgement is never signalled.
 """
@@ -33,7 +37,7 @@ DISPLAY_SERVERS = ("Xorg", "X", "Xwayland", "gnome-shell", "kwin_x11", "kwin_way
 # Processes that adopt orphans: a yolosafe worker whose parent is one of these has lost its supervisor.
 REAPERS = ("init", "systemd", "tini", "dumb-init", "docker-init", "catatonit", "s6-svscan", "runit")
 JUPYTER_WORDS = ("ipykernel", "jupyter", "colab_kernel")
-RUN_VARS = (rundir.SPEC_ENV, rundir.RUN_DIR_ENV)
+RUN_MARKER = rundir.RUN_DIR_ENV  # the run directory, in the environment of every process of a run
 COMM_LEN = 15  # the kernel truncates a process name to 15 characters
 
 
@@ -99,12 +103,12 @@ def named(proc: psutil.Process, candidates: tuple[str, ...]) -> str | None:
     return None
 
 
-def _run_env(proc: psutil.Process) -> dict[str, str]:
+def _run_marker(proc: psutil.Process) -> str | None:
+    """The run directory of the yolosafe run ``proc`` belongs to; None for any other process."""
     try:
-        env = proc.environ()
+        return proc.environ().get(RUN_MARKER) or None
     except psutil.Error:
-        return {}
-    return {k: env[k] for k in RUN_VARS if k in env}
+        return None
 
 
 def _writes_log(proc: psutil.Process, run_dir: str) -> bool:
@@ -116,8 +120,8 @@ def _writes_log(proc: psutil.Process, run_dir: str) -> bool:
         return False
 
 
-def supervisor_gone(proc: psutil.Process, run_env: dict[str, str], run_dir: str) -> tuple[bool, str]:
-    """Walk up through the processes of the same attempt (same run variables) to the worker; its parent is the
+def supervisor_gone(proc: psutil.Process, run_dir: str) -> tuple[bool, str]:
+    """Walk up through the processes of the same run (same run marker) to the worker; its parent is the
     supervisor. Gone when the worker has no parent, or was adopted by pid 1 or a reaper that is not itself the
     supervisor (a supervisor running as a container's pid 1 has the run's train.log open)."""
     top = proc
@@ -126,7 +130,7 @@ def supervisor_gone(proc: psutil.Process, run_env: dict[str, str], run_dir: str)
             parent = top.parent()
         except psutil.Error:
             parent = None
-        if parent is None or parent.pid <= 1 or _run_env(parent) != run_env:
+        if parent is None or parent.pid <= 1 or _run_marker(parent) != run_dir:
             break
         top = parent
     if parent is None:
@@ -167,10 +171,9 @@ def _classify(pid: int, proc: psutil.Process, mine: set[int]) -> tuple[str, str,
     if proc.uids().real != os.getuid():
         kind, reason, action, advice = _other_user(pid, _user(proc))
         return kind, reason, action, None, advice
-    run_env = _run_env(proc)
-    if run_env:
-        run = run_env.get(rundir.RUN_DIR_ENV) or str(Path(run_env[rundir.SPEC_ENV]).parent)
-        gone, how = supervisor_gone(proc, run_env, run)
+    run = _run_marker(proc)
+    if run:
+        gone, how = supervisor_gone(proc, run)
         if gone:
             return "stale yolosafe", f"a yolosafe worker or DDP rank of {run} whose supervisor is gone ({how})", \
                 PROVEN, run, None

@@ -10,6 +10,7 @@ The launcher process is ``python -m yolosafe.launch <torchrun arguments>``: torc
 parser and ``run()``, plus one thing the command line tool cannot do: when ranks fail, it turns torch's structured
 failure list (``ChildFailedError.failures``: rank, exit code, signal, error file) into failure records for the ranks
 that could not write their own (a rank killed by a signal), so the supervisor can say "rank 1 was killed by SIGKILL".
+It writes them into the run directory of the run spec whose path follows ``-m yolosafe.worker`` in its own arguments.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from yolosafe.exits import Exit
+from yolosafe.runspec import RunSpec
+
+WORKER = "yolosafe.worker"  # the module every rank runs, with the run spec's path as its one argument
 SHUTDOWN_TIMEOUT_S = 5  # torchrun's SIGTERM-to-SIGKILL wait for the surviving ranks after one failed (default 30)
 
 
@@ -56,7 +61,7 @@ def torchrun_args(launch: Launch, module: str, args: Sequence[str]) -> list[str]
 
 def command(python: str, launch: Launch, spec: Path) -> list[str]:
     """The launcher's command line, as the supervisor runs it and ``yolosafe.json`` records it."""
-    return [python, "-m", "yolosafe.launch", *torchrun_args(launch, "yolosafe.worker", [str(spec)])]
+    return [python, "-m", "yolosafe.launch", *torchrun_args(launch, WORKER, [str(spec)])]
 
 
 def free_port() -> int:
@@ -66,15 +71,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def record_failures(failures: dict[int, Any]) -> None:
-    """Failure records for ranks that died without writing their own (killed by a signal, or before the trainer)."""
-    from yolosafe import callbacks, oom, rundir
+def worker_spec(args: Any) -> RunSpec | None:
+    """The run spec of the ranks, from torch.distributed.run's parsed arguments: its path follows
+    ``-m yolosafe.worker``. None when the ranks run something else."""
+    if not (args.module and args.training_script == WORKER and args.training_script_args):
+        return None
+    return RunSpec.load(Path(args.training_script_args[0]))
 
-    directory, attempt = callbacks.run_dir(), callbacks.spec().get("attempt") or 0
-    if directory is None:
-        return
+
+def record_failures(failures: dict[int, Any], spec: RunSpec) -> None:
+    """Failure records for ranks that died without writing their own (killed by a signal, or before the trainer),
+    in the run directory of ``spec``'s attempt."""
+    from yolosafe import oom, rundir
+
+    run_dir = Path(spec.run_dir)
     for rank, failure in failures.items():
-        path = rundir.failure_path(directory, attempt, rank)
+        path = rundir.failure_path(run_dir, spec.attempt, rank)
         if path.exists():
             continue
         signal_name = failure.signal_name() if failure.exitcode < 0 else None
@@ -84,7 +96,7 @@ def record_failures(failures: dict[int, Any]) -> None:
         rundir.write_json(path, {
             "t": failure.timestamp, "oom": oom.is_oom_text(message), "error": signal_name or "exit",
             "message": message, "signal": signal_name, "exit_code": failure.exitcode, "rank": rank,
-            "gpu": failure.local_rank, "pid": failure.pid, "attempt": attempt, "phase": None, "epoch": None,
+            "gpu": failure.local_rank, "pid": failure.pid, "attempt": spec.attempt, "phase": None, "epoch": None,
             "error_file": failure.error_file, "by": "launcher",
         })
 
@@ -105,12 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     from yolosafe import proc
 
     proc.exit_with_parent()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        run(parse_args(sys.argv[1:] if argv is None else argv))
+        run(args)
     except ChildFailedError as exc:
-        record_failures(exc.failures)
+        spec = worker_spec(args)
+        if spec is not None:
+            record_failures(exc.failures, spec)
         print(exc.format_msg(), file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        raise SystemExit(Exit.FAILED) from None
     except SignalException as exc:  # Ctrl-C/SIGTERM: torch.distributed.run has stopped the ranks; no traceback
         print(f"yolosafe: rank launcher stopped by {exc.sigval.name}", file=sys.stderr, flush=True)
         raise SystemExit(128 + int(exc.sigval)) from None

@@ -1,10 +1,11 @@
 """Each epoch's torch memory peaks, per GPU and phase, as Ultralytics metrics: they land in ``results.csv`` and in
 every logger Ultralytics feeds (TensorBoard, MLflow, W&B, ...), where users already look.
 
-Every rank knows only its own GPU's peaks (the callbacks reset them at each phase start), so right after each
-validation all ranks exchange theirs (``all_gather_object``, one small collective per epoch) and rank 0 reports the
-peaks of every GPU. The keys are fixed by the plan's GPUs, ``memory/gpu{N}_{train|val}_{allocated|reserved}_mib``
-(NVML numbering), and are NaN where torch has no figure (the CPU), so results.csv keeps the same columns every epoch.
+Every rank knows only its own GPU's peaks (the callbacks reset them at each phase start and keep the epoch's training
+peaks in the rank's context), so right after each validation all ranks exchange theirs (``all_gather_object``, one
+small collective per epoch) and rank 0 reports the peaks of every GPU. The keys are fixed by the plan's GPUs,
+``memory/gpu{N}_{train|val}_{allocated|reserved}_mib`` (NVML numbering), and are NaN where torch has no figure (the
+CPU), so results.csv keeps the same columns every epoch.
 """
 
 from __future__ import annotations
@@ -12,31 +13,33 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from yolosafe import callbacks
+from yolosafe import torchmem
+from yolosafe.context import RunContext
 from yolosafe.gpus import nvml_index
 
 PREFIX = "memory/"
 KINDS = {"allocated": "max_allocated_mib", "reserved": "max_reserved_mib"}
 
 
-def plan_gpus() -> list[int]:
-    return list(callbacks.spec().get("plan", {}).get("gpus", []))
+def plan_gpus(context: RunContext) -> list[int]:
+    return list(context.spec.plan.get("gpus", []))
 
 
 def keys(gpus: list[int]) -> list[str]:
     return [f"{PREFIX}gpu{gpu}_{phase}_{kind}_mib" for gpu in gpus for phase in ("train", "val") for kind in KINDS]
 
 
-def _mine(trainer: Any) -> tuple[int | None, dict[str, dict[str, float | None]]]:
-    gpus = plan_gpus()
-    index = callbacks.gpu_index(getattr(trainer, "device", None))
+def _mine(trainer: Any, context: RunContext) -> tuple[int | None, dict[str, dict[str, float | None]]]:
+    """This process's GPU (NVML index; a single process on the CPU stands for a plan's only GPU) and its peaks."""
+    gpus = plan_gpus(context)
+    index = context.gpu_index(getattr(trainer, "device", None))
     gpu = nvml_index(gpus, index) if index is not None else (gpus[0] if len(gpus) == 1 else None)
-    return gpu, {"train": callbacks.STATE.train_peaks, "val": callbacks.torch_peaks(trainer)}
+    return gpu, {"train": context.progress.train_peaks, "val": torchmem.peaks(getattr(trainer, "device", None))}
 
 
-def epoch_peaks(trainer: Any) -> dict[str, float]:
+def epoch_peaks(trainer: Any, context: RunContext) -> dict[str, float]:
     """This epoch's peaks of every GPU of the plan; to be called by every rank at the same point (a collective)."""
-    mine = _mine(trainer)
+    mine = _mine(trainer, context)
     everyone = [mine]
     if trainer.world_size > 1:
         import torch.distributed as dist
@@ -44,7 +47,7 @@ def epoch_peaks(trainer: Any) -> dict[str, float]:
         if dist.is_available() and dist.is_initialized():
             everyone = [None] * trainer.world_size
             dist.all_gather_object(everyone, mine)
-    found = dict.fromkeys(keys(plan_gpus()), math.nan)
+    found = dict.fromkeys(keys(plan_gpus(context)), math.nan)
     for gpu, phases in (item for item in everyone if item is not None):
         for phase, peaks in phases.items():
             for kind, field in KINDS.items():
@@ -54,7 +57,7 @@ def epoch_peaks(trainer: Any) -> dict[str, float]:
     return found
 
 
-def ordered(metrics: dict[str, Any]) -> dict[str, Any]:
+def ordered(metrics: dict[str, Any], context: RunContext) -> dict[str, Any]:
     """``metrics`` with the peak columns last and always present (NaN when this epoch had no validation)."""
     rest = {k: v for k, v in metrics.items() if not k.startswith(PREFIX)}
-    return {**rest, **{key: metrics.get(key, math.nan) for key in keys(plan_gpus())}}
+    return {**rest, **{key: metrics.get(key, math.nan) for key in keys(plan_gpus(context))}}

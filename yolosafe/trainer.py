@@ -1,114 +1,90 @@
 """yolosafe's Ultralytics trainers: the task trainers with the changes that callbacks alone cannot make.
 
-1. ``--val-batch`` really sets the validation batch. Ultralytics builds the validation loader with twice the per-GPU
-   train batch, and the final validation of best.pt reuses that loader; ``get_dataloader(mode="val")`` is the one
-   place both come from, in a single process and in every DDP rank.
-2. A rank that fails writes a record of it (``failure-N-rankR.json``: phase, epoch, iteration, batch and the figures
-   of PyTorch's message) into the run directory before it dies, so the supervisor can tell an OOM on rank 3 from
-   the NCCL errors it causes on ranks 0-2.
-3. yolosafe launches the DDP ranks itself (:mod:`yolosafe.launch`): in a rank, the world size is the launcher's
-   ``WORLD_SIZE``, never Ultralytics' count of the device string, and the trainer never launches ranks of its own.
-4. Checkpoints are written atomically, so the one a retry resumes from is never half a file.
-5. A resume may change ``nbs`` (``--effective-batch``), which Ultralytics would otherwise take from the checkpoint.
-6. Each epoch's torch memory peaks of every GPU go into Ultralytics' metrics (results.csv, loggers):
-   :mod:`yolosafe.peakmetrics`.
-7. The training step has an injection point (``YOLOSAFE_INJECT_OOM``) inside the try block where a real OOM
-   surfaces, so tests prove that Ultralytics' own in-process halving stays off (see callbacks.py).
+Each change is one small mixin overriding one Ultralytics detail (compat.py checks that each detail still holds);
+:func:`trainer_class` composes them over a task's trainer, bound to the process's run context
+(:class:`yolosafe.context.RunContext`), in a single process and in every DDP rank alike.
 """
 
 from __future__ import annotations
 
 import os
-import time
-import traceback
 from typing import Any
 
+from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.classify import ClassificationTrainer
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.models.yolo.obb import OBBTrainer
 from ultralytics.models.yolo.pose import PoseTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
 
-from yolosafe import callbacks, oom, peakmetrics, rundir
+from yolosafe import callbacks, cpuranks, failurerecord, peakmetrics
+from yolosafe.context import RunContext
+
+TRAINERS: dict[str, type[BaseTrainer]] = {  # Ultralytics' trainer of each task
+    "detect": DetectionTrainer,
+    "segment": SegmentationTrainer,
+    "pose": PoseTrainer,
+    "obb": OBBTrainer,
+    "classify": ClassificationTrainer,
+}
 
 
-def failure_record(exc: BaseException, batch: int | None) -> dict[str, Any]:
-    """What the supervisor needs to know about a failure, from inside the process that failed."""
-    import torch
+class _InContext:
+    """What the mixins read: the process's run context, bound to the trainer class by :func:`trainer_class`."""
 
-    message = str(exc)
-    is_oom = isinstance(exc, torch.OutOfMemoryError) or oom.is_oom_text(message)
-    state = callbacks.STATE
-    return {
-        "t": time.time(),
-        "oom": is_oom,
-        "error": type(exc).__name__,
-        "message": message.strip().splitlines()[0][:2000] if message.strip() else "",
-        "phase": "final" if state.final else state.phase,
-        "epoch": state.epoch,
-        "iteration": state.iteration,
-        "rank": callbacks.rank(),
-        "pid": os.getpid(),
-        "batch": batch,
-        "val_batch": callbacks.spec().get("val_batch"),
-        "attempt": callbacks.spec().get("attempt"),
-        "figures": oom.parse_message(message) if is_oom else {},
-        "traceback": traceback.format_exception(exc)[-3:],
-    }
+    run_context: RunContext
 
 
-def _cuda_peaks(device: Any) -> dict[str, float]:
-    """torch's view at the moment of death (the phase's end event, which holds these otherwise, never comes)."""
-    import torch
-
-    if getattr(device, "type", None) != "cuda" or not torch.cuda.is_available():
-        return {}
-    return {"max_allocated_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
-            "max_reserved_mib": round(torch.cuda.max_memory_reserved(device) / 2**20, 1)}
-
-
-def write_failure(exc: BaseException, batch: int | None, device: Any = None) -> None:
-    """Write this rank's failure record. ``gpu`` is the rank's CUDA device index, which the supervisor's
-    ``CUDA_VISIBLE_DEVICES`` makes the position of the GPU in the plan's ``gpus``."""
-    directory = callbacks.run_dir()
-    if directory is None or isinstance(exc, KeyboardInterrupt):
-        return
-    record = failure_record(exc, batch)
-    index = callbacks.gpu_index(device)
-    record["gpu"] = index if index is not None else record["figures"].get("gpu")
-    record.update(_cuda_peaks(device))
-    rundir.write_json(rundir.failure_path(directory, record["attempt"] or 0, record["rank"]), record)
-
-
-class SafeTrainerMixin:
-    """The changes described in the module docstring, for any Ultralytics task trainer."""
+class LauncherWorldSize(_InContext):
+    """``__init__``: yolosafe launches the DDP ranks itself (:mod:`yolosafe.launch`). In a rank the world size is the
+    launcher's, never Ultralytics' count of the device string, and the trainer never launches ranks of its own."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ddp = False  # Ultralytics' own launch (temp file, pickled trainer) is never used
-        if callbacks.is_rank():
-            self.world_size = int(os.environ["WORLD_SIZE"])
+        if self.run_context.rank.distributed:
+            self.world_size = self.run_context.rank.world_size
+
+
+class ValidationBatch(_InContext):
+    """``get_dataloader(mode="val")``: ``--val-batch`` really sets the validation batch. Ultralytics builds the
+    validation loader with twice the per-GPU train batch, and the final validation of best.pt reuses that loader;
+    this is the one place both come from."""
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
         if mode == "val":
-            batch_size = int(callbacks.spec().get("val_batch") or batch_size)
+            batch_size = self.run_context.spec.val_batch
         return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
 
+
+class OomInjectionPoint(_InContext):
+    """``preprocess_batch``: the training step's injection point (``YOLOSAFE_INJECT_OOM``), inside the try block
+    where a real OOM surfaces and Ultralytics' own handler looks, so tests prove its in-process halving stays off."""
+
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        # Inside the training step's try block, where a real OOM surfaces and Ultralytics' own handler looks.
-        callbacks.maybe_inject("train")
+        callbacks.maybe_inject(self.run_context, "train")
         return super().preprocess_batch(batch)
+
+
+class FailureRecord(_InContext):
+    """``_do_train``: a rank that fails writes its failure record (:mod:`yolosafe.failurerecord`) before it dies, so
+    the supervisor can tell an OOM on rank 3 from the NCCL errors it causes on ranks 0-2."""
 
     def _do_train(self) -> None:
         try:
             super()._do_train()
         except BaseException as exc:
-            write_failure(exc, self.batch_size // max(self.world_size, 1), self.device)
+            batch = self.batch_size // max(self.world_size, 1)
+            failurerecord.write_failure(self.run_context, exc, batch, self.device)
             raise
 
+
+class AtomicCheckpoints:
+    """``save_model``: Ultralytics writes last.pt/best.pt in place, so a rank killed mid-write (SIGKILL, the host's
+    OOM killer) would leave the very checkpoint a retry resumes from truncated. Written beside, then renamed: all or
+    nothing."""
+
     def save_model(self) -> bool:
-        # Ultralytics writes last.pt/best.pt in place: a rank killed mid-write (SIGKILL, host OOM killer) would leave
-        # the very checkpoint a retry resumes from truncated. Write beside it, then rename: all or nothing.
         final = {"last": self.last, "best": self.best}
         partial = {name: path.with_name(f".{path.name}.partial") for name, path in final.items()}
         for path in partial.values():  # a killed rank's leftover: promote only what this save writes
@@ -123,50 +99,50 @@ class SafeTrainerMixin:
                 os.replace(path, final[name])
         return saved
 
+
+class ResumeNbs:
+    """``check_resume``: Ultralytics resumes with the checkpoint's ``nbs``; a resume with another
+    ``--effective-batch`` passes its own, which must win."""
+
     def check_resume(self, overrides: dict[str, Any]) -> None:
-        # Ultralytics resumes with the checkpoint's nbs; a resume with another --effective-batch passes its own.
         nbs = overrides.get("nbs")
         super().check_resume({k: v for k, v in overrides.items() if k != "nbs"})
         if self.resume and nbs is not None:
             self.args.nbs = nbs
 
+
+class EpochPeakMetrics(_InContext):
+    """``validate``, ``save_metrics``: each epoch's torch memory peaks of every GPU go into Ultralytics' metrics
+    (results.csv, its loggers), where users already look: :mod:`yolosafe.peakmetrics`."""
+
     def validate(self) -> tuple[Any, Any]:
         metrics, fitness = super().validate()
-        peaks = peakmetrics.epoch_peaks(self)  # every rank takes part: it gathers the peaks of every GPU
+        peaks = peakmetrics.epoch_peaks(self, self.run_context)  # every rank takes part: it gathers every GPU's
         return (None if metrics is None else {**metrics, **peaks}), fitness
 
     def save_metrics(self, metrics: dict[str, Any]) -> None:
-        super().save_metrics(peakmetrics.ordered(metrics))
+        super().save_metrics(peakmetrics.ordered(metrics, self.run_context))
+
+
+class FinalValidationMarked(_InContext):
+    """``final_eval``: the validation of best.pt after the last epoch is marked in the progress, so its events and
+    failure records say ``final`` (an OOM there re-runs only that validation)."""
 
     def final_eval(self) -> None:
-        callbacks.STATE.final = True
+        self.run_context.progress.final = True
         super().final_eval()
 
 
-class SafeDetectionTrainer(SafeTrainerMixin, DetectionTrainer):
-    pass
+MIXINS = (LauncherWorldSize, ValidationBatch, OomInjectionPoint, FailureRecord, AtomicCheckpoints, ResumeNbs,
+          EpochPeakMetrics, FinalValidationMarked)
 
 
-class SafeSegmentationTrainer(SafeTrainerMixin, SegmentationTrainer):
-    pass
-
-
-class SafePoseTrainer(SafeTrainerMixin, PoseTrainer):
-    pass
-
-
-class SafeOBBTrainer(SafeTrainerMixin, OBBTrainer):
-    pass
-
-
-class SafeClassificationTrainer(SafeTrainerMixin, ClassificationTrainer):
-    pass
-
-
-TRAINERS = {
-    "detect": SafeDetectionTrainer,
-    "segment": SafeSegmentationTrainer,
-    "pose": SafePoseTrainer,
-    "obb": SafeOBBTrainer,
-    "classify": SafeClassificationTrainer,
-}
+def trainer_class(task: str, context: RunContext) -> type[BaseTrainer]:
+    """yolosafe's trainer for ``task`` in this process: :data:`MIXINS` over Ultralytics' task trainer, bound to
+    ``context`` (a class per process is safe: yolosafe launches the ranks itself, nothing pickles it). In a CPU rank
+    of fake GPUs the changes that run Ultralytics' DDP path on the CPU go in front (:mod:`yolosafe.cpuranks`)."""
+    base = TRAINERS[task]
+    trainer = type(f"Safe{base.__name__}", (*MIXINS, base), {"run_context": context})
+    if context.spec.fake_gpus and context.rank.distributed:
+        return cpuranks.on_cpu(trainer)
+    return trainer

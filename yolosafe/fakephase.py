@@ -1,0 +1,52 @@
+"""The fake GPUs' phase files: callbacks that let the fake NVML backend follow a training's phases.
+
+Test and drill behaviour only: the worker registers them when the run spec says the plan's GPUs are fake
+(``fake_gpus``), after yolosafe's own callbacks, whose progress they read. At every phase start and end each process
+writes ``{"phase", "pid", "epoch", "batch"}`` to its GPU's phase file in the run directory,
+``.fake-phase-gpuN.json`` (a single process, standing for every GPU, writes ``.fake-phase.json`` itself); the fake
+backend the supervisor's memory watch reads (``YOLOSAFE_FAKE_PHASE_FILE``, which ``yolosafe train`` points at
+``.fake-phase.json`` in the run directory) adds the phase's scripted memory to that GPU (docs/fake-gpus.md).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from yolosafe import rundir
+from yolosafe.callbacks import Hook, add_callbacks
+from yolosafe.context import RunContext
+from yolosafe.gpus import fake_phase_file, nvml_index
+
+
+class FakePhaseFile:
+    """The phase file callbacks of one process, bound to its context."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+
+    def hooks(self) -> dict[str, Hook]:
+        return {
+            "on_train_epoch_start": self.started,
+            "on_train_epoch_end": self.ended,
+            "on_val_start": self.started,
+            "on_val_end": self.ended,
+            "on_fit_epoch_end": self.ended,  # other ranks than 0 end their validation here (no on_val_end)
+        }
+
+    def register(self, model: Any) -> None:
+        add_callbacks(model, self.hooks())
+
+    def started(self, obj: Any) -> None:
+        """A phase began: the one yolosafe's callbacks have just entered in the progress."""
+        self._write(obj, self.context.progress.phase)
+
+    def ended(self, obj: Any) -> None:
+        self._write(obj, None)
+
+    def _write(self, obj: Any, phase: str | None) -> None:
+        planned = self.context.spec.plan
+        batch = planned.get("per_gpu_batch") if phase == "train" else planned.get("val_batch")  # for per_image_mib
+        gpu = nvml_index(planned.get("gpus", []), self.context.gpu_index(getattr(obj, "device", None)))
+        rundir.write_json(fake_phase_file(self.context.run_dir / rundir.FAKE_PHASE, gpu),
+                          {"phase": phase, "pid": os.getpid(), "epoch": self.context.progress.epoch, "batch": batch})
