@@ -11,6 +11,7 @@ CPU), so results.csv keeps the same columns every epoch.
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Any
 
 from yolosafe import torchmem
@@ -18,7 +19,7 @@ from yolosafe.context import RunContext
 from yolosafe.gpus import nvml_index
 
 PREFIX = "memory/"
-KINDS = {"allocated": "max_allocated_mib", "reserved": "max_reserved_mib"}
+KINDS = MappingProxyType({"allocated": "max_allocated_mib", "reserved": "max_reserved_mib"})
 
 
 def plan_gpus(context: RunContext) -> list[int]:

@@ -44,8 +44,10 @@ INJECTED = ".injected"
 FAKE_PHASE = ".fake-phase.json"
 LOCK = ".lock"
 ORPHANED = "abandoned"  # the outcome of a run whose supervisor died while it said "running" (resumable)
+# Set by the supervisor in the environment of every process of an attempt (worker, launcher, ranks), read by nobody but
+# yolosafe.holders, which recognises a run's processes by it in /proc/PID/environ. The processes themselves learn
+# their run from the run spec on their command line (yolosafe.runspec, yolosafe.context).
 RUN_DIR_ENV = "YOLOSAFE_RUN_DIR"
-SPEC_ENV = "YOLOSAFE_SPEC"
 
 
 def spec_path(run_dir: Path, attempt: int) -> Path:

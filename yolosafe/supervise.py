@@ -150,7 +150,7 @@ class Supervisor:
         cmd = self.command(spec, path)
         self.story.attempts[-1].command = cmd
         records.save_story(self.run_dir, self.story)
-        extra = {rundir.RUN_DIR_ENV: str(self.run_dir), rundir.SPEC_ENV: str(path)}
+        extra = {rundir.RUN_DIR_ENV: str(self.run_dir)}  # only a marker: see rundir.RUN_DIR_ENV
         if spec.cuda_visible_devices:
             extra["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         env = training_env(self.options.env, extra)

@@ -8,6 +8,8 @@ Each change is one small mixin overriding one Ultralytics detail (compat.py chec
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from ultralytics.engine.trainer import BaseTrainer
@@ -20,13 +22,13 @@ from ultralytics.models.yolo.segment import SegmentationTrainer
 from yolosafe import callbacks, cpuranks, failurerecord, peakmetrics
 from yolosafe.context import RunContext
 
-TRAINERS: dict[str, type[BaseTrainer]] = {  # Ultralytics' trainer of each task
+TRAINERS: Mapping[str, type[BaseTrainer]] = MappingProxyType({  # Ultralytics' trainer of each task
     "detect": DetectionTrainer,
     "segment": SegmentationTrainer,
     "pose": PoseTrainer,
     "obb": OBBTrainer,
     "classify": ClassificationTrainer,
-}
+})
 
 
 class _InContext:

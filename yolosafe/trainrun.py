@@ -154,8 +154,8 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool) -> Exit:
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: Mapping[str, Any],
                    simulated: bool, story: records.Story, resume_from: Path | None = None) -> Exit:
     """The attempts, then the memory table, the history line and where the weights are."""
-    if simulated:  # the fake NVML backend follows the phases the trainer writes there (docs/fake-gpus.md)
-        env = {gpus.PHASE_FILE_ENV: str(run_dir / rundir.FAKE_PHASE), **env}
+    if simulated:  # the watch's fake NVML backend follows the phases the ranks write there (docs/fake-gpus.md)
+        env = {**env, gpus.PHASE_FILE_ENV: str(run_dir / rundir.FAKE_PHASE)}
     for line in terminal.start_lines(p, env, simulated):
         terminal.say(line)
     supervisor = supervise.Supervisor(run_dir, supervise.RunOptions.of(env, opts, simulated), story)
