@@ -255,7 +255,10 @@ def test_gpu_lost_while_the_watch_samples(nvml, tmp_path, caplog):
                     "GPUs that keep failing are dropped", "memory watch stopped: no GPU could be read"]
     assert w.stopped == "memory watch stopped: no GPU could be read"
     lost_logs = [r for r in caplog.records if "GPU is lost" in r.getMessage()]
-    assert [r.levelno for r in lost_logs] == [logging.WARNING]  # one backend, one (function, error): one line
+    # one backend, one (function, error): one line. GPU 1 may be lost between two calls of one read (the memory
+    # figure read, the process list not), so one or two functions may say it, each once.
+    assert {r.levelno for r in lost_logs} == {logging.WARNING} and 1 <= len(lost_logs) <= 2
+    assert len({r.getMessage() for r in lost_logs}) == len(lost_logs)
     rows = (tmp_path / rundir.MEMORY_CSV).read_text().splitlines()
     gpu0 = [r for r in rows[1:] if r.split(",")[2] == "0"]
     assert len(gpu0) >= before // 2 + 5 and gpu0[0].split(",")[3:7] == ["24576.0", "500.0", "500.0", "0.0"]
