@@ -44,6 +44,11 @@ def rank() -> int:
     return int(os.environ.get("RANK", -1))
 
 
+def node() -> int:
+    """This process's node in a multi-node run (0 on one machine), from the spec its node's supervisor wrote."""
+    return int(spec().get("node_rank") or 0)
+
+
 def is_rank() -> bool:
     """Whether this process is one rank of several, started by the launcher (which sets ``WORLD_SIZE``)."""
     return int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -94,7 +99,8 @@ def _event(event: str, obj: Any, **fields: Any) -> None:
         "attempt": spec().get("attempt"),
         **fields,
     }
-    rundir.append_jsonl(directory / rundir.EVENTS, record)
+    # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
+    rundir.append_jsonl(directory / rundir.node_file(rundir.EVENTS, node()), record)
     base = os.environ.get(PHASE_FILE_ENV)
     if base:  # lets the fake NVML backend follow the phases (tests, drills), each rank on its own GPU
         live = STATE.phase if event.endswith("_start") else None
@@ -151,7 +157,8 @@ def _clear_cache(obj: Any) -> float | None:
 def maybe_inject(phase: str) -> None:
     """Raise the fault of ``YOLOSAFE_INJECT_OOM`` here if it matches; counted across retries in the run dir."""
     injection = oom.parse_injection(os.environ.get(oom.INJECT_ENV))
-    if injection is None or not injection.matches(phase, STATE.epoch, STATE.iteration, rank()):
+    local = (node(), int(os.environ.get("LOCAL_RANK", -1)))
+    if injection is None or not injection.matches(phase, STATE.epoch, STATE.iteration, rank(), local):
         return
     counter = (run_dir() or Path(".")) / rundir.INJECTED
     done = int(counter.read_text()) if counter.is_file() else 0

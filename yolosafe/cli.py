@@ -25,6 +25,8 @@ from yolosafe import (
     history,
     launch,
     memmodel,
+    multicli,
+    nodes,
     oom,
     plan,
     planner,
@@ -155,6 +157,7 @@ def build(options: dict[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
             epochs=int(options["epochs"]),
             extra=plan.parse_passthrough(options["args"]),
             train_images=datasets.count_images(Path(options["data_yaml"])),
+            nnodes=int(options.get("nnodes") or 1),  # multi-node: --batch is the total over every node's GPUs
         )
     except plan.PlanError as exc:
         hidden = len(visible) < len(inventory.ids)
@@ -172,7 +175,7 @@ def next_run_name(project: Path, name: str) -> Path:
 
 
 def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulated: bool,
-                  resume_from: Path | None = None, attempt: int = 1) -> None:
+                  resume_from: Path | None = None, attempt: int = 1, where: nodes.Nodes | None = None) -> None:
     gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
     if simulated:
         gpus_text += "  [fake GPUs: each one a rank process on the CPU]" if len(p.gpus) > 1 else "  [fake GPU: on CPU]"
@@ -181,6 +184,8 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
     if p.world_size > 1:  # the port is picked again at launch
         ranks = launch.Launch(p.world_size, launch.free_port(), rundir.ranks_log_dir(run_dir, attempt))
         command = launch.command(sys.executable, ranks, spec_file)
+    if where is not None and where.multi:  # multi-node hook: this node's ranks and files
+        command = multicli.dry_run_command(p, where, run_dir, attempt)
     device, visible = supervise.launch_device(p, simulated)
     child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
@@ -188,6 +193,7 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("model", p.model),
         ("data", p.data),
         ("device", gpus_text),
+        *(multicli.dry_run_lines(p, where) if where is not None and where.multi else []),
         ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
         ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
                             f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),
@@ -237,12 +243,14 @@ def cli() -> None:
 @click.option("--memory-fraction", type=float, help="--batch auto: share of the free GPU memory to fill. Default 0.85.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
+@multicli.node_options
 @click.argument("args", nargs=-1)
 @click.pass_context
 def train(ctx: click.Context, datasets_file: str | None, config_file: str | None, resume_dir: str | None,
           dry_run: bool, **_: Any) -> None:
     """Train with OOM protection. Extra ARGS are Ultralytics train arguments as key=value (e.g. lr0=0.01)."""
     validate.check_injection(os.environ)
+    where = multicli.resolve(ctx.params)  # multi-node hook: --nnodes ... or SLURM, one line and exit 2 if wrong
     if resume_dir:
         given = {k: v for k, v in ctx.params.items()
                  if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
@@ -255,6 +263,8 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
         fail(str(exc))
     options = resolve_options(ctx, config, dataset.defaults)
     options["data_yaml"] = str(dataset.yaml_path)
+    options["nnodes"] = where.nnodes
+    multicli.check_options(options, where)  # multi-node hook: what every node must decide alike
     check_watch(options)
     check_inputs(options)
     try:
@@ -265,19 +275,23 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
         fail(str(exc))
     p = build(options, inventory)
     try:
-        oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size)
-    except ValueError as exc:
+        oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
+        multicli.check_plan(p, where)  # multi-node hook: GPUs on every node
+    except (ValueError, nodes.NodesError) as exc:
         fail(str(exc))
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         supervise.say(f"note: {note}")
     simulated = inventory.backend == "fake" and bool(p.gpus)
     project = Path(options["project"])
-    if dry_run:
-        print_dry_run(p, env, next_run_name(project, options["name"]), simulated)
-        return
     named = ctx.get_parameter_source("name") is not click.core.ParameterSource.DEFAULT or "name" in config
+    if where.multi:  # multi-node hook: the same run directory on every node, made by node 0
+        run_dir = multicli.claim(project, options, named, where, p, dry_run)
+    if dry_run:
+        print_dry_run(p, env, run_dir if where.multi else next_run_name(project, options["name"]), simulated,
+                      where=where)
+        return
     try:
-        run_dir = rundir.claim_new_run_dir(project, options["name"], refuse_live=named)
+        run_dir = run_dir if where.multi else rundir.claim_new_run_dir(project, options["name"], refuse_live=named)
     except rundir.RunLocked as exc:
         fail(f"--name {options['name']}: {exc}")
     story = {
@@ -296,11 +310,12 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
         **{key: options[key] for key in WATCH_KEYS},
         "batch_auto": auto,
         "memory_plan": planner.memory_plan(p, inventory, options, allow_fake_pass=False),
+        **({"nodes": where.summary()} if where.multi else {}),
     }
     for note in planner.warnings(story["memory_plan"]):
         supervise.say(f"warning: {note}")
     supervise.say(f"run directory {run_dir}")
-    code = run_supervised(run_dir, p, env, options, simulated, story)
+    code = run_supervised(run_dir, p, env, options, simulated, story, where=where)
     sys.exit(code)
 
 
@@ -316,21 +331,25 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool) -> int:
 
 
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], options: dict[str, Any],
-                   simulated: bool, story: dict[str, Any], resume_from: Path | None = None) -> int:
+                   simulated: bool, story: dict[str, Any], resume_from: Path | None = None,
+                   where: nodes.Nodes | None = None) -> int:
+    node = where.node_rank if where else 0
     if simulated:  # the fake NVML backend follows the phases the trainer writes there (docs/fake-gpus.md)
-        env = {gpus.PHASE_FILE_ENV: str(run_dir / rundir.FAKE_PHASE), **env}
+        env = {gpus.PHASE_FILE_ENV: str(run_dir / rundir.node_file(rundir.FAKE_PHASE, node)), **env}
     run_options = supervise.RunOptions(env=env, max_retries=int(options["max_retries"]),
                                        min_batch=int(options["min_batch"]), simulate_on_cpu=simulated,
                                        watch_interval=float(options["watch_interval"]),
                                        warn_at=float(options["warn_at"]),
-                                       clear_before_val=bool(options["clear_before_val"]))
+                                       clear_before_val=bool(options["clear_before_val"]),
+                                       multinode=multicli.multinode(run_dir, where, p, options))
     for line in terminal.start_lines(p, env, simulated):
         supervise.say(line)
     supervisor = supervise.Supervisor(run_dir, run_options, story)
     code = supervisor.run(p, resume=resume_from)
     if supervisor.watch is not None:
-        print_memory_table(run_dir)
-        history.record(run_dir, story)  # predicted vs measured peaks: the next plan learns from this machine
+        print_memory_table(run_dir, node)
+        if node == 0:  # multi-node: node 0's machine only (each node's summary is its own file)
+            history.record(run_dir, story)  # predicted vs measured peaks: the next plan learns from this machine
     weights = story.get("weights", {})
     supervise.say(f"run directory: {run_dir}")
     for name, path in weights.items():
@@ -338,17 +357,18 @@ def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], option
     return code
 
 
-def print_memory_table(run_dir: Path) -> None:
+def print_memory_table(run_dir: Path, node: int = 0) -> None:
     """The end of ``yolosafe train``: peaks per GPU, and where the report files are. Never changes the exit status."""
     try:
-        summary = report.write(run_dir)
+        summary = report.write(run_dir, node)
     except report.NoMemoryData as exc:
         supervise.say(f"memory: {exc}")
         return
     except Exception as exc:  # the run is over whatever happens here: a broken report must not hide its outcome
         supervise.say(f"memory report failed: {type(exc).__name__}: {exc}")
         return
-    supervise.say(f"memory per GPU (NVML peaks; {rundir.MEMORY_SUMMARY}, {rundir.MEMORY_PLOT} in the run directory):")
+    supervise.say(f"memory per GPU (NVML peaks; {rundir.node_file(rundir.MEMORY_SUMMARY, node)}, "
+                  f"{rundir.node_file(rundir.MEMORY_PLOT, node)} in the run directory):")
     for line in report.table(summary):
         click.echo(f"  {line}", err=True)
 
@@ -366,6 +386,7 @@ def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_f
                                    datasets.registry_path(datasets_file))
         options = resolve_options(ctx, config, dataset.defaults) | {"data_yaml": str(dataset.yaml_path)}
         options["model"] = options["model"] or default_model()
+        options["nnodes"] = multicli.resolve(ctx.params).nnodes  # multi-node hook: --batch over every node's GPUs
         planview.run(options, gpus.read_inventory(), build, vram, as_json)
     except (datasets.DatasetError, gpus.FakeSpecError, plan.PlanError, memmodel.UnknownModel) as exc:
         fail(str(exc))

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yolosafe import launch, oom, proc, rundir, terminal
 from yolosafe.advice import advice
@@ -29,6 +29,9 @@ from yolosafe.gpus import nvml_index, open_backend
 from yolosafe.plan import TrainPlan
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
 from yolosafe.watch import MemoryWatch
+
+if TYPE_CHECKING:
+    from yolosafe.agree import MultiNode
 
 EXIT_OK, EXIT_FAILED, EXIT_OOM_EXHAUSTED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
@@ -56,6 +59,12 @@ class Failure:
     gpu: int | None = None
     message: str = ""
     records: list[dict[str, Any]] = field(default_factory=list)
+    node: int | None = None  # multi-node: the node of the rank that failed (yolosafe.agree)
+    node_gpus: tuple[int, ...] | None = None  # that node's plan GPUs, which ``gpu`` indexes (None: this node's)
+
+    def nvml_gpu(self, plan: TrainPlan) -> int | None:
+        """The failed rank's GPU in NVML numbering (of its own node)."""
+        return nvml_index(self.node_gpus or plan.gpus, self.gpu)
 
 
 TEARDOWN_SIGNALS = ("SIGTERM", "SIGINT")  # what torch.distributed.run sends the other ranks when one fails
@@ -161,6 +170,7 @@ class RunOptions:
     watch_interval: float = 0.1  # seconds between NVML samples of the memory watch; 0 turns it off
     warn_at: float = 0.9  # used/total share of a GPU that prints a memory warning
     clear_before_val: bool = True  # gc + empty_cache on every rank right before validation
+    multinode: MultiNode | None = None  # several machines: the other nodes (yolosafe.agree); None on one machine
 
 
 def versions() -> dict[str, str | None]:
@@ -185,9 +195,14 @@ class Supervisor:
         self.story = story
         self.story.setdefault("attempts", [])
         self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
+        self.node = options.multinode.node if options.multinode else 0  # multi-node: this node's files carry it
 
     def save(self) -> None:
-        rundir.write_json(self.run_dir / rundir.STORY, self.story)
+        rundir.write_json(self.run_dir / rundir.node_file(rundir.STORY, self.node), self.story)
+
+    def resume_command(self) -> str:
+        flags = self.options.multinode.resume_flags() if self.options.multinode else ""  # multi-node hook
+        return f"yolosafe train --resume {self.run_dir}{flags}"
 
     def spec(self, plan: TrainPlan, attempt: int, resume: Path | None, final_val_only: bool) -> dict[str, Any]:
         kwargs = {
@@ -203,6 +218,7 @@ class Supervisor:
             "attempt": attempt,
             "mode": mode,
             "world_size": plan.world_size if mode == "train" else 1,  # the final validation runs alone
+            "node_rank": self.node,  # multi-node: where this node's ranks write their events
             "cpu_ranks": self.options.simulate_on_cpu,
             "run_dir": str(self.run_dir),
             "model": plan.model,
@@ -218,12 +234,16 @@ class Supervisor:
         """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU."""
         if spec["world_size"] <= 1:
             return [sys.executable, "-m", "yolosafe.worker", str(path)]
-        log_dir = rundir.ranks_log_dir(self.run_dir, spec["attempt"])
-        return launch.command(sys.executable, launch.Launch(spec["world_size"], launch.free_port(), log_dir), path)
+        log_dir = rundir.ranks_log_dir(self.run_dir, spec["attempt"], self.node)
+        ranks = launch.Launch(spec["world_size"], launch.free_port(), log_dir)
+        if self.options.multinode:  # multi-node hook: this node's ranks, torchrun's static rendezvous at node 0
+            multi = self.options.multinode
+            ranks = launch.Launch(multi.nproc, ranks.master_port, log_dir, multi.launch_nodes(spec["attempt"]))
+        return launch.command(sys.executable, ranks, path)
 
     def attempt(self, spec: dict[str, Any]) -> tuple[AttemptResult, Failure]:
         attempt = spec["attempt"]
-        path = rundir.spec_path(self.run_dir, attempt)
+        path = rundir.spec_path(self.run_dir, attempt, self.node)
         rundir.write_json(path, spec)
         cmd = self.command(spec, path)
         self.story["attempts"][-1]["command"] = cmd
@@ -232,13 +252,20 @@ class Supervisor:
         if spec["cuda_visible_devices"]:
             extra["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
         env = training_env(self.options.env, extra)
-        log_path = self.run_dir / rundir.LOG
+        log_path = self.run_dir / rundir.node_file(rundir.LOG, self.node)
+        multi = self.options.multinode
         with open(log_path, "ab") as log:
             start = log.tell()
             header = f"\n=== yolosafe attempt {attempt} ({spec['mode']}): {' '.join(cmd)}\n".encode()
             log.write(header)
             with self.memory_watch(spec) as on_start:
-                result = run_child(cmd, env, log, on_start=on_start, out=terminal.TracebackFilter(sys.stdout.buffer))
+                if multi:  # multi-node hook: also stop this node's ranks when another node's attempt failed
+                    on_start = multi.watch(attempt, on_start)
+                out = terminal.TracebackFilter(sys.stdout.buffer)
+                result = (run_child(cmd, env, log, on_start=on_start, out=out) if not multi or multi.runs_here(spec)
+                          else AttemptResult(0, 0.0))
+        if multi:  # multi-node hook: the outcome every node derives from every node's end record
+            return result, multi.agree(attempt, result, tail(log_path, start))
         failure = classify(result, rundir.failure_records(self.run_dir, attempt), tail(log_path, start))
         return result, failure
 
@@ -252,7 +279,7 @@ class Supervisor:
             return
         if self.watch is None:
             self.watch = MemoryWatch(self.run_dir, gpu_ids, self.options.watch_interval, self.options.warn_at,
-                                     lambda: open_backend(self.options.env), say)
+                                     lambda: open_backend(self.options.env), say, node=self.node)
         watch = self.watch
         try:
             yield lambda tree: watch.start(spec["attempt"], tree.pids)
@@ -263,13 +290,23 @@ class Supervisor:
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> int:
         """Attempts until done; returns the exit status for ``yolosafe train``."""
         self.story["supervisor"] = proc.identity(os.getpid())  # lets a later reader tell a dead run from a live one
+        multi = self.options.multinode
         try:
+            missing = multi.start() if multi else None  # multi-node hook: every node joined (bounded wait)
+            if missing:
+                self.story["outcome"] = "failed"
+                self.save()
+                say(missing)
+                return EXIT_FAILED
             return self._attempts(plan, resume, final_val_only)
         except KeyboardInterrupt:  # Ctrl-C between attempts (during one, run_child handles it)
             self.story["outcome"] = "interrupted"
             self.save()
-            say(f"stopped; resume with: yolosafe train --resume {self.run_dir}")
+            say(f"stopped; resume with: {self.resume_command()}")
             return EXIT_INTERRUPTED
+        finally:
+            if multi:  # multi-node hook: the other nodes stop waiting for this one
+                multi.stop(self.story.get("outcome"), "SIGINT" if self.story.get("outcome") == "interrupted" else None)
 
     def _attempts(self, plan: TrainPlan, resume: Path | None, final_val_only: bool) -> int:
         retries, val_ooms = 0, 0
@@ -295,7 +332,8 @@ class Supervisor:
                 phase=failure.phase,
                 epoch=failure.epoch,
                 rank=failure.rank,
-                gpu=nvml_index(plan.gpus, failure.gpu),
+                gpu=failure.nvml_gpu(plan),
+                node=failure.node,
                 resumed_from_epoch=observed.get("resumed_from_epoch"),
             )
             self.story["outcome"] = failure.kind
@@ -330,19 +368,20 @@ class Supervisor:
         if failure.kind == "completed":
             return EXIT_OK
         if failure.kind == "interrupted":
-            say(f"stopped by {failure.message}; resume with: yolosafe train --resume {self.run_dir}")
+            say(f"stopped by {failure.message}; resume with: {self.resume_command()}")
             return EXIT_INTERRUPTED
         if failure.kind == "killed":
-            gpu = nvml_index(plan.gpus, failure.gpu)
+            gpu = failure.nvml_gpu(plan)
             on_gpu = f" on GPU {gpu}" if gpu is not None else ""
+            on_gpu += f" of node {failure.node}" if failure.node is not None else ""
             say(f"{failure.message}{on_gpu} (the kernel's OOM killer if host RAM ran out, or kill -9); "
-                f"resume with: yolosafe train --resume {self.run_dir}")
+                f"resume with: {self.resume_command()}")
             return EXIT_FAILED
         if failure.kind == "failed":
             where = f" in {failure.phase} at {epoch_text(failure.epoch, plan.epochs)}" if failure.phase else ""
             where += where_gpu(plan, failure)
             say(f"training failed{where}, not an OOM, not retried: {failure.message or 'no message'} "
-                f"(traceback: {self.run_dir / rundir.LOG})")
+                f"(traceback: {self.run_dir / rundir.node_file(rundir.LOG, self.node)})")
             return EXIT_FAILED
         return None
 
@@ -355,9 +394,14 @@ class Supervisor:
         return found
 
     def keep_checkpoint(self, last: Path, attempt: int) -> Path:
-        """A copy of the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch."""
+        """A copy of the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch. Written
+        beside it and renamed, so a rank never reads half of it; on several nodes by node 0 only (its ranks start,
+        and so every node's ranks start, only after it is there)."""
         kept = last.with_name(f"last-before-attempt{attempt}.pt")
-        shutil.copy2(last, kept)
+        if self.node == 0:  # multi-node hook: one writer
+            partial = kept.with_name(f".{kept.name}.partial")
+            shutil.copy2(last, partial)
+            partial.replace(kept)
         return kept
 
     def _record_results(self) -> None:
@@ -390,9 +434,11 @@ def epoch_text(epoch: int | None, epochs: int) -> str:
 
 
 def where_gpu(plan: TrainPlan, failure: Failure) -> str:
-    """" on rank 1, GPU 3" (NVML numbering), as far as the failure records tell."""
-    parts = [] if failure.rank in (None, -1) else [f"rank {failure.rank}"]
-    gpu = nvml_index(plan.gpus, failure.gpu)
+    """" on rank 1, GPU 3" (NVML numbering), as far as the failure records tell; " on node 1, rank 2, GPU 0" over
+    several nodes."""
+    parts = [] if failure.node is None else [f"node {failure.node}"]
+    parts += [] if failure.rank in (None, -1) else [f"rank {failure.rank}"]
+    gpu = failure.nvml_gpu(plan)
     if gpu is not None:
         parts.append(f"GPU {gpu}")
     return f" on {', '.join(parts)}" if parts else ""
