@@ -96,7 +96,7 @@ class MultiNode:
     def start(self) -> str | None:
         """Announce this node and wait for the others (bounded); one line when some never came."""
         self.beat.start(state="joined", gpus=list(self.gpus))
-        return cluster.Peers(self.run_dir, self.nodes.nnodes, self.node).wait_joined(self.timeout)
+        return self.peers().wait_joined(self.timeout, self.say)
 
     def stop(self, outcome: str | None, interrupted: str | None = None) -> None:
         """This node's supervisor is done: the others stop waiting for it. Node 0 marks the run as ended."""

@@ -194,13 +194,16 @@ class Peers:
             return {"node": node, "gone": f"node {node} stopped reporting ({SILENT_S:g} s without a heartbeat)"}
         return None
 
-    def wait_joined(self, timeout: float) -> str | None:
+    def wait_joined(self, timeout: float, say: Callable[[str], None]) -> str | None:
         """Every other node's state file, within ``timeout`` s; one line naming the missing ones otherwise."""
-        deadline = time.monotonic() + timeout
+        deadline, told = time.monotonic() + timeout, False
         while True:
             missing = [n for n in self.others() if self.state(n) is None]
             if not missing:
                 return None
+            if not told:
+                say(f"node {self.node}: waiting for node {', '.join(map(str, missing))} to join (up to {timeout:g} s)")
+                told = True
             if time.monotonic() >= deadline:
                 names = ", ".join(map(str, missing))
                 return (f"node{'s' if len(missing) > 1 else ''} {names} did not join {self.run_dir} within "
