@@ -111,7 +111,8 @@ def test_every_node_derives_the_same_outcome_from_the_end_records():
     assert gone.kind == "failed" and gone.message.startswith("node 1 stopped reporting")
 
 
-def test_a_node_that_never_sees_node_0s_marker_is_not_on_shared_storage(tmp_path):
+def test_a_node_that_never_sees_node_0s_marker_is_not_on_shared_storage(tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster, "HEARTBEAT_S", 0.1)
     where = nodes.Nodes(2, 1, "127.0.0.1:29500", None, "flags", timeout=1)
     said = []
     started = time.monotonic()
@@ -120,8 +121,22 @@ def test_a_node_that_never_sees_node_0s_marker_is_not_on_shared_storage(tmp_path
     assert time.monotonic() - started < 3 and "waiting for node 0's run directory" in said[0]
     run = tmp_path / "run"
     cluster.create(run, nodes.Nodes(2, 0, "127.0.0.1:29500", None, "flags"), {"batch": 16, "gpus": [0, 1]})
+    with pytest.raises(cluster.ClusterError, match="no run directory from node 0"):  # a marker, but nobody alive
+        cluster.join(run, where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
+    beat = cluster.Heartbeat(run.resolve(), 0, {"session": "earlier"})
+    beat.start(state="joined")  # a heartbeat, but of another session than the marker's
+    with pytest.raises(cluster.ClusterError, match="no run directory from node 0"):
+        cluster.join(run, where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
+    beat.stop(state="done")
+    beat = cluster.Heartbeat(run.resolve(), 0, {"session": cluster.read(run / rundir.NODES_MARKER)["session"]})
+    beat.start(state="joined")  # node 0 alive: its heartbeat moves
+    where = nodes.Nodes(2, 1, "127.0.0.1:29500", None, "flags", timeout=10)
     with pytest.raises(cluster.ClusterError, match=r"plan differs from node 0's: batch 32 \(node 0: 16\)"):
         cluster.join(run, where, {"batch": 32, "gpus": [0, 1]}, 1, said.append)
+    with pytest.raises(cluster.ClusterError, match="node 0 goes on with attempt 1, node 1 with attempt 3"):
+        cluster.join(run, where, {"batch": 16, "gpus": [0, 1]}, 3, said.append)
+    assert cluster.join(run, where, {"batch": 16, "gpus": [0, 1]}, 1, said.append) == run.resolve()
+    beat.stop(state="done")
     with pytest.raises(cluster.ClusterError, match="belongs to another multi-node run"):
         cluster.join(run, nodes.Nodes(2, 1, "10.0.0.1:29500", None, "flags", timeout=1), {}, 1, said.append)
     with pytest.raises(cluster.ClusterError, match="exists: a multi-node run starts in a new directory"):
@@ -184,7 +199,7 @@ def two_nodes(tmp_path: Path, shared_cache: Path):
             started.append(subprocess.Popen(argv, cwd=tmp_path, env=cli_env(shared_cache, {**TWO, **(env or {})}),
                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                             start_new_session=True))
-        return started
+        return started[-2:]
 
     yield start
     for proc in started:
@@ -254,10 +269,14 @@ def test_oom_on_node_1_relaunches_both_nodes_with_half_the_batch(two_nodes, run_
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_one_node_ends_both_within_bounded_time(two_nodes, tmp_path):
-    procs = two_nodes(*DRILL, "--epochs", "3")
+def test_ctrl_c_on_one_node_ends_both_and_both_resume(two_nodes, tmp_path):
+    procs = two_nodes(*DRILL, "--epochs", "2")
     run = tmp_path / "runs" / "detect" / "two"
-    wait_until(lambda: len(train_starts(run, 1)) == 4, procs[1], "four ranks training", timeout=240)
+    def in_epoch_2() -> bool:  # every rank started epoch 2: epoch 1's checkpoint is there to resume from
+        ran = train_starts(run, 1)
+        return len(ran) == 4 and {e for _, e, _ in ran.values()} == {1} and (run / "weights" / "last.pt").is_file()
+
+    wait_until(in_epoch_2, procs[1], "epoch 2 on every rank", timeout=240)
     pids = {c.pid for p in procs for c in psutil.Process(p.pid).children(recursive=True)} | {p.pid for p in procs}
     stopped = time.monotonic()
     os.kill(procs[1].pid, signal.SIGINT)  # Ctrl-C on node 1
@@ -269,6 +288,15 @@ def test_ctrl_c_on_one_node_ends_both_within_bounded_time(two_nodes, tmp_path):
     assert [p.returncode for p in procs] == [130, 130], errs
     assert "stopped by SIGINT on node 1; resume with: yolosafe train --resume" in errs[0], errs[0][-2000:]
     assert "stopped by SIGINT; resume with: yolosafe train --resume" in errs[1] and "--node-rank 1" in errs[1]
-    assert story(run)["outcome"] == "interrupted"
-    assert json.loads((run / rundir.node_file(rundir.STORY, 1)).read_text())["outcome"] == "interrupted"
+    for node in (0, 1):
+        assert json.loads((run / rundir.node_file(rundir.STORY, node)).read_text())["outcome"] == "interrupted"
     print(f"Ctrl-C to all processes gone: {gone:.1f} s")
+
+    procs = two_nodes("--resume", str(run), "--rdzv-timeout", "60")  # what the hint says, on both nodes
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    for node in (0, 1):
+        attempts = json.loads((run / rundir.node_file(rundir.STORY, node)).read_text())["attempts"]
+        assert [a["outcome"] for a in attempts] == ["interrupted", "completed"]
+        assert attempts[1]["resumed_from_epoch"] == 0
+    assert {r: e for r, (_, e, _) in train_starts(run, 2).items()} == {r: 1 for r in range(4)}

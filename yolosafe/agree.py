@@ -71,11 +71,12 @@ class MultiNode:
     nodes: nodes.Nodes
     gpus: tuple[int, ...]  # this node's plan GPUs (NVML numbering)
     say: Callable[[str], None]
+    session: str | None = None  # node 0's marker's: states of earlier sessions are not this run's nodes
     beat: cluster.Heartbeat = field(init=False)
     stopped_for: str | None = None  # why this node stopped its own ranks in the current attempt
 
     def __post_init__(self) -> None:
-        self.beat = cluster.Heartbeat(self.run_dir, self.node)
+        self.beat = cluster.Heartbeat(self.run_dir, self.node, {"session": self.session})
 
     @property
     def node(self) -> int:
@@ -91,7 +92,7 @@ class MultiNode:
         return max(len(self.gpus), 1)
 
     def peers(self) -> cluster.Peers:
-        return cluster.Peers(self.run_dir, self.nodes.nnodes, self.node)
+        return cluster.Peers(self.run_dir, self.nodes.nnodes, self.node, self.session)
 
     def start(self) -> str | None:
         """Announce this node and wait for the others (bounded); one line when some never came."""

@@ -254,7 +254,7 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     if resume_dir:
         given = {k: v for k, v in ctx.params.items()
                  if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
-        sys.exit(resume_run(Path(resume_dir), given, dry_run))
+        sys.exit(resume_run(Path(resume_dir), given, dry_run, where))
     config = load_config(config_file)
     data_name = ctx.params["data"] or config.get("data") or DEFAULTS["data"]
     try:
@@ -319,15 +319,18 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     sys.exit(code)
 
 
-def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool) -> int:
+def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> int:
     """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
-    r = resume.prepare(run_dir, given, DEFAULTS, dry_run)
+    r = resume.prepare(run_dir, given, DEFAULTS, dry_run, where.node_rank, where.nnodes)
     if dry_run:
-        print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, len(r.story.get("attempts", [])) + 1)
+        print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, len(r.story.get("attempts", [])) + 1, where)
         return 0
+    if where.multi:  # multi-node hook: every node resumes the same attempt of the same run
+        multicli.rejoin(r.run_dir, where, r.plan, len(r.story.get("attempts", [])) + 1, r.story)
     resume.record(r, given)
     supervise.say(f"resuming {r.run_dir} from {r.last}")
-    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last)
+    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last,
+                          where=where)
 
 
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], options: dict[str, Any],
@@ -386,7 +389,9 @@ def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_f
                                    datasets.registry_path(datasets_file))
         options = resolve_options(ctx, config, dataset.defaults) | {"data_yaml": str(dataset.yaml_path)}
         options["model"] = options["model"] or default_model()
-        options["nnodes"] = multicli.resolve(ctx.params).nnodes  # multi-node hook: --batch over every node's GPUs
+        where = multicli.resolve(ctx.params)  # multi-node hook: --batch is the total over every node's GPUs
+        multicli.check_options(options, where)
+        options["nnodes"] = where.nnodes
         planview.run(options, gpus.read_inventory(), build, vram, as_json)
     except (datasets.DatasetError, gpus.FakeSpecError, plan.PlanError, memmodel.UnknownModel) as exc:
         fail(str(exc))

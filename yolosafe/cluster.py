@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,8 @@ def read(path: Path) -> dict[str, Any] | None:
 def marker(nodes: Nodes, plan: dict[str, Any], attempt: int, state: str = "running") -> dict[str, Any]:
     """Node 0's marker: what the other nodes must match to join, and the attempt the run (re)starts with."""
     return {"rdzv_id": nodes.rdzv_id, "endpoint": nodes.endpoint, "nnodes": nodes.nnodes, "plan": _plan_key(plan),
-            "attempt": attempt, "state": state, "host": socket.gethostname(), "pid": os.getpid(), "t": time.time()}
+            "attempt": attempt, "state": state, "session": uuid.uuid4().hex, "host": socket.gethostname(),
+            "pid": os.getpid(), "t": time.time()}
 
 
 def create(run_dir: Path, nodes: Nodes, plan: dict[str, Any]) -> Path:
@@ -71,13 +73,19 @@ def create(run_dir: Path, nodes: Nodes, plan: dict[str, Any]) -> Path:
         raise ClusterError(f"cannot create {run_dir}: {exc.strerror}") from None
     run_dir = run_dir.resolve()
     rundir.lock(run_dir, 0)  # held until this process exits
-    rundir.write_json(run_dir / rundir.NODES_MARKER, marker(nodes, plan, 1))
+    announce(run_dir, nodes, plan, 1)
     return run_dir
 
 
-def join(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int, say: Callable[[str], None]) -> Path:
-    """Node R > 0: wait (at most the nodes' timeout) for node 0's marker of this run at ``attempt``, check this node's
-    plan against it, take this node's lock. Raises :class:`ClusterError` with one line."""
+def announce(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int) -> None:
+    """Node 0 (which holds its lock): the run goes on with ``attempt``; the others may join."""
+    rundir.write_json(run_dir / rundir.NODES_MARKER, marker(nodes, plan, attempt))
+
+
+def join(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int, say: Callable[[str], None],
+         lock: bool = True) -> Path:
+    """Node R > 0: wait (at most the nodes' timeout) for node 0's marker of this run, live, at ``attempt``; check this
+    node's plan against it; take this node's lock. Raises :class:`ClusterError` with one line."""
     timeout = nodes.timeout or DEFAULT_TIMEOUT_S
     found = _wait_marker(run_dir, nodes, attempt, timeout, say)
     if found is None:
@@ -91,7 +99,8 @@ def join(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int, say: C
                            "run every node with the same options")
     run_dir = run_dir.resolve()
     try:
-        rundir.lock(run_dir, nodes.node_rank)
+        if lock:
+            rundir.lock(run_dir, nodes.node_rank)
     except rundir.RunLocked as exc:
         raise ClusterError(f"node {nodes.node_rank} of {run_dir} is already running (yolosafe pid {exc.pid})") from None
     return run_dir
@@ -99,24 +108,39 @@ def join(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int, say: C
 
 def _wait_marker(run_dir: Path, nodes: Nodes, attempt: int, timeout: float,
                  say: Callable[[str], None]) -> dict[str, Any] | None:
-    """Node 0's marker for this job, running, at ``attempt``; None after ``timeout``. A marker of another job (other
-    endpoint, rendezvous id or node count) is an error at once: this name belongs to another run."""
-    deadline, told = time.monotonic() + timeout, False
+    """Node 0's marker for this job, written by a node 0 that is alive now (its heartbeat moves: a marker left by an
+    earlier session is not taken), at ``attempt``; None after ``timeout``."""
+    deadline, told, beats = time.monotonic() + timeout, False, set()
     while True:
-        found = read(run_dir / rundir.NODES_MARKER)
+        found = _live_marker(run_dir, nodes, beats)
+        if found is not None and found.get("attempt") != attempt:
+            raise ClusterError(f"node 0 goes on with attempt {found.get('attempt')}, node {nodes.node_rank} with "
+                               f"attempt {attempt}: this node did not take part in the same attempts")
         if found is not None:
-            ours = (found.get("rdzv_id"), found.get("endpoint"), found.get("nnodes"))
-            if ours != (nodes.rdzv_id, nodes.endpoint, nodes.nnodes):
-                raise ClusterError(f"{run_dir} belongs to another multi-node run (endpoint {found.get('endpoint')}, "
-                                   f"rdzv id {found.get('rdzv_id')}, {found.get('nnodes')} nodes); give another --name")
-            if found.get("state") == "running" and found.get("attempt") == attempt:
-                return found
+            return found
         if time.monotonic() >= deadline:
             return None
         if not told:
             say(f"node {nodes.node_rank}: waiting for node 0's run directory {run_dir} (up to {timeout:g} s)")
             told = True
         time.sleep(POLL_S)
+
+
+def _live_marker(run_dir: Path, nodes: Nodes, beats: set[Any]) -> dict[str, Any] | None:
+    """The marker once node 0's heartbeat (same session) was seen to move (``beats``: the counters seen so far). A
+    marker of another job (other endpoint, rendezvous id or node count) is an error: the name is another run's."""
+    found = read(run_dir / rundir.NODES_MARKER)
+    if found is None:
+        return None
+    if (found.get("rdzv_id"), found.get("endpoint"), found.get("nnodes")) != (nodes.rdzv_id, nodes.endpoint,
+                                                                               nodes.nnodes):
+        raise ClusterError(f"{run_dir} belongs to another multi-node run (endpoint {found.get('endpoint')}, rdzv id "
+                           f"{found.get('rdzv_id')}, {found.get('nnodes')} nodes); give another --name")
+    state = read(rundir.node_state_path(run_dir, 0)) or {}
+    live = found.get("state") == "running" and state.get("state") != "done"
+    if live and state.get("session") == found.get("session"):
+        beats.add(state.get("beat"))
+    return found if len(beats) > 1 else None
 
 
 @dataclass
@@ -157,11 +181,13 @@ class Peers:
     """The other nodes as this node sees them: each one's last state, and whether it is gone.
 
     Silence is measured on this node's clock from the last change of the peer's heartbeat counter; a peer never
-    seen is "missing" until ``missing_after`` seconds have passed since this object was made."""
+    seen in this ``session`` (node 0's marker: a state file left by an earlier session of a resumed run does not
+    count) is "missing" until ``missing_after`` seconds have passed since this object was made."""
 
     run_dir: Path
     nnodes: int
     node: int
+    session: str | None
     missing_after: float = SILENT_S
     _seen: dict[int, tuple[int, float]] = field(default_factory=dict)
     _since: float = field(default_factory=time.monotonic)
@@ -171,6 +197,8 @@ class Peers:
 
     def state(self, node: int) -> dict[str, Any] | None:
         found = read(rundir.node_state_path(self.run_dir, node))
+        if found is not None and found.get("session") != self.session:
+            found = None  # an earlier session's
         now = time.monotonic()
         if found is not None:
             beat = int(found.get("beat") or 0)

@@ -57,8 +57,9 @@ def check_options(options: dict[str, Any], where: nodes.Nodes) -> None:
     if not where.multi:
         return
     if str(options.get("batch")).lower() == "auto":
-        raise validate.InputError(f"--batch auto with {where.nnodes} nodes: each node would pick its own batch; run "
-                                  "yolosafe plan --batch auto on one node and give every node that --batch")
+        raise validate.InputError(f"--batch auto with {where.nnodes} nodes: each node would pick its own; run "
+                                  "yolosafe plan --batch auto on one node without the node options, and give every "
+                                  f"node --batch = its per-GPU batch x GPUs per node x {where.nnodes}")
 
 
 def check_plan(p: TrainPlan, where: nodes.Nodes) -> None:
@@ -86,6 +87,21 @@ def claim(project: Path, options: dict[str, Any], named: bool, where: nodes.Node
         raise validate.InputError(str(exc)) from None
 
 
+def rejoin(run_dir: Path, where: nodes.Nodes, p: TrainPlan, attempt: int, story: dict[str, Any]) -> None:
+    """A resume over several nodes: node 0 announces the attempt the run goes on with, the others find it (their
+    own story must be at the same attempt) and check their plan against it."""
+    from yolosafe.supervise import say
+
+    story["nodes"] = where.summary()
+    try:
+        if where.node_rank == 0:
+            cluster.announce(run_dir, where, p.summary(), attempt)
+        else:
+            cluster.join(run_dir, where, p.summary(), attempt, say, lock=False)  # resume.prepare holds the lock
+    except cluster.ClusterError as exc:
+        raise validate.InputError(str(exc)) from None
+
+
 def multinode(run_dir: Path, where: nodes.Nodes | None, p: TrainPlan, options: dict[str, Any]) -> MultiNode | None:
     """The supervisor's handle on the other nodes; None on one machine."""
     if where is None or not where.multi:
@@ -93,7 +109,8 @@ def multinode(run_dir: Path, where: nodes.Nodes | None, p: TrainPlan, options: d
     from yolosafe.agree import MultiNode
     from yolosafe.supervise import say
 
-    return MultiNode(run_dir, where, tuple(p.gpus), say)
+    session = (cluster.read(run_dir / rundir.NODES_MARKER) or {}).get("session")
+    return MultiNode(run_dir, where, tuple(p.gpus), say, session)
 
 
 def dry_run_lines(p: TrainPlan, where: nodes.Nodes) -> list[tuple[str, str]]:

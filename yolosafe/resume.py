@@ -50,8 +50,12 @@ def refused(given: dict[str, Any]) -> None:
                                   "--val-batch, --max-retries, --min-batch, --alloc-conf, --watch-interval, --warn-at)")
 
 
-def read_story(run_dir: Path) -> dict[str, Any]:
-    story_file = run_dir / rundir.STORY
+def read_story(run_dir: Path, node: int = 0) -> dict[str, Any]:
+    """The node's own story; node R > 0 of a multi-node resume that has none yet (a run that grows onto more nodes)
+    starts from node 0's, whose attempts are the run's."""
+    story_file = run_dir / rundir.node_file(rundir.STORY, node)
+    if node and not story_file.is_file():
+        story_file = run_dir / rundir.STORY
     if not story_file.is_file():
         raise validate.InputError(f"--resume {run_dir}: not a yolosafe run directory (no {rundir.STORY})")
     try:
@@ -63,28 +67,30 @@ def read_story(run_dir: Path) -> dict[str, Any]:
     return story
 
 
-def prepare(run_dir: Path, given: dict[str, Any], defaults: dict[str, Any], dry_run: bool) -> Resume:
+def prepare(run_dir: Path, given: dict[str, Any], defaults: dict[str, Any], dry_run: bool, node: int = 0,
+            nnodes: int = 1) -> Resume:
     """Check the run can be resumed here and now and build its plan; raises :class:`validate.InputError`.
 
     ``given`` holds the options the user gave; ``defaults`` yolosafe's defaults. A real resume takes the run's lock
-    first, so two resumes of one directory can never both start; a dry run only checks nobody holds it.
+    first, so two resumes of one directory can never both start; a dry run only checks nobody holds it. Over several
+    machines each node resumes its own part (``node`` of ``nnodes``: its story, its lock).
     """
     refused(given)
     run_dir = run_dir.resolve()
-    story = read_story(run_dir)
+    story = read_story(run_dir, node)
     lock_fd = None
     try:
         if dry_run:
-            pid = rundir.holder(run_dir)
+            pid = rundir.holder(run_dir, node)
             if pid is not None:
                 raise rundir.RunLocked(run_dir, pid)
         else:
-            lock_fd = rundir.lock(run_dir)
+            lock_fd = rundir.lock(run_dir, node)
     except rundir.RunLocked as exc:
         raise validate.InputError(f"--resume {run_dir}: still training (yolosafe pid {exc.pid}); "
                                   "wait for it or stop it first") from None
-    if rundir.mark_if_orphaned(run_dir):
-        story = read_story(run_dir)
+    if rundir.mark_if_orphaned(run_dir, node):
+        story = read_story(run_dir, node)
     last = run_dir / "weights" / "last.pt"
     if not last.is_file():
         raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
@@ -95,7 +101,7 @@ def prepare(run_dir: Path, given: dict[str, Any], defaults: dict[str, Any], dry_
                for key in RUN_OPTIONS}
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
     validate.check_options({**options, **applied, "project": str(run_dir.parent), "name": run_dir.name})
-    p, simulated = _plan(story, given)
+    p, simulated = _plan(story, given, nnodes)
     try:
         env = allocator.apply({**os.environ, **story.get("allocator", {})}, given.get("alloc_conf"))
     except allocator.AllocConfError as exc:
@@ -103,7 +109,7 @@ def prepare(run_dir: Path, given: dict[str, Any], defaults: dict[str, Any], dry_
     return Resume(run_dir, last, story, p, env, options, simulated, lock_fd)
 
 
-def _plan(story: dict[str, Any], given: dict[str, Any]) -> tuple[plan.TrainPlan, bool]:
+def _plan(story: dict[str, Any], given: dict[str, Any], nnodes: int = 1) -> tuple[plan.TrainPlan, bool]:
     """The last attempt's plan, with the GPUs and batches the user gave instead."""
     summary = story.get("plan")
     if not isinstance(summary, dict):
@@ -122,7 +128,7 @@ def _plan(story: dict[str, Any], given: dict[str, Any]) -> tuple[plan.TrainPlan,
             batch=_pick(given, "batch", last_attempt, summary),
             effective_batch=_pick(given, "effective_batch", {}, summary),
             val_batch=_pick(given, "val_batch", last_attempt, summary),
-            imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {},
+            imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {}, nnodes=nnodes,
         )
     except (plan.PlanError, gpus.FakeSpecError, KeyError, TypeError) as exc:
         raise validate.InputError(f"--resume: {exc}") from None
