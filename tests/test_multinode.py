@@ -109,6 +109,9 @@ def test_every_node_derives_the_same_outcome_from_the_end_records():
     assert agree.decide([end(0, 1), end(1, 130, interrupted="SIGINT")], 2).message == "SIGINT on node 1"
     gone = agree.decide([end(0, 1), {"node": 1, "gone": "node 1 stopped reporting (30 s without a heartbeat)"}], 2)
     assert gone.kind == "failed" and gone.message.startswith("node 1 stopped reporting")
+    ended = {"node": 1, "gone": "node 1's yolosafe ended (interrupted)", "stopped": "SIGINT on node 1"}
+    assert (agree.decide([end(0, 1), ended], 2).kind, agree.decide([end(0, 1), ended], 2).message) == (
+        "interrupted", "SIGINT on node 1")
 
 
 def test_a_node_that_never_sees_node_0s_marker_is_not_on_shared_storage(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe import cluster, nodes, rundir
+from yolosafe.launch import Launch
 from yolosafe.proc import AttemptResult, ProcessTree
 from yolosafe.supervise import Failure, classify
 
@@ -41,6 +42,9 @@ def decide(ends: list[dict[str, Any]], nproc: int) -> Failure:
     for end in ends:
         if end.get("interrupted"):
             return Failure("interrupted", message=f"{end['interrupted']} on node {end['node']}", node=end["node"])
+    for end in ends:
+        if end.get("stopped"):  # a node whose yolosafe ended interrupted (its own Ctrl-C, or another node's)
+            return Failure("interrupted", message=end["stopped"], node=end["node"])
     for end in ends:
         if end.get("gone"):
             return Failure("failed", message=f"{end['gone']}; the other nodes cannot train without it",
@@ -74,6 +78,7 @@ class MultiNode:
     session: str | None = None  # node 0's marker's: states of earlier sessions are not this run's nodes
     beat: cluster.Heartbeat = field(init=False)
     stopped_for: str | None = None  # why this node stopped its own ranks in the current attempt
+    stopped_by: str | None = None  # "SIGINT on node R": the interruption that ended the run, here or elsewhere
 
     def __post_init__(self) -> None:
         self.beat = cluster.Heartbeat(self.run_dir, self.node, {"session": self.session})
@@ -99,15 +104,19 @@ class MultiNode:
         self.beat.start(state="joined", gpus=list(self.gpus))
         return self.peers().wait_joined(self.timeout, self.say)
 
-    def stop(self, outcome: str | None, interrupted: str | None = None) -> None:
-        """This node's supervisor is done: the others stop waiting for it. Node 0 marks the run as ended."""
-        self.beat.stop(state="done", outcome=outcome, signal=interrupted)
+    def stop(self, outcome: str | None) -> None:
+        """This node's supervisor is done: the others stop waiting for it (and read why: ``stopped``, after an
+        interruption; a Ctrl-C between attempts is a KeyboardInterrupt, so SIGINT). Node 0 marks the run as ended."""
+        if outcome == "interrupted" and self.stopped_by is None:
+            self.stopped_by = f"SIGINT on node {self.node}"
+        self.beat.stop(state="done", outcome=outcome, stopped=self.stopped_by)
         if self.node == 0:
             found = cluster.read(self.run_dir / rundir.NODES_MARKER) or {}
             rundir.write_json(self.run_dir / rundir.NODES_MARKER, {**found, "state": "ended", "outcome": outcome})
 
-    def launch_nodes(self, attempt: int) -> nodes.Nodes:
-        return nodes.for_attempt(self.nodes, attempt)
+    def launch(self, attempt: int, log_dir: Path) -> Launch:
+        """This node's ranks of ``attempt``: torchrun's static rendezvous at node 0, on the attempt's port."""
+        return Launch(self.nproc, 0, log_dir, nodes.for_attempt(self.nodes, attempt))
 
     def runs_here(self, spec: dict[str, Any]) -> bool:
         """A final validation only (training is over) runs on node 0 alone; the other nodes wait for its outcome."""
@@ -155,7 +164,7 @@ class MultiNode:
                 return f"node {other}'s attempt {attempt} ended ({how})", grace
             gone = peers.gone(other) if end is None else None
             if gone:
-                return gone["gone"], 0.0 if gone.get("interrupted") else PEER_GRACE_S
+                return gone["gone"], 0.0 if gone.get("stopped") else PEER_GRACE_S
         return None
 
     def agree(self, attempt: int, result: AttemptResult, log_tail: str) -> Failure:
@@ -167,10 +176,13 @@ class MultiNode:
                 "checkpoint": self._checkpoint() if self.node == 0 else None, "t": time.time()}
         rundir.write_json(rundir.node_end_path(self.run_dir, attempt, self.node), mine)
         if interrupted:  # the user wants this node out now; the others read it from the end record
+            self.stopped_by = f"{interrupted} on node {self.node}"
             return Failure("interrupted", message=interrupted)
         self.beat.set(state="deciding", attempt=attempt)
         ends = self._wait_ends(attempt)
         failure = decide(ends, self.nproc)
+        if failure.kind == "interrupted":
+            self.stopped_by = failure.message
         if failure.kind == "oom" and self.node != 0 and not self._checkpoint_visible(ends[0].get("checkpoint")):
             return Failure("failed", message=f"weights/last.pt written by node 0 is not visible here after "
                                              f"{self.timeout:g} s: the run directory must be on storage every node "

@@ -215,9 +215,8 @@ class Peers:
                 return None
             return {"node": node, "gone": f"node {node} never joined"}
         if found.get("state") == "done":
-            outcome = found.get("outcome") or "ended"
-            return {"node": node, "gone": f"node {node}'s yolosafe ended ({outcome})",
-                    "interrupted": found.get("signal") if outcome == "interrupted" else None}
+            return {"node": node, "gone": f"node {node}'s yolosafe ended ({found.get('outcome') or 'ended'})",
+                    "stopped": found.get("stopped")}
         if now - self._seen[node][1] > SILENT_S:
             return {"node": node, "gone": f"node {node} stopped reporting ({SILENT_S:g} s without a heartbeat)"}
         return None

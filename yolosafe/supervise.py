@@ -237,8 +237,7 @@ class Supervisor:
         log_dir = rundir.ranks_log_dir(self.run_dir, spec["attempt"], self.node)
         ranks = launch.Launch(spec["world_size"], launch.free_port(), log_dir)
         if self.options.multinode:  # multi-node hook: this node's ranks, torchrun's static rendezvous at node 0
-            multi = self.options.multinode
-            ranks = launch.Launch(multi.nproc, ranks.master_port, log_dir, multi.launch_nodes(spec["attempt"]))
+            ranks = self.options.multinode.launch(spec["attempt"], log_dir)
         return launch.command(sys.executable, ranks, path)
 
     def attempt(self, spec: dict[str, Any]) -> tuple[AttemptResult, Failure]:
@@ -259,11 +258,12 @@ class Supervisor:
             header = f"\n=== yolosafe attempt {attempt} ({spec['mode']}): {' '.join(cmd)}\n".encode()
             log.write(header)
             with self.memory_watch(spec) as on_start:
-                if multi:  # multi-node hook: also stop this node's ranks when another node's attempt failed
-                    on_start = multi.watch(attempt, on_start)
-                out = terminal.TracebackFilter(sys.stdout.buffer)
-                result = (run_child(cmd, env, log, on_start=on_start, out=out) if not multi or multi.runs_here(spec)
-                          else AttemptResult(0, 0.0))
+                if multi and not multi.runs_here(spec):  # multi-node hook: a final validation is node 0's alone
+                    result = AttemptResult(0, 0.0)
+                else:  # multi-node hook: also stop this node's ranks when another node's attempt failed
+                    on_start = multi.watch(attempt, on_start) if multi else on_start
+                    result = run_child(cmd, env, log, on_start=on_start,
+                                       out=terminal.TracebackFilter(sys.stdout.buffer))
         if multi:  # multi-node hook: the outcome every node derives from every node's end record
             return result, multi.agree(attempt, result, tail(log_path, start))
         failure = classify(result, rundir.failure_records(self.run_dir, attempt), tail(log_path, start))
@@ -306,7 +306,7 @@ class Supervisor:
             return EXIT_INTERRUPTED
         finally:
             if multi:  # multi-node hook: the other nodes stop waiting for this one
-                multi.stop(self.story.get("outcome"), "SIGINT" if self.story.get("outcome") == "interrupted" else None)
+                multi.stop(self.story.get("outcome"))
 
     def _attempts(self, plan: TrainPlan, resume: Path | None, final_val_only: bool) -> int:
         retries, val_ooms = 0, 0
