@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import YOLOSAFE, cli_env, story, wait_until
-from yolosafe import agree, cluster, launch, nodes, oom, plan, rundir
+from yolosafe import agree, cluster, launch, nodes, oom, plan, report, rundir, watch
 
 TWO = {"YOLOSAFE_FAKE_GPUS": "2x24GB"}
 SLURM = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
@@ -144,6 +144,38 @@ def test_a_node_that_never_sees_node_0s_marker_is_not_on_shared_storage(tmp_path
         cluster.join(run, nodes.Nodes(2, 1, "10.0.0.1:29500", None, "flags", timeout=1), {}, 1, said.append)
     with pytest.raises(cluster.ClusterError, match="exists: a multi-node run starts in a new directory"):
         cluster.create(run, nodes.Nodes(2, 0, "127.0.0.1:29500"), {})
+
+
+def test_report_merges_every_node_each_with_its_own_gpus(tmp_path):
+    """Node 0 on GPUs 0,1 and node 1 on GPUs 2,3 of its machine; node 1's rank 3 peaks in validation and dies of an
+    OOM there: both land on node 1's GPU 3, nothing on node 0's GPUs."""
+    t0 = 1_700_000_000.0
+    for node, gpus in ((0, [0, 1]), (1, [2, 3])):
+        rundir.write_json(tmp_path / rundir.node_file(rundir.STORY, node), {"plan": {"gpus": gpus, "nnodes": 2}})
+        for rank in (2 * node, 2 * node + 1):
+            for t, name, phase in ((1, "train_start", "train"), (5, "train_end", "train"), (6, "val_start", "val")):
+                rundir.append_jsonl(tmp_path / rundir.node_file(rundir.EVENTS, node), {
+                    "t": t0 + t, "event": name, "phase": phase, "epoch": 0, "rank": rank, "gpu": rank % 2,
+                    "attempt": 1})
+        with open(tmp_path / rundir.node_file(rundir.MEMORY_CSV, node), "w") as fh:
+            fh.write(",".join(watch.COLUMNS) + "\n")
+            for second in range(10):
+                for i, gpu in enumerate(gpus):
+                    used = 20000 if (node, i, second >= 6) == (1, 1, True) else 5000
+                    fh.write(f"{t0 + second},1,{gpu},24576,{used},{used},0,,\n")
+    rundir.write_json(rundir.failure_path(tmp_path, 1, 3), {"t": t0 + 8, "oom": True, "attempt": 1, "phase": "val",
+                                                              "epoch": 0, "rank": 3, "gpu": 1})
+    summary = report.write(tmp_path)
+    node1 = summary["nodes"]["1"]
+    assert set(summary["gpus"]) == {"0", "1"} and set(node1["gpus"]) == {"2", "3"}
+    assert node1["gpus"]["3"]["phases"]["val"]["peak_used_mib"] == 20000
+    assert summary["gpus"]["1"]["peak_used_mib"] == 5000 and summary["ooms"] == []
+    assert [(o["rank"], o["gpu"]) for o in node1["ooms"]] == [(3, 3)]
+    lines = report.table(summary)
+    assert lines[0] == "node 0:" and "node 1:" in lines and "19.5 GiB 81% e1" in lines[-1]
+    assert (tmp_path / rundir.node_file(rundir.MEMORY_PLOT, 1)).is_file()
+    assert json.loads((tmp_path / rundir.MEMORY_SUMMARY).read_text()) == summary
+    assert report.write(tmp_path, 1) == json.loads((tmp_path / rundir.node_file(rundir.MEMORY_SUMMARY, 1)).read_text())
 
 
 # --- the command line -------------------------------------------------------------------------------------------------

@@ -54,10 +54,11 @@ def read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def marker(nodes: Nodes, plan: dict[str, Any], attempt: int, state: str = "running") -> dict[str, Any]:
-    """Node 0's marker: what the other nodes must match to join, and the attempt the run (re)starts with."""
+def marker(nodes: Nodes, plan: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """Node 0's marker: what the other nodes must match to join, the attempt the run (re)starts with, and a new
+    session (the heartbeats of this session carry it)."""
     return {"rdzv_id": nodes.rdzv_id, "endpoint": nodes.endpoint, "nnodes": nodes.nnodes, "plan": _plan_key(plan),
-            "attempt": attempt, "state": state, "session": uuid.uuid4().hex, "host": socket.gethostname(),
+            "attempt": attempt, "state": "running", "session": uuid.uuid4().hex, "host": socket.gethostname(),
             "pid": os.getpid(), "t": time.time()}
 
 
@@ -182,13 +183,12 @@ class Peers:
 
     Silence is measured on this node's clock from the last change of the peer's heartbeat counter; a peer never
     seen in this ``session`` (node 0's marker: a state file left by an earlier session of a resumed run does not
-    count) is "missing" until ``missing_after`` seconds have passed since this object was made."""
+    count) is "missing" until :data:`SILENT_S` have passed since this object was made."""
 
     run_dir: Path
     nnodes: int
     node: int
     session: str | None
-    missing_after: float = SILENT_S
     _seen: dict[int, tuple[int, float]] = field(default_factory=dict)
     _since: float = field(default_factory=time.monotonic)
 
@@ -211,7 +211,7 @@ class Peers:
         found = self.state(node)
         now = time.monotonic()
         if found is None:
-            if now - self._since < self.missing_after:
+            if now - self._since < SILENT_S:
                 return None
             return {"node": node, "gone": f"node {node} never joined"}
         if found.get("state") == "done":
