@@ -284,16 +284,18 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     simulated = inventory.backend == "fake" and bool(p.gpus)
     project = Path(options["project"])
     named = ctx.get_parameter_source("name") is not click.core.ParameterSource.DEFAULT or "name" in config
-    if where.multi:  # multi-node hook: the same run directory on every node, made by node 0
+    if where.multi:  # multi-node hook: the same run directory on every node, made by node 0 (a dry run names it)
         run_dir = multicli.claim(project, options, named, where, p, dry_run)
+    elif dry_run:
+        run_dir = next_run_name(project, options["name"])
+    else:
+        try:
+            run_dir = rundir.claim_new_run_dir(project, options["name"], refuse_live=named)
+        except rundir.RunLocked as exc:
+            fail(f"--name {options['name']}: {exc}")
     if dry_run:
-        print_dry_run(p, env, run_dir if where.multi else next_run_name(project, options["name"]), simulated,
-                      where=where)
+        print_dry_run(p, env, run_dir, simulated, where=where)
         return
-    try:
-        run_dir = run_dir if where.multi else rundir.claim_new_run_dir(project, options["name"], refuse_live=named)
-    except rundir.RunLocked as exc:
-        fail(f"--name {options['name']}: {exc}")
     story = {
         "yolosafe": __version__,
         "command": sys.argv,
