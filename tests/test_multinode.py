@@ -114,6 +114,31 @@ def test_every_node_derives_the_same_outcome_from_the_end_records():
         "interrupted", "SIGINT on node 1")
 
 
+def test_a_node_stops_its_own_ranks_when_another_nodes_attempt_failed(tmp_path, monkeypatch):
+    """Where the surviving ranks would hang (NCCL after a peer died), their supervisor stops them after the grace;
+    a peer that finished well stops nothing."""
+    from yolosafe.proc import ProcessTree
+
+    monkeypatch.setattr(agree, "PEER_GRACE_S", 0.5)
+    said: list[str] = []
+    multi = agree.MultiNode(tmp_path, nodes.Nodes(2, 0, "127.0.0.1:29500"), (0, 1), said.append, "s")
+    ranks = subprocess.Popen(["sleep", "60"])
+    try:
+        rundir.write_json(rundir.node_end_path(tmp_path, 1, 1), {"node": 1, "exit_code": 0})
+        multi.watch(1, None)(ProcessTree(ranks.pid).start())
+        time.sleep(1.5)
+        assert ranks.poll() is None and multi.stopped_for is None  # node 1 finished well: nothing to stop
+        rundir.write_json(rundir.node_end_path(tmp_path, 2, 1), {"node": 1, "exit_code": 1})
+        started = time.monotonic()
+        multi.watch(2, None)(ProcessTree(ranks.pid).start())
+        assert ranks.wait(timeout=10) == -signal.SIGTERM and time.monotonic() - started >= 0.5
+        assert multi.stopped_for == "node 1's attempt 2 ended (exit status 1)"
+        assert said[-1] == "node 1's attempt 2 ended (exit status 1): stopping this node's ranks"
+    finally:
+        ranks.kill()
+        multi.beat.stop(state="done")
+
+
 def test_a_node_that_never_sees_node_0s_marker_is_not_on_shared_storage(tmp_path, monkeypatch):
     monkeypatch.setattr(cluster, "HEARTBEAT_S", 0.1)
     where = nodes.Nodes(2, 1, "127.0.0.1:29500", None, "flags", timeout=1)
@@ -292,6 +317,8 @@ def test_oom_on_node_1_relaunches_both_nodes_with_half_the_batch(two_nodes, run_
     ran = train_starts(run, 2)
     assert {r: (b, e) for r, (b, e, _) in ran.items()} == {r: (2, 1) for r in range(4)}
     assert len({pid for _, _, pid in ran.values()}) == 4
+    on_node_1 = [json.loads(line) for line in (run / rundir.node_file(rundir.EVENTS, 1)).read_text().splitlines()]
+    assert {(e["rank"], e["gpu"]) for e in on_node_1} == {(2, 0), (3, 1)}  # torchrun's global RANK, its LOCAL_RANK
     records = {r["rank"]: r for r in rundir.failure_records(run, 1)}
     assert records[2]["oom"] and not any(records[r].get("oom") for r in records if r != 2)
     assert (run / rundir.INJECTED).read_text() == "1"
