@@ -57,7 +57,7 @@ def load(run_dir: Path, node: int = 0) -> pd.DataFrame:
 
     path = run_dir / rundir.node_file(rundir.MEMORY_CSV, node)
     if not path.is_file():
-        raise NoMemoryData(f"no {rundir.MEMORY_CSV}: the watch was off (--watch-interval 0), the run trained on the "
+        raise NoMemoryData(f"no {path.name}: the watch was off (--watch-interval 0), the run trained on the "
                            "CPU, or it predates the memory watch")
     try:
         samples = pd.read_csv(path, on_bad_lines="skip")
@@ -68,7 +68,7 @@ def load(run_dir: Path, node: int = 0) -> pd.DataFrame:
         samples = samples.astype({"t": float, "attempt": "int64", "gpu": "int64"})
         samples = samples.drop(columns=["phase", "epoch"], errors="ignore")  # joined again below, from all events
     if samples.empty:
-        raise NoMemoryData(f"{rundir.MEMORY_CSV} has no samples: the worker ended before the first one")
+        raise NoMemoryData(f"{path.name} has no samples: the worker ended before the first one")
     gpus = plan_gpus(run_dir, node)
     rows = [{"t": e["t"], "attempt": e["attempt"], "gpu": gpu, "phase": phase_after(e), "epoch": e.get("epoch")}
             for e in events(run_dir, node) for gpu in event_gpus(e, gpus)]
