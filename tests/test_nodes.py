@@ -34,7 +34,7 @@ def test_slurm_variables_resolve_to_nodes() -> None:
     nodes = from_slurm(SLURM)
     assert nodes == Nodes(2, 1, "gpu07:32956", "123456", "slurm")  # 29500 + 123456 % 10000
     assert torchrun_flags(nodes, 0) == ["--nnodes", "2", "--node-rank", "1", "--rdzv-backend", "static",
-                                        "--rdzv-endpoint", "gpu07:32956"]
+                                        "--rdzv-endpoint", "gpu07:32956", "--rdzv-id", "123456"]
 
 
 def test_slurm_master_port_wins_and_one_node_jobs_are_single() -> None:

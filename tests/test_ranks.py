@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -91,10 +92,11 @@ def test_rank_injection_for_a_missing_rank_is_a_usage_error(run_cli, tmp_path):
 
 def test_launch_arguments_are_torchruns_own(tmp_path):
     """The argv yolosafe builds parses with torch.distributed.run's own parser: single node (static rendezvous on a
-    free port) and the multi-node shape a later step needs (c10d rendezvous)."""
+    free port) and multi-node (static rendezvous at node 0's endpoint, this node's rank, attempt N on port + N - 1)."""
     from torch.distributed.run import parse_args
 
     from yolosafe import launch
+    from yolosafe.nodes import for_attempt, resolve
 
     port = launch.free_port()
     single = parse_args(launch.torchrun_args(launch.Launch(4, port, tmp_path), "yolosafe.worker", ["spec.json"]))
@@ -103,10 +105,11 @@ def test_launch_arguments_are_torchruns_own(tmp_path):
     assert (single.module, single.training_script, single.training_script_args) == (True, "yolosafe.worker",
                                                                                      ["spec.json"])
     assert (single.max_restarts, single.log_dir, single.tee) == (0, str(tmp_path), "3")
-    multi = launch.Launch(8, port, tmp_path, nnodes=2, node_rank=1, rdzv_endpoint="node0:29400", rdzv_id="run7")
+    nodes = resolve(2, 1, "node0:29400", "run7", {})
+    multi = launch.Launch(8, port, tmp_path, replace(for_attempt(nodes, 3), timeout=60))
     parsed = parse_args(launch.torchrun_args(multi, "yolosafe.worker", ["spec.json"]))
-    assert (parsed.nnodes, parsed.rdzv_backend, parsed.rdzv_endpoint, parsed.rdzv_id) == ("2", "c10d", "node0:29400",
-                                                                                          "run7")
+    assert (parsed.nnodes, parsed.node_rank, parsed.nproc_per_node, parsed.rdzv_backend, parsed.rdzv_endpoint,
+            parsed.rdzv_id, parsed.rdzv_conf) == ("2", 1, "8", "static", "node0:29402", "run7", "timeout=60")
 
 
 def test_epoch_peaks_become_ultralytics_metrics_per_nvml_gpu(tmp_path):

@@ -17,7 +17,6 @@ from pathlib import Path
 from yolosafe import records, rundir, terminal
 from yolosafe.advice import advice
 from yolosafe.exits import Exit
-from yolosafe.gpus import nvml_index
 from yolosafe.plan import TrainPlan
 from yolosafe.policy import AttemptEnd, epoch_text, next_step, where
 from yolosafe.proc import AttemptResult
@@ -44,19 +43,24 @@ class Limits:
 
 
 class AttemptLoop:
-    """One run's attempts. ``others_mib`` tells the advice how much memory other processes held on each GPU."""
+    """One run's attempts. ``others_mib`` tells the advice how much memory other processes held on each GPU; ``node``
+    is this machine's place in a multi-node run (its story and log carry it; node 0 keeps the checkpoints), whose
+    ``resume_hint`` names the node options too."""
 
     def __init__(self, run_dir: Path, story: Story, run_child: ChildRunner, limits: Limits,
-                 others_mib: Callable[[], dict[int, float]] = dict, say: Callable[[str], None] = terminal.say) -> None:
+                 others_mib: Callable[[], dict[int, float]] = dict, say: Callable[[str], None] = terminal.say,
+                 node: int = 0, resume_hint: str | None = None) -> None:
         self.run_dir = run_dir
         self.story = story
         self.run_child = run_child
         self.limits = limits
         self.others_mib = others_mib
         self.say = say
+        self.node = node
+        self.resume_hint = resume_hint or f"yolosafe train --resume {run_dir}"
 
     def save(self) -> None:
-        records.save_story(self.run_dir, self.story)
+        records.save_story(self.run_dir, self.story, self.node)
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done; returns the exit status for ``yolosafe train``."""
@@ -65,7 +69,7 @@ class AttemptLoop:
         except KeyboardInterrupt:  # Ctrl-C between attempts (during one, the child runner handles it)
             self.story.outcome = Outcome.INTERRUPTED
             self.save()
-            self.say(f"stopped; resume with: yolosafe train --resume {self.run_dir}")
+            self.say(f"stopped; resume with: {self.resume_hint}")
             return Exit.INTERRUPTED
 
     def _loop(self, plan: TrainPlan, resume: Path | None, final_val_only: bool) -> Exit:
@@ -73,7 +77,7 @@ class AttemptLoop:
         while True:
             number = len(self.story.attempts) + 1
             if resume is not None:
-                resume = keep_checkpoint(resume, number)
+                resume = keep_checkpoint(resume, number, writer=self.node == 0)
             request = Request(number, plan, resume, final_val_only)
             entry = self._start(request)
             result, end = self.run_child(request)
@@ -126,8 +130,8 @@ class AttemptLoop:
         entry.exit_code = result.exit_code
         entry.outcome = end.outcome
         entry.reason = end.message[:500]
-        entry.phase, entry.epoch, entry.rank = end.phase, end.epoch, end.rank
-        entry.gpu = nvml_index(request.plan.gpus, end.gpu)
+        entry.phase, entry.epoch, entry.rank, entry.node = end.phase, end.epoch, end.rank, end.node
+        entry.gpu = end.nvml_gpu(request.plan)
         entry.resumed_from_epoch = seen.get("resumed_from_epoch")
         self.story.outcome = end.outcome
         self._record_results()
@@ -135,21 +139,23 @@ class AttemptLoop:
 
     def _ended(self, end: AttemptEnd, plan: TrainPlan) -> Exit | None:
         """The exit status of an attempt that ends the run (anything but an OOM), said in one line; None for an OOM."""
-        resume_hint = f"resume with: yolosafe train --resume {self.run_dir}"
+        resume_hint = f"resume with: {self.resume_hint}"
         if end.outcome == Outcome.COMPLETED:
             return Exit.OK
         if end.outcome == Outcome.INTERRUPTED:
             self.say(f"stopped by {end.message}; {resume_hint}")
             return Exit.INTERRUPTED
         if end.outcome == Outcome.KILLED:
-            gpu = nvml_index(plan.gpus, end.gpu)
+            gpu = end.nvml_gpu(plan)
             on_gpu = f" on GPU {gpu}" if gpu is not None else ""
+            on_gpu += f" of node {end.node}" if end.node is not None else ""
             self.say(f"{end.message}{on_gpu} (the kernel's OOM killer if host RAM ran out, or kill -9); {resume_hint}")
             return Exit.FAILED
         if end.outcome == Outcome.FAILED:
             place = f" in {end.phase} at {epoch_text(end.epoch, plan.epochs)}" if end.phase else ""
+            log = self.run_dir / rundir.node_file(rundir.LOG, self.node)
             self.say(f"training failed{place}{where(plan, end)}, not an OOM, not retried: "
-                     f"{end.message or 'no message'} (traceback: {self.run_dir / rundir.LOG})")
+                     f"{end.message or 'no message'} (traceback: {log})")
             return Exit.FAILED
         return None
 
@@ -171,8 +177,13 @@ class AttemptLoop:
             self.story.final_metrics = rundir.read_json(metrics)
 
 
-def keep_checkpoint(last: Path, attempt: int) -> Path:
-    """A copy of the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch."""
+def keep_checkpoint(last: Path, attempt: int, writer: bool = True) -> Path:
+    """A copy of the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch. Written
+    beside it and renamed, so a rank never reads half of it; over several nodes by node 0 alone (``writer``): every
+    node's ranks start only once node 0's ranks have joined, after the copy."""
     kept = last.with_name(f"last-before-attempt{attempt}.pt")
-    shutil.copy2(last, kept)
+    if writer:
+        partial = kept.with_name(f".{kept.name}.partial")
+        shutil.copy2(last, partial)
+        partial.replace(kept)
     return kept

@@ -31,7 +31,8 @@ def maybe_inject(context: RunContext, phase: str) -> None:
     """Raise the injected fault here if the injection matches this point; counted across retries in the run
     directory (``.injected``), so ``times=1`` fires once, whichever attempt reaches it first."""
     injection, progress = context.injection, context.progress
-    if injection is None or not injection.matches(phase, progress.epoch, progress.iteration, context.rank.index):
+    local = (context.node, context.rank.local)  # an injection that names a node means its local rank
+    if injection is None or not injection.matches(phase, progress.epoch, progress.iteration, context.rank.index, local):
         return
     counter = context.run_dir / rundir.INJECTED
     done = int(counter.read_text()) if counter.is_file() else 0
@@ -81,7 +82,8 @@ class TrainingCallbacks:
 
     def _record(self, event: str, obj: Any, **fields: Any) -> None:
         progress = self.progress
-        rundir.append_jsonl(self.context.run_dir / rundir.EVENTS, {
+        # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
+        rundir.append_jsonl(self.context.run_dir / rundir.node_file(rundir.EVENTS, self.context.node), {
             "t": time.time(),
             "event": event,
             "phase": progress.phase,

@@ -20,6 +20,7 @@ from yolosafe import (
     datasets,
     gpus,
     memmodel,
+    multicli,
     options,
     plan,
     planner,
@@ -76,6 +77,7 @@ def cli() -> None:
               help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
+@multicli.node_options
 @click.argument("args", nargs=-1)
 @click.pass_context
 def train(ctx: click.Context, datasets_file: str | None, config_file: str | None, resume_dir: str | None,
@@ -83,9 +85,10 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     """Train with OOM protection. Extra ARGS are Ultralytics train arguments as key=value (e.g. lr0=0.01)."""
     validate.check_injection(os.environ)
     given = given_options(ctx)
+    where = multicli.resolve(ctx.params)  # --nnodes ... or SLURM's variables; one machine without either
     if resume_dir:
-        sys.exit(trainrun.resume_run(Path(resume_dir), given, dry_run))
-    sys.exit(trainrun.new_run(trainrun.resolve(given, config_file, datasets_file), dry_run))
+        sys.exit(trainrun.resume_run(Path(resume_dir), given, dry_run, where))
+    sys.exit(trainrun.new_run(trainrun.resolve(given, config_file, datasets_file), dry_run, where))
 
 
 @cli.command("plan")
@@ -97,6 +100,9 @@ def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_f
     """Predict each GPU's train and validation peaks for the same options as train; train nothing."""
     opts = trainrun.resolve(given_options(ctx), config_file, datasets_file)
     opts["model"] = opts["model"] or options.default_model()
+    where = multicli.resolve(ctx.params)  # --batch is the total over every node's GPUs
+    multicli.check_options(opts, where)
+    opts["nnodes"] = where.nnodes
     try:
         planview.run(opts, gpus.read_inventory(), trainrun.build, vram, as_json)
     except (gpus.FakeGpusError, plan.PlanError, memmodel.UnknownModel) as exc:

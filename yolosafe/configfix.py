@@ -50,7 +50,8 @@ def config_plan(config: dict[str, Any], story: Story, **override: Any) -> plan.T
                                effective_batch=values["effective_batch"],
                                val_batch=None if values["val_batch"] is None else int(values["val_batch"]),
                                imgsz=int(values["imgsz"]), epochs=int(values["epochs"]),
-                               extra=plan.parse_passthrough(config.get("args") or []))
+                               extra=plan.parse_passthrough(config.get("args") or []),
+                               nnodes=int(ran.get("nnodes") or 1))  # a multi-node run: --batch over every node
     except (plan.PlanError, TypeError, ValueError) as exc:
         raise ConfigFixError(f"the config is not valid for this run: {exc}") from None
 

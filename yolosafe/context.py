@@ -81,6 +81,11 @@ class RunContext:
     def attempt(self) -> int:
         return self.spec.attempt
 
+    @property
+    def node(self) -> int:
+        """This process's node in a multi-node run (0 on one machine)."""
+        return self.spec.node_rank
+
     def gpu_index(self, device: Any) -> int | None:
         """The CUDA device index of ``device``, which is its GPU's position in the plan's ``gpus``; a CPU rank (fake
         GPUs) stands for the GPU at its local rank. None for a single process on the CPU."""

@@ -18,11 +18,12 @@ from __future__ import annotations
 import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from yolosafe.exits import Exit
+from yolosafe.nodes import Nodes, torchrun_flags
 from yolosafe.runspec import RunSpec
 
 WORKER = "yolosafe.worker"  # the module every rank runs, with the run spec's path as its one argument
@@ -31,28 +32,24 @@ SHUTDOWN_TIMEOUT_S = 5  # torchrun's SIGTERM-to-SIGKILL wait for the surviving r
 
 @dataclass(frozen=True)
 class Launch:
-    """Where and how many ranks. Single node: static rendezvous at ``master_addr:master_port``. Multi-node: the same
-    with ``nnodes``/``node_rank`` on every node, or a c10d rendezvous (``rdzv_endpoint``, ``rdzv_id``)."""
+    """Where and how many ranks: ``nproc_per_node`` on this machine. One node: static rendezvous on
+    ``127.0.0.1:master_port``. Several (``nodes.multi``): torchrun's static rendezvous at node 0's endpoint, with
+    this node's rank, so node R's ranks get the global ranks ``R * nproc ..`` (:mod:`yolosafe.nodes`)."""
 
     nproc_per_node: int
     master_port: int
     log_dir: Path
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    rdzv_endpoint: str | None = None
-    rdzv_id: str | None = None
+    nodes: Nodes = field(default_factory=Nodes)
 
 
 def torchrun_args(launch: Launch, module: str, args: Sequence[str]) -> list[str]:
     """torch.distributed.run's arguments that run ``python -m module *args`` on every rank."""
-    argv = ["--nnodes", str(launch.nnodes), "--nproc-per-node", str(launch.nproc_per_node)]
-    if launch.rdzv_endpoint:
-        argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", launch.rdzv_endpoint,
-                 "--rdzv-id", launch.rdzv_id or "yolosafe"]
+    if launch.nodes.multi:
+        argv = ["--nproc-per-node", str(launch.nproc_per_node),
+                *torchrun_flags(launch.nodes, launch.master_port)]
     else:
-        argv += ["--node-rank", str(launch.node_rank), "--master-addr", launch.master_addr,
-                 "--master-port", str(launch.master_port)]
+        argv = ["--nnodes", "1", "--nproc-per-node", str(launch.nproc_per_node), "--node-rank", "0",
+                "--master-addr", "127.0.0.1", "--master-port", str(launch.master_port)]
     argv += ["--max-restarts", "0",  # a failed rank ends the attempt: yolosafe decides what the next one runs
              "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
              "--log-dir", str(launch.log_dir), "--tee", "3", "--log-line-prefix-template", "[rank${rank}]: "]

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_PORT = 29500  # torchrun's own default master port
+ATTEMPT_PORTS = 16  # attempt N uses the endpoint's port + (N - 1) % 16: node 0 needs these ports free
 SLURM_PORT_SPAN = 10_000  # SLURM jobs sharing a first node get different ports: 29500 + job id % span
 
 
@@ -33,6 +34,7 @@ class Nodes:
     endpoint: str | None = None  # HOST:PORT of node 0's rendezvous store
     rdzv_id: str | None = None
     source: str = "single"  # single | flags | slurm
+    timeout: int | None = None  # seconds a node waits for the others (--rdzv-timeout); None: yolosafe's default
 
     @property
     def multi(self) -> bool:
@@ -47,7 +49,7 @@ class Nodes:
 
     def summary(self) -> dict[str, object]:
         return {"nnodes": self.nnodes, "node_rank": self.node_rank, "endpoint": self.endpoint,
-                "rdzv_id": self.rdzv_id, "source": self.source}
+                "rdzv_id": self.rdzv_id, "source": self.source, "timeout": self.timeout}
 
 
 def first_host(nodelist: str) -> str:
@@ -101,6 +103,9 @@ def check(nodes: Nodes) -> Nodes:
     if nodes.multi and not nodes.endpoint:
         raise NodesError(f"--nnodes {nodes.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address, the same on "
                          "every node)")
+    if nodes.multi and nodes.endpoint and int(nodes.endpoint.rpartition(":")[2]) + ATTEMPT_PORTS > 65536:
+        raise NodesError(f"--rdzv-endpoint {nodes.endpoint}: the port and the {ATTEMPT_PORTS - 1} after it are used "
+                         "(one per attempt); give a port below 65520")
     return nodes
 
 
@@ -115,9 +120,34 @@ def resolve(nnodes: int | None, node_rank: int | None, endpoint: str | None, rdz
 
 
 def torchrun_flags(nodes: Nodes, master_port: int) -> list[str]:
-    """torch.distributed.run's node and rendezvous flags. One node: a local store on ``master_port``."""
+    """torch.distributed.run's node and rendezvous flags. One node: a local store on ``master_port``. Several: the
+    node's ``timeout`` bounds how long it waits in the rendezvous for the others (torchrun's default is 900 s)."""
     if not nodes.multi:
         return ["--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
     assert nodes.endpoint is not None
-    return ["--nnodes", str(nodes.nnodes), "--node-rank", str(nodes.node_rank), "--rdzv-backend", "static",
-            "--rdzv-endpoint", nodes.endpoint]
+    flags = ["--nnodes", str(nodes.nnodes), "--node-rank", str(nodes.node_rank), "--rdzv-backend", "static",
+             "--rdzv-endpoint", nodes.endpoint]
+    if nodes.rdzv_id:
+        flags += ["--rdzv-id", nodes.rdzv_id]
+    return flags + (["--rdzv-conf", f"timeout={nodes.timeout}"] if nodes.timeout else [])
+
+
+def for_attempt(nodes: Nodes, attempt: int) -> Nodes:
+    """The nodes of attempt ``attempt``: the endpoint's port plus ``(attempt - 1) % ATTEMPT_PORTS``, so a new attempt
+    never meets the previous attempt's store or its socket in TIME_WAIT. Every node computes the same port."""
+    if not nodes.multi or nodes.endpoint is None:
+        return nodes
+    host, _, port = nodes.endpoint.rpartition(":")
+    return replace(nodes, endpoint=f"{host}:{int(port) + (attempt - 1) % ATTEMPT_PORTS}")
+
+
+def run_name(name: str, named: bool, nodes: Nodes) -> str:
+    """The run directory's name, the same on every node: ``--name`` as given, else ``NAME-RDZV_ID``; raises
+    :class:`NodesError` when neither says which run this is (node 0 cannot number runs as ``train2`` the others
+    would have to guess)."""
+    if named:
+        return name
+    if nodes.rdzv_id:
+        return f"{name}-{re.sub(r'[^A-Za-z0-9_.-]', '_', nodes.rdzv_id)}"
+    raise NodesError(f"--nnodes {nodes.nnodes}: give --name or --rdzv-id (the run directory must have the same name "
+                     "on every node)")

@@ -83,7 +83,10 @@ def fake_message(gpu: int, tried_mib: float = 300.0, total_mib: float = 48640.0)
 class Injection:
     """Where to raise: ``phase`` train / val / final (the validation of best.pt after the last epoch), the 0-based
     ``epoch`` and ``iteration`` (batch index), the ``rank``; ``times`` matching points raise (0 = every time, across
-    retries); ``error`` oom (the real ``torch.OutOfMemoryError``) or runtime (a plain, non-OOM ``RuntimeError``)."""
+    retries); ``error`` oom (the real ``torch.OutOfMemoryError``) or runtime (a plain, non-OOM ``RuntimeError``).
+
+    ``rank`` is the global rank; with ``node`` (multi-node runs) it is the local rank on that node instead, so
+    ``node=1,rank=0`` is node 1's first GPU whatever the number of GPUs per node."""
 
     phase: str = "train"
     epoch: int = 0
@@ -91,9 +94,13 @@ class Injection:
     rank: int = 0
     times: int = 1
     error: str = "oom"
+    node: int | None = None
 
-    def matches(self, phase: str, epoch: int, iteration: int, rank: int) -> bool:
-        return (phase, epoch, iteration, max(rank, 0)) == (self.phase, self.epoch, self.iteration, self.rank)
+    def matches(self, phase: str, epoch: int, iteration: int, rank: int, local: tuple[int, int] = (0, -1)) -> bool:
+        """``local``: this process's node and local rank, used when the spec names a ``node``."""
+        where = max(rank, 0) if self.node is None else (local[0], max(local[1], 0))
+        wanted = self.rank if self.node is None else (self.node, self.rank)
+        return (phase, epoch, iteration) == (self.phase, self.epoch, self.iteration) and where == wanted
 
 
 def parse_injection(text: str | None) -> Injection | None:
@@ -104,7 +111,8 @@ def parse_injection(text: str | None) -> Injection | None:
     for item in text.split(","):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in Injection.__dataclass_fields__:
-            raise ValueError(f"{INJECT_ENV}: cannot read {item!r}; keys: phase, epoch, iteration, rank, times, error")
+            raise ValueError(f"{INJECT_ENV}: cannot read {item!r}; keys: phase, epoch, iteration, rank, node, times, "
+                             "error")
         if key in {"phase", "error"}:
             fields[key] = value
         elif re.fullmatch(r"\d+", value):
@@ -126,9 +134,17 @@ def is_host_oom(text: str) -> bool:
     return any(marker in text for marker in HOST_OOM_MARKERS)
 
 
-def check_injection(text: str | None, world_size: int) -> None:
-    """A usage error (ValueError, one line) for a spec that cannot fire in this plan: a rank it does not have."""
+def check_injection(text: str | None, world_size: int, nnodes: int = 1) -> None:
+    """A usage error (ValueError, one line) for a spec that cannot fire in this plan: a rank or node it does not
+    have (``world_size`` counts the ranks of every node)."""
     injection = parse_injection(text)
-    if injection is not None and injection.rank >= world_size:
-        ranks = "rank 0" if world_size == 1 else f"ranks 0-{world_size - 1}"
-        raise ValueError(f"{INJECT_ENV}: rank={injection.rank} does not exist: this run has {ranks}")
+    if injection is None:
+        return
+    if injection.node is not None and injection.node >= nnodes:
+        nodes = "node 0" if nnodes == 1 else f"nodes 0-{nnodes - 1}"
+        raise ValueError(f"{INJECT_ENV}: node={injection.node} does not exist: this run has {nodes}")
+    ranks_here = world_size // max(nnodes, 1) if injection.node is not None else world_size
+    if injection.rank >= ranks_here:
+        ranks = "rank 0" if ranks_here == 1 else f"ranks 0-{ranks_here - 1}"
+        per_node = " on each node" if injection.node is not None else ""
+        raise ValueError(f"{INJECT_ENV}: rank={injection.rank} does not exist: this run has {ranks}{per_node}")

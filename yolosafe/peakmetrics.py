@@ -5,7 +5,9 @@ Every rank knows only its own GPU's peaks (the callbacks reset them at each phas
 peaks in the rank's context), so right after each validation all ranks exchange theirs (``all_gather_object``, one
 small collective per epoch) and rank 0 reports the peaks of every GPU. The keys are fixed by the plan's GPUs,
 ``memory/gpu{N}_{train|val}_{allocated|reserved}_mib`` (NVML numbering), and are NaN where torch has no figure (the
-CPU), so results.csv keeps the same columns every epoch.
+CPU), so results.csv keeps the same columns every epoch. A multi-node run names each GPU by its node and its position
+on it (``memory/node1_gpu0_train_reserved_mib``): node 0 cannot know the other nodes' NVML numbers, and the same
+number on two nodes is two GPUs.
 """
 
 from __future__ import annotations
@@ -22,19 +24,31 @@ PREFIX = "memory/"
 KINDS = MappingProxyType({"allocated": "max_allocated_mib", "reserved": "max_reserved_mib"})
 
 
-def plan_gpus(context: RunContext) -> list[int]:
-    return list(context.spec.plan.get("gpus", []))
+def plan_gpus(context: RunContext) -> list[int | str]:
+    """The plan's GPUs as NVML indices; over several nodes, ``node{N}_gpu{i}`` labels for every GPU of every node."""
+    gpus, nnodes = list(context.spec.plan.get("gpus", [])), int(context.spec.plan.get("nnodes") or 1)
+    if nnodes > 1:
+        return [f"node{n}_gpu{i}" for n in range(nnodes) for i in range(len(gpus))]
+    return gpus
 
 
-def keys(gpus: list[int]) -> list[str]:
-    return [f"{PREFIX}gpu{gpu}_{phase}_{kind}_mib" for gpu in gpus for phase in ("train", "val") for kind in KINDS]
+def _label(gpu: int | str) -> str:
+    return gpu if isinstance(gpu, str) else f"gpu{gpu}"
 
 
-def _mine(trainer: Any, context: RunContext) -> tuple[int | None, dict[str, dict[str, float | None]]]:
-    """This process's GPU (NVML index; a single process on the CPU stands for a plan's only GPU) and its peaks."""
+def keys(gpus: list[int | str]) -> list[str]:
+    return [f"{PREFIX}{_label(gpu)}_{phase}_{kind}_mib" for gpu in gpus for phase in ("train", "val") for kind in KINDS]
+
+
+def _mine(trainer: Any, context: RunContext) -> tuple[int | str | None, dict[str, dict[str, float | None]]]:
+    """This process's GPU (NVML index, or its node label over several nodes; a single process on the CPU stands for
+    a plan's only GPU) and its peaks."""
     gpus = plan_gpus(context)
     index = context.gpu_index(getattr(trainer, "device", None))
-    gpu = nvml_index(gpus, index) if index is not None else (gpus[0] if len(gpus) == 1 else None)
+    if gpus and isinstance(gpus[0], str):  # multi-node
+        gpu: int | str | None = None if index is None else f"node{context.node}_gpu{index}"
+    else:
+        gpu = nvml_index(gpus, index) if index is not None else (gpus[0] if len(gpus) == 1 else None)
     return gpu, {"train": context.progress.train_peaks, "val": torchmem.peaks(getattr(trainer, "device", None))}
 
 
@@ -52,7 +66,7 @@ def epoch_peaks(trainer: Any, context: RunContext) -> dict[str, float]:
     for gpu, phases in (item for item in everyone if item is not None):
         for phase, peaks in phases.items():
             for kind, field in KINDS.items():
-                key = f"{PREFIX}gpu{gpu}_{phase}_{kind}_mib"
+                key = f"{PREFIX}{_label(gpu)}_{phase}_{kind}_mib"
                 if key in found and (peaks or {}).get(field) is not None:
                     found[key] = float(peaks[field])
     return found

@@ -61,6 +61,7 @@ class TrainPlan:
     epochs: int
     extra: dict[str, Any] = field(default_factory=dict)  # checked Ultralytics pass-through args
     train_images: int | None = None  # the training split's size, when known: it caps and times the accumulation
+    nnodes: int = 1  # machines, each with these GPUs (--nnodes); ``batch`` is the total over all of them
 
     @property
     def device(self) -> str:
@@ -68,6 +69,12 @@ class TrainPlan:
 
     @property
     def world_size(self) -> int:
+        """Ranks over all nodes: Ultralytics divides ``batch`` by this in every rank."""
+        return self.nnodes * self.local_world_size
+
+    @property
+    def local_world_size(self) -> int:
+        """Ranks on this machine (one per GPU of ``gpus``)."""
         return max(len(self.gpus), 1)
 
     @property
@@ -251,17 +258,20 @@ def build_plan(
     epochs: int = 100,
     extra: Mapping[str, Any] | None = None,
     train_images: int | None = None,
+    nnodes: int = 1,
 ) -> TrainPlan:
-    """Resolve and check a training request. Raises :class:`PlanError` with one line for the user."""
-    world = max(len(gpus), 1)
+    """Resolve and check a training request. Raises :class:`PlanError` with one line for the user.
+
+    ``batch`` is the total over every GPU of every node (``nnodes`` machines with ``gpus`` each)."""
+    world = max(len(gpus), 1) * nnodes
     for name, value in (("--batch", batch), ("--imgsz", imgsz), ("--epochs", epochs)):
         if value < 1:
             raise PlanError(f"{name} {value}: must be at least 1")
     if batch % world:
         lower, upper = batch // world * world, (batch // world + 1) * world
         options = " or ".join(str(b) for b in (lower, upper) if b > 0)
-        raise PlanError(f"--batch {batch} does not split evenly over {world} GPUs; use a multiple of {world}: "
-                        f"{options}")
+        over = f"{nnodes} nodes x {len(gpus)} GPUs" if nnodes > 1 else f"{world} GPUs"
+        raise PlanError(f"--batch {batch} does not split evenly over {over}; use a multiple of {world}: {options}")
     if effective_batch is None:
         effective_batch = default_effective_batch(batch)
     if effective_batch < batch:
@@ -285,6 +295,7 @@ def build_plan(
         epochs=epochs,
         extra=check_passthrough(extra or {}),
         train_images=train_images,
+        nnodes=nnodes,
     )
 
 

@@ -221,7 +221,7 @@ def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: dict[str,
     reference = worst or GpuMemory(gpus.GPU(-1, None, None, None, None, None),
                                    memmodel.predict(terms, setup, "train", p.per_gpu_batch),
                                    memmodel.predict(terms, setup, "val", p.val_batch), 0)
-    host = hostram.estimate(p.extra, p.world_size, p.imgsz, hostram.count_images(p.data), hostram.available_mib())
+    host = hostram.estimate(p.extra, p.local_world_size, p.imgsz, hostram.count_images(p.data), hostram.available_mib())
     return {
         "model": memmodel.model_key(p.model), "imgsz": p.imgsz, "amp": setup.amp, "world_size": p.world_size,
         "terms_source": terms.source,

@@ -53,7 +53,8 @@ def print_terms(prediction: dict[str, Any]) -> None:
 
 def print_plan(p: plan.TrainPlan, memory: dict[str, Any], auto: dict[str, Any] | None) -> None:
     click.echo(f"yolosafe plan: {memory['model']} at {p.imgsz} px, {'AMP' if memory['amp'] else 'fp32'}, "
-               f"{len(p.gpus) or 'no'} GPU(s); figures from: {memory['terms_source']}")
+               f"{len(p.gpus) or 'no'} GPU(s){f' per node x {p.nnodes} nodes' if p.nnodes > 1 else ''}; "
+               f"figures from: {memory['terms_source']}")
     for reason in (auto or {}).get("reasons", []):
         click.echo(f"  auto: {reason}")
     if memory["gpus"]:

@@ -32,6 +32,12 @@ class AttemptEnd:
     gpu: int | None = None  # the rank's CUDA device index: the position of its GPU in the plan's gpus
     message: str = ""
     records: list[dict[str, Any]] = field(default_factory=list)
+    node: int | None = None  # multi-node: the node of the rank that failed (yolosafe.agree)
+    node_gpus: tuple[int, ...] | None = None  # that node's plan GPUs, which ``gpu`` indexes (None: this node's)
+
+    def nvml_gpu(self, plan: TrainPlan) -> int | None:
+        """The failed rank's GPU in NVML numbering (of its own node)."""
+        return nvml_index(self.node_gpus or plan.gpus, self.gpu)
 
 
 def classify(result: AttemptResult, records: Sequence[dict[str, Any]], log_tail: str) -> AttemptEnd:
@@ -115,9 +121,11 @@ def epoch_text(epoch: int | None, epochs: int) -> str:
 
 
 def where(plan: TrainPlan, end: AttemptEnd) -> str:
-    """" on rank 1, GPU 3" (NVML numbering), as far as the failure records tell."""
-    parts = [] if end.rank in (None, -1) else [f"rank {end.rank}"]
-    gpu = nvml_index(plan.gpus, end.gpu)
+    """" on rank 1, GPU 3" (NVML numbering), as far as the failure records tell; " on node 1, rank 2, GPU 0" over
+    several nodes."""
+    parts = [] if end.node is None else [f"node {end.node}"]
+    parts += [] if end.rank in (None, -1) else [f"rank {end.rank}"]
+    gpu = end.nvml_gpu(plan)
     if gpu is not None:
         parts.append(f"GPU {gpu}")
     return f" on {', '.join(parts)}" if parts else ""

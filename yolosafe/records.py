@@ -135,6 +135,7 @@ class Attempt(Record):
     epoch: int | None = None
     rank: int | None = None
     gpu: int | None = None
+    node: int | None = None  # multi-node: the node of the rank that ended the attempt
     resumed_from_epoch: int | None = None
     next: str | None = None  # what the next attempt changed
 
@@ -161,6 +162,7 @@ class Story(Record):
     clear_before_val: bool | None = None
     batch_auto: dict[str, Any] | None = None  # --batch auto: the choice and its reasons
     memory_plan: dict[str, Any] | None = None  # the memory model's prediction for the plan
+    nodes: dict[str, Any] | None = None  # a multi-node run: nodes.Nodes.summary() of this node
     supervisor: dict[str, Any] | None = None  # proc.identity of the supervisor: tells a dead run from a live one
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str | None = None  # an Outcome
@@ -244,12 +246,18 @@ def _typed(cls: type[R], path: Path, data: Any) -> R:
         raise RecordError(f"{path}: damaged ({exc})") from None
 
 
-def load_story(run_dir: Path) -> Story:
-    return _typed(Story, run_dir / rundir.STORY, _read(run_dir / rundir.STORY))
+def story_path(run_dir: Path, node: int = 0) -> Path:
+    """``yolosafe.json``; node R > 0 of a multi-node run keeps its own, ``yolosafe-nodeR.json``."""
+    return run_dir / rundir.node_file(rundir.STORY, node)
 
 
-def save_story(run_dir: Path, story: Story) -> None:
-    rundir.write_json(run_dir / rundir.STORY, story.to_dict())
+def load_story(run_dir: Path, node: int = 0) -> Story:
+    path = story_path(run_dir, node)
+    return _typed(Story, path, _read(path))
+
+
+def save_story(run_dir: Path, story: Story, node: int = 0) -> None:
+    rundir.write_json(story_path(run_dir, node), story.to_dict())
 
 
 def _failure_order(path: Path) -> tuple[int, int, str]:

@@ -8,6 +8,10 @@ memory; torch's reserved minus allocated is the allocator's cache and fragmentat
 
 ``yolosafe train`` writes the report when it ends; ``yolosafe report RUN_DIR`` writes it again. pandas and
 matplotlib are imported inside the functions: the CLI must start without them.
+
+A multi-node run has each node's samples and events in that node's own files (``memory-node1.csv``...): every
+function takes the ``node``, each node is summarised on its own (its GPUs are its own, numbered as on that machine),
+and ``yolosafe report`` merges them: node 0's summary with the others' under ``nodes``, one plot per node.
 """
 
 from __future__ import annotations
@@ -31,21 +35,29 @@ class NoMemoryData(Exception):
     """The run has no memory samples; the message says why, in one line."""
 
 
-def plan_gpus(run_dir: Path) -> list[int]:
+def _story(run_dir: Path, node: int = 0) -> dict[str, Any]:
+    return rundir.read_json(run_dir / rundir.node_file(rundir.STORY, node))
+
+
+def plan_gpus(run_dir: Path, node: int = 0) -> list[int]:
+    if node:
+        gpus = _story(run_dir, node).get("plan", {}).get("gpus") or []
+        return [g for g in gpus if isinstance(g, int)]
     return records.load_story(run_dir).plan_gpus
 
 
-def events(run_dir: Path) -> list[dict[str, Any]]:
-    return [e for e in rundir.read_jsonl(run_dir / rundir.EVENTS) if e.get("attempt") is not None and "t" in e]
+def events(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
+    path = run_dir / rundir.node_file(rundir.EVENTS, node)
+    return [e for e in rundir.read_jsonl(path) if e.get("attempt") is not None and "t" in e]
 
 
-def load(run_dir: Path) -> pd.DataFrame:
+def load(run_dir: Path, node: int = 0) -> pd.DataFrame:
     """The samples of ``memory.csv`` with ``phase`` and ``epoch`` columns; raises :class:`NoMemoryData`."""
     import pandas as pd
 
-    path = run_dir / rundir.MEMORY_CSV
+    path = run_dir / rundir.node_file(rundir.MEMORY_CSV, node)
     if not path.is_file():
-        raise NoMemoryData(f"no {rundir.MEMORY_CSV}: the watch was off (--watch-interval 0), the run trained on the "
+        raise NoMemoryData(f"no {path.name}: the watch was off (--watch-interval 0), the run trained on the "
                            "CPU, or it predates the memory watch")
     try:
         samples = pd.read_csv(path, on_bad_lines="skip")
@@ -56,10 +68,10 @@ def load(run_dir: Path) -> pd.DataFrame:
         samples = samples.astype({"t": float, "attempt": "int64", "gpu": "int64"})
         samples = samples.drop(columns=["phase", "epoch"], errors="ignore")  # joined again below, from all events
     if samples.empty:
-        raise NoMemoryData(f"{rundir.MEMORY_CSV} has no samples: the worker ended before the first one")
-    gpus = plan_gpus(run_dir)
+        raise NoMemoryData(f"{path.name} has no samples: the worker ended before the first one")
+    gpus = plan_gpus(run_dir, node)
     rows = [{"t": e["t"], "attempt": e["attempt"], "gpu": gpu, "phase": phase_after(e), "epoch": e.get("epoch")}
-            for e in events(run_dir) for gpu in event_gpus(e, gpus)]
+            for e in events(run_dir, node) for gpu in event_gpus(e, gpus)]
     phases = pd.DataFrame(rows, columns=["t", "attempt", "gpu", "phase", "epoch"]).astype(
         {"t": float, "attempt": "int64", "gpu": "int64"})
     joined = pd.merge_asof(samples.sort_values("t"), phases.sort_values("t"), on="t", by=["attempt", "gpu"],
@@ -68,11 +80,11 @@ def load(run_dir: Path) -> pd.DataFrame:
     return joined
 
 
-def torch_peaks(run_dir: Path) -> dict[tuple[int, str], dict[str, float]]:
+def torch_peaks(run_dir: Path, node: int = 0) -> dict[tuple[int, str], dict[str, float]]:
     """torch's peak allocated and reserved MiB per (GPU, phase), from the end events of every rank (GPU only)."""
-    gpus = plan_gpus(run_dir)
+    gpus = plan_gpus(run_dir, node)
     found: dict[tuple[int, str], dict[str, float]] = {}
-    for event in events(run_dir):
+    for event in events(run_dir, node):
         if event.get("max_reserved_mib") is None:
             continue
         for gpu in event_gpus(event, gpus):
@@ -82,16 +94,18 @@ def torch_peaks(run_dir: Path) -> dict[tuple[int, str], dict[str, float]]:
     return found
 
 
-def ooms(run_dir: Path) -> list[dict[str, Any]]:
-    """The OOMs of the run, each with the GPU it hit (NVML index) where the record tells."""
-    gpus = plan_gpus(run_dir)
+def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
+    """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells."""
+    gpus = plan_gpus(run_dir, node)
+    nproc = max(len(gpus), 1) if int(_story(run_dir, node).get("plan", {}).get("nnodes") or 1) > 1 else None
     found = []
     for record in records.load_failures(run_dir):  # attempt, then rank, in numeric order
-        if not record.oom:
+        rank = max(int(record.rank or 0), 0)
+        if not record.oom or (nproc is not None and rank // nproc != node):  # another node's rank
             continue
         index = record.gpu
         if index is None and record.rank is not None and gpus:
-            index = max(int(record.rank), 0)
+            index = rank % nproc if nproc else rank
         found.append({"t": record.t, "attempt": record.attempt, "phase": record.phase, "epoch": record.epoch,
                       "rank": record.rank, "gpu": nvml_index(gpus, index)})
     return found
@@ -102,10 +116,10 @@ def _num(value: Any, digits: int = 1) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), digits)
 
 
-def summarize(run_dir: Path, samples: pd.DataFrame) -> dict[str, Any]:
+def summarize(run_dir: Path, samples: pd.DataFrame, node: int = 0) -> dict[str, Any]:
     """Per GPU and phase: the peak of used memory (and when), this run's and others' memory, torch's peaks."""
-    story = rundir.read_json(run_dir / rundir.STORY)
-    peaks = torch_peaks(run_dir)
+    story = _story(run_dir, node)
+    peaks = torch_peaks(run_dir, node)
     gpus: dict[str, Any] = {}
     for gpu, rows in samples.groupby("gpu"):
         total = rows["total_mib"].max()
@@ -146,16 +160,16 @@ def summarize(run_dir: Path, samples: pd.DataFrame) -> dict[str, Any]:
         "attempts": sorted(int(a) for a in samples["attempt"].unique()),
         "gpus": gpus,
         "warnings": watch.get("warnings", []),
-        "ooms": ooms(run_dir),
+        "ooms": ooms(run_dir, node),
     }
 
 
-def _val_intervals(run_dir: Path, end_of: dict[int, float]) -> list[tuple[float, float]]:
+def _val_intervals(run_dir: Path, end_of: dict[int, float], node: int = 0) -> list[tuple[float, float]]:
     """Validation periods, from the first rank's start to the last rank's end; one left open (an OOM) ends with the
     attempt's last sample."""
     starts: dict[tuple[Any, ...], float] = {}
     ends: dict[tuple[Any, ...], float] = {}
-    for e in events(run_dir):
+    for e in events(run_dir, node):
         key = (e["attempt"], e.get("phase"), e.get("epoch"))
         if key[1] in VAL_PHASES and e["event"] == "val_start":
             starts[key] = min(starts.get(key, e["t"]), e["t"])
@@ -164,7 +178,7 @@ def _val_intervals(run_dir: Path, end_of: dict[int, float]) -> list[tuple[float,
     return [(start, ends.get(key, end_of.get(key[0], start))) for key, start in starts.items()]
 
 
-def plot(run_dir: Path, samples: pd.DataFrame, summary: dict[str, Any]) -> Path:
+def plot(run_dir: Path, samples: pd.DataFrame, summary: dict[str, Any], node: int = 0) -> Path:
     """``memory.png``: used memory per GPU over time, the total of each GPU, validation shaded, OOMs marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -186,7 +200,7 @@ def plot(run_dir: Path, samples: pd.DataFrame, summary: dict[str, Any]) -> Path:
         top = samples["total_mib"].max() * summary["warn_at"] / 1024
         ax.axhline(top, color="tab:red", ls=":", lw=0.8, label=f"warning at {summary['warn_at']:.0%}")
     end_of = samples.groupby("attempt")["t"].max().to_dict()
-    for i, (start, end) in enumerate(_val_intervals(run_dir, end_of)):
+    for i, (start, end) in enumerate(_val_intervals(run_dir, end_of, node)):
         ax.axvspan((start - t0) / scale, (end - t0) / scale, color="tab:orange", alpha=0.15,
                    label="validation" if i == 0 else None)
     for i, event in enumerate(o for o in summary["ooms"] if o.get("t")):
@@ -200,11 +214,12 @@ def plot(run_dir: Path, samples: pd.DataFrame, summary: dict[str, Any]) -> Path:
     ax.set_xlabel(f"time since the first sample ({unit})")
     ax.set_ylabel("GPU memory used (GiB, NVML)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{run_dir.name}: GPU memory per GPU, {len(samples)} samples")
+    where = f" of node {node}" if node else ""
+    ax.set_title(f"{run_dir.name}: GPU memory per GPU{where}, {len(samples)} samples")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small", ncol=2)
     fig.tight_layout()
-    path = run_dir / rundir.MEMORY_PLOT
+    path = run_dir / rundir.node_file(rundir.MEMORY_PLOT, node)
     fig.savefig(path)
     return path
 
@@ -222,12 +237,34 @@ def _mark_peaks(ax: Any, summary: dict[str, Any], t0: float, scale: float) -> No
             ax.annotate(f"GPU {gpu}", point, textcoords="offset points", xytext=(4, 4), fontsize="x-small")
 
 
-def write(run_dir: Path) -> dict[str, Any]:
-    """Join, summarise, write ``memory_summary.json`` and ``memory.png``; raises :class:`NoMemoryData`."""
-    samples = load(run_dir)
-    summary = summarize(run_dir, samples)
+def write_node(run_dir: Path, node: int = 0) -> dict[str, Any]:
+    """Join, summarise, write the node's ``memory_summary.json`` and ``memory.png``; raises :class:`NoMemoryData`."""
+    samples = load(run_dir, node)
+    summary = summarize(run_dir, samples, node)
+    rundir.write_json(run_dir / rundir.node_file(rundir.MEMORY_SUMMARY, node), summary)
+    plot(run_dir, samples, summary, node)
+    return summary
+
+
+def write(run_dir: Path, node: int | None = None) -> dict[str, Any]:
+    """The report of one node (the end of its ``yolosafe train``), or of every node that kept files here (``node``
+    None, ``yolosafe report``): node 0's summary, the others' under ``nodes``; raises :class:`NoMemoryData` when no
+    node has samples."""
+    found: dict[int, dict[str, Any]] = {}
+    missing: list[str] = []
+    for n in rundir.node_ranks(run_dir) if node is None else [node]:
+        try:
+            found[n] = write_node(run_dir, n)
+        except NoMemoryData as exc:
+            missing.append(f"node {n}: {exc}" if n else str(exc))
+    if not found:
+        raise NoMemoryData("; ".join(missing))
+    first = min(found)
+    if len(found) == 1 and (node is not None or first == 0):
+        return found[first]
+    summary = {**found[first], "nodes": {str(n): s for n, s in found.items() if n != first}}
+    summary["node"] = first
     rundir.write_json(run_dir / rundir.MEMORY_SUMMARY, summary)
-    plot(run_dir, samples, summary)
     return summary
 
 
@@ -245,9 +282,6 @@ def _peak(phases: dict[str, Any], names: tuple[str, ...]) -> str:
     return f"{_gib(top['peak_used_mib'])}{share}{epoch}"
 
 
-
-
-
 def table(summary: dict[str, Any]) -> list[str]:
     """GPU x (train peak, val peak, headroom, other processes): the lines ``yolosafe train`` ends with.
 
@@ -259,7 +293,7 @@ def table(summary: dict[str, Any]) -> list[str]:
     idle = [gpu for gpu, info in gpus if not info.get("peak_used_mib")]
     others = any(info.get("peak_others_mib") for _, info in measured)
     val = any(set(info["phases"]) & set(VAL_PHASES) for _, info in measured)
-    lines = []
+    lines = [f"node {summary['node']}:"] if "nodes" in summary else []
     if measured:
         lines.append(f"{'GPU':>3}  {'total':>9}  {'train peak':>20}" + (f"  {'val peak':>20}" if val else "")
                      + f"  {'headroom':>9}" + (f"  {'others':>9}" if others else ""))
@@ -271,4 +305,6 @@ def table(summary: dict[str, Any]) -> list[str]:
     if idle:
         lines.append(f"GPU {', '.join(idle)}: no memory in use in any sample (fake GPUs while the training ran on the "
                      "CPU, or idle ones): no peaks to show")
+    for node, part in sorted(summary.get("nodes", {}).items(), key=lambda item: int(item[0])):
+        lines += [f"node {node}:", *table(part)]  # the other nodes of a multi-node run, each its own GPUs
     return lines

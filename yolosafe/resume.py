@@ -52,38 +52,43 @@ def refused(given: dict[str, Any]) -> None:
                                   "--val-batch, --max-retries, --min-batch, --alloc-conf, --watch-interval, --warn-at)")
 
 
-def read_story(run_dir: Path) -> records.Story:
-    if not (run_dir / rundir.STORY).is_file():
+def read_story(run_dir: Path, node: int = 0) -> records.Story:
+    """The node's own story; node R > 0 of a multi-node resume that has none yet (a run that grows onto more nodes)
+    starts from node 0's, whose attempts are the run's."""
+    if node and not records.story_path(run_dir, node).is_file():
+        node = 0
+    if not records.story_path(run_dir, node).is_file():
         raise validate.InputError(f"--resume {run_dir}: not a yolosafe run directory (no {rundir.STORY})")
     try:
-        return records.load_story(run_dir)
+        return records.load_story(run_dir, node)
     except records.RecordError as exc:  # "PATH: damaged, ...": the path is said once
-        detail = str(exc).removeprefix(f"{run_dir / rundir.STORY}: ")
+        detail = str(exc).removeprefix(f"{records.story_path(run_dir, node)}: ")
         raise validate.InputError(f"--resume {run_dir}: {rundir.STORY} is unreadable ({detail})") from None
 
 
-def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool) -> Resume:
+def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, nnodes: int = 1) -> Resume:
     """Check the run can be resumed here and now and build its plan; raises :class:`validate.InputError`.
 
-    ``given`` holds the options the user gave. A real resume takes the run's lock
-    first, so two resumes of one directory can never both start; a dry run only checks nobody holds it.
+    ``given`` holds the options the user gave. A real resume takes the run's lock first, so two resumes of one
+    directory can never both start; a dry run only checks nobody holds it. Over several machines each node resumes
+    its own part (``node`` of ``nnodes``: its story, its lock).
     """
     refused(given)
     run_dir = run_dir.resolve()
-    story = read_story(run_dir)
+    story = read_story(run_dir, node)
     lock_fd = None
     try:
         if dry_run:
-            pid = rundir.holder(run_dir)
+            pid = rundir.holder(run_dir, node)
             if pid is not None:
                 raise rundir.RunLocked(run_dir, pid)
         else:
-            lock_fd = rundir.lock(run_dir)
+            lock_fd = rundir.lock(run_dir, node)
     except rundir.RunLocked as exc:
         raise validate.InputError(f"--resume {run_dir}: still training (yolosafe pid {exc.pid}); "
                                   "wait for it or stop it first") from None
-    if rundir.mark_if_orphaned(run_dir):
-        story = read_story(run_dir)
+    if rundir.mark_if_orphaned(run_dir, node):
+        story = read_story(run_dir, node)
     last = run_dir / "weights" / "last.pt"
     if not last.is_file():
         raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
@@ -93,7 +98,7 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool) -> Resume:
     options = {key: _first(given.get(key), getattr(story, key), DEFAULTS[key]) for key in RUN_OPTIONS}
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
     validate.check_options({**options, **applied, "project": str(run_dir.parent), "name": run_dir.name})
-    p, simulated = _plan(story, given)
+    p, simulated = _plan(story, given, nnodes)
     try:
         env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))
     except allocator.AllocConfError as exc:
@@ -105,7 +110,7 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _plan(story: records.Story, given: dict[str, Any]) -> tuple[plan.TrainPlan, bool]:
+def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple[plan.TrainPlan, bool]:
     """The last attempt's plan, with the GPUs and batches the user gave instead."""
     summary = story.plan
     if not summary:
@@ -124,7 +129,7 @@ def _plan(story: records.Story, given: dict[str, Any]) -> tuple[plan.TrainPlan, 
             batch=_first(given.get("batch"), last.batch, summary.get("batch")),
             effective_batch=_first(given.get("effective_batch"), summary.get("effective_batch")),
             val_batch=_first(given.get("val_batch"), last.val_batch, summary.get("val_batch")),
-            imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {},
+            imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {}, nnodes=nnodes,
         )
     except (plan.PlanError, gpus.FakeGpusError, KeyError, TypeError) as exc:
         raise validate.InputError(f"--resume: {exc}") from None

@@ -18,6 +18,17 @@ Layout (Ultralytics' own files, ``weights/``, ``results.csv``, ``args.yaml``, si
     .injected              how many injected faults (YOLOSAFE_INJECT_OOM) have fired, across attempts
     .lock                  held (flock) by the supervisor that runs in it, for its whole life; holds its pid
 
+A run over several machines (``--nnodes``) lives in one directory on storage every node shares: rank 0 (on node 0)
+writes the checkpoints and Ultralytics' files; node 0's supervisor keeps the names above; the supervisor of node R > 0
+writes its own files with the node in the name (:func:`node_file`: ``yolosafe-node1.json``, ``train-node1.log``,
+``spec-N-node1.json``, ``events-node1.jsonl``, ``memory-node1.csv``, ``ranks/node1/attempt-N/``, ``.lock-node1``).
+Failure records are named by global rank, so they never collide. The files the nodes use to agree
+(:mod:`yolosafe.cluster`)::
+
+    nodes.json             node 0's marker: the run's nodes and plan; the other nodes look for it at start
+    node-R.json            node R's live state (attempt, state, a heartbeat), rewritten every few seconds
+    attempt-N-nodeR.json   how attempt N ended on node R (written once, read by every node to agree)
+
 One run per directory: the lock is an OS lock on an open file, released by the kernel when the supervisor exits,
 however it dies, so it is never stale; the pid in the file is only there to name the holder.
 """
@@ -44,22 +55,53 @@ INJECTED = ".injected"
 FAKE_PHASE = ".fake-phase.json"
 LOCK = ".lock"
 ORPHANED = "abandoned"  # the outcome of a run whose supervisor died while it said "running" (resumable)
+NODES_MARKER = "nodes.json"
 # Set by the supervisor in the environment of every process of an attempt (worker, launcher, ranks), read by nobody but
 # yolosafe.holders, which recognises a run's processes by it in /proc/PID/environ. The processes themselves learn
 # their run from the run spec on their command line (yolosafe.runspec, yolosafe.context).
 RUN_DIR_ENV = "YOLOSAFE_RUN_DIR"
 
 
-def spec_path(run_dir: Path, attempt: int) -> Path:
-    return run_dir / f"spec-{attempt}.json"
+def node_file(name: str, node: int = 0) -> str:
+    """A file of node ``node``'s supervisor: node 0 keeps today's name, node R > 0 gets ``-nodeR`` before the
+    suffix (``train.log`` -> ``train-node1.log``, ``.lock`` -> ``.lock-node1``), so no two nodes write one file."""
+    if node <= 0:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    if not stem or not dot:  # no suffix, or a dot file without one (".lock")
+        return f"{name}-node{node}"
+    return f"{stem}-node{node}.{suffix}"
+
+
+def node_ranks(run_dir: Path) -> list[int]:
+    """The nodes that kept a story in ``run_dir``: [0] for a run on one machine."""
+    stem, _, suffix = STORY.rpartition(".")
+    found = {0}
+    for path in run_dir.glob(f"{stem}-node*.{suffix}"):
+        digits = path.stem.rpartition("-node")[2]
+        if digits.isdigit():
+            found.add(int(digits))
+    return sorted(found)
+
+
+def node_state_path(run_dir: Path, node: int) -> Path:
+    return run_dir / f"node-{node}.json"
+
+
+def node_end_path(run_dir: Path, attempt: int, node: int) -> Path:
+    return run_dir / f"attempt-{attempt}-node{node}.json"
+
+
+def spec_path(run_dir: Path, attempt: int, node: int = 0) -> Path:
+    return run_dir / node_file(f"spec-{attempt}.json", node)
 
 
 def worker_path(run_dir: Path, attempt: int) -> Path:
     return run_dir / f"worker-{attempt}.json"
 
 
-def ranks_log_dir(run_dir: Path, attempt: int) -> Path:
-    return run_dir / "ranks" / f"attempt-{attempt}"
+def ranks_log_dir(run_dir: Path, attempt: int, node: int = 0) -> Path:
+    return run_dir / "ranks" / (f"node{node}" if node > 0 else "") / f"attempt-{attempt}"
 
 
 def failure_path(run_dir: Path, attempt: int, rank: int) -> Path:
@@ -133,10 +175,10 @@ class RunLocked(Exception):
         self.pid = pid
 
 
-def lock(run_dir: Path) -> int:
+def lock(run_dir: Path, node: int = 0) -> int:
     """Take the run directory's lock for this process's life (the descriptor stays open, never inherited by the
-    worker); raises :class:`RunLocked` naming the holder."""
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    worker); raises :class:`RunLocked` naming the holder. Each node of a multi-node run has its own lock."""
+    fd = os.open(run_dir / node_file(LOCK, node), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -160,10 +202,10 @@ def claim_new_run_dir(project: Path, name: str, refuse_live: bool) -> Path:
     return run_dir
 
 
-def holder(run_dir: Path) -> str | None:
-    """The pid of the live process holding the run directory, or None when nobody does."""
+def holder(run_dir: Path, node: int = 0) -> str | None:
+    """The pid of the live process holding the run directory (node ``node``'s lock), or None when nobody does."""
     try:
-        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(run_dir / node_file(LOCK, node), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None  # no lock file: no yolosafe has run here since locks exist
     try:
@@ -175,13 +217,13 @@ def holder(run_dir: Path) -> str | None:
     return None
 
 
-def mark_if_orphaned(run_dir: Path) -> bool:
+def mark_if_orphaned(run_dir: Path, node: int = 0) -> bool:
     """A story that says "running" while nobody holds the lock: its supervisor died (kill -9, power loss). Say so in
     the story, so that neither the user nor ``--resume`` takes it for a live run. Returns whether it was marked."""
-    path = run_dir / STORY
+    path = run_dir / node_file(STORY, node)
     with contextlib.suppress(OSError, ValueError):
         story = read_json(path)
-        if not isinstance(story, dict) or story.get("outcome") != "running" or holder(run_dir) is not None:
+        if not isinstance(story, dict) or story.get("outcome") != "running" or holder(run_dir, node) is not None:
             return False
         story["outcome"] = ORPHANED
         for attempt in story.get("attempts", [])[-1:]:

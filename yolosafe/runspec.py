@@ -31,12 +31,13 @@ class RunSpec:
     val_batch: int  # per GPU, for every validation loader
     clear_before_val: bool  # empty the CUDA cache on every rank right before validation
     cuda_visible_devices: str | None  # what the supervisor put in the attempt's environment
+    node_rank: int = 0  # this node's place in a multi-node run (0 on one machine): its files carry it
     plan: dict[str, Any] = field(default_factory=dict)
     train_kwargs: dict[str, Any] = field(default_factory=dict)  # model.train(**train_kwargs)
 
     @property
     def path(self) -> Path:
-        return rundir.spec_path(Path(self.run_dir), self.attempt)
+        return rundir.spec_path(Path(self.run_dir), self.attempt, self.node_rank)
 
     def save(self) -> Path:
         rundir.write_json(self.path, asdict(self))

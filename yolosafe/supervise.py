@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yolosafe import launch, proc, records, rundir, runspec, terminal
 from yolosafe.attempts import AttemptLoop, Limits, Request
@@ -26,9 +26,12 @@ from yolosafe.gpus import open_backend
 from yolosafe.plan import TrainPlan
 from yolosafe.policy import AttemptEnd, classify
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
-from yolosafe.records import Story
+from yolosafe.records import Outcome, Story
 from yolosafe.runspec import RunSpec
 from yolosafe.watch import MemoryWatch
+
+if TYPE_CHECKING:
+    from yolosafe.agree import MultiNode
 
 
 def training_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
@@ -74,12 +77,15 @@ class RunOptions:
     watch_interval: float  # seconds between NVML samples of the memory watch; 0 turns it off
     warn_at: float  # used/total share of a GPU that prints a memory warning
     clear_before_val: bool  # gc + empty_cache on every rank right before validation
+    multinode: MultiNode | None = None  # several machines: the other nodes (yolosafe.agree); None on one machine
 
     @classmethod
-    def of(cls, env: dict[str, str], options: Mapping[str, Any], simulated: bool) -> RunOptions:
+    def of(cls, env: dict[str, str], options: Mapping[str, Any], simulated: bool,
+           multinode: MultiNode | None = None) -> RunOptions:
         return cls(env=env, max_retries=int(options["max_retries"]), min_batch=int(options["min_batch"]),
                    simulate_on_cpu=simulated, watch_interval=float(options["watch_interval"]),
-                   warn_at=float(options["warn_at"]), clear_before_val=bool(options["clear_before_val"]))
+                   warn_at=float(options["warn_at"]), clear_before_val=bool(options["clear_before_val"]),
+                   multinode=multinode)
 
 
 def versions() -> dict[str, str | None]:
@@ -103,13 +109,27 @@ class Supervisor:
         self.options = options
         self.story = story
         self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
+        self.multi = options.multinode  # several machines: the other nodes (yolosafe.agree); None on one
+        self.node = self.multi.node if self.multi else 0  # multi-node: this node's files carry it
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done (:class:`yolosafe.attempts.AttemptLoop`); returns the exit status."""
         self.story.supervisor = proc.identity(os.getpid())  # lets a later reader tell a dead run from a live one
         limits = Limits(self.options.max_retries, self.options.min_batch)
-        loop = AttemptLoop(self.run_dir, self.story, self.run_attempt, limits, self.others_mib)
-        return loop.run(plan, resume, final_val_only)
+        hint = f"yolosafe train --resume {self.run_dir}{self.multi.resume_flags() if self.multi else ''}"
+        loop = AttemptLoop(self.run_dir, self.story, self.run_attempt, limits, self.others_mib, node=self.node,
+                           resume_hint=hint)
+        try:
+            missing = self.multi.start() if self.multi else None  # multi-node: every node joined (bounded wait)
+            if missing:
+                self.story.outcome = Outcome.FAILED
+                loop.save()
+                terminal.say(missing)
+                return Exit.FAILED
+            return loop.run(plan, resume, final_val_only)
+        finally:
+            if self.multi:  # multi-node: the other nodes stop waiting for this one
+                self.multi.stop(self.story.outcome)
 
     def spec(self, plan: TrainPlan, attempt: int, resume: Path | None, final_val_only: bool) -> RunSpec:
         kwargs = {
@@ -127,6 +147,7 @@ class Supervisor:
             world_size=plan.world_size if mode == runspec.TRAIN else 1,  # the final validation runs alone
             fake_gpus=self.options.simulate_on_cpu,
             run_dir=str(self.run_dir),
+            node_rank=self.node,
             model=plan.model,
             resume=str(resume) if resume else None,
             val_batch=plan.val_batch,
@@ -140,8 +161,11 @@ class Supervisor:
         """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU."""
         if spec.world_size <= 1:
             return [sys.executable, "-m", "yolosafe.worker", str(path)]
-        log_dir = rundir.ranks_log_dir(self.run_dir, spec.attempt)
-        return launch.command(sys.executable, launch.Launch(spec.world_size, launch.free_port(), log_dir), path)
+        log_dir = rundir.ranks_log_dir(self.run_dir, spec.attempt, self.node)
+        ranks = launch.Launch(spec.world_size, launch.free_port(), log_dir)
+        if self.multi:  # this node's ranks, torchrun's static rendezvous at node 0
+            ranks = self.multi.launch(spec.attempt, log_dir)
+        return launch.command(sys.executable, ranks, path)
 
     def run_attempt(self, request: Request) -> tuple[AttemptResult, AttemptEnd]:
         """Write the attempt's run spec, run its child to the end under the memory watch, and classify the end."""
@@ -149,19 +173,25 @@ class Supervisor:
         path = spec.save()
         cmd = self.command(spec, path)
         self.story.attempts[-1].command = cmd
-        records.save_story(self.run_dir, self.story)
+        records.save_story(self.run_dir, self.story, self.node)
         extra = {rundir.RUN_DIR_ENV: str(self.run_dir)}  # only a marker: see rundir.RUN_DIR_ENV
         if spec.cuda_visible_devices:
             extra["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         env = training_env(self.options.env, extra)
-        log_path = self.run_dir / rundir.LOG
+        log_path = self.run_dir / rundir.node_file(rundir.LOG, self.node)
         with open(log_path, "ab") as log:
             start = log.tell()
             log.write(f"\n=== yolosafe attempt {spec.attempt} ({spec.mode}): {' '.join(cmd)}\n".encode())
             with self.memory_watch(spec) as on_start:
-                result = run_child(cmd, env, log, on_start=on_start, out=terminal.TracebackFilter(sys.stdout.buffer))
-        end = classify(result, rundir.failure_records(self.run_dir, spec.attempt), tail(log_path, start))
-        return result, end
+                if self.multi and not self.multi.runs_here(spec):  # a final validation is node 0's alone
+                    result = AttemptResult(0, 0.0)
+                else:  # multi-node: also stop this node's ranks when another node's attempt failed
+                    on_start = self.multi.watch(spec.attempt, on_start) if self.multi else on_start
+                    result = run_child(cmd, env, log, on_start=on_start,
+                                       out=terminal.TracebackFilter(sys.stdout.buffer))
+        if self.multi:  # the outcome every node derives from every node's end record
+            return result, self.multi.agree(spec.attempt, result, tail(log_path, start))
+        return result, classify(result, rundir.failure_records(self.run_dir, spec.attempt), tail(log_path, start))
 
     @contextlib.contextmanager
     def memory_watch(self, spec: RunSpec) -> Iterator[Callable[[ProcessTree], None] | None]:
@@ -173,7 +203,7 @@ class Supervisor:
             return
         if self.watch is None:
             self.watch = MemoryWatch(self.run_dir, gpu_ids, self.options.watch_interval, self.options.warn_at,
-                                     lambda: open_backend(self.options.env), terminal.say)
+                                     lambda: open_backend(self.options.env), terminal.say, node=self.node)
         watch = self.watch
         try:
             yield lambda tree: watch.start(spec.attempt, tree.pids)

@@ -31,6 +31,9 @@ def start_lines(plan: TrainPlan, env: dict[str, str], simulated: bool) -> list[s
     if plan.gpus:
         plural = "s" if len(plan.gpus) > 1 else ""
         where = f"GPU{plural} {plan.device}: batch {plan.batch} = {plan.per_gpu_batch} per GPU"
+        if plan.nnodes > 1:  # --batch is the total over every node's GPUs
+            where = (f"{plan.nnodes} nodes x GPU{plural} {plan.device}: batch {plan.batch} = {plan.per_gpu_batch} "
+                     f"per GPU over {plan.world_size} ranks")
     else:
         where = f"CPU: batch {plan.batch}"
     if simulated:

@@ -25,6 +25,8 @@ from yolosafe import (
     history,
     launch,
     memmodel,
+    multicli,
+    nodes,
     oom,
     options,
     plan,
@@ -74,6 +76,7 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
             epochs=int(opts["epochs"]),
             extra=plan.parse_passthrough(opts["args"]),
             train_images=datasets.count_images(Path(opts["data_yaml"])),
+            nnodes=int(opts.get("nnodes") or 1),  # multi-node: --batch is the total over every node's GPUs
         )
     except plan.PlanError as exc:
         hidden = len(visible) < len(inventory.ids)
@@ -83,8 +86,10 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
     return built
 
 
-def new_run(opts: dict[str, Any], dry_run: bool) -> Exit:
+def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
     """A new run: everything checked, then the run directory claimed and the attempts supervised."""
+    opts["nnodes"] = where.nnodes
+    multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
     options.check_watch(opts)
     validate.check_options(opts)
     validate.check_model(opts["model"] or options.default_model())
@@ -97,25 +102,37 @@ def new_run(opts: dict[str, Any], dry_run: bool) -> Exit:
         raise InputError(str(exc)) from None
     p = build(opts, inventory)
     try:
-        oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size)
-    except ValueError as exc:
+        oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
+        multicli.check_plan(p, where)  # GPUs on every node
+    except (ValueError, nodes.NodesError) as exc:
         raise InputError(str(exc)) from None
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
     simulated = inventory.backend == "fake" and bool(p.gpus)
-    project = Path(opts["project"])
+    run_dir = claim_run_dir(opts, where, p, dry_run)
     if dry_run:
-        print_dry_run(p, env, next_run_name(project, opts["name"]), simulated)
+        print_dry_run(p, env, run_dir, simulated, where=where)
         return Exit.OK
-    try:
-        run_dir = rundir.claim_new_run_dir(project, opts["name"], refuse_live=opts["named"])
-    except rundir.RunLocked as exc:
-        raise InputError(f"--name {opts['name']}: {exc}") from None
     story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
+    story.nodes = where.summary() if where.multi else None
     for note in planner.warnings(story.memory_plan):
         terminal.say(f"warning: {note}")
     terminal.say(f"run directory {run_dir}")
-    return run_supervised(run_dir, p, env, opts, simulated, story)
+    return run_supervised(run_dir, p, env, opts, simulated, story, where=where)
+
+
+def claim_run_dir(opts: Mapping[str, Any], where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> Path:
+    """The run's directory: on several nodes the same one everywhere, made by node 0; a new one, locked for this
+    process, on one machine; only its name for a dry run."""
+    project = Path(opts["project"])
+    if where.multi:
+        return multicli.claim(project, dict(opts), opts["named"], where, p, dry_run)
+    if dry_run:
+        return next_run_name(project, opts["name"])
+    try:
+        return rundir.claim_new_run_dir(project, opts["name"], refuse_live=opts["named"])
+    except rundir.RunLocked as exc:
+        raise InputError(f"--name {opts['name']}: {exc}") from None
 
 
 def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Mapping[str, Any],
@@ -140,46 +157,55 @@ def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Ma
     )
 
 
-def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool) -> Exit:
+def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
     """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
-    r = resume.prepare(run_dir, given, dry_run)
+    r = resume.prepare(run_dir, given, dry_run, where.node_rank, where.nnodes)
+    attempt = len(r.story.attempts) + 1
     if dry_run:
-        print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, len(r.story.attempts) + 1)
+        print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
         return Exit.OK
+    if where.multi:  # every node resumes the same attempt of the same run
+        multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
     resume.record(r, given)
     terminal.say(f"resuming {r.run_dir} from {r.last}")
-    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last)
+    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last,
+                          where=where)
 
 
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: Mapping[str, Any],
-                   simulated: bool, story: records.Story, resume_from: Path | None = None) -> Exit:
+                   simulated: bool, story: records.Story, resume_from: Path | None = None,
+                   where: nodes.Nodes | None = None) -> Exit:
     """The attempts, then the memory table, the history line and where the weights are."""
+    node = where.node_rank if where else 0
     if simulated:  # the watch's fake NVML backend follows the phases the ranks write there (docs/fake-gpus.md)
-        env = {**env, gpus.PHASE_FILE_ENV: str(run_dir / rundir.FAKE_PHASE)}
+        env = {**env, gpus.PHASE_FILE_ENV: str(run_dir / rundir.node_file(rundir.FAKE_PHASE, node))}
     for line in terminal.start_lines(p, env, simulated):
         terminal.say(line)
-    supervisor = supervise.Supervisor(run_dir, supervise.RunOptions.of(env, opts, simulated), story)
+    run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run_dir, where, p))
+    supervisor = supervise.Supervisor(run_dir, run_options, story)
     code = supervisor.run(p, resume=resume_from)
     if supervisor.watch is not None:
-        print_memory_table(run_dir)
-        history.record(run_dir, story.to_dict())  # predicted vs measured peaks: the next plan learns from this machine
+        print_memory_table(run_dir, node)
+        if node == 0:  # predicted vs measured peaks: the next plan learns from this machine (node 0's, over nodes)
+            history.record(run_dir, story.to_dict())
     terminal.say(f"run directory: {run_dir}")
     for name, path in (story.weights or {}).items():
         terminal.say(f"{name} weights: {path}")
     return code
 
 
-def print_memory_table(run_dir: Path) -> None:
+def print_memory_table(run_dir: Path, node: int = 0) -> None:
     """The end of ``yolosafe train``: peaks per GPU, and where the report files are. Never changes the exit status."""
     try:
-        summary = report.write(run_dir)
+        summary = report.write(run_dir, node)
     except report.NoMemoryData as exc:
         terminal.say(f"memory: {exc}")
         return
     except Exception as exc:  # the run is over whatever happens here: a broken report must not hide its outcome
         terminal.say(f"memory report failed: {type(exc).__name__}: {exc}")
         return
-    terminal.say(f"memory per GPU (NVML peaks; {rundir.MEMORY_SUMMARY}, {rundir.MEMORY_PLOT} in the run directory):")
+    terminal.say(f"memory per GPU (NVML peaks; {rundir.node_file(rundir.MEMORY_SUMMARY, node)}, "
+                 f"{rundir.node_file(rundir.MEMORY_PLOT, node)} in the run directory):")
     for line in report.table(summary):
         click.echo(f"  {line}", err=True)
 
@@ -193,7 +219,7 @@ def next_run_name(project: Path, name: str) -> Path:
 
 
 def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulated: bool,
-                  resume_from: Path | None = None, attempt: int = 1) -> None:
+                  resume_from: Path | None = None, attempt: int = 1, where: nodes.Nodes | None = None) -> None:
     """The resolved plan, the child's environment and command: what ``--dry-run`` shows instead of training."""
     gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
     if simulated:
@@ -203,6 +229,9 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
     if p.world_size > 1:  # the port is picked again at launch
         ranks = launch.Launch(p.world_size, launch.free_port(), rundir.ranks_log_dir(run_dir, attempt))
         command = launch.command(sys.executable, ranks, spec_file)
+    multi = where is not None and where.multi
+    if multi:  # this node's ranks and files
+        command = multicli.dry_run_command(p, where, run_dir, attempt)
     device, visible = supervise.launch_device(p, simulated)
     child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
@@ -210,6 +239,7 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("model", p.model),
         ("data", p.data),
         ("device", gpus_text),
+        *(multicli.dry_run_lines(p, where) if multi else []),
         ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
         ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
                             f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),

@@ -118,14 +118,16 @@ class MemoryWatch:
     """Samples the run's GPUs in a background thread, one attempt at a time (``start`` ... ``stop``).
 
     ``pids`` (given to ``start``) returns the live pids of the attempt's process tree. ``say`` prints one line for
-    the user. ``open_backend`` is called at each start; the backend is closed at each stop.
+    the user. ``open_backend`` is called at each start; the backend is closed at each stop. On node ``node`` of a
+    multi-node run it samples that node's GPUs into the node's own CSV, following its own ranks' events.
     """
 
     def __init__(self, run_dir: Path, gpus: Sequence[int], interval: float, warn_at: float,
-                 open_backend: Callable[[], GPUBackend], say: Callable[[str], None]) -> None:
+                 open_backend: Callable[[], GPUBackend], say: Callable[[str], None], node: int = 0) -> None:
         self.run_dir, self.gpus, self.interval, self.warn_at = run_dir, tuple(gpus), interval, warn_at
         self._open_backend, self._say = open_backend, say
-        self.tracker = PhaseTracker(run_dir / rundir.EVENTS, self.gpus)
+        self.csv_path = run_dir / rundir.node_file(rundir.MEMORY_CSV, node)
+        self.tracker = PhaseTracker(run_dir / rundir.node_file(rundir.EVENTS, node), self.gpus)
         self.samples = 0
         self.read_errors = 0
         self.cpu_s = 0.0  # CPU seconds the sampler thread used, all attempts: its cost, measured where it runs
@@ -161,7 +163,7 @@ class MemoryWatch:
                 "warnings": self.warnings}
 
     def _run(self, attempt: int, pids: Callable[[], set[int]]) -> None:
-        path = self.run_dir / rundir.MEMORY_CSV
+        path = self.csv_path
         backend: GPUBackend | None = None
         try:
             backend = self._open_backend()
