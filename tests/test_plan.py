@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from yolosafe.accumulation import describe_accumulation, warmup_accumulate
 from yolosafe.plan import (
     PlanError,
     build_plan,
     check_passthrough,
-    describe_accumulation,
     parse_gpus,
     parse_passthrough,
-    warmup_accumulate,
 )
 
 

@@ -159,14 +159,14 @@ def _check_resume_batch() -> None:
 
 
 def _check_accumulate() -> None:
-    from yolosafe import plan
+    from yolosafe import accumulation
 
     _in_order(_trainer()._build_train_pipeline, "batch_size = self.batch_size // max(self.world_size, 1)",
               "self.accumulate = max(round(self.args.nbs / self.batch_size), 1)", "if not self.args.time:",
               "self.accumulate = min(self.accumulate, len(self.train_loader) * self.epochs)")
     for nbs, batch, iterations in ((64, 16, None), (16, 8, 8), (64, 8, 4), (100, 48, None), (96, 64, 1)):
         capped = max(round(nbs / batch), 1) if iterations is None else min(max(round(nbs / batch), 1), iterations)
-        assert plan.nominal_accumulate(nbs, batch, iterations) == capped, (nbs, batch, iterations)
+        assert accumulation.nominal_accumulate(nbs, batch, iterations) == capped, (nbs, batch, iterations)
 
 
 def _check_warmup() -> None:
@@ -174,57 +174,51 @@ def _check_warmup() -> None:
 
     import numpy as np
 
-    from yolosafe import plan
+    from yolosafe import accumulation
 
     _in_order(_trainer()._do_train, "nw = self._get_warmup_iterations(nb)", "acc0 = self.accumulate",
               "ni = i + nb * epoch", "if nw and ni <= nw:", "xi = [0, nw]",
               "self.accumulate = max(1, int(np.interp(ni, xi, [1, acc0]).round()))")
     for warmup_epochs, epochs, nb in ((3.0, 100, 7), (3.0, 2, 4), (0.5, 10, 3), (0.0, 5, 9), (3.0, 1, 4)):
         fake = SimpleNamespace(args=SimpleNamespace(warmup_epochs=warmup_epochs), epochs=epochs)
-        real, ours = _trainer()._get_warmup_iterations(fake, nb), plan.warmup_iterations(warmup_epochs, epochs, nb)
+        real = _trainer()._get_warmup_iterations(fake, nb)
+        ours = accumulation.warmup_iterations(warmup_epochs, epochs, nb)
         assert real == ours, f"warmup_epochs={warmup_epochs}, epochs={epochs}, {nb} batches: {real} != plan's {ours}"
     for acc0 in (1, 2, 3, 4, 7, 16):
         for nw in (1, 2, 4, 5, 12, 21):
             for ni in range(nw + 1):
                 real = max(1, int(np.interp(ni, [0, nw], [1, acc0]).round()))
-                ours = plan.warmup_accumulate(ni, nw, acc0)
+                ours = accumulation.warmup_accumulate(ni, nw, acc0)
                 assert ours == real, f"iteration {ni} of {nw}, accumulate {acc0}: {real} != plan's {ours}"
 
 
 def _check_loader_length() -> None:
     from ultralytics.data.build import build_dataloader
 
-    from yolosafe import plan
+    from yolosafe import accumulation
 
     _in_order(build_dataloader, "batch = min(batch, dataset_len)", "distributed.DistributedSampler(dataset,")
     for images, batch in ((32, 8), (30, 8), (5, 8), (16, 16), (33, 4)):
         loader = build_dataloader(list(range(images)), batch, 0, shuffle=True, rank=-1, device="cpu")
-        assert len(loader) == plan.batches_per_epoch(images, batch, 1), (images, batch)
-    assert plan.batches_per_epoch(33, 4, 2) == math.ceil(math.ceil(33 / 2) / 4)  # DistributedSampler pads up
+        assert len(loader) == accumulation.batches_per_epoch(images, batch, 1), (images, batch)
+    assert accumulation.batches_per_epoch(33, 4, 2) == math.ceil(math.ceil(33 / 2) / 4)  # DistributedSampler pads up
 
 
 def _check_defaults() -> None:
     import yaml
     from ultralytics.utils import DEFAULT_CFG_PATH
 
-    from yolosafe import plan
+    from yolosafe import accumulation
 
     cfg = yaml.safe_load(DEFAULT_CFG_PATH.read_text())
-    assert cfg["nbs"] == plan.ULTRALYTICS_DEFAULT_NBS, f"nbs default {cfg['nbs']}"
-    assert cfg["warmup_epochs"] == plan.ULTRALYTICS_DEFAULT_WARMUP_EPOCHS, f"warmup_epochs {cfg['warmup_epochs']}"
+    assert cfg["nbs"] == accumulation.ULTRALYTICS_DEFAULT_NBS, f"nbs default {cfg['nbs']}"
+    warmup = cfg["warmup_epochs"]
+    assert warmup == accumulation.ULTRALYTICS_DEFAULT_WARMUP_EPOCHS, f"warmup_epochs {warmup}"
 
 
-def _check_ddp_launch() -> None:
-    from ultralytics.utils import dist
-
-    _in_order(_trainer().__init__, "self.ddp = world_size > 1 and LOCAL_RANK == -1")
-    _in_order(_trainer().train, "cmd, file = generate_ddp_command(self)", "subprocess.run(cmd, check=True)")
-    _in_order(dist.generate_ddp_command, "if not trainer.resume: shutil.rmtree(trainer.save_dir)")
-    assert "resume" not in _source(_trainer().train), "BaseTrainer.train reads trainer.resume itself"
-    assert "trainer.resume" not in _source(dist.generate_ddp_file), "the ranks' state file carries trainer.resume"
-    _in_order(dist.generate_ddp_file, '"trainer": type(trainer)', '"callbacks": trainer.callbacks',
-              "pickle_module=cloudpickle", 'trainer = state["trainer"](', "_callbacks=state[\"callbacks\"]",
-              "trainer.train()")
+def _check_ddp_flag() -> None:
+    _in_order(_trainer().__init__, "self.ddp = world_size > 1 and LOCAL_RANK == -1", "self.world_size = world_size")
+    _in_order(_trainer().train, "if self.ddp:", "generate_ddp_command(self)", "else: self._do_train()")
 
 
 def _check_model_api() -> None:
@@ -270,12 +264,12 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                _check_warmup),
     Assumption("train_loader_length", "len(train_loader) per rank = ceil(ceil(images / world) / per-GPU batch)",
                "ultralytics.data.build.build_dataloader", _check_loader_length),
-    Assumption("default_cfg", "Ultralytics' defaults nbs=64 and warmup_epochs=3.0 (plan.py's constants)",
+    Assumption("default_cfg", "Ultralytics' defaults nbs=64 and warmup_epochs=3.0 (accumulation.py's constants)",
                "ultralytics/cfg/default.yaml", _check_defaults),
-    Assumption("ddp_launch", "multi-GPU train() spawns torch.distributed.run with the inherited environment, deletes "
-               "save_dir unless trainer.resume (read nowhere else on the way), and pickles type(trainer) and the "
-               "callbacks for the ranks",
-               "BaseTrainer.train, ultralytics.utils.dist.generate_ddp_command/generate_ddp_file", _check_ddp_launch),
+    Assumption("ddp_flag", "BaseTrainer.__init__ sets self.ddp and world_size (Ultralytics' own rank launch) from "
+               "the device string, and train() launches ranks only if self.ddp, else runs _do_train here: yolosafe "
+               "sets ddp False and the world size from its launcher after __init__", "BaseTrainer.__init__/train",
+               _check_ddp_flag),
     Assumption("model_train_api", "Model.train(trainer=cls) instantiates our trainer with the model's callbacks, and "
                "a loaded model keeps its checkpoint in model.ckpt", "ultralytics.engine.model.Model.train/_load",
                _check_model_api),

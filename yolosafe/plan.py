@@ -6,8 +6,8 @@ before any process touches a GPU.
 Ultralytics has no ``accumulate`` argument: it accumulates ``round(nbs / batch)`` steps, where ``batch`` is the total
 batch over all GPUs. So yolosafe sets ``nbs`` to the effective batch the user wants; when a retry halves the batch,
 keeping ``nbs`` doubles the accumulation and the effective batch (and Ultralytics' weight-decay scaling) survives.
-Ultralytics also caps that at the run's iterations and ramps it up from 1 during warm-up: the functions below are its
-formula (guarded against its source by ``yolosafe.compat``), so the dry run shows what really runs.
+Ultralytics also caps that at the run's iterations and ramps it up from 1 during warm-up: :mod:`yolosafe.accumulation`
+has its formula (guarded against its source by ``yolosafe.compat``), so the dry run shows what really runs.
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ from typing import Any
 
 import yaml
 
-ULTRALYTICS_DEFAULT_NBS = 64
-ULTRALYTICS_DEFAULT_WARMUP_EPOCHS = 3.0
+from yolosafe.accumulation import (
+    ULTRALYTICS_DEFAULT_NBS,
+    ULTRALYTICS_DEFAULT_WARMUP_EPOCHS,
+    batches_per_epoch,
+    nominal_accumulate,
+    warmup_iterations,
+)
 
 # Train arguments yolosafe owns: set through its own options, never as pass-through key=value.
 OWNED_KEYS = MappingProxyType({
@@ -142,37 +147,6 @@ class TrainPlan:
         }
 
 
-# Ultralytics' accumulation, step by step (``yolosafe.compat`` checks each against Ultralytics' own source).
-
-def batches_per_epoch(images: int, per_gpu_batch: int, world_size: int) -> int:
-    """``len(train_loader)`` per rank: ``build_dataloader`` splits the images over the ranks (rounding up, like
-    ``DistributedSampler``), shrinks the batch to the shard, and keeps the last partial batch."""
-    samples = -(-images // world_size)
-    batch = min(per_gpu_batch, samples)
-    return -(-samples // batch) if batch > 0 else 0
-
-
-def nominal_accumulate(nbs: int, batch: int, iterations: int | None = None) -> int:
-    """``BaseTrainer._build_train_pipeline``: ``max(round(nbs / batch), 1)``, at most the run's iterations
-    (``len(train_loader) * epochs``, not capped in ``time`` mode, ``iterations`` None)."""
-    accumulate = max(round(nbs / batch), 1)
-    return accumulate if iterations is None else min(accumulate, iterations)
-
-
-def warmup_iterations(warmup_epochs: float, epochs: int, batches: int) -> int:
-    """``BaseTrainer._get_warmup_iterations``: warm-up leaves at least the last epoch alone."""
-    warmup = min(warmup_epochs, max(epochs - 1, 0))
-    return round(warmup * batches) if warmup > 0 else 0
-
-
-def warmup_accumulate(iteration: int, warmup: int, accumulate: int) -> int:
-    """The accumulation at global iteration ``iteration`` (``BaseTrainer._do_train``:
-    ``max(1, int(np.interp(ni, [0, nw], [1, acc0]).round()))`` while ``ni <= nw``), without numpy."""
-    if not warmup or iteration >= warmup:
-        return accumulate
-    return max(1, round((accumulate - 1) / warmup * iteration + 1))
-
-
 @functools.cache
 def ultralytics_train_keys() -> frozenset[str]:
     """The argument names of Ultralytics' own default config, read from its YAML without importing ultralytics."""
@@ -246,6 +220,17 @@ def default_effective_batch(batch: int) -> int:
     return batch * max(round(ULTRALYTICS_DEFAULT_NBS / batch), 1)
 
 
+def _check_split(batch: int, gpus: int, nnodes: int) -> int:
+    """The world size (ranks over every node); a batch that does not split evenly over it is a usage error."""
+    world = max(gpus, 1) * nnodes
+    if batch % world:
+        lower, upper = batch // world * world, (batch // world + 1) * world
+        options = " or ".join(str(b) for b in (lower, upper) if b > 0)
+        over = f"{nnodes} nodes x {gpus} GPUs" if nnodes > 1 else f"{world} GPUs"
+        raise PlanError(f"--batch {batch} does not split evenly over {over}; use a multiple of {world}: {options}")
+    return world
+
+
 def build_plan(
     *,
     model: str,
@@ -263,15 +248,10 @@ def build_plan(
     """Resolve and check a training request. Raises :class:`PlanError` with one line for the user.
 
     ``batch`` is the total over every GPU of every node (``nnodes`` machines with ``gpus`` each)."""
-    world = max(len(gpus), 1) * nnodes
     for name, value in (("--batch", batch), ("--imgsz", imgsz), ("--epochs", epochs)):
         if value < 1:
             raise PlanError(f"{name} {value}: must be at least 1")
-    if batch % world:
-        lower, upper = batch // world * world, (batch // world + 1) * world
-        options = " or ".join(str(b) for b in (lower, upper) if b > 0)
-        over = f"{nnodes} nodes x {len(gpus)} GPUs" if nnodes > 1 else f"{world} GPUs"
-        raise PlanError(f"--batch {batch} does not split evenly over {over}; use a multiple of {world}: {options}")
+    world = _check_split(batch, len(gpus), nnodes)
     if effective_batch is None:
         effective_batch = default_effective_batch(batch)
     if effective_batch < batch:
@@ -306,12 +286,3 @@ def plan_warnings(plan: TrainPlan) -> list[str]:
     why = "is not a multiple of" if plan.effective_batch % plan.batch else "is more than the run's iterations of"
     return [f"effective batch {plan.effective_batch} {why} batch {plan.batch}: Ultralytics will accumulate "
             f"{plan.accumulate} steps, an effective batch of {plan.real_effective_batch}"]
-
-
-def describe_accumulation(plan: TrainPlan) -> str:
-    """The dry run's line: the accumulation that really runs, cap and warm-up ramp included."""
-    nb, warmup = plan.batches_per_epoch, plan.warmup_iterations
-    if nb is None:
-        return f"at most {plan.accumulate}, ramped up from 1 during warm-up (dataset size unknown)"
-    ramp = f"ramped 1 -> {plan.accumulate} over its first {warmup} (warm-up)" if warmup else "no warm-up ramp"
-    return f"{plan.accumulate}, at most the run's {nb * plan.epochs} iterations ({nb} per epoch); {ramp}"

@@ -19,6 +19,7 @@ import click
 
 from yolosafe import (
     __version__,
+    accumulation,
     allocator,
     datasets,
     gpus,
@@ -243,7 +244,7 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
         ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
                             f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),
-        ("accumulation", plan.describe_accumulation(p)),
+        ("accumulation", accumulation.describe_accumulation(p)),
         ("val batch", f"{p.val_batch} per GPU"),
         ("imgsz / epochs", f"{p.imgsz} / {p.epochs}"),
         ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),
