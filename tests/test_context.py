@@ -65,13 +65,14 @@ def test_injection_is_parsed_once_and_fires_times_across_attempts(tmp_path, monk
     assert (tmp_path / rundir.INJECTED).read_text() == "1"
 
 
-def test_fake_phase_callbacks_only_with_fake_gpus_after_yolosafes(tmp_path):
+def test_fake_phase_callbacks_only_with_fake_gpus_around_yolosafes(tmp_path):
     real, fake = StandInModel(), StandInModel()
     worker.install_callbacks(real, run_context(tmp_path / "real"))
     worker.install_callbacks(fake, run_context(tmp_path / "fake", fake_gpus=True))
     owners = {event: [type(hook.__self__) for hook in hooks] for event, hooks in fake.callbacks.items()}
     assert not any(isinstance(h.__self__, FakePhaseFile) for hooks in real.callbacks.values() for h in hooks)
     assert owners["on_train_epoch_start"] == owners["on_val_start"] == [TrainingCallbacks, FakePhaseFile]
+    assert owners["on_train_epoch_end"] == owners["on_val_end"] == [FakePhaseFile, TrainingCallbacks]
     assert set(real.callbacks) == set(TrainingCallbacks(run_context(tmp_path / "x")).hooks())
 
 

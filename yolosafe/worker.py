@@ -63,10 +63,12 @@ def _load(model_path: str) -> Any:
 
 
 def install_callbacks(model: Any, context: RunContext) -> None:
-    """yolosafe's callbacks on ``model``; with fake GPUs, then the fake phase file's, which read their progress."""
-    callbacks.TrainingCallbacks(context).register(model)
+    """yolosafe's callbacks on ``model``; with fake GPUs, the fake phase file's around them."""
+    own = callbacks.TrainingCallbacks(context).register
     if context.spec.fake_gpus:
-        fakephase.FakePhaseFile(context).register(model)
+        fakephase.FakePhaseFile(context).register_around(model, own)
+    else:
+        own(model)
 
 
 def _save_metrics(run_dir: Path, metrics: Any) -> None:
