@@ -190,7 +190,7 @@ def test_cpu_only_machine_proposes_no_allocator_export(tmp_path):
 @pytest.mark.parametrize("args, fake, words", [
     (["--run", "nowhere"], "2x48GB", "--run nowhere: not a yolosafe run directory"),
     (["--config", "missing.yaml"], "2x48GB", "--config missing.yaml: no such file"),
-    ([], "{bad", "YOLOSAFE_FAKE_GPUS: cannot read JSON spec"),
+    ([], "{bad", "YOLOSAFE_FAKE_GPUS: cannot read its JSON layout"),
 ])
 def test_usage_errors(tmp_path, args, fake, words):
     out = run_fix(tmp_path, fix_env(tmp_path, fake), *args)

@@ -4,7 +4,7 @@ The worker loads it once per process (:meth:`RunContext.load`), from the run spe
 variables torch.distributed.run sets, and hands it to everything that runs inside Ultralytics: the trainer class
 (:func:`yolosafe.trainer.trainer_class`), the callbacks, the fake phase file, the peak metrics and the failure
 record. Nothing of it is kept in a module global or read again from the environment: every rank is a process of its
-own, so its context is too, and a test builds one from a spec file without training.
+own, so its context is too, and a test builds one from a run spec file without training.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What an out-of-memory looks like: PyTorch's message, parsed; the words that mark an OOM in a log; and the
-fault-injection spec that makes the real trainer raise one on purpose.
+fault injection (``YOLOSAFE_INJECT_OOM``) that makes the real trainer raise one on purpose.
 
 No torch import here: the supervisor classifies failures without it; the trainer side passes in the exception.
 """
@@ -97,7 +97,7 @@ class Injection:
     node: int | None = None
 
     def matches(self, phase: str, epoch: int, iteration: int, rank: int, local: tuple[int, int] = (0, -1)) -> bool:
-        """``local``: this process's node and local rank, used when the spec names a ``node``."""
+        """``local``: this process's node and local rank, used when the injection names a ``node``."""
         where = max(rank, 0) if self.node is None else (local[0], max(local[1], 0))
         wanted = self.rank if self.node is None else (self.node, self.rank)
         return (phase, epoch, iteration) == (self.phase, self.epoch, self.iteration) and where == wanted
@@ -135,7 +135,7 @@ def is_host_oom(text: str) -> bool:
 
 
 def check_injection(text: str | None, world_size: int, nnodes: int = 1) -> None:
-    """A usage error (ValueError, one line) for a spec that cannot fire in this plan: a rank or node it does not
+    """A usage error (ValueError, one line) for an injection that cannot fire in this plan: a rank or node it does not
     have (``world_size`` counts the ranks of every node)."""
     injection = parse_injection(text)
     if injection is None:

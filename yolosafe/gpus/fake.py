@@ -103,7 +103,7 @@ def parse_layout(layout: str) -> tuple[list[FakeGPU], str | None, str | None, st
             raw = Path(text[1:]).read_text() if text.startswith("@") else text
             data = json.loads(raw)
         except (OSError, json.JSONDecodeError) as exc:
-            raise FakeGpusError(f"{FAKE_ENV}: cannot read JSON spec ({exc})") from exc
+            raise FakeGpusError(f"{FAKE_ENV}: cannot read its JSON layout ({exc})") from exc
         gpus, driver, cuda = _parse_json(data)
         return gpus, driver, cuda, None
     return _parse_sizes(text), "fake", "fake", None
