@@ -66,6 +66,20 @@ def wait_until(condition: Callable[[], bool], proc: subprocess.Popen[str], what:
         time.sleep(0.05)
 
 
+def alive(pids: set[int]) -> set[int]:
+    """The processes of ``pids`` that still run (a zombie has ended)."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                found.add(pid)
+        except psutil.Error:
+            pass
+    return found
+
+
 def run_dir_of(tmp_path: Path, name: str = "train") -> Path:
     return tmp_path / "runs" / "detect" / name
 

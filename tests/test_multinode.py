@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import YOLOSAFE, cli_env, story, wait_until
+from tests.conftest import YOLOSAFE, alive, cli_env, story, wait_until
 from yolosafe import agree, cluster, launch, nodes, oom, plan, report, rundir, watch
 
 TWO = {"YOLOSAFE_FAKE_GPUS": "2x24GB"}
@@ -276,17 +276,6 @@ def train_starts(run: Path, attempt: int) -> dict[int, tuple[int, int, int]]:
             e = json.loads(line)
             if e["attempt"] == attempt and e["event"] == "train_start":
                 found[e["rank"]] = (e["batch"], e["epoch"], e["pid"])
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    found = set()
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                found.add(pid)
-        except psutil.Error:
-            pass
     return found
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import TINY, YOLOSAFE, cli_env, run_dir_of, story, wait_until
+from tests.conftest import TINY, YOLOSAFE, alive, cli_env, run_dir_of, story, wait_until
 from yolosafe import rundir
 
 TWO, FOUR = {"YOLOSAFE_FAKE_GPUS": "2x24GB"}, {"YOLOSAFE_FAKE_GPUS": "4x24GB"}
@@ -56,17 +56,6 @@ def family(proc: subprocess.Popen[str], ranks: int) -> set[int]:
             return found
         time.sleep(0.1)
     raise AssertionError(f"expected a launcher and {ranks} ranks, found {found}")
-
-
-def alive(pids: set[int]) -> set[int]:
-    found = set()
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                found.add(pid)
-        except psutil.Error:
-            pass
-    return found
 
 
 def all_gone_within(pids: set[int], seconds: float) -> None:
