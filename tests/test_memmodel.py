@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
-from yolosafe import gpus, history, hostram, memmodel, plan, planner
+from yolosafe import gpus, history, hostram, memmodel, options, plan, planner
 
 FAMILIES = [[f"yolov8{s}" for s in "nsmlx"], [f"yolo11{s}" for s in "nsmlx"]]
 OPTIONS = {"imgsz": 640, "args": [], "memory_fraction": 0.85}
+PUBLIC_POINTS = Path(__file__).parent / "data" / "memory_points.yaml"
+POINT_FIELDS = {"gpu_mem": {"batch", "value", "unit", "phase", "epoch"}, "autobatch_profile": {"profile", "unit"},
+                "oom": {"batch", "gpu_total_mib"}, "ran": {"batch", "gpu_total_mib"}}
+IDLE_USED_MIB = 400.0  # an idle GPU's used memory (driver, ECC), as benchmarks/memory_model.py assumes
 
 
 def gpu(index: int, total_gib: float, used_mib: float = 0.0, name: str = "Fake GPU", pids: tuple = ()) -> gpus.GPU:
@@ -151,3 +158,39 @@ def test_fake_gpu_memory_follows_fixed_plus_per_image(tmp_path):
     for name, batch, used in (("train", 4, 900), ("train", 8, 1300), ("val", 16, 160)):
         phase.write_text(json.dumps({"phase": name, "pid": 1, "epoch": 0, "batch": batch}))
         assert backend.read_memory(0).used_mib == used
+
+
+
+def public_points() -> list[dict]:
+    return yaml.safe_load(PUBLIC_POINTS.read_text())["points"]
+
+
+def test_every_public_memory_point_cites_its_source_and_has_the_fields_of_its_kind():
+    points = public_points()
+    for point in points:
+        what = f"{point.get('model')} {point.get('kind')} {point.get('source')}"
+        assert point["kind"] in POINT_FIELDS, what
+        missing = ({"model", "imgsz", "gpu", "source"} | POINT_FIELDS[point["kind"]]) - set(point)
+        assert not missing, f"{what}: missing {sorted(missing)}"
+        assert re.match(r"https://\S+$", point["source"]), what
+        memmodel.table_terms(point["model"])  # a model the table knows
+        assert point.get("unit", "GB") in ("GB", "GiB"), what
+        if point["kind"] == "gpu_mem":
+            assert point["phase"] in ("steady", "first-epoch"), what
+            epoch, epochs = map(int, re.fullmatch(r"(\d+)/(\d+)", str(point["epoch"])).groups())
+            assert 1 <= epoch <= epochs and (point["phase"] == "first-epoch" or epoch >= 4), what
+            assert point["value"] > 0 and point["batch"] >= 1, what
+    steady = [p for p in points if p["kind"] == "gpu_mem" and p["phase"] == "steady" and not p.get("dense")]
+    assert len(steady) >= 8 and len({p["model"] for p in steady}) >= 4
+
+
+def test_batch_auto_stays_below_every_public_oom_report():
+    ooms = [p for p in public_points() if p["kind"] == "oom"]
+    assert ooms
+    for point in ooms:
+        idle = gpus.GPU(0, point["gpu"], None, point["gpu_total_mib"], IDLE_USED_MIB, 0)
+        setup = memmodel.Setup(imgsz=point["imgsz"], amp=point.get("amp", True),
+                               optimizer=point.get("optimizer", "auto"))
+        per_gpu, _ = planner.auto_batch(memmodel.table_terms(point["model"]), setup, [idle],
+                                        options.DEFAULTS["memory_fraction"], None, history_file=None)
+        assert 1 <= per_gpu < point["batch"], f"{point['model']} on {point['gpu']}: {per_gpu}, died at {point['batch']}"
