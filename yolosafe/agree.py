@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe import cluster, nodes, rundir
-from yolosafe.launch import Launch
 from yolosafe.policy import AttemptEnd, classify
 from yolosafe.proc import AttemptResult, ProcessTree
 from yolosafe.records import Outcome
@@ -110,16 +109,12 @@ class MultiNode:
     def stop(self, outcome: str | None) -> None:
         """This node's supervisor is done: the others stop waiting for it (and read why: ``stopped``, after an
         interruption; a Ctrl-C between attempts is a KeyboardInterrupt, so SIGINT). Node 0 marks the run as ended."""
-        if outcome == "interrupted" and self.stopped_by is None:
+        if outcome == Outcome.INTERRUPTED and self.stopped_by is None:
             self.stopped_by = f"SIGINT on node {self.node}"
         self.beat.stop(state="done", outcome=outcome, stopped=self.stopped_by)
         if self.node == 0:
             found = cluster.read(self.run_dir / rundir.NODES_MARKER) or {}
             rundir.write_json(self.run_dir / rundir.NODES_MARKER, {**found, "state": "ended", "outcome": outcome})
-
-    def launch(self, attempt: int, log_dir: Path) -> Launch:
-        """This node's ranks of ``attempt``: torchrun's static rendezvous at node 0, on the attempt's port."""
-        return Launch(self.nproc, 0, log_dir, nodes.for_attempt(self.nodes, attempt))
 
     def runs_here(self, spec: RunSpec) -> bool:
         """A final validation only (training is over) runs on node 0 alone; the other nodes wait for its outcome."""

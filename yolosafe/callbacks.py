@@ -23,6 +23,7 @@ from typing import Any
 
 from yolosafe import oom, rundir, torchmem
 from yolosafe.context import RunContext
+from yolosafe.records import VAL_PHASES
 
 Hook = Callable[[Any], None]  # an Ultralytics callback: called with the trainer or the validator
 
@@ -131,6 +132,6 @@ class TrainingCallbacks:
         self._end_val(trainer)  # on_val_end fires on rank 0 only; the other ranks close their validation here
 
     def _end_val(self, obj: Any) -> None:
-        if self.progress.phase in {"val", "final"}:
+        if self.progress.phase in VAL_PHASES:
             self._record("val_end", obj, **torchmem.peaks(_device(obj)))
             self.progress.phase = None

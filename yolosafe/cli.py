@@ -99,7 +99,6 @@ def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_f
                  config_file: str | None, **_: Any) -> None:
     """Predict each GPU's train and validation peaks for the same options as train; train nothing."""
     opts = trainrun.resolve(given_options(ctx), config_file, datasets_file)
-    opts["model"] = opts["model"] or options.default_model()
     where = multicli.resolve(ctx.params)  # --batch is the total over every node's GPUs
     multicli.check_options(opts, where)
     opts["nnodes"] = where.nnodes

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from yolosafe import accumulation
+
 SUPPORTED = (">=8.4.190", "<8.5")  # pyproject.toml's ultralytics requirement; constraints.txt pins the tested one
 
 
@@ -159,8 +161,6 @@ def _check_resume_batch() -> None:
 
 
 def _check_accumulate() -> None:
-    from yolosafe import accumulation
-
     _in_order(_trainer()._build_train_pipeline, "batch_size = self.batch_size // max(self.world_size, 1)",
               "self.accumulate = max(round(self.args.nbs / self.batch_size), 1)", "if not self.args.time:",
               "self.accumulate = min(self.accumulate, len(self.train_loader) * self.epochs)")
@@ -173,8 +173,6 @@ def _check_warmup() -> None:
     from types import SimpleNamespace
 
     import numpy as np
-
-    from yolosafe import accumulation
 
     _in_order(_trainer()._do_train, "nw = self._get_warmup_iterations(nb)", "acc0 = self.accumulate",
               "ni = i + nb * epoch", "if nw and ni <= nw:", "xi = [0, nw]",
@@ -195,8 +193,6 @@ def _check_warmup() -> None:
 def _check_loader_length() -> None:
     from ultralytics.data.build import build_dataloader
 
-    from yolosafe import accumulation
-
     _in_order(build_dataloader, "batch = min(batch, dataset_len)", "distributed.DistributedSampler(dataset,")
     for images, batch in ((32, 8), (30, 8), (5, 8), (16, 16), (33, 4)):
         loader = build_dataloader(list(range(images)), batch, 0, shuffle=True, rank=-1, device="cpu")
@@ -208,17 +204,14 @@ def _check_defaults() -> None:
     import yaml
     from ultralytics.utils import DEFAULT_CFG_PATH
 
-    from yolosafe import accumulation
-
     cfg = yaml.safe_load(DEFAULT_CFG_PATH.read_text())
     assert cfg["nbs"] == accumulation.ULTRALYTICS_DEFAULT_NBS, f"nbs default {cfg['nbs']}"
     warmup = cfg["warmup_epochs"]
     assert warmup == accumulation.ULTRALYTICS_DEFAULT_WARMUP_EPOCHS, f"warmup_epochs {warmup}"
 
 
-def _check_ddp_flag() -> None:
+def _check_ddp_flag() -> None:  # train() acting on it: _check_do_train_signature
     _in_order(_trainer().__init__, "self.ddp = world_size > 1 and LOCAL_RANK == -1", "self.world_size = world_size")
-    _in_order(_trainer().train, "if self.ddp:", "generate_ddp_command(self)", "else: self._do_train()")
 
 
 def _check_model_api() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe.exits import Exit
-from yolosafe.nodes import Nodes, torchrun_flags
+from yolosafe.nodes import Nodes, for_attempt, torchrun_flags
 from yolosafe.runspec import RunSpec
 
 WORKER = "yolosafe.worker"  # the module every rank runs, with the run spec's path as its one argument
@@ -59,6 +59,17 @@ def torchrun_args(launch: Launch, module: str, args: Sequence[str]) -> list[str]
 def command(python: str, launch: Launch, spec: Path) -> list[str]:
     """The launcher's command line, as the supervisor runs it and ``yolosafe.json`` records it."""
     return [python, "-m", "yolosafe.launch", *torchrun_args(launch, WORKER, [str(spec)])]
+
+
+def child_command(spec: Path, world_size: int, nproc_per_node: int, log_dir: Path, nodes: Nodes,
+                  attempt: int) -> list[str]:
+    """An attempt's child, as the supervisor runs it and the dry run shows it: the worker itself for a single process;
+    for several ranks, yolosafe's launcher with this machine's ``nproc_per_node`` ranks (one node: a local store on a
+    free port; several: the attempt's rendezvous at node 0, :func:`yolosafe.nodes.for_attempt`)."""
+    if world_size <= 1:
+        return [sys.executable, "-m", WORKER, str(spec)]
+    port = 0 if nodes.multi else free_port()
+    return command(sys.executable, Launch(nproc_per_node, port, log_dir, for_attempt(nodes, attempt)), spec)
 
 
 def free_port() -> int:

@@ -8,7 +8,6 @@ node and ends in one line and exit status 2 when something is wrong; no torch is
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from yolosafe import cluster, launch, nodes, records, rundir, validate
+from yolosafe import cluster, nodes, records, rundir, validate
 from yolosafe.plan import TrainPlan
 from yolosafe.terminal import say
 
@@ -114,10 +113,3 @@ def dry_run_lines(p: TrainPlan, where: nodes.Nodes) -> list[tuple[str, str]]:
     return [("nodes", f"{where.nnodes} nodes x {p.local_world_size} GPUs = {p.world_size} ranks; this is node "
                       f"{where.node_rank} ({ranks}); rendezvous {where.endpoint} (static, id {where.rdzv_id or '-'}, "
                       f"attempt N on port + N - 1)")]
-
-
-def dry_run_command(p: TrainPlan, where: nodes.Nodes, run_dir: Path, attempt: int) -> list[str]:
-    spec_file = rundir.spec_path(run_dir, attempt, where.node_rank)
-    ranks = launch.Launch(p.local_world_size, 0, rundir.ranks_log_dir(run_dir, attempt, where.node_rank),
-                          nodes.for_attempt(where, attempt))
-    return launch.command(sys.executable, ranks, spec_file)

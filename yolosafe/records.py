@@ -1,5 +1,5 @@
-"""Typed run records: ``yolosafe.json`` (the story), its attempts, the failure records, the phase events and what each
-worker saw, with load and save in one place.
+"""Typed run records: ``yolosafe.json`` (the story), its attempts, the failure records and the phase events,
+with load and save in one place.
 
 Each record is a dataclass whose known fields are typed and whose unknown keys are kept in ``extra``, so
 ``from_dict(d).to_dict() == d`` for the schema the supervisor and the trainer write today, and a record written by a
@@ -53,7 +53,7 @@ class Outcome(str, Enum):
     KILLED = "killed"  # a rank or the worker was killed by a signal (kill -9, the kernel's OOM killer)
     INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM to yolosafe
     OOM_EXHAUSTED = "oom_exhausted"  # the run's outcome when the retries or the minimum batch ran out
-    ABANDONED = "abandoned"  # the run's supervisor died while it said "running" (marked by the next reader)
+    ABANDONED = rundir.ORPHANED  # the run's supervisor died while it said "running" (marked by the next reader)
 
     def __str__(self) -> str:
         return self.value
@@ -219,15 +219,6 @@ class Event(Record):
     attempt: int | None = None
 
 
-@dataclass
-class WorkerSeen(Record):
-    """``worker-N.json``: what the worker of one attempt saw (its pid, environment, torch)."""
-
-    pid: int | None = None
-    attempt: int | None = None
-    env: dict[str, Any] | None = None
-
-
 def _read(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -291,11 +282,4 @@ def load_events(run_dir: Path) -> list[Event]:
             found.append(Event.from_dict(line))
         except (TypeError, AttributeError):
             continue
-    return found
-
-
-def load_workers(run_dir: Path) -> list[WorkerSeen]:
-    found = []
-    for path in sorted(run_dir.glob("worker-*.json"), key=lambda p: (len(p.name), p.name)):
-        found.append(_typed(WorkerSeen, path, _read(path)))
     return found

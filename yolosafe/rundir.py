@@ -112,11 +112,6 @@ def failure_records(run_dir: Path, attempt: int) -> list[dict[str, Any]]:
     return [read_json(p) for p in sorted(run_dir.glob(f"failure-{attempt}-rank*.json"))]
 
 
-def all_failure_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The failure records of every attempt (the memory report marks the OOMs among them)."""
-    return [read_json(p) for p in sorted(run_dir.glob("failure-*-rank*.json"))]
-
-
 def new_run_dir(project: Path, name: str) -> Path:
     """Create ``project/name``, or ``name2``, ``name3``... as Ultralytics does: an earlier run is never reused."""
     project.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from yolosafe import launch, proc, records, rundir, runspec, terminal
 from yolosafe.attempts import AttemptLoop, Limits, Request
 from yolosafe.exits import Exit
 from yolosafe.gpus import open_backend
+from yolosafe.nodes import Nodes
 from yolosafe.plan import TrainPlan
 from yolosafe.policy import AttemptEnd, classify
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
@@ -158,14 +159,11 @@ class Supervisor:
         )
 
     def command(self, spec: RunSpec, path: Path) -> list[str]:
-        """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU."""
-        if spec.world_size <= 1:
-            return [sys.executable, "-m", "yolosafe.worker", str(path)]
+        """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU of this
+        node (over several nodes, torchrun's static rendezvous at node 0)."""
         log_dir = rundir.ranks_log_dir(self.run_dir, spec.attempt, self.node)
-        ranks = launch.Launch(spec.world_size, launch.free_port(), log_dir)
-        if self.multi:  # this node's ranks, torchrun's static rendezvous at node 0
-            ranks = self.multi.launch(spec.attempt, log_dir)
-        return launch.command(sys.executable, ranks, path)
+        nodes, local = (self.multi.nodes, self.multi.nproc) if self.multi else (Nodes(), spec.world_size)
+        return launch.child_command(path, spec.world_size, local, log_dir, nodes, spec.attempt)
 
     def run_attempt(self, request: Request) -> tuple[AttemptResult, AttemptEnd]:
         """Write the attempt's run spec, run its child to the end under the memory watch, and classify the end."""

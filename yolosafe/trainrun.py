@@ -54,6 +54,7 @@ def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: st
     except datasets.DatasetError as exc:
         raise InputError(str(exc)) from None
     resolved = options.resolve(given, config, dataset.defaults)
+    resolved["model"] = resolved["model"] or options.default_model()
     named = "name" in given or "name" in config  # a run the user named: a live one of that name is a mistake
     resolved.update(data_yaml=str(dataset.yaml_path), dataset_name=dataset.name, named=named)
     return resolved
@@ -67,7 +68,7 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
         for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
             raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
         built = plan.build_plan(
-            model=opts["model"] or options.default_model(),
+            model=opts["model"],
             data=opts["data_yaml"],
             gpus=selected,
             batch=int(opts["batch"]),
@@ -93,12 +94,12 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
     multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
     options.check_watch(opts)
     validate.check_options(opts)
-    validate.check_model(opts["model"] or options.default_model())
+    validate.check_model(opts["model"])
     validate.check_data(opts["data_yaml"])
     try:
         inventory = gpus.read_inventory()
         env = allocator.apply(os.environ, opts["alloc_conf"])
-        opts, auto = planner.resolve_auto(opts | {"model": opts["model"] or options.default_model()}, inventory)
+        opts, auto = planner.resolve_auto(opts, inventory)
     except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
     p = build(opts, inventory)
@@ -225,14 +226,10 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
     gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
     if simulated:
         gpus_text += "  [fake GPUs: each one a rank process on the CPU]" if len(p.gpus) > 1 else "  [fake GPU: on CPU]"
-    spec_file = rundir.spec_path(run_dir, attempt)
-    command = [sys.executable, "-m", "yolosafe.worker", str(spec_file)]
-    if p.world_size > 1:  # the port is picked again at launch
-        ranks = launch.Launch(p.world_size, launch.free_port(), rundir.ranks_log_dir(run_dir, attempt))
-        command = launch.command(sys.executable, ranks, spec_file)
-    multi = where is not None and where.multi
-    if multi:  # this node's ranks and files
-        command = multicli.dry_run_command(p, where, run_dir, attempt)
+    where = where or nodes.Nodes()
+    node, multi = where.node_rank, where.multi
+    command = launch.child_command(rundir.spec_path(run_dir, attempt, node), p.world_size, p.local_world_size,
+                                   rundir.ranks_log_dir(run_dir, attempt, node), where, attempt)  # port: at launch
     device, visible = supervise.launch_device(p, simulated)
     child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
