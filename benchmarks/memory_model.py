@@ -18,7 +18,10 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from yolosafe import gpus, memmodel, options, planner
+from yolosafe import gpus
+from yolosafe.planning import options
+from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.memory import planner
 
 POINTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "memory_points.yaml"
 FRACTION = options.DEFAULTS["memory_fraction"]  # --memory-fraction's default

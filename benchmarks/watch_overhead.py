@@ -26,9 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from yolosafe import gpus, rundir
+from yolosafe import gpus
 from yolosafe.proc import ProcessTree
-from yolosafe.watch import MemoryWatch
+from yolosafe.rundir import files as rundir
+from yolosafe.supervisor.watch import MemoryWatch
 
 YOLOSAFE = shutil.which("yolosafe") or str(Path(sys.executable).with_name("yolosafe"))
 TINY = ["--imgsz", "64", "--batch", "8", "--effective-batch", "16", "workers=0", "plots=False"]

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # diagnose_gpu_memory.sh [RUN_DIR] [--project DIR] [--json]: the documented entry point of `yolosafe doctor`.
 # Same arguments as before (RUN_DIR, -h/--help), plus the command's own --project and --json. All the logic is in
-# the package (yolosafe/doctor.py); this only finds the environment's yolosafe: the `yolosafe` on PATH, else
-# `python3 -m yolosafe.cli`. See docs/scripts.md.
+# the package (yolosafe/readers/doctor/diagnosis.py); this only finds the environment's yolosafe: the `yolosafe` on PATH, else
+# `python3 -m yolosafe`. See docs/scripts.md.
 set -euo pipefail
 if command -v yolosafe >/dev/null 2>&1; then
     exec yolosafe doctor "$@"
 fi
-exec python3 -m yolosafe.cli doctor "$@"
+exec python3 -m yolosafe doctor "$@"

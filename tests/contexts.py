@@ -7,9 +7,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from yolosafe import runspec
-from yolosafe.context import RunContext
-from yolosafe.runspec import RunSpec
+from yolosafe.rundir import runspec
+from yolosafe.rundir.runspec import RunSpec
+from yolosafe.training.context import RunContext
 
 
 def spec_file(run_dir: Path, **fields: Any) -> Path:

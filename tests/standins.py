@@ -14,7 +14,8 @@ from pathlib import Path
 
 import psutil
 
-from yolosafe import records, rundir
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir import records
 
 MESSAGE = (
     "CUDA out of memory. Tried to allocate 300.00 MiB. GPU 1 has a total capacity of 47.50 GiB of which 194.56 MiB "
@@ -101,7 +102,7 @@ class Processes:
     def yolosafe_worker(self, run: Path) -> subprocess.Popen:
         """A worker of a live run: yolosafe's run marker in its environment, this test as its supervisor."""
         env = {**os.environ, rundir.RUN_DIR_ENV: str(run)}
-        return self.start([sys.executable, "-c", SLEEPER, "-m", "yolosafe.worker"], env=env)
+        return self.start([sys.executable, "-c", SLEEPER, "-m", "yolosafe.training.worker"], env=env)
 
     def orphaned_rank(self, run: Path) -> int:
         """A DDP rank whose worker and supervisor are gone: started through a shell that exits at once, so the

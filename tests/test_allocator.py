@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from yolosafe.allocator import DEFAULTS, ENV_VARS, AllocConfError, apply, merge, parse, render
+from yolosafe.planning.allocator import DEFAULTS, ENV_VARS, AllocConfError, apply, merge, parse, render
 
 CUDA_VAR, GENERIC_VAR = ENV_VARS
 BRACKETS = "roundup_power2_divisions:[256:1,512:2,1024:4,>:8],expandable_segments:True"

@@ -14,7 +14,7 @@ import torch
 from ultralytics.engine.trainer import BaseTrainer
 
 from tests.contexts import run_context
-from yolosafe.trainer import trainer_class
+from yolosafe.training.trainer import trainer_class
 
 
 def trainer(weights: Path, fitness: float, best_fitness: float) -> BaseTrainer:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from yolosafe import records
-from yolosafe.attempts import AttemptLoop, Limits, Request
 from yolosafe.exits import Exit
-from yolosafe.plan import build_plan
-from yolosafe.policy import AttemptEnd
+from yolosafe.planning.trainplan import build_plan
 from yolosafe.proc import AttemptResult
-from yolosafe.records import Outcome, Story
+from yolosafe.rundir import records
+from yolosafe.rundir.records import Outcome, Story
+from yolosafe.supervisor.loop import AttemptLoop, Limits, Request
+from yolosafe.supervisor.policy import AttemptEnd
 
 OOM_TRAIN = AttemptEnd(Outcome.OOM, "train", epoch=3, rank=2, gpu=2)
 OOM_VAL = AttemptEnd(Outcome.OOM, "val", epoch=3, rank=1, gpu=1)

@@ -71,10 +71,10 @@ def test_dry_run_four_fake_gpus(run_cli):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for text in ("0,1,2,3", "64 total = 16 per GPU", "nbs 128", "accumulate 2", "16 per GPU",
-                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "-m yolosafe.worker", '"nbs": 128',
+                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "-m yolosafe.training.worker", '"nbs": 128',
                  # shapes: 32 images over 4 ranks = 1 batch of 16 per epoch, 3 epochs; warm-up min(3, 3 - 1) epochs
                  "accumulation     2, at most the run's 3 iterations (1 per epoch); ramped 1 -> 2 over its first 2",
-                 "-m yolosafe.launch --nnodes 1 --nproc-per-node 4", "each one a rank process on the CPU"):
+                 "-m yolosafe.training.launcher --nnodes 1 --nproc-per-node 4", "each one a rank process on the CPU"):
         assert text in out, out
 
 
@@ -102,7 +102,7 @@ def test_allocator_merges_user_env(run_cli):
 def test_cli_does_not_import_torch_or_ultralytics(tmp_path):
     code = (
         "import sys\n"
-        "from yolosafe.cli import main\n"
+        "from yolosafe.cli.main import main\n"
         "for argv in (['--help'], ['train', '--help'], ['train', '--dry-run'], ['gpus']):\n"
         "    try:\n"
         "        main(argv)\n"
@@ -144,8 +144,8 @@ def test_resume_refuses_what_cannot_be_resumed(run_cli, tmp_path):
 
 def test_worker_sees_exactly_the_planned_gpus(run_cli):
     """--gpus are nvidia-smi's numbers; the worker gets them as CUDA_VISIBLE_DEVICES and torch devices 0..n-1."""
-    from yolosafe.plan import build_plan
-    from yolosafe.supervise import launch_device
+    from yolosafe.planning.trainplan import build_plan
+    from yolosafe.supervisor.child import launch_device
 
     p = build_plan(model="m.yaml", data="d.yaml", gpus=(2, 3), batch=16)
     assert launch_device(p, simulate_on_cpu=False) == ("0,1", "2,3")
@@ -165,7 +165,7 @@ def test_readme_exit_table_is_the_one_exit_table():
 
 
 def test_help_shows_the_defaults_of_the_one_defaults_table(run_cli):
-    from yolosafe.options import DEFAULTS
+    from yolosafe.planning.options import DEFAULTS
 
     helptext = " ".join(run_cli("train", "--help").stdout.split())
     for key in ("batch", "max_retries", "min_batch", "warn_at", "memory_fraction", "project"):

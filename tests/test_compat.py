@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from yolosafe import compat
+from yolosafe.training import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_version_outside_range_warns_in_one_line():
 def test_worker_warns_when_ultralytics_is_outside_range(monkeypatch, capsys):
     import ultralytics
 
-    from yolosafe import worker
+    from yolosafe.training import worker
 
     worker.warn_unsupported_ultralytics()
     assert capsys.readouterr().err == ""

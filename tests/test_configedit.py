@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from yolosafe import configedit
+from yolosafe.repair import yamledit as configedit
 
 CASES = {
     "comments": ("# top\nbatch: 32   # total\n# between\ngpus: [0, 1]  # two\nargs:\n  lr0: 0.01\n",

@@ -13,11 +13,15 @@ import pytest
 import torch
 
 from tests.contexts import run_context, spec_file
-from yolosafe import callbacks, fakephase, launch, oom, rundir, worker
-from yolosafe.callbacks import TrainingCallbacks
-from yolosafe.context import Rank, RunContext
-from yolosafe.failurerecord import write_failure
-from yolosafe.fakephase import FakePhaseFile
+from yolosafe import oom
+from yolosafe.rundir import files as rundir
+from yolosafe.supervisor import launchcmd as launch
+from yolosafe.training import callbacks, launcher, worker
+from yolosafe.training.callbacks import TrainingCallbacks
+from yolosafe.training.context import Rank, RunContext
+from yolosafe.training.failure import write_failure
+from yolosafe.training.fake import phases as fakephase
+from yolosafe.training.fake.phases import FakePhaseFile
 
 RANK_1_OF_2 = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
 CPU = torch.device("cpu")
@@ -116,7 +120,8 @@ def test_failure_record_says_where_the_process_was(tmp_path):
 
 
 def test_trainer_is_composed_per_task_and_cpu_rank(tmp_path):
-    from yolosafe import cpuranks, trainer
+    from yolosafe.training import trainer
+    from yolosafe.training.fake import cpuranks
 
     single = trainer.trainer_class("segment", run_context(tmp_path / "a"))
     assert single.__bases__ == (*trainer.MIXINS, trainer.TRAINERS["segment"])
@@ -132,22 +137,24 @@ def test_launcher_records_a_killed_rank_in_the_run_dir_of_the_spec_on_its_comman
 
     path = spec_file(tmp_path / "run", attempt=2)
     args = parse_args(launch.torchrun_args(launch.Launch(2, 29500, tmp_path), launch.WORKER, [str(path)]))
-    spec = launch.worker_spec(args)
+    spec = launcher.worker_spec(args)
     assert spec is not None and spec.attempt == 2
     killed = SimpleNamespace(exitcode=-9, signal_name=lambda: "SIGKILL", timestamp=1.0, local_rank=1, pid=4242,
                              error_file="", error_file_data={})
-    launch.record_failures({1: killed}, spec)
+    launcher.record_failures({1: killed}, spec)
     record = json.loads((tmp_path / "run" / "failure-2-rank1.json").read_text())
     assert (record["message"], record["attempt"], record["gpu"], record["by"]) == ("rank 1 was killed by SIGKILL", 2,
                                                                                   1, "launcher")
     other = parse_args(launch.torchrun_args(launch.Launch(2, 29500, tmp_path), "other.module", [str(path)]))
-    assert launch.worker_spec(other) is None
+    assert launcher.worker_spec(other) is None
 
 
 def test_no_module_keeps_state_or_reads_the_run_variables():
     """The training side's modules keep no per-process state of their own (it lives in each process's context) and
     never read the supervisor's run marker: their run directory comes from the run spec."""
-    from yolosafe import context, cpuranks, failurerecord, peakmetrics, torchmem, trainer
+    from yolosafe.training import context, peakmetrics, torchmem, trainer
+    from yolosafe.training import failure as failurerecord
+    from yolosafe.training.fake import cpuranks
 
     for module in (callbacks, context, cpuranks, failurerecord, fakephase, launch, peakmetrics, torchmem, trainer,
                    worker):

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.standins import Processes, attempt, failure, fake_gpus, oom_run, write_run
-from yolosafe import doctor, rundir
+from yolosafe.readers.doctor import diagnosis as doctor
+from yolosafe.rundir import files as rundir
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def run_doctor(cwd: Path, *args: str, fake: str = "2x48GB", **env: str) -> subpr
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYTORCH_", "CUDA_VISIBLE")) and k not in
              doctor.STRAY_DIST_VARS}
     full = {**clean, "YOLOSAFE_FAKE_GPUS": fake, **env}
-    return subprocess.run([sys.executable, "-m", "yolosafe.cli", "doctor", *args], cwd=cwd, env=full,
+    return subprocess.run([sys.executable, "-m", "yolosafe", "doctor", *args], cwd=cwd, env=full,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -70,7 +71,7 @@ def test_json_is_the_same_data(tmp_path, procs):
 
 def test_a_malformed_fake_gpu_spec_is_the_usage_error_train_gives(tmp_path):
     out = run_doctor(tmp_path, fake="{not json")
-    train = subprocess.run([sys.executable, "-m", "yolosafe.cli", "train", "--dry-run"], cwd=tmp_path,
+    train = subprocess.run([sys.executable, "-m", "yolosafe", "train", "--dry-run"], cwd=tmp_path,
                            env={**os.environ, "YOLOSAFE_FAKE_GPUS": "{not json"}, capture_output=True, text=True)
     assert out.returncode == train.returncode == 2
     assert out.stderr == train.stderr and out.stderr.count("\n") == 1 and out.stdout == ""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.standins import Processes, alive, fake_gpus, oom_run, write_run
-from yolosafe import doctor
+from yolosafe.readers.doctor import diagnosis as doctor
 
 CONFIG = ("# my training\r\nbatch: 32   # total, over both GPUs\r\ngpus: [0, 1]\r\nimgsz: 1280\r\n"
           "args:\r\n  lr0: 0.01\r\n")
@@ -33,7 +33,7 @@ def fix_env(tmp_path: Path, fake: str, **extra: str) -> dict[str, str]:
 
 
 def run_fix(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "yolosafe.cli", "fix", *args], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, "-m", "yolosafe", "fix", *args], cwd=tmp_path, env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
 
 
@@ -119,7 +119,7 @@ def test_on_a_terminal_each_proposal_is_asked_and_enter_means_no(tmp_path, procs
     (tmp_path / "run.yaml").write_bytes(CONFIG.encode())
     kernel, sleeper = procs.jupyter(), procs.sleep()
     env = fix_env(tmp_path, fake_gpus([(kernel.pid, 13000.0), (sleeper.pid, 2000.0)]))
-    cmd = [sys.executable, "-m", "yolosafe.cli", "fix", "--config", "run.yaml"]
+    cmd = [sys.executable, "-m", "yolosafe", "fix", "--config", "run.yaml"]
     text = _converse(cmd, env, tmp_path, ["y", "", "yes", "n"])
     assert text.count("[y/N]") == 4, text
     kernel.wait(15)

@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from tests.standins import Processes, alive, fake_gpus
-from yolosafe import holders
-from yolosafe.holders import ASK, NEVER, PROVEN
+from yolosafe.readers import holders
+from yolosafe.readers.holders import ASK, NEVER, PROVEN
 
 
 @pytest.fixture
@@ -108,13 +108,13 @@ def test_fix_yes_inside_a_container_entered_like_docker_exec_never_signals_pid_1
     try:
         inner = _namespace_init(init.pid)
         env = {**os.environ, "YOLOSAFE_FAKE_GPUS": fake_gpus([(1, 13000.0)]), "HOME": str(tmp_path)}
-        cmd = ["nsenter", "-t", str(inner), "--pid", "--mount", sys.executable, "-m", "yolosafe.cli", "fix", "--yes"]
+        cmd = ["nsenter", "-t", str(inner), "--pid", "--mount", sys.executable, "-m", "yolosafe", "fix", "--yes"]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert "pid 1 is the init of this pid namespace" in out.stdout, out.stdout + out.stderr
         assert "stop pid 1" not in out.stdout
         assert alive(inner)
         probe = ["nsenter", "-t", str(inner), "--pid", "--mount", sys.executable, "-c",
-                 "import os; from yolosafe import holders; print(os.getppid(), sorted(holders.ancestors()))"]
+                 "import os; from yolosafe.readers import holders; print(os.getppid(), sorted(holders.ancestors()))"]
         ppid, chain = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split(" ", 1)
         assert ppid == "0" and "1," not in chain and "[1]" not in chain
     finally:
@@ -147,7 +147,8 @@ import os, subprocess, sys, time
 run = sys.argv[1]
 log = open(os.path.join(run, "train.log"), "ab") if sys.argv[2] == "writes" else None
 env = {**os.environ, "YOLOSAFE_RUN_DIR": run}
-worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "yolosafe.worker"], env=env)
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "yolosafe.training.worker"],
+                          env=env)
 time.sleep(600)
 """
 
@@ -168,7 +169,7 @@ def test_a_supervisor_that_is_a_containers_pid_1_is_alive_while_it_writes_the_lo
                 break
             time.sleep(0.05)
         probe = ["nsenter", "-t", str(inner), "--pid", "--mount", sys.executable, "-c",
-                 "from yolosafe import holders; h = holders.judge(2, 0, 1.0); print(h.action, '|', h.reason)"]
+                 "from yolosafe.readers import holders; h = holders.judge(2, 0, 1.0); print(h.action, '|', h.reason)"]
         out = subprocess.run(probe, capture_output=True, text=True, check=True, timeout=60).stdout
         assert out.startswith(f"{action} |"), out
     finally:

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from yolosafe import gpus, history, hostram, memmodel, options, plan, planner
+from yolosafe import gpus
+from yolosafe.planning import options
+from yolosafe.planning import trainplan as plan
+from yolosafe.planning.memory import history, hostram, planner
+from yolosafe.planning.memory import model as memmodel
 
 FAMILIES = [[f"yolov8{s}" for s in "nsmlx"], [f"yolo11{s}" for s in "nsmlx"]]
 OPTIONS = {"imgsz": 640, "args": [], "memory_fraction": 0.85}
@@ -121,7 +125,7 @@ def test_history_moves_the_prediction_toward_what_this_machine_measured(tmp_path
 
 
 def test_a_finished_run_is_appended_to_the_history(tmp_path):
-    from yolosafe import rundir
+    from yolosafe.rundir import files as rundir
 
     run = tmp_path / "run"
     run.mkdir()

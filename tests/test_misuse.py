@@ -18,8 +18,11 @@ import pytest
 
 from tests.conftest import run_dir_of, story
 from tests.test_cli import FOUR, assert_usage_error
-from yolosafe import advice, plan, report, rundir, terminal
-from yolosafe.policy import AttemptEnd as Failure
+from yolosafe.planning import trainplan as plan
+from yolosafe.readers import report
+from yolosafe.rundir import files as rundir
+from yolosafe.supervisor import advice, terminal
+from yolosafe.supervisor.policy import AttemptEnd as Failure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +106,7 @@ def test_malformed_injection_is_a_usage_error(run_cli, tmp_path, spec, words):
 
 
 def test_ultralytics_type_rules_are_read_from_its_checker():
-    from yolosafe import validate
+    from yolosafe.planning import validate
 
     rules = validate.ultralytics_rules()
     assert {"lr0", "momentum"} <= rules["CFG_FRACTION_KEYS"] and "epochs" in rules["CFG_INT_KEYS"]
@@ -264,7 +267,7 @@ def test_memory_table_leaves_out_what_means_nothing():
 
 
 def test_no_double_prefix_in_messages():
-    from yolosafe.policy import AttemptResult, classify
+    from yolosafe.supervisor.policy import AttemptResult, classify
 
     result = classify(AttemptResult(3, 1.0), [], "...\nyolosafe: cannot load model 'x.pt': gone\n")
     assert result.message == "cannot load model 'x.pt': gone"

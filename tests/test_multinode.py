@@ -16,7 +16,14 @@ import psutil
 import pytest
 
 from tests.conftest import YOLOSAFE, alive, cli_env, story, wait_until
-from yolosafe import agree, cluster, launch, nodes, oom, plan, report, rundir, watch
+from yolosafe import oom
+from yolosafe.planning import nodes
+from yolosafe.planning import trainplan as plan
+from yolosafe.readers import report
+from yolosafe.rundir import files as rundir
+from yolosafe.supervisor import launchcmd as launch
+from yolosafe.supervisor import watch
+from yolosafe.supervisor.multinode import agree, cluster
 
 TWO = {"YOLOSAFE_FAKE_GPUS": "2x24GB"}
 SLURM = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
@@ -212,7 +219,7 @@ def test_dry_run_of_node_1_under_slurm(run_cli, tmp_path):
     out = result.stdout
     for text in ("2 nodes x 2 GPUs = 4 ranks; this is node 1 (global ranks 2-3); rendezvous gpu07:32956",
                  "16 total = 4 per GPU", "runs/detect/train-123456 (not created",
-                 "-m yolosafe.launch --nproc-per-node 2 --nnodes 2 --node-rank 1 --rdzv-backend static "
+                 "-m yolosafe.training.launcher --nproc-per-node 2 --nnodes 2 --node-rank 1 --rdzv-backend static "
                  "--rdzv-endpoint gpu07:32956 --rdzv-id 123456 --rdzv-conf timeout=300",
                  "runs/detect/train-123456/ranks/node1/attempt-1", "runs/detect/train-123456/spec-1-node1.json"):
         assert text in out, out

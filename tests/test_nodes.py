@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from yolosafe.nodes import Nodes, NodesError, first_host, from_slurm, resolve, torchrun_flags
+from yolosafe.planning.nodes import Nodes, NodesError, first_host, from_slurm, resolve, torchrun_flags
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,10 @@ import pytest
 
 from tests import fake_nvml
 from tests.fake_nvml import NOT_SUPPORTED, UNKNOWN, Driver, gpu
-from yolosafe import cli, gpus, rundir, watch
+from yolosafe import gpus
+from yolosafe.cli import main as cli
+from yolosafe.rundir import files as rundir
+from yolosafe.supervisor import watch
 
 ABSENT = "nvidia-ml-py has no such function"
 

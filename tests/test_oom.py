@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from yolosafe import oom
-from yolosafe.advice import advice
-from yolosafe.plan import build_plan
-from yolosafe.policy import AttemptEnd as Failure
-from yolosafe.policy import AttemptResult, classify, next_step
+from yolosafe.planning.trainplan import build_plan
+from yolosafe.supervisor.advice import advice
+from yolosafe.supervisor.policy import AttemptEnd as Failure
+from yolosafe.supervisor.policy import AttemptResult, classify, next_step
 
 # Verbatim from the post-mortems in ../shared/seeds: 003.md (4 x 48 GB, epoch 134) and 004.md (first validation).
 SEED_003 = """CUDA out of memory. Tried to allocate 300.00 MiB

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from yolosafe.accumulation import describe_accumulation, warmup_accumulate
-from yolosafe.plan import (
+from yolosafe.planning.accumulation import describe_accumulation, warmup_accumulate
+from yolosafe.planning.trainplan import (
     PlanError,
     build_plan,
     check_passthrough,
@@ -100,7 +100,7 @@ def test_passthrough_checked_against_ultralytics_config():
 
 
 def test_effective_batch_not_multiple_is_noted():
-    from yolosafe.plan import plan_warnings
+    from yolosafe.planning.trainplan import plan_warnings
 
     p = plan(effective_batch=100)
     assert p.accumulate == 2 and p.real_effective_batch == 128
@@ -124,7 +124,7 @@ def test_accumulation_is_capped_and_ramped_like_ultralytics():
 
 
 def test_count_images_feeds_the_plan(tmp_path):
-    from yolosafe.datasets import count_images
+    from yolosafe.planning.datasets import count_images
 
     (tmp_path / "images" / "a").mkdir(parents=True)
     for name in ("1.jpg", "2.PNG", "a/3.webp", "notes.txt"):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import run_dir_of, story
-from yolosafe import memmodel
+from yolosafe.planning.memory import model as memmodel
 
 FOUR_TWO_BUSY = json.dumps({"gpus": [
     {"name": "Fake A", "total_mib": 24576, "used_mib": 13000, "processes": [{"pid": 4242, "used_mib": 13000}]},

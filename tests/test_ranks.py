@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import TINY, YOLOSAFE, alive, cli_env, run_dir_of, story, wait_until
-from yolosafe import rundir
+from yolosafe.rundir import files as rundir
 
 TWO, FOUR = {"YOLOSAFE_FAKE_GPUS": "2x24GB"}, {"YOLOSAFE_FAKE_GPUS": "4x24GB"}
 
@@ -84,19 +84,19 @@ def test_launch_arguments_are_torchruns_own(tmp_path):
     free port) and multi-node (static rendezvous at node 0's endpoint, this node's rank, attempt N on port + N - 1)."""
     from torch.distributed.run import parse_args
 
-    from yolosafe import launch
-    from yolosafe.nodes import for_attempt, resolve
+    from yolosafe.planning.nodes import for_attempt, resolve
+    from yolosafe.supervisor import launchcmd as launch
 
     port = launch.free_port()
-    single = parse_args(launch.torchrun_args(launch.Launch(4, port, tmp_path), "yolosafe.worker", ["spec.json"]))
+    single = parse_args(launch.torchrun_args(launch.Launch(4, port, tmp_path), launch.WORKER, ["spec.json"]))
     assert (single.nproc_per_node, single.nnodes, single.master_port, single.master_addr) == ("4", "1", port,
                                                                                              "127.0.0.1")
-    assert (single.module, single.training_script, single.training_script_args) == (True, "yolosafe.worker",
+    assert (single.module, single.training_script, single.training_script_args) == (True, "yolosafe.training.worker",
                                                                                      ["spec.json"])
     assert (single.max_restarts, single.log_dir, single.tee) == (0, str(tmp_path), "3")
     nodes = resolve(2, 1, "node0:29400", "run7", {})
     multi = launch.Launch(8, port, tmp_path, replace(for_attempt(nodes, 3), timeout=60))
-    parsed = parse_args(launch.torchrun_args(multi, "yolosafe.worker", ["spec.json"]))
+    parsed = parse_args(launch.torchrun_args(multi, "yolosafe.training.worker", ["spec.json"]))
     assert (parsed.nnodes, parsed.node_rank, parsed.nproc_per_node, parsed.rdzv_backend, parsed.rdzv_endpoint,
             parsed.rdzv_id, parsed.rdzv_conf) == ("2", 1, "8", "static", "node0:29402", "run7", "timeout=60")
 
@@ -110,7 +110,7 @@ def test_epoch_peaks_become_ultralytics_metrics_per_nvml_gpu(tmp_path):
     import torch
 
     from tests.contexts import run_context
-    from yolosafe import peakmetrics
+    from yolosafe.training import peakmetrics
 
     context = run_context(tmp_path, plan={"gpus": [2, 3]})
     context.progress.train_peaks = {"max_allocated_mib": 10.0, "max_reserved_mib": 12.0}
@@ -130,7 +130,7 @@ def test_oom_on_rank_2_of_4_in_training_halves_every_rank(run_cli, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     first, second = completed(run, 2)["attempts"]
-    assert "yolosafe.launch" in first["command"] and "--nproc-per-node" in first["command"]
+    assert "yolosafe.training.launcher" in first["command"] and "--nproc-per-node" in first["command"]
     assert (first["outcome"], first["phase"], first["epoch"], first["rank"], first["gpu"]) == ("oom", "train", 1, 2, 2)
     assert "OOM in train at epoch 2/2 on rank 2, GPU 2 (batch 4/GPU" in result.stderr
     assert (second["per_gpu_batch"], second["nbs"], second["accumulate"]) == (2, 32, 4)

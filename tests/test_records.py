@@ -8,7 +8,8 @@ import json
 import pytest
 
 from tests.standins import failure, oom_run
-from yolosafe import records, rundir
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir import records
 
 STORY = {  # as cli.train builds it and Supervisor._attempts extends it
     "yolosafe": "0.1.0", "command": ["yolosafe", "train"], "run_dir": "/r", "dataset": {"name": "shapes"},

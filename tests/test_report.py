@@ -8,7 +8,9 @@ import json
 import pytest
 from PIL import Image
 
-from yolosafe import report, rundir, watch
+from yolosafe.readers import report
+from yolosafe.rundir import files as rundir
+from yolosafe.supervisor import watch
 
 T0 = 1_700_000_000.0
 

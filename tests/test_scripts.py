@@ -1,5 +1,6 @@
 """scripts/diagnose_gpu_memory.sh and scripts/fix_gpu_memory.sh are thin entry points: they find the environment's
-yolosafe (on PATH, else ``python3 -m yolosafe.cli``) and hand over their arguments unchanged. The logic is tested in
+yolosafe (on PATH, else ``python3 -m yolosafe``) and hand over their arguments unchanged. The logic is
+tested in
 test_doctor.py, test_fix.py, test_holders.py and test_configedit.py."""
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def test_scripts_are_thin_and_pass_shellcheck():
     for script in (DIAGNOSE, FIX):
         subprocess.run(["bash", "-n", str(script)], check=True)
         text = script.read_text()
-        assert len(text.splitlines()) <= 12 and "<<" not in text and "python3 -m yolosafe.cli" in text
+        assert len(text.splitlines()) <= 12 and "<<" not in text and "python3 -m yolosafe" in text
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed")
     result = subprocess.run(["shellcheck", str(DIAGNOSE), str(FIX)], capture_output=True, text=True)

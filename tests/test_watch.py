@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from yolosafe import gpus, rundir, watch
-from yolosafe.options import DEFAULTS
+from yolosafe import gpus
+from yolosafe.planning.options import DEFAULTS
 from yolosafe.proc import run_child
-from yolosafe.records import Story
-from yolosafe.supervise import RunOptions, Supervisor
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir.records import Story
+from yolosafe.supervisor import watch
+from yolosafe.supervisor.child import RunOptions, Supervisor
 
 SPEC = json.dumps({"gpus": [
     {"total_mib": 10000, "used_mib": 1000, "processes": [{"pid": 4242, "used_mib": 1000}],
@@ -150,7 +152,7 @@ def test_watch_runs_while_the_worker_lives_and_stops_with_it(tmp_path):
 
 
 def test_spec_carries_clear_before_val(tmp_path):
-    from yolosafe.plan import build_plan
+    from yolosafe.planning.trainplan import build_plan
 
     plan = build_plan(model="yolov8n.yaml", data="d.yaml", gpus=(0, 1), batch=8, effective_batch=16, val_batch=None,
                       imgsz=64, epochs=1, extra={})

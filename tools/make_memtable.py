@@ -1,8 +1,10 @@
-"""Regenerate yolosafe/data/memtable.json: the fake-tensor pass (yolosafe.fakepass) for the common models at 640.
+"""Regenerate yolosafe/data/memtable.json: the fake-tensor pass (yolosafe.training.fakepass) for the common
+models at 640.
 
     python tools/make_memtable.py [--models yolov8n.yaml,...] [--out yolosafe/data/memtable.json]
 
-Each model is measured in its own child process (python -m yolosafe.fakepass), so one model's memory never leaks
+Each model is measured in its own child process (python -m yolosafe.training.fakepass), so one model's memory
+never leaks
 into the next. Takes about 10-20 s per model on one CPU core; no GPU, no download.
 """
 
@@ -26,7 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     table = {}
     for model in args.models.split(","):
-        done = subprocess.run([sys.executable, "-m", "yolosafe.fakepass", model, "--imgsz", str(args.imgsz)],
+        command = [sys.executable, "-m", "yolosafe.training.fakepass", model, "--imgsz", str(args.imgsz)]
+        done = subprocess.run(command,
                               capture_output=True, text=True, check=True)
         table[Path(model).stem] = json.loads(done.stdout.strip().splitlines()[-1])
         print(model, json.dumps(table[Path(model).stem]), flush=True)

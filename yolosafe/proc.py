@@ -160,6 +160,11 @@ def _tee(proc: subprocess.Popen[bytes], streams: Sequence[IO[bytes]]) -> None:
             stream.flush()
 
 
+def run_module(module: str, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` in a throw-away child of this interpreter, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+
+
 def exit_with_parent() -> None:
     """End this process soon after its parent is gone (the parent SIGKILLed: nobody else will stop us).
 

@@ -14,10 +14,19 @@ other modules import every public name from here.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from yolosafe.gpus.fake import FAKE_ENV, PHASE_FILE_ENV, FakeBackend, FakeGPU, FakeGpusError, fake_phase_file
-from yolosafe.gpus.inventory import GPU, MIB, GPUBackend, GPUProcess, GPUReadError, Inventory, MemoryReading
+from yolosafe.gpus.inventory import (
+    GPU,
+    MIB,
+    GPUBackend,
+    GPUProcess,
+    GPUReadError,
+    Inventory,
+    MemoryReading,
+    nvml_index,
+)
 from yolosafe.gpus.nvml import NvmlBackend
 
 __all__ = (  # a tuple: no module-level mutable state
@@ -40,14 +49,6 @@ __all__ = (  # a tuple: no module-level mutable state
     "read_inventory",
     "visible_ids",
 )
-
-
-def nvml_index(plan_gpus: Sequence[int], device_index: int | None) -> int | None:
-    """The NVML index of a rank's CUDA device: the worker sees exactly the plan's GPUs, in order, so CUDA device i
-    is ``plan_gpus[i]``. None when unknown (no device, or a process on the CPU)."""
-    if device_index is None or not 0 <= device_index < len(plan_gpus):
-        return None
-    return plan_gpus[device_index]
 
 
 def visible_ids(inventory: Inventory, cuda_visible: str | None) -> tuple[int, ...]:

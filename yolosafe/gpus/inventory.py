@@ -6,6 +6,7 @@ is ``None`` (not zero, not an exception), so a planner, the watch or the doctor 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -94,3 +95,11 @@ class GPUBackend(Protocol):
 
     def close(self) -> None:
         """Release what the backend opened; a later call opens it again."""
+
+
+def nvml_index(plan_gpus: Sequence[int], device_index: int | None) -> int | None:
+    """The NVML index of a rank's CUDA device: the worker sees exactly the plan's GPUs, in order, so CUDA device i
+    is ``plan_gpus[i]``. None when unknown (no device, or a process on the CPU)."""
+    if device_index is None or not 0 <= device_index < len(plan_gpus):
+        return None
+    return plan_gpus[device_index]

@@ -1,0 +1,247 @@
+"""``yolosafe train`` between the command line and the supervisor: a new run or a resume, from resolved options to
+the plan, the dry run, the run directory and its story, the supervised attempts and the closing lines.
+
+Everything here that can go wrong with the user's input raises :class:`yolosafe.planning.validate.InputError` before
+a run
+directory exists; the CLI turns it into one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from yolosafe import __version__, gpus, oom
+from yolosafe.exits import Exit
+from yolosafe.planning import accumulation, allocator, datasets, nodes, options, resume, validate
+from yolosafe.planning import trainplan as plan
+from yolosafe.planning.memory import history, planner
+from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.validate import InputError
+from yolosafe.readers import report
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir import records
+from yolosafe.supervisor import child as supervise
+from yolosafe.supervisor import launchcmd as launch
+from yolosafe.supervisor import terminal
+from yolosafe.supervisor.multinode import setup as multicli
+
+
+def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: str | None) -> dict[str, Any]:
+    """Options from the flags ``given``, the ``--config`` file, the dataset's defaults and yolosafe's; ``data_yaml``
+    is the dataset's YAML."""
+    config = options.load_config(config_file)
+    try:
+        dataset = datasets.resolve(str(given.get("data") or config.get("data") or options.DEFAULTS["data"]),
+                                   datasets.registry_path(datasets_file))
+    except datasets.DatasetError as exc:
+        raise InputError(str(exc)) from None
+    resolved = options.resolve(given, config, dataset.defaults)
+    resolved["model"] = resolved["model"] or options.default_model()
+    named = "name" in given or "name" in config  # a run the user named: a live one of that name is a mistake
+    resolved.update(data_yaml=str(dataset.yaml_path), dataset_name=dataset.name, named=named)
+    return resolved
+
+
+def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
+    """The plan of resolved options on this machine's GPUs (``--gpus`` within ``$CUDA_VISIBLE_DEVICES``)."""
+    visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    try:
+        selected = plan.parse_gpus(None if opts["gpus"] is None else str(opts["gpus"]), visible, inventory.problem)
+        for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
+            raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
+        built = plan.build_plan(
+            model=opts["model"],
+            data=opts["data_yaml"],
+            gpus=selected,
+            batch=int(opts["batch"]),
+            effective_batch=opts["effective_batch"],
+            val_batch=opts["val_batch"],
+            imgsz=int(opts["imgsz"]),
+            epochs=int(opts["epochs"]),
+            extra=plan.parse_passthrough(opts["args"]),
+            train_images=datasets.count_images(Path(opts["data_yaml"])),
+            nnodes=int(opts.get("nnodes") or 1),  # multi-node: --batch is the total over every node's GPUs
+        )
+    except plan.PlanError as exc:
+        hidden = len(visible) < len(inventory.ids)
+        raise InputError(f"{exc} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if hidden
+                         else str(exc)) from None
+    validate.check_ultralytics_args(built.extra)  # after the unknown and yolosafe-owned keys were refused
+    return built
+
+
+def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
+    """A new run: everything checked, then the run directory claimed and the attempts supervised."""
+    opts["nnodes"] = where.nnodes
+    multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
+    options.check_watch(opts)
+    validate.check_options(opts)
+    validate.check_model(opts["model"])
+    validate.check_data(opts["data_yaml"])
+    try:
+        inventory = gpus.read_inventory()
+        env = allocator.apply(os.environ, opts["alloc_conf"])
+        opts, auto = planner.resolve_auto(opts, inventory)
+    except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
+        raise InputError(str(exc)) from None
+    p = build(opts, inventory)
+    try:
+        oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
+        multicli.check_plan(p, where)  # GPUs on every node
+    except (ValueError, nodes.NodesError) as exc:
+        raise InputError(str(exc)) from None
+    for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
+        terminal.say(f"note: {note}")
+    simulated = inventory.backend == "fake" and bool(p.gpus)
+    run_dir = claim_run_dir(opts, where, p, dry_run)
+    if dry_run:
+        print_dry_run(p, env, run_dir, simulated, where=where)
+        return Exit.OK
+    story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
+    story.nodes = where.summary() if where.multi else None
+    for note in planner.warnings(story.memory_plan):
+        terminal.say(f"warning: {note}")
+    terminal.say(f"run directory {run_dir}")
+    return run_supervised(run_dir, p, env, opts, simulated, story, where=where)
+
+
+def claim_run_dir(opts: Mapping[str, Any], where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> Path:
+    """The run's directory: on several nodes the same one everywhere, made by node 0; a new one, locked for this
+    process, on one machine; only its name for a dry run."""
+    project = Path(opts["project"])
+    if where.multi:
+        return multicli.claim(project, dict(opts), opts["named"], where, p, dry_run)
+    if dry_run:
+        return next_run_name(project, opts["name"])
+    try:
+        return rundir.claim_new_run_dir(project, opts["name"], refuse_live=opts["named"])
+    except rundir.RunLocked as exc:
+        raise InputError(f"--name {opts['name']}: {exc}") from None
+
+
+def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Mapping[str, Any],
+              inventory: gpus.Inventory, simulated: bool, auto: dict[str, Any] | None) -> records.Story:
+    """``yolosafe.json`` as a run starts: the plan, its GPUs, the versions, the options that shape its attempts."""
+    return records.Story.new(
+        yolosafe=__version__,
+        command=sys.argv,
+        run_dir=str(run_dir),
+        dataset={"name": opts["dataset_name"], "yaml": opts["data_yaml"]},
+        plan=p.summary(),
+        allocator={k: env[k] for k in allocator.ENV_VARS},
+        versions={**supervise.versions(), "driver": inventory.driver, "cuda_driver": inventory.cuda},
+        gpu_backend=inventory.backend,
+        gpus=[g.as_dict() for g in inventory.gpus if g.index in p.gpus],
+        simulated_on_cpu=simulated,
+        max_retries=opts["max_retries"],
+        min_batch=opts["min_batch"],
+        **{key: opts[key] for key in options.WATCH_KEYS},
+        batch_auto=auto,
+        memory_plan=planner.memory_plan(p, inventory, dict(opts), allow_fake_pass=False),
+    )
+
+
+def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
+    """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
+    r = resume.prepare(run_dir, given, dry_run, where.node_rank, where.nnodes)
+    attempt = len(r.story.attempts) + 1
+    if dry_run:
+        print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
+        return Exit.OK
+    if where.multi:  # every node resumes the same attempt of the same run
+        multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
+    resume.record(r, given)
+    terminal.say(f"resuming {r.run_dir} from {r.last}")
+    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last,
+                          where=where)
+
+
+def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: Mapping[str, Any],
+                   simulated: bool, story: records.Story, resume_from: Path | None = None,
+                   where: nodes.Nodes | None = None) -> Exit:
+    """The attempts, then the memory table, the history line and where the weights are."""
+    node = where.node_rank if where else 0
+    if simulated:  # the watch's fake NVML backend follows the phases the ranks write there (docs/fake-gpus.md)
+        env = {**env, gpus.PHASE_FILE_ENV: str(run_dir / rundir.node_file(rundir.FAKE_PHASE, node))}
+    for line in terminal.start_lines(p, env, simulated):
+        terminal.say(line)
+    run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run_dir, where, p))
+    supervisor = supervise.Supervisor(run_dir, run_options, story)
+    code = supervisor.run(p, resume=resume_from)
+    if supervisor.watch is not None:
+        print_memory_table(run_dir, node)
+        if node == 0:  # predicted vs measured peaks: the next plan learns from this machine (node 0's, over nodes)
+            history.record(run_dir, story.to_dict())
+    terminal.say(f"run directory: {run_dir}")
+    for name, path in (story.weights or {}).items():
+        terminal.say(f"{name} weights: {path}")
+    return code
+
+
+def print_memory_table(run_dir: Path, node: int = 0) -> None:
+    """The end of ``yolosafe train``: peaks per GPU, and where the report files are. Never changes the exit status."""
+    try:
+        summary = report.write(run_dir, node)
+    except report.NoMemoryData as exc:
+        terminal.say(f"memory: {exc}")
+        return
+    except Exception as exc:  # the run is over whatever happens here: a broken report must not hide its outcome
+        terminal.say(f"memory report failed: {type(exc).__name__}: {exc}")
+        return
+    terminal.say(f"memory per GPU (NVML peaks; {rundir.node_file(rundir.MEMORY_SUMMARY, node)}, "
+                 f"{rundir.node_file(rundir.MEMORY_PLOT, node)} in the run directory):")
+    for line in report.table(summary):
+        click.echo(f"  {line}", err=True)
+
+
+def next_run_name(project: Path, name: str) -> Path:
+    """Where ``new_run_dir`` would put the run, without creating it (for the dry run)."""
+    n = 1
+    while (project / (name if n == 1 else f"{name}{n}")).exists():
+        n += 1
+    return project / (name if n == 1 else f"{name}{n}")
+
+
+def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulated: bool,
+                  resume_from: Path | None = None, attempt: int = 1, where: nodes.Nodes | None = None) -> None:
+    """The resolved plan, the child's environment and command: what ``--dry-run`` shows instead of training."""
+    gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
+    if simulated:
+        gpus_text += "  [fake GPUs: each one a rank process on the CPU]" if len(p.gpus) > 1 else "  [fake GPU: on CPU]"
+    where = where or nodes.Nodes()
+    node, multi = where.node_rank, where.multi
+    command = launch.child_command(rundir.spec_path(run_dir, attempt, node), p.world_size, p.local_world_size,
+                                   rundir.ranks_log_dir(run_dir, attempt, node), where, attempt)  # port: at launch
+    device, visible = supervise.launch_device(p, simulated)
+    child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
+    lines = [
+        ("model", p.model),
+        ("data", p.data),
+        ("device", gpus_text),
+        *(multicli.dry_run_lines(p, where) if multi else []),
+        ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
+        ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
+                            f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),
+        ("accumulation", accumulation.describe_accumulation(p)),
+        ("val batch", f"{p.val_batch} per GPU"),
+        ("imgsz / epochs", f"{p.imgsz} / {p.epochs}"),
+        ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),
+        ("run dir", f"{run_dir} (resumed from {resume_from}; nothing trained by a dry run)" if resume_from
+         else f"{run_dir} (not created by a dry run)"),
+        ("train kwargs", json.dumps(p.train_kwargs() | {"device": device}, sort_keys=True)),
+        ("child command", f"{prefix} {shlex.join(command)}"),
+    ]
+    click.echo("yolosafe train --dry-run")
+    for label, value in lines:
+        click.echo(f"  {label:<16} {value}")
+    for note in plan.plan_warnings(p):
+        click.echo(f"  note: {note}")

@@ -1,0 +1,219 @@
+"""The ``yolosafe`` command: a thin layer over the library.
+
+Bad input ends in one line on stderr and exit status 2, never a traceback. Nothing here imports torch or
+ultralytics: ``--help``, ``--dry-run`` and ``yolosafe gpus`` start in a fraction of a second; the training itself
+happens in the worker process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from yolosafe import __version__, gpus
+from yolosafe.api import trainrun
+from yolosafe.cli import planview
+from yolosafe.cli.params import BatchOrAuto
+from yolosafe.exits import Exit
+from yolosafe.planning import datasets, options, validate
+from yolosafe.planning import trainplan as plan
+from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.validate import InputError
+from yolosafe.readers import report
+from yolosafe.rundir import files as rundir
+from yolosafe.supervisor.multinode import setup as multicli
+
+D, SHAPES = options.DEFAULTS, datasets.SHAPES_DEFAULTS  # the help texts say the defaults these hold
+
+
+def given_options(ctx: click.Context) -> dict[str, Any]:
+    """The options typed on the command line (click's defaults are None: the real ones live in
+    yolosafe.planning.options)."""
+    return {k: v for k, v in ctx.params.items()
+            if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="yolosafe")
+def cli() -> None:
+    """Train Ultralytics YOLO on one or many GPUs without dying of CUDA out-of-memory."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("--model",
+              help="Model YAML or weights. Default: {} if present here, else {}.".format(*options.DEFAULT_MODELS))
+@click.option("--data", help="Dataset name from datasets.yaml, a data YAML path, or 'shapes' (built in).")
+@click.option("--datasets", "datasets_file", help="Dataset registry (default: $YOLOSAFE_DATASETS or ./datasets.yaml).")
+@click.option("--gpus", help="GPU ids '0,1,2,3', 'all', 'auto[:N]' or 'cpu'. Default: GPU 0 if there is one, else cpu.")
+@click.option("--batch", type=BatchOrAuto(),
+              help=f"Total batch over all GPUs (split evenly) or auto. Default {D['batch']}.")
+@click.option("--effective-batch", type=int, help="Images per optimizer step (Ultralytics nbs). Default: 64-ish.")
+@click.option("--val-batch", type=int, help="Validation batch per GPU. Default: the per-GPU train batch.")
+@click.option("--imgsz", type=int, help=f"Image size. Default {D['imgsz']} (shapes: {SHAPES['imgsz']}).")
+@click.option("--epochs", type=int, help=f"Epochs. Default {D['epochs']} (shapes: {SHAPES['epochs']}).")
+@click.option("--alloc-conf", help="PYTORCH_CUDA_ALLOC_CONF options merged over yours and the default.")
+@click.option("--config", "config_file", help="YAML file with these options (flags override it).")
+@click.option("--project", help=f"Parent folder of runs. Default {D['project']}.")
+@click.option("--name", help="Run name; an existing run is never overwritten (train, train2, ...).")
+@click.option("--max-retries", type=int, help=f"Relaunches after an OOM. Default {D['max_retries']}.")
+@click.option("--min-batch", type=int, help=f"Never halve below this per-GPU batch. Default {D['min_batch']}.")
+@click.option("--watch-interval", type=float,
+              help=f"Seconds between GPU memory samples; 0 = no watch. Default {D['watch_interval']}.")
+@click.option("--warn-at", type=float,
+              help=f"Warn when a GPU's used memory reaches this share of it. Default {D['warn_at']}.")
+@click.option("--clear-before-val/--no-clear-before-val", default=None,
+              help="Empty the CUDA cache on every rank right before validation. Default "
+                   f"{'on' if D['clear_before_val'] else 'off'}.")
+@click.option("--memory-fraction", type=float,
+              help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
+@click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
+@multicli.node_options
+@click.argument("args", nargs=-1)
+@click.pass_context
+def train(ctx: click.Context, datasets_file: str | None, config_file: str | None, resume_dir: str | None,
+          dry_run: bool, **_: Any) -> None:
+    """Train with OOM protection. Extra ARGS are Ultralytics train arguments as key=value (e.g. lr0=0.01)."""
+    validate.check_injection(os.environ)
+    given = given_options(ctx)
+    where = multicli.resolve(ctx.params)  # --nnodes ... or SLURM's variables; one machine without either
+    if resume_dir:
+        sys.exit(trainrun.resume_run(Path(resume_dir), given, dry_run, where))
+    sys.exit(trainrun.new_run(trainrun.resolve(given, config_file, datasets_file), dry_run, where))
+
+
+@cli.command("plan")
+@click.option("--vram", help="Print the tier table for these GPU sizes in GiB instead (e.g. 8,12,24,48,80).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_file: str | None,
+                 config_file: str | None, **_: Any) -> None:
+    """Predict each GPU's train and validation peaks for the same options as train; train nothing."""
+    opts = trainrun.resolve(given_options(ctx), config_file, datasets_file)
+    where = multicli.resolve(ctx.params)  # --batch is the total over every node's GPUs
+    multicli.check_options(opts, where)
+    opts["nnodes"] = where.nnodes
+    try:
+        planview.run(opts, gpus.read_inventory(), trainrun.build, vram, as_json)
+    except (gpus.FakeGpusError, plan.PlanError, memmodel.UnknownModel) as exc:
+        raise InputError(str(exc)) from None
+
+
+plan_command.params[:0] = [p for p in train.params if p.name not in ("resume_dir", "dry_run")]
+
+
+@cli.command("gpus")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def gpus_command(as_json: bool) -> None:
+    """List the GPUs NVML sees (or the fake ones of YOLOSAFE_FAKE_GPUS), their memory and processes."""
+    try:
+        inventory = gpus.read_inventory()
+    except gpus.FakeGpusError as exc:
+        raise InputError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({
+            "backend": inventory.backend, "driver": inventory.driver, "cuda": inventory.cuda,
+            "problem": inventory.problem,
+            "gpus": [g.as_dict() for g in inventory.gpus],
+        }, indent=2))
+        return
+    if not inventory.gpus:
+        click.echo(f"no GPU: {inventory.problem}; yolosafe train runs on CPU (--gpus cpu)", err=True)
+        sys.exit(1)
+    click.echo(f"driver {inventory.driver}, CUDA {inventory.cuda} ({inventory.backend})")
+    click.echo(f"{'GPU':>3}  {'name':<24} {'used MiB':>9} {'free MiB':>9} {'total MiB':>9} {'util':>5}  processes")
+    for g in inventory.gpus:
+        procs = ", ".join(f"{pr.pid}:{pr.used_mib:.0f}MiB" if pr.used_mib is not None else str(pr.pid)
+                          for pr in g.processes) or "-"
+        procs = f"invalid: {g.problem}" if g.problem else f"MIG on; {procs}" if g.mig else procs
+        click.echo(f"{g.index:>3}  {(g.name or '?')[:24]:<24} {_num(g.used_mib):>9} {_num(g.free_mib):>9} "
+                   f"{_num(g.total_mib):>9} {_num(g.utilization, '%'):>5}  {procs}")
+
+
+@cli.command("report")
+@click.argument("run_dir", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print memory_summary.json instead of the table.")
+def report_command(run_dir: str | None, as_json: bool) -> None:
+    """Memory peaks per GPU and phase of RUN_DIR (default: the latest run under ./runs); rewrites the summary and
+    memory.png."""
+    path = Path(run_dir) if run_dir else rundir.latest_run(Path("runs"))
+    if path is None:
+        raise InputError("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
+    if not (path / rundir.STORY).is_file():
+        raise InputError(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
+    if rundir.mark_if_orphaned(path):
+        click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
+    state = rundir.read_json(path / rundir.STORY).get("outcome") or "unknown"
+    try:
+        summary = report.write(path)
+    except report.NoMemoryData as exc:
+        click.echo(f"yolosafe: no memory data in {path} (run {state}): {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {path / rundir.MEMORY_PLOT}")
+    for line in report.table(summary):
+        click.echo(line)
+
+
+@cli.command("doctor")
+@click.argument("run_dir", required=False)
+@click.option("--project", help="Where to look for the newest run when RUN_DIR is not given. Default ./runs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor_command(run_dir: str | None, project: str | None, as_json: bool) -> None:
+    """Explain GPU memory: the machine, the environment, a run (default: the newest), and what to do. Read-only."""
+    from yolosafe.readers.doctor import diagnosis as doctor
+    from yolosafe.readers.doctor import text as doctor_text
+
+    try:
+        found = doctor.diagnose(run_dir, project)
+    except doctor.DoctorError as exc:
+        raise InputError(str(exc)) from None
+    click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else "\n".join(doctor_text.render(found)))
+
+
+@cli.command("fix")
+@click.option("--config", "config_file", help="A yolosafe train --config YAML to adapt to the run's OOMs.")
+@click.option("--run", "run_dir", help="The run the config change is derived from. Default: the newest under ./runs.")
+@click.option("--yes", is_flag=True, help="Accept what is provably safe without asking (stale yolosafe processes, "
+                                          "the rc line, the config change).")
+def fix_command(config_file: str | None, run_dir: str | None, yes: bool) -> None:
+    """Propose repairs one by one (y/N, default No; no terminal means No unless --yes); back up what it edits."""
+    from yolosafe.repair import proposals as fixes
+
+    try:
+        code = fixes.main(config_file, run_dir, yes)
+    except fixes.FixUsageError as exc:
+        raise InputError(str(exc)) from None
+    sys.exit(code)
+
+
+def _num(value: float | None, suffix: str = "") -> str:
+    return "?" if value is None else f"{value:.0f}{suffix}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click's own usage errors are reduced to one line, like ours; both exit with status 2."""
+    try:
+        cli.main(args=argv, prog_name="yolosafe", standalone_mode=False)
+    except InputError as exc:
+        click.echo(f"yolosafe: error: {exc}", err=True)
+        sys.exit(Exit.USAGE)
+    except click.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx else ""
+        click.echo(f"yolosafe: error: {where}{exc.format_message()}", err=True)
+        sys.exit(Exit.USAGE)
+    except click.exceptions.Abort:
+        sys.exit(Exit.INTERRUPTED)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

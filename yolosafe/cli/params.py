@@ -1,0 +1,23 @@
+"""Click parameter types of yolosafe's options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from yolosafe.planning.memory.planner import AUTO
+
+
+class BatchOrAuto(click.ParamType):
+    """``--batch``: an integer or ``auto``."""
+
+    name = "integer|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or str(value).strip().lower() == AUTO:
+            return value if isinstance(value, int) else AUTO
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or 'auto'", param, ctx)

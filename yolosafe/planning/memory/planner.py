@@ -1,0 +1,240 @@
+"""Plan before launch: ``--gpus auto``, ``--batch auto`` and the per-GPU memory plan that ``yolosafe plan`` prints.
+
+The memory model (:mod:`yolosafe.planning.memory.model`) predicts each GPU's train and validation peaks; this module
+applies it
+to the GPUs of this machine as NVML sees them now, and to this machine's history
+(:mod:`yolosafe.planning.memory.history`). The
+smallest free memory among the chosen GPUs decides the per-GPU batch: DDP runs the same batch on every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from yolosafe import gpus, proc
+from yolosafe.planning import datasets
+from yolosafe.planning import trainplan as plan
+from yolosafe.planning.memory import history, hostram
+from yolosafe.planning.memory import model as memmodel
+
+AUTO = "auto"
+BUSY_MIB = 1024.0  # a GPU where other processes hold more than this is left out by --gpus auto
+LOW_MARGIN = 0.10  # warn when less than this share of a GPU stays free at the predicted peak
+FAKEPASS_TIMEOUT_S = 600
+
+
+def fraction_of(options: dict[str, Any]) -> float:
+    """``--memory-fraction``: the share of a GPU's free memory the predicted peaks may fill."""
+    try:
+        value = float(options["memory_fraction"])
+    except (TypeError, ValueError):
+        raise plan.PlanError(f"--memory-fraction {options['memory_fraction']!r}: expected a number") from None
+    if not 0 < value <= 1:
+        raise plan.PlanError(f"--memory-fraction {value:g}: give a share above 0 and at most 1 (e.g. 0.85)")
+    return value
+
+
+def setup_of(options: dict[str, Any], world_size: int) -> memmodel.Setup:
+    args = plan.parse_passthrough(options.get("args") or [])
+    return memmodel.Setup(imgsz=int(options["imgsz"]), amp=bool(args.get("amp", True)),
+                          optimizer=str(args.get("optimizer", "auto")), world_size=world_size)
+
+
+def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
+    """The fake-tensor pass for a model the table lacks, in a throw-away child (torch stays out of the CLI), cached
+    in the cache directory by the YAML's content and the torch/ultralytics versions."""
+    path = Path(model)
+    text = path.read_text() if path.is_file() else model
+    key = hashlib.sha256(f"{text}|{sys.version}".encode()).hexdigest()[:16]
+    cache = datasets.cache_dir() / "memterms" / f"{memmodel.model_key(model)}-{key}.json"
+    if cache.is_file():
+        entry = json.loads(cache.read_text())
+    elif not run:
+        raise memmodel.UnknownModel(f"{model}: no memory figures yet (yolosafe plan --model {model} makes them)")
+    else:
+        done = proc.run_module("yolosafe.training.fakepass", [model], timeout=FAKEPASS_TIMEOUT_S)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise memmodel.UnknownModel(f"{model}: the fake-tensor memory pass failed ({last})")
+        entry = json.loads(done.stdout.strip().splitlines()[-1])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(entry))
+    return memmodel.terms_from_entry(memmodel.model_key(model), entry, entry.get("source", "fake pass"))
+
+
+def model_terms(model: str, allow_fake_pass: bool = True) -> memmodel.Terms:
+    """The table's figures when it has the model, else a fake pass on its YAML (or Ultralytics' built-in name)."""
+    try:
+        return memmodel.table_terms(model)
+    except memmodel.UnknownModel:
+        if model.endswith(".pt"):
+            raise
+        return fake_pass_terms(model, run=allow_fake_pass)
+
+
+def choose_gpus(text: str, inventory: gpus.Inventory, visible: tuple[int, ...],
+                busy_mib: float = BUSY_MIB) -> tuple[tuple[int, ...], list[str]]:
+    """``auto`` (every idle GPU) or ``auto:N`` (the N with the most free memory), leaving out busy GPUs."""
+    _, _, count_text = text.partition(":")
+    if count_text and not (count_text.isdigit() and int(count_text) > 0):
+        raise plan.PlanError(f"--gpus {text}: expected 'auto' or 'auto:N' with N a positive number of GPUs")
+    candidates = [g for g in inventory.gpus if g.index in visible]
+    if not candidates:
+        raise plan.PlanError(f"--gpus {text}: this machine has no GPU ({inventory.problem or 'none visible'})")
+    reasons, idle = [], []
+    for g in candidates:
+        if (g.used_mib or 0) > busy_mib:
+            pids = ", ".join(str(p.pid) for p in g.processes) or "no process NVML can name"
+            reasons.append(f"GPU {g.index} left out: {(g.used_mib or 0) / 1024:.1f} GiB already used ({pids})")
+        else:
+            idle.append(g)
+    idle.sort(key=lambda g: -(g.free_mib or 0))
+    wanted = int(count_text) if count_text else len(idle)
+    if len(idle) < max(wanted, 1):
+        raise plan.PlanError(f"--gpus {text}: only {len(idle)} of {len(candidates)} GPUs are idle "
+                             f"(others hold more than {busy_mib / 1024:.1f} GiB): {'; '.join(reasons)}")
+    chosen = sorted(g.index for g in idle[:wanted])
+    free = ", ".join(f"GPU {g.index} {(g.free_mib or 0) / 1024:.1f} GiB" for g in idle[:wanted])
+    reasons.append(f"chose GPU{'s' if len(chosen) > 1 else ''} {','.join(map(str, chosen))}: most free memory ({free})")
+    return tuple(chosen), reasons
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """The plan for one GPU: its free memory now, the predicted peaks, and what follows."""
+
+    gpu: gpus.GPU
+    train: memmodel.Prediction
+    val: memmodel.Prediction
+    calibrated_runs: int
+
+    @property
+    def peak_mib(self) -> float:
+        return max(self.train.peak_mib, self.val.peak_mib)
+
+    @property
+    def headroom_mib(self) -> float:
+        return (self.gpu.free_mib or 0) - self.peak_mib
+
+    def warnings(self) -> list[str]:
+        g, notes = self.gpu, []
+        if g.processes or (g.used_mib or 0) > BUSY_MIB:
+            notes.append(f"GPU {g.index}: another process uses {(g.used_mib or 0) / 1024:.1f} GiB of it")
+        if self.val.peak_mib > self.train.peak_mib:
+            notes.append(f"GPU {g.index}: validation ({self.val.peak_mib / 1024:.1f} GiB) is predicted above "
+                         f"training ({self.train.peak_mib / 1024:.1f} GiB): lower --val-batch")
+        if self.headroom_mib < 0:
+            notes.append(f"GPU {g.index}: the predicted peak {self.peak_mib / 1024:.1f} GiB does not fit the "
+                         f"{(g.free_mib or 0) / 1024:.1f} GiB free: lower --batch, or use --batch auto")
+        elif g.total_mib and self.headroom_mib < LOW_MARGIN * g.total_mib:
+            notes.append(f"GPU {g.index}: margin {self.headroom_mib / 1024:.1f} GiB is under "
+                         f"{LOW_MARGIN:.0%} of the GPU: an OOM is likely; lower --batch")
+        return notes
+
+
+def gpu_memory(terms: memmodel.Terms, setup: memmodel.Setup, g: gpus.GPU, batch: int, val_batch: int,
+               history_file: Path | None = None) -> GpuMemory:
+    factor, runs = history.calibration(g.name, history_file)
+    source = f"calibrated on {runs} earlier run(s) of {g.name} here" if runs else "none (no earlier runs here)"
+    train = memmodel.predict(terms, setup, "train", batch, factor, source)
+    val = memmodel.predict(terms, setup, "val", val_batch, factor, source)
+    return GpuMemory(g, train, val, runs)
+
+
+def auto_batch(terms: memmodel.Terms, setup: memmodel.Setup, chosen: list[gpus.GPU], fraction: float,
+               val_batch: int | None, history_file: Path | None = None) -> tuple[int, list[str]]:
+    """The largest per-GPU batch whose train and val peaks fit ``fraction`` of every chosen GPU's free memory."""
+    best, reasons = None, []
+    for g in chosen:
+        factor, _ = history.calibration(g.name, history_file)
+        budget = fraction * (g.free_mib or 0)
+        fits = memmodel.largest_batch(terms, setup, budget, (lambda b: val_batch) if val_batch else None, factor)
+        reasons.append(f"GPU {g.index}: {fits} images fit {fraction:.0%} of {(g.free_mib or 0) / 1024:.1f} GiB free")
+        best = fits if best is None else min(best, fits)
+    if not best:
+        raise plan.PlanError(f"--batch auto: not even 1 image per GPU fits {fraction:.0%} of the free memory "
+                             f"({'; '.join(reasons)}); free a GPU, lower --imgsz or use a smaller model")
+    return best, reasons
+
+
+def resolve_auto(options: dict[str, Any], inventory: gpus.Inventory,
+                 history_file: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Replace ``--gpus auto[:N]`` and ``--batch auto`` by numbers; returns the options and the story's entry."""
+    gpus_text, batch = str(options["gpus"] or "").lower(), options["batch"]
+    if not gpus_text.startswith(AUTO) and batch != AUTO:
+        return options, None
+    visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    entry: dict[str, Any] = {"memory_fraction": fraction_of(options), "reasons": []}
+    resolved = dict(options)
+    if gpus_text.startswith(AUTO):
+        chosen, why = choose_gpus(gpus_text, inventory, visible)
+        resolved["gpus"] = ",".join(map(str, chosen))
+        entry.update(gpus=list(chosen), reasons=why)
+    if batch == AUTO:
+        selected = plan.parse_gpus(None if resolved["gpus"] is None else str(resolved["gpus"]), visible,
+                                   inventory.problem)
+        if not selected:
+            raise plan.PlanError("--batch auto needs GPUs (the memory model plans GPU memory); give --batch N on CPU")
+        chosen_gpus = [g for g in inventory.gpus if g.index in selected]
+        terms = model_terms(options["model"])
+        setup = setup_of(options, len(selected))
+        per_gpu, why = auto_batch(terms, setup, chosen_gpus, entry["memory_fraction"], options["val_batch"],
+                                  history_file)
+        if options["effective_batch"] and per_gpu * len(selected) > int(options["effective_batch"]):
+            per_gpu = max(int(options["effective_batch"]) // len(selected), 1)
+            why.append(f"capped at {per_gpu} per GPU: the total may not exceed --effective-batch")
+        resolved["batch"] = per_gpu * len(selected)
+        entry.update(per_gpu_batch=per_gpu, batch=resolved["batch"], terms_source=terms.source,
+                     reasons=entry["reasons"] + why)
+    return resolved, entry
+
+
+def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: dict[str, Any],
+                allow_fake_pass: bool = True, history_file: Path | None = None) -> dict[str, Any] | None:
+    """Predicted peaks of a resolved plan on its GPUs (``yolosafe.json``'s ``memory_plan``); None without figures."""
+    try:
+        terms = model_terms(p.model, allow_fake_pass)
+    except memmodel.UnknownModel:
+        return None
+    setup = replace(setup_of(options, p.world_size), imgsz=p.imgsz)
+    chosen = [g for g in inventory.gpus if g.index in p.gpus]
+    per_gpu = [gpu_memory(terms, setup, g, p.per_gpu_batch, p.val_batch, history_file) for g in chosen]
+    worst = max(per_gpu, key=lambda m: m.peak_mib, default=None)
+    reference = worst or GpuMemory(gpus.GPU(-1, None, None, None, None, None),
+                                   memmodel.predict(terms, setup, "train", p.per_gpu_batch),
+                                   memmodel.predict(terms, setup, "val", p.val_batch), 0)
+    host = hostram.estimate(p.extra, p.local_world_size, p.imgsz, hostram.count_images(p.data), hostram.available_mib())
+    return {
+        "model": memmodel.model_key(p.model), "imgsz": p.imgsz, "amp": setup.amp, "world_size": p.world_size,
+        "terms_source": terms.source,
+        "predicted": {"train": reference.train.as_dict(), "val": reference.val.as_dict()},
+        "gpus": [{"index": m.gpu.index, "name": m.gpu.name, "total_mib": m.gpu.total_mib, "free_mib": m.gpu.free_mib,
+                  "train_peak_mib": round(m.train.peak_mib, 1), "val_peak_mib": round(m.val.peak_mib, 1),
+                  "headroom_mib": round(m.headroom_mib, 1), "calibrated_runs": m.calibrated_runs,
+                  "warnings": m.warnings()} for m in per_gpu],
+        "host_ram": {"needed_mib": round(host.total_mib), "available_mib": host.available_mib,
+                     "images": host.images, "advice": hostram.advice(host)},
+    }
+
+
+def warnings(memory: dict[str, Any] | None) -> list[str]:
+    """What ``yolosafe train`` prints before it starts: each GPU's warnings and the host RAM advice."""
+    if not memory:
+        return []
+    return [w for g in memory["gpus"] for w in g["warnings"]] + memory["host_ram"]["advice"]
+
+
+def tier_table(vram_gib: list[float], imgsz: int, options: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """Largest safe per-GPU batch per model of the table and per VRAM size, from the model (never typed in)."""
+    setup = replace(setup_of(options, 1), imgsz=imgsz)
+    rows = {}
+    for name, terms in memmodel.load_table().items():
+        rows[name] = {f"{v:g}": memmodel.largest_batch(terms, setup, fraction * v * 1024) for v in vram_gib}
+    return {"imgsz": imgsz, "memory_fraction": fraction, "amp": setup.amp, "optimizer": setup.optimizer,
+            "vram_gib": vram_gib, "source": "table (fake-tensor pass), peak allocator factor", "batches": rows}

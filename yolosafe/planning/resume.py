@@ -1,0 +1,158 @@
+"""``yolosafe train --resume RUN_DIR``: what a resume may change, and the plan it runs.
+
+A run is resumed where its directory is now (moved or copied, it trains into that directory: the worker gives
+Ultralytics this ``save_dir``, not the one inside the checkpoint). Ultralytics resumes with the checkpoint's own
+arguments except a few it lets a resume change (``batch``, ``device``, ``imgsz``...); yolosafe passes ``nbs`` and the
+validation batch itself. So a resume accepts the options that change how the same training is spread and retried
+(GPUs, batches, retries, allocator, memory watch) and refuses, in one line, those that would make it another
+training (model, data, epochs, image size, Ultralytics arguments, where the run goes).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from yolosafe import gpus
+from yolosafe.planning import allocator, validate
+from yolosafe.planning import trainplan as plan
+from yolosafe.planning.options import DEFAULTS
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir import records
+
+# Options a resume applies (and records); every other option given with --resume is refused.
+APPLIED = ("gpus", "batch", "effective_batch", "val_batch", "max_retries", "min_batch", "alloc_conf",
+           "watch_interval", "warn_at", "clear_before_val")
+REFUSED = MappingProxyType({"model": "--model", "data": "--data", "datasets_file": "--datasets", "imgsz": "--imgsz",
+           "epochs": "--epochs", "config_file": "--config", "project": "--project", "name": "--name",
+           "args": "Ultralytics key=value arguments"})
+RUN_OPTIONS = ("max_retries", "min_batch", "watch_interval", "warn_at", "clear_before_val")  # kept in the story
+
+
+@dataclass
+class Resume:
+    """Everything a resume needs: where, from what checkpoint, with which plan, environment and options."""
+
+    run_dir: Path
+    last: Path
+    story: records.Story
+    plan: plan.TrainPlan
+    env: dict[str, str]
+    options: dict[str, Any]
+    simulated: bool
+    lock_fd: int | None = None  # held for the life of this process (None for a dry run)
+
+
+def refused(given: dict[str, Any]) -> None:
+    """Options that a resume cannot honour: one line naming them."""
+    names = [flag for key, flag in REFUSED.items() if given.get(key) not in (None, ())]
+    if names:
+        raise validate.InputError(f"--resume continues the same training and cannot change {', '.join(names)}; "
+                                  "start a new run for that (those it can change: --gpus, --batch, --effective-batch, "
+                                  "--val-batch, --max-retries, --min-batch, --alloc-conf, --watch-interval, --warn-at)")
+
+
+def read_story(run_dir: Path, node: int = 0) -> records.Story:
+    """The node's own story; node R > 0 of a multi-node resume that has none yet (a run that grows onto more nodes)
+    starts from node 0's, whose attempts are the run's."""
+    if node and not records.story_path(run_dir, node).is_file():
+        node = 0
+    if not records.story_path(run_dir, node).is_file():
+        raise validate.InputError(f"--resume {run_dir}: not a yolosafe run directory (no {rundir.STORY})")
+    try:
+        return records.load_story(run_dir, node)
+    except records.RecordError as exc:  # "PATH: damaged, ...": the path is said once
+        detail = str(exc).removeprefix(f"{records.story_path(run_dir, node)}: ")
+        raise validate.InputError(f"--resume {run_dir}: {rundir.STORY} is unreadable ({detail})") from None
+
+
+def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, nnodes: int = 1) -> Resume:
+    """Check the run can be resumed here and now and build its plan; raises :class:`validate.InputError`.
+
+    ``given`` holds the options the user gave. A real resume takes the run's lock first, so two resumes of one
+    directory can never both start; a dry run only checks nobody holds it. Over several machines each node resumes
+    its own part (``node`` of ``nnodes``: its story, its lock).
+    """
+    refused(given)
+    run_dir = run_dir.resolve()
+    story = read_story(run_dir, node)
+    lock_fd = None
+    try:
+        if dry_run:
+            pid = rundir.holder(run_dir, node)
+            if pid is not None:
+                raise rundir.RunLocked(run_dir, pid)
+        else:
+            lock_fd = rundir.lock(run_dir, node)
+    except rundir.RunLocked as exc:
+        raise validate.InputError(f"--resume {run_dir}: still training (yolosafe pid {exc.pid}); "
+                                  "wait for it or stop it first") from None
+    if rundir.mark_if_orphaned(run_dir, node):
+        story = read_story(run_dir, node)
+    last = run_dir / "weights" / "last.pt"
+    if not last.is_file():
+        raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
+    if story.outcome == records.Outcome.COMPLETED:
+        raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
+    validate.check_checkpoint(last, f"--resume {run_dir}: weights/last.pt")
+    options = {key: _first(given.get(key), getattr(story, key), DEFAULTS[key]) for key in RUN_OPTIONS}
+    applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
+    validate.check_options({**options, **applied, "project": str(run_dir.parent), "name": run_dir.name})
+    p, simulated = _plan(story, given, nnodes)
+    try:
+        env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))
+    except allocator.AllocConfError as exc:
+        raise validate.InputError(str(exc)) from None
+    return Resume(run_dir, last, story, p, env, options, simulated, lock_fd)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple[plan.TrainPlan, bool]:
+    """The last attempt's plan, with the GPUs and batches the user gave instead."""
+    summary = story.plan
+    if not summary:
+        raise validate.InputError(f"--resume: {rundir.STORY} has no plan; it is not a yolosafe run")
+    last = story.attempts[-1] if story.attempts else records.Attempt(attempt=0)
+    chosen = tuple(summary.get("gpus", ()))
+    simulated = bool(story.simulated_on_cpu)
+    try:
+        if given.get("gpus") is not None:
+            inventory = gpus.read_inventory()
+            visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            chosen = plan.parse_gpus(str(given["gpus"]), visible, inventory.problem)
+            simulated = inventory.backend == "fake" and bool(chosen)
+        p = plan.build_plan(
+            model=summary["model"], data=summary["data"], gpus=chosen,
+            batch=_first(given.get("batch"), last.batch, summary.get("batch")),
+            effective_batch=_first(given.get("effective_batch"), summary.get("effective_batch")),
+            val_batch=_first(given.get("val_batch"), last.val_batch, summary.get("val_batch")),
+            imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {}, nnodes=nnodes,
+        )
+    except (plan.PlanError, gpus.FakeGpusError, KeyError, TypeError) as exc:
+        raise validate.InputError(f"--resume: {exc}") from None
+    return p, simulated
+
+
+def record(r: Resume, given: dict[str, Any]) -> None:
+    """What this resume changed, where the run now is, and the options it runs with, in the story."""
+    applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
+    r.story.resumes = [*(r.story.resumes or []), {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_dir": str(r.run_dir),
+        "previous_run_dir": r.story.run_dir,
+        "from": str(r.last),
+        "applied": applied,
+    }]
+    r.story.run_dir = str(r.run_dir)
+    r.story.plan = r.plan.summary()
+    r.story.simulated_on_cpu = r.simulated
+    r.story.allocator = {k: r.env[k] for k in allocator.ENV_VARS}
+    for key in RUN_OPTIONS:
+        setattr(r.story, key, r.options[key])

@@ -1,0 +1,238 @@
+"""The memory report of a run: ``memory.csv`` joined with the phase events, summarised per GPU and phase, plotted
+(:mod:`yolosafe.readers.memplot`).
+
+Each NVML sample is given the phase and epoch of its GPU at that moment (the latest event of the rank on that GPU
+at or before the sample, within the same attempt: :func:`yolosafe.supervisor.watch.phase_after`), so a validation
+peak on one
+GPU is attributed to validation on that GPU, whatever the other GPUs were doing. torch's own peaks (from the ranks'
+end events) stand next to NVML's view: NVML's "this run" minus torch's reserved is the CUDA context and non-PyTorch
+memory; torch's reserved minus allocated is the allocator's cache and fragmentation.
+
+``yolosafe train`` writes the report when it ends; ``yolosafe report RUN_DIR`` writes it again. pandas and
+matplotlib are imported inside the functions: the CLI must start without them.
+
+A multi-node run has each node's samples and events in that node's own files (``memory-node1.csv``...): every
+function takes the ``node``, each node is summarised on its own (its GPUs are its own, numbered as on that machine),
+and ``yolosafe report`` merges them: node 0's summary with the others' under ``nodes``, one plot per node.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from yolosafe.gpus import nvml_index
+from yolosafe.readers import memplot
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir import records
+from yolosafe.rundir.events import event_gpus, phase_after
+from yolosafe.rundir.records import VAL_PHASES
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+class NoMemoryData(Exception):
+    """The run has no memory samples; the message says why, in one line."""
+
+
+def _story(run_dir: Path, node: int = 0) -> dict[str, Any]:
+    return rundir.read_json(run_dir / rundir.node_file(rundir.STORY, node))
+
+
+def plan_gpus(run_dir: Path, node: int = 0) -> list[int]:
+    if node:
+        gpus = _story(run_dir, node).get("plan", {}).get("gpus") or []
+        return [g for g in gpus if isinstance(g, int)]
+    return records.load_story(run_dir).plan_gpus
+
+
+def events(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
+    path = run_dir / rundir.node_file(rundir.EVENTS, node)
+    return [e for e in rundir.read_jsonl(path) if e.get("attempt") is not None and "t" in e]
+
+
+def load(run_dir: Path, node: int = 0) -> pd.DataFrame:
+    """The samples of ``memory.csv`` with ``phase`` and ``epoch`` columns; raises :class:`NoMemoryData`."""
+    import pandas as pd
+
+    path = run_dir / rundir.node_file(rundir.MEMORY_CSV, node)
+    if not path.is_file():
+        raise NoMemoryData(f"no {path.name}: the watch was off (--watch-interval 0), the run trained on the "
+                           "CPU, or it predates the memory watch")
+    try:
+        samples = pd.read_csv(path, on_bad_lines="skip")
+    except pd.errors.EmptyDataError:
+        samples = pd.DataFrame()
+    if not samples.empty:  # a last line cut short by a killed supervisor has missing fields: drop it
+        samples = samples.dropna(subset=["t", "attempt", "gpu", "used_mib"])
+        samples = samples.astype({"t": float, "attempt": "int64", "gpu": "int64"})
+        samples = samples.drop(columns=["phase", "epoch"], errors="ignore")  # joined again below, from all events
+    if samples.empty:
+        raise NoMemoryData(f"{path.name} has no samples: the worker ended before the first one")
+    gpus = plan_gpus(run_dir, node)
+    rows = [{"t": e["t"], "attempt": e["attempt"], "gpu": gpu, "phase": phase_after(e), "epoch": e.get("epoch")}
+            for e in events(run_dir, node) for gpu in event_gpus(e, gpus)]
+    phases = pd.DataFrame(rows, columns=["t", "attempt", "gpu", "phase", "epoch"]).astype(
+        {"t": float, "attempt": "int64", "gpu": "int64"})
+    joined = pd.merge_asof(samples.sort_values("t"), phases.sort_values("t"), on="t", by=["attempt", "gpu"],
+                           direction="backward")
+    joined["phase"] = joined["phase"].fillna("other")  # before the attempt's first event: setup
+    return joined
+
+
+def torch_peaks(run_dir: Path, node: int = 0) -> dict[tuple[int, str], dict[str, float]]:
+    """torch's peak allocated and reserved MiB per (GPU, phase), from the end events of every rank (GPU only)."""
+    gpus = plan_gpus(run_dir, node)
+    found: dict[tuple[int, str], dict[str, float]] = {}
+    for event in events(run_dir, node):
+        if event.get("max_reserved_mib") is None:
+            continue
+        for gpu in event_gpus(event, gpus):
+            peaks = found.setdefault((gpu, str(event.get("phase"))), {})
+            for key in ("max_allocated_mib", "max_reserved_mib"):
+                peaks[key] = max(peaks.get(key, 0.0), float(event[key] or 0.0))
+    return found
+
+
+def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
+    """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells."""
+    gpus = plan_gpus(run_dir, node)
+    nproc = max(len(gpus), 1) if int(_story(run_dir, node).get("plan", {}).get("nnodes") or 1) > 1 else None
+    found = []
+    for record in records.load_failures(run_dir):  # attempt, then rank, in numeric order
+        rank = max(int(record.rank or 0), 0)
+        if not record.oom or (nproc is not None and rank // nproc != node):  # another node's rank
+            continue
+        index = record.gpu
+        if index is None and record.rank is not None and gpus:
+            index = rank % nproc if nproc else rank
+        found.append({"t": record.t, "attempt": record.attempt, "phase": record.phase, "epoch": record.epoch,
+                      "rank": record.rank, "gpu": nvml_index(gpus, index)})
+    return found
+
+
+def _num(value: Any, digits: int = 1) -> float | None:
+    """A JSON-safe rounded number: None for a missing figure (None or NaN)."""
+    return None if value is None or math.isnan(value) else round(float(value), digits)
+
+
+def summarize(run_dir: Path, samples: pd.DataFrame, node: int = 0) -> dict[str, Any]:
+    """Per GPU and phase: the peak of used memory (and when), this run's and others' memory, torch's peaks."""
+    story = _story(run_dir, node)
+    peaks = torch_peaks(run_dir, node)
+    gpus: dict[str, Any] = {}
+    for gpu, rows in samples.groupby("gpu"):
+        total = rows["total_mib"].max()
+        phases = {}
+        for phase, part in rows.groupby("phase"):
+            top = part.loc[part["used_mib"].idxmax()]
+            allocator = peaks.get((int(gpu), str(phase)), {})
+            reserved, allocated = allocator.get("max_reserved_mib"), allocator.get("max_allocated_mib")
+            phases[str(phase)] = {
+                "peak_used_mib": _num(top["used_mib"]),
+                "peak_used_share": _num(top["used_mib"] / total, 4) if total else None,
+                "headroom_mib": _num(total - top["used_mib"]),
+                "epoch_of_peak": None if _num(top["epoch"]) is None else int(top["epoch"]),
+                "attempt_of_peak": int(top["attempt"]),
+                "t_of_peak": round(float(top["t"]), 3),
+                "ours_at_peak_mib": _num(top["ours_mib"]),
+                "others_at_peak_mib": _num(top["others_mib"]),
+                "peak_ours_mib": _num(part["ours_mib"].max()),
+                "peak_others_mib": _num(part["others_mib"].max()),
+                "torch_max_allocated_mib": _num(allocated),
+                "torch_max_reserved_mib": _num(reserved),
+                "torch_reserved_minus_allocated_mib": _num(reserved - allocated) if allocator else None,
+                "samples": len(part),
+            }
+        gpus[str(gpu)] = {
+            "total_mib": _num(total),
+            "peak_used_mib": _num(rows["used_mib"].max()),
+            "headroom_mib": _num(total - rows["used_mib"].max()),
+            "peak_others_mib": _num(rows["others_mib"].max()),
+            "phases": phases,
+        }
+    watch = story.get("memory_watch", {})
+    return {
+        "run_dir": str(run_dir.resolve()),
+        "interval_s": watch.get("interval_s"),
+        "warn_at": watch.get("warn_at"),
+        "samples": len(samples),
+        "attempts": sorted(int(a) for a in samples["attempt"].unique()),
+        "gpus": gpus,
+        "warnings": watch.get("warnings", []),
+        "ooms": ooms(run_dir, node),
+    }
+
+
+def write_node(run_dir: Path, node: int = 0) -> dict[str, Any]:
+    """Join, summarise, write the node's ``memory_summary.json`` and ``memory.png``; raises :class:`NoMemoryData`."""
+    samples = load(run_dir, node)
+    summary = summarize(run_dir, samples, node)
+    rundir.write_json(run_dir / rundir.node_file(rundir.MEMORY_SUMMARY, node), summary)
+    memplot.plot(run_dir, samples, summary, events(run_dir, node), node)
+    return summary
+
+
+def write(run_dir: Path, node: int | None = None) -> dict[str, Any]:
+    """The report of one node (the end of its ``yolosafe train``), or of every node that kept files here (``node``
+    None, ``yolosafe report``): node 0's summary, the others' under ``nodes``; raises :class:`NoMemoryData` when no
+    node has samples."""
+    found: dict[int, dict[str, Any]] = {}
+    missing: list[str] = []
+    for n in rundir.node_ranks(run_dir) if node is None else [node]:
+        try:
+            found[n] = write_node(run_dir, n)
+        except NoMemoryData as exc:
+            missing.append(f"node {n}: {exc}" if n else str(exc))
+    if not found:
+        raise NoMemoryData("; ".join(missing))
+    first = min(found)
+    if len(found) == 1 and (node is not None or first == 0):
+        return found[first]
+    summary = {**found[first], "nodes": {str(n): s for n, s in found.items() if n != first}}
+    summary["node"] = first
+    rundir.write_json(run_dir / rundir.MEMORY_SUMMARY, summary)
+    return summary
+
+
+def _gib(mib: float | None) -> str:
+    return "?" if mib is None else f"{mib / 1024:.1f} GiB"
+
+
+def _peak(phases: dict[str, Any], names: tuple[str, ...]) -> str:
+    found = [phases[n] for n in names if n in phases]
+    if not found:
+        return "-"
+    top = max(found, key=lambda p: p["peak_used_mib"] or 0)
+    share = f" {top['peak_used_share']:.0%}" if top["peak_used_share"] is not None else ""
+    epoch = f" e{top['epoch_of_peak'] + 1}" if top["epoch_of_peak"] is not None else ""  # 1-based, as shown
+    return f"{_gib(top['peak_used_mib'])}{share}{epoch}"
+
+
+def table(summary: dict[str, Any]) -> list[str]:
+    """GPU x (train peak, val peak, headroom, other processes): the lines ``yolosafe train`` ends with.
+
+    Columns that mean nothing are left out (no other processes on any GPU, no validation), and GPUs whose samples are
+    all zero (fake GPUs while the training ran on the CPU) get one note instead of rows of zeros.
+    """
+    gpus = sorted(summary["gpus"].items(), key=lambda item: int(item[0]))
+    measured = [(gpu, info) for gpu, info in gpus if info.get("peak_used_mib")]
+    idle = [gpu for gpu, info in gpus if not info.get("peak_used_mib")]
+    others = any(info.get("peak_others_mib") for _, info in measured)
+    val = any(set(info["phases"]) & set(VAL_PHASES) for _, info in measured)
+    lines = [f"node {summary['node']}:"] if "nodes" in summary else []
+    if measured:
+        lines.append(f"{'GPU':>3}  {'total':>9}  {'train peak':>20}" + (f"  {'val peak':>20}" if val else "")
+                     + f"  {'headroom':>9}" + (f"  {'others':>9}" if others else ""))
+    for gpu, info in measured:
+        phases = info["phases"]
+        lines.append(f"{gpu:>3}  {_gib(info['total_mib']):>9}  {_peak(phases, ('train',)):>20}"
+                     + (f"  {_peak(phases, VAL_PHASES):>20}" if val else "") + f"  {_gib(info['headroom_mib']):>9}"
+                     + (f"  {_gib(info['peak_others_mib']):>9}" if others else ""))
+    if idle:
+        lines.append(f"GPU {', '.join(idle)}: no memory in use in any sample (fake GPUs while the training ran on the "
+                     "CPU, or idle ones): no peaks to show")
+    for node, part in sorted(summary.get("nodes", {}).items(), key=lambda item: int(item[0])):
+        lines += [f"node {node}:", *table(part)]  # the other nodes of a multi-node run, each its own GPUs
+    return lines

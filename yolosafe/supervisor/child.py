@@ -1,0 +1,226 @@
+"""The supervisor: runs each attempt of a run in a child process and watches it.
+
+``yolosafe train`` never trains in its own process. Each attempt writes its run spec into the run directory and
+starts ``python -m yolosafe.training.worker SPEC`` (one GPU, or the CPU) or yolosafe's rank launcher (several GPUs,
+one rank
+each: :mod:`yolosafe.supervisor.launchcmd`) in its own session, with the allocator settings in its environment and stray
+``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` removed. Its output is streamed to the terminal and to ``train.log``; Ctrl-C or
+SIGTERM stops the whole process tree, every rank included (:mod:`yolosafe.proc`); the memory watch samples its GPUs
+(:mod:`yolosafe.supervisor.watch`). How the attempt ended is classified by :mod:`yolosafe.supervisor.policy`; what
+runs next is decided by
+the attempt loop (:mod:`yolosafe.supervisor.loop`), which this module hands the function that runs one attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from yolosafe import proc
+from yolosafe.exits import Exit
+from yolosafe.gpus import open_backend
+from yolosafe.planning.nodes import Nodes
+from yolosafe.planning.trainplan import TrainPlan
+from yolosafe.proc import AttemptResult, ProcessTree, run_child
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir import records, runspec
+from yolosafe.rundir.records import Outcome, Story
+from yolosafe.rundir.runspec import RunSpec
+from yolosafe.supervisor import launchcmd as launch
+from yolosafe.supervisor import terminal
+from yolosafe.supervisor.loop import AttemptLoop, Limits, Request
+from yolosafe.supervisor.policy import AttemptEnd, classify
+from yolosafe.supervisor.watch import MemoryWatch
+
+if TYPE_CHECKING:
+    from yolosafe.supervisor.multinode.agree import MultiNode
+
+
+def training_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """The environment of an attempt's processes (worker, launcher, every rank)."""
+    env = proc.child_env(base, extra)
+    # CUDA numbers GPUs fastest first, NVML and nvidia-smi by PCI bus: make --gpus 2 the GPU that yolosafe gpus and
+    # the memory watch call GPU 2.
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    # Offline first: no update checks, analytics or error reporting from inside Ultralytics (set YOLO_OFFLINE=0 to
+    # allow them). Weights the user names explicitly are still fetched as usual.
+    env.setdefault("YOLO_OFFLINE", "1")
+    return env
+
+
+def tail(path: Path, start: int, limit: int = 20000) -> str:
+    """The text written to ``path`` since byte ``start`` (its last ``limit`` bytes)."""
+    with open(path, "rb") as fh:
+        fh.seek(max(start, fh.seek(0, os.SEEK_END) - limit))
+        return fh.read().decode(errors="replace")
+
+
+def launch_device(plan: TrainPlan, simulate_on_cpu: bool) -> tuple[str, str | None]:
+    """Ultralytics' ``device`` and the worker's ``CUDA_VISIBLE_DEVICES``.
+
+    The worker sees exactly the plan's GPUs, numbered 0..n-1 in the plan's order: torch's device i of every rank is
+    then the plan's i-th GPU, which is how the events, failure records and memory report name NVML's GPU. With fake
+    GPUs the worker trains on the CPU.
+    """
+    if simulate_on_cpu or not plan.gpus:
+        return "cpu", None
+    return ",".join(str(i) for i in range(len(plan.gpus))), plan.device
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the supervisor runs attempts (everything but the plan). Its values come from the resolved options
+    (:mod:`yolosafe.planning.options` holds their defaults)."""
+
+    env: dict[str, str]  # the child's environment: allocator settings in, stray DDP variables out
+    max_retries: int
+    min_batch: int
+    simulate_on_cpu: bool  # fake GPUs: the plan is for GPUs, the worker trains on CPU
+    watch_interval: float  # seconds between NVML samples of the memory watch; 0 turns it off
+    warn_at: float  # used/total share of a GPU that prints a memory warning
+    clear_before_val: bool  # gc + empty_cache on every rank right before validation
+    multinode: MultiNode | None = None  # several machines: the other nodes (yolosafe.supervisor.multinode.agree);
+                                        # None on one machine
+
+    @classmethod
+    def of(cls, env: dict[str, str], options: Mapping[str, Any], simulated: bool,
+           multinode: MultiNode | None = None) -> RunOptions:
+        return cls(env=env, max_retries=int(options["max_retries"]), min_batch=int(options["min_batch"]),
+                   simulate_on_cpu=simulated, watch_interval=float(options["watch_interval"]),
+                   warn_at=float(options["warn_at"]), clear_before_val=bool(options["clear_before_val"]),
+                   multinode=multinode)
+
+
+def versions() -> dict[str, str | None]:
+    """Package versions, read from metadata: no torch import in the supervisor."""
+    from importlib import metadata
+
+    found: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for package in ("yolosafe", "torch", "torchvision", "ultralytics", "nvidia-ml-py"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+class Supervisor:
+    """One run: each attempt's child process, its environment, output and memory watch."""
+
+    def __init__(self, run_dir: Path, options: RunOptions, story: Story) -> None:
+        self.run_dir = run_dir
+        self.options = options
+        self.story = story
+        self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
+        self.multi = options.multinode  # several machines: the other nodes (yolosafe.supervisor.multinode.agree);
+                                        # None on one
+        self.node = self.multi.node if self.multi else 0  # multi-node: this node's files carry it
+
+    def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
+        """Attempts until done (:class:`yolosafe.supervisor.loop.AttemptLoop`); returns the exit status."""
+        self.story.supervisor = proc.identity(os.getpid())  # lets a later reader tell a dead run from a live one
+        limits = Limits(self.options.max_retries, self.options.min_batch)
+        hint = f"yolosafe train --resume {self.run_dir}{self.multi.resume_flags() if self.multi else ''}"
+        loop = AttemptLoop(self.run_dir, self.story, self.run_attempt, limits, self.others_mib, node=self.node,
+                           resume_hint=hint)
+        try:
+            missing = self.multi.start() if self.multi else None  # multi-node: every node joined (bounded wait)
+            if missing:
+                self.story.outcome = Outcome.FAILED
+                loop.save()
+                terminal.say(missing)
+                return Exit.FAILED
+            return loop.run(plan, resume, final_val_only)
+        finally:
+            if self.multi:  # multi-node: the other nodes stop waiting for this one
+                self.multi.stop(self.story.outcome)
+
+    def spec(self, plan: TrainPlan, attempt: int, resume: Path | None, final_val_only: bool) -> RunSpec:
+        kwargs = {
+            **plan.train_kwargs(),
+            "model": plan.model,
+            "project": str(self.run_dir.parent),
+            "name": self.run_dir.name,
+            "exist_ok": True,  # the run dir is yolosafe's, made fresh by new_run_dir
+        }
+        kwargs["device"], visible = launch_device(plan, self.options.simulate_on_cpu)
+        mode = runspec.FINAL_VAL if final_val_only else runspec.TRAIN
+        return RunSpec(
+            attempt=attempt,
+            mode=mode,
+            world_size=plan.world_size if mode == runspec.TRAIN else 1,  # the final validation runs alone
+            fake_gpus=self.options.simulate_on_cpu,
+            run_dir=str(self.run_dir),
+            node_rank=self.node,
+            model=plan.model,
+            resume=str(resume) if resume else None,
+            val_batch=plan.val_batch,
+            clear_before_val=self.options.clear_before_val,
+            cuda_visible_devices=visible,
+            plan=plan.summary(),
+            train_kwargs=kwargs,
+        )
+
+    def command(self, spec: RunSpec, path: Path) -> list[str]:
+        """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU of this
+        node (over several nodes, torchrun's static rendezvous at node 0)."""
+        log_dir = rundir.ranks_log_dir(self.run_dir, spec.attempt, self.node)
+        nodes, local = (self.multi.nodes, self.multi.nproc) if self.multi else (Nodes(), spec.world_size)
+        return launch.child_command(path, spec.world_size, local, log_dir, nodes, spec.attempt)
+
+    def run_attempt(self, request: Request) -> tuple[AttemptResult, AttemptEnd]:
+        """Write the attempt's run spec, run its child to the end under the memory watch, and classify the end."""
+        spec = self.spec(request.plan, request.attempt, request.resume, request.final_val_only)
+        path = spec.save()
+        cmd = self.command(spec, path)
+        self.story.attempts[-1].command = cmd
+        records.save_story(self.run_dir, self.story, self.node)
+        extra = {rundir.RUN_DIR_ENV: str(self.run_dir)}  # only a marker: see rundir.RUN_DIR_ENV
+        if spec.cuda_visible_devices:
+            extra["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
+        env = training_env(self.options.env, extra)
+        log_path = self.run_dir / rundir.node_file(rundir.LOG, self.node)
+        with open(log_path, "ab") as log:
+            start = log.tell()
+            log.write(f"\n=== yolosafe attempt {spec.attempt} ({spec.mode}): {' '.join(cmd)}\n".encode())
+            with self.memory_watch(spec) as on_start:
+                if self.multi and not self.multi.runs_here(spec):  # a final validation is node 0's alone
+                    result = AttemptResult(0, 0.0)
+                else:  # multi-node: also stop this node's ranks when another node's attempt failed
+                    on_start = self.multi.watch(spec.attempt, on_start) if self.multi else on_start
+                    result = run_child(cmd, env, log, on_start=on_start,
+                                       out=terminal.TracebackFilter(sys.stdout.buffer))
+        if self.multi:  # the outcome every node derives from every node's end record
+            return result, self.multi.agree(spec.attempt, result, tail(log_path, start))
+        return result, classify(result, rundir.failure_records(self.run_dir, spec.attempt), tail(log_path, start))
+
+    @contextlib.contextmanager
+    def memory_watch(self, spec: RunSpec) -> Iterator[Callable[[ProcessTree], None] | None]:
+        """Sample the attempt's GPUs from the moment its worker starts (``run_child``'s ``on_start``, which hands
+        over the process tree: the worker and its DDP ranks) until it has exited; yields None when the watch is off."""
+        gpu_ids = spec.plan["gpus"]
+        if not gpu_ids or self.options.watch_interval <= 0:
+            yield None
+            return
+        if self.watch is None:
+            self.watch = MemoryWatch(self.run_dir, gpu_ids, self.options.watch_interval, self.options.warn_at,
+                                     lambda: open_backend(self.options.env), terminal.say, node=self.node)
+        watch = self.watch
+        try:
+            yield lambda tree: watch.start(spec.attempt, tree.pids)
+        finally:
+            watch.stop()
+            self.story.memory_watch = watch.status()
+
+    def others_mib(self) -> dict[int, float]:
+        """The most memory other processes (a stale kernel, a colleague) held on each GPU of the run: at launch, and
+        while the memory watch sampled."""
+        found = {g["index"]: sum(p["used_mib"] or 0 for p in g["processes"]) for g in self.story.gpus or []}
+        for gpu, mib in (self.watch.peak_others if self.watch else {}).items():
+            found[gpu] = max(found.get(gpu, 0.0), mib)
+        return found

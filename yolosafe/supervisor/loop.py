@@ -1,0 +1,192 @@
+"""The attempt loop: attempts until the training completes, fails for another reason, or the OOM retries run out.
+
+It numbers the attempts, keeps the checkpoint each one resumes from, records each in ``yolosafe.json``, asks the
+retry policy (:mod:`yolosafe.supervisor.policy`) for the next step and says what happens in one line per event. It
+starts no
+process itself: it is handed the function that runs one attempt (the supervisor's, which starts the worker or the
+rank launcher and watches it), so its whole sequence of plans is unit-tested with a stub in milliseconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from yolosafe.exits import Exit
+from yolosafe.planning.trainplan import TrainPlan
+from yolosafe.proc import AttemptResult
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir import records
+from yolosafe.rundir.records import Attempt, Outcome, Story
+from yolosafe.supervisor import terminal
+from yolosafe.supervisor.advice import advice
+from yolosafe.supervisor.policy import AttemptEnd, epoch_text, next_step, where
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one attempt runs: its number, its plan, the checkpoint it resumes from, or only the final validation."""
+
+    attempt: int
+    plan: TrainPlan
+    resume: Path | None
+    final_val_only: bool
+
+
+ChildRunner = Callable[[Request], tuple[AttemptResult, AttemptEnd]]  # runs one attempt to its end
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_retries: int = 3  # relaunches after an OOM
+    min_batch: int = 1  # the per-GPU batch is never halved below this
+
+
+class AttemptLoop:
+    """One run's attempts. ``others_mib`` tells the advice how much memory other processes held on each GPU; ``node``
+    is this machine's place in a multi-node run (its story and log carry it; node 0 keeps the checkpoints), whose
+    ``resume_hint`` names the node options too."""
+
+    def __init__(self, run_dir: Path, story: Story, run_child: ChildRunner, limits: Limits,
+                 others_mib: Callable[[], dict[int, float]] = dict, say: Callable[[str], None] = terminal.say,
+                 node: int = 0, resume_hint: str | None = None) -> None:
+        self.run_dir = run_dir
+        self.story = story
+        self.run_child = run_child
+        self.limits = limits
+        self.others_mib = others_mib
+        self.say = say
+        self.node = node
+        self.resume_hint = resume_hint or f"yolosafe train --resume {run_dir}"
+
+    def save(self) -> None:
+        records.save_story(self.run_dir, self.story, self.node)
+
+    def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
+        """Attempts until done; returns the exit status for ``yolosafe train``."""
+        try:
+            return self._loop(plan, resume, final_val_only)
+        except KeyboardInterrupt:  # Ctrl-C between attempts (during one, the child runner handles it)
+            self.story.outcome = Outcome.INTERRUPTED
+            self.save()
+            self.say(f"stopped; resume with: {self.resume_hint}")
+            return Exit.INTERRUPTED
+
+    def _loop(self, plan: TrainPlan, resume: Path | None, final_val_only: bool) -> Exit:
+        retries, val_ooms = 0, 0
+        while True:
+            number = len(self.story.attempts) + 1
+            if resume is not None:
+                resume = keep_checkpoint(resume, number, writer=self.node == 0)
+            request = Request(number, plan, resume, final_val_only)
+            entry = self._start(request)
+            result, end = self.run_child(request)
+            self._finish(entry, request, result, end)
+            ended = self._ended(end, plan)
+            if ended is not None:
+                return ended
+            self.say(f"OOM in {end.phase} at {epoch_text(end.epoch, plan.epochs)}{where(plan, end)} "
+                     f"(batch {plan.per_gpu_batch}/GPU, val batch {plan.val_batch}/GPU)")
+            val_ooms += end.phase == "val"
+            allowed = retries < self.limits.max_retries
+            step = next_step(plan, end, val_ooms, self.limits.min_batch) if allowed else None
+            if step is None:
+                return self._give_up(end, plan, retries, allowed)
+            retries += 1
+            plan, final_val_only = step.plan, step.final_val_only
+            last = self.run_dir / "weights" / "last.pt"
+            resume = last if last.is_file() and not final_val_only else None
+            entry.next = step.change
+            self.save()
+            how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
+            self.say(f"retry {retries}/{self.limits.max_retries}: {step.change}; {how}")
+
+    def _start(self, request: Request) -> Attempt:
+        """The attempt's record in ``yolosafe.json`` as it starts; the run says "running" until it ends."""
+        plan = request.plan
+        entry = Attempt.new(
+            attempt=request.attempt,
+            mode="final_val" if request.final_val_only else "train",
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            batch=plan.batch,
+            per_gpu_batch=plan.per_gpu_batch,
+            val_batch=plan.val_batch,
+            nbs=plan.effective_batch,
+            accumulate=plan.accumulate,
+            resumed_from=str(request.resume) if request.resume else None,
+        )
+        self.story.attempts.append(entry)
+        self.story.outcome = Outcome.RUNNING
+        self.save()
+        return entry
+
+    def _finish(self, entry: Attempt, request: Request, result: AttemptResult, end: AttemptEnd) -> None:
+        """How the attempt ended, what its worker saw, and the run's weights and metrics so far."""
+        seen_file = rundir.worker_path(self.run_dir, request.attempt)
+        seen = rundir.read_json(seen_file) if seen_file.is_file() else {}
+        if seen.get("torch_cuda"):
+            self.story.versions = {**(self.story.versions or {}), "torch_cuda": seen["torch_cuda"]}
+        entry.duration_s = round(result.duration_s, 2)
+        entry.exit_code = result.exit_code
+        entry.outcome = end.outcome
+        entry.reason = end.message[:500]
+        entry.phase, entry.epoch, entry.rank, entry.node = end.phase, end.epoch, end.rank, end.node
+        entry.gpu = end.nvml_gpu(request.plan)
+        entry.resumed_from_epoch = seen.get("resumed_from_epoch")
+        self.story.outcome = end.outcome
+        self._record_results()
+        self.save()
+
+    def _ended(self, end: AttemptEnd, plan: TrainPlan) -> Exit | None:
+        """The exit status of an attempt that ends the run (anything but an OOM), said in one line; None for an OOM."""
+        resume_hint = f"resume with: {self.resume_hint}"
+        if end.outcome == Outcome.COMPLETED:
+            return Exit.OK
+        if end.outcome == Outcome.INTERRUPTED:
+            self.say(f"stopped by {end.message}; {resume_hint}")
+            return Exit.INTERRUPTED
+        if end.outcome == Outcome.KILLED:
+            gpu = end.nvml_gpu(plan)
+            on_gpu = f" on GPU {gpu}" if gpu is not None else ""
+            on_gpu += f" of node {end.node}" if end.node is not None else ""
+            self.say(f"{end.message}{on_gpu} (the kernel's OOM killer if host RAM ran out, or kill -9); {resume_hint}")
+            return Exit.FAILED
+        if end.outcome == Outcome.FAILED:
+            place = f" in {end.phase} at {epoch_text(end.epoch, plan.epochs)}" if end.phase else ""
+            log = self.run_dir / rundir.node_file(rundir.LOG, self.node)
+            self.say(f"training failed{place}{where(plan, end)}, not an OOM, not retried: "
+                     f"{end.message or 'no message'} (traceback: {log})")
+            return Exit.FAILED
+        return None
+
+    def _give_up(self, end: AttemptEnd, plan: TrainPlan, retries: int, allowed: bool) -> Exit:
+        """No smaller step is allowed (retries or the minimum batch ran out): the next steps, fitted to the case."""
+        self.story.outcome = Outcome.OOM_EXHAUSTED
+        self.save()
+        self.say(f"giving up after {retries} retr{'y' if retries == 1 else 'ies'}; next steps:")
+        for tip in advice(end, plan, self.others_mib(), self.limits.min_batch if allowed else None):
+            self.say(f"  - {tip}")
+        return Exit.OOM_EXHAUSTED
+
+    def _record_results(self) -> None:
+        weights = self.run_dir / "weights"
+        found = {name: weights / f"{name}.pt" for name in ("last", "best")}
+        self.story.weights = {name: str(path) for name, path in found.items() if path.is_file()}
+        metrics = self.run_dir / rundir.FINAL_METRICS
+        if metrics.is_file():
+            self.story.final_metrics = rundir.read_json(metrics)
+
+
+def keep_checkpoint(last: Path, attempt: int, writer: bool = True) -> Path:
+    """A copy of the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch. Written
+    beside it and renamed, so a rank never reads half of it; over several nodes by node 0 alone (``writer``): every
+    node's ranks start only once node 0's ranks have joined, after the copy."""
+    kept = last.with_name(f"last-before-attempt{attempt}.pt")
+    if writer:
+        partial = kept.with_name(f".{kept.name}.partial")
+        shutil.copy2(last, partial)
+        partial.replace(kept)
+    return kept

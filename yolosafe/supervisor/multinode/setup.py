@@ -1,0 +1,119 @@
+"""The command line of a multi-node run: the node options, their checks, the shared run directory, the dry run.
+
+``yolosafe train --nnodes N --node-rank R --rdzv-endpoint HOST:PORT [--rdzv-id ID]`` on every node (or nothing extra
+under ``srun``: :func:`yolosafe.planning.nodes.from_slurm`). Everything here happens before a run directory exists on
+this
+node and ends in one line and exit status 2 when something is wrong; no torch is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from yolosafe.planning import nodes, validate
+from yolosafe.planning.trainplan import TrainPlan
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir import records
+from yolosafe.supervisor.multinode import cluster
+from yolosafe.supervisor.terminal import say
+
+if TYPE_CHECKING:
+    from yolosafe.supervisor.multinode.agree import MultiNode
+
+OPTIONS = (
+    click.option("--nnodes", type=int, help="Machines in the run; run yolosafe train on each. Default 1 (SLURM: its)."),
+    click.option("--node-rank", type=int, help="This machine: 0..nnodes-1; node 0 holds rank 0 and the rendezvous."),
+    click.option("--rdzv-endpoint", help="HOST:PORT of node 0 (the same on every node); attempts use PORT, PORT+1..."),
+    click.option("--rdzv-id", help="The job's id; names the run directory NAME-ID on every node. SLURM: the job id."),
+    click.option("--rdzv-timeout", type=int, help="Seconds a node waits for the others to join. Default 300."),
+)
+NODE_KEYS = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_timeout")
+
+
+def node_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The multi-node options of ``train`` (and so of ``plan``, which takes train's options)."""
+    for option in reversed(OPTIONS):
+        command = option(command)
+    return command
+
+
+def resolve(params: dict[str, Any]) -> nodes.Nodes:
+    """The flags, else SLURM's variables, else one machine; a usage error in one line."""
+    try:
+        where = nodes.resolve(params.get("nnodes"), params.get("node_rank"), params.get("rdzv_endpoint"),
+                              params.get("rdzv_id"), os.environ)
+    except nodes.NodesError as exc:
+        raise validate.InputError(str(exc)) from None
+    timeout = params.get("rdzv_timeout")
+    if timeout is not None and timeout < 1:
+        raise validate.InputError(f"--rdzv-timeout {timeout}: give seconds, at least 1")
+    return replace(where, timeout=timeout or cluster.DEFAULT_TIMEOUT_S) if where.multi else where
+
+
+def check_options(options: dict[str, Any], where: nodes.Nodes) -> None:
+    """What each node would decide on its own, and differently: refused before anything starts."""
+    if not where.multi:
+        return
+    if str(options.get("batch")).lower() == "auto":
+        raise validate.InputError(f"--batch auto with {where.nnodes} nodes: each node would pick its own; run "
+                                  "yolosafe plan --batch auto on one node without the node options, and give every "
+                                  f"node --batch = its per-GPU batch x GPUs per node x {where.nnodes}")
+
+
+def check_plan(p: TrainPlan, where: nodes.Nodes) -> None:
+    if where.multi and not p.gpus:
+        raise nodes.NodesError(f"--nnodes {where.nnodes}: a multi-node run trains on GPUs (--gpus); to rehearse one on "
+                               "a machine without, use fake GPUs (YOLOSAFE_FAKE_GPUS=2x24GB)")
+
+
+def claim(project: Path, options: dict[str, Any], named: bool, where: nodes.Nodes, p: TrainPlan,
+          dry_run: bool) -> Path:
+    """The run directory, the same on every node: node 0 makes it, the others find it (a dry run only names it)."""
+    try:
+        run_dir = project / nodes.run_name(str(options["name"]), named, where)
+        if dry_run:
+            return run_dir
+        if where.node_rank == 0:
+            return cluster.create(run_dir, where, p.summary())
+        if (run_dir / rundir.node_file(rundir.STORY, where.node_rank)).exists():
+            raise cluster.ClusterError(f"{run_dir} already has node {where.node_rank}'s story: it is an earlier run; "
+                                       f"give another --name, or --resume {run_dir}")
+        return cluster.join(run_dir, where, p.summary(), 1, say)
+    except (nodes.NodesError, cluster.ClusterError) as exc:
+        raise validate.InputError(str(exc)) from None
+
+
+def rejoin(run_dir: Path, where: nodes.Nodes, p: TrainPlan, attempt: int, story: records.Story) -> None:
+    """A resume over several nodes: node 0 announces the attempt the run goes on with, the others find it (their
+    own story must be at the same attempt) and check their plan against it."""
+    story.nodes = where.summary()
+    try:
+        if where.node_rank == 0:
+            cluster.announce(run_dir, where, p.summary(), attempt)
+        else:
+            cluster.join(run_dir, where, p.summary(), attempt, say, lock=False)  # resume.prepare holds the lock
+    except cluster.ClusterError as exc:
+        raise validate.InputError(str(exc)) from None
+
+
+def multinode(run_dir: Path, where: nodes.Nodes | None, p: TrainPlan) -> MultiNode | None:
+    """The supervisor's handle on the other nodes; None on one machine."""
+    if where is None or not where.multi:
+        return None
+    from yolosafe.supervisor.multinode.agree import MultiNode
+    session = (cluster.read(run_dir / rundir.NODES_MARKER) or {}).get("session")
+    return MultiNode(run_dir, where, tuple(p.gpus), say, session)
+
+
+def dry_run_lines(p: TrainPlan, where: nodes.Nodes) -> list[tuple[str, str]]:
+    first = where.first_rank(p.local_world_size)
+    ranks = f"global ranks {first}-{first + p.local_world_size - 1}"
+    return [("nodes", f"{where.nnodes} nodes x {p.local_world_size} GPUs = {p.world_size} ranks; this is node "
+                      f"{where.node_rank} ({ranks}); rendezvous {where.endpoint} (static, id {where.rdzv_id or '-'}, "
+                      f"attempt N on port + N - 1)")]

@@ -1,0 +1,118 @@
+"""What ``yolosafe train`` shows on the terminal, besides Ultralytics' own progress.
+
+At start, a few lines that say how the run is spread (what Ultralytics prints does not: with fake GPUs it shows
+``device=cpu`` and ``0G`` for a plan made for four GPUs). While it runs, the worker's output goes to the terminal
+live, except Python tracebacks: they go to ``train.log`` only, and the supervisor ends with one line naming the
+cause. The user sees progress and a sentence, not 40 lines of Ultralytics internals.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import IO
+
+from yolosafe.planning import allocator
+from yolosafe.planning.trainplan import TrainPlan
+
+HEADER = "Traceback (most recent call last):"
+CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s?")  # torch.distributed.run's per-rank line prefix
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours and cursor moves (Ultralytics colours its messages)
+
+
+def say(message: str) -> None:
+    """One line of yolosafe's own on stderr, prefixed so it stands out from Ultralytics' output."""
+    print(f"yolosafe: {message}", file=sys.stderr, flush=True)
+
+
+def start_lines(plan: TrainPlan, env: dict[str, str], simulated: bool) -> list[str]:
+    """How the run is spread: GPUs and per-GPU batch, accumulation, validation batch, allocator."""
+    if plan.gpus:
+        plural = "s" if len(plan.gpus) > 1 else ""
+        where = f"GPU{plural} {plan.device}: batch {plan.batch} = {plan.per_gpu_batch} per GPU"
+        if plan.nnodes > 1:  # --batch is the total over every node's GPUs
+            where = (f"{plan.nnodes} nodes x GPU{plural} {plan.device}: batch {plan.batch} = {plan.per_gpu_batch} "
+                     f"per GPU over {plan.world_size} ranks")
+    else:
+        where = f"CPU: batch {plan.batch}"
+    if simulated:
+        where += "; fake GPUs, so the training runs on the CPU (Ultralytics shows device=cpu and 0G)"
+    return [
+        where,
+        f"effective batch {plan.real_effective_batch} = batch {plan.batch} x accumulate {plan.accumulate} "
+        f"(nbs {plan.effective_batch})",
+        f"validation batch {plan.val_batch}{' per GPU' if plan.gpus else ''}",
+        f"allocator {allocator.ENV_VARS[0]}={env.get(allocator.ENV_VARS[0], '')}",
+    ]
+
+
+class TracebackFilter:
+    """A byte stream to the terminal that drops Python tracebacks (the log gets everything, unfiltered).
+
+    Output passes through as it comes, partial lines included, so progress bars stay live; only a partial line that
+    could still become a traceback's first line is held until it is complete. A traceback is its header, the
+    indented frame lines, the exception line that ends it and the rest of its message (up to the next blank line),
+    and chained tracebacks after it.
+    """
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.line = b""  # the current line, so far
+        self.shown = 0  # how much of it is on the terminal already
+        self.state = "text"  # text | frames (in a traceback) | after (its exception message) | gap (blank after it)
+
+    def write(self, chunk: bytes) -> int:
+        for piece in chunk.splitlines(keepends=True):
+            self.line += piece
+            if piece.endswith((b"\n", b"\r")):  # a line, or a progress bar's redraw
+                if self._show(self.line):
+                    self.out.write(self.line[self.shown:])
+                self.line, self.shown = b"", 0
+            elif self.state == "text" and not HEADER.startswith(_core(self.line)):
+                self.out.write(self.line[self.shown:])
+                self.shown = len(self.line)
+        return len(chunk)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def _show(self, line: bytes) -> bool:
+        core = _core(line)
+        if core.startswith(HEADER):
+            self.state = "frames"
+            return False
+        if self.state == "frames":
+            if not core or core[0].isspace():
+                return False
+            self.state = "after"  # the exception line: the supervisor names the cause in its own line
+            return False
+        if self.state == "after":  # the exception message's further lines, up to a blank line
+            if not core.strip():
+                self.state = "gap"
+            return False
+        if core.startswith(CHAINED) or (self.state == "gap" and not core.strip()):
+            return False
+        self.state = "text"
+        return True
+
+
+def _core(line: bytes) -> str:
+    return RANK_PREFIX.sub("", line.decode(errors="replace").rstrip("\r\n"))
+
+
+def plain(text: str) -> str:
+    """One line for the user: no colour codes, no rank prefix, no ``yolosafe:`` of a message that is quoted."""
+    return RANK_PREFIX.sub("", ANSI.sub("", text)).strip().removeprefix("yolosafe: ")
+
+
+def exception_line(log_text: str) -> str | None:
+    """The exception line of the last traceback in ``log_text`` (``FileNotFoundError: ...``), if there is one."""
+    found, inside = None, False
+    for raw in log_text.splitlines():
+        line = RANK_PREFIX.sub("", ANSI.sub("", raw)).rstrip()
+        if line.startswith(HEADER):
+            inside = True
+        elif inside and line and not line[0].isspace():
+            found, inside = plain(line), False
+    return found

@@ -1,0 +1,142 @@
+"""yolosafe's Ultralytics callbacks: what runs inside the trainer and the validator, in the single training process
+and in every DDP rank.
+
+Every rank is a ``python -m yolosafe.training.worker SPEC`` process of its own (started by
+:mod:`yolosafe.supervisor.launchcmd`) and adds
+these callbacks to its model itself, bound to its :class:`~yolosafe.training.context.RunContext`: where to write,
+which rank
+and GPU it is, the injection. They keep the context's progress (phase, epoch, batch), which the failure record, the
+peak metrics and the injection read.
+
+They record phase events (train/val start and end, with epoch, rank and batch) as JSON lines in the run directory,
+with torch's own peak allocated and reserved memory of the phase in each end event (the peaks are reset at each phase
+start), and raise the injection (``YOLOSAFE_INJECT_OOM``) at validation batches; the training step's injection point
+is in the trainer (:class:`yolosafe.training.trainer.OomInjectionPoint`). Right before validation they collect
+garbage and
+empty the allocator cache on every rank (run spec ``clear_before_val``, on by default): Ultralytics does it only
+above 50 % use, and validation's differently shaped batches cannot reuse train's cached blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from yolosafe import oom
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir.records import VAL_PHASES
+from yolosafe.training import torchmem
+from yolosafe.training.context import RunContext
+
+Hook = Callable[[Any], None]  # an Ultralytics callback: called with the trainer or the validator
+
+
+def maybe_inject(context: RunContext, phase: str) -> None:
+    """Raise the injected fault here if the injection matches this point; counted across retries in the run
+    directory (``.injected``), so ``times=1`` fires once, whichever attempt reaches it first."""
+    injection, progress = context.injection, context.progress
+    local = (context.node, context.rank.local)  # an injection that names a node means its local rank
+    if injection is None or not injection.matches(phase, progress.epoch, progress.iteration, context.rank.index, local):
+        return
+    counter = context.run_dir / rundir.INJECTED
+    done = int(counter.read_text()) if counter.is_file() else 0
+    if injection.times and done >= injection.times:
+        return
+    counter.write_text(str(done + 1))
+    if injection.error == "runtime":
+        raise RuntimeError("yolosafe injected a non-OOM failure (YOLOSAFE_INJECT_OOM error=runtime)")
+    import torch
+
+    raise torch.OutOfMemoryError(oom.fake_message(context.rank.local))
+
+
+def add_callbacks(model: Any, hooks: Mapping[str, Hook]) -> None:
+    """Add ``hooks`` (event name to callback) to an Ultralytics ``Model`` (or trainer/validator), each once, after
+    the callbacks it already has (Ultralytics runs an event's callbacks in the order they were added)."""
+    for event, hook in hooks.items():
+        if hook not in model.callbacks.get(event, []):
+            model.add_callback(event, hook)
+
+
+def _device(obj: Any) -> Any:
+    """The device a trainer or validator runs on."""
+    return getattr(obj, "device", None)
+
+
+class TrainingCallbacks:
+    """The callbacks of one process, bound to its context: :meth:`hooks` are what Ultralytics calls."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+        self.progress = context.progress
+
+    def hooks(self) -> dict[str, Hook]:
+        return {
+            "on_train_epoch_start": self.on_train_epoch_start,
+            "on_train_batch_start": self.on_train_batch_start,
+            "on_train_epoch_end": self.on_train_epoch_end,
+            "on_val_start": self.on_val_start,
+            "on_val_batch_start": self.on_val_batch_start,
+            "on_val_end": self.on_val_end,
+            "on_fit_epoch_end": self.on_fit_epoch_end,
+        }
+
+    def register(self, model: Any) -> None:
+        add_callbacks(model, self.hooks())
+
+    def _record(self, event: str, obj: Any, **fields: Any) -> None:
+        progress = self.progress
+        # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
+        rundir.append_jsonl(self.context.run_dir / rundir.node_file(rundir.EVENTS, self.context.node), {
+            "t": time.time(),
+            "event": event,
+            "phase": progress.phase,
+            "epoch": progress.epoch,
+            "final": progress.final,
+            "rank": self.context.rank.index,
+            "gpu": self.context.gpu_index(_device(obj)),
+            "pid": os.getpid(),
+            "attempt": self.context.attempt,
+            **fields,
+        })
+
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        # yolosafe owns OOM recovery: Ultralytics' in-process halving (first epoch, single GPU) would halve the batch
+        # a second time for one OOM and keep a fragmented allocator; its counter at 3 makes the trainer re-raise.
+        trainer._oom_retries = 3
+        progress = self.progress
+        progress.phase, progress.epoch, progress.iteration, progress.final = "train", trainer.epoch, -1, False
+        torchmem.reset_peaks(_device(trainer))
+        self._record("train_start", trainer, batch=trainer.batch_size // max(trainer.world_size, 1))
+
+    def on_train_batch_start(self, trainer: Any) -> None:
+        self.progress.iteration += 1  # the training step's own injection point is trainer.OomInjectionPoint
+
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        self.progress.train_peaks = torchmem.peaks(_device(trainer))
+        self._record("train_end", trainer, **self.progress.train_peaks)
+
+    def on_val_start(self, validator: Any) -> None:
+        self.progress.phase, self.progress.iteration = ("final" if self.progress.final else "val"), -1
+        cleared = torchmem.clear_cache(_device(validator)) if self.context.spec.clear_before_val else None
+        torchmem.reset_peaks(_device(validator))
+        loader = getattr(validator, "dataloader", None)
+        self._record("val_start", validator, batch=getattr(loader, "batch_size", None), cleared_mib=cleared)
+
+    def on_val_batch_start(self, validator: Any) -> None:
+        # Counted here: Ultralytics sets validator.batch_i after this callback (None on the first batch, then the last).
+        self.progress.iteration += 1
+        maybe_inject(self.context, self.progress.phase or "val")
+
+    def on_val_end(self, validator: Any) -> None:
+        self._end_val(validator)
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        self._end_val(trainer)  # on_val_end fires on rank 0 only; the other ranks close their validation here
+
+    def _end_val(self, obj: Any) -> None:
+        if self.progress.phase in VAL_PHASES:
+            self._record("val_end", obj, **torchmem.peaks(_device(obj)))
+            self.progress.phase = None

@@ -1,0 +1,182 @@
+"""Measure a model's memory terms without a GPU: a fake-tensor pass for the network, a real CPU pass for the loss.
+
+Run as ``python -m yolosafe.training.fakepass MODEL.yaml [--imgsz 640]`` (JSON on stdout) by
+``tools/make_memtable.py`` for
+the shipped table and by ``yolosafe plan`` for a custom model YAML, always in a child process: it imports torch and
+ultralytics, which the CLI must not.
+
+Why these tools: torch's ``MemTracker`` counts every tensor a module holds, by kind (parameters, activations saved
+for backward, gradients, optimizer state), and under ``FakeTensorMode`` no tensor has real storage, so a yolov8x
+step at batch 2 and 640 px is "run" on a laptop CPU in seconds. The parameters must be fake CPU tensors (fake
+``cuda`` tensors need CUDA). The loss cannot run on fake tensors (its target assignment has data-dependent shapes),
+so it is measured for real, on CPU, at a small size, and scaled by the number of anchors (quadratic in imgsz).
+Activations are exactly linear in the batch, so two batches give the fixed and per-image terms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+MIB = 2**20
+LOSS_IMGSZ = 160  # the real CPU loss pass: anchors scale as imgsz², so 160 px is 1/16 of 640's
+LOSS_OBJECTS = (4, 32)  # objects per image in the two loss passes: gives a per-object term
+
+
+def _tracker_total(run: Any, module: Any, optimizer: Any = None) -> float:
+    """Peak MiB of everything ``run()`` keeps alive, as torch's MemTracker counts it."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    external = [x for x in (module, optimizer) if x is not None]
+    if external:
+        tracker.track_external(*external)
+    with tracker:
+        run()
+    peaks = tracker.get_tracker_snapshot("peak")
+    return max(float(kinds.get("Total", 0)) for dev, kinds in peaks.items() if isinstance(dev, torch.device)) / MIB
+
+
+def _leaves(out: Any) -> list[Any]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
+    return [leaf for item in items for leaf in _leaves(item)]
+
+
+def build(model: str) -> Any:
+    """The real model from its YAML (offline: nothing downloads), every parameter trainable as Ultralytics trains."""
+    from ultralytics.nn import tasks
+    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+
+    classes = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "pose": tasks.PoseModel,
+               "obb": tasks.OBBModel, "classify": tasks.ClassificationModel}
+    cfg = yaml_model_load(model)
+    return classes[guess_model_task(cfg)](cfg, verbose=False)
+
+
+def _fake_copy(model: Any, mode: Any, half: bool = False) -> Any:
+    """The same module with fake parameters and buffers (the real ones are dropped); ``half`` as validation runs."""
+    import copy
+
+    import torch
+
+    fake = copy.deepcopy(model).half() if half else copy.deepcopy(model)
+    for sub in fake.modules():
+        for key, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[key] = torch.nn.Parameter(mode.from_tensor(p.detach()), requires_grad=True)
+        for key, b in list(sub._buffers.items()):
+            if b is not None:
+                sub._buffers[key] = mode.from_tensor(b)
+        if isinstance(getattr(sub, "stride", None), torch.Tensor):  # the head's anchors read it as numbers
+            sub.stride = sub.stride.tolist()
+    return fake
+
+
+def network_peaks(model: Any, imgsz: int, batch: int) -> dict[str, float]:
+    """Fake-tensor peaks (MiB) of one AMP training step without the loss, and of one validation forward in half."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # Detect.stride is a plain tensor attribute
+    train_net, val_net = _fake_copy(model, mode), _fake_copy(model, mode, half=True)
+    with mode:
+        train_net.train()
+        x = torch.randn(batch, 3, imgsz, imgsz)
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 and fp16 are the same size
+                out = train_net(x)
+            sum(o.float().sum() for o in _leaves(out)).backward()
+
+        train = _tracker_total(step, train_net)
+        val_net.eval()
+        xh = x.half()
+
+        def forward() -> None:
+            with torch.no_grad():
+                val_net(xh)
+
+        val = _tracker_total(forward, val_net)
+    return {"train": train, "val": val}
+
+
+def loss_peak(model: Any, batch: int, objects: int) -> float:
+    """Real CPU peak (MiB) of the loss and its backward at LOSS_IMGSZ with ``objects`` boxes per image."""
+    import torch
+    from ultralytics.cfg import get_cfg
+
+    model.args = get_cfg()
+    model.train()
+    x = torch.rand(batch, 3, LOSS_IMGSZ, LOSS_IMGSZ)
+    preds = model(x)
+    n = batch * objects
+    xy = torch.rand(n, 2) * 0.8 + 0.1
+    targets = {"batch_idx": torch.arange(batch).repeat_interleave(objects).float(), "cls": torch.zeros(n, 1),
+               "bboxes": torch.cat([xy, torch.full((n, 2), 0.1)], 1), "img": x}
+    detached = [p.detach().requires_grad_() for p in _leaves(preds)]
+
+    def run() -> None:
+        rebuilt = _rebuild(preds, iter(detached))
+        loss, _ = model.loss(targets, rebuilt)
+        loss.sum().backward()
+
+    return _tracker_total(run, None)  # the predictions are detached: only the loss's own tensors count
+
+
+def _rebuild(out: Any, leaves: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return next(leaves)
+    if isinstance(out, dict):
+        return {k: _rebuild(v, leaves) for k, v in out.items()}
+    return type(out)(_rebuild(v, leaves) for v in out)
+
+
+def measure(model_path: str, imgsz: int = 640) -> dict[str, Any]:
+    """All terms of one model at ``imgsz``: parameters, and fixed + per-image MiB for train, val and the loss."""
+    import torch
+    import ultralytics
+
+    model = build(model_path)
+    one, two = network_peaks(model, imgsz, 1), network_peaks(model, imgsz, 2)
+    entry: dict[str, Any] = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "buffers_mib": sum(b.numel() * b.element_size() for b in model.buffers()) / MIB,
+        "imgsz": imgsz,
+    }
+    for phase in ("train", "val"):
+        per_image = two[phase] - one[phase]
+        entry[f"{phase}_act_per_image_mib"] = round(per_image, 3)
+        entry[f"{phase}_act_fixed_mib"] = round(one[phase] - per_image, 3)
+    try:
+        low, high = LOSS_OBJECTS
+        one_few, two_few, two_many = loss_peak(model, 1, low), loss_peak(model, 2, low), loss_peak(model, 2, high)
+        scale = (imgsz / LOSS_IMGSZ) ** 2
+        per_object = (two_many - two_few) / (high - low) / 2
+        entry["loss_per_object_mib"] = round(per_object * scale, 4)
+        entry["loss_per_image_mib"] = round((two_few - one_few - per_object * low) * scale, 3)
+    except Exception as exc:  # a task whose loss needs more than boxes (masks, keypoints): the term stays unknown
+        entry["loss_error"] = f"{type(exc).__name__}: {exc}"
+    entry["source"] = f"fake pass (torch {torch.__version__}, ultralytics {ultralytics.__version__})"
+    return entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--imgsz", type=int, default=640)
+    args = parser.parse_args(argv)
+    json.dump(measure(args.model, args.imgsz), sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

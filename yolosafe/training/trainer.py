@@ -1,0 +1,154 @@
+"""yolosafe's Ultralytics trainers: the task trainers with the changes that callbacks alone cannot make.
+
+Each change is one small mixin overriding one Ultralytics detail (compat.py checks that each detail still holds);
+:func:`trainer_class` composes them over a task's trainer, bound to the process's run context
+(:class:`yolosafe.training.context.RunContext`), in a single process and in every DDP rank alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from ultralytics.engine.trainer import BaseTrainer
+from ultralytics.models.yolo.classify import ClassificationTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
+
+from yolosafe.training import callbacks, peakmetrics
+from yolosafe.training import failure as failurerecord
+from yolosafe.training.context import RunContext
+from yolosafe.training.fake import cpuranks
+
+TRAINERS: Mapping[str, type[BaseTrainer]] = MappingProxyType({  # Ultralytics' trainer of each task
+    "detect": DetectionTrainer,
+    "segment": SegmentationTrainer,
+    "pose": PoseTrainer,
+    "obb": OBBTrainer,
+    "classify": ClassificationTrainer,
+})
+
+
+class _InContext:
+    """What the mixins read: the process's run context, bound to the trainer class by :func:`trainer_class`."""
+
+    run_context: RunContext
+
+
+class LauncherWorldSize(_InContext):
+    """``__init__``: yolosafe launches the DDP ranks itself (:mod:`yolosafe.supervisor.launchcmd`). In a rank the
+    world size is the
+    launcher's, never Ultralytics' count of the device string, and the trainer never launches ranks of its own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ddp = False  # Ultralytics' own launch (temp file, pickled trainer) is never used
+        if self.run_context.rank.distributed:
+            self.world_size = self.run_context.rank.world_size
+
+
+class ValidationBatch(_InContext):
+    """``get_dataloader(mode="val")``: ``--val-batch`` really sets the validation batch. Ultralytics builds the
+    validation loader with twice the per-GPU train batch, and the final validation of best.pt reuses that loader;
+    this is the one place both come from."""
+
+    def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
+        if mode == "val":
+            batch_size = self.run_context.spec.val_batch
+        return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
+
+
+class OomInjectionPoint(_InContext):
+    """``preprocess_batch``: the training step's injection point (``YOLOSAFE_INJECT_OOM``), inside the try block
+    where a real OOM surfaces and Ultralytics' own handler looks, so tests prove its in-process halving stays off."""
+
+    def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        callbacks.maybe_inject(self.run_context, "train")
+        return super().preprocess_batch(batch)
+
+
+class FailureRecord(_InContext):
+    """``_do_train``: a rank that fails writes its failure record (:mod:`yolosafe.training.failure`) before it dies, so
+    the supervisor can tell an OOM on rank 3 from the NCCL errors it causes on ranks 0-2."""
+
+    def _do_train(self) -> None:
+        try:
+            super()._do_train()
+        except BaseException as exc:
+            batch = self.batch_size // max(self.world_size, 1)
+            failurerecord.write_failure(self.run_context, exc, batch, self.device)
+            raise
+
+
+class AtomicCheckpoints:
+    """``save_model``: Ultralytics writes last.pt/best.pt in place, so a rank killed mid-write (SIGKILL, the host's
+    OOM killer) would leave the very checkpoint a retry resumes from truncated. Written beside, then renamed: all or
+    nothing."""
+
+    def save_model(self) -> bool:
+        final = {"last": self.last, "best": self.best}
+        partial = {name: path.with_name(f".{path.name}.partial") for name, path in final.items()}
+        for path in partial.values():  # a killed rank's leftover: promote only what this save writes
+            path.unlink(missing_ok=True)
+        self.last, self.best = partial["last"], partial["best"]
+        try:
+            saved = super().save_model()
+        finally:
+            self.last, self.best = final["last"], final["best"]
+        for name, path in partial.items():
+            if path.exists():
+                os.replace(path, final[name])
+        return saved
+
+
+class ResumeNbs:
+    """``check_resume``: Ultralytics resumes with the checkpoint's ``nbs``; a resume with another
+    ``--effective-batch`` passes its own, which must win."""
+
+    def check_resume(self, overrides: dict[str, Any]) -> None:
+        nbs = overrides.get("nbs")
+        super().check_resume({k: v for k, v in overrides.items() if k != "nbs"})
+        if self.resume and nbs is not None:
+            self.args.nbs = nbs
+
+
+class EpochPeakMetrics(_InContext):
+    """``validate``, ``save_metrics``: each epoch's torch memory peaks of every GPU go into Ultralytics' metrics
+    (results.csv, its loggers), where users already look: :mod:`yolosafe.training.peakmetrics`."""
+
+    def validate(self) -> tuple[Any, Any]:
+        metrics, fitness = super().validate()
+        peaks = peakmetrics.epoch_peaks(self, self.run_context)  # every rank takes part: it gathers every GPU's
+        return (None if metrics is None else {**metrics, **peaks}), fitness
+
+    def save_metrics(self, metrics: dict[str, Any]) -> None:
+        super().save_metrics(peakmetrics.ordered(metrics, self.run_context))
+
+
+class FinalValidationMarked(_InContext):
+    """``final_eval``: the validation of best.pt after the last epoch is marked in the progress, so its events and
+    failure records say ``final`` (an OOM there re-runs only that validation)."""
+
+    def final_eval(self) -> None:
+        self.run_context.progress.final = True
+        super().final_eval()
+
+
+MIXINS = (LauncherWorldSize, ValidationBatch, OomInjectionPoint, FailureRecord, AtomicCheckpoints, ResumeNbs,
+          EpochPeakMetrics, FinalValidationMarked)
+
+
+def trainer_class(task: str, context: RunContext) -> type[BaseTrainer]:
+    """yolosafe's trainer for ``task`` in this process: :data:`MIXINS` over Ultralytics' task trainer, bound to
+    ``context`` (a class per process is safe: yolosafe launches the ranks itself, nothing pickles it). In a CPU rank
+    of fake GPUs the changes that run Ultralytics' DDP path on the CPU go in front
+    (:mod:`yolosafe.training.fake.cpuranks`)."""
+    base = TRAINERS[task]
+    trainer = type(f"Safe{base.__name__}", (*MIXINS, base), {"run_context": context})
+    if context.spec.fake_gpus and context.rank.distributed:
+        return cpuranks.on_cpu(trainer)
+    return trainer

@@ -1,0 +1,188 @@
+"""The training process: ``python -m yolosafe.training.worker RUN_DIR/spec-N.json``, started and watched by the
+supervisor.
+
+It trains with Ultralytics in its own process so that the allocator settings are in its environment before torch
+starts CUDA, and so that an OOM kills a process, not yolosafe. For more than one GPU the supervisor starts it once
+per GPU through yolosafe's launcher (:mod:`yolosafe.supervisor.launchcmd`): each copy is one DDP rank, builds
+yolosafe's trainer and
+trains as that rank (with fake GPUs, as a CPU rank over gloo: :mod:`yolosafe.training.fake.cpuranks`). Each process
+loads its
+:class:`~yolosafe.training.context.RunContext` once, from the run spec on its command line, and hands it to the
+trainer and
+the callbacks. It records what it saw (environment, torch, CUDA) in the run directory: proof that the settings
+reached the process that allocates GPU memory.
+
+Exit status (:class:`yolosafe.exits.Exit`): 0 done, 1 training failed (see the failure records), 4 the model could
+not be loaded (SETUP), 130 stopped by yolosafe (Ctrl-C). It ends by itself when its parent is gone
+(:func:`yolosafe.proc.exit_with_parent`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
+
+from yolosafe import proc
+from yolosafe.exits import Exit
+from yolosafe.planning import allocator
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir import runspec
+from yolosafe.training import callbacks
+from yolosafe.training import failure as failurerecord
+from yolosafe.training.context import Rank, RunContext
+from yolosafe.training.fake import phases as fakephase
+
+
+def _observed(context: RunContext, resumed_from_epoch: int | None) -> dict[str, Any]:
+    import torch
+    import ultralytics
+
+    return {
+        "pid": os.getpid(),
+        "attempt": context.attempt,
+        "env": {k: os.environ.get(k) for k in (*allocator.ENV_VARS, "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE",
+                                               "MASTER_ADDR", "MASTER_PORT")},
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": torch.cuda.device_count(),
+        "ultralytics": ultralytics.__version__,
+        "resumed_from_epoch": resumed_from_epoch,
+    }
+
+
+def _cannot_load(model_path: str, exc: Exception) -> NoReturn:
+    """One line, no traceback: an offline download failure, a missing file, a corrupt checkpoint."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    print(f"cannot load model {model_path!r}: {first}", file=sys.stderr, flush=True)
+    raise SystemExit(Exit.SETUP) from None
+
+
+def _load(model_path: str) -> Any:
+    """Ultralytics model from a YAML (built, no download) or weights (which Ultralytics may fetch)."""
+    from ultralytics import YOLO
+
+    try:
+        return YOLO(model_path)
+    except Exception as exc:
+        _cannot_load(model_path, exc)
+
+
+def install_callbacks(model: Any, context: RunContext) -> None:
+    """yolosafe's callbacks on ``model``; with fake GPUs, the fake phase file's around them."""
+    own = callbacks.TrainingCallbacks(context).register
+    if context.spec.fake_gpus:
+        fakephase.FakePhaseFile(context).register_around(model, own)
+    else:
+        own(model)
+
+
+def _save_metrics(run_dir: Path, metrics: Any) -> None:
+    """The final validation's metrics (a metrics object, or the checkpoint's dict after DDP)."""
+    values = getattr(metrics, "results_dict", metrics)
+    if isinstance(values, dict):
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+        rundir.write_json(run_dir / rundir.FINAL_METRICS, numbers)
+
+
+def train(context: RunContext) -> None:
+    from yolosafe.training.trainer import trainer_class
+
+    spec, run_dir = context.spec, context.run_dir
+    kwargs = dict(spec.train_kwargs)
+    if spec.resume:
+        model = _load(spec.resume)
+        kwargs["resume"] = spec.resume
+        # The run directory where it is now: the checkpoint's own save_dir is where the run was (moved, or copied).
+        kwargs["save_dir"] = str(run_dir)
+        kwargs = {k: v for k, v in kwargs.items() if k not in {"project", "name", "exist_ok"}}
+        resumed_from = (model.ckpt or {}).get("epoch")
+    else:
+        model = _load(spec.model)
+        resumed_from = None
+    if context.rank.leads:  # one record per attempt; every rank's pid is in its events
+        rundir.write_json(rundir.worker_path(run_dir, context.attempt), _observed(context, resumed_from))
+    install_callbacks(model, context)
+    metrics = model.train(trainer=trainer_class(model.task, context), **kwargs)
+    if context.rank.leads:
+        _save_metrics(run_dir, metrics)
+
+
+def final_validation(context: RunContext) -> None:
+    """Validate best.pt once more, alone on one device with a smaller batch: training itself is finished."""
+    run_dir, kwargs = context.run_dir, context.spec.train_kwargs
+    weights = run_dir / "weights" / "best.pt"
+    model = _load(str(weights if weights.is_file() else run_dir / "weights" / "last.pt"))
+    rundir.write_json(rundir.worker_path(run_dir, context.attempt), _observed(context, None))
+    context.progress.final = True
+    install_callbacks(model, context)
+    try:
+        metrics = model.val(
+            data=kwargs["data"],
+            imgsz=kwargs["imgsz"],
+            batch=context.spec.val_batch,
+            device=kwargs["device"].split(",")[0],
+            project=kwargs["project"],
+            name=kwargs["name"],
+            exist_ok=True,
+            plots=False,
+        )
+    except BaseException as exc:
+        failurerecord.write_failure(context, exc, None, getattr(model, "device", None))
+        raise
+    _save_metrics(run_dir, metrics)
+
+
+def warn_unsupported_ultralytics() -> None:
+    """One line on stderr when the installed Ultralytics is outside the range whose private details were verified."""
+    import ultralytics
+
+    from yolosafe.training import compat
+
+    line = compat.version_warning(ultralytics.__version__)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
+def run(spec_path: Path, rank: Rank) -> None:
+    """Load this process's context (inside ``@record`` in a rank: a spec that cannot be read is in its error file)
+    and do what the run spec asks."""
+    context = RunContext.load(spec_path, rank)
+    if context.spec.mode == runspec.FINAL_VAL:
+        final_validation(context)
+    else:
+        train(context)
+
+
+def _stopped(rank: Rank) -> NoReturn:
+    """Stopped by yolosafe (Ctrl-C): the traceback for train.log, one line for the terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher forwards the same Ctrl-C: once is enough
+    traceback.print_exc()  # the supervisor's terminal filter keeps it off the terminal (yolosafe.supervisor.terminal)
+    where = f"rank {rank.index}" if rank.distributed else "worker"
+    print(f"yolosafe: {where} stopped by SIGINT", file=sys.stderr, flush=True)
+    raise SystemExit(Exit.INTERRUPTED) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    proc.exit_with_parent()  # the supervisor (or, for a rank, the launcher) SIGKILLed: end too
+    rank = Rank.from_env()
+    if rank.leads:
+        warn_unsupported_ultralytics()  # once per attempt, not once per rank
+    try:
+        if rank.distributed:  # the launcher's per-rank error file gets this rank's traceback
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            record(run)(Path(argv[0]), rank)
+        else:
+            run(Path(argv[0]), rank)
+    except KeyboardInterrupt:
+        _stopped(rank)
+
+
+if __name__ == "__main__":
+    main()
