@@ -18,8 +18,9 @@ Accepted layouts (see docs/fake-gpus.md):
   ``"per_image_mib": {"train": 120, "val": 10}`` adds that much per image of the phase's per-GPU batch (the plan's,
   written in the phase file), so the memory follows fixed + per image x batch as the memory model predicts it.
   Optional per-GPU ``"mig": [{"uuid": "MIG-...", "total_mib": 9984}]`` puts that GPU in MIG mode with those MIG
-  devices; optional top-level ``"host_pids": true`` reports every pid as NVML does inside a container: a pid of the
-  host's PID namespace, which no process here has (:data:`HOST_PID_OFFSET` added).
+  devices; optional per-GPU ``"uuid"`` (default ``GPU-fake-0000``... by index); optional top-level
+  ``"host_pids": true`` reports every pid as NVML does inside a container: a pid of the host's PID namespace, which
+  no process here has (:data:`HOST_PID_OFFSET` added).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class FakeGPU:
     per_image_mib: dict[str, float] = field(default_factory=dict)
     mig: tuple[GPU, ...] = ()  # MIG devices (MIG mode on when any)
     host_pids: bool = False  # pids as NVML gives them inside a container (the host's namespace)
+    uuid: str | None = None  # default GPU-fake-NNNN (its index)
 
 
 def _mig_devices(index: int, entries: Any) -> tuple[GPU, ...]:
@@ -97,6 +99,7 @@ def _parse_json(data: Mapping[str, Any]) -> tuple[list[FakeGPU], str, str]:
                 epoch_mib={k: float(v) for k, v in g.get("epoch_mib", {}).items()},
                 per_image_mib={k: float(v) for k, v in g.get("per_image_mib", {}).items()},
                 mig=_mig_devices(index, g.get("mig", ())),
+                uuid=g.get("uuid"),
             )
             for index, g in enumerate(data.get("gpus", ()))
         ]
@@ -199,8 +202,8 @@ class FakeBackend:
         for index, gpu in enumerate(self.gpus):
             reading = self._reading(index)
             gpus.append(
-                GPU(index, gpu.name, f"GPU-fake-{index:04d}", gpu.total_mib, reading.used_mib, gpu.utilization,
-                    reading.processes, mig=True if gpu.mig else None, mig_devices=gpu.mig)
+                GPU(index, gpu.name, gpu.uuid or f"GPU-fake-{index:04d}", gpu.total_mib, reading.used_mib,
+                    gpu.utilization, reading.processes, mig=True if gpu.mig else None, mig_devices=gpu.mig)
             )
         return Inventory(self.name, tuple(gpus), self.driver, self.cuda, self.problem)
 
