@@ -16,7 +16,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from yolosafe.gpus.fake import FAKE_ENV, PHASE_FILE_ENV, FakeBackend, FakeGPU, FakeGpusError, fake_phase_file
+from yolosafe.gpus.fake import (
+    FAKE_ENV,
+    HOST_PID_OFFSET,
+    PHASE_FILE_ENV,
+    FakeBackend,
+    FakeGPU,
+    FakeGpusError,
+    fake_phase_file,
+)
 from yolosafe.gpus.inventory import (
     GPU,
     MIB,
@@ -28,6 +36,7 @@ from yolosafe.gpus.inventory import (
     nvml_index,
 )
 from yolosafe.gpus.nvml import NvmlBackend
+from yolosafe.gpus.pidns import foreign_pids
 from yolosafe.gpus.visible import (
     mig_problem,
     planning_inventory,
@@ -40,6 +49,7 @@ from yolosafe.gpus.visible import (
 __all__ = (  # a tuple: no module-level mutable state
     "FAKE_ENV",
     "GPU",
+    "HOST_PID_OFFSET",
     "MIB",
     "PHASE_FILE_ENV",
     "FakeBackend",
@@ -52,6 +62,7 @@ __all__ = (  # a tuple: no module-level mutable state
     "MemoryReading",
     "NvmlBackend",
     "fake_phase_file",
+    "foreign_pids",
     "mig_problem",
     "nvml_index",
     "open_backend",

@@ -185,6 +185,8 @@ class Supervisor:
 
     def run_attempt(self, request: Request) -> tuple[AttemptResult, AttemptEnd]:
         """Write the attempt's run spec, run its child to the end under the memory watch, and classify the end."""
+        if self.watch is not None:  # a relaunch: the previous attempt's processes off the GPUs first (bounded)
+            self.watch.wait_released()
         spec = self.spec(request.plan, request.attempt, request.resume, request.final_val_only)
         path = spec.save()
         cmd = self.command(spec, path)
