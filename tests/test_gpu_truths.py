@@ -144,3 +144,25 @@ def test_a_relaunch_waits_bounded_until_the_previous_attempts_pids_left_the_gpus
     watch.wait_released(timeout=0.05)
     assert said == ["the previous attempt's processes (pids 111) still hold GPU memory after 0.05 s; starting the "
                     "next attempt anyway"]
+
+
+def test_the_rank_environment_names_gpus_by_uuid_in_pci_order_always():
+    from yolosafe.planning.trainplan import build_plan
+    from yolosafe.supervisor.child import launch_device, training_env
+
+    env = training_env({"CUDA_DEVICE_ORDER": "FASTEST_FIRST", "PATH": "/bin"}, {})
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # an inherited order would number other GPUs than NVML
+    p = build_plan(model="m.yaml", data="d.yaml", gpus=(3, 1), batch=16)
+    layout = {gpus.FAKE_ENV: "4x24GB"}
+    assert launch_device(p, False, layout) == ("0,1", "GPU-fake-0003,GPU-fake-0001")
+    scheduler = {**layout, "CUDA_VISIBLE_DEVICES": "GPU-fake-0001,GPU-fake-0003"}
+    assert launch_device(p, False, scheduler) == ("0,1", "GPU-fake-0003,GPU-fake-0001")
+
+
+def test_doctor_reads_uuids_like_train():
+    from yolosafe.readers.doctor.diagnosis import diagnose
+
+    env = {gpus.FAKE_ENV: "4x24GB", "CUDA_VISIBLE_DEVICES": "GPU-fake-0002,GPU-fake-0003"}
+    found = diagnose(project="/nonexistent", env=env)
+    assert found.environment.visible_gpus == [2, 3]
+    assert not [c for c in found.verdict if "hides every GPU" in c.finding]

@@ -99,7 +99,8 @@ def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_f
     multicli.check_options(opts, where)
     opts["nnodes"] = where.nnodes
     try:
-        planview.run(opts, gpus.read_inventory(), trainrun.build, vram, as_json)
+        inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
+        planview.run(opts, inventory, trainrun.build, vram, as_json)
     except (gpus.FakeGpusError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
 
