@@ -109,10 +109,6 @@ def failure_path(run_dir: Path, attempt: int, rank: int) -> Path:
     return run_dir / f"failure-{attempt}-rank{max(rank, 0)}.json"
 
 
-def failure_records(run_dir: Path, attempt: int) -> list[dict[str, Any]]:
-    return [read_json(p) for p in sorted(run_dir.glob(f"failure-{attempt}-rank*.json"))]
-
-
 def new_run_dir(project: Path, name: str) -> Path:
     """Create ``project/name``, or ``name2``, ``name3``... as Ultralytics does: an earlier run is never reused."""
     project.mkdir(parents=True, exist_ok=True)

@@ -186,13 +186,19 @@ class Story(Record):
 
 @dataclass
 class Failure(Record):
-    """``failure-N-rankR.json``: what killed one rank (an OOM record when ``oom`` is true)."""
+    """``failure-N-rankR.json``: what killed one rank (an OOM record when ``oom`` is true).
+
+    The one type of the file: the rank writes it as it dies (``by="rank"``, :mod:`yolosafe.training.failure`), the
+    rank launcher for a rank that could not (``by="launcher"``: killed by a signal, :mod:`yolosafe.training.launcher`),
+    both through :func:`save_failure`; the retry policy, the multi-node agreement, report, doctor and fix read it
+    through :func:`load_failures`.
+    """
 
     attempt: int | None = None
     rank: int | None = None
     oom: bool | None = None
     phase: str | None = None
-    epoch: int | None = None
+    epoch: int | None = None  # 0-based, as the trainer counts (people read epoch + 1)
     iteration: int | None = None
     batch: int | None = None  # per GPU
     val_batch: int | None = None
@@ -202,6 +208,13 @@ class Failure(Record):
     error: str | None = None
     message: str | None = None
     figures: dict[str, Any] | None = None
+    traceback: list[str] | None = None
+    signal: str | None = None  # a rank killed by a signal (launcher's record)
+    exit_code: int | None = None
+    error_file: str | None = None
+    by: str | None = None  # "rank" or "launcher"
+    max_allocated_mib: float | None = None  # torch's peaks at the moment of death (on CUDA)
+    max_reserved_mib: float | None = None
     name: str = field(default="", compare=False)  # the file it came from (not written back)
 
 
@@ -269,9 +282,15 @@ def load_failures(run_dir: Path, attempt: int | None = None) -> list[Failure]:
 
 
 def save_failure(run_dir: Path, record: Failure) -> Path:
+    """Write a failure record atomically, named by its attempt and global rank."""
     path = rundir.failure_path(run_dir, record.attempt or 0, record.rank or 0)
     rundir.write_json(path, record.to_dict())
     return path
+
+
+def failures_from(data: list[Any]) -> list[Failure]:
+    """Failure records carried inside another record (a node's end record): the dicts :meth:`Failure.to_dict` made."""
+    return [Failure.from_dict(d) for d in data if isinstance(d, dict)]
 
 
 def load_events(run_dir: Path) -> list[Event]:

@@ -39,9 +39,9 @@ def advice(failure: AttemptEnd, plan: TrainPlan, others_mib: dict[int, float] | 
     tips.append(f"a smaller image size (--imgsz {max(plan.imgsz // 2 // 32 * 32, 32)})")
     if not _smallest_model(plan.model):
         tips.append("a smaller model (e.g. yolov8n instead of yolov8s/m/l/x)")
-    if any(oom.is_host_oom(r.get("message", "")) for r in failure.records) or oom.is_host_oom(failure.message):
+    if any(oom.is_host_oom(r.message or "") for r in failure.records) or oom.is_host_oom(failure.message):
         tips.append("host RAM ran out: cache=False (Ultralytics' RAM image cache) and fewer workers (workers=2)")
-    figures = next((r.get("figures") for r in failure.records if r.get("figures")), None)
+    figures = next((r.figures for r in failure.records if r.figures), None)
     if figures and figures.get("reserved_unallocated_mib", 0) > 1024:
         tips.append(f"{figures['reserved_unallocated_mib']:.0f} MiB was reserved but unallocated (fragmentation): "
                     "keep expandable_segments:True in --alloc-conf")

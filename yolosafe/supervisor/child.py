@@ -197,7 +197,7 @@ class Supervisor:
                                        out=terminal.TracebackFilter(sys.stdout.buffer))
         if self.multi:  # the outcome every node derives from every node's end record
             return result, self.multi.agree(spec.attempt, result, tail(log_path, start))
-        return result, classify(result, rundir.failure_records(self.run_dir, spec.attempt), tail(log_path, start))
+        return result, classify(result, records.load_failures(self.run_dir, spec.attempt), tail(log_path, start))
 
     @contextlib.contextmanager
     def memory_watch(self, spec: RunSpec) -> Iterator[Callable[[ProcessTree], None] | None]:

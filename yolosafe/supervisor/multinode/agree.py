@@ -32,7 +32,7 @@ from typing import Any
 from yolosafe.planning import nodes
 from yolosafe.proc import AttemptResult, ProcessTree
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir.records import Outcome
+from yolosafe.rundir.records import Outcome, failures_from, load_failures
 from yolosafe.rundir.runspec import FINAL_VAL, RunSpec
 from yolosafe.supervisor.multinode import cluster
 from yolosafe.supervisor.policy import AttemptEnd, classify
@@ -60,7 +60,7 @@ def decide(ends: list[dict[str, Any]], nproc: int) -> AttemptEnd:
     by_itself = sorted(ends, key=lambda e: bool(e.get("stopped_for")))
     code = next((e["exit_code"] for e in by_itself if e.get("exit_code")), 0)
     result = AttemptResult(code, max(float(e.get("duration_s") or 0) for e in ends))
-    records = [r for e in ends for r in e.get("records", [])]
+    records = [r for e in ends for r in failures_from(e.get("records", []))]
     failure = classify(result, records, "\n".join(e.get("log_tail", "") for e in ends))
     if failure.rank is not None and failure.rank >= 0 and failure.outcome != Outcome.COMPLETED:
         failure.node = failure.rank // max(nproc, 1)
@@ -71,7 +71,7 @@ def decide(ends: list[dict[str, Any]], nproc: int) -> AttemptEnd:
 def own_records(run_dir: Path, attempt: int, node: int, nproc: int) -> list[dict[str, Any]]:
     """The failure records of this node's ranks (global ranks ``node * nproc ..``); the single process of a final
     validation counts as rank 0."""
-    return [r for r in rundir.failure_records(run_dir, attempt) if max(int(r.get("rank") or 0), 0) // nproc == node]
+    return [r.to_dict() for r in load_failures(run_dir, attempt) if max(r.rank or 0, 0) // nproc == node]
 
 
 @dataclass
