@@ -128,12 +128,11 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
             visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
             chosen = plan.parse_gpus(str(given["gpus"]), visible, inventory.problem)
             simulated = inventory.backend == "fake" and bool(chosen)
-        p = plan.build_plan(
-            model=summary["model"], data=summary["data"], gpus=chosen,
+        p = plan.replan(
+            summary, gpus=chosen, nnodes=nnodes,
             batch=_first(given.get("batch"), last.batch, summary.get("batch")),
             effective_batch=_first(given.get("effective_batch"), summary.get("effective_batch")),
             val_batch=_first(given.get("val_batch"), last.val_batch, summary.get("val_batch")),
-            imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {}, nnodes=nnodes,
         )
     except (plan.PlanError, gpus.FakeGpusError, KeyError, TypeError) as exc:
         raise validate.InputError(f"--resume: {exc}") from None

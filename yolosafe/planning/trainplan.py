@@ -287,3 +287,20 @@ def plan_warnings(plan: TrainPlan) -> list[str]:
     why = "is not a multiple of" if plan.effective_batch % plan.batch else "is more than the run's iterations of"
     return [f"effective batch {plan.effective_batch} {why} batch {plan.batch}: Ultralytics will accumulate "
             f"{plan.accumulate} steps, an effective batch of {plan.real_effective_batch}"]
+
+
+def replan(summary: Mapping[str, Any], **changes: Any) -> TrainPlan:
+    """A recorded plan (:meth:`TrainPlan.summary`, as ``yolosafe.json`` holds it) built again through
+    :func:`build_plan`, with ``changes`` (``gpus``, ``batch``, ``effective_batch``, ``val_batch``, ``model``, ``extra``,
+    ``nnodes``; ``None`` means what :func:`build_plan` makes of None) instead of the recorded values: a resume,
+    ``fix`` and ``doctor`` get the same plan, dataset size included, as the new run they continue. Raises
+    :class:`PlanError`, ``KeyError`` or ``TypeError`` for a recorded plan that is not one."""
+    names = ("model", "data", "gpus", "batch", "effective_batch", "val_batch", "imgsz", "epochs", "extra",
+             "train_images", "nnodes")
+    values = {name: summary.get(name) for name in names} | changes
+    values["gpus"] = tuple(values["gpus"] or ())
+    values["extra"] = dict(values["extra"] or {})
+    values["nnodes"] = int(values["nnodes"] or 1)
+    for name in ("model", "data"):
+        values[name] = str(values[name])
+    return build_plan(**values)

@@ -45,13 +45,12 @@ def config_plan(config: dict[str, Any], story: Story, **override: Any) -> plan.T
     values["effective_batch"] = config.get("effective_batch")
     values.update(override)
     try:
-        return plan.build_plan(model=str(config.get("model") or ran.get("model")), data=str(ran.get("data")),
-                               gpus=tuple(story.plan_gpus), batch=int(values["batch"]),
-                               effective_batch=values["effective_batch"],
-                               val_batch=None if values["val_batch"] is None else int(values["val_batch"]),
-                               imgsz=int(values["imgsz"]), epochs=int(values["epochs"]),
-                               extra=plan.parse_passthrough(config.get("args") or []),
-                               nnodes=int(ran.get("nnodes") or 1))  # a multi-node run: --batch over every node
+        return plan.replan(ran, model=config.get("model") or ran.get("model"), gpus=tuple(story.plan_gpus),
+                           batch=int(values["batch"]),
+                           effective_batch=values["effective_batch"],
+                           val_batch=None if values["val_batch"] is None else int(values["val_batch"]),
+                           imgsz=int(values["imgsz"]), epochs=int(values["epochs"]),
+                           extra=plan.parse_passthrough(config.get("args") or []))
     except (plan.PlanError, TypeError, ValueError) as exc:
         raise ConfigFixError(f"the config is not valid for this run: {exc}") from None
 

@@ -6,7 +6,6 @@ computed with ``plan`` (half the per-GPU batch, the same effective batch), never
 from __future__ import annotations
 
 import shlex
-from dataclasses import fields
 
 from yolosafe.gpus import nvml_index
 from yolosafe.planning import trainplan as plan
@@ -17,13 +16,10 @@ from yolosafe.rundir.records import VAL_PHASES, Failure, Story
 
 def story_plan(story: Story, batch: int | None = None) -> plan.TrainPlan | None:
     """The run's plan as ``plan.TrainPlan`` (with another total batch if given); None for an unreadable plan."""
-    known = {f.name for f in fields(plan.TrainPlan)}
     try:
-        values = {k: v for k, v in story.plan.items() if k in known} | {"gpus": tuple(story.plan["gpus"])}
-        found = plan.TrainPlan(**values)
-    except (KeyError, TypeError):
+        return plan.replan(story.plan, **({} if batch is None else {"batch": batch}))
+    except (plan.PlanError, KeyError, TypeError, ValueError):
         return None
-    return found if batch is None else plan.TrainPlan(**{**values, "batch": batch})
 
 
 def _where(record: Failure, story: Story) -> str:
