@@ -37,6 +37,8 @@ _FIELDS = MappingProxyType({
     "reserved_mib": [rf"{_SIZE} reserved in total by PyTorch"],
 })
 
+FRAGMENTED_MIB = 1024.0  # reserved but unallocated at an OOM above which the advice names fragmentation
+
 
 def is_oom_text(text: str) -> bool:
     return any(marker in text for marker in OOM_MARKERS)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 from yolosafe.gpus.fake import FAKE_ENV, PHASE_FILE_ENV, FakeBackend, FakeGPU, FakeGpusError, fake_phase_file
 from yolosafe.gpus.inventory import (
+    BUSY_MIB,
     GPU,
     MIB,
     GPUBackend,
@@ -30,6 +31,7 @@ from yolosafe.gpus.inventory import (
 from yolosafe.gpus.nvml import NvmlBackend
 
 __all__ = (  # a tuple: no module-level mutable state
+    "BUSY_MIB",
     "FAKE_ENV",
     "GPU",
     "MIB",

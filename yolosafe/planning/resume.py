@@ -93,7 +93,7 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
                                   "wait for it or stop it first") from None
     if rundir.mark_if_orphaned(run_dir, node):
         story = read_story(run_dir, node)
-    last = run_dir / "weights" / "last.pt"
+    last = rundir.last_checkpoint(run_dir)
     if not last.is_file():
         raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
     if story.outcome == records.Outcome.COMPLETED:

@@ -97,7 +97,7 @@ class AttemptLoop:
                 return self._give_up(end, plan, retries, allowed)
             retries += 1
             plan, final_val_only = step.plan, step.final_val_only
-            last = self.run_dir / "weights" / "last.pt"
+            last = rundir.last_checkpoint(self.run_dir)
             resume = last if last.is_file() and not final_val_only else None
             entry.next = step.change
             self.save()
@@ -172,7 +172,7 @@ class AttemptLoop:
         return Exit.OOM_EXHAUSTED
 
     def _record_results(self) -> None:
-        weights = self.run_dir / "weights"
+        weights = rundir.weights_dir(self.run_dir)
         found = {name: weights / f"{name}.pt" for name in ("last", "best")}
         self.story.weights = {name: str(path) for name, path in found.items() if path.is_file()}
         metrics = self.run_dir / rundir.FINAL_METRICS

@@ -115,8 +115,8 @@ def train(context: RunContext) -> None:
 def final_validation(context: RunContext) -> None:
     """Validate best.pt once more, alone on one device with a smaller batch: training itself is finished."""
     run_dir, kwargs = context.run_dir, context.spec.train_kwargs
-    weights = run_dir / "weights" / "best.pt"
-    model = _load(str(weights if weights.is_file() else run_dir / "weights" / "last.pt"))
+    best = rundir.best_checkpoint(run_dir)
+    model = _load(str(best if best.is_file() else rundir.last_checkpoint(run_dir)))
     rundir.write_json(rundir.worker_path(run_dir, context.attempt), _observed(context, None))
     context.progress.final = True
     install_callbacks(model, context)

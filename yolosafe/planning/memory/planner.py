@@ -24,7 +24,6 @@ from yolosafe.planning.memory import history, hostram
 from yolosafe.planning.memory import model as memmodel
 
 AUTO = "auto"
-BUSY_MIB = 1024.0  # a GPU where other processes hold more than this is left out by --gpus auto
 LOW_MARGIN = 0.10  # warn when less than this share of a GPU stays free at the predicted peak
 FAKEPASS_TIMEOUT_S = 600
 
@@ -79,7 +78,7 @@ def model_terms(model: str, allow_fake_pass: bool = True) -> memmodel.Terms:
 
 
 def choose_gpus(text: str, inventory: gpus.Inventory, visible: tuple[int, ...],
-                busy_mib: float = BUSY_MIB) -> tuple[tuple[int, ...], list[str]]:
+                busy_mib: float = gpus.BUSY_MIB) -> tuple[tuple[int, ...], list[str]]:
     """``auto`` (every idle GPU) or ``auto:N`` (the N with the most free memory), leaving out busy GPUs."""
     _, _, count_text = text.partition(":")
     if count_text and not (count_text.isdigit() and int(count_text) > 0):
@@ -124,7 +123,7 @@ class GpuMemory:
 
     def warnings(self) -> list[str]:
         g, notes = self.gpu, []
-        if g.processes or (g.used_mib or 0) > BUSY_MIB:
+        if g.processes or (g.used_mib or 0) > gpus.BUSY_MIB:
             notes.append(f"GPU {g.index}: another process uses {(g.used_mib or 0) / 1024:.1f} GiB of it")
         if self.val.peak_mib > self.train.peak_mib:
             notes.append(f"GPU {g.index}: validation ({self.val.peak_mib / 1024:.1f} GiB) is predicted above "

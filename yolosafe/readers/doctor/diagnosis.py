@@ -22,8 +22,6 @@ from yolosafe.readers.holders import PROVEN, Holder, judge_gpus
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 
-BUSY_MIB = 1024  # other processes' memory on a GPU above which the verdict names it
-
 
 class DoctorError(ValueError):
     """A bad argument (a RUN_DIR that is not a run, a malformed YOLOSAFE_FAKE_GPUS): one line, exit status 2."""

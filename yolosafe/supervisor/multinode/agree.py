@@ -203,7 +203,7 @@ class MultiNode:
             time.sleep(cluster.POLL_S)
 
     def _checkpoint(self) -> dict[str, float] | None:
-        last = self.run_dir / "weights" / "last.pt"
+        last = rundir.last_checkpoint(self.run_dir)
         try:
             stat = last.stat()
         except OSError:
