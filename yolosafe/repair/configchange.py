@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe.planning import trainplan as plan
-from yolosafe.rundir.records import VAL_PHASES, Failure, Story
+from yolosafe.rundir.records import VAL_PHASES, Failure, Story, epoch_label
 
 
 class ConfigFixError(ValueError):
@@ -91,8 +91,9 @@ def targets(story: Story, failures: list[Failure]) -> tuple[tuple[int, str] | No
     for val, attr in ((False, "batch"), (True, "val_batch")):
         r = _smallest(failures, val, attr)
         size = getattr(r, attr) if r else None
-        found.append((max(size // 2, 1), f"half of {size} per GPU, which ran out of memory in {r.phase} at epoch "
-                                         f"{r.epoch} (attempt {r.attempt})") if r and size else None)
+        where = f"in {r.phase or 'training'} at {epoch_label(r.epoch, story.plan.get('epochs'))}" if r else ""
+        found.append((max(size // 2, 1), f"half of {size} per GPU, which ran out of memory {where} "
+                                         f"(attempt {r.attempt})") if r and size else None)
     return found[0], found[1]
 
 

@@ -59,6 +59,14 @@ class Outcome(str, Enum):
         return self.value
 
 
+def epoch_label(epoch: int | None, epochs: int | None = None) -> str:
+    """A recorded epoch (0-based, as the trainer counts) as people read it, 1-based as Ultralytics prints it:
+    "epoch 134/200", "epoch 134", or "an unknown epoch"; never a raw None."""
+    if epoch is None:
+        return "an unknown epoch"
+    return f"epoch {epoch + 1}/{epochs}" if epochs else f"epoch {epoch + 1}"
+
+
 VAL_PHASES = ("val", "final")  # the phases of a record that are validation: each epoch's, and best.pt's at the end
 
 
@@ -216,6 +224,15 @@ class Failure(Record):
     max_allocated_mib: float | None = None  # torch's peaks at the moment of death (on CUDA)
     max_reserved_mib: float | None = None
     name: str = field(default="", compare=False)  # the file it came from (not written back)
+
+    def place(self, epochs: int | None = None) -> str:
+        """Where it happened, as far as the record knows: "in val at epoch 134/200, rank 3"; "" when nothing is."""
+        parts = [f"in {self.phase}"] if self.phase else []
+        parts += [f"at {epoch_label(self.epoch, epochs)}"] if self.epoch is not None else []
+        text = " ".join(parts)
+        if self.rank is not None and self.rank >= 0:
+            text = f"{text}, rank {self.rank}" if text else f"on rank {self.rank}"
+        return text
 
 
 @dataclass

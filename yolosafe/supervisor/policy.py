@@ -16,7 +16,7 @@ from yolosafe import oom
 from yolosafe.gpus import nvml_index
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult
-from yolosafe.rundir.records import Failure, Outcome
+from yolosafe.rundir.records import Failure, Outcome, epoch_label
 from yolosafe.supervisor import terminal
 
 TEARDOWN_SIGNALS = ("SIGTERM", "SIGINT")  # what torch.distributed.run sends the other ranks when one fails
@@ -118,7 +118,7 @@ def next_step(plan: TrainPlan, end: AttemptEnd, val_ooms: int, min_batch: int) -
 
 def epoch_text(epoch: int | None, epochs: int) -> str:
     """An epoch as Ultralytics shows it: 1-based, "epoch 2/3"."""
-    return "an unknown epoch" if epoch is None else f"epoch {epoch + 1}/{epochs}"
+    return epoch_label(epoch, epochs)
 
 
 def where(plan: TrainPlan, end: AttemptEnd) -> str:

@@ -12,7 +12,7 @@ from yolosafe.gpus import nvml_index
 from yolosafe.planning import trainplan as plan
 from yolosafe.readers.doctor.diagnosis import Cause, Environment, GPUView, Machine, RunView
 from yolosafe.readers.holders import ASK, PROVEN, Holder
-from yolosafe.rundir.records import VAL_PHASES, Failure, Story
+from yolosafe.rundir.records import VAL_PHASES, Failure, Story, epoch_label
 
 
 def story_plan(story: Story, batch: int | None = None) -> plan.TrainPlan | None:
@@ -25,8 +25,7 @@ def story_plan(story: Story, batch: int | None = None) -> plan.TrainPlan | None:
 
 def _where(record: Failure, story: Story) -> str:
     gpu = nvml_index(story.plan_gpus, record.gpu)
-    epoch = f" at epoch {record.epoch} (0-based; Ultralytics shows {record.epoch + 1})" if record.epoch is not None \
-        else ""
+    epoch = f" at {epoch_label(record.epoch, story.plan.get('epochs'))}" if record.epoch is not None else ""
     return f"{epoch}{f' on GPU {gpu}' if gpu is not None else ''}"
 
 
