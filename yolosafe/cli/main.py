@@ -168,12 +168,12 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor_command(run_dir: str | None, project: str | None, as_json: bool) -> None:
     """Explain GPU memory: the machine, the environment, a run (default: the newest), and what to do. Read-only."""
-    from yolosafe.readers.doctor import diagnosis as doctor
+    from yolosafe.readers.doctor import diagnose, diagnosis
     from yolosafe.readers.doctor import text as doctor_text
 
     try:
-        found = doctor.diagnose(run_dir, project)
-    except doctor.DoctorError as exc:
+        found = diagnose(run_dir, project)
+    except diagnosis.DoctorError as exc:
         raise InputError(str(exc)) from None
     click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else "\n".join(doctor_text.render(found)))
 

@@ -304,3 +304,12 @@ def replan(summary: Mapping[str, Any], **changes: Any) -> TrainPlan:
     for name in ("model", "data"):
         values[name] = str(values[name])
     return build_plan(**values)
+
+
+def describe_accumulation(plan: TrainPlan) -> str:
+    """The dry run's line: the accumulation that really runs, cap and warm-up ramp included."""
+    nb, warmup = plan.batches_per_epoch, plan.warmup_iterations
+    if nb is None:
+        return f"at most {plan.accumulate}, ramped up from 1 during warm-up (dataset size unknown)"
+    ramp = f"ramped 1 -> {plan.accumulate} over its first {warmup} (warm-up)" if warmup else "no warm-up ramp"
+    return f"{plan.accumulate}, at most the run's {nb * plan.epochs} iterations ({nb} per epoch); {ramp}"

@@ -8,7 +8,6 @@ remedies computed with ``plan``. ``doctor_text`` renders it for people; ``--json
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -181,15 +180,3 @@ def run_view(path: Path) -> RunView:
         view.problem = str(exc)
     view.memory, view.memory_note = memory(path)
     return view
-
-
-def diagnose(run_dir: str | None = None, project: str | None = None,
-             env: Mapping[str, str] | None = None) -> Diagnosis:
-    from yolosafe.readers.doctor.causes import verdict
-
-    env = os.environ if env is None else env
-    found = find_run(run_dir, project)
-    box = machine(env)
-    view = run_view(found) if found else None
-    environ = environment(env, box.gpus)
-    return Diagnosis(box, environ, view, verdict(box, environ, view))
