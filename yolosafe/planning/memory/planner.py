@@ -208,7 +208,7 @@ def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: dict[str,
     reference = worst or GpuMemory(gpus.GPU(-1, None, None, None, None, None),
                                    memmodel.predict(terms, setup, "train", p.per_gpu_batch),
                                    memmodel.predict(terms, setup, "val", p.val_batch), 0)
-    host = hostram.estimate(p.extra, p.local_world_size, p.imgsz, hostram.count_images(p.data), hostram.available_mib())
+    host = hostram.estimate(p.extra, p.local_world_size, p.imgsz, _train_images(p), hostram.available_mib())
     return {
         "model": memmodel.model_key(p.model), "imgsz": p.imgsz, "amp": setup.amp, "world_size": p.world_size,
         "terms_source": terms.source,
@@ -237,3 +237,8 @@ def tier_table(vram_gib: list[float], imgsz: int, options: dict[str, Any], fract
         rows[name] = {f"{v:g}": memmodel.largest_batch(terms, setup, fraction * v * 1024) for v in vram_gib}
     return {"imgsz": imgsz, "memory_fraction": fraction, "amp": setup.amp, "optimizer": setup.optimizer,
             "vram_gib": vram_gib, "source": "table (fake-tensor pass), peak allocator factor", "batches": rows}
+
+
+def _train_images(p: plan.TrainPlan) -> int | None:
+    """The training split's size: the plan's, counted once when it was built (else counted now)."""
+    return p.train_images if p.train_images is not None else datasets.count_images(Path(p.data))
