@@ -11,7 +11,7 @@ from yolosafe.supervisor.advice import advice
 from yolosafe.supervisor.policy import AttemptEnd as Failure
 from yolosafe.supervisor.policy import AttemptResult, classify, next_step
 
-# Verbatim from the post-mortems in ../shared/seeds: 003.md (4 x 48 GB, epoch 134) and 004.md (first validation).
+# Verbatim OOM messages of two real runs: 4 x 48 GB dying in validation at epoch 134, and a first validation.
 SEED_003 = """CUDA out of memory. Tried to allocate 300.00 MiB
 GPU 3 has a total capacity of 47.50 GiB of which 194.56 MiB is free"""
 SEED_004 = """torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 15.82 GiB.

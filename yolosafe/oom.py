@@ -67,7 +67,7 @@ def parse_message(message: str) -> dict[str, Any]:
 
 
 def fake_message(gpu: int, tried_mib: float = 300.0, total_mib: float = 48640.0) -> str:
-    """A message in PyTorch's own format, for injected OOMs (numbers shaped like the epoch-134 post-mortem)."""
+    """A message in PyTorch's own format, for injected OOMs (numbers shaped like a real 48 GB GPU's)."""
     free = 194.56
     allocated, unallocated = total_mib - free - 1200 - 302, 302.0
     return (
