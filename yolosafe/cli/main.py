@@ -26,6 +26,7 @@ from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor.multinode import setup as multicli
 
 D, SHAPES = options.DEFAULTS, datasets.SHAPES_DEFAULTS  # the help texts say the defaults these hold
@@ -144,11 +145,11 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     path = Path(run_dir) if run_dir else rundir.latest_run(Path("runs"))
     if path is None:
         raise InputError("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
-    if not (path / rundir.STORY).is_file():
+    if not RunDir(path).is_run():
         raise InputError(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
     if rundir.mark_if_orphaned(path):
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
-    state = rundir.read_json(path / rundir.STORY).get("outcome") or "unknown"
+    state = rundir.read_json(RunDir(path).story).get("outcome") or "unknown"
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
@@ -157,7 +158,7 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {path / rundir.MEMORY_PLOT}")
+    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {RunDir(path).memory_plot}")
     for line in report.table(summary):
         click.echo(line)
 

@@ -23,6 +23,7 @@ from yolosafe.planning import trainplan as plan
 from yolosafe.planning.options import DEFAULTS
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 
 # Options a resume applies (and records); every other option given with --resume is refused.
 APPLIED = ("gpus", "batch", "effective_batch", "val_batch", "max_retries", "min_batch", "alloc_conf",
@@ -93,7 +94,7 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
                                   "wait for it or stop it first") from None
     if rundir.mark_if_orphaned(run_dir, node):
         story = read_story(run_dir, node)
-    last = rundir.last_checkpoint(run_dir)
+    last = RunDir(run_dir).last_checkpoint
     if not last.is_file():
         raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
     if story.outcome == records.Outcome.COMPLETED:

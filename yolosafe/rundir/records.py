@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 
 R = TypeVar("R", bound="Record")
 _FAILURE_NAME = re.compile(r"failure-(\d+)-rank(\d+)\.json$")
@@ -269,7 +270,7 @@ def _typed(cls: type[R], path: Path, data: Any) -> R:
 
 def story_path(run_dir: Path, node: int = 0) -> Path:
     """``yolosafe.json``; node R > 0 of a multi-node run keeps its own, ``yolosafe-nodeR.json``."""
-    return run_dir / rundir.node_file(rundir.STORY, node)
+    return RunDir(run_dir, node).story
 
 
 def load_story(run_dir: Path, node: int = 0) -> Story:
@@ -300,7 +301,7 @@ def load_failures(run_dir: Path, attempt: int | None = None) -> list[Failure]:
 
 def save_failure(run_dir: Path, record: Failure) -> Path:
     """Write a failure record atomically, named by its attempt and global rank."""
-    path = rundir.failure_path(run_dir, record.attempt or 0, record.rank or 0)
+    path = RunDir(run_dir).failure(record.attempt or 0, record.rank or 0)
     rundir.write_json(path, record.to_dict())
     return path
 
@@ -313,7 +314,7 @@ def failures_from(data: list[Any]) -> list[Failure]:
 def load_events(run_dir: Path) -> list[Event]:
     """Every complete line of ``events.jsonl`` (a line cut short by a killed rank, or not an event, is skipped)."""
     found = []
-    for line in rundir.read_jsonl(run_dir / rundir.EVENTS):
+    for line in rundir.read_jsonl(RunDir(run_dir).events):
         try:
             found.append(Event.from_dict(line))
         except (TypeError, AttributeError):

@@ -29,6 +29,7 @@ from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records, runspec
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Outcome, Story
 from yolosafe.rundir.runspec import RunSpec
 from yolosafe.supervisor import launchcmd as launch
@@ -169,7 +170,7 @@ class Supervisor:
     def command(self, spec: RunSpec, path: Path) -> list[str]:
         """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU of this
         node (over several nodes, torchrun's static rendezvous at node 0)."""
-        log_dir = rundir.ranks_log_dir(self.run_dir, spec.attempt, self.node)
+        log_dir = RunDir(self.run_dir, self.node).ranks_log_dir(spec.attempt)
         nodes, local = (self.multi.nodes, self.multi.nproc) if self.multi else (Nodes(), spec.world_size)
         return launch.child_command(path, spec.world_size, local, log_dir, nodes, spec.attempt)
 
@@ -184,7 +185,7 @@ class Supervisor:
         if spec.cuda_visible_devices:
             extra["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         env = training_env(self.options.env, extra)
-        log_path = self.run_dir / rundir.node_file(rundir.LOG, self.node)
+        log_path = RunDir(self.run_dir, self.node).log
         with open(log_path, "ab") as log:
             start = log.tell()
             log.write(f"\n=== yolosafe attempt {spec.attempt} ({spec.mode}): {' '.join(cmd)}\n".encode())

@@ -20,6 +20,7 @@ from yolosafe.readers import report
 from yolosafe.readers.holders import PROVEN, Holder, judge_gpus
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 
 
 class DoctorError(ValueError):
@@ -148,7 +149,7 @@ def find_run(run_dir: str | None, project: str | None) -> Path | None:
     """RUN_DIR (it must be a run), else the newest run under the project (default ./runs), else None."""
     if run_dir:
         path = Path(run_dir)
-        if not (path / rundir.STORY).is_file():
+        if not RunDir(path).is_run():
             raise DoctorError(f"{run_dir}: not a yolosafe run directory (no {rundir.STORY})")
         return path
     return rundir.latest_run(Path(project or "runs"))
@@ -156,7 +157,7 @@ def find_run(run_dir: str | None, project: str | None) -> Path | None:
 
 def memory(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """The memory summary: the one ``yolosafe report`` wrote, else computed from memory.csv without writing."""
-    summary_file = path / rundir.MEMORY_SUMMARY
+    summary_file = RunDir(path).memory_summary
     try:
         if summary_file.is_file():
             return rundir.read_json(summary_file), None

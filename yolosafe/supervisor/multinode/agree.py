@@ -32,6 +32,7 @@ from typing import Any
 from yolosafe.planning import nodes
 from yolosafe.proc import AttemptResult, ProcessTree
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Outcome, failures_from, load_failures
 from yolosafe.rundir.runspec import FINAL_VAL, RunSpec
 from yolosafe.supervisor.multinode import cluster
@@ -118,8 +119,8 @@ class MultiNode:
             self.stopped_by = f"SIGINT on node {self.node}"
         self.beat.stop(state="done", outcome=outcome, stopped=self.stopped_by)
         if self.node == 0:
-            found = cluster.read(self.run_dir / rundir.NODES_MARKER) or {}
-            rundir.write_json(self.run_dir / rundir.NODES_MARKER, {**found, "state": "ended", "outcome": outcome})
+            found = cluster.read(RunDir(self.run_dir).nodes_marker) or {}
+            rundir.write_json(RunDir(self.run_dir).nodes_marker, {**found, "state": "ended", "outcome": outcome})
 
     def runs_here(self, spec: RunSpec) -> bool:
         """A final validation only (training is over) runs on node 0 alone; the other nodes wait for its outcome."""
@@ -160,7 +161,7 @@ class MultiNode:
     def _peer_problem(self, attempt: int, peers: cluster.Peers) -> tuple[str, float] | None:
         """(why, grace) when another node will not finish this attempt."""
         for other in peers.others():
-            end = cluster.read(rundir.node_end_path(self.run_dir, attempt, other))
+            end = cluster.read(RunDir(self.run_dir).node_end(attempt, other))
             if end is not None and (end.get("interrupted") or end.get("exit_code")):
                 how = end.get("interrupted") or f"exit status {end.get('exit_code')}"
                 grace = 0.0 if end.get("interrupted") else PEER_GRACE_S
@@ -177,7 +178,7 @@ class MultiNode:
                 "stopped_for": self.stopped_for, "duration_s": round(result.duration_s, 2), "gpus": list(self.gpus),
                 "records": own_records(self.run_dir, attempt, self.node, self.nproc), "log_tail": log_tail[-LOG_TAIL:],
                 "checkpoint": self._checkpoint() if self.node == 0 else None, "t": time.time()}
-        rundir.write_json(rundir.node_end_path(self.run_dir, attempt, self.node), mine)
+        rundir.write_json(RunDir(self.run_dir).node_end(attempt, self.node), mine)
         if interrupted:  # the user wants this node out now; the others read it from the end record
             self.stopped_by = f"{interrupted} on node {self.node}"
             return AttemptEnd(Outcome.INTERRUPTED, message=interrupted)
@@ -196,14 +197,14 @@ class MultiNode:
     def _wait_ends(self, attempt: int) -> list[dict[str, Any]]:
         peers = self.peers()
         while True:
-            ends = [cluster.read(rundir.node_end_path(self.run_dir, attempt, n)) or peers.gone(n)
+            ends = [cluster.read(RunDir(self.run_dir).node_end(attempt, n)) or peers.gone(n)
                     for n in range(self.nodes.nnodes)]
             if all(ends):
                 return [e for e in ends if e is not None]
             time.sleep(cluster.POLL_S)
 
     def _checkpoint(self) -> dict[str, float] | None:
-        last = rundir.last_checkpoint(self.run_dir)
+        last = RunDir(self.run_dir).last_checkpoint
         try:
             stat = last.stat()
         except OSError:
