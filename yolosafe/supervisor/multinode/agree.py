@@ -126,6 +126,10 @@ class MultiNode:
         """A final validation only (training is over) runs on node 0 alone; the other nodes wait for its outcome."""
         return self.node == 0 or spec.mode != FINAL_VAL
 
+    def launch_shape(self, spec: RunSpec) -> tuple[nodes.Nodes, int]:
+        """(the nodes, ranks on this node): torchrun's static rendezvous over every node, this node's GPUs."""
+        return self.nodes, self.nproc
+
     def resume_flags(self) -> str:
         rdzv_id = f" --rdzv-id {self.nodes.rdzv_id}" if self.nodes.rdzv_id else ""
         return (f" --nnodes {self.nodes.nnodes} --node-rank {self.node} --rdzv-endpoint {self.nodes.endpoint}"
