@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -33,11 +34,11 @@ TABLE_IMGSZ = 640
 # Terms that are not measured by the fake pass, each with where it comes from (docs/memory-model.md):
 CONTEXT_MIB = 500.0  # CUDA context + cuDNN/cuBLAS workspaces, outside the caching allocator: 0.3-0.6 GiB (assumption)
 NCCL_MIB = 300.0  # NCCL's buffers per rank in DDP, outside the caching allocator (assumption, NCCL defaults)
-ALLOCATOR_STEADY = 1.05  # memory_reserved / allocated in steady epochs: the median, 1.045, of the public steady
-# GPU_mem figures over this model's allocation (tests/data/memory_points.yaml); 1.01-1.06 on Ultralytics 8.3
+ALLOCATOR_STEADY = 1.03  # memory_reserved / allocated in steady epochs: the median, 1.031, of the public steady
+# GPU_mem figures over this model's allocation (tests/data/memory_points.yaml); 1.00-1.04 on Ultralytics 8.3
 FRAGMENTATION = MappingProxyType({True: 0.01, False: 0.02})  # what the allocator cannot return under pressure, as a
-# share of the allocation, with / without expandable_segments (assumption: the bottom of the public steady range
-# 1.01-1.06; expandable segments grow in place, so fewer partly used segments are stranded)
+# share of the allocation, with / without expandable_segments (assumption: below the public steady median, which also
+# holds returnable cache; expandable segments grow in place, so fewer partly used segments are stranded)
 FP32_ACTIVATIONS = 1.95  # fp32 / AMP activation bytes: 187.2 / 96.0 MiB per image, yolov8n fake pass at 640
 OBJECTS_PER_IMAGE = 100  # without the dataset's labels: the loss pads targets to the busiest image of a batch; COCO's
 # busiest images hold about 90 objects (assumption)
@@ -141,6 +142,15 @@ class Setup:
     reserved_ratio: float = ALLOCATOR_STEADY  # memory_reserved / allocated in steady epochs
     fragmentation: float | None = None  # default: FRAGMENTATION[expandable_segments]
     era: str = ""  # where reserved_ratio / fragmentation come from when not the supported Ultralytics
+    val_area: float | None = None  # the largest rect=True validation batch's pixels over imgsz² (None: square, padded)
+    val_area_source: str = "assumption: a square rect batch, padded as Ultralytics pads it (image shapes not read)"
+
+    @property
+    def val_area_share(self) -> float:
+        if self.val_area is not None:
+            return self.val_area
+        padded = math.ceil(self.imgsz / 32 + 0.5) * 32  # Ultralytics' rect batch side: ceil(imgsz / stride + pad)
+        return (padded / self.imgsz) ** 2
 
     @property
     def fragmentation_share(self) -> float:
@@ -211,8 +221,10 @@ def _per_image(t: Terms, setup: Setup, phase: str) -> tuple[float, float, str]:
     objects = setup.objects_per_image if setup.val_objects_per_image is None else setup.val_objects_per_image
     loss = t.loss_per_image_mib + t.loss_per_object_mib * objects  # forward + backward peak: an upper bound
     nms = t.head_outputs * t.anchors * NMS_BYTES_PER_ANCHOR_OUTPUT / MIB
-    return (t.val_act_fixed_mib * precision, t.val_act_per_image_mib * precision + loss + nms,
-            "half-precision forward + the loss (validation reports val losses) + NMS candidates at conf=0.001")
+    area = setup.val_area_share  # rect=True batches: activations, loss and NMS scale with the batch's pixels
+    return (t.val_act_fixed_mib * precision * area, (t.val_act_per_image_mib * precision + loss + nms) * area,
+            f"half-precision forward + the loss (validation reports val losses) + NMS candidates at conf=0.001, "
+            f"at rect batches of {area:.2f} x imgsz² ({setup.val_area_source})")
 
 
 def _sources(terms: Terms, t: Terms, setup: Setup, phase: str, held: str, calibration_source: str

@@ -21,6 +21,7 @@ import yaml
 
 from yolosafe.planning import datasets
 from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.memory import valshapes
 
 CACHE = "objects"
 SPLITS = ("train", "val")
@@ -98,7 +99,13 @@ def dataset_counts(data: Any, cache_dir: Path | None = None) -> dict[str, dict[s
 
 
 def apply(setup: memmodel.Setup, data: Any, cache_dir: Path | None = None) -> memmodel.Setup:
-    """The setup with the dataset's busiest train and val images (the largest count: some batch holds it)."""
+    """The setup with the dataset's busiest train and val images (the largest count: some batch holds it) and its
+    validation images' largest rect batch."""
+    ratios = valshapes.val_ratios(data, cache_dir)
+    if ratios:
+        setup = replace(setup, val_area=valshapes.largest_area(ratios, setup.imgsz),
+                        val_area_source=f"the validation images' shapes: {len(ratios)} aspect ratios, "
+                                        f"h/w {min(ratios):g}-{max(ratios):g}")
     counts = dataset_counts(data, cache_dir)
     train = counts.get("train")
     if not train:
