@@ -49,20 +49,24 @@ def print_tiers(table: dict[str, Any]) -> None:
         click.echo(f"  {model}: {source}")
 
 
-def print_terms(prediction: dict[str, Any], first: bool) -> None:
+def print_terms(prediction: dict[str, Any], seen: set[tuple[str, str]]) -> None:
+    """One phase's two figures and their sources; a source already printed (the other figure's, the other phase's)
+    is not repeated."""
     p = prediction
     click.echo(f"  {p['phase']:<5} at {p['batch']} images: allocated {p['fixed_mib']:.0f} MiB + "
                f"{p['per_image_mib']:.1f} MiB x {p['batch']} = {p['allocated_mib']:.0f} MiB")
-    click.echo(f"        gpu_mem_gib  {p['gpu_mem_gib']:.2f} = allocated x {p['reserved_ratio']} "
-               "(Ultralytics' GPU_mem column in steady epochs)")
+    shown = ("Ultralytics' GPU_mem column in steady epochs" if p["phase"] == "train" else
+             "memory_reserved while validating: GPU_mem of the next epoch while under half the GPU")
+    click.echo(f"        gpu_mem_gib  {p['gpu_mem_gib']:.2f} = allocated x {p['reserved_ratio']} ({shown})")
     click.echo(f"        required_mib {p['required_mib']:.0f} = (allocated x {1 + p['fragmentation']:g} + "
                f"{p['context_mib']:.0f} context + {p['outside_mib']:.0f} NCCL) x {p['calibration']} calibration "
                "(must be free)")
+    shared = set(p["sources"].get("gpu_mem_gib", {})) & set(p["sources"].get("required_mib", {}))
     for figure, sources in p["sources"].items():
         for term, source in sources.items():
-            shared = term in ("state", "objects per image", "loss", "unit", "context", "nccl", "fragmentation")
-            if first or not shared:
-                click.echo(f"        {figure} {term}: {source}")
+            if (term, source) not in seen:
+                seen.add((term, source))
+                click.echo(f"        {term if term in shared else f'{figure} {term}'}: {source}")
 
 
 def print_plan(p: plan.TrainPlan, memory: dict[str, Any], auto: dict[str, Any] | None) -> None:
@@ -82,8 +86,9 @@ def print_plan(p: plan.TrainPlan, memory: dict[str, Any], auto: dict[str, Any] |
                    f"{runs}")
     if not memory["gpus"]:
         click.echo("  no GPU here: both figures per GPU, for a GPU of any size")
-    for i, prediction in enumerate(memory["predicted"].values()):
-        print_terms(prediction, i == 0)
+    seen: set[tuple[str, str]] = set()
+    for prediction in memory["predicted"].values():
+        print_terms(prediction, seen)
     click.echo(f"  batch {p.batch} total = {p.per_gpu_batch} per GPU; val batch {p.val_batch} per GPU; nbs "
                f"{p.effective_batch} -> accumulate {p.accumulate} = {p.real_effective_batch} per optimizer step")
     host = memory["host_ram"]

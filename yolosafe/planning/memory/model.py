@@ -178,7 +178,9 @@ class Prediction:
 
     @property
     def gpu_mem_mib(self) -> float:
-        """torch's ``memory_reserved`` in steady epochs: Ultralytics' ``GPU_mem`` column."""
+        """torch's ``memory_reserved`` in steady epochs: Ultralytics' ``GPU_mem`` column for training; for validation
+        what it reserves while validating (Ultralytics 8.3.92+ empties its cache after validation only above half the
+        GPU, so the next epoch's GPU_mem shows the larger of the two below that)."""
         return self.allocated_mib * self.reserved_ratio
 
     @property

@@ -27,6 +27,7 @@ AUTO = "auto"
 BUSY_MIB = 1024.0  # a GPU where other processes hold more than this is left out by --gpus auto
 LOW_MARGIN = 0.10  # warn when less than this share of a GPU stays free beside what the plan requires
 FAKEPASS_TIMEOUT_S = 600
+FAKEPASS_FORMAT = 2  # the fake pass's entry format: per-task loss terms with the assigner's per-object slope
 
 
 def fraction_of(options: dict[str, Any]) -> float:
@@ -59,7 +60,7 @@ def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
     in the cache directory by the YAML's content and the torch/ultralytics versions."""
     path = Path(model)
     text = path.read_text() if path.is_file() else model
-    key = hashlib.sha256(f"{text}|{sys.version}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{text}|{sys.version}|{FAKEPASS_FORMAT}".encode()).hexdigest()[:16]
     cache = datasets.cache_dir() / "memterms" / f"{memmodel.model_key(model)}-{key}.json"
     if cache.is_file():
         entry = json.loads(cache.read_text())
