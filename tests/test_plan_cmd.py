@@ -153,3 +153,29 @@ def test_plan_vram_honours_model_and_prints_the_rows_asked_for(run_cli, shared_c
     assert list(table["batches"]) == ["yolo26n", "yolov8s"] and table["figure"] == "required_mib"
     assert table["sources"]["yolo26n"].startswith("fake pass") and table["sources"]["yolov8s"] == "table"
     assert table["batches"]["yolo26n"]["24"] > table["batches"]["yolo26n"]["8"] > 0
+
+
+def _data_with_objects(root, per_image: list[int]) -> str:
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i, n in enumerate(per_image):
+            (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.01 0.01\n" * n)
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: {{0: face}}\n")
+    return str(data)
+
+
+def test_batch_auto_reads_the_dataset_labels_a_crowded_set_gets_a_smaller_batch(run_cli, tmp_path):
+    chosen = {}
+    for name, per_image in (("sparse", [2] * 20), ("crowded", [5] * 19 + [1000])):
+        data = _data_with_objects(tmp_path / name, per_image)
+        result = run_cli("plan", "--gpus", "0", "--batch", "auto", "--imgsz", "640", "--model", "yolov8n.yaml",
+                         "--data", data, "--json", env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
+        assert result.returncode == 0, result.stderr
+        memory = json.loads(result.stdout)["memory"]
+        assert "the dataset's labels" in memory["objects_per_image"]["source"]
+        assert memory["objects_per_image"]["train"] == max(per_image)
+        assert "public check" in memory["predicted"]["val"]["sources"]["required_mib"]
+        chosen[name] = json.loads(result.stdout)["auto"]["per_gpu_batch"]
+    assert chosen["crowded"] < 0.6 * chosen["sparse"]  # 1000 objects in one image: the assigner decides

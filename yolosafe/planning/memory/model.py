@@ -236,6 +236,9 @@ def _sources(terms: Terms, t: Terms, setup: Setup, phase: str, held: str, calibr
     era = f" ({setup.era})" if setup.era else ""
     allocated = {"activations": f"{t.source}: {held}", "loss": t.loss_source, "objects per image": setup.objects_source,
                  "state": state}
+    if phase == "val":
+        allocated["public check"] = ("none: no public figure backs the validation terms (GPU_mem is printed while "
+                                     "training); this machine's validation peaks calibrate them")
     return {
         "gpu_mem_gib": {**allocated, "reserved ratio": f"x{setup.reserved_ratio}{era or ''}: the median of the "
                         "public steady GPU_mem figures over this allocation (tests/data/memory_points.yaml)",
