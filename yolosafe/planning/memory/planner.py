@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,12 @@ def expandable_segments(options: dict[str, Any]) -> bool:
     return "expandable_segments:false" not in conf.lower()
 
 
-def setup_of(options: dict[str, Any], world_size: int) -> memmodel.Setup:
+def setup_of(options: dict[str, Any], world_size: int, imgsz: int | None = None) -> memmodel.Setup:
     args = plan.parse_passthrough(options.get("args") or [])
-    setup = memmodel.Setup(imgsz=int(options["imgsz"]), amp=bool(args.get("amp", True)),
+    setup = memmodel.Setup(imgsz=int(imgsz or options["imgsz"]), amp=bool(args.get("amp", True)),
                            optimizer=str(args.get("optimizer", "auto")), world_size=world_size,
                            expandable_segments=expandable_segments(options))
-    return objects.apply(setup, options.get("data"))
+    return objects.apply(setup, options.get("data_yaml") or options.get("data"))  # the dataset's own labels
 
 
 def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
@@ -231,7 +231,7 @@ def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: dict[str,
         terms = model_terms(p.model, allow_fake_pass)
     except memmodel.UnknownModel:
         return None
-    setup = replace(setup_of({**options, "data": p.data}, p.world_size), imgsz=p.imgsz)
+    setup = setup_of({**options, "data_yaml": p.data}, p.world_size, p.imgsz)
     chosen = [g for g in inventory.gpus if g.index in p.gpus]
     per_gpu = [gpu_memory(terms, setup, g, p.per_gpu_batch, p.val_batch, history_file) for g in chosen]
     worst = max(per_gpu, key=lambda m: m.required_mib, default=None)
@@ -263,7 +263,7 @@ def tier_table(vram_gib: list[float], imgsz: int, options: dict[str, Any], fract
                models: list[str] | None = None) -> dict[str, Any]:
     """Largest per-GPU batch whose ``required_mib`` fits, per model and per VRAM size, from the model (never typed
     in): the table's models, or the ones asked for (any YAML: a fake pass)."""
-    setup = replace(setup_of(options, 1), imgsz=imgsz)
+    setup = setup_of(options, 1, imgsz)
     chosen = {name: model_terms(name) for name in models} if models else memmodel.load_table()
     rows, sources = {}, {}
     for name, terms in chosen.items():
