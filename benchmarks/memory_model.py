@@ -27,6 +27,8 @@ FRACTION = options.DEFAULTS["memory_fraction"]  # --memory-fraction's default
 DRIVER_MIB = 400.0  # an idle GPU's used memory (driver, ECC): its free memory is total minus this
 ERAS = (("8.0 before 8.0.35", (0, 0, 0), (8, 0, 35)), ("8.0.35 to 8.2", (8, 0, 35), (8, 3, 0)),
         ("8.3 and later", (8, 3, 0), (99, 0, 0)))  # cache emptied per epoch from 8.0.35; 8.3: torch 2.4+ allocator
+LEAN_ASSIGNER = (8, 4, 0)  # the boolean candidate masks: in the supported 8.4.190; every public point is older
+OLD_ASSIGNER_BYTES_PER_PAIR = 32
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,23 @@ def setup_of(point: dict) -> memmodel.Setup:
                           objects_per_image=objects, expandable_segments=False)  # Ultralytics leaves it off
 
 
-def allocated(point: dict, phase: str = "train", batch: int | None = None) -> float:
+def terms_of(point: dict) -> memmodel.Terms:
+    """The model's terms as the report's Ultralytics ran them. Where the report states its objects per image, the
+    assigner of that version counts too: before the boolean candidate masks of the supported Ultralytics,
+    select_candidates_in_gts held two (batch x objects, anchors, 2) float tensors and their (.., 4) concatenation,
+    32 bytes per (object, anchor) pair (ultralytics/utils/tal.py); elsewhere the objects are assumed and sparse."""
     terms = memmodel.table_terms(point["model"])
+    version = tuple(int(x) for x in str(point.get("ultralytics", "8.0.0")).split(".")[:3])
+    if "objects_max" not in point or version >= LEAN_ASSIGNER:
+        return terms
+    extra = OLD_ASSIGNER_BYTES_PER_PAIR * terms.anchors / memmodel.MIB  # per object per image, at the table's imgsz
+    return replace(terms, loss_per_object_mib=terms.loss_per_object_mib + extra,
+                   loss_source=f"{terms.loss_source}; + {extra:.3f} MiB per object: the assigner of Ultralytics "
+                               f"{point.get('ultralytics')}")
+
+
+def allocated(point: dict, phase: str = "train", batch: int | None = None) -> float:
+    terms = terms_of(point)
     return memmodel.predict(terms, setup_of(point), phase, batch or point["batch"]).allocated_mib
 
 
@@ -74,7 +91,7 @@ def gpu_mem_rows(points: list[dict]) -> list[Row]:
     rows = []
     for p in points:
         if p["kind"] == "gpu_mem":
-            predicted = memmodel.predict(memmodel.table_terms(p["model"]), setup_of(p), "train", p["batch"])
+            predicted = memmodel.predict(terms_of(p), setup_of(p), "train", p["batch"])
             rows.append(Row(group_of(p), f"{p['model']} {p['imgsz']}px b{p['batch']} {p['gpu']} ep {p['epoch']} "
                             f"{p.get('ultralytics', '?')}", to_mib(p["value"], p["unit"]), predicted.gpu_mem_mib))
     return rows
@@ -109,7 +126,7 @@ def era_setup(point: dict, ratios: dict[str, float]) -> memmodel.Setup:
 
 def required(point: dict, ratios: dict[str, float], batch: int | None = None) -> float:
     """``required_mib`` of the report's batch: the larger of training and Ultralytics' validation (2x the batch)."""
-    terms, setup, b = memmodel.table_terms(point["model"]), era_setup(point, ratios), batch or point["batch"]
+    terms, setup, b = terms_of(point), era_setup(point, ratios), batch or point["batch"]
     return max(memmodel.predict(terms, setup, "train", b).required_mib,
                memmodel.predict(terms, setup, "val", 2 * b).required_mib)
 
@@ -119,7 +136,7 @@ def auto_batch_on(point: dict, ratios: dict[str, float]) -> int:
     default --memory-fraction) on an idle GPU of the report's size, under the report's own conditions: its
     Ultralytics era's allocator and Ultralytics' validation at 2x the batch."""
     free = point["gpu_total_mib"] - DRIVER_MIB
-    return memmodel.largest_batch(memmodel.table_terms(point["model"]), era_setup(point, ratios), FRACTION * free,
+    return memmodel.largest_batch(terms_of(point), era_setup(point, ratios), FRACTION * free,
                                   lambda b: 2 * b)
 
 
