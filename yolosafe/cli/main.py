@@ -94,13 +94,14 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
 @click.pass_context
 def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_file: str | None,
                  config_file: str | None, **_: Any) -> None:
-    """Predict each GPU's train and validation peaks for the same options as train; train nothing."""
-    opts = trainrun.resolve(given_options(ctx), config_file, datasets_file)
+    """Predict each GPU's train and validation memory for the same options as train; train nothing."""
+    given = given_options(ctx)
+    opts = trainrun.resolve(given, config_file, datasets_file)
     where = multicli.resolve(ctx.params)  # --batch is the total over every node's GPUs
     multicli.check_options(opts, where)
     opts["nnodes"] = where.nnodes
     try:
-        planview.run(opts, gpus.read_inventory(), trainrun.build, vram, as_json)
+        planview.run(opts, gpus.read_inventory(), trainrun.build, vram, as_json, given.get("model"))
     except (gpus.FakeGpusError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
 
