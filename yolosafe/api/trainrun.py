@@ -58,6 +58,7 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
         selected = plan.parse_gpus(None if opts["gpus"] is None else str(opts["gpus"]), visible, inventory.problem)
         for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
             raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
+        check_visible(inventory, selected, str(opts["gpus"]).strip().lower() == "cpu")
         built = plan.build_plan(
             model=opts["model"],
             data=opts["data_yaml"],
@@ -79,6 +80,16 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
     return built
 
 
+def check_visible(inventory: gpus.Inventory, selected: tuple[int, ...], cpu_asked: bool) -> None:
+    """GPUs asked for (``CUDA_VISIBLE_DEVICES``, ``--gpus``) that CUDA would not give: none of this machine's (never a
+    silent fall back to the CPU), or more MIG devices than the one CUDA shows a process."""
+    cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    problem = None if cpu_asked else gpus.visible_problem(inventory, cuda_visible)
+    problem = problem or gpus.mig_problem(inventory, selected, cuda_visible)
+    if problem:
+        raise InputError(problem)
+
+
 def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
     """A new run: everything checked, then the run directory claimed and the attempts supervised."""
     opts["nnodes"] = where.nnodes
@@ -88,7 +99,7 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
     validate.check_model(opts["model"])
     validate.check_data(opts["data_yaml"])
     try:
-        inventory = gpus.read_inventory()
+        inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
         env = allocator.apply(os.environ, opts["alloc_conf"])
         opts, auto = planner.resolve_auto(opts, inventory)
     except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:

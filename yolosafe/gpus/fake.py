@@ -17,6 +17,10 @@ Accepted layouts (see docs/fake-gpus.md):
   ``"epoch_mib": {"val": 500}`` adds that much more per (0-based) epoch, so the peak lands on a known epoch; optional
   ``"per_image_mib": {"train": 120, "val": 10}`` adds that much per image of the phase's per-GPU batch (the plan's,
   written in the phase file), so the memory follows fixed + per image x batch as the memory model predicts it.
+  Optional per-GPU ``"mig": [{"uuid": "MIG-...", "total_mib": 9984}]`` puts that GPU in MIG mode with those MIG
+  devices; optional per-GPU ``"uuid"`` (default ``GPU-fake-0000``... by index); optional top-level
+  ``"host_pids": true`` reports every pid as NVML does inside a container: a pid of the host's PID namespace, which
+  no process here has (:data:`HOST_PID_OFFSET` added).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ PHASE_FILE_ENV = "YOLOSAFE_FAKE_PHASE_FILE"
 # What a GPU's phase file says: (phase, writer's pid, epoch, per-GPU batch).
 Phase = tuple[str | None, int | None, int, int]
 _NO_PHASE: Phase = (None, None, 0, 0)
+HOST_PID_OFFSET = 1 << 23  # above the kernel's largest pid_max (2**22): no process of this namespace has such a pid
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
 
 
@@ -56,6 +61,15 @@ class FakeGPU:
     phase_mib: dict[str, float] = field(default_factory=dict)
     epoch_mib: dict[str, float] = field(default_factory=dict)
     per_image_mib: dict[str, float] = field(default_factory=dict)
+    mig: tuple[GPU, ...] = ()  # MIG devices (MIG mode on when any)
+    host_pids: bool = False  # pids as NVML gives them inside a container (the host's namespace)
+    uuid: str | None = None  # default GPU-fake-NNNN (its index)
+
+
+def _mig_devices(index: int, entries: Any) -> tuple[GPU, ...]:
+    """The MIG devices of fake GPU ``index`` from the layout's ``"mig"`` list."""
+    return tuple(GPU(index, str(m.get("name", "Fake MIG device")), str(m["uuid"]), float(m["total_mib"]),
+                     float(m.get("used_mib", 0)), None, mig=True, mig_of=index) for m in entries)
 
 
 def _parse_sizes(layout: str) -> list[FakeGPU]:
@@ -84,8 +98,10 @@ def _parse_json(data: Mapping[str, Any]) -> tuple[list[FakeGPU], str, str]:
                 phase_mib={k: float(v) for k, v in g.get("phase_mib", {}).items()},
                 epoch_mib={k: float(v) for k, v in g.get("epoch_mib", {}).items()},
                 per_image_mib={k: float(v) for k, v in g.get("per_image_mib", {}).items()},
+                mig=_mig_devices(index, g.get("mig", ())),
+                uuid=g.get("uuid"),
             )
-            for g in data.get("gpus", ())
+            for index, g in enumerate(data.get("gpus", ()))
         ]
     except (KeyError, TypeError, ValueError) as exc:
         raise FakeGpusError(f"{FAKE_ENV}: bad GPU entry ({exc!r}); each needs at least 'total_mib'") from exc
@@ -105,6 +121,10 @@ def parse_layout(layout: str) -> tuple[list[FakeGPU], str | None, str | None, st
         except (OSError, json.JSONDecodeError) as exc:
             raise FakeGpusError(f"{FAKE_ENV}: cannot read its JSON layout ({exc})") from exc
         gpus, driver, cuda = _parse_json(data)
+        if data.get("host_pids"):
+            for gpu in gpus:
+                gpu.host_pids = True
+                gpu.processes = tuple(GPUProcess(p.pid + HOST_PID_OFFSET, p.used_mib) for p in gpu.processes)
         return gpus, driver, cuda, None
     return _parse_sizes(text), "fake", "fake", None
 
@@ -172,7 +192,8 @@ class FakeBackend:
             extra += gpu.per_image_mib[phase] * batch
         if extra:
             used += extra
-            processes = (*processes, GPUProcess(int(pid or 0), extra))
+            own = int(pid or 0) + (HOST_PID_OFFSET if gpu.host_pids else 0)  # as NVML names it from a container
+            processes = (*processes, GPUProcess(own, extra))
         return MemoryReading(index, gpu.total_mib, min(used, gpu.total_mib), processes)
 
     def inventory(self) -> Inventory:
@@ -181,8 +202,8 @@ class FakeBackend:
         for index, gpu in enumerate(self.gpus):
             reading = self._reading(index)
             gpus.append(
-                GPU(index, gpu.name, f"GPU-fake-{index:04d}", gpu.total_mib, reading.used_mib, gpu.utilization,
-                    reading.processes)
+                GPU(index, gpu.name, gpu.uuid or f"GPU-fake-{index:04d}", gpu.total_mib, reading.used_mib,
+                    gpu.utilization, reading.processes, mig=True if gpu.mig else None, mig_devices=gpu.mig)
             )
         return Inventory(self.name, tuple(gpus), self.driver, self.cuda, self.problem)
 

@@ -46,6 +46,7 @@ class Resume:
     options: dict[str, Any]
     simulated: bool
     lock_fd: int | None = None  # held for the life of this process (None for a dry run)
+    gpus: list[dict[str, Any]] | None = None  # the plan's GPUs as this process sees them now (GPU.as_dict)
 
 
 def refused(given: dict[str, Any]) -> None:
@@ -108,7 +109,18 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
         env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))
     except allocator.AllocConfError as exc:
         raise validate.InputError(str(exc)) from None
-    return Resume(run_dir, last, story, p, env, options, simulated, lock_fd)
+    return Resume(run_dir, last, story, p, env, options, simulated, lock_fd, _gpu_records(p))
+
+
+def _gpu_records(p: plan.TrainPlan) -> list[dict[str, Any]] | None:
+    """The plan's GPUs now (their UUIDs, a MIG device's own), which the next resume maps again; None without GPUs."""
+    if not p.gpus:
+        return None
+    try:
+        inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except gpus.FakeGpusError:
+        return None
+    return [g.as_dict() for g in inventory.gpus if g.index in p.gpus] or None
 
 
 def _first(*values: Any) -> Any:
@@ -129,6 +141,8 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
             visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
             chosen = plan.parse_gpus(str(given["gpus"]), visible, inventory.problem)
             simulated = inventory.backend == "fake" and bool(chosen)
+        elif chosen:
+            chosen = map_gpus(story, gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))
         p = plan.replan(
             summary, gpus=chosen, nnodes=nnodes,
             batch=_first(given.get("batch"), last.batch, summary.get("batch")),
@@ -138,6 +152,27 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
     except (plan.PlanError, gpus.FakeGpusError, KeyError, TypeError) as exc:
         raise validate.InputError(f"--resume: {exc}") from None
     return p, simulated
+
+
+def map_gpus(story: records.Story, inventory: gpus.Inventory, cuda_visible: str | None) -> tuple[int, ...]:
+    """The run's GPUs (its plan's, in order) as this process sees them now: found by UUID among the GPUs
+    ``CUDA_VISIBLE_DEVICES`` lets it use (a new allocation numbers them anew), by index where the run has no UUID;
+    :class:`validate.InputError` when one of them is not there (another job's GPUs, or none)."""
+    planned = story.plan_gpus
+    uuids = {g.get("index"): g.get("uuid") for g in story.gpus or [] if isinstance(g, dict)}
+    devices = gpus.visible_devices(gpus.planning_inventory(inventory, cuda_visible), cuda_visible)
+    by_uuid = {d.uuid: d.index for d in devices if d.uuid}
+    by_uuid.update({m.uuid: d.index for d in devices for m in d.mig_devices if m.uuid})
+    found = [by_uuid.get(uuids[g]) if uuids.get(g) else (g if g in {d.index for d in devices} else None)
+             for g in planned]
+    if None in found or len(set(found)) != len(found):
+        missing = [uuids.get(g) or f"GPU {g}" for g, f in zip(planned, found, strict=True) if f is None]
+        where = "unset" if cuda_visible is None else repr(cuda_visible)
+        raise validate.InputError(
+            f"--resume: the run's GPUs are not all visible here ({', '.join(missing) or 'a GPU twice'}; "
+            f"CUDA_VISIBLE_DEVICES is {where}); resume on GPUs this job may use with --gpus (yolosafe gpus lists "
+            "them), or where CUDA_VISIBLE_DEVICES names the run's GPUs")
+    return tuple(i for i in found if i is not None)
 
 
 def record(r: Resume, given: dict[str, Any]) -> None:
@@ -153,6 +188,8 @@ def record(r: Resume, given: dict[str, Any]) -> None:
     r.story.run_dir = str(r.run_dir)
     r.story.plan = r.plan.summary()
     r.story.simulated_on_cpu = r.simulated
+    if r.gpus is not None:
+        r.story.gpus = r.gpus
     r.story.allocator = {k: r.env[k] for k in allocator.ENV_VARS}
     for key in RUN_OPTIONS:
         setattr(r.story, key, r.options[key])

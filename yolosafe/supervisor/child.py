@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from yolosafe import proc
 from yolosafe.exits import Exit
-from yolosafe.gpus import open_backend
+from yolosafe.gpus import FakeGpusError, open_backend, rank_visible_devices, read_inventory
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
 from yolosafe.rundir import files as rundir
@@ -46,8 +46,8 @@ def training_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     """The environment of an attempt's processes (worker, launcher, every rank)."""
     env = proc.child_env(base, extra)
     # CUDA numbers GPUs fastest first, NVML and nvidia-smi by PCI bus: make --gpus 2 the GPU that yolosafe gpus and
-    # the memory watch call GPU 2.
-    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    # the memory watch call GPU 2. Always: an inherited FASTEST_FIRST would make CUDA's numbers other GPUs than NVML's.
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     # Offline first: no update checks, analytics or error reporting from inside Ultralytics (set YOLO_OFFLINE=0 to
     # allow them). Weights the user names explicitly are still fetched as usual.
     env.setdefault("YOLO_OFFLINE", "1")
@@ -61,16 +61,26 @@ def tail(path: Path, start: int, limit: int = 20000) -> str:
         return fh.read().decode(errors="replace")
 
 
-def launch_device(plan: TrainPlan, simulate_on_cpu: bool) -> tuple[str, str | None]:
+def launch_device(plan: TrainPlan, simulate_on_cpu: bool,
+                  env: Mapping[str, str] | None = None) -> tuple[str, str | None]:
     """Ultralytics' ``device`` and the worker's ``CUDA_VISIBLE_DEVICES``.
 
     The worker sees exactly the plan's GPUs, numbered 0..n-1 in the plan's order: torch's device i of every rank is
-    then the plan's i-th GPU, which is how the events, failure records and memory report name NVML's GPU. With fake
-    GPUs the worker trains on the CPU.
+    then the plan's i-th GPU, which is how the events, failure records and memory report name NVML's GPU. They are
+    named by UUID (a MIG device's own), read from the GPUs of ``env`` (default: this process's environment, whose
+    ``CUDA_VISIBLE_DEVICES`` says which MIG device a GPU stands for), so no numbering (the scheduler's, a
+    container's, CUDA's order) can make them other GPUs; by index only where a UUID is unknown. With fake GPUs the
+    worker trains on the CPU.
     """
     if simulate_on_cpu or not plan.gpus:
         return "cpu", None
-    return ",".join(str(i) for i in range(len(plan.gpus))), plan.device
+    env = os.environ if env is None else env
+    try:
+        inventory = read_inventory(env)
+    except FakeGpusError:
+        inventory = None
+    uuids = None if inventory is None else rank_visible_devices(inventory, plan.gpus, env.get("CUDA_VISIBLE_DEVICES"))
+    return ",".join(str(i) for i in range(len(plan.gpus))), uuids or plan.device
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,7 @@ class Supervisor:
             "name": self.run_dir.name,
             "exist_ok": True,  # the run dir is yolosafe's, made fresh by new_run_dir
         }
-        kwargs["device"], visible = launch_device(plan, self.options.simulate_on_cpu)
+        kwargs["device"], visible = launch_device(plan, self.options.simulate_on_cpu, self.options.env)
         mode = runspec.FINAL_VAL if final_val_only else runspec.TRAIN
         return RunSpec(
             attempt=attempt,
@@ -174,6 +184,8 @@ class Supervisor:
 
     def run_attempt(self, request: Request) -> tuple[AttemptResult, AttemptEnd]:
         """Write the attempt's run spec, run its child to the end under the memory watch, and classify the end."""
+        if self.watch is not None:  # a relaunch: the previous attempt's processes off the GPUs first (bounded)
+            self.watch.wait_released()
         spec = self.spec(request.plan, request.attempt, request.resume, request.final_val_only)
         path = spec.save()
         cmd = self.command(spec, path)

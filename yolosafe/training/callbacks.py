@@ -46,11 +46,17 @@ def maybe_inject(context: RunContext, phase: str) -> None:
     if injection.times and done >= injection.times:
         return
     counter.write_text(str(done + 1))
-    if injection.error == "runtime":
-        raise RuntimeError("yolosafe injected a non-OOM failure (YOLOSAFE_INJECT_OOM error=runtime)")
-    import torch
+    raise injected_error(injection.error, context.rank.local)
 
-    raise torch.OutOfMemoryError(oom.fake_message(context.rank.local))
+
+def injected_error(error: str, gpu: int) -> BaseException:
+    """The exception a real GPU raises for ``error`` (:data:`yolosafe.oom.ERRORS`), with its real text."""
+    import torch
+    import torch.distributed
+
+    kinds = {"oom": torch.OutOfMemoryError, "accelerator": torch.AcceleratorError,
+             "nccl": torch.distributed.DistBackendError, "cudnn": RuntimeError, "runtime": RuntimeError}
+    return kinds[error](oom.injected_text(error, gpu))
 
 
 def add_callbacks(model: Any, hooks: Mapping[str, Hook]) -> None:
