@@ -10,11 +10,12 @@ import pytest
 
 from yolosafe import oom
 from yolosafe.planning.trainplan import build_plan
+from yolosafe.rundir.records import Failure as FailureRecord
 from yolosafe.supervisor.advice import advice
 from yolosafe.supervisor.policy import AttemptEnd as Failure
 from yolosafe.supervisor.policy import AttemptResult, classify, next_step
 
-# Verbatim from the post-mortems in ../shared/seeds: 003.md (4 x 48 GB, epoch 134) and 004.md (first validation).
+# Verbatim OOM messages of two real runs: 4 x 48 GB dying in validation at epoch 134, and a first validation.
 SEED_003 = """CUDA out of memory. Tried to allocate 300.00 MiB
 GPU 3 has a total capacity of 47.50 GiB of which 194.56 MiB is free"""
 SEED_004 = """torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 15.82 GiB.
@@ -77,8 +78,8 @@ def ok(code=1):
 
 def test_classify_oom_on_one_rank_beats_nccl_errors_on_others():
     records = [
-        {"t": 2.0, "oom": False, "rank": 0, "message": "NCCL watchdog timeout", "phase": "val"},
-        {"t": 1.0, "oom": True, "rank": 3, "gpu": 3, "phase": "val", "epoch": 134, "message": "CUDA out of memory."},
+        FailureRecord.new(t=2.0, oom=False, rank=0, message="NCCL watchdog timeout", phase="val"),
+        FailureRecord.new(t=1.0, oom=True, rank=3, gpu=3, phase="val", epoch=134, message="CUDA out of memory."),
     ]
     failure = classify(ok(), records, "")
     assert (failure.outcome, failure.phase, failure.epoch, failure.rank, failure.gpu) == ("oom", "val", 134, 3, 3)
@@ -88,7 +89,7 @@ def test_classify_other_outcomes():
     assert classify(ok(0), [], "").outcome == "completed"
     assert classify(ok(1), [], "...\n" + SEED_003).outcome == "oom"  # no record written: the log still tells
     assert classify(ok(-9), [], "").outcome == "killed"
-    failed = classify(ok(1), [{"oom": False, "message": "boom", "phase": "train", "epoch": 2}], "")
+    failed = classify(ok(1), [FailureRecord.new(oom=False, message="boom", phase="train", epoch=2)], "")
     assert (failed.outcome, failed.message, failed.epoch) == ("failed", "boom", 2)
     assert classify(AttemptResult(1, 1.0, interrupted=15), [], "").outcome == "interrupted"
 
@@ -118,7 +119,7 @@ def test_policy_final_val_only_and_limits():
 
 
 def test_advice_names_busy_gpu_and_fragmentation():
-    failure = Failure("oom", "val", records=[{"figures": oom.parse_message(SEED_004)}])
+    failure = Failure("oom", "val", records=[FailureRecord.new(figures=oom.parse_message(SEED_004))])
     tips = advice(failure, plan4(), others_mib={2: 13000.0})
     assert any("--gpus 0,1,3" in t for t in tips)
     assert any("fragmentation" in t for t in tips)

@@ -60,6 +60,8 @@ _FIELDS = MappingProxyType({
     "reserved_mib": [rf"{_SIZE} reserved in total by PyTorch"],
 })
 
+FRAGMENTED_MIB = 1024.0  # reserved but unallocated at an OOM above which the advice names fragmentation
+
 
 def is_oom_text(text: str) -> bool:
     """Whether ``text`` (a message, a log) tells of a GPU out-of-memory; the host's RAM running out is not one."""
@@ -89,7 +91,7 @@ def parse_message(message: str) -> dict[str, Any]:
 
 
 def fake_message(gpu: int, tried_mib: float = 300.0, total_mib: float = 48640.0) -> str:
-    """A message in PyTorch's own format, for injected OOMs (numbers shaped like the epoch-134 post-mortem)."""
+    """A message in PyTorch's own format, for injected OOMs (numbers shaped like a real 48 GB GPU's)."""
     free = 194.56
     allocated, unallocated = total_mib - free - 1200 - 302, 302.0
     return (

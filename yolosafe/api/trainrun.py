@@ -20,7 +20,7 @@ import click
 
 from yolosafe import __version__, gpus, oom
 from yolosafe.exits import Exit
-from yolosafe.planning import accumulation, allocator, datasets, nodes, options, resume, validate
+from yolosafe.planning import allocator, datasets, nodes, options, resume, validate
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, planner
 from yolosafe.planning.memory import model as memmodel
@@ -28,6 +28,7 @@ from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor import child as supervise
 from yolosafe.supervisor import launchcmd as launch
 from yolosafe.supervisor import terminal
@@ -181,7 +182,7 @@ def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: 
     """The attempts, then the memory table, the history line and where the weights are."""
     node = where.node_rank if where else 0
     if simulated:  # the watch's fake NVML backend follows the phases the ranks write there (docs/fake-gpus.md)
-        env = {**env, gpus.PHASE_FILE_ENV: str(run_dir / rundir.node_file(rundir.FAKE_PHASE, node))}
+        env = {**env, gpus.PHASE_FILE_ENV: str(RunDir(run_dir, node).fake_phase)}
     for line in terminal.start_lines(p, env, simulated):
         terminal.say(line)
     run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run_dir, where, p))
@@ -207,8 +208,8 @@ def print_memory_table(run_dir: Path, node: int = 0) -> None:
     except Exception as exc:  # the run is over whatever happens here: a broken report must not hide its outcome
         terminal.say(f"memory report failed: {type(exc).__name__}: {exc}")
         return
-    terminal.say(f"memory per GPU (NVML peaks; {rundir.node_file(rundir.MEMORY_SUMMARY, node)}, "
-                 f"{rundir.node_file(rundir.MEMORY_PLOT, node)} in the run directory):")
+    terminal.say(f"memory per GPU (NVML peaks; {RunDir(run_dir, node).memory_summary.name}, "
+                 f"{RunDir(run_dir, node).memory_plot.name} in the run directory):")
     for line in report.table(summary):
         click.echo(f"  {line}", err=True)
 
@@ -229,8 +230,8 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         gpus_text += "  [fake GPUs: each one a rank process on the CPU]" if len(p.gpus) > 1 else "  [fake GPU: on CPU]"
     where = where or nodes.Nodes()
     node, multi = where.node_rank, where.multi
-    command = launch.child_command(rundir.spec_path(run_dir, attempt, node), p.world_size, p.local_world_size,
-                                   rundir.ranks_log_dir(run_dir, attempt, node), where, attempt)  # port: at launch
+    command = launch.child_command(RunDir(run_dir, node).spec(attempt), p.world_size, p.local_world_size,
+                                   RunDir(run_dir, node).ranks_log_dir(attempt), where, attempt)  # port: at launch
     device, visible = supervise.launch_device(p, simulated)
     child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
@@ -242,7 +243,7 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
         ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
                             f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),
-        ("accumulation", accumulation.describe_accumulation(p)),
+        ("accumulation", plan.describe_accumulation(p)),
         ("val batch", f"{p.val_batch} per GPU"),
         ("imgsz / epochs", f"{p.imgsz} / {p.epochs}"),
         ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),

@@ -26,6 +26,7 @@ from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor.multinode import setup as multicli
 
 D, SHAPES = options.DEFAULTS, datasets.SHAPES_DEFAULTS  # the help texts say the defaults these hold
@@ -93,14 +94,15 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
 @click.pass_context
 def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_file: str | None,
                  config_file: str | None, **_: Any) -> None:
-    """Predict each GPU's train and validation peaks for the same options as train; train nothing."""
-    opts = trainrun.resolve(given_options(ctx), config_file, datasets_file)
+    """Predict each GPU's train and validation memory for the same options as train; train nothing."""
+    given = given_options(ctx)
+    opts = trainrun.resolve(given, config_file, datasets_file)
     where = multicli.resolve(ctx.params)  # --batch is the total over every node's GPUs
     multicli.check_options(opts, where)
     opts["nnodes"] = where.nnodes
     try:
         inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
-        planview.run(opts, inventory, trainrun.build, vram, as_json)
+        planview.run(opts, inventory, trainrun.build, vram, as_json, given.get("model"))
     except (gpus.FakeGpusError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
 
@@ -145,11 +147,11 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     path = Path(run_dir) if run_dir else rundir.latest_run(Path("runs"))
     if path is None:
         raise InputError("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
-    if not (path / rundir.STORY).is_file():
+    if not RunDir(path).is_run():
         raise InputError(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
     if rundir.mark_if_orphaned(path):
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
-    state = rundir.read_json(path / rundir.STORY).get("outcome") or "unknown"
+    state = rundir.read_json(RunDir(path).story).get("outcome") or "unknown"
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
@@ -158,7 +160,7 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {path / rundir.MEMORY_PLOT}")
+    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {RunDir(path).memory_plot}")
     for line in report.table(summary):
         click.echo(line)
 
@@ -169,12 +171,12 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor_command(run_dir: str | None, project: str | None, as_json: bool) -> None:
     """Explain GPU memory: the machine, the environment, a run (default: the newest), and what to do. Read-only."""
-    from yolosafe.readers.doctor import diagnosis as doctor
+    from yolosafe.readers.doctor import diagnose, diagnosis
     from yolosafe.readers.doctor import text as doctor_text
 
     try:
-        found = doctor.diagnose(run_dir, project)
-    except doctor.DoctorError as exc:
+        found = diagnose(run_dir, project)
+    except diagnosis.DoctorError as exc:
         raise InputError(str(exc)) from None
     click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else "\n".join(doctor_text.render(found)))
 

@@ -26,6 +26,7 @@ from yolosafe.gpus.fake import (
     fake_phase_file,
 )
 from yolosafe.gpus.inventory import (
+    BUSY_MIB,
     GPU,
     MIB,
     GPUBackend,
@@ -47,6 +48,7 @@ from yolosafe.gpus.visible import (
 )
 
 __all__ = (  # a tuple: no module-level mutable state
+    "BUSY_MIB",
     "FAKE_ENV",
     "GPU",
     "HOST_PID_OFFSET",

@@ -13,6 +13,9 @@ from typing import Any, Protocol
 MIB = 1024**2
 
 
+BUSY_MIB = 1024.0  # other processes' memory on a GPU above which it counts as busy: left out, named, advised against
+
+
 class GPUReadError(RuntimeError):
     """NVML failed while reading a GPU that the inventory listed (the driver went away, a GPU fell off the bus)."""
 

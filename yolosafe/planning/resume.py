@@ -23,6 +23,7 @@ from yolosafe.planning import trainplan as plan
 from yolosafe.planning.options import DEFAULTS
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 
 # Options a resume applies (and records); every other option given with --resume is refused.
 APPLIED = ("gpus", "batch", "effective_batch", "val_batch", "max_retries", "min_batch", "alloc_conf",
@@ -94,7 +95,7 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
                                   "wait for it or stop it first") from None
     if rundir.mark_if_orphaned(run_dir, node):
         story = read_story(run_dir, node)
-    last = run_dir / "weights" / "last.pt"
+    last = RunDir(run_dir).last_checkpoint
     if not last.is_file():
         raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
     if story.outcome == records.Outcome.COMPLETED:
@@ -142,12 +143,11 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
             simulated = inventory.backend == "fake" and bool(chosen)
         elif chosen:
             chosen = map_gpus(story, gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))
-        p = plan.build_plan(
-            model=summary["model"], data=summary["data"], gpus=chosen,
+        p = plan.replan(
+            summary, gpus=chosen, nnodes=nnodes,
             batch=_first(given.get("batch"), last.batch, summary.get("batch")),
             effective_batch=_first(given.get("effective_batch"), summary.get("effective_batch")),
             val_batch=_first(given.get("val_batch"), last.val_batch, summary.get("val_batch")),
-            imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {}, nnodes=nnodes,
         )
     except (plan.PlanError, gpus.FakeGpusError, KeyError, TypeError) as exc:
         raise validate.InputError(f"--resume: {exc}") from None

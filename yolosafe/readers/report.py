@@ -27,6 +27,7 @@ from yolosafe.readers import memplot
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.rundir.events import event_gpus, phase_after
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import VAL_PHASES
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class NoMemoryData(Exception):
 
 
 def _story(run_dir: Path, node: int = 0) -> dict[str, Any]:
-    return rundir.read_json(run_dir / rundir.node_file(rundir.STORY, node))
+    return rundir.read_json(RunDir(run_dir, node).story)
 
 
 def plan_gpus(run_dir: Path, node: int = 0) -> list[int]:
@@ -48,7 +49,7 @@ def plan_gpus(run_dir: Path, node: int = 0) -> list[int]:
 
 
 def events(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
-    path = run_dir / rundir.node_file(rundir.EVENTS, node)
+    path = RunDir(run_dir, node).events
     return [e for e in rundir.read_jsonl(path) if e.get("attempt") is not None and "t" in e]
 
 
@@ -56,7 +57,7 @@ def load(run_dir: Path, node: int = 0) -> pd.DataFrame:
     """The samples of ``memory.csv`` with ``phase`` and ``epoch`` columns; raises :class:`NoMemoryData`."""
     import pandas as pd
 
-    path = run_dir / rundir.node_file(rundir.MEMORY_CSV, node)
+    path = RunDir(run_dir, node).memory_csv
     if not path.is_file():
         raise NoMemoryData(f"no {path.name}: the watch was off (--watch-interval 0), the run trained on the "
                            "CPU, or it predates the memory watch")
@@ -169,7 +170,7 @@ def write_node(run_dir: Path, node: int = 0) -> dict[str, Any]:
     """Join, summarise, write the node's ``memory_summary.json`` and ``memory.png``; raises :class:`NoMemoryData`."""
     samples = load(run_dir, node)
     summary = summarize(run_dir, samples, node)
-    rundir.write_json(run_dir / rundir.node_file(rundir.MEMORY_SUMMARY, node), summary)
+    rundir.write_json(RunDir(run_dir, node).memory_summary, summary)
     memplot.plot(run_dir, samples, summary, events(run_dir, node), node)
     return summary
 
@@ -192,7 +193,7 @@ def write(run_dir: Path, node: int | None = None) -> dict[str, Any]:
         return found[first]
     summary = {**found[first], "nodes": {str(n): s for n, s in found.items() if n != first}}
     summary["node"] = first
-    rundir.write_json(run_dir / rundir.MEMORY_SUMMARY, summary)
+    rundir.write_json(RunDir(run_dir).memory_summary, summary)
     return summary
 
 

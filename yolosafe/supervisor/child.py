@@ -24,17 +24,18 @@ from typing import TYPE_CHECKING, Any
 from yolosafe import proc
 from yolosafe.exits import Exit
 from yolosafe.gpus import FakeGpusError, open_backend, rank_visible_devices, read_inventory
-from yolosafe.planning.nodes import Nodes
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records, runspec
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Outcome, Story
 from yolosafe.rundir.runspec import RunSpec
 from yolosafe.supervisor import launchcmd as launch
 from yolosafe.supervisor import terminal
 from yolosafe.supervisor.loop import AttemptLoop, Limits, Request
-from yolosafe.supervisor.policy import AttemptEnd, classify
+from yolosafe.supervisor.onenode import Machines, OneMachine
+from yolosafe.supervisor.policy import AttemptEnd
 from yolosafe.supervisor.watch import MemoryWatch
 
 if TYPE_CHECKING:
@@ -127,19 +128,18 @@ class Supervisor:
         self.options = options
         self.story = story
         self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
-        self.multi = options.multinode  # several machines: the other nodes (yolosafe.supervisor.multinode.agree);
-                                        # None on one
-        self.node = self.multi.node if self.multi else 0  # multi-node: this node's files carry it
+        self.machines: Machines = options.multinode or OneMachine(run_dir)
+        self.node = self.machines.node  # multi-node: this node's files carry it
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done (:class:`yolosafe.supervisor.loop.AttemptLoop`); returns the exit status."""
         self.story.supervisor = proc.identity(os.getpid())  # lets a later reader tell a dead run from a live one
         limits = Limits(self.options.max_retries, self.options.min_batch)
-        hint = f"yolosafe train --resume {self.run_dir}{self.multi.resume_flags() if self.multi else ''}"
+        hint = f"yolosafe train --resume {self.run_dir}{self.machines.resume_flags()}"
         loop = AttemptLoop(self.run_dir, self.story, self.run_attempt, limits, self.others_mib, node=self.node,
                            resume_hint=hint)
         try:
-            missing = self.multi.start() if self.multi else None  # multi-node: every node joined (bounded wait)
+            missing = self.machines.start()  # multi-node: every node joined (bounded wait)
             if missing:
                 self.story.outcome = Outcome.FAILED
                 loop.save()
@@ -147,8 +147,7 @@ class Supervisor:
                 return Exit.FAILED
             return loop.run(plan, resume, final_val_only)
         finally:
-            if self.multi:  # multi-node: the other nodes stop waiting for this one
-                self.multi.stop(self.story.outcome)
+            self.machines.stop(self.story.outcome)  # multi-node: the other nodes stop waiting for this one
 
     def spec(self, plan: TrainPlan, attempt: int, resume: Path | None, final_val_only: bool) -> RunSpec:
         kwargs = {
@@ -179,8 +178,8 @@ class Supervisor:
     def command(self, spec: RunSpec, path: Path) -> list[str]:
         """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU of this
         node (over several nodes, torchrun's static rendezvous at node 0)."""
-        log_dir = rundir.ranks_log_dir(self.run_dir, spec.attempt, self.node)
-        nodes, local = (self.multi.nodes, self.multi.nproc) if self.multi else (Nodes(), spec.world_size)
+        log_dir = RunDir(self.run_dir, self.node).ranks_log_dir(spec.attempt)
+        nodes, local = self.machines.launch_shape(spec)
         return launch.child_command(path, spec.world_size, local, log_dir, nodes, spec.attempt)
 
     def run_attempt(self, request: Request) -> tuple[AttemptResult, AttemptEnd]:
@@ -196,20 +195,19 @@ class Supervisor:
         if spec.cuda_visible_devices:
             extra["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         env = training_env(self.options.env, extra)
-        log_path = self.run_dir / rundir.node_file(rundir.LOG, self.node)
+        log_path = RunDir(self.run_dir, self.node).log
         with open(log_path, "ab") as log:
             start = log.tell()
             log.write(f"\n=== yolosafe attempt {spec.attempt} ({spec.mode}): {' '.join(cmd)}\n".encode())
             with self.memory_watch(spec) as on_start:
-                if self.multi and not self.multi.runs_here(spec):  # a final validation is node 0's alone
+                if not self.machines.runs_here(spec):  # a final validation is node 0's alone
                     result = AttemptResult(0, 0.0)
                 else:  # multi-node: also stop this node's ranks when another node's attempt failed
-                    on_start = self.multi.watch(spec.attempt, on_start) if self.multi else on_start
+                    on_start = self.machines.watch(spec.attempt, on_start)
                     result = run_child(cmd, env, log, on_start=on_start,
                                        out=terminal.TracebackFilter(sys.stdout.buffer))
-        if self.multi:  # the outcome every node derives from every node's end record
-            return result, self.multi.agree(spec.attempt, result, tail(log_path, start))
-        return result, classify(result, rundir.failure_records(self.run_dir, spec.attempt), tail(log_path, start))
+        # multi-node: the outcome every node derives from every node's end record
+        return result, self.machines.agree(spec.attempt, result, tail(log_path, start))
 
     @contextlib.contextmanager
     def memory_watch(self, spec: RunSpec) -> Iterator[Callable[[ProcessTree], None] | None]:

@@ -20,6 +20,7 @@ from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Attempt, Outcome, Story
 from yolosafe.supervisor import terminal
 from yolosafe.supervisor.advice import advice
@@ -97,7 +98,7 @@ class AttemptLoop:
                 return self._give_up(end, plan, retries, allowed)
             retries += 1
             plan, final_val_only = step.plan, step.final_val_only
-            last = self.run_dir / "weights" / "last.pt"
+            last = RunDir(self.run_dir).last_checkpoint
             resume = last if last.is_file() and not final_val_only else None
             entry.next = step.change
             self.save()
@@ -125,7 +126,7 @@ class AttemptLoop:
 
     def _finish(self, entry: Attempt, request: Request, result: AttemptResult, end: AttemptEnd) -> None:
         """How the attempt ended, what its worker saw, and the run's weights and metrics so far."""
-        seen_file = rundir.worker_path(self.run_dir, request.attempt)
+        seen_file = RunDir(self.run_dir).worker(request.attempt)
         seen = rundir.read_json(seen_file) if seen_file.is_file() else {}
         if seen.get("torch_cuda"):
             self.story.versions = {**(self.story.versions or {}), "torch_cuda": seen["torch_cuda"]}
@@ -156,7 +157,7 @@ class AttemptLoop:
             return Exit.FAILED
         if end.outcome == Outcome.FAILED:
             place = f" in {end.phase} at {epoch_text(end.epoch, plan.epochs)}" if end.phase else ""
-            log = self.run_dir / rundir.node_file(rundir.LOG, self.node)
+            log = RunDir(self.run_dir, self.node).log
             self.say(f"training failed{place}{where(plan, end)}, not an OOM, not retried: "
                      f"{end.message or 'no message'} (traceback: {log})")
             return Exit.FAILED
@@ -172,10 +173,10 @@ class AttemptLoop:
         return Exit.OOM_EXHAUSTED
 
     def _record_results(self) -> None:
-        weights = self.run_dir / "weights"
+        weights = RunDir(self.run_dir).weights
         found = {name: weights / f"{name}.pt" for name in ("last", "best")}
         self.story.weights = {name: str(path) for name, path in found.items() if path.is_file()}
-        metrics = self.run_dir / rundir.FINAL_METRICS
+        metrics = RunDir(self.run_dir).final_metrics
         if metrics.is_file():
             self.story.final_metrics = rundir.read_json(metrics)
 

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from yolosafe.gpus import GPUBackend, GPUReadError, MemoryReading, foreign_pids
-from yolosafe.rundir import files as rundir
 from yolosafe.rundir.events import event_gpus, phase_after
+from yolosafe.rundir.layout import RunDir
 
 # phase and epoch (0-based) are the GPU's at the sample, from its rank's latest event: a CSV reader can group by them
 COLUMNS = ("t", "attempt", "gpu", "total_mib", "used_mib", "ours_mib", "others_mib", "phase", "epoch")
@@ -143,8 +143,8 @@ class MemoryWatch:
                  open_backend: Callable[[], GPUBackend], say: Callable[[str], None], node: int = 0) -> None:
         self.run_dir, self.gpus, self.interval, self.warn_at = run_dir, tuple(gpus), interval, warn_at
         self._open_backend, self._say = open_backend, say
-        self.csv_path = run_dir / rundir.node_file(rundir.MEMORY_CSV, node)
-        self.tracker = PhaseTracker(run_dir / rundir.node_file(rundir.EVENTS, node), self.gpus)
+        self.csv_path = RunDir(run_dir, node).memory_csv
+        self.tracker = PhaseTracker(RunDir(run_dir, node).events, self.gpus)
         self.samples = 0
         self.read_errors = 0
         self.cpu_s = 0.0  # CPU seconds the sampler thread used, all attempts: its cost, measured where it runs

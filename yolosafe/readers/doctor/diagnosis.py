@@ -8,7 +8,6 @@ remedies computed with ``plan``. ``doctor_text`` renders it for people; ``--json
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +20,7 @@ from yolosafe.readers import report
 from yolosafe.readers.holders import PROVEN, Holder, judge_gpus
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
-
-BUSY_MIB = 1024  # other processes' memory on a GPU above which the verdict names it
+from yolosafe.rundir.layout import RunDir
 
 
 class DoctorError(ValueError):
@@ -165,7 +163,7 @@ def find_run(run_dir: str | None, project: str | None) -> Path | None:
     """RUN_DIR (it must be a run), else the newest run under the project (default ./runs), else None."""
     if run_dir:
         path = Path(run_dir)
-        if not (path / rundir.STORY).is_file():
+        if not RunDir(path).is_run():
             raise DoctorError(f"{run_dir}: not a yolosafe run directory (no {rundir.STORY})")
         return path
     return rundir.latest_run(Path(project or "runs"))
@@ -173,7 +171,7 @@ def find_run(run_dir: str | None, project: str | None) -> Path | None:
 
 def memory(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """The memory summary: the one ``yolosafe report`` wrote, else computed from memory.csv without writing."""
-    summary_file = path / rundir.MEMORY_SUMMARY
+    summary_file = RunDir(path).memory_summary
     try:
         if summary_file.is_file():
             return rundir.read_json(summary_file), None
@@ -197,15 +195,3 @@ def run_view(path: Path) -> RunView:
         view.problem = str(exc)
     view.memory, view.memory_note = memory(path)
     return view
-
-
-def diagnose(run_dir: str | None = None, project: str | None = None,
-             env: Mapping[str, str] | None = None) -> Diagnosis:
-    from yolosafe.readers.doctor.causes import verdict
-
-    env = os.environ if env is None else env
-    found = find_run(run_dir, project)
-    box = machine(env)
-    view = run_view(found) if found else None
-    environ = environment(env, box.gpus)
-    return Diagnosis(box, environ, view, verdict(box, environ, view))
