@@ -160,7 +160,7 @@ def test_the_rank_environment_names_gpus_by_uuid_in_pci_order_always():
 
 
 def test_doctor_reads_uuids_like_train():
-    from yolosafe.readers.doctor.diagnosis import diagnose
+    from yolosafe.readers.doctor import diagnose
 
     env = {gpus.FAKE_ENV: "4x24GB", "CUDA_VISIBLE_DEVICES": "GPU-fake-0002,GPU-fake-0003"}
     found = diagnose(project="/nonexistent", env=env)
