@@ -160,13 +160,16 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
         multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
     resume.record(r, given)
     terminal.say(f"resuming {r.run_dir} from {r.last}")
-    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last,
-                          where=where)
+    for note in r.notes:
+        terminal.say(f"note: {note}")
+    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
+                          resume_from=None if r.final_val_only else r.last, where=where,
+                          final_val_only=r.final_val_only)
 
 
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: Mapping[str, Any],
                    simulated: bool, story: records.Story, resume_from: Path | None = None,
-                   where: nodes.Nodes | None = None) -> Exit:
+                   where: nodes.Nodes | None = None, final_val_only: bool = False) -> Exit:
     """The attempts, then the memory table, the history line and where the weights are."""
     node = where.node_rank if where else 0
     if simulated:  # the watch's fake NVML backend follows the phases the ranks write there (docs/fake-gpus.md)
@@ -175,7 +178,7 @@ def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: 
         terminal.say(line)
     run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run_dir, where, p))
     supervisor = supervise.Supervisor(run_dir, run_options, story)
-    code = supervisor.run(p, resume=resume_from)
+    code = supervisor.run(p, resume=resume_from, final_val_only=final_val_only)
     if supervisor.watch is not None:
         print_memory_table(run_dir, node)
         if node == 0:  # predicted vs measured peaks: the next plan learns from this machine (node 0's, over nodes)

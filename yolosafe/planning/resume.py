@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from yolosafe import gpus
-from yolosafe.planning import allocator, validate
+from yolosafe.planning import allocator, checkpoint, recovered, validate
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.options import DEFAULTS
 from yolosafe.rundir import files as rundir
@@ -45,6 +45,8 @@ class Resume:
     options: dict[str, Any]
     simulated: bool
     lock_fd: int | None = None  # held for the life of this process (None for a dry run)
+    final_val_only: bool = False  # every epoch trained: only the final validation is left
+    notes: tuple[str, ...] = ()  # what the resume had to do otherwise than asked, said once the run resumes
 
 
 def refused(given: dict[str, Any]) -> None:
@@ -70,6 +72,38 @@ def read_story(run_dir: Path, node: int = 0) -> records.Story:
         raise validate.InputError(f"--resume {run_dir}: {rundir.STORY} is unreadable ({detail})") from None
 
 
+def story_or_rebuilt(run_dir: Path, node: int, dry_run: bool) -> tuple[records.Story, tuple[str, ...]]:
+    """The story; when it is missing or damaged but ``weights/last.pt`` and ``args.yaml`` are there, one rebuilt
+    from them (:mod:`yolosafe.planning.recovered`), with the line that says so."""
+    try:
+        return read_story(run_dir, node), ()
+    except validate.InputError as exc:
+        if node or not recovered.can_recover(run_dir):
+            raise
+        why = "missing" if not records.story_path(run_dir).is_file() else "damaged"
+        rebuilt = recovered.rebuild(run_dir, why, keep_damaged=not dry_run)
+        if rebuilt is None:
+            raise validate.InputError(f"{exc}; {recovered.ARGS} cannot stand in for it") from None
+        return rebuilt[0], (rebuilt[1],)
+
+
+def check_last(run_dir: Path) -> Path:
+    """``weights/last.pt``, readable; else one line naming the checkpoints that could stand in for it."""
+    weights = run_dir / "weights"
+    last = weights / "last.pt"
+    others = sorted((p.name for p in weights.glob("*.pt") if p.name != "last.pt" and p.is_file()),
+                    key=lambda n: (n != "best.pt", n))
+    instead = (f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} there: copy one to weights/last.pt "
+               "to resume from it" if others else "; start a new run instead")
+    if not last.is_file():
+        raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from{instead}")
+    try:
+        validate.check_checkpoint(last, f"--resume {run_dir}: weights/last.pt")
+    except validate.InputError as exc:
+        raise validate.InputError(f"{exc}{instead}") from None
+    return last
+
+
 def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, nnodes: int = 1) -> Resume:
     """Check the run can be resumed here and now and build its plan; raises :class:`validate.InputError`.
 
@@ -79,7 +113,9 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
     """
     refused(given)
     run_dir = run_dir.resolve()
-    story = read_story(run_dir, node)
+    if not run_dir.is_dir():
+        raise validate.InputError(f"--resume {run_dir}: no such run directory")
+    story, notes = story_or_rebuilt(run_dir, node, dry_run)
     lock_fd = None
     try:
         if dry_run:
@@ -91,14 +127,13 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
     except rundir.RunLocked as exc:
         raise validate.InputError(f"--resume {run_dir}: still training (yolosafe pid {exc.pid}); "
                                   "wait for it or stop it first") from None
-    if rundir.mark_if_orphaned(run_dir, node):
+    if not notes and rundir.mark_if_orphaned(run_dir, node, locked_here=lock_fd is not None):
         story = read_story(run_dir, node)
-    last = run_dir / "weights" / "last.pt"
-    if not last.is_file():
-        raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
     if story.outcome == records.Outcome.COMPLETED:
         raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
-    validate.check_checkpoint(last, f"--resume {run_dir}: weights/last.pt")
+    last = check_last(run_dir)
+    progress = checkpoint.progress(last)
+    final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
     options = {key: _first(given.get(key), getattr(story, key), DEFAULTS[key]) for key in RUN_OPTIONS}
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
     validate.check_options({**options, **applied, "project": str(run_dir.parent), "name": run_dir.name})
@@ -107,7 +142,16 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
         env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))
     except allocator.AllocConfError as exc:
         raise validate.InputError(str(exc)) from None
-    return Resume(run_dir, last, story, p, env, options, simulated, lock_fd)
+    if final_val_only:
+        notes = (*notes, "every epoch is trained: only the final validation is left to run")
+    return Resume(run_dir, last, story, p, env, options, simulated, lock_fd, final_val_only, notes)
+
+
+def _next(story: records.Story) -> dict[str, Any]:
+    """What the loop had decided to run next when the run was stopped between an OOM and the relaunch."""
+    last = story.attempts[-1] if story.attempts else None
+    planned = last.extra.get("next_plan") if last is not None and last.outcome == records.Outcome.OOM else None
+    return planned if isinstance(planned, dict) else {}
 
 
 def _first(*values: Any) -> Any:
@@ -120,6 +164,7 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
     if not summary:
         raise validate.InputError(f"--resume: {rundir.STORY} has no plan; it is not a yolosafe run")
     last = story.attempts[-1] if story.attempts else records.Attempt(attempt=0)
+    planned = _next(story)
     chosen = tuple(summary.get("gpus", ()))
     simulated = bool(story.simulated_on_cpu)
     try:
@@ -130,9 +175,10 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
             simulated = inventory.backend == "fake" and bool(chosen)
         p = plan.build_plan(
             model=summary["model"], data=summary["data"], gpus=chosen,
-            batch=_first(given.get("batch"), last.batch, summary.get("batch")),
+            batch=_first(given.get("batch"), planned.get("batch"), last.batch, summary.get("batch")),
             effective_batch=_first(given.get("effective_batch"), summary.get("effective_batch")),
-            val_batch=_first(given.get("val_batch"), last.val_batch, summary.get("val_batch")),
+            val_batch=_first(given.get("val_batch"), planned.get("val_batch"), last.val_batch,
+                             summary.get("val_batch")),
             imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {}, nnodes=nnodes,
         )
     except (plan.PlanError, gpus.FakeGpusError, KeyError, TypeError) as exc:

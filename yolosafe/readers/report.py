@@ -152,7 +152,7 @@ def summarize(run_dir: Path, samples: pd.DataFrame, node: int = 0) -> dict[str, 
             "peak_others_mib": _num(rows["others_mib"].max()),
             "phases": phases,
         }
-    watch = story.get("memory_watch", {})
+    watch = story.get("memory_watch") or {}  # a killed run's story holds null
     return {
         "run_dir": str(run_dir.resolve()),
         "interval_s": watch.get("interval_s"),

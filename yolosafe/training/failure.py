@@ -11,6 +11,7 @@ when the final validation alone fails; the launcher writes one for a rank killed
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from typing import Any
@@ -57,4 +58,7 @@ def write_failure(context: RunContext, exc: BaseException, batch: int | None, de
     index = context.gpu_index(device)
     record["gpu"] = index if index is not None else record["figures"].get("gpu")
     record.update({k: v for k, v in torchmem.peaks(device).items() if v is not None})
-    rundir.write_json(rundir.failure_path(context.run_dir, context.attempt, context.rank.index), record)
+    try:
+        rundir.write_json(rundir.failure_path(context.run_dir, context.attempt, context.rank.index), record)
+    except OSError as err:  # a full or read-only disk: the failure itself is in the log, never a second traceback
+        print(f"yolosafe: cannot write the failure record ({err.strerror})", file=sys.stderr, flush=True)

@@ -30,7 +30,7 @@ from yolosafe import proc
 from yolosafe.exits import Exit
 from yolosafe.planning import allocator
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir import runspec
+from yolosafe.rundir import results, runspec
 from yolosafe.training import callbacks
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import Rank, RunContext
@@ -101,6 +101,8 @@ def train(context: RunContext) -> None:
         kwargs["save_dir"] = str(run_dir)
         kwargs = {k: v for k, v in kwargs.items() if k not in {"project", "name", "exist_ok"}}
         resumed_from = (model.ckpt or {}).get("epoch")
+        if context.rank.leads and isinstance(resumed_from, int) and resumed_from >= 0:
+            results.trim(run_dir, resumed_from + 1)  # Ultralytics appends: the epochs after the checkpoint go
     else:
         model = _load(spec.model)
         resumed_from = None
@@ -168,6 +170,7 @@ def _stopped(rank: Rank) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
+    proc.reset_inherited_signals()  # first: a stop must reach this process however it was started
     argv = sys.argv[1:] if argv is None else argv
     proc.exit_with_parent()  # the supervisor (or, for a rank, the launcher) SIGKILLed: end too
     rank = Rank.from_env()
