@@ -159,11 +159,11 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
     if where.multi:  # every node resumes the same attempt of the same run
         multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
     resume.record(r, given)
-    terminal.say(f"resuming {r.run_dir} from {r.last}")
+    terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}")
     for note in r.notes:
         terminal.say(f"note: {note}")
     return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
-                          resume_from=None if r.final_val_only else r.last, where=where,
+                          resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
                           final_val_only=r.final_val_only)
 
 

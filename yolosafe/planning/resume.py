@@ -38,7 +38,7 @@ class Resume:
     """Everything a resume needs: where, from what checkpoint, with which plan, environment and options."""
 
     run_dir: Path
-    last: Path
+    last: Path | None  # None: stopped before its first checkpoint, so it trains from the start
     story: records.Story
     plan: plan.TrainPlan
     env: dict[str, str]
@@ -87,6 +87,13 @@ def story_or_rebuilt(run_dir: Path, node: int, dry_run: bool) -> tuple[records.S
         return rebuilt[0], (rebuilt[1],)
 
 
+def never_saved(run_dir: Path, story: records.Story) -> bool:
+    """A run stopped before its first checkpoint: no weights at all, attempts that did not complete."""
+    weights = run_dir / "weights"
+    saved = weights.is_dir() and any(weights.glob("*.pt"))
+    return not saved and bool(story.attempts) and story.outcome != records.Outcome.COMPLETED
+
+
 def check_last(run_dir: Path) -> Path:
     """``weights/last.pt``, readable; else one line naming the checkpoints that could stand in for it."""
     weights = run_dir / "weights"
@@ -114,7 +121,7 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
     refused(given)
     run_dir = run_dir.resolve()
     if not run_dir.is_dir():
-        raise validate.InputError(f"--resume {run_dir}: no such run directory")
+        raise validate.InputError(f"--resume {run_dir}: not a yolosafe run directory (no such directory)")
     story, notes = story_or_rebuilt(run_dir, node, dry_run)
     lock_fd = None
     try:
@@ -129,11 +136,15 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
                                   "wait for it or stop it first") from None
     if not notes and rundir.mark_if_orphaned(run_dir, node, locked_here=lock_fd is not None):
         story = read_story(run_dir, node)
-    if story.outcome == records.Outcome.COMPLETED:
-        raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
-    last = check_last(run_dir)
-    progress = checkpoint.progress(last)
-    final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
+    if never_saved(run_dir, story):
+        last, final_val_only = None, False
+        notes = (*notes, "no checkpoint was saved before the run stopped: training again from the first epoch")
+    else:
+        last = check_last(run_dir)
+        if story.outcome == records.Outcome.COMPLETED:
+            raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
+        progress = checkpoint.progress(last)
+        final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
     options = {key: _first(given.get(key), getattr(story, key), DEFAULTS[key]) for key in RUN_OPTIONS}
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
     validate.check_options({**options, **applied, "project": str(run_dir.parent), "name": run_dir.name})
@@ -193,7 +204,7 @@ def record(r: Resume, given: dict[str, Any]) -> None:
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_dir": str(r.run_dir),
         "previous_run_dir": r.story.run_dir,
-        "from": str(r.last),
+        "from": str(r.last) if r.last else None,
         "applied": applied,
     }]
     r.story.run_dir = str(r.run_dir)

@@ -106,6 +106,8 @@ def train(context: RunContext) -> None:
     else:
         model = _load(spec.model)
         resumed_from = None
+        if context.rank.leads:  # a run trained again from the start in its own directory: no rows of before
+            results.trim(run_dir, 0)
     if context.rank.leads:  # one record per attempt; every rank's pid is in its events
         rundir.write_json(rundir.worker_path(run_dir, context.attempt), _observed(context, resumed_from))
     install_callbacks(model, context)
