@@ -94,8 +94,9 @@ def never_saved(run_dir: Path, story: records.Story) -> bool:
     return not saved and bool(story.attempts) and story.outcome != records.Outcome.COMPLETED
 
 
-def check_last(run_dir: Path) -> Path:
-    """``weights/last.pt``, readable; else one line naming the checkpoints that could stand in for it."""
+def check_last(run_dir: Path, story: records.Story) -> Path:
+    """``weights/last.pt`` of a run not completed, readable; else one line naming the checkpoints that could stand in
+    for it."""
     weights = run_dir / "weights"
     last = weights / "last.pt"
     others = sorted((p.name for p in weights.glob("*.pt") if p.name != "last.pt" and p.is_file()),
@@ -104,6 +105,8 @@ def check_last(run_dir: Path) -> Path:
                "to resume from it" if others else "; start a new run instead")
     if not last.is_file():
         raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from{instead}")
+    if story.outcome == records.Outcome.COMPLETED:
+        raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
     try:
         validate.check_checkpoint(last, f"--resume {run_dir}: weights/last.pt")
     except validate.InputError as exc:
@@ -140,9 +143,7 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
         last, final_val_only = None, False
         notes = (*notes, "no checkpoint was saved before the run stopped: training again from the first epoch")
     else:
-        last = check_last(run_dir)
-        if story.outcome == records.Outcome.COMPLETED:
-            raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
+        last = check_last(run_dir, story)
         progress = checkpoint.progress(last)
         final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
     options = {key: _first(given.get(key), getattr(story, key), DEFAULTS[key]) for key in RUN_OPTIONS}
