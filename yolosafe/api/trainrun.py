@@ -20,7 +20,7 @@ import click
 
 from yolosafe import __version__, gpus, oom
 from yolosafe.exits import Exit
-from yolosafe.planning import accumulation, allocator, datasets, nodes, options, resume, validate
+from yolosafe.planning import accumulation, allocator, datasets, inputs, nodes, options, resume, validate
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, planner
 from yolosafe.planning.memory import model as memmodel
@@ -37,8 +37,10 @@ from yolosafe.supervisor.multinode import setup as multicli
 def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: str | None) -> dict[str, Any]:
     """Options from the flags ``given``, the ``--config`` file, the dataset's defaults and yolosafe's; ``data_yaml``
     is the dataset's YAML."""
+    inputs.check_config(config_file)
     config = options.load_config(config_file)
     try:
+        inputs.check_registry(datasets.registry_path(datasets_file))
         dataset = datasets.resolve(str(given.get("data") or config.get("data") or options.DEFAULTS["data"]),
                                    datasets.registry_path(datasets_file))
     except datasets.DatasetError as exc:
@@ -83,7 +85,9 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
     opts["nnodes"] = where.nnodes
     multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
     options.check_watch(opts)
+    inputs.check_run_path(str(opts["project"]), str(opts["name"]))
     validate.check_options(opts)
+    inputs.check_memory_fraction(opts.get("memory_fraction"))
     validate.check_model(opts["model"])
     validate.check_data(opts["data_yaml"])
     try:
@@ -93,15 +97,16 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
     except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
     p = build(opts, inventory)
+    inputs.check_injection_reachable(os.environ.get(oom.INJECT_ENV), p.epochs)
     try:
         oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
         multicli.check_plan(p, where)  # GPUs on every node
     except (ValueError, nodes.NodesError) as exc:
         raise InputError(str(exc)) from None
+    simulated = inventory.backend == "fake" and bool(p.gpus)
+    run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
-    simulated = inventory.backend == "fake" and bool(p.gpus)
-    run_dir = claim_run_dir(opts, where, p, dry_run)
     if dry_run:
         print_dry_run(p, env, run_dir, simulated, where=where)
         return Exit.OK

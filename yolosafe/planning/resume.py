@@ -18,9 +18,9 @@ from types import MappingProxyType
 from typing import Any
 
 from yolosafe import gpus
-from yolosafe.planning import allocator, checkpoint, recovered, validate
+from yolosafe.planning import allocator, checkpoint, inputs, recovered, validate
 from yolosafe.planning import trainplan as plan
-from yolosafe.planning.options import DEFAULTS
+from yolosafe.planning.options import DEFAULTS, check_watch
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 
@@ -29,7 +29,7 @@ APPLIED = ("gpus", "batch", "effective_batch", "val_batch", "max_retries", "min_
            "watch_interval", "warn_at", "clear_before_val")
 REFUSED = MappingProxyType({"model": "--model", "data": "--data", "datasets_file": "--datasets", "imgsz": "--imgsz",
            "epochs": "--epochs", "config_file": "--config", "project": "--project", "name": "--name",
-           "args": "Ultralytics key=value arguments"})
+           "args": "Ultralytics key=value arguments", "memory_fraction": "--memory-fraction"})
 RUN_OPTIONS = ("max_retries", "min_batch", "watch_interval", "warn_at", "clear_before_val")  # kept in the story
 
 
@@ -125,6 +125,7 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
     run_dir = run_dir.resolve()
     if not run_dir.is_dir():
         raise validate.InputError(f"--resume {run_dir}: not a yolosafe run directory (no such directory)")
+    inputs.writable_dir(run_dir, "--resume", "a resume writes its checkpoints and story there")
     story, notes = story_or_rebuilt(run_dir, node, dry_run)
     lock_fd = None
     try:
@@ -148,6 +149,7 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
         final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
     options = {key: _first(given.get(key), getattr(story, key), DEFAULTS[key]) for key in RUN_OPTIONS}
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
+    check_watch({**options, **applied})  # the same checks as a new run's
     validate.check_options({**options, **applied, "project": str(run_dir.parent), "name": run_dir.name})
     p, simulated = _plan(story, given, nnodes)
     try:
