@@ -77,6 +77,7 @@ CASES = [
     (["--project", "x\udcfe/runs"], {}, ["--project", "not valid UTF-8"]),
     (["--project", "loop1/runs"], {}, ["symbolic link loop"]),
     (["--memory-fraction", "-1"], {}, ["--memory-fraction -1"]),
+    (["--project", "/proc/yolosafe-runs"], {}, ["--project /proc/yolosafe-runs"]),
     ([], {"SLURM_NNODES": "x"}, ["SLURM_NNODES 'x'"]),
     ([], {"SLURM_NNODES": "2", "SLURM_NODEID": "a", "SLURM_JOB_NODELIST": "n[1-2]"}, ["SLURM_NODEID 'a'"]),
     ([], {"SLURM_NNODES": "-3", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n[1-2]"}, ["SLURM_NNODES"]),

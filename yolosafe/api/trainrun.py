@@ -130,6 +130,9 @@ def claim_run_dir(opts: Mapping[str, Any], where: nodes.Nodes, p: plan.TrainPlan
         return rundir.claim_new_run_dir(project, opts["name"], refuse_live=opts["named"])
     except rundir.RunLocked as exc:
         raise InputError(f"--name {opts['name']}: {exc}") from None
+    except OSError as exc:  # /proc, a file system that refuses folders: nothing was created
+        raise InputError(f"--project {project}: cannot create the run directory there "
+                         f"({exc.strerror or exc})") from None
 
 
 def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Mapping[str, Any],

@@ -18,6 +18,7 @@ import yaml
 from yolosafe import oom
 from yolosafe.planning.validate import InputError
 
+KERNEL_FILE_SYSTEMS = ("/proc", "/sys")
 NAME_MAX = 255  # bytes of one path component (Linux's NAME_MAX)
 PATH_MAX = 4000  # bytes of a whole path, under Linux's PATH_MAX with room for the run's own files
 
@@ -87,6 +88,9 @@ def writable_dir(path: Path, what: str, instead: str = "choose another --project
     here = _nearest_existing(path)
     if not here.is_dir():
         return  # "is a file": said by the name checks
+    real = os.path.realpath(here)
+    if any(real == top or real.startswith(f"{top}/") for top in KERNEL_FILE_SYSTEMS):
+        raise InputError(f"{what} {path}: {here} is the kernel's own file system, not a place for files; {instead}")
     read_only_mount = bool(os.statvfs(here).f_flag & os.ST_RDONLY)
     if read_only_mount or not os.access(here, os.W_OK | os.X_OK):
         why = "on a read-only file system" if read_only_mount else "not writable"
