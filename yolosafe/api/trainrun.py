@@ -20,7 +20,7 @@ import click
 
 from yolosafe import __version__, gpus, oom
 from yolosafe.exits import Exit
-from yolosafe.planning import allocator, datasets, nodes, options, resume, validate
+from yolosafe.planning import allocator, datasets, inputs, nodes, options, resume, validate
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, planner
 from yolosafe.planning.memory import model as memmodel
@@ -38,8 +38,10 @@ from yolosafe.supervisor.multinode import setup as multicli
 def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: str | None) -> dict[str, Any]:
     """Options from the flags ``given``, the ``--config`` file, the dataset's defaults and yolosafe's; ``data_yaml``
     is the dataset's YAML."""
+    inputs.check_config(config_file)
     config = options.load_config(config_file)
     try:
+        inputs.check_registry(datasets.registry_path(datasets_file))
         dataset = datasets.resolve(str(given.get("data") or config.get("data") or options.DEFAULTS["data"]),
                                    datasets.registry_path(datasets_file))
     except datasets.DatasetError as exc:
@@ -95,7 +97,9 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
     opts["nnodes"] = where.nnodes
     multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
     options.check_watch(opts)
+    inputs.check_run_path(str(opts["project"]), str(opts["name"]))
     validate.check_options(opts)
+    inputs.check_memory_fraction(opts.get("memory_fraction"))
     validate.check_model(opts["model"])
     validate.check_data(opts["data_yaml"])
     try:
@@ -105,15 +109,16 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
     except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
     p = build(opts, inventory)
+    inputs.check_injection_reachable(os.environ.get(oom.INJECT_ENV), p.epochs)
     try:
         oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
         multicli.check_plan(p, where)  # GPUs on every node
     except (ValueError, nodes.NodesError) as exc:
         raise InputError(str(exc)) from None
+    simulated = inventory.backend == "fake" and bool(p.gpus)
+    run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
-    simulated = inventory.backend == "fake" and bool(p.gpus)
-    run_dir = claim_run_dir(opts, where, p, dry_run)
     if dry_run:
         print_dry_run(p, env, run_dir, simulated, where=where)
         return Exit.OK
@@ -137,6 +142,9 @@ def claim_run_dir(opts: Mapping[str, Any], where: nodes.Nodes, p: plan.TrainPlan
         return rundir.claim_new_run_dir(project, opts["name"], refuse_live=opts["named"])
     except rundir.RunLocked as exc:
         raise InputError(f"--name {opts['name']}: {exc}") from None
+    except OSError as exc:  # /proc, a file system that refuses folders: nothing was created
+        raise InputError(f"--project {project}: cannot create the run directory there "
+                         f"({exc.strerror or exc})") from None
 
 
 def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Mapping[str, Any],
@@ -171,14 +179,17 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
     if where.multi:  # every node resumes the same attempt of the same run
         multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
     resume.record(r, given)
-    terminal.say(f"resuming {r.run_dir} from {r.last}")
-    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last,
-                          where=where)
+    terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}")
+    for note in r.notes:
+        terminal.say(f"note: {note}")
+    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
+                          resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
+                          final_val_only=r.final_val_only)
 
 
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: Mapping[str, Any],
                    simulated: bool, story: records.Story, resume_from: Path | None = None,
-                   where: nodes.Nodes | None = None) -> Exit:
+                   where: nodes.Nodes | None = None, final_val_only: bool = False) -> Exit:
     """The attempts, then the memory table, the history line and where the weights are."""
     node = where.node_rank if where else 0
     if simulated:  # the watch's fake NVML backend follows the phases the ranks write there (docs/fake-gpus.md)
@@ -187,7 +198,7 @@ def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: 
         terminal.say(line)
     run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run_dir, where, p))
     supervisor = supervise.Supervisor(run_dir, run_options, story)
-    code = supervisor.run(p, resume=resume_from)
+    code = supervisor.run(p, resume=resume_from, final_val_only=final_val_only)
     if supervisor.watch is not None:
         print_memory_table(run_dir, node)
         if node == 0:  # predicted vs measured peaks: the next plan learns from this machine (node 0's, over nodes)

@@ -83,7 +83,9 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     validate.check_injection(os.environ)
     given = given_options(ctx)
     where = multicli.resolve(ctx.params)  # --nnodes ... or SLURM's variables; one machine without either
-    if resume_dir:
+    if resume_dir is not None:
+        if not resume_dir.strip():  # an unset variable ($RUN): never a new training instead
+            raise InputError(f"--resume {resume_dir!r}: empty; give the run directory to resume")
         sys.exit(trainrun.resume_run(Path(resume_dir), given, dry_run, where))
     sys.exit(trainrun.new_run(trainrun.resolve(given, config_file, datasets_file), dry_run, where))
 
@@ -150,7 +152,7 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
         raise InputError(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
     if rundir.mark_if_orphaned(path):
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
-    state = rundir.read_json(RunDir(path).story).get("outcome") or "unknown"
+    state = report.outcome(path)
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from yolosafe import proc
 
+    proc.reset_inherited_signals()
     proc.exit_with_parent()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
