@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yolosafe.errors import UsageError
 from yolosafe.gpus.inventory import GPU, GPUProcess, GPUReadError, Inventory, MemoryReading
 
 FAKE_ENV = "YOLOSAFE_FAKE_GPUS"
@@ -40,7 +41,7 @@ _NO_PHASE: Phase = (None, None, 0, 0)
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
 
 
-class FakeGpusError(ValueError):
+class FakeGpusError(UsageError):
     """The value of YOLOSAFE_FAKE_GPUS (the fake GPU layout) cannot be understood."""
 
 

@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+from yolosafe.errors import UsageError
+
 # Torch reads both names, but which one wins differs between versions (and between its generic and CUDA parsers),
 # so apply() sets both to the same value.
 ENV_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
@@ -27,7 +29,7 @@ _DIGITS = re.compile(r"\d+")
 _DECIMAL = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-class AllocConfError(ValueError):
+class AllocConfError(UsageError):
     """A malformed or invalid allocator string; str(e) is one line: the source, what is wrong and what is allowed."""
 
 

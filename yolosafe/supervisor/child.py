@@ -193,11 +193,19 @@ class Supervisor:
                     result = AttemptResult(0, 0.0)
                 else:  # multi-node: also stop this node's ranks when another node's attempt failed
                     on_start = self.multi.watch(spec.attempt, on_start) if self.multi else on_start
-                    result = run_child(cmd, env, log, on_start=on_start,
-                                       out=terminal.TracebackFilter(sys.stdout.buffer))
+                    result = run_child(cmd, env, log, on_start=on_start, out=self.terminal(spec))
         if self.multi:  # the outcome every node derives from every node's end record
             return result, self.multi.agree(spec.attempt, result, tail(log_path, start))
         return result, classify(result, rundir.failure_records(self.run_dir, spec.attempt), tail(log_path, start))
+
+    def terminal(self, spec: RunSpec) -> terminal.TracebackFilter | terminal.RankStream:
+        """What of the attempt's output the terminal (or the notebook cell) shows: the worker's without tracebacks;
+        of several ranks, the first rank of this node's, as if it ran alone (the log gets everything)."""
+        shown = terminal.TracebackFilter(proc.byte_stream(sys.stdout))
+        if spec.world_size <= 1:
+            return shown
+        local = self.multi.nproc if self.multi else spec.world_size
+        return terminal.RankStream(shown, shown=self.node * local)
 
     @contextlib.contextmanager
     def memory_watch(self, spec: RunSpec) -> Iterator[Callable[[ProcessTree], None] | None]:

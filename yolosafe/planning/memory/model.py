@@ -24,6 +24,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from yolosafe.errors import UsageError
+
 MIB = 2**20
 TABLE_IMGSZ = 640
 # Assumptions, each with where it comes from (docs/memory-model.md):
@@ -45,7 +47,7 @@ OPTIMIZER_BYTES = MappingProxyType({"adamw": 8, "adam": 8, "adamax": 8, "nadam":
                                    "auto": 8})
 
 
-class UnknownModel(LookupError):
+class UnknownModel(UsageError, LookupError):
     """No figures for this model in the table; the message says how to get them (its YAML for a fake pass)."""
 
 
