@@ -102,10 +102,11 @@ def finish(ended: trainrun.Ended) -> Run:
     """The run as its story says once it ended; its lock given up (the calling process may resume it); a run that
     did not complete raised as the :class:`~yolosafe.errors.TrainingError` of its end."""
     rundir.unlock(ended.run_dir, ended.node)
+    run_dir = ended.run_dir.resolve()
     try:
-        run = Run.of(ended.run_dir, records.load_story(ended.run_dir, ended.node))
+        run = Run.of(run_dir, records.load_story(run_dir, ended.node))
     except (OSError, records.RecordError):
-        run = Run(run_dir=ended.run_dir, outcome=None, exit_code=Exit(ended.code))
+        run = Run(run_dir=run_dir, outcome=None, exit_code=Exit(ended.code))
     if ended.code == Exit.OK:
         return run
     log = ended.run_dir / rundir.node_file(rundir.LOG, ended.node)
