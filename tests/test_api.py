@@ -21,6 +21,7 @@ from yolosafe.api.result import Run
 from yolosafe.exits import Exit
 from yolosafe.planning import allocator, datasets, nodes, trainplan, validate
 from yolosafe.planning.memory import model as memmodel
+from yolosafe.rundir import files as rundir
 
 
 class NotebookStream:
@@ -167,3 +168,4 @@ def test_retries_exhausted_raise_with_the_run(tmp_path, monkeypatch, shared_cach
     assert run.run_dir == run_dir_of(tmp_path).resolve()
     assert (run.outcome, run.exit_code, len(run.attempts)) == ("oom_exhausted", Exit.OOM_EXHAUSTED, 1)
     assert "giving up after 0 retries" in capsys.readouterr().err
+    assert rundir.holder(run.run_dir) is None  # given back: this process may resume the run

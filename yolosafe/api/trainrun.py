@@ -7,11 +7,12 @@ directory exists; the CLI turns it into one line and exit status 2. A run that s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,12 +117,24 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     if dry_run:
         print_dry_run(p, env, run_dir, simulated, where=where)
         return Ended(Exit.OK, run_dir, where.node_rank, dry_run=True)
-    story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
-    story.nodes = where.summary() if where.multi else None
-    for note in planner.warnings(story.memory_plan):
-        terminal.say(f"warning: {note}")
-    terminal.say(f"run directory {run_dir}")
-    return Ended(run_supervised(run_dir, p, env, opts, simulated, story, where=where), run_dir, where.node_rank)
+    with released_on_error(run_dir, where.node_rank):
+        story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
+        story.nodes = where.summary() if where.multi else None
+        for note in planner.warnings(story.memory_plan):
+            terminal.say(f"warning: {note}")
+        terminal.say(f"run directory {run_dir}")
+        return Ended(run_supervised(run_dir, p, env, opts, simulated, story, where=where), run_dir, where.node_rank)
+
+
+@contextlib.contextmanager
+def released_on_error(run_dir: Path, node: int) -> Iterator[None]:
+    """This process's lock of the run directory given back when what it holds it for fails: a caller that goes on
+    (a notebook's kernel) can resume the run."""
+    try:
+        yield
+    except BaseException:
+        rundir.unlock(run_dir, node)
+        raise
 
 
 def claim_run_dir(opts: Mapping[str, Any], where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> Path:
@@ -167,12 +180,14 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
     if dry_run:
         print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
         return Ended(Exit.OK, r.run_dir, where.node_rank, dry_run=True)
-    if where.multi:  # every node resumes the same attempt of the same run
-        multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
-    resume.record(r, given)
-    terminal.say(f"resuming {r.run_dir} from {r.last}")
-    code = run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last, where=where)
-    return Ended(code, r.run_dir, where.node_rank)
+    with released_on_error(r.run_dir, where.node_rank):
+        if where.multi:  # every node resumes the same attempt of the same run
+            multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
+        resume.record(r, given)
+        terminal.say(f"resuming {r.run_dir} from {r.last}")
+        code = run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last,
+                              where=where)
+        return Ended(code, r.run_dir, where.node_rank)
 
 
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: Mapping[str, Any],
