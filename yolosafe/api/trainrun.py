@@ -1,18 +1,19 @@
 """``yolosafe train`` between the command line and the supervisor: a new run or a resume, from resolved options to
 the plan, the dry run, the run directory and its story, the supervised attempts and the closing lines.
 
-Everything here that can go wrong with the user's input raises :class:`yolosafe.planning.validate.InputError` before
-a run
-directory exists; the CLI turns it into one line and exit status 2.
+Everything here that can go wrong with the user's input raises a :class:`yolosafe.errors.UsageError` before a run
+directory exists; the CLI turns it into one line and exit status 2. A run that started ends in :class:`Ended`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,17 @@ from yolosafe.supervisor import child as supervise
 from yolosafe.supervisor import launchcmd as launch
 from yolosafe.supervisor import terminal
 from yolosafe.supervisor.multinode import setup as multicli
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How ``new_run`` or ``resume_run`` ended: the exit status, the run directory (only its name for a dry run) and
+    this machine's node."""
+
+    code: Exit
+    run_dir: Path
+    node: int = 0
+    dry_run: bool = False
 
 
 def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: str | None) -> dict[str, Any]:
@@ -92,7 +104,7 @@ def check_visible(inventory: gpus.Inventory, selected: tuple[int, ...], cpu_aske
         raise InputError(problem)
 
 
-def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
+def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     """A new run: everything checked, then the run directory claimed and the attempts supervised."""
     opts["nnodes"] = where.nnodes
     multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
@@ -121,13 +133,25 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
         terminal.say(f"note: {note}")
     if dry_run:
         print_dry_run(p, env, run_dir, simulated, where=where)
-        return Exit.OK
-    story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
-    story.nodes = where.summary() if where.multi else None
-    for note in planner.warnings(story.memory_plan):
-        terminal.say(f"warning: {note}")
-    terminal.say(f"run directory {run_dir}")
-    return run_supervised(run_dir, p, env, opts, simulated, story, where=where)
+        return Ended(Exit.OK, run_dir, where.node_rank, dry_run=True)
+    with released_on_error(run_dir, where.node_rank):
+        story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
+        story.nodes = where.summary() if where.multi else None
+        for note in planner.warnings(story.memory_plan):
+            terminal.say(f"warning: {note}")
+        terminal.say(f"run directory {run_dir}")
+        return Ended(run_supervised(run_dir, p, env, opts, simulated, story, where=where), run_dir, where.node_rank)
+
+
+@contextlib.contextmanager
+def released_on_error(run_dir: Path, node: int) -> Iterator[None]:
+    """This process's lock of the run directory given back when what it holds it for fails: a caller that goes on
+    (a notebook's kernel) can resume the run."""
+    try:
+        yield
+    except BaseException:
+        rundir.unlock(run_dir, node)
+        raise
 
 
 def claim_run_dir(opts: Mapping[str, Any], where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> Path:
@@ -152,7 +176,7 @@ def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Ma
     """``yolosafe.json`` as a run starts: the plan, its GPUs, the versions, the options that shape its attempts."""
     return records.Story.new(
         yolosafe=__version__,
-        command=sys.argv,
+        command=list(opts.get("command") or sys.argv),
         run_dir=str(run_dir),
         dataset={"name": opts["dataset_name"], "yaml": opts["data_yaml"]},
         plan=p.summary(),
@@ -169,22 +193,24 @@ def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Ma
     )
 
 
-def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
+def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
     r = resume.prepare(run_dir, given, dry_run, where.node_rank, where.nnodes)
     attempt = len(r.story.attempts) + 1
     if dry_run:
         print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
-        return Exit.OK
-    if where.multi:  # every node resumes the same attempt of the same run
-        multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
-    resume.record(r, given)
-    terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}")
-    for note in r.notes:
-        terminal.say(f"note: {note}")
-    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
-                          resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
-                          final_val_only=r.final_val_only)
+        return Ended(Exit.OK, r.run_dir, where.node_rank, dry_run=True)
+    with released_on_error(r.run_dir, where.node_rank):
+        if where.multi:  # every node resumes the same attempt of the same run
+            multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
+        resume.record(r, given)
+        terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}")
+        for note in r.notes:
+            terminal.say(f"note: {note}")
+        code = run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
+                              resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
+                              final_val_only=r.final_val_only)
+        return Ended(code, r.run_dir, where.node_rank)
 
 
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: Mapping[str, Any],

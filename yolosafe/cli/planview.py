@@ -11,14 +11,12 @@ table's) and GPU size, computed by the memory model.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from yolosafe import gpus
+from yolosafe.api.result import Plan
 from yolosafe.planning import trainplan as plan
-from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import planner
 
 
@@ -97,22 +95,17 @@ def print_plan(p: plan.TrainPlan, memory: dict[str, Any], auto: dict[str, Any] |
         click.echo(f"  warning: {note}")
 
 
-def run(options: dict[str, Any], inventory: gpus.Inventory, build: Callable[..., plan.TrainPlan],
-        vram: str | None, as_json: bool, vram_models: str | None = None) -> None:
-    """The whole ``yolosafe plan`` command after option resolution; raises PlanError/UnknownModel for bad input."""
-    fraction = planner.fraction_of(options)
-    if vram:
-        models = [m for m in str(vram_models or "").split(",") if m.strip()] or None
-        table = planner.tier_table(parse_vram(vram), int(options["imgsz"]), options, fraction, models)
-        click.echo(json.dumps(table, indent=2)) if as_json else print_tiers(table)
-        return
-    options, auto = planner.resolve_auto(options, inventory)
-    p = build(options, inventory)
-    memory = planner.memory_plan(p, inventory, options)
-    if memory is None:
-        raise memmodel.UnknownModel(f"{p.model}: no memory figures (not in the table, and weights cannot be "
-                                    "fake-passed); give the model's YAML")
+def print_tier_table(options: dict[str, Any], vram: str, as_json: bool, vram_models: str | None = None) -> None:
+    """``yolosafe plan --vram 8,12,24``: the largest safe per-GPU batch per model and GPU size (the models asked for,
+    else the shipped table's)."""
+    models = [m for m in str(vram_models or "").split(",") if m.strip()] or None
+    table = planner.tier_table(parse_vram(vram), int(options["imgsz"]), options, planner.fraction_of(options), models)
+    click.echo(json.dumps(table, indent=2)) if as_json else print_tiers(table)
+
+
+def show(result: Plan, as_json: bool) -> None:
+    """The whole ``yolosafe plan`` output for the plan the library made."""
     if as_json:
-        click.echo(json.dumps({"plan": p.summary(), "auto": auto, "memory": memory}, indent=2))
+        click.echo(json.dumps(result.as_dict(), indent=2))
     else:
-        print_plan(p, memory, auto)
+        print_plan(result.plan, dict(result.memory), dict(result.auto) if result.auto is not None else None)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yolosafe.errors import UsageError
 from yolosafe.gpus.inventory import GPU, GPUProcess, GPUReadError, Inventory, MemoryReading
 
 FAKE_ENV = "YOLOSAFE_FAKE_GPUS"
@@ -45,7 +46,7 @@ HOST_PID_OFFSET = 1 << 23  # above the kernel's largest pid_max (2**22): no proc
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
 
 
-class FakeGpusError(ValueError):
+class FakeGpusError(UsageError):
     """The value of YOLOSAFE_FAKE_GPUS (the fake GPU layout) cannot be understood."""
 
 

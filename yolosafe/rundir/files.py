@@ -201,6 +201,21 @@ def lock(run_dir: Path, node: int = 0) -> int:
     return fd
 
 
+def unlock(run_dir: Path, node: int = 0) -> None:
+    """Give up this process's hold on the run directory (:func:`lock`), for a process that goes on after the run
+    (a notebook's kernel resumes it next): every descriptor of this process on its lock file is closed."""
+    try:
+        target = os.stat(run_dir / node_file(LOCK, node))
+    except OSError:
+        return
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    for name in os.listdir(fd_dir):
+        with contextlib.suppress(OSError, ValueError):
+            found = os.fstat(int(name))
+            if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+                os.close(int(name))
+
+
 def claim_new_run_dir(project: Path, name: str, refuse_live: bool) -> Path:
     """A new run directory (:func:`new_run_dir`), locked for this process's life. ``refuse_live``: the user named
     this run, so a live run of that name is a mistake (:class:`RunLocked`), not a reason to go to ``name2``."""

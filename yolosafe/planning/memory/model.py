@@ -29,6 +29,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from yolosafe.errors import UsageError
+
 MIB = 2**20
 TABLE_IMGSZ = 640
 # Terms that are not measured by the fake pass, each with where it comes from (docs/memory-model.md):
@@ -50,7 +52,7 @@ OPTIMIZER_BYTES = MappingProxyType({"adamw": 8, "adam": 8, "adamax": 8, "nadam":
 GPU_MEM_UNIT = "GiB"  # Ultralytics 8.3.76 and later print memory_reserved() / 2**30
 
 
-class UnknownModel(LookupError):
+class UnknownModel(UsageError, LookupError):
     """No figures for this model in the table; the message says how to get them (its YAML for a fake pass)."""
 
 
