@@ -47,7 +47,7 @@ NMS_BYTES_PER_ANCHOR_OUTPUT = 4  # NMS at conf=0.001 keeps a float copy of an im
 # Bytes per parameter kept through the training step: fp32 weights, gradients, EMA copy, AMP's fp16 weight casts.
 BYTES_WEIGHTS, BYTES_GRADS, BYTES_EMA, BYTES_AMP_CAST = 4, 4, 4, 2
 OPTIMIZER_BYTES = MappingProxyType({"adamw": 8, "adam": 8, "adamax": 8, "nadam": 8, "radam": 8, "sgd": 4, "rmsprop": 4,
-                                   "auto": 8, "muon": 8, "musgd": 8})
+                                   "auto": 8})
 GPU_MEM_UNIT = "GiB"  # Ultralytics 8.3.76 and later print memory_reserved() / 2**30
 
 
