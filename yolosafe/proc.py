@@ -165,6 +165,16 @@ def run_module(module: str, args: Sequence[str], timeout: float) -> subprocess.C
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def reset_inherited_signals() -> None:
+    """Handle Ctrl-C and SIGTERM whatever the parent ignored: a shell that starts ``yolosafe train ... &`` without
+    job control sets SIGINT to "ignore", and every process inherits it, so the stop yolosafe sends would wait out
+    its grace period and end in SIGKILL. The first thing every process yolosafe starts does."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def exit_with_parent() -> None:
     """End this process soon after its parent is gone (the parent SIGKILLed: nobody else will stop us).
 

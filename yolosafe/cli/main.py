@@ -26,6 +26,7 @@ from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor.multinode import setup as multicli
 
 D, SHAPES = options.DEFAULTS, datasets.SHAPES_DEFAULTS  # the help texts say the defaults these hold
@@ -82,7 +83,9 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
     validate.check_injection(os.environ)
     given = given_options(ctx)
     where = multicli.resolve(ctx.params)  # --nnodes ... or SLURM's variables; one machine without either
-    if resume_dir:
+    if resume_dir is not None:
+        if not resume_dir.strip():  # an unset variable ($RUN): never a new training instead
+            raise InputError(f"--resume {resume_dir!r}: empty; give the run directory to resume")
         sys.exit(trainrun.resume_run(Path(resume_dir), given, dry_run, where))
     sys.exit(trainrun.new_run(trainrun.resolve(given, config_file, datasets_file), dry_run, where))
 
@@ -145,11 +148,11 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     path = Path(run_dir) if run_dir else rundir.latest_run(Path("runs"))
     if path is None:
         raise InputError("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
-    if not (path / rundir.STORY).is_file():
+    if not RunDir(path).is_run():
         raise InputError(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
     if rundir.mark_if_orphaned(path):
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
-    state = rundir.read_json(path / rundir.STORY).get("outcome") or "unknown"
+    state = report.outcome(path)
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
@@ -158,7 +161,7 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {path / rundir.MEMORY_PLOT}")
+    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {RunDir(path).memory_plot}")
     for line in report.table(summary):
         click.echo(line)
 
@@ -169,12 +172,12 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor_command(run_dir: str | None, project: str | None, as_json: bool) -> None:
     """Explain GPU memory: the machine, the environment, a run (default: the newest), and what to do. Read-only."""
-    from yolosafe.readers.doctor import diagnosis as doctor
+    from yolosafe.readers.doctor import diagnose, diagnosis
     from yolosafe.readers.doctor import text as doctor_text
 
     try:
-        found = doctor.diagnose(run_dir, project)
-    except doctor.DoctorError as exc:
+        found = diagnose(run_dir, project)
+    except diagnosis.DoctorError as exc:
         raise InputError(str(exc)) from None
     click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else "\n".join(doctor_text.render(found)))
 

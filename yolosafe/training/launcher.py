@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe.exits import Exit
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.runspec import RunSpec
 
 WORKER = "yolosafe.training.worker"  # the module every rank runs, with the run spec's path as its one argument
@@ -32,23 +33,21 @@ def record_failures(failures: dict[int, Any], spec: RunSpec) -> None:
     """Failure records for ranks that died without writing their own (killed by a signal, or before the trainer),
     in the run directory of ``spec``'s attempt."""
     from yolosafe import oom
-    from yolosafe.rundir import files as rundir
+    from yolosafe.rundir.records import Failure, save_failure
 
     run_dir = Path(spec.run_dir)
     for rank, failure in failures.items():
-        path = rundir.failure_path(run_dir, spec.attempt, rank)
-        if path.exists():
+        if RunDir(run_dir).failure(spec.attempt, rank).exists():
             continue
         signal_name = failure.signal_name() if failure.exitcode < 0 else None
         message = _error_message(failure)
         if signal_name:
             message = f"rank {rank} was killed by {signal_name}"
-        rundir.write_json(path, {
-            "t": failure.timestamp, "oom": oom.is_oom_text(message), "error": signal_name or "exit",
-            "message": message, "signal": signal_name, "exit_code": failure.exitcode, "rank": rank,
-            "gpu": failure.local_rank, "pid": failure.pid, "attempt": spec.attempt, "phase": None, "epoch": None,
-            "error_file": failure.error_file, "by": "launcher",
-        })
+        save_failure(run_dir, Failure.new(
+            t=failure.timestamp, oom=oom.is_oom_text(message), error=signal_name or "exit", message=message,
+            signal=signal_name, exit_code=failure.exitcode, rank=rank, gpu=failure.local_rank, pid=failure.pid,
+            attempt=spec.attempt, error_file=failure.error_file, by="launcher",
+        ))
 
 
 def _error_message(failure: Any) -> str:
@@ -66,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from yolosafe import proc
 
+    proc.reset_inherited_signals()
     proc.exit_with_parent()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -18,6 +18,7 @@ from typing import Any
 
 from yolosafe.planning import datasets
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 
 HISTORY_FILE = "memory_history.jsonl"
 PHASES = MappingProxyType({"train": ("train",), "val": ("val", "final")})
@@ -42,7 +43,7 @@ def measured_peaks(summary: dict[str, Any], gpu: str) -> dict[str, float]:
 def entries_for_run(run_dir: Path, story: dict[str, Any]) -> list[dict[str, Any]]:
     """The history lines of a finished run: one per GPU and phase with both a prediction and a measurement."""
     memory_plan = story.get("memory_plan")
-    summary_file = run_dir / rundir.MEMORY_SUMMARY
+    summary_file = RunDir(run_dir).memory_summary
     if not memory_plan or not summary_file.is_file():
         return []
     summary = rundir.read_json(summary_file)

@@ -24,7 +24,6 @@ from yolosafe.planning.memory import history, hostram, objects
 from yolosafe.planning.memory import model as memmodel
 
 AUTO = "auto"
-BUSY_MIB = 1024.0  # a GPU where other processes hold more than this is left out by --gpus auto
 CACHE_EMPTIED_ABOVE = 0.5  # Ultralytics empties the CUDA cache around validation above this share of the GPU
 LOW_MARGIN = 0.10  # warn when less than this share of a GPU stays free beside what the plan requires
 FAKEPASS_TIMEOUT_S = 600
@@ -89,7 +88,7 @@ def model_terms(model: str, allow_fake_pass: bool = True) -> memmodel.Terms:
 
 
 def choose_gpus(text: str, inventory: gpus.Inventory, visible: tuple[int, ...],
-                busy_mib: float = BUSY_MIB) -> tuple[tuple[int, ...], list[str]]:
+                busy_mib: float = gpus.BUSY_MIB) -> tuple[tuple[int, ...], list[str]]:
     """``auto`` (every idle GPU) or ``auto:N`` (the N with the most free memory), leaving out busy GPUs."""
     _, _, count_text = text.partition(":")
     if count_text and not (count_text.isdigit() and int(count_text) > 0):
@@ -142,7 +141,7 @@ class GpuMemory:
 
     def warnings(self) -> list[str]:
         g, notes = self.gpu, []
-        if g.processes or (g.used_mib or 0) > BUSY_MIB:
+        if g.processes or (g.used_mib or 0) > gpus.BUSY_MIB:
             notes.append(f"GPU {g.index}: another process uses {(g.used_mib or 0) / 1024:.1f} GiB of it")
         if self.val.required_mib > self.train.required_mib:
             notes.append(f"GPU {g.index}: validation requires {self.val.required_mib / 1024:.1f} GiB, more than "
@@ -248,7 +247,7 @@ def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: dict[str,
     reference = worst or GpuMemory(gpus.GPU(-1, None, None, None, None, None),
                                    memmodel.predict(terms, setup, "train", p.per_gpu_batch),
                                    memmodel.predict(terms, setup, "val", p.val_batch), 0)
-    host = hostram.estimate(p.extra, p.local_world_size, p.imgsz, hostram.count_images(p.data), hostram.available_mib())
+    host = hostram.estimate(p.extra, p.local_world_size, p.imgsz, _train_images(p), hostram.available_mib())
     return {
         "model": memmodel.model_key(p.model), "task": terms.task, "imgsz": p.imgsz, "amp": setup.amp,
         "world_size": p.world_size, "expandable_segments": setup.expandable_segments,
@@ -285,3 +284,8 @@ def tier_table(vram_gib: list[float], imgsz: int, options: dict[str, Any], fract
             "objects_source": setup.objects_source, "vram_gib": vram_gib, "figure": "required_mib",
             "source": "required_mib: peak allocation + fragmentation + CUDA context", "sources": sources,
             "batches": rows}
+
+
+def _train_images(p: plan.TrainPlan) -> int | None:
+    """The training split's size: the plan's, counted once when it was built (else counted now)."""
+    return p.train_images if p.train_images is not None else datasets.count_images(Path(p.data))
