@@ -82,6 +82,10 @@ def print_plan(p: plan.TrainPlan, memory: dict[str, Any], auto: dict[str, Any] |
                    f"{g['train_gpu_mem_gib']:>9.2f} GiB {_gib(g['train_required_mib']):>10} "
                    f"{g['val_gpu_mem_gib']:>7.2f} GiB {_gib(g['val_required_mib']):>10} {_gib(g['headroom_mib']):>10}  "
                    f"{runs}")
+    if memory["gpus"]:
+        g = memory["gpus"][0]  # rank 0 prints the column
+        click.echo(f"  Ultralytics' GPU_mem column (GPU {g['index']}) should read about {g['gpu_mem_column_gib']:.2f}G "
+                   "in steady epochs (validation's blocks stay cached below half the GPU)")
     if not memory["gpus"]:
         click.echo("  no GPU here: both figures per GPU, for a GPU of any size")
     seen: set[tuple[str, str]] = set()
