@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from yolosafe.exits import Exit
+
 PARENT_ENV = "YOLOSAFE_PARENT_PID"  # the pid a started process must have as its parent (set by whoever starts it)
 STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 STOP_GRACE_S = 8.0  # after a Ctrl-C, the tree gets this long to end on its own before SIGKILL
@@ -233,7 +235,7 @@ def exit_with_parent() -> None:
             time.sleep(PARENT_POLL_S)
         with contextlib.suppress(OSError):  # the output pipe may have died with the parent
             print(f"yolosafe: parent process {parent} is gone; pid {os.getpid()} exits", file=sys.stderr, flush=True)
-        os._exit(1)
+        os._exit(Exit.FAILED)
 
     threading.Thread(target=watch, name="yolosafe-parent-watch", daemon=True).start()
 

@@ -120,7 +120,7 @@ def gpus_command(as_json: bool) -> None:
         return
     if not inventory.gpus:
         click.echo(f"no GPU: {inventory.problem}; yolosafe train runs on CPU (--gpus cpu)", err=True)
-        sys.exit(1)
+        sys.exit(Exit.FAILED)
     click.echo(f"driver {inventory.driver}, CUDA {inventory.cuda} ({inventory.backend})")
     click.echo(f"{'GPU':>3}  {'name':<24} {'used MiB':>9} {'free MiB':>9} {'total MiB':>9} {'util':>5}  processes")
     for g in inventory.gpus:
@@ -149,7 +149,7 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
         summary = report.write(path)
     except report.NoMemoryData as exc:
         click.echo(f"yolosafe: no memory data in {path} (run {state}): {exc}", err=True)
-        sys.exit(1)
+        sys.exit(Exit.FAILED)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
