@@ -125,7 +125,7 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     try:
         oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
         multicli.check_plan(p, where)  # GPUs on every node
-    except (ValueError, nodes.NodesError) as exc:
+    except (oom.InjectionError, nodes.NodesError) as exc:
         raise InputError(str(exc)) from None
     simulated = inventory.backend == "fake" and bool(p.gpus)
     run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)

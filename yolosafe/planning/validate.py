@@ -87,7 +87,7 @@ def check_injection(environ: Mapping[str, str]) -> None:
     """``YOLOSAFE_INJECT_OOM`` is read by the trainer in every rank: a typo there would be a silent no-op."""
     try:
         oom.parse_injection(environ.get(oom.INJECT_ENV))
-    except ValueError as exc:
+    except oom.InjectionError as exc:
         raise InputError(str(exc)) from None
 
 
