@@ -165,8 +165,8 @@ def parse_injection(text: str | None) -> Injection | None:
     for item in text.split(","):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in Injection.__dataclass_fields__:
-            raise InjectionError(f"{INJECT_ENV}: cannot read {item!r}; keys: phase, epoch, iteration, rank, node, times, "
-                             "error")
+            keys = "phase, epoch, iteration, rank, node, times, error"
+            raise InjectionError(f"{INJECT_ENV}: cannot read {item!r}; keys: {keys}")
         if key in {"phase", "error"}:
             fields[key] = value
         elif re.fullmatch(r"\d+", value):
