@@ -68,7 +68,8 @@ def test_train_in_a_kernel_streams_stops_on_interrupt_and_resumes(tmp_path: Path
         km.interrupt_kernel()
         interrupted = time.time()
         reply = kc.get_shell_msg(timeout=30)
-        assert reply["parent_header"]["msg_id"] == msg_id
+        while reply["parent_header"].get("msg_id") != msg_id:  # the kernel_info replies of its start
+            reply = kc.get_shell_msg(timeout=30)
         assert (reply["content"]["status"], reply["content"]["ename"]) == ("error", "TrainingInterrupted")
         while {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}:
             assert time.time() - interrupted < 15, "ranks outlived the kernel's interrupt"

@@ -215,7 +215,7 @@ class Supervisor:
         shown = terminal.TracebackFilter(proc.byte_stream(sys.stdout))
         if spec.world_size <= 1:
             return shown
-        local = self.multi.nproc if self.multi else spec.world_size
+        _, local = self.machines.launch_shape(spec)  # ranks on this node
         return terminal.RankStream(shown, shown=self.node * local)
 
     @contextlib.contextmanager
