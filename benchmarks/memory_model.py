@@ -72,7 +72,7 @@ def terms_of(point: dict) -> memmodel.Terms:
     if "objects_max" not in point or version >= LEAN_ASSIGNER:
         return terms
     extra = OLD_ASSIGNER_BYTES_PER_PAIR * terms.anchors / memmodel.MIB  # per object per image, at the table's imgsz
-    return replace(terms, loss_per_object_mib=terms.loss_per_object_mib + extra,
+    return replace(terms, extra_per_object_mib=extra,
                    loss_source=f"{terms.loss_source}; + {extra:.3f} MiB per object: the assigner of Ultralytics "
                                f"{point.get('ultralytics')}")
 

@@ -51,7 +51,7 @@ def test_a_prediction_is_fixed_plus_per_image_times_batch_with_explicit_terms():
     assert {"activations", "loss", "objects per image", "state", "reserved ratio"} <= set(one.sources["gpu_mem_gib"])
     assert {"fragmentation", "context", "calibration"} <= set(one.sources["required_mib"])
     crowded = memmodel.predict(terms, memmodel.Setup(objects_per_image=1000), "train", 8)
-    assert crowded.per_image_mib - eight.per_image_mib == pytest.approx(900 * terms.loss_per_object_mib)
+    assert crowded.per_image_mib - eight.per_image_mib == pytest.approx(terms.loss_at(1000) - terms.loss_at(100))
     ddp = memmodel.predict(terms, memmodel.Setup(world_size=2), "train", 8)
     assert ddp.outside_mib == memmodel.NCCL_MIB and ddp.fixed_mib > eight.fixed_mib  # NCCL, DDP buckets
     fp32 = memmodel.predict(terms, memmodel.Setup(amp=False), "train", 8)
@@ -272,3 +272,17 @@ def test_rect_validation_batches_follow_the_validation_images_shapes(tmp_path):
             mixed = memmodel.predict(memmodel.table_terms("yolov8n"), setup, "val", 16)
     assert wide.per_image_mib < mixed.per_image_mib
     assert memmodel.Setup().val_area_share == pytest.approx(valshapes.square_area(640))  # no shapes: the worst
+
+
+def test_the_loss_follows_its_measured_curve():
+    terms = memmodel.table_terms("yolov8n")
+    (x0, y0), (x1, y1) = terms.loss_curve[:2]
+    assert len(terms.loss_curve) >= 3 and terms.loss_at(x0) == pytest.approx(y0)
+    assert terms.loss_at(x1) == pytest.approx(y1)
+    assert y0 < terms.loss_at((x0 + x1) / 2) < y1  # linear between the measured points
+    (xa, ya), (xb, yb) = terms.loss_curve[-2:]
+    assert terms.loss_at(2 * xb) == pytest.approx(yb + (yb - ya) / (xb - xa) * xb)  # the last slope beyond
+    at_1280 = terms.at(1280)
+    assert at_1280.loss_at(100) == pytest.approx(4 * terms.loss_at(100))
+    flat = memmodel.Terms("x", 1, 640, 1, 1, 1, 1, loss_per_image_mib=10, loss_per_object_mib=0.5, source="t")
+    assert flat.loss_at(10) == 15  # no curve: per image + per object

@@ -61,6 +61,7 @@ def test_plan_gpus_auto_2_on_four_gpus_two_busy(run_cli):
     limit = options.DEFAULTS["memory_fraction"] * (24576 - 200)
     for g in data["memory"]["gpus"]:
         assert g["train_required_mib"] <= limit and g["val_required_mib"] <= limit and g["calibrated_runs"] == 0
+        assert g["gpu_mem_column_gib"] >= g["train_gpu_mem_gib"] and g["train_required_mib"] > 0
     text = run_cli("plan", "--gpus", "auto:2", "--batch", "auto", env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY}).stdout
     assert "auto: chose GPUs 1,3" in text and "not calibrated here" in text
     too_many = run_cli("plan", "--gpus", "auto:3", env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})

@@ -63,6 +63,10 @@ _FIELDS = MappingProxyType({
 FRAGMENTED_MIB = 1024.0  # reserved but unallocated at an OOM above which the advice names fragmentation
 
 
+
+class InjectionError(ValueError):
+    """A ``YOLOSAFE_INJECT_OOM`` that cannot be read or cannot fire in this run; ``str()`` is one line."""
+
 def is_oom_text(text: str) -> bool:
     """Whether ``text`` (a message, a log) tells of a GPU out-of-memory; the host's RAM running out is not one."""
     return any(marker in text for marker in _EXACT) or _WIDE.search(text) is not None
@@ -161,17 +165,17 @@ def parse_injection(text: str | None) -> Injection | None:
     for item in text.split(","):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in Injection.__dataclass_fields__:
-            raise ValueError(f"{INJECT_ENV}: cannot read {item!r}; keys: phase, epoch, iteration, rank, node, times, "
-                             "error")
+            keys = "phase, epoch, iteration, rank, node, times, error"
+            raise InjectionError(f"{INJECT_ENV}: cannot read {item!r}; keys: {keys}")
         if key in {"phase", "error"}:
             fields[key] = value
         elif re.fullmatch(r"\d+", value):
             fields[key] = int(value)
         else:
-            raise ValueError(f"{INJECT_ENV}: {key}={value!r} must be a whole number >= 0")
+            raise InjectionError(f"{INJECT_ENV}: {key}={value!r} must be a whole number >= 0")
     injection = Injection(**fields)
     if injection.phase not in {"train", "val", "final"} or injection.error not in ERRORS:
-        raise ValueError(f"{INJECT_ENV}: phase must be train/val/final and error {'/'.join(ERRORS)}, got {text!r}")
+        raise InjectionError(f"{INJECT_ENV}: phase must be train/val/final and error {'/'.join(ERRORS)}, got {text!r}")
     return injection
 
 
@@ -194,9 +198,9 @@ def check_injection(text: str | None, world_size: int, nnodes: int = 1) -> None:
         return
     if injection.node is not None and injection.node >= nnodes:
         nodes = "node 0" if nnodes == 1 else f"nodes 0-{nnodes - 1}"
-        raise ValueError(f"{INJECT_ENV}: node={injection.node} does not exist: this run has {nodes}")
+        raise InjectionError(f"{INJECT_ENV}: node={injection.node} does not exist: this run has {nodes}")
     ranks_here = world_size // max(nnodes, 1) if injection.node is not None else world_size
     if injection.rank >= ranks_here:
         ranks = "rank 0" if ranks_here == 1 else f"ranks 0-{ranks_here - 1}"
         per_node = " on each node" if injection.node is not None else ""
-        raise ValueError(f"{INJECT_ENV}: rank={injection.rank} does not exist: this run has {ranks}{per_node}")
+        raise InjectionError(f"{INJECT_ENV}: rank={injection.rank} does not exist: this run has {ranks}{per_node}")

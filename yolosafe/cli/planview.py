@@ -11,14 +11,12 @@ table's) and GPU size, computed by the memory model.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import click
 
-from yolosafe import gpus
+from yolosafe.api.result import Plan
 from yolosafe.planning import trainplan as plan
-from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import planner
 
 
@@ -84,6 +82,10 @@ def print_plan(p: plan.TrainPlan, memory: dict[str, Any], auto: dict[str, Any] |
                    f"{g['train_gpu_mem_gib']:>9.2f} GiB {_gib(g['train_required_mib']):>10} "
                    f"{g['val_gpu_mem_gib']:>7.2f} GiB {_gib(g['val_required_mib']):>10} {_gib(g['headroom_mib']):>10}  "
                    f"{runs}")
+    if memory["gpus"]:
+        g = memory["gpus"][0]  # rank 0 prints the column
+        click.echo(f"  Ultralytics' GPU_mem column (GPU {g['index']}) should read about {g['gpu_mem_column_gib']:.2f}G "
+                   "in steady epochs (validation's blocks stay cached below half the GPU)")
     if not memory["gpus"]:
         click.echo("  no GPU here: both figures per GPU, for a GPU of any size")
     seen: set[tuple[str, str]] = set()
@@ -97,22 +99,17 @@ def print_plan(p: plan.TrainPlan, memory: dict[str, Any], auto: dict[str, Any] |
         click.echo(f"  warning: {note}")
 
 
-def run(options: dict[str, Any], inventory: gpus.Inventory, build: Callable[..., plan.TrainPlan],
-        vram: str | None, as_json: bool, vram_models: str | None = None) -> None:
-    """The whole ``yolosafe plan`` command after option resolution; raises PlanError/UnknownModel for bad input."""
-    fraction = planner.fraction_of(options)
-    if vram:
-        models = [m for m in str(vram_models or "").split(",") if m.strip()] or None
-        table = planner.tier_table(parse_vram(vram), int(options["imgsz"]), options, fraction, models)
-        click.echo(json.dumps(table, indent=2)) if as_json else print_tiers(table)
-        return
-    options, auto = planner.resolve_auto(options, inventory)
-    p = build(options, inventory)
-    memory = planner.memory_plan(p, inventory, options)
-    if memory is None:
-        raise memmodel.UnknownModel(f"{p.model}: no memory figures (not in the table, and weights cannot be "
-                                    "fake-passed); give the model's YAML")
+def print_tier_table(options: dict[str, Any], vram: str, as_json: bool, vram_models: str | None = None) -> None:
+    """``yolosafe plan --vram 8,12,24``: the largest safe per-GPU batch per model and GPU size (the models asked for,
+    else the shipped table's)."""
+    models = [m for m in str(vram_models or "").split(",") if m.strip()] or None
+    table = planner.tier_table(parse_vram(vram), int(options["imgsz"]), options, planner.fraction_of(options), models)
+    click.echo(json.dumps(table, indent=2)) if as_json else print_tiers(table)
+
+
+def show(result: Plan, as_json: bool) -> None:
+    """The whole ``yolosafe plan`` output for the plan the library made."""
     if as_json:
-        click.echo(json.dumps({"plan": p.summary(), "auto": auto, "memory": memory}, indent=2))
+        click.echo(json.dumps(result.as_dict(), indent=2))
     else:
-        print_plan(p, memory, auto)
+        print_plan(result.plan, dict(result.memory), dict(result.auto) if result.auto is not None else None)

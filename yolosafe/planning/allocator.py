@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+from yolosafe.errors import UsageError
+
 # Torch 2.14 reads one of the two names, PYTORCH_CUDA_ALLOC_CONF whenever it is set (even empty), else
 # PYTORCH_ALLOC_CONF, whole, never key by key (torch_reads); other versions differ, so apply() sets both alike.
 ENV_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
@@ -31,7 +33,7 @@ _DOUBLE = re.compile(r"[+-]?(0[xX]([0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)([
 _ULL = 2**64
 
 
-class AllocConfError(ValueError):
+class AllocConfError(UsageError):
     """A malformed or invalid allocator string; str(e) is one line: the source, what is wrong and what is allowed."""
 
 

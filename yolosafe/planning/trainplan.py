@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from yolosafe.errors import UsageError
 from yolosafe.planning.accumulation import (
     ULTRALYTICS_DEFAULT_NBS,
     ULTRALYTICS_DEFAULT_WARMUP_EPOCHS,
@@ -49,7 +50,7 @@ OWNED_KEYS = MappingProxyType({
 })
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """A usage error in the training request; ``str()`` is one line for the user."""
 
 

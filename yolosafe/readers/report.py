@@ -38,14 +38,28 @@ class NoMemoryData(Exception):
 
 
 def _story(run_dir: Path, node: int = 0) -> dict[str, Any]:
-    return rundir.read_json(RunDir(run_dir, node).story)
+    """The story as a dict; empty when it is missing or damaged (the memory data still reads)."""
+    try:
+        story = rundir.read_json(RunDir(run_dir, node).story)
+    except (OSError, ValueError):
+        return {}
+    return story if isinstance(story, dict) else {}
+
+
+def outcome(run_dir: Path, node: int = 0) -> str:
+    """The run's outcome as its story says; "unknown" when the story is damaged."""
+    value = _story(run_dir, node).get("outcome")
+    return value if isinstance(value, str) else "unknown"
 
 
 def plan_gpus(run_dir: Path, node: int = 0) -> list[int]:
     if node:
-        gpus = _story(run_dir, node).get("plan", {}).get("gpus") or []
+        gpus = (_story(run_dir, node).get("plan") or {}).get("gpus") or []
         return [g for g in gpus if isinstance(g, int)]
-    return records.load_story(run_dir).plan_gpus
+    try:
+        return records.load_story(run_dir).plan_gpus
+    except records.RecordError as exc:
+        raise NoMemoryData(f"the run's GPUs are unknown: {exc}") from None
 
 
 def events(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
@@ -99,7 +113,7 @@ def torch_peaks(run_dir: Path, node: int = 0) -> dict[tuple[int, str], dict[str,
 def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
     """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells."""
     gpus = plan_gpus(run_dir, node)
-    nproc = max(len(gpus), 1) if int(_story(run_dir, node).get("plan", {}).get("nnodes") or 1) > 1 else None
+    nproc = max(len(gpus), 1) if int((_story(run_dir, node).get("plan") or {}).get("nnodes") or 1) > 1 else None
     found = []
     for record in records.load_failures(run_dir):  # attempt, then rank, in numeric order
         rank = max(int(record.rank or 0), 0)
@@ -153,7 +167,7 @@ def summarize(run_dir: Path, samples: pd.DataFrame, node: int = 0) -> dict[str, 
             "peak_others_mib": _num(rows["others_mib"].max()),
             "phases": phases,
         }
-    watch = story.get("memory_watch", {})
+    watch = story.get("memory_watch") or {}  # a killed run's story holds null
     return {
         "run_dir": str(run_dir.resolve()),
         "interval_s": watch.get("interval_s"),

@@ -205,9 +205,18 @@ class Supervisor:
                 else:  # multi-node: also stop this node's ranks when another node's attempt failed
                     on_start = self.machines.watch(spec.attempt, on_start)
                     result = run_child(cmd, env, log, on_start=on_start,
-                                       out=terminal.TracebackFilter(sys.stdout.buffer))
+                                       out=self.terminal(spec))
         # multi-node: the outcome every node derives from every node's end record
         return result, self.machines.agree(spec.attempt, result, tail(log_path, start))
+
+    def terminal(self, spec: RunSpec) -> terminal.TracebackFilter | terminal.RankStream:
+        """What of the attempt's output the terminal (or the notebook cell) shows: the worker's without tracebacks;
+        of several ranks, the first rank of this node's, as if it ran alone (the log gets everything)."""
+        shown = terminal.TracebackFilter(proc.byte_stream(sys.stdout))
+        if spec.world_size <= 1:
+            return shown
+        _, local = self.machines.launch_shape(spec)  # ranks on this node
+        return terminal.RankStream(shown, shown=self.node * local)
 
     @contextlib.contextmanager
     def memory_watch(self, spec: RunSpec) -> Iterator[Callable[[ProcessTree], None] | None]:

@@ -47,10 +47,10 @@ def classify(result: AttemptResult, records: Sequence[Failure], log_tail: str) -
     An OOM anywhere makes the attempt an OOM: the NCCL or timeout errors of the other ranks follow from it.
     """
     records = list(records)
+    if result.exit_code == 0:  # finished, even when a stop came as it did: nothing is left to resume
+        return AttemptEnd(Outcome.COMPLETED)
     if result.interrupted:
         return AttemptEnd(Outcome.INTERRUPTED, message=signal.Signals(result.interrupted).name)
-    if result.exit_code == 0:
-        return AttemptEnd(Outcome.COMPLETED)
     ooms = [r for r in records if r.oom]
     if ooms:
         first = min(ooms, key=lambda r: r.t or 0)

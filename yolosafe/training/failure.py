@@ -11,6 +11,7 @@ when the final validation alone fails; the launcher writes one for a rank killed
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from typing import Any
@@ -59,4 +60,7 @@ def write_failure(context: RunContext, exc: BaseException, batch: int | None, de
     record.gpu = index if index is not None else (record.figures or {}).get("gpu")
     peaks = torchmem.peaks(device)
     record.max_allocated_mib, record.max_reserved_mib = peaks["max_allocated_mib"], peaks["max_reserved_mib"]
-    save_failure(context.run_dir, record)
+    try:
+        save_failure(context.run_dir, record)
+    except OSError as err:  # a full or read-only disk: the failure itself is in the log, never a second traceback
+        print(f"yolosafe: cannot write the failure record ({err.strerror})", file=sys.stderr, flush=True)

@@ -22,8 +22,8 @@ from typing import Any
 
 MIB = 2**20
 LOSS_IMGSZ = 160  # the real CPU loss pass: anchors scale as imgsz², so 160 px is 1/16 of 640's
-LOSS_OBJECTS = (4, 256, 1024)  # objects per image in the loss passes: 256 -> 1024 gives the per-object term where
-# the assigner's batch x objects x anchors tensors dominate (a crowded image), 4 the per-image rest
+LOSS_OBJECTS = (4, 64, 256, 1024)  # labels per image in the loss passes: the measured curve; 256 -> 1024 is where
+# the assigner's batch x objects x anchors tensors dominate a detection loss (a crowded image)
 
 
 def _tracker_total(run: Any, module: Any, optimizer: Any = None) -> float:
@@ -167,23 +167,26 @@ def _rebuild(out: Any, leaves: Any) -> Any:
 
 
 def loss_terms(model: Any, imgsz: int) -> dict[str, Any]:
-    """The task's loss at ``imgsz``: a per-image term and a per-object term (MiB), measured at LOSS_IMGSZ and scaled
-    by the anchor count (imgsz²); the task and the head's output channels per anchor (NMS's candidates)."""
+    """The task's loss at ``imgsz``: MiB per image at each of LOSS_OBJECTS labels per image (the curve), measured at
+    LOSS_IMGSZ and scaled by the anchor count (imgsz²); its first point and last slope as per image / per object; the
+    task and the head's output channels per anchor (NMS's candidates)."""
     import ultralytics
 
     task, head = task_of(model), model.model[-1]
     entry: dict[str, Any] = {"task": task, "head_outputs": 4 + int(getattr(head, "nc", 0)) + sum(
         int(getattr(head, k, 0) or 0) for k in ("nm", "nk", "ne"))}
-    few, many, most = LOSS_OBJECTS
     scale = (imgsz / LOSS_IMGSZ) ** 2
-    one_few, two_few = loss_peak(model, 1, few), loss_peak(model, 2, few)
-    per_object = 0.0
-    if task != "classify":
-        per_object = (loss_peak(model, 2, most) - loss_peak(model, 2, many)) / (most - many) / 2
-    entry["loss_per_object_mib"] = round(per_object * scale, 4)
-    entry["loss_per_image_mib"] = round((two_few - one_few - per_object * few) * scale, 3)
+    counts = LOSS_OBJECTS[:1] if task == "classify" else LOSS_OBJECTS
+    one = loss_peak(model, 1, counts[0])
+    two = {n: loss_peak(model, 2, n) for n in counts}
+    fixed = max(2 * one - two[counts[0]], 0.0)  # what does not grow with the batch
+    curve = [(n, round((two[n] - fixed) / 2 * scale, 3)) for n in counts]
+    entry["loss_curve"] = curve
+    slope = (curve[-1][1] - curve[-2][1]) / (curve[-1][0] - curve[-2][0]) if len(curve) > 1 else 0.0
+    entry["loss_per_object_mib"] = round(slope, 4)
+    entry["loss_per_image_mib"] = round(curve[0][1] - slope * curve[0][0], 3)
     entry["loss_source"] = (f"fake pass: the {task} loss measured on CPU at {LOSS_IMGSZ} px with "
-                            f"{few}/{many}/{most} labels per image (ultralytics {ultralytics.__version__})")
+                            f"{'/'.join(map(str, counts))} labels per image (ultralytics {ultralytics.__version__})")
     return entry
 
 

@@ -30,7 +30,7 @@ from yolosafe import proc
 from yolosafe.exits import Exit
 from yolosafe.planning import allocator
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir import runspec
+from yolosafe.rundir import results, runspec
 from yolosafe.rundir.layout import RunDir
 from yolosafe.training import callbacks
 from yolosafe.training import failure as failurerecord
@@ -102,9 +102,13 @@ def train(context: RunContext) -> None:
         kwargs["save_dir"] = str(run_dir)
         kwargs = {k: v for k, v in kwargs.items() if k not in {"project", "name", "exist_ok"}}
         resumed_from = (model.ckpt or {}).get("epoch")
+        if context.rank.leads and isinstance(resumed_from, int) and resumed_from >= 0:
+            results.trim(run_dir, resumed_from + 1)  # Ultralytics appends: the epochs after the checkpoint go
     else:
         model = _load(spec.model)
         resumed_from = None
+        if context.rank.leads:  # a run trained again from the start in its own directory: no rows of before
+            results.trim(run_dir, 0)
     if context.rank.leads:  # one record per attempt; every rank's pid is in its events
         rundir.write_json(RunDir(run_dir).worker(context.attempt), _observed(context, resumed_from))
     install_callbacks(model, context)
@@ -169,6 +173,7 @@ def _stopped(rank: Rank) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
+    proc.reset_inherited_signals()  # first: a stop must reach this process however it was started
     argv = sys.argv[1:] if argv is None else argv
     proc.exit_with_parent()  # the supervisor (or, for a rank, the launcher) SIGKILLed: end too
     rank = Rank.from_env()

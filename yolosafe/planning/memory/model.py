@@ -21,6 +21,7 @@ computes the loss on every batch (the trainer's validation reports val losses) a
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -29,13 +30,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from yolosafe.errors import UsageError
+
 MIB = 2**20
 TABLE_IMGSZ = 640
 # Terms that are not measured by the fake pass, each with where it comes from (docs/memory-model.md):
 CONTEXT_MIB = 500.0  # CUDA context + cuDNN/cuBLAS workspaces, outside the caching allocator: 0.3-0.6 GiB (assumption)
 NCCL_MIB = 300.0  # NCCL's buffers per rank in DDP, outside the caching allocator (assumption, NCCL defaults)
-ALLOCATOR_STEADY = 1.03  # memory_reserved / allocated in steady epochs: the median, 1.031, of the public steady
-# GPU_mem figures over this model's allocation (tests/data/memory_points.yaml); 1.00-1.04 on Ultralytics 8.3
+ALLOCATOR_STEADY = 1.04  # memory_reserved / allocated in steady epochs: the median, 1.041, of the public steady
+# GPU_mem figures over this model's allocation (tests/data/memory_points.yaml); 0.98-1.05 on Ultralytics 8.3
 FRAGMENTATION = MappingProxyType({True: 0.01, False: 0.02})  # what the allocator cannot return under pressure, as a
 # share of the allocation, with / without expandable_segments (assumption: below the public steady median, which also
 # holds returnable cache; expandable segments grow in place, so fewer partly used segments are stranded)
@@ -46,11 +49,11 @@ NMS_BYTES_PER_ANCHOR_OUTPUT = 4  # NMS at conf=0.001 keeps a float copy of an im
 # Bytes per parameter kept through the training step: fp32 weights, gradients, EMA copy, AMP's fp16 weight casts.
 BYTES_WEIGHTS, BYTES_GRADS, BYTES_EMA, BYTES_AMP_CAST = 4, 4, 4, 2
 OPTIMIZER_BYTES = MappingProxyType({"adamw": 8, "adam": 8, "adamax": 8, "nadam": 8, "radam": 8, "sgd": 4, "rmsprop": 4,
-                                   "auto": 8, "muon": 8, "musgd": 8})
+                                   "auto": 8})
 GPU_MEM_UNIT = "GiB"  # Ultralytics 8.3.76 and later print memory_reserved() / 2**30
 
 
-class UnknownModel(LookupError):
+class UnknownModel(UsageError, LookupError):
     """No figures for this model in the table; the message says how to get them (its YAML for a fake pass)."""
 
 
@@ -71,6 +74,20 @@ class Terms:
     task: str = "detect"
     head_outputs: int = 84  # channels per anchor of the head's output (4 box + classes + masks/keypoints/angle)
     loss_source: str = ""
+    loss_curve: tuple[tuple[float, float], ...] = ()  # (labels per image, loss MiB per image), as measured
+    extra_per_object_mib: float = 0.0  # another Ultralytics version's assigner (the public benchmark's)
+
+    def loss_at(self, objects: float) -> float:
+        """The loss's MiB per image with ``objects`` labels in the busiest image: the measured curve, linear between
+        its points and along its last slope beyond (a loss whose mask stage saturates keeps its measured shape);
+        without a curve, per image + per object × objects."""
+        extra = self.extra_per_object_mib * objects
+        curve = self.loss_curve
+        if len(curve) < 2:
+            return self.loss_per_image_mib + self.loss_per_object_mib * objects + extra
+        pairs = itertools.pairwise(curve)
+        (x0, y0), (x1, y1) = next(((a, b) for a, b in pairs if objects <= b[0]), curve[-2:])
+        return y0 + (y1 - y0) * (objects - x0) / (x1 - x0) + extra
 
     def at(self, imgsz: int) -> Terms:
         """The same model at another image size: activations and loss scale with the pixel count (imgsz²)."""
@@ -82,6 +99,8 @@ class Terms:
                        val_act_fixed_mib=self.val_act_fixed_mib * k,
                        val_act_per_image_mib=self.val_act_per_image_mib * k,
                        loss_per_image_mib=self.loss_per_image_mib * k, loss_per_object_mib=self.loss_per_object_mib * k,
+                       loss_curve=tuple((n, mib * k) for n, mib in self.loss_curve),
+                       extra_per_object_mib=self.extra_per_object_mib * k,
                        source=f"{self.source}, scaled from {self.imgsz} to {imgsz} px (imgsz²)")
 
     @property
@@ -102,7 +121,8 @@ def terms_from_entry(name: str, entry: dict[str, Any], source: str) -> Terms:
                  **{k: float(entry[k]) for k in ("train_act_fixed_mib", "train_act_per_image_mib",
                                                   "val_act_fixed_mib", "val_act_per_image_mib",
                                                   "loss_per_image_mib", "loss_per_object_mib")},
-                 source=source, task=task, head_outputs=int(entry.get("head_outputs", 84)), loss_source=loss_source)
+                 source=source, task=task, head_outputs=int(entry.get("head_outputs", 84)), loss_source=loss_source,
+                 loss_curve=tuple((float(n), float(mib)) for n, mib in entry.get("loss_curve", ())))
 
 
 @functools.cache
@@ -216,12 +236,12 @@ def _per_image(t: Terms, setup: Setup, phase: str) -> tuple[float, float, str]:
     """(fixed activations, per image, what the per-image term holds) of one phase, in MiB."""
     if phase == "train":
         precision = 1.0 if setup.amp else FP32_ACTIVATIONS
-        loss = t.loss_per_image_mib + t.loss_per_object_mib * setup.objects_per_image
+        loss = t.loss_at(setup.objects_per_image)
         return (t.train_act_fixed_mib * precision, (t.train_act_per_image_mib + loss) * precision,
                 "activations saved for backward + the loss and its assigner")
     precision = 1.0 if setup.amp else 2.0  # validation runs in half precision with AMP, else fp32
     objects = setup.objects_per_image if setup.val_objects_per_image is None else setup.val_objects_per_image
-    loss = t.loss_per_image_mib + t.loss_per_object_mib * objects  # forward + backward peak: an upper bound
+    loss = t.loss_at(objects)  # forward + backward peak: an upper bound
     nms = t.head_outputs * t.anchors * NMS_BYTES_PER_ANCHOR_OUTPUT / MIB
     area = setup.val_area_share  # rect=True batches: activations, loss and NMS scale with the batch's pixels
     return (t.val_act_fixed_mib * precision * area, (t.val_act_per_image_mib * precision + loss + nms) * area,

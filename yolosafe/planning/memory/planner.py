@@ -24,6 +24,7 @@ from yolosafe.planning.memory import history, hostram, objects
 from yolosafe.planning.memory import model as memmodel
 
 AUTO = "auto"
+CACHE_EMPTIED_ABOVE = 0.5  # Ultralytics empties the CUDA cache around validation above this share of the GPU
 LOW_MARGIN = 0.10  # warn when less than this share of a GPU stays free beside what the plan requires
 FAKEPASS_TIMEOUT_S = 600
 FAKEPASS_FORMAT = 2  # the fake pass's entry format: per-task loss terms with the assigner's per-object slope
@@ -127,6 +128,14 @@ class GpuMemory:
         return max(self.train.required_mib, self.val.required_mib)
 
     @property
+    def gpu_mem_column_gib(self) -> float:
+        """What Ultralytics' GPU_mem column shows in steady epochs on this GPU: the supported Ultralytics empties the
+        CUDA cache around validation only above half the GPU, so below that the validation blocks stay reserved."""
+        train, val = self.train.gpu_mem_mib, self.val.gpu_mem_mib
+        emptied = self.gpu.total_mib and max(train, val) > CACHE_EMPTIED_ABOVE * self.gpu.total_mib
+        return (train if emptied else max(train, val)) / 1024
+
+    @property
     def headroom_mib(self) -> float:
         return (self.gpu.free_mib or 0) - self.required_mib
 
@@ -217,6 +226,7 @@ def resolve_auto(options: dict[str, Any], inventory: gpus.Inventory,
 def _gpu_entry(m: GpuMemory) -> dict[str, Any]:
     return {"index": m.gpu.index, "name": m.gpu.name, "total_mib": m.gpu.total_mib, "free_mib": m.gpu.free_mib,
             "train_gpu_mem_gib": round(m.train.gpu_mem_gib, 2), "val_gpu_mem_gib": round(m.val.gpu_mem_gib, 2),
+            "gpu_mem_column_gib": round(m.gpu_mem_column_gib, 2),
             "train_required_mib": round(m.train.required_mib, 1), "val_required_mib": round(m.val.required_mib, 1),
             "headroom_mib": round(m.headroom_mib, 1), "calibrated_runs": m.calibrated_runs,
             "warnings": m.warnings()}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe import gpus
+from yolosafe.errors import UsageError
 from yolosafe.planning import allocator
 from yolosafe.proc import STRAY_DIST_VARS
 from yolosafe.readers import report
@@ -23,7 +24,7 @@ from yolosafe.rundir import records
 from yolosafe.rundir.layout import RunDir
 
 
-class DoctorError(ValueError):
+class DoctorError(UsageError):
     """A bad argument (a RUN_DIR that is not a run, a malformed YOLOSAFE_FAKE_GPUS): one line, exit status 2."""
 
 
