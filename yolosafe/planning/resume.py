@@ -195,7 +195,7 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
     simulated = bool(story.simulated_on_cpu)
     try:
         if given.get("gpus") is not None:
-            inventory = gpus.read_inventory()
+            inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))
             visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
             chosen = plan.parse_gpus(str(given["gpus"]), visible, inventory.problem)
             simulated = inventory.backend == "fake" and bool(chosen)
