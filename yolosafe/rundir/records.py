@@ -202,6 +202,7 @@ class Failure(Record):
     error: str | None = None
     message: str | None = None
     figures: dict[str, Any] | None = None
+    recovered: str | None = None  # "in_place": the rank caught this OOM and went on (no relaunch)
     name: str = field(default="", compare=False)  # the file it came from (not written back)
 
 

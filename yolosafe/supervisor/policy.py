@@ -45,9 +45,10 @@ class AttemptEnd:
 def classify(result: AttemptResult, records: Sequence[dict[str, Any]], log_tail: str) -> AttemptEnd:
     """An attempt's outcome from its exit status, the failure records its ranks wrote, and the end of its log.
 
-    An OOM anywhere makes the attempt an OOM: the NCCL or timeout errors of the other ranks follow from it.
+    An OOM anywhere makes the attempt an OOM: the NCCL or timeout errors of the other ranks follow from it. An OOM
+    a rank recovered from in place (``recovered``) did not end the attempt.
     """
-    records = list(records)
+    records = [r for r in records if not r.get("recovered")]
     if result.interrupted:
         return AttemptEnd(Outcome.INTERRUPTED, message=signal.Signals(result.interrupted).name)
     if result.exit_code == 0:

@@ -60,6 +60,25 @@ def add_callbacks(model: Any, hooks: Mapping[str, Hook]) -> None:
             model.add_callback(event, hook)
 
 
+def append_event(context: RunContext, event: str, obj: Any, **fields: Any) -> None:
+    """One line of ``events.jsonl``: ``event`` on this rank, at its progress, on the device of ``obj`` (a trainer or
+    validator)."""
+    progress = context.progress
+    # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
+    rundir.append_jsonl(context.run_dir / rundir.node_file(rundir.EVENTS, context.node), {
+        "t": time.time(),
+        "event": event,
+        "phase": progress.phase,
+        "epoch": progress.epoch,
+        "final": progress.final,
+        "rank": context.rank.index,
+        "gpu": context.gpu_index(_device(obj)),
+        "pid": os.getpid(),
+        "attempt": context.attempt,
+        **fields,
+    })
+
+
 def _device(obj: Any) -> Any:
     """The device a trainer or validator runs on."""
     return getattr(obj, "device", None)
@@ -87,20 +106,7 @@ class TrainingCallbacks:
         add_callbacks(model, self.hooks())
 
     def _record(self, event: str, obj: Any, **fields: Any) -> None:
-        progress = self.progress
-        # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
-        rundir.append_jsonl(self.context.run_dir / rundir.node_file(rundir.EVENTS, self.context.node), {
-            "t": time.time(),
-            "event": event,
-            "phase": progress.phase,
-            "epoch": progress.epoch,
-            "final": progress.final,
-            "rank": self.context.rank.index,
-            "gpu": self.context.gpu_index(_device(obj)),
-            "pid": os.getpid(),
-            "attempt": self.context.attempt,
-            **fields,
-        })
+        append_event(self.context, event, obj, **fields)
 
     def on_train_epoch_start(self, trainer: Any) -> None:
         # yolosafe owns OOM recovery: Ultralytics' in-process halving (first epoch, single GPU) would halve the batch

@@ -129,6 +129,25 @@ def _check_callback_order() -> None:
     _in_order(_trainer().final_eval, "self.validator(model=model)", 'self.run_callbacks("on_fit_epoch_end")')
 
 
+def _check_val_loop_alone() -> None:
+    """The validation loop runs between init_metrics and gather_stats with no collective (valretry's retry point),
+    and the val loader is rebuilt through the task trainer's get_dataloader, whose only barrier is the cache one."""
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from yolosafe.training import valretry
+
+    _in_order(BaseValidator.__call__, 'self.loss = {k: torch.zeros_like(v)', "self.init_metrics(",
+              "for batch_i, batch in enumerate(bar):", 'self.run_callbacks("on_val_batch_end")', "self.gather_stats()")
+    text = _source(BaseValidator.__call__)
+    loop = text[text.find("self.init_metrics("):text.find("self.gather_stats()")]
+    assert "dist." not in loop, "a collective inside the validation loop"
+    module = valretry.loader_module(DetectionTrainer)
+    assert hasattr(module, "torch_distributed_zero_first"), f"{module.__name__} has no torch_distributed_zero_first"
+    _in_order(DetectionTrainer.get_dataloader, "with torch_distributed_zero_first(rank):", "self.build_dataset(",
+              "return build_dataloader(", "rank=rank")
+
+
 def _check_val_batch_start() -> None:
     from ultralytics.engine.validator import BaseValidator
 
@@ -242,6 +261,11 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "on_train_batch_start per batch, on_train_epoch_end, validation, save_model, on_fit_epoch_end; then "
                "final_eval validates best.pt and runs on_fit_epoch_end, before on_train_end",
                "BaseTrainer._do_train/final_eval", _check_callback_order),
+    Assumption("val_loop_without_collective", "BaseValidator.__call__ resets the loss and metrics, then loops over "
+               "its own loader with no collective until gather_stats, so one rank can catch an OOM there and validate "
+               "its shard again while the others wait at the gather (InPlaceValRetry); the task trainer's "
+               "get_dataloader rebuilds the loader, its torch_distributed_zero_first being only the cache barrier",
+               "BaseValidator.__call__, DetectionTrainer.get_dataloader", _check_val_loop_alone),
     Assumption("val_batch_start_per_batch", "on_val_batch_start runs once per validation batch before its forward "
                "pass (yolosafe counts the batches itself, never reads validator.batch_i: it is set after the callback)",
                "ultralytics.engine.validator.BaseValidator.__call__", _check_val_batch_start),

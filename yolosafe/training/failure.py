@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 from yolosafe import oom
@@ -46,15 +47,28 @@ def failure_record(context: RunContext, exc: BaseException, batch: int | None) -
     }
 
 
-def write_failure(context: RunContext, exc: BaseException, batch: int | None, device: Any = None) -> None:
+RECOVERED_IN_PLACE = "in_place"  # a record's ``recovered``: caught by the rank, which went on (training.valretry)
+
+
+def write_failure(context: RunContext, exc: BaseException, batch: int | None, device: Any = None,
+                  recovered: Mapping[str, Any] | None = None) -> None:
     """Write this process's failure record (none for Ctrl-C: yolosafe stopped it). ``gpu`` is the rank's CUDA device
     index, which the supervisor's ``CUDA_VISIBLE_DEVICES`` makes the position of the GPU in the plan's ``gpus``;
     torch's peaks are its view at the moment of death (the phase's end event, which holds them otherwise, never
-    comes)."""
+    comes).
+
+    ``recovered`` (figures such as the validation batch it failed at and the next one) marks an OOM the rank
+    recovered from in place: written as ``failure-N-rankR-recoveredK.json`` beside the rank's own record, which the
+    supervisor's classification skips."""
     if isinstance(exc, KeyboardInterrupt):
         return
     record = failure_record(context, exc, batch)
     index = context.gpu_index(device)
     record["gpu"] = index if index is not None else record["figures"].get("gpu")
     record.update({k: v for k, v in torchmem.peaks(device).items() if v is not None})
-    rundir.write_json(rundir.failure_path(context.run_dir, context.attempt, context.rank.index), record)
+    path = rundir.failure_path(context.run_dir, context.attempt, context.rank.index)
+    if recovered is not None:
+        record.update(recovered, recovered=RECOVERED_IN_PLACE)
+        count = len(list(path.parent.glob(f"{path.stem}-recovered*.json")))
+        path = path.with_name(f"{path.stem}-recovered{count + 1}.json")
+    rundir.write_json(path, record)

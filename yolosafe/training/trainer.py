@@ -19,7 +19,7 @@ from ultralytics.models.yolo.obb import OBBTrainer
 from ultralytics.models.yolo.pose import PoseTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
 
-from yolosafe.training import callbacks, peakmetrics
+from yolosafe.training import callbacks, peakmetrics, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 from yolosafe.training.fake import cpuranks
@@ -54,11 +54,14 @@ class LauncherWorldSize(_InContext):
 class ValidationBatch(_InContext):
     """``get_dataloader(mode="val")``: ``--val-batch`` really sets the validation batch. Ultralytics builds the
     validation loader with twice the per-GPU train batch, and the final validation of best.pt reuses that loader;
-    this is the one place both come from."""
+    this is the one place both come from. After a validation OOM recovered in place, the batch that worked
+    (``val_batch_in_place``, :mod:`yolosafe.training.valretry`)."""
+
+    val_batch_in_place: int | None = None
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
         if mode == "val":
-            batch_size = self.run_context.spec.val_batch
+            batch_size = self.val_batch_in_place or self.run_context.spec.val_batch
         return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
 
 
@@ -138,8 +141,19 @@ class FinalValidationMarked(_InContext):
         super().final_eval()
 
 
-MIXINS = (LauncherWorldSize, ValidationBatch, OomInjectionPoint, FailureRecord, AtomicCheckpoints, ResumeNbs,
-          EpochPeakMetrics, FinalValidationMarked)
+class InPlaceValidationRetry(_InContext):
+    """``get_validator``: the validator catches an OOM inside its validation loop and validates this rank's shard
+    again at half the batch, in place (:mod:`yolosafe.training.valretry`); off with ``--val-oom relaunch``."""
+
+    def get_validator(self) -> Any:
+        validator = super().get_validator()
+        if self.run_context.spec.val_oom != valretry.IN_PLACE:
+            return validator
+        return valretry.retrying(validator, self, self.run_context)
+
+
+MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, FailureRecord,
+          AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
 
 
 def trainer_class(task: str, context: RunContext) -> type[BaseTrainer]:
