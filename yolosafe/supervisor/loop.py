@@ -97,7 +97,7 @@ class AttemptLoop:
                 return self._give_up(end, plan, retries, allowed)
             retries += 1
             plan, final_val_only = step.plan, step.final_val_only
-            last = self.run_dir / "weights" / "last.pt"
+            last = resume_checkpoint(self.run_dir)
             resume = last if last.is_file() and not final_val_only else None
             entry.next = step.change
             self.save()
@@ -178,6 +178,17 @@ class AttemptLoop:
         metrics = self.run_dir / rundir.FINAL_METRICS
         if metrics.is_file():
             self.story.final_metrics = rundir.read_json(metrics)
+
+
+UNVALIDATED = "unvalidated.pt"  # an epoch trained, not yet validated (yolosafe.training.valretry.UNVALIDATED)
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """What the next attempt resumes from: the epoch trained but not validated when a validation failed (rank 0
+    keeps it only until that epoch's last.pt is written, so it is the newer), else ``last.pt``."""
+    weights = run_dir / "weights"
+    unvalidated = weights / UNVALIDATED
+    return unvalidated if unvalidated.is_file() else weights / "last.pt"
 
 
 def keep_checkpoint(last: Path, attempt: int, writer: bool = True) -> Path:

@@ -152,7 +152,53 @@ class InPlaceValidationRetry(_InContext):
         return valretry.retrying(validator, self, self.run_context)
 
 
-MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, FailureRecord,
+class ValidateFirst(_InContext):
+    """``validate``, ``save_model``, ``resume_training``, ``_setup_train``, ``_do_train``: no epoch is trained twice
+    after a validation OOM that needed a relaunch. Rank 0 keeps each epoch's trained state right before its
+    validation (``weights/unvalidated.pt``, gone once the epoch's last.pt is written); a run resumed from it validates
+    that epoch first, then trains on from the next (or, after the last epoch, runs only the final validation).
+    Off with ``--val-oom relaunch``. Inside :class:`FailureRecord`: its end of the run is no failure."""
+
+    validation_pending: dict[str, Any] | None = None
+
+    def validate(self) -> tuple[Any, Any]:
+        if (self.run_context.rank.leads and self.run_context.spec.val_oom == valretry.IN_PLACE
+                and self.validation_pending is None):
+            valretry.save_unvalidated(self)
+        return super().validate()
+
+    def save_model(self) -> bool:
+        saved = super().save_model()
+        if self.last.name != valretry.UNVALIDATED:  # this epoch is validated and kept: the unvalidated state is old
+            (self.wdir / valretry.UNVALIDATED).unlink(missing_ok=True)
+        return saved
+
+    def resume_training(self, ckpt: Any) -> None:
+        mark = valretry.pending(ckpt) if self.resume else None
+        if mark is None:
+            return super().resume_training(ckpt)
+        self.validation_pending, epochs = mark, self.epochs
+        self.epochs = max(epochs, int(mark["epoch"]) + 2)  # Ultralytics refuses to resume after the last epoch
+        try:
+            super().resume_training(ckpt)
+        finally:
+            self.epochs = epochs
+
+    def _setup_train(self) -> None:
+        super()._setup_train()
+        if self.validation_pending is not None:
+            valretry.validate_pending(self, self.validation_pending)
+            self.validation_pending = None
+
+    def _do_train(self) -> None:
+        try:
+            super()._do_train()
+        except valretry.TrainingDone:
+            self.validation_pending = None
+            valretry.finish(self)
+
+
+MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, FailureRecord, ValidateFirst,
           AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
 
 

@@ -158,3 +158,83 @@ def retrying(validator: Any, trainer: Any, context: RunContext) -> Any:
     validator.__class__ = type(f"Retrying{base.__name__}", (InPlaceValRetry, base), {})
     validator.val_retry = ValRetry(trainer, context)
     return validator
+
+
+# A validation OOM that still needs a relaunch trains nothing again: rank 0 keeps each epoch's trained state right
+# before its validation (weights/unvalidated.pt, marked in its train_metrics), the supervisor resumes from it, and the
+# relaunched ranks validate that epoch first, writing its results.csv row, last.pt and best.pt as Ultralytics would.
+UNVALIDATED = "unvalidated.pt"
+MARK = "yolosafe/unvalidated"  # in the checkpoint's train_metrics: the epoch, its train losses and learning rates
+
+
+class TrainingDone(Exception):
+    """The validated epoch was the last one (or early stopping ended the run): only the final validation is left."""
+
+
+def save_unvalidated(trainer: Any) -> None:
+    """Rank 0, right before an epoch's validation: its trained state through Ultralytics' own ``save_model``, into
+    ``weights/unvalidated.pt`` (never best.pt or epochN.pt)."""
+    saved = trainer.last, trainer.best, trainer.save_period, trainer.metrics
+    trainer.last, trainer.best = trainer.wdir / UNVALIDATED, trainer.wdir / f".{UNVALIDATED}.best"
+    trainer.save_period = -1
+    trainer.metrics = {**(trainer.metrics or {}), MARK: {
+        "epoch": trainer.epoch, "train": trainer.label_loss_items(trainer.tloss), "lr": dict(trainer.lr),
+        "loss_items": {k: v.detach().cpu().tolist() for k, v in trainer.loss_items.items()},
+        "loss": float(trainer.loss.detach().cpu())}}
+    try:
+        trainer.save_model()
+    finally:
+        trainer.best.unlink(missing_ok=True)
+        trainer.last, trainer.best, trainer.save_period, trainer.metrics = saved
+
+
+def pending(ckpt: Any) -> dict[str, Any] | None:
+    """The mark of a checkpoint written before its epoch's validation; None for any other."""
+    mark = ((ckpt or {}).get("train_metrics") or {}).get(MARK) if isinstance(ckpt, dict) else None
+    return mark if isinstance(mark, dict) and mark.get("epoch") == ckpt.get("epoch") else None
+
+
+def validate_pending(trainer: Any, mark: dict[str, Any]) -> None:
+    """Validate the resumed epoch and close it as ``BaseTrainer._do_train`` closes an epoch (metrics row, stopper,
+    checkpoints, ``on_fit_epoch_end``, the stop shared by every rank); :class:`TrainingDone` when the run stops
+    there."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from ultralytics.utils import RANK
+
+    epoch = trainer.epoch = trainer.run_context.progress.epoch = int(mark["epoch"])
+    trainer.train_time_start = getattr(trainer, "train_time_start", None) or time.time()
+    trainer.lr = dict(mark.get("lr") or {})
+    # what the first training step would have set: the validator's loss accumulators take their keys and shapes
+    trainer.loss_items = {k: torch.tensor(v, device=trainer.device) for k, v in mark["loss_items"].items()}
+    trainer.loss_names = trainer.loss_names or tuple(trainer.loss_items)
+    trainer.loss = torch.tensor(mark["loss"], device=trainer.device)  # the fitness of a task without one
+    final_epoch = epoch + 1 >= trainer.epochs
+    trainer.metrics, trainer.fitness = trainer.validate()
+    if RANK in {-1, 0}:
+        trainer.save_metrics(metrics={**mark.get("train", {}), **trainer.metrics, **trainer.lr})
+        trainer.stop |= trainer.stopper(epoch + 1, trainer.fitness) or final_epoch
+        if (trainer.args.save or final_epoch) and trainer.save_model():
+            trainer.run_callbacks("on_model_save")
+    trainer.run_callbacks("on_fit_epoch_end")
+    if RANK != -1:
+        shared = [trainer.stop if RANK == 0 else None]
+        dist.broadcast_object_list(shared, 0)
+        trainer.stop = shared[0]
+    if trainer.stop:
+        raise TrainingDone
+
+
+def finish(trainer: Any) -> None:
+    """What ``BaseTrainer._do_train`` does after its last epoch: the final validation of best.pt, the plots,
+    ``on_train_end``."""
+    from ultralytics.utils import RANK
+
+    trainer.final_eval()
+    if RANK in {-1, 0}:
+        if trainer.args.plots:
+            trainer.plot_metrics()
+        trainer.run_callbacks("on_train_end")
+    trainer._clear_memory()
