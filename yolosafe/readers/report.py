@@ -96,7 +96,8 @@ def torch_peaks(run_dir: Path, node: int = 0) -> dict[tuple[int, str], dict[str,
 
 
 def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
-    """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells."""
+    """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells,
+    and ``recovered`` ("in_place") for a validation OOM the rank went on from with half its validation batch."""
     gpus = plan_gpus(run_dir, node)
     nproc = max(len(gpus), 1) if int(_story(run_dir, node).get("plan", {}).get("nnodes") or 1) > 1 else None
     found = []
@@ -108,7 +109,8 @@ def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
         if index is None and record.rank is not None and gpus:
             index = rank % nproc if nproc else rank
         found.append({"t": record.t, "attempt": record.attempt, "phase": record.phase, "epoch": record.epoch,
-                      "rank": record.rank, "gpu": nvml_index(gpus, index)})
+                      "rank": record.rank, "gpu": nvml_index(gpus, index),
+                      **({"recovered": record.recovered, "val_batch": record.val_batch} if record.recovered else {})})
     return found
 
 

@@ -81,6 +81,11 @@ def run_causes(view: RunView | None) -> list[Cause]:
                      "that file")] if view.problem else []
     ooms = [f for f in view.failures if f.oom]
     done = [a for a in story.attempts if a.outcome == "completed"]
+    in_place = [f for f in ooms if f.recovered]
+    if story.outcome == "completed" and in_place and len(in_place) == len(ooms):
+        worked = min(int(f.extra.get("next_val_batch") or 1) for f in in_place)
+        return [Cause(f"validation ran out of memory {len(in_place)} time(s) and was recovered in place (no relaunch): "
+                      f"the smallest validation batch that worked was {worked} per GPU", f"--val-batch {worked}")]
     if story.outcome == "completed" and ooms and done and done[-1].batch:
         last = done[-1]
         nbs = last.nbs or story.plan.get("effective_batch")

@@ -63,8 +63,9 @@ def _failure_lines(view: RunView) -> list[str]:
         numbers = ", ".join(f"{k.removesuffix('_mib').replace('_', ' ')} {v:.0f} MiB" for k, v in figures.items()
                             if k.endswith("_mib") and isinstance(v, (int, float)))
         what = "OOM" if f.oom else (f.error or "failure")
+        then = f", recovered in place at val batch {f.extra.get('next_val_batch')}" if f.recovered else ""
         lines.append(f"  {f.name}: {what} in {f.phase} at epoch {f.epoch}, rank {f.rank} (batch {f.batch}/GPU, "
-                     f"val batch {f.val_batch}/GPU){': ' + numbers if numbers else ''}")
+                     f"val batch {f.val_batch}/GPU{then}){': ' + numbers if numbers else ''}")
     return lines
 
 
