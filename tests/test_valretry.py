@@ -113,7 +113,7 @@ def test_rank_1_validation_oom_is_recovered_in_place_in_one_attempt(run_cli, tmp
     finished(run, 2)
     trained_once(run, 2, (0, 1))
     assert ("OOM in validation at epoch 2/2 on rank 1, GPU 1: val batch 4 -> 2 on that rank, validated again in "
-            "place") in result.stderr
+            "place") in result.stdout  # the ranks' output reaches the terminal through the supervisor
     [record] = recovered_records(run)
     assert (record["rank"], record["phase"], record["epoch"], record["recovered"]) == (1, "val", 1, "in_place")
     assert (record["val_batch"], record["next_val_batch"], record["error"]) == (4, 2, "OutOfMemoryError")
@@ -135,7 +135,7 @@ def test_rank_0_final_validation_oom_is_recovered_in_place(run_cli, tmp_path):
     run = run_dir_of(tmp_path)
     finished(run, 1)
     trained_once(run, 1, (0, 1))
-    assert "OOM in the final validation on rank 0, GPU 0: val batch 4 -> 2 on that rank" in result.stderr
+    assert "OOM in the final validation on rank 0, GPU 0: val batch 4 -> 2 on that rank" in result.stdout
     [record] = recovered_records(run)
     assert (record["rank"], record["phase"], record["next_val_batch"]) == (0, "final", 2)
 
@@ -168,7 +168,7 @@ def test_one_process_retry_gives_the_metrics_of_the_smaller_batch_from_the_start
     assert retried.returncode == 0, retried.stderr[-3000:]
     plain = run_cli("train", "--epochs", "1", "--name", "plain", *TINY, "--val-batch", "4")
     assert plain.returncode == 0, plain.stderr[-3000:]
-    assert "OOM in validation at epoch 1/1: val batch 8 -> 4, validated again in place" in retried.stderr
+    assert "OOM in validation at epoch 1/1: val batch 8 -> 4, validated again in place" in retried.stdout
     rows = {}
     for name in ("retried", "plain"):
         run = run_dir_of(tmp_path, name)
@@ -176,3 +176,48 @@ def test_one_process_retry_gives_the_metrics_of_the_smaller_batch_from_the_start
         header, row = (line.split(",") for line in (run / "results.csv").read_text().strip().splitlines()[:2])
         rows[name] = {k: v for k, v in zip(header, row, strict=True) if k.startswith(("metrics/", "val/", "train/"))}
     assert any(k.startswith("metrics/") for k in rows["plain"]) and rows["retried"] == rows["plain"]
+
+
+# -- the GPU check's figures, without a GPU ----------------------------------------------------------------------------
+
+def gpu_check():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_check_caps_between_the_peaks_it_measured():
+    check = gpu_check()
+    assert check.cap_between(2000, 6000, 100_000) == 0.044  # 60 % of the way from 2000 to 6000 MiB of 100000
+    assert check.cap_between(2000, 2200, 100_000) is None  # too close to make validation alone run out
+    assert check.cap_between(2000, 6000, 0) is None
+
+
+def test_the_gpu_check_compares_the_watch_and_the_plan_with_torch(tmp_path):
+    check = gpu_check()
+    summary = {"gpus": {"0": {"phases": {
+        "train": {"peak_used_mib": 3100, "peak_ours_mib": 3000, "torch_max_reserved_mib": 2500},
+        "val": {"peak_used_mib": 5200, "peak_ours_mib": 5000, "torch_max_reserved_mib": 4400},
+        "final": {"peak_used_mib": 5300, "peak_ours_mib": 5100, "torch_max_reserved_mib": None}}}}}
+    (tmp_path / "memory_summary.json").write_text(json.dumps(summary))
+    measured = check.watch_vs_torch(tmp_path)
+    assert measured["train"]["nvml_minus_torch_mib"] == 500 and measured["final"]["nvml_minus_torch_mib"] is None
+    plan = {"memory": {"predicted": {"train": {"peak_mib": 2400}, "val": {"peak_mib": 6000}}}}
+    found = check.plan_vs_measured(plan, measured)
+    assert found["train"] == {"predicted_mib": 2400, "measured_mib": 3000, "measured_over_predicted": 1.25}
+    assert found["val"]["measured_mib"] == 5100 and found["val"]["measured_over_predicted"] == 0.85
+    (tmp_path / "events.jsonl").write_text("\n".join(json.dumps(e) for e in (
+        {"event": "train_end", "phase": "train", "max_reserved_mib": 2500.0},
+        {"event": "val_end", "phase": "val", "max_reserved_mib": 4400.0},
+        {"event": "val_start", "phase": "val", "batch": 8})))
+    assert check.torch_peaks(tmp_path) == {"train": 2500.0, "val": 4400.0}
+    (tmp_path / "failure-1-rank0-recovered1.json").write_text(json.dumps(
+        {"oom": True, "phase": "val", "val_batch": 256, "next_val_batch": 128, "recovered": "in_place",
+         "message": "CUDA out of memory. Tried to allocate 2.00 GiB"}))
+    assert check.run_summary(tmp_path)["ooms"] == [{"phase": "val", "epoch": None, "val_batch": 256,
+                                                    "next_val_batch": 128, "recovered": "in_place", "batch": None,
+                                                    "real": True}]

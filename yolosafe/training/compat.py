@@ -142,6 +142,9 @@ def _check_val_loop_alone() -> None:
     text = _source(BaseValidator.__call__)
     loop = text[text.find("self.init_metrics("):text.find("self.gather_stats()")]
     assert "dist." not in loop, "a collective inside the validation loop"
+    import sys
+
+    assert hasattr(sys.modules[BaseValidator.__module__], "torch_distributed_zero_first"), "no barrier to lift"
     module = valretry.loader_module(DetectionTrainer)
     assert hasattr(module, "torch_distributed_zero_first"), f"{module.__name__} has no torch_distributed_zero_first"
     _in_order(DetectionTrainer.get_dataloader, "with torch_distributed_zero_first(rank):", "self.build_dataset(",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,16 +58,23 @@ class InPlaceValRetry:
         super().gather_stats()  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        again = False
         while True:
             self._in_loop = False
             try:
-                return super().__call__(*args, **kwargs)  # type: ignore[misc]
+                if not again:
+                    return super().__call__(*args, **kwargs)  # type: ignore[misc]
+                # Validated again by this rank alone: the set-up's once-per-node barrier (the final validation's
+                # data check, save_txt's clean-up) would wait for ranks that wait at the gather.
+                with no_barriers(type(self)):
+                    return super().__call__(*args, **kwargs)  # type: ignore[misc]
             except RuntimeError as exc:
                 lost = self.val_retry.caught(self, exc) if self._in_loop else None
                 if lost is None:
                     raise
             # Outside the except block: the exception and its traceback (the failed batch's frames) are gone.
             self.val_retry.again(self, lost)
+            again = True
 
 
 class ValRetry:
@@ -117,21 +125,31 @@ def loader_module(trainer_class: type) -> Any:
     raise LookupError(f"no Ultralytics get_dataloader in {trainer_class.__name__}")
 
 
+@contextlib.contextmanager
+def no_barriers(cls: type) -> Iterator[None]:
+    """``torch_distributed_zero_first`` (Ultralytics' once-per-node barrier) a plain block in the Ultralytics modules
+    of ``cls`` and its bases, for the duration (this process only: every rank is a process of its own)."""
+    modules = {sys.modules[c.__module__] for c in cls.__mro__ if c.__module__.startswith("ultralytics.")}
+    modules = {m for m in modules if hasattr(m, "torch_distributed_zero_first")}
+    saved = {m: m.torch_distributed_zero_first for m in modules}
+    try:
+        for module in modules:
+            module.torch_distributed_zero_first = _no_barrier
+        yield
+    finally:
+        for module, barrier in saved.items():
+            module.torch_distributed_zero_first = barrier
+
+
 def build_val_loader(trainer: Any, batch: int) -> Any:
     """The rank's validation loader at ``batch``, built by the task trainer's own ``get_dataloader`` (same split,
-    same shard; rect shapes follow the batch), without its dataset-cache barrier (``torch_distributed_zero_first``):
-    the cache exists by now, and a barrier inside one rank's validation would wait for ranks that wait at the
-    gather."""
+    same shard; rect shapes follow the batch), without its dataset-cache barrier: the cache exists by now, and a
+    barrier inside one rank's validation would wait for ranks that wait at the gather."""
     from ultralytics.utils import LOCAL_RANK
 
     trainer.val_batch_in_place = batch  # yolosafe.training.trainer.ValidationBatch reads it
-    module = loader_module(type(trainer))
-    barrier = module.torch_distributed_zero_first
-    module.torch_distributed_zero_first = _no_barrier
-    try:
+    with no_barriers(type(trainer)):
         return trainer.get_dataloader(trainer.data[trainer.args.split], batch_size=batch, rank=LOCAL_RANK, mode="val")
-    finally:
-        module.torch_distributed_zero_first = barrier
 
 
 def _no_barrier(_local_rank: int) -> contextlib.AbstractContextManager[None]:
