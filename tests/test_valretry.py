@@ -221,3 +221,34 @@ def test_the_gpu_check_compares_the_watch_and_the_plan_with_torch(tmp_path):
     assert check.run_summary(tmp_path)["ooms"] == [{"phase": "val", "epoch": None, "val_batch": 256,
                                                     "next_val_batch": 128, "recovered": "in_place", "batch": None,
                                                     "real": True}]
+
+
+# -- near misses: the assigner's own OOM fallback ----------------------------------------------------------------------
+
+def test_the_assigners_oom_fallback_is_recorded_reported_and_diagnosed(tmp_path):
+    """Ultralytics' own warning, on its own logger, as TaskAlignedAssigner words it: one event, in the report's
+    near misses and in doctor's causes."""
+    from types import SimpleNamespace
+
+    from ultralytics.utils import LOGGER
+
+    from yolosafe.readers import report
+    from yolosafe.readers.doctor.causes import _near_misses
+    from yolosafe.readers.doctor.diagnosis import RunView
+    from yolosafe.training import callbacks
+
+    context = run_context(tmp_path)
+    context.progress.epoch, context.progress.iteration = 2, 5
+    callbacks.watch_assigner(context, SimpleNamespace(device=None))
+    callbacks.watch_assigner(context, SimpleNamespace(device=None))  # once per process
+    try:
+        LOGGER.warning("CUDA out of memory in TaskAlignedAssigner with batch_size=32 and max_num_obj=412; retrying "
+                       "assignment one image at a time on GPU. Model forward batch size is unchanged.")
+    finally:
+        for handler in [h for h in LOGGER.handlers if isinstance(h, callbacks.AssignerNearMiss)]:
+            LOGGER.removeHandler(handler)
+    [miss] = report.near_misses(tmp_path)
+    assert (miss["batch"], miss["max_num_obj"], miss["epoch"], miss["iteration"]) == (32, 412, 2, 5)
+    [cause] = _near_misses(RunView(str(tmp_path), memory={"near_misses": [miss]}))
+    assert cause.finding.startswith("the training step ran out of memory in the assigner at batch 32 in epoch 3 and "
+                                    "went on slowly")

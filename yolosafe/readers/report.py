@@ -114,6 +114,13 @@ def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
     return found
 
 
+def near_misses(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
+    """The training steps that ran out of memory in Ultralytics' assigner and went on, one image at a time (its
+    ``assigner_oom`` events): batch, ``max_num_obj``, where."""
+    keys = ("t", "attempt", "epoch", "iteration", "rank", "gpu", "batch", "max_num_obj")
+    return [{k: e.get(k) for k in keys} for e in events(run_dir, node) if e.get("event") == "assigner_oom"]
+
+
 def _num(value: Any, digits: int = 1) -> float | None:
     """A JSON-safe rounded number: None for a missing figure (None or NaN)."""
     return None if value is None or math.isnan(value) else round(float(value), digits)
@@ -164,6 +171,7 @@ def summarize(run_dir: Path, samples: pd.DataFrame, node: int = 0) -> dict[str, 
         "gpus": gpus,
         "warnings": watch.get("warnings", []),
         "ooms": ooms(run_dir, node),
+        **({"near_misses": found} if (found := near_misses(run_dir, node)) else {}),
     }
 
 

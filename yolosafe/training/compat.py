@@ -151,6 +151,19 @@ def _check_val_loop_alone() -> None:
               "return build_dataloader(", "rank=rank")
 
 
+def _check_assigner_warning() -> None:
+    from ultralytics.utils.tal import TaskAlignedAssigner
+
+    from yolosafe.training import callbacks
+
+    text = inspect.getsource(TaskAlignedAssigner.forward)
+    found = re.search(r'f"(CUDA out of memory in TaskAlignedAssigner with batch_size=)\{bs\}( and max_num_obj=)'
+                      r'\{n_max_boxes\}', text)
+    assert found, "the assigner's OOM warning is not worded as yolosafe reads it"
+    assert callbacks.ASSIGNER_OOM.search(f"{found[1]}32{found[2]}7"), "callbacks.ASSIGNER_OOM does not match it"
+    _in_order(TaskAlignedAssigner.forward, "except RuntimeError", "LOGGER.warning(", "self._forward(")
+
+
 def _check_val_batch_start() -> None:
     from ultralytics.engine.validator import BaseValidator
 
@@ -269,6 +282,10 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "its shard again while the others wait at the gather (InPlaceValRetry); the task trainer's "
                "get_dataloader rebuilds the loader, its torch_distributed_zero_first being only the cache barrier",
                "BaseValidator.__call__, DetectionTrainer.get_dataloader", _check_val_loop_alone),
+    Assumption("assigner_oom_warning", "TaskAlignedAssigner catches a CUDA OOM, logs 'CUDA out of memory in "
+               "TaskAlignedAssigner with batch_size=B and max_num_obj=N' on Ultralytics' logger and assigns one image "
+               "at a time (callbacks.AssignerNearMiss records it)", "ultralytics.utils.tal.TaskAlignedAssigner.forward",
+               _check_assigner_warning),
     Assumption("val_batch_start_per_batch", "on_val_batch_start runs once per validation batch before its forward "
                "pass (yolosafe counts the batches itself, never reads validator.batch_i: it is set after the callback)",
                "ultralytics.engine.validator.BaseValidator.__call__", _check_val_batch_start),

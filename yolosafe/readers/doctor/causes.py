@@ -93,7 +93,19 @@ def run_causes(view: RunView | None) -> list[Cause]:
                       f"{last.batch} ({last.per_gpu_batch} per GPU), val batch {last.val_batch} per GPU",
                       f"--batch {last.batch} --effective-batch {nbs} --val-batch {last.val_batch}")]
     found = [_val_cause(ooms, story), _train_cause(ooms, story), _fragmentation(ooms, story)]
-    return [*damaged, *(c for c in found if c is not None)]
+    return [*damaged, *(c for c in found if c is not None), *_near_misses(view)]
+
+
+def _near_misses(view: RunView) -> list[Cause]:
+    """The assigner's OOMs: the step went on, slowly, one image at a time; a smaller batch avoids the next."""
+    found = []
+    for miss in (view.memory or {}).get("near_misses", []):
+        epoch = "" if miss.get("epoch") is None else f" in epoch {miss['epoch'] + 1}"
+        rank = "" if miss.get("rank") in (None, -1) else f" on rank {miss['rank']}"
+        found.append(Cause(f"the training step ran out of memory in the assigner at batch {miss.get('batch')}{epoch}"
+                           f"{rank} and went on slowly (one image at a time; max_num_obj {miss.get('max_num_obj')})",
+                           "a smaller --batch, or images with fewer objects"))
+    return found
 
 
 def _holder_cause(h: Holder, rest: str) -> Cause | None:
