@@ -160,6 +160,18 @@ def test_repeated_validation_ooms_down_to_batch_1_relaunch_without_training_agai
 
 
 @pytest.mark.slow
+def test_a_relaunch_after_a_middle_epochs_validation_validates_it_and_trains_on(run_cli, tmp_path):
+    result = run_cli("train", "--gpus", "0,1", "--epochs", "3", *TINY,
+                     env={**TWO, "YOLOSAFE_INJECT_OOM": "phase=val,epoch=1,rank=1,times=3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    finished(run, 3, attempts=2)
+    trained_once(run, 3, (0, 1))
+    second = [(e["event"], e["phase"], e["epoch"]) for e in events(run) if e["attempt"] == 2 and e["rank"] == 0]
+    assert second[:3] == [("val_start", "val", 1), ("val_end", "val", 1), ("train_start", "train", 2)]
+
+
+@pytest.mark.slow
 def test_one_process_retry_gives_the_metrics_of_the_smaller_batch_from_the_start(run_cli, tmp_path):
     """One process: validation at 8 fails on its first batch and runs again at 4; a run validated at 4 from the
     start (same seed) has the same validation metrics and losses."""
