@@ -83,10 +83,10 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
     where = f"rank {args.ranks - 1} in the validation of epoch {args.epochs - 1}/{args.epochs}"
     print(f"{args.ranks} ranks, OOM on {where}")
-    print(f"{'':>9}  {'attempts':>8}  {'OOM -> next epoch':>17}  {'iterations redone':>17}  {'epochs redone':>13}")
+    print(f"{'':>9}  {'attempts':>8}  {'OOM -> next epoch':>17}  {'iterations redone':>17}  {'rank-epochs redone':>18}")
     for mode, m in found.items():
         print(f"{mode:>9}  {m['attempts']:>8}  {m['oom_to_next_epoch_s']:>16.1f}s  {m['iterations_redone']:>17}  "
-              f"{m['epochs_redone']:>13}")
+              f"{m['epochs_redone']:>18}")
     inplace, relaunch = found["in-place"], found["relaunch"]
     print(f"ratio in place / relaunch: time {inplace['oom_to_next_epoch_s'] / relaunch['oom_to_next_epoch_s']:.2f}, "
           f"iterations redone {inplace['iterations_redone']}/{relaunch['iterations_redone']}")

@@ -102,6 +102,14 @@ def test_a_validation_loop_with_a_collective_fails_naming_the_assumption(monkeyp
         assumption.verify()
 
 
+def test_a_wrong_val_oom_is_one_line_before_anything_starts(run_cli, tmp_path):
+    (tmp_path / "c.yaml").write_text("val_oom: sometimes\n")
+    for args in (["--val-oom", "sometimes"], ["--config", "c.yaml"]):
+        result = run_cli("train", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "sometimes" in result.stderr and "in-place" in result.stderr and not (tmp_path / "runs").exists()
+
+
 # -- drills: real trainings -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
