@@ -272,3 +272,13 @@ def test_the_assigners_oom_fallback_is_recorded_reported_and_diagnosed(tmp_path)
     [cause] = _near_misses(RunView(str(tmp_path), memory={"near_misses": [miss]}))
     assert cause.finding.startswith("the training step ran out of memory in the assigner at batch 32 in epoch 3 and "
                                     "went on slowly")
+
+
+def test_the_history_keeps_the_ooms_a_run_went_on_from(tmp_path):
+    from yolosafe.planning.memory import history
+
+    (tmp_path / "failure-1-rank1-recovered1.json").write_text(json.dumps(
+        {"oom": True, "recovered": "in_place", "phase": "val", "gpu": 1}))
+    (tmp_path / "failure-1-rank0.json").write_text(json.dumps({"oom": True, "phase": "val", "gpu": 0}))  # relaunched
+    (tmp_path / "events.jsonl").write_text(json.dumps({"event": "assigner_oom", "phase": "train", "gpu": 0}) + "\n")
+    assert history.near_misses(tmp_path, [2, 3]) == {(3, "val"): 1, (2, "train"): 1}  # the plan's GPUs 2 and 3
