@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import TINY, run_dir_of, story
 from tests.contexts import run_context
 from yolosafe.proc import AttemptResult
-from yolosafe.rundir.records import Outcome
+from yolosafe.rundir.records import Failure, Outcome
 from yolosafe.supervisor import loop, policy
 from yolosafe.training import compat, valretry
 from yolosafe.training.context import Rank
@@ -60,9 +60,9 @@ def test_the_line_names_the_epoch_the_rank_and_its_gpu(tmp_path):
 
 
 def test_a_recovered_record_does_not_end_the_attempt():
-    recovered = {"oom": True, "recovered": "in_place", "phase": "val", "rank": 1, "t": 1.0}
+    recovered = Failure.new(oom=True, recovered="in_place", phase="val", rank=1, t=1.0)
     assert policy.classify(AttemptResult(0, 1.0), [recovered], "").outcome == Outcome.COMPLETED
-    failed = {"oom": False, "error": "ValueError", "message": "bad", "phase": "train", "rank": 0, "t": 2.0}
+    failed = Failure.new(oom=False, error="ValueError", message="bad", phase="train", rank=0, t=2.0)
     end = policy.classify(AttemptResult(1, 1.0), [recovered, failed], "")
     assert (end.outcome, end.phase) == (Outcome.FAILED, "train")  # the recovered OOM is no cause
 
