@@ -282,3 +282,17 @@ def test_the_history_keeps_the_ooms_a_run_went_on_from(tmp_path):
     (tmp_path / "failure-1-rank0.json").write_text(json.dumps({"oom": True, "phase": "val", "gpu": 0}))  # relaunched
     (tmp_path / "events.jsonl").write_text(json.dumps({"event": "assigner_oom", "phase": "train", "gpu": 0}) + "\n")
     assert history.near_misses(tmp_path, [2, 3]) == {(3, "val"): 1, (2, "train"): 1}  # the plan's GPUs 2 and 3
+
+
+def test_every_ranks_own_yolosafe_line_reaches_the_terminal():
+    """Of several ranks the terminal shows the first rank's output, and yolosafe's own lines of any rank (the line
+    of an OOM rank 1 recovered in place)."""
+    import io
+
+    from yolosafe.supervisor.terminal import RankStream
+
+    out = io.BytesIO()
+    RankStream(out).write(b"[rank0]: epoch 1\n[rank1]: epoch 1 again\n[rank1]: yolosafe: OOM in validation at epoch "
+                          b"1/2 on rank 1, GPU 1: val batch 4 -> 2 on that rank, validated again in place\n")
+    assert out.getvalue() == (b"epoch 1\nyolosafe: OOM in validation at epoch 1/2 on rank 1, GPU 1: val batch 4 -> 2 "
+                              b"on that rank, validated again in place\n")

@@ -218,7 +218,8 @@ class Supervisor:
         shown = terminal.TracebackFilter(proc.byte_stream(sys.stdout))
         if spec.world_size <= 1:
             return shown
-        local = self.multi.nproc if self.multi else spec.world_size
+        multi = self.options.multinode
+        local = multi.nproc if multi else spec.world_size
         return terminal.RankStream(shown, shown=self.node * local)
 
     @contextlib.contextmanager
