@@ -23,9 +23,11 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from yolosafe import oom
+from yolosafe.rundir import results
 from yolosafe.training import callbacks, torchmem
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
@@ -232,6 +234,7 @@ def validate_pending(trainer: Any, mark: dict[str, Any]) -> None:
     final_epoch = epoch + 1 >= trainer.epochs
     trainer.metrics, trainer.fitness = trainer.validate()
     if RANK in {-1, 0}:
+        results.trim(Path(trainer.csv).parent, epoch)  # a row of this epoch written before a stop goes: once each
         trainer.save_metrics(metrics={**mark.get("train", {}), **trainer.metrics, **trainer.lr})
         trainer.stop |= trainer.stopper(epoch + 1, trainer.fitness) or final_epoch
         if (trainer.args.save or final_epoch) and trainer.save_model():
