@@ -16,7 +16,8 @@ Steps (each a real ``yolosafe`` command, as a user runs it, on GPU 0, on a synth
 ``--dry`` runs every step on a machine without a GPU (fake GPUs, CPU training, small images; the OOMs injected with
 ``YOLOSAFE_INJECT_OOM`` instead of a cap), so the script itself is checked wherever the tests run.
 
-Usage: ``python benchmarks/gpu_check.py --out gpu_check.json [--dry] [--timeout 150]``.
+Usage: ``python benchmarks/gpu_check.py --out gpu_check.json [--dry] [--timeout 90]`` (five trainings of at most
+``--timeout`` seconds each: under 8 minutes).
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--dry", action="store_true", help="no GPU: fake GPUs, CPU training, injected OOMs")
-    parser.add_argument("--timeout", type=float, default=150.0, help="seconds for each training step")
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds for each training step")
     args = parser.parse_args()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="yolosafe-gpu-check-") as tmp:
