@@ -16,7 +16,7 @@ Steps (each a real ``yolosafe`` command, as a user runs it, on GPU 0, on a synth
 ``--dry`` runs every step on a machine without a GPU (fake GPUs, CPU training, small images; the OOMs injected with
 ``YOLOSAFE_INJECT_OOM`` instead of a cap), so the script itself is checked wherever the tests run.
 
-Usage: ``python benchmarks/gpu_check.py --out gpu_check.json [--dry] [--timeout 90]`` (five trainings of at most
+Usage: ``python benchmarks/gpu_check.py --out gpu_check.json [--dry] [--timeout 90]`` (four trainings of at most
 ``--timeout`` seconds each: under 8 minutes).
 """
 
