@@ -161,7 +161,8 @@ def test_oom_on_rank_2_of_4_in_training_halves_every_rank(run_cli, tmp_path):
 
 @pytest.mark.slow
 def test_oom_on_rank_1_in_validation_halves_the_val_batch_of_every_rank(run_cli, tmp_path):
-    result = run_cli("train", "--gpus", "0,1", "--epochs", "1", *TINY, env=inject("phase=val,epoch=0,rank=1"))
+    result = run_cli("train", "--gpus", "0,1", "--epochs", "1", "--val-oom", "relaunch", *TINY,
+                     env=inject("phase=val,epoch=0,rank=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     first, second = completed(run, 1)["attempts"]
@@ -173,7 +174,8 @@ def test_oom_on_rank_1_in_validation_halves_the_val_batch_of_every_rank(run_cli,
 
 @pytest.mark.slow
 def test_oom_on_rank_1_in_final_validation_reruns_only_the_validation(run_cli, tmp_path):
-    result = run_cli("train", "--gpus", "0,1", "--epochs", "1", *TINY, env=inject("phase=final,epoch=0,rank=1"))
+    result = run_cli("train", "--gpus", "0,1", "--epochs", "1", "--val-oom", "relaunch", *TINY,
+                     env=inject("phase=final,epoch=0,rank=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     first, second = completed(run, 1)["attempts"]

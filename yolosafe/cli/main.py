@@ -69,6 +69,9 @@ def cli() -> None:
 @click.option("--clear-before-val/--no-clear-before-val", default=None,
               help="Empty the CUDA cache on every rank right before validation. Default "
                    f"{'on' if D['clear_before_val'] else 'off'}.")
+@click.option("--val-oom", type=click.Choice(["in-place", "relaunch"]),
+              help="A validation OOM: the rank halves its own validation batch and validates again in place, or "
+                   f"every rank is relaunched with half the validation batch. Default {D['val_oom']}.")
 @click.option("--memory-fraction", type=float,
               help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")

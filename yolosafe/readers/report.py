@@ -111,7 +111,8 @@ def torch_peaks(run_dir: Path, node: int = 0) -> dict[tuple[int, str], dict[str,
 
 
 def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
-    """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells."""
+    """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells,
+    and ``recovered`` ("in_place") for a validation OOM the rank went on from with half its validation batch."""
     gpus = plan_gpus(run_dir, node)
     nproc = max(len(gpus), 1) if int((_story(run_dir, node).get("plan") or {}).get("nnodes") or 1) > 1 else None
     found = []
@@ -123,8 +124,16 @@ def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
         if index is None and record.rank is not None and gpus:
             index = rank % nproc if nproc else rank
         found.append({"t": record.t, "attempt": record.attempt, "phase": record.phase, "epoch": record.epoch,
-                      "rank": record.rank, "gpu": nvml_index(gpus, index)})
+                      "rank": record.rank, "gpu": nvml_index(gpus, index),
+                      **({"recovered": record.recovered, "val_batch": record.val_batch} if record.recovered else {})})
     return found
+
+
+def near_misses(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
+    """The training steps that ran out of memory in Ultralytics' assigner and went on, one image at a time (its
+    ``assigner_oom`` events): batch, ``max_num_obj``, where."""
+    keys = ("t", "attempt", "epoch", "iteration", "rank", "gpu", "batch", "max_num_obj")
+    return [{k: e.get(k) for k in keys} for e in events(run_dir, node) if e.get("event") == "assigner_oom"]
 
 
 def _num(value: Any, digits: int = 1) -> float | None:
@@ -177,6 +186,7 @@ def summarize(run_dir: Path, samples: pd.DataFrame, node: int = 0) -> dict[str, 
         "gpus": gpus,
         "warnings": watch.get("warnings", []),
         "ooms": ooms(run_dir, node),
+        **({"near_misses": found} if (found := near_misses(run_dir, node)) else {}),
     }
 
 

@@ -224,6 +224,7 @@ class Failure(Record):
     by: str | None = None  # "rank" or "launcher"
     max_allocated_mib: float | None = None  # torch's peaks at the moment of death (on CUDA)
     max_reserved_mib: float | None = None
+    recovered: str | None = None  # "in_place": the rank caught this OOM and went on, no relaunch (training.valretry)
     name: str = field(default="", compare=False)  # the file it came from (not written back)
 
     def place(self, epochs: int | None = None) -> str:

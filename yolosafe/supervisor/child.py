@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from yolosafe import proc
 from yolosafe.exits import Exit
 from yolosafe.gpus import FakeGpusError, open_backend, rank_visible_devices, read_inventory
+from yolosafe.planning.options import DEFAULTS
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
 from yolosafe.rundir import files as rundir
@@ -97,6 +98,7 @@ class RunOptions:
     clear_before_val: bool  # gc + empty_cache on every rank right before validation
     multinode: MultiNode | None = None  # several machines: the other nodes (yolosafe.supervisor.multinode.agree);
                                         # None on one machine
+    val_oom: str = DEFAULTS["val_oom"]  # in-place or relaunch (yolosafe.training.valretry)
 
     @classmethod
     def of(cls, env: dict[str, str], options: Mapping[str, Any], simulated: bool,
@@ -104,7 +106,7 @@ class RunOptions:
         return cls(env=env, max_retries=int(options["max_retries"]), min_batch=int(options["min_batch"]),
                    simulate_on_cpu=simulated, watch_interval=float(options["watch_interval"]),
                    warn_at=float(options["warn_at"]), clear_before_val=bool(options["clear_before_val"]),
-                   multinode=multinode)
+                   multinode=multinode, val_oom=str(options.get("val_oom") or DEFAULTS["val_oom"]))
 
 
 def versions() -> dict[str, str | None]:
@@ -173,6 +175,7 @@ class Supervisor:
             cuda_visible_devices=visible,
             plan=plan.summary(),
             train_kwargs=kwargs,
+            val_oom=self.options.val_oom,
         )
 
     def command(self, spec: RunSpec, path: Path) -> list[str]:

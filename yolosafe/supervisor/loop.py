@@ -147,7 +147,7 @@ class AttemptLoop:
                 return self._give_up(end, plan, retries, allowed)
             retries += 1
             plan, final_val_only = step.plan, step.final_val_only
-            last = RunDir(self.run_dir).last_checkpoint
+            last = resume_checkpoint(self.run_dir)
             resume = last if last.is_file() and not final_val_only else None
             entry.next = step.change
             entry.extra["next_plan"] = {"batch": plan.batch, "val_batch": plan.val_batch,
@@ -233,6 +233,17 @@ class AttemptLoop:
         metrics = RunDir(self.run_dir).final_metrics
         if metrics.is_file():
             self.story.final_metrics = rundir.read_json(metrics)
+
+
+UNVALIDATED = "unvalidated.pt"  # an epoch trained, not yet validated (yolosafe.training.valretry.UNVALIDATED)
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """What the next attempt resumes from: the epoch trained but not validated when a validation failed (rank 0
+    keeps it only until that epoch's last.pt is written, so it is the newer), else ``last.pt``."""
+    last = RunDir(run_dir).last_checkpoint
+    unvalidated = last.with_name(UNVALIDATED)
+    return unvalidated if unvalidated.is_file() else last
 
 
 def keep_checkpoint(last: Path, attempt: int, writer: bool = True) -> Path:

@@ -44,9 +44,10 @@ class AttemptEnd:
 def classify(result: AttemptResult, records: Sequence[Failure], log_tail: str) -> AttemptEnd:
     """An attempt's outcome from its exit status, the failure records its ranks wrote, and the end of its log.
 
-    An OOM anywhere makes the attempt an OOM: the NCCL or timeout errors of the other ranks follow from it.
+    An OOM anywhere makes the attempt an OOM: the NCCL or timeout errors of the other ranks follow from it. An OOM
+    a rank recovered from in place (``recovered``) did not end the attempt.
     """
-    records = list(records)
+    records = [r for r in records if not r.recovered]
     if result.exit_code == 0:  # finished, even when a stop came as it did: nothing is left to resume
         return AttemptEnd(Outcome.COMPLETED)
     if result.interrupted:

@@ -133,7 +133,10 @@ class RankStream:
             return b""
         if match:
             self.source = int(match.group(1))
-            return data[match.end():]
+            rest = data[match.end():]
+            if self.source != self.shown and rest.startswith(OWN_LINE):  # yolosafe's own line, from any rank
+                self.source = OWN
+            return rest
         if self.source is None:  # a line of the launcher's output begins: whose is it?
             if _may_become_prefix(data) or (len(data) < len(OWN_LINE) and OWN_LINE.startswith(data)):
                 self.pending = data  # too short to tell

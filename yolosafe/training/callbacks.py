@@ -19,7 +19,9 @@ above 50 % use, and validation's differently shaped batches cannot reuse train's
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -67,6 +69,52 @@ def add_callbacks(model: Any, hooks: Mapping[str, Hook]) -> None:
             model.add_callback(event, hook)
 
 
+def append_event(context: RunContext, event: str, obj: Any, **fields: Any) -> None:
+    """One line of ``events.jsonl``: ``event`` on this rank, at its progress, on the device of ``obj`` (a trainer or
+    validator)."""
+    progress = context.progress
+    # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
+    rundir.append_jsonl(RunDir(context.run_dir, context.node).events, {
+        "t": time.time(),
+        "event": event,
+        "phase": progress.phase,
+        "epoch": progress.epoch,
+        "final": progress.final,
+        "rank": context.rank.index,
+        "gpu": context.gpu_index(_device(obj)),
+        "pid": os.getpid(),
+        "attempt": context.attempt,
+        **fields,
+    })
+
+
+# Ultralytics' TaskAlignedAssigner catches a CUDA OOM, warns once (this wording) and assigns one image at a time.
+ASSIGNER_OOM = re.compile(r"CUDA out of memory in TaskAlignedAssigner with batch_size=(\d+) and max_num_obj=(\d+)")
+
+
+class AssignerNearMiss(logging.Handler):
+    """A near miss: the training step ran out of memory in Ultralytics' assigner and went on, slowly, one image at a
+    time. Ultralytics only logs it (once per run and rank); this handler on its logger records it as an
+    ``assigner_oom`` event with the batch and ``max_num_obj``."""
+
+    def __init__(self, context: RunContext, trainer: Any) -> None:
+        super().__init__(logging.WARNING)
+        self.context, self.trainer = context, trainer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = ASSIGNER_OOM.search(record.getMessage())
+        if match:
+            append_event(self.context, "assigner_oom", self.trainer, batch=int(match[1]), max_num_obj=int(match[2]),
+                         iteration=self.context.progress.iteration)
+
+
+def watch_assigner(context: RunContext, trainer: Any) -> None:
+    """Record the assigner's near misses of this process (once: the handler stays for the process's life)."""
+    logger = logging.getLogger("ultralytics")
+    if not any(isinstance(h, AssignerNearMiss) for h in logger.handlers):
+        logger.addHandler(AssignerNearMiss(context, trainer))
+
+
 def _device(obj: Any) -> Any:
     """The device a trainer or validator runs on."""
     return getattr(obj, "device", None)
@@ -81,6 +129,7 @@ class TrainingCallbacks:
 
     def hooks(self) -> dict[str, Hook]:
         return {
+            "on_train_start": self.on_train_start,
             "on_train_epoch_start": self.on_train_epoch_start,
             "on_train_batch_start": self.on_train_batch_start,
             "on_train_epoch_end": self.on_train_epoch_end,
@@ -94,20 +143,10 @@ class TrainingCallbacks:
         add_callbacks(model, self.hooks())
 
     def _record(self, event: str, obj: Any, **fields: Any) -> None:
-        progress = self.progress
-        # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
-        rundir.append_jsonl(RunDir(self.context.run_dir, self.context.node).events, {
-            "t": time.time(),
-            "event": event,
-            "phase": progress.phase,
-            "epoch": progress.epoch,
-            "final": progress.final,
-            "rank": self.context.rank.index,
-            "gpu": self.context.gpu_index(_device(obj)),
-            "pid": os.getpid(),
-            "attempt": self.context.attempt,
-            **fields,
-        })
+        append_event(self.context, event, obj, **fields)
+
+    def on_train_start(self, trainer: Any) -> None:
+        watch_assigner(self.context, trainer)
 
     def on_train_epoch_start(self, trainer: Any) -> None:
         # yolosafe owns OOM recovery: Ultralytics' in-process halving (first epoch, single GPU) would halve the batch

@@ -139,6 +139,41 @@ def _check_callback_order() -> None:
     _in_order(_trainer().final_eval, "self.validator(model=model)", 'self.run_callbacks("on_fit_epoch_end")')
 
 
+def _check_val_loop_alone() -> None:
+    """The validation loop runs between init_metrics and gather_stats with no collective (valretry's retry point),
+    and the val loader is rebuilt through the task trainer's get_dataloader, whose only barrier is the cache one."""
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from yolosafe.training import valretry
+
+    _in_order(BaseValidator.__call__, 'self.loss = {k: torch.zeros_like(v)', "self.init_metrics(",
+              "for batch_i, batch in enumerate(bar):", 'self.run_callbacks("on_val_batch_end")', "self.gather_stats()")
+    text = _source(BaseValidator.__call__)
+    loop = text[text.find("self.init_metrics("):text.find("self.gather_stats()")]
+    _require("dist." not in loop, "a collective inside the validation loop")
+    import sys
+
+    _require(hasattr(sys.modules[BaseValidator.__module__], "torch_distributed_zero_first"), "no barrier to lift")
+    module = valretry.loader_module(DetectionTrainer)
+    _require(hasattr(module, "torch_distributed_zero_first"), f"{module.__name__}: no torch_distributed_zero_first")
+    _in_order(DetectionTrainer.get_dataloader, "with torch_distributed_zero_first(rank):", "self.build_dataset(",
+              "return build_dataloader(", "rank=rank")
+
+
+def _check_assigner_warning() -> None:
+    from ultralytics.utils.tal import TaskAlignedAssigner
+
+    from yolosafe.training import callbacks
+
+    text = inspect.getsource(TaskAlignedAssigner.forward)
+    found = re.search(r'f"(CUDA out of memory in TaskAlignedAssigner with batch_size=)\{bs\}( and max_num_obj=)'
+                      r'\{n_max_boxes\}', text)
+    _require(found, "the assigner's OOM warning is not worded as yolosafe reads it")
+    _require(found and callbacks.ASSIGNER_OOM.search(f"{found[1]}32{found[2]}7"), "ASSIGNER_OOM does not match it")
+    _in_order(TaskAlignedAssigner.forward, "except RuntimeError", "LOGGER.warning(", "self._forward(")
+
+
 def _check_val_batch_start() -> None:
     from ultralytics.engine.validator import BaseValidator
 
@@ -303,6 +338,15 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "on_train_batch_start per batch, on_train_epoch_end, validation, save_model, on_fit_epoch_end; then "
                "final_eval validates best.pt and runs on_fit_epoch_end, before on_train_end",
                "BaseTrainer._do_train/final_eval", _check_callback_order),
+    Assumption("val_loop_without_collective", "BaseValidator.__call__ resets the loss and metrics, then loops over "
+               "its own loader with no collective until gather_stats, so one rank can catch an OOM there and validate "
+               "its shard again while the others wait at the gather (InPlaceValRetry); the task trainer's "
+               "get_dataloader rebuilds the loader, its torch_distributed_zero_first being only the cache barrier",
+               "BaseValidator.__call__, DetectionTrainer.get_dataloader", _check_val_loop_alone),
+    Assumption("assigner_oom_warning", "TaskAlignedAssigner catches a CUDA OOM, logs 'CUDA out of memory in "
+               "TaskAlignedAssigner with batch_size=B and max_num_obj=N' on Ultralytics' logger and assigns one image "
+               "at a time (callbacks.AssignerNearMiss records it)", "ultralytics.utils.tal.TaskAlignedAssigner.forward",
+               _check_assigner_warning),
     Assumption("val_batch_start_per_batch", "on_val_batch_start runs once per validation batch before its forward "
                "pass (yolosafe counts the batches itself, never reads validator.batch_i: it is set after the callback)",
                "ultralytics.engine.validator.BaseValidator.__call__", _check_val_batch_start),

@@ -40,6 +40,22 @@ def measured_peaks(summary: dict[str, Any], gpu: str) -> dict[str, float]:
     return found
 
 
+def near_misses(run_dir: Path, plan_gpus: list[Any]) -> dict[tuple[int, str], int]:
+    """Per (GPU, phase): the OOMs the run went on from without a relaunch: validation OOMs a rank recovered in
+    place (its ``recovered`` failure records) and the assigner's fallbacks in training (``assigner_oom`` events).
+    Their ``gpu`` is the position in the plan's GPUs; the key is the GPU's own index."""
+    found: dict[tuple[int, str], int] = {}
+    seen = [r for r in map(rundir.read_json, run_dir.glob("failure-*-rank*-recovered*.json")) if r.get("recovered")]
+    events = run_dir / rundir.EVENTS
+    seen += [e for e in rundir.read_jsonl(events) if e.get("event") == "assigner_oom"] if events.is_file() else []
+    for r in seen:
+        pos = r.get("gpu")
+        if isinstance(pos, int) and 0 <= pos < len(plan_gpus) and isinstance(plan_gpus[pos], int):
+            key = (plan_gpus[pos], "train" if r.get("phase") == "train" else "val")
+            found[key] = found.get(key, 0) + 1
+    return found
+
+
 def entries_for_run(run_dir: Path, story: dict[str, Any]) -> list[dict[str, Any]]:
     """The history lines of a finished run: one per GPU and phase with both a prediction and a measurement."""
     memory_plan = story.get("memory_plan")
@@ -49,7 +65,7 @@ def entries_for_run(run_dir: Path, story: dict[str, Any]) -> list[dict[str, Any]
     summary = rundir.read_json(summary_file)
     versions = story.get("versions", {})
     names = {str(g["index"]): g.get("name") for g in story.get("gpus", [])}
-    lines = []
+    lines, missed = [], near_misses(run_dir, list((story.get("plan") or {}).get("gpus") or []))
     for gpu, name in names.items():
         for phase, measured in measured_peaks(summary, gpu).items():
             predicted = memory_plan["predicted"][phase]
@@ -62,6 +78,7 @@ def entries_for_run(run_dir: Path, story: dict[str, Any]) -> list[dict[str, Any]
                 "predicted_required_mib": required, "calibration": predicted["calibration"],
                 "predicted_uncalibrated_mib": round(required / (predicted["calibration"] or 1.0), 1),
                 "measured_peak_mib": measured,
+                "ooms_gone_on": missed.get((int(gpu), phase), 0),  # OOMs survived in place at this peak's phase
             })
     return lines
 

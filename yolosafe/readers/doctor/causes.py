@@ -77,6 +77,11 @@ def run_causes(view: RunView | None) -> list[Cause]:
                      "that file")] if view.problem else []
     ooms = [f for f in view.failures if f.oom]
     done = [a for a in story.attempts if a.outcome == "completed"]
+    in_place = [f for f in ooms if f.recovered]
+    if story.outcome == "completed" and in_place and len(in_place) == len(ooms):
+        worked = min(int(f.extra.get("next_val_batch") or 1) for f in in_place)
+        return [Cause(f"validation ran out of memory {len(in_place)} time(s) and was recovered in place (no relaunch): "
+                      f"the smallest validation batch that worked was {worked} per GPU", f"--val-batch {worked}")]
     if story.outcome == "completed" and ooms and done and done[-1].batch:
         last = done[-1]
         nbs = last.nbs or story.plan.get("effective_batch")
@@ -84,7 +89,19 @@ def run_causes(view: RunView | None) -> list[Cause]:
                       f"{last.batch} ({last.per_gpu_batch} per GPU), val batch {last.val_batch} per GPU",
                       f"--batch {last.batch} --effective-batch {nbs} --val-batch {last.val_batch}")]
     found = [_val_cause(ooms, story), _train_cause(ooms, story), _fragmentation(ooms, story)]
-    return [*damaged, *(c for c in found if c is not None)]
+    return [*damaged, *(c for c in found if c is not None), *_near_misses(view)]
+
+
+def _near_misses(view: RunView) -> list[Cause]:
+    """The assigner's OOMs: the step went on, slowly, one image at a time; a smaller batch avoids the next."""
+    found = []
+    for miss in (view.memory or {}).get("near_misses", []):
+        epoch = "" if miss.get("epoch") is None else f" in epoch {miss['epoch'] + 1}"
+        rank = "" if miss.get("rank") in (None, -1) else f" on rank {miss['rank']}"
+        found.append(Cause(f"the training step ran out of memory in the assigner at batch {miss.get('batch')}{epoch}"
+                           f"{rank} and went on slowly (one image at a time; max_num_obj {miss.get('max_num_obj')})",
+                           "a smaller --batch, or images with fewer objects"))
+    return found
 
 
 def _holder_cause(h: Holder, rest: str) -> Cause | None:

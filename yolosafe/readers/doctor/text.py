@@ -68,6 +68,7 @@ def _failure_lines(view: RunView) -> list[str]:
         place = f.place(epochs)
         batches = [f"batch {f.batch}/GPU"] if f.batch is not None else []
         batches += [f"val batch {f.val_batch}/GPU"] if f.val_batch is not None else []
+        batches += [f"recovered in place at val batch {f.extra.get('next_val_batch')}"] if f.recovered else []
         lines.append(f"  {f.name}: {what}{' ' + place if place else ''}"
                      f"{' (' + ', '.join(batches) + ')' if batches else ''}{': ' + numbers if numbers else ''}")
     return lines
