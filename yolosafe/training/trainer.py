@@ -1,6 +1,6 @@
 """yolosafe's Ultralytics trainers: the task trainers with the changes that callbacks alone cannot make.
 
-Each change is one small mixin overriding one Ultralytics detail (compat.py checks that each detail still holds);
+Each change is one small mixin overriding one Ultralytics detail (training.compat checks that each detail still holds);
 :func:`trainer_class` composes them over a task's trainer, bound to the process's run context
 (:class:`yolosafe.training.context.RunContext`), in a single process and in every DDP rank alike.
 """
