@@ -1,11 +1,12 @@
 """Every private Ultralytics detail yolosafe relies on, in one list, each with a cheap check that names it.
 
-yolosafe subclasses Ultralytics' trainers and hooks its callbacks (training.trainer, training.callbacks, training.fake,
-training.worker, planning.accumulation): it leans on details Ultralytics does not promise to keep. When a new Ultralytics changes one, the check of
-that detail fails with its name, what yolosafe assumes and where in Ultralytics it lives, instead of an OOM recovery
-that silently does the wrong thing. The checks read Ultralytics' source (``inspect``/``ast``) or make tiny real calls:
-no training, no GPU. tests/test_compat.py runs them all; the worker warns in one line when the installed Ultralytics
-is outside :data:`SUPPORTED` (the range whose private details were verified; pyproject declares the same range).
+yolosafe subclasses Ultralytics' trainers and hooks its callbacks (training.trainer, training.callbacks,
+training.fake, training.worker, planning.accumulation): it leans on details Ultralytics does not promise to keep.
+When a new Ultralytics changes one, the check of that detail fails with its name, what yolosafe assumes and where in
+Ultralytics it lives, instead of an OOM recovery that silently does the wrong thing. The checks read Ultralytics'
+source (``inspect``/``ast``) or make tiny real calls: no training, no GPU. tests/test_compat.py runs them all; the
+worker warns in one line when the installed Ultralytics is outside :data:`SUPPORTED` (the range whose private
+details were verified; pyproject declares the same range).
 """
 
 from __future__ import annotations
