@@ -201,7 +201,7 @@ def test_ctrl_c_stops_every_rank_and_the_run_resumes(start, run_cli, tmp_path):
         assert proc.returncode == 130, err[-2000:]
         all_gone_within(pids, 2)  # within 10 s of the Ctrl-C: yolosafe itself waited for its tree
         assert story(run)["outcome"] == "interrupted" and f"--resume {run}" in err
-    result = run_cli("train", "--resume", str(run))
+    result = run_cli("train", "--resume", str(run), env=TWO)  # the same fake GPUs: a resume maps the run's GPUs
     assert result.returncode == 0, result.stderr[-3000:]
     assert [a["outcome"] for a in completed(run, 3)["attempts"]] == ["interrupted", "interrupted", "completed"]
 
@@ -228,6 +228,6 @@ def test_killed_rank_and_killed_supervisor_are_told_and_resumable(start, run_cli
     all_gone_within(pids, 5)
     report = run_cli("report", str(run))
     assert "run abandoned" in report.stdout + report.stderr and story(run)["outcome"] == rundir.ORPHANED
-    result = run_cli("train", "--resume", str(run))
+    result = run_cli("train", "--resume", str(run), env=TWO)  # the same fake GPUs: a resume maps the run's GPUs
     assert result.returncode == 0, result.stderr[-3000:]
     completed(run, 3)
