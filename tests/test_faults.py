@@ -195,3 +195,26 @@ def test_ctrl_c_to_the_group_after_an_epoch_of_two_ranks_then_resume(tmp_path, s
     result = train(tmp_path, shared_cache, "--resume", str(run), env=two)
     assert result.returncode == 0, result.stderr[-3000:]
     assert story(run)["outcome"] == "completed" and epochs_of(run) == [1]
+
+
+def test_sigterm_as_the_oom_is_said_then_resume_runs_the_halved_batch(tmp_path, shared_cache):
+    """SIGTERM the moment the supervisor says the OOM: before the relaunch (the stop waits until the next plan is
+    recorded) or during it; either way one line, and the resume runs the halved batch."""
+    proc = drills.start(tmp_path, shared_cache, "train", "--epochs", "1", *FAST,
+                        env={"YOLOSAFE_INJECT_OOM": "phase=train,epoch=0"})
+    run = run_dir_of(tmp_path)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("yolosafe: OOM in"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    code, err = drills.finish(proc)
+    assert code == 130, err
+    assert [ln for ln in drills.yolosafe_lines(err) if "stopped" in ln] == [
+        f"yolosafe: stopped by SIGTERM; resume with: yolosafe train --resume {run}"]
+    first = story(run)["attempts"][0]
+    assert first["outcome"] == "oom" and first["next"].startswith("batch 8 -> 4")
+    result = train(tmp_path, shared_cache, "--resume", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    s = story(run)
+    assert s["outcome"] == "completed" and s["attempts"][-1]["batch"] == 4 and epochs_of(run) == [1]
