@@ -69,7 +69,7 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
             imgsz=int(opts["imgsz"]),
             epochs=int(opts["epochs"]),
             extra=plan.parse_passthrough(opts["args"]),
-            train_images=datasets.count_images(Path(opts["data_yaml"])),
+            train_images=inputs.image_count(Path(opts["data_yaml"])),
             nnodes=int(opts.get("nnodes") or 1),  # multi-node: --batch is the total over every node's GPUs
         )
     except plan.PlanError as exc:
