@@ -134,3 +134,19 @@ def test_the_fault_matrix_names_tests_that_exist():
     assert len(named) >= 15
     for file, name in named:
         assert f"def {name}(" in (root / "tests" / file).read_text(), f"{file}::{name}"
+
+
+def test_an_inherited_ignore_of_sigint_and_sigterm_is_undone():
+    import subprocess
+    import sys
+
+    code = ("import signal; from yolosafe import proc; proc.reset_inherited_signals(); "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+            "signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+
+    def ignore() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    out = subprocess.run([sys.executable, "-c", code], preexec_fn=ignore, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
