@@ -68,7 +68,8 @@ def write_run(run: Path, attempts: list[records.Attempt], outcome: str, failures
 
 
 def oom_run(run: Path, nbs: int | None = 64) -> Path:
-    """An OOM in validation at epoch 133 (val batch 16 -> 8), then one in training at epoch 140; retries used up."""
+    """An OOM in validation at the trainer's epoch 133 (epoch 134/200 as printed; val batch 16 -> 8), then one in
+    training at its epoch 140; retries used up."""
     return write_run(run, [attempt(1, 32, 16, "oom", "val", 133, next_step="val batch 16 -> 8 per GPU"),
                            attempt(2, 32, 8, "oom", "train", 140)],
                      "oom_exhausted", [failure(1, "val", 133, 16, 16), failure(2, "train", 140, 16, 8)], nbs=nbs)

@@ -92,7 +92,8 @@ def test_oom_in_epoch_2_of_3_resumes_from_checkpoint(run_cli, tmp_path):
 def test_oom_in_validation_halves_only_val_batch(run_cli, tmp_path):
     # shapes' 16 validation images in ONE batch of 16: the injection at validation iteration 0 must fire there
     # (Ultralytics sets validator.batch_i after on_val_batch_start: None on the very first batch).
-    run, first, second = recovered(run_cli, tmp_path, 2, "phase=val,epoch=0,iteration=0", "--val-batch", "16")
+    run, first, second = recovered(run_cli, tmp_path, 2, "phase=val,epoch=0,iteration=0", "--val-batch", "16",
+                                   "--val-oom", "relaunch")
     assert (first["outcome"], first["phase"], first["epoch"]) == ("oom", "val", 0) and died_in(run, 1) == ("val", 0)
     record = failure(run, 1)
     assert (record["phase"], record["epoch"], record["iteration"], record["val_batch"]) == ("val", 0, 0, 16)
@@ -103,7 +104,7 @@ def test_oom_in_validation_halves_only_val_batch(run_cli, tmp_path):
 
 
 def test_oom_in_final_validation_keeps_training(run_cli, tmp_path):
-    run, first, second = recovered(run_cli, tmp_path, 2, "phase=final,epoch=1")
+    run, first, second = recovered(run_cli, tmp_path, 2, "phase=final,epoch=1", "--val-oom", "relaunch")
     assert (first["phase"], second["mode"], second["val_batch"]) == ("final", "final_val", 4)
     assert died_in(run, 1) == ("final", 1) and (failure(run, 1)["phase"], failure(run, 1)["iteration"]) == ("final", 0)
     assert not [e for e in events(run) if e["event"] == "train_start" and e["attempt"] == 2]  # no training again

@@ -17,6 +17,10 @@ Accepted layouts (see docs/fake-gpus.md):
   ``"epoch_mib": {"val": 500}`` adds that much more per (0-based) epoch, so the peak lands on a known epoch; optional
   ``"per_image_mib": {"train": 120, "val": 10}`` adds that much per image of the phase's per-GPU batch (the plan's,
   written in the phase file), so the memory follows fixed + per image x batch as the memory model predicts it.
+  Optional per-GPU ``"mig": [{"uuid": "MIG-...", "total_mib": 9984}]`` puts that GPU in MIG mode with those MIG
+  devices; optional per-GPU ``"uuid"`` (default ``GPU-fake-0000``... by index); optional top-level
+  ``"host_pids": true`` reports every pid as NVML does inside a container: a pid of the host's PID namespace, which
+  no process here has (:data:`HOST_PID_OFFSET` added).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yolosafe.errors import UsageError
 from yolosafe.gpus.inventory import GPU, GPUProcess, GPUReadError, Inventory, MemoryReading
 
 FAKE_ENV = "YOLOSAFE_FAKE_GPUS"
@@ -37,10 +42,11 @@ PHASE_FILE_ENV = "YOLOSAFE_FAKE_PHASE_FILE"
 # What a GPU's phase file says: (phase, writer's pid, epoch, per-GPU batch).
 Phase = tuple[str | None, int | None, int, int]
 _NO_PHASE: Phase = (None, None, 0, 0)
+HOST_PID_OFFSET = 1 << 23  # above the kernel's largest pid_max (2**22): no process of this namespace has such a pid
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
 
 
-class FakeGpusError(ValueError):
+class FakeGpusError(UsageError):
     """The value of YOLOSAFE_FAKE_GPUS (the fake GPU layout) cannot be understood."""
 
 
@@ -56,6 +62,15 @@ class FakeGPU:
     phase_mib: dict[str, float] = field(default_factory=dict)
     epoch_mib: dict[str, float] = field(default_factory=dict)
     per_image_mib: dict[str, float] = field(default_factory=dict)
+    mig: tuple[GPU, ...] = ()  # MIG devices (MIG mode on when any)
+    host_pids: bool = False  # pids as NVML gives them inside a container (the host's namespace)
+    uuid: str | None = None  # default GPU-fake-NNNN (its index)
+
+
+def _mig_devices(index: int, entries: Any) -> tuple[GPU, ...]:
+    """The MIG devices of fake GPU ``index`` from the layout's ``"mig"`` list."""
+    return tuple(GPU(index, str(m.get("name", "Fake MIG device")), str(m["uuid"]), float(m["total_mib"]),
+                     float(m.get("used_mib", 0)), None, mig=True, mig_of=index) for m in entries)
 
 
 MAX_FAKE_GPUS = 1024  # more than any machine has; a layout past it is a typo (and would cost time to list)
@@ -96,6 +111,25 @@ def _process(p: Any, where: str) -> GPUProcess:
     return GPUProcess(int(_number(p["pid"], f"{where} pid", 1)), _number(p["used_mib"], f"{where} used_mib"))
 
 
+def _uuid(value: Any, what: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise FakeGpusError(f"{FAKE_ENV}: {what} is {value!r}; expected text like \"GPU-...\"")
+    return value
+
+
+def _mig_entries(g: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    """The ``"mig"`` list of a GPU entry, each MIG device an object with its ``uuid`` and ``total_mib``."""
+    entries = g.get("mig", [])
+    if not isinstance(entries, list) or not all(isinstance(m, dict) and isinstance(m.get("uuid"), str)
+                                                and "total_mib" in m for m in entries):
+        raise FakeGpusError(f"{FAKE_ENV}: {where} mig is {entries!r}; expected a list like "
+                            "[{\"uuid\": \"MIG-...\", \"total_mib\": 9984}]")
+    for i, m in enumerate(entries):
+        _number(m["total_mib"], f"{where} mig[{i}] total_mib", 1)
+        _number(m.get("used_mib", 0), f"{where} mig[{i}] used_mib")
+    return entries
+
+
 def _gpu(g: Any, index: int) -> FakeGPU:
     """One GPU entry of the JSON layout, every field of its shape; one line naming what is wrong."""
     where = f"gpus[{index}]"
@@ -116,6 +150,8 @@ def _gpu(g: Any, index: int) -> FakeGPU:
         phase_mib=_mib_table(g, "phase_mib", where),
         epoch_mib=_mib_table(g, "epoch_mib", where),
         per_image_mib=_mib_table(g, "per_image_mib", where),
+        mig=_mig_devices(index, _mig_entries(g, where)),
+        uuid=_uuid(g.get("uuid"), f"{where} uuid"),
     )
 
 
@@ -144,6 +180,10 @@ def parse_layout(layout: str) -> tuple[list[FakeGPU], str | None, str | None, st
             reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else " ".join(str(exc).split())[:200]
             raise FakeGpusError(f"{FAKE_ENV}: cannot read its JSON layout ({reason})") from None
         gpus, driver, cuda = _parse_json(data)
+        if data.get("host_pids"):
+            for gpu in gpus:
+                gpu.host_pids = True
+                gpu.processes = tuple(GPUProcess(p.pid + HOST_PID_OFFSET, p.used_mib) for p in gpu.processes)
         return gpus, driver, cuda, None
     return _parse_sizes(text), "fake", "fake", None
 
@@ -211,7 +251,8 @@ class FakeBackend:
             extra += gpu.per_image_mib[phase] * batch
         if extra:
             used += extra
-            processes = (*processes, GPUProcess(int(pid or 0), extra))
+            own = int(pid or 0) + (HOST_PID_OFFSET if gpu.host_pids else 0)  # as NVML names it from a container
+            processes = (*processes, GPUProcess(own, extra))
         return MemoryReading(index, gpu.total_mib, min(used, gpu.total_mib), processes)
 
     def inventory(self) -> Inventory:
@@ -220,8 +261,8 @@ class FakeBackend:
         for index, gpu in enumerate(self.gpus):
             reading = self._reading(index)
             gpus.append(
-                GPU(index, gpu.name, f"GPU-fake-{index:04d}", gpu.total_mib, reading.used_mib, gpu.utilization,
-                    reading.processes)
+                GPU(index, gpu.name, gpu.uuid or f"GPU-fake-{index:04d}", gpu.total_mib, reading.used_mib,
+                    gpu.utilization, reading.processes, mig=True if gpu.mig else None, mig_devices=gpu.mig)
             )
         return Inventory(self.name, tuple(gpus), self.driver, self.cuda, self.problem)
 

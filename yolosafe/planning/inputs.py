@@ -126,7 +126,7 @@ def check_injection_reachable(text: str | None, epochs: int) -> None:
     validation named at an epoch that is not the last."""
     try:
         injection = oom.parse_injection(text)
-    except ValueError as exc:
+    except oom.InjectionError as exc:
         raise InputError(str(exc)) from None
     if injection is None or injection.epoch is None:
         return

@@ -16,12 +16,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from yolosafe.errors import UsageError
+
 DEFAULT_PORT = 29500  # torchrun's own default master port
 ATTEMPT_PORTS = 16  # attempt N uses the endpoint's port + (N - 1) % 16: node 0 needs these ports free
 SLURM_PORT_SPAN = 10_000  # SLURM jobs sharing a first node get different ports: 29500 + job id % span
 
 
-class NodesError(ValueError):
+class NodesError(UsageError):
     """A usage error in the multi-node options; ``str()`` is one line for the user."""
 
 

@@ -45,6 +45,7 @@ class Resume:
     options: dict[str, Any]
     simulated: bool
     lock_fd: int | None = None  # held for the life of this process (None for a dry run)
+    gpus: list[dict[str, Any]] | None = None  # the plan's GPUs as this process sees them now (GPU.as_dict)
     final_val_only: bool = False  # every epoch trained: only the final validation is left
     notes: tuple[str, ...] = ()  # what the resume had to do otherwise than asked, said once the run resumes
 
@@ -158,7 +159,18 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
         raise validate.InputError(str(exc)) from None
     if final_val_only:
         notes = (*notes, "every epoch is trained: only the final validation is left to run")
-    return Resume(run_dir, last, story, p, env, options, simulated, lock_fd, final_val_only, notes)
+    return Resume(run_dir, last, story, p, env, options, simulated, lock_fd, _gpu_records(p), final_val_only, notes)
+
+
+def _gpu_records(p: plan.TrainPlan) -> list[dict[str, Any]] | None:
+    """The plan's GPUs now (their UUIDs, a MIG device's own), which the next resume maps again; None without GPUs."""
+    if not p.gpus:
+        return None
+    try:
+        inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except gpus.FakeGpusError:
+        return None
+    return [g.as_dict() for g in inventory.gpus if g.index in p.gpus] or None
 
 
 def _next(story: records.Story) -> dict[str, Any]:
@@ -183,21 +195,43 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
     simulated = bool(story.simulated_on_cpu)
     try:
         if given.get("gpus") is not None:
-            inventory = gpus.read_inventory()
+            inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))
             visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
             chosen = plan.parse_gpus(str(given["gpus"]), visible, inventory.problem)
             simulated = inventory.backend == "fake" and bool(chosen)
-        p = plan.build_plan(
-            model=summary["model"], data=summary["data"], gpus=chosen,
+        elif chosen:
+            chosen = map_gpus(story, gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        p = plan.replan(
+            summary, gpus=chosen, nnodes=nnodes,
             batch=_first(given.get("batch"), planned.get("batch"), last.batch, summary.get("batch")),
             effective_batch=_first(given.get("effective_batch"), summary.get("effective_batch")),
             val_batch=_first(given.get("val_batch"), planned.get("val_batch"), last.val_batch,
                              summary.get("val_batch")),
-            imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {}, nnodes=nnodes,
         )
     except (plan.PlanError, gpus.FakeGpusError, KeyError, TypeError) as exc:
         raise validate.InputError(f"--resume: {exc}") from None
     return p, simulated
+
+
+def map_gpus(story: records.Story, inventory: gpus.Inventory, cuda_visible: str | None) -> tuple[int, ...]:
+    """The run's GPUs (its plan's, in order) as this process sees them now: found by UUID among the GPUs
+    ``CUDA_VISIBLE_DEVICES`` lets it use (a new allocation numbers them anew), by index where the run has no UUID;
+    :class:`validate.InputError` when one of them is not there (another job's GPUs, or none)."""
+    planned = story.plan_gpus
+    uuids = {g.get("index"): g.get("uuid") for g in story.gpus or [] if isinstance(g, dict)}
+    devices = gpus.visible_devices(gpus.planning_inventory(inventory, cuda_visible), cuda_visible)
+    by_uuid = {d.uuid: d.index for d in devices if d.uuid}
+    by_uuid.update({m.uuid: d.index for d in devices for m in d.mig_devices if m.uuid})
+    found = [by_uuid.get(uuids[g]) if uuids.get(g) else (g if g in {d.index for d in devices} else None)
+             for g in planned]
+    if None in found or len(set(found)) != len(found):
+        missing = [uuids.get(g) or f"GPU {g}" for g, f in zip(planned, found, strict=True) if f is None]
+        where = "unset" if cuda_visible is None else repr(cuda_visible)
+        raise validate.InputError(
+            f"--resume: the run's GPUs are not all visible here ({', '.join(missing) or 'a GPU twice'}; "
+            f"CUDA_VISIBLE_DEVICES is {where}); resume on GPUs this job may use with --gpus (yolosafe gpus lists "
+            "them), or where CUDA_VISIBLE_DEVICES names the run's GPUs")
+    return tuple(i for i in found if i is not None)
 
 
 def record(r: Resume, given: dict[str, Any]) -> None:
@@ -213,6 +247,8 @@ def record(r: Resume, given: dict[str, Any]) -> None:
     r.story.run_dir = str(r.run_dir)
     r.story.plan = r.plan.summary()
     r.story.simulated_on_cpu = r.simulated
+    if r.gpus is not None:
+        r.story.gpus = r.gpus
     r.story.allocator = {k: r.env[k] for k in allocator.ENV_VARS}
     for key in RUN_OPTIONS:
         setattr(r.story, key, r.options[key])

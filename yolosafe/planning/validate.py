@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from yolosafe import oom
+from yolosafe.errors import UsageError
 
 # Ultralytics release weights (yolov8n.pt, yolo11s-seg.pt, rtdetr-l.pt...): a bare name Ultralytics fetches when the
 # user names it; any other .pt must be a file here.
@@ -35,10 +36,11 @@ RELEASE_WEIGHTS = re.compile(r"^(yolo|yoloe|rtdetr|sam|mobile_sam|FastSAM)[\w.-]
 # yolosafe's own options, integers and numbers (from a --config file they arrive untyped).
 INT_OPTIONS = MappingProxyType({"batch": 1, "effective_batch": 1, "val_batch": 1, "imgsz": 32, "epochs": 1,
                                "max_retries": 0, "min_batch": 1})
+VAL_OOM = ("in-place", "relaunch")  # what a validation OOM does (yolosafe.training.valretry)
 STR_OPTIONS = ("model", "data", "project", "name", "alloc_conf", "gpus")
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """Bad input; ``str()`` is the one line the user sees."""
 
 
@@ -67,6 +69,8 @@ def check_options(options: Mapping[str, Any]) -> None:
         value = options.get(key)
         if value is not None and not isinstance(value, str):
             raise InputError(f"--{key.replace('_', '-')} {value!r}: must be text")
+    if options.get("val_oom", "in-place") not in VAL_OOM:
+        raise InputError(f"val_oom {options['val_oom']!r}: must be one of {', '.join(VAL_OOM)}")
     if not isinstance(options.get("clear_before_val", True), bool):
         raise InputError(f"clear_before_val {options['clear_before_val']!r}: must be true or false")
     check_run_location(str(options["project"]), str(options["name"]))
@@ -86,7 +90,7 @@ def check_injection(environ: Mapping[str, str]) -> None:
     """``YOLOSAFE_INJECT_OOM`` is read by the trainer in every rank: a typo there would be a silent no-op."""
     try:
         oom.parse_injection(environ.get(oom.INJECT_ENV))
-    except ValueError as exc:
+    except oom.InjectionError as exc:
         raise InputError(str(exc)) from None
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from yolosafe.gpus import GPU
+from yolosafe.gpus import GPU, foreign_pids
 from yolosafe.readers import stale
 from yolosafe.rundir import files as rundir
 
@@ -226,8 +226,17 @@ def judge(pid: int, gpu: int, used_mib: float | None, mine: set[int] | None = No
     return Holder(pid, gpu, used_mib, kind, reason, action, user, command, started, run, advice)
 
 
+OTHER_NAMESPACE = ("NVML names it by a pid of another PID namespace (a container: none of NVML's pids is a process "
+                   "here): never judged or stopped by that pid")
+
+
 def judge_gpus(gpus: tuple[GPU, ...]) -> list[Holder]:
-    """Every process on every GPU, judged."""
+    """Every process on every GPU, judged; none by pid when NVML's pids are another PID namespace's (none of them is
+    a process here: a local process with such a pid is somebody else)."""
+    if foreign_pids(p.pid for g in gpus for p in g.processes):
+        return [Holder(p.pid, g.index, p.used_mib, "another pid namespace", OTHER_NAMESPACE, NEVER,
+                       advice="look on the host (nvidia-smi there names these pids)")
+                for g in gpus for p in g.processes]
     mine = ancestors()
     return [judge(p.pid, g.index, p.used_mib, mine) for g in gpus for p in g.processes]
 

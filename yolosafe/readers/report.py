@@ -27,6 +27,7 @@ from yolosafe.readers import memplot
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.rundir.events import event_gpus, phase_after
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import VAL_PHASES
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class NoMemoryData(Exception):
 def _story(run_dir: Path, node: int = 0) -> dict[str, Any]:
     """The story as a dict; empty when it is missing or damaged (the memory data still reads)."""
     try:
-        story = rundir.read_json(run_dir / rundir.node_file(rundir.STORY, node))
+        story = rundir.read_json(RunDir(run_dir, node).story)
     except (OSError, ValueError):
         return {}
     return story if isinstance(story, dict) else {}
@@ -62,7 +63,7 @@ def plan_gpus(run_dir: Path, node: int = 0) -> list[int]:
 
 
 def events(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
-    path = run_dir / rundir.node_file(rundir.EVENTS, node)
+    path = RunDir(run_dir, node).events
     return [e for e in rundir.read_jsonl(path) if e.get("attempt") is not None and "t" in e]
 
 
@@ -70,7 +71,7 @@ def load(run_dir: Path, node: int = 0) -> pd.DataFrame:
     """The samples of ``memory.csv`` with ``phase`` and ``epoch`` columns; raises :class:`NoMemoryData`."""
     import pandas as pd
 
-    path = run_dir / rundir.node_file(rundir.MEMORY_CSV, node)
+    path = RunDir(run_dir, node).memory_csv
     if not path.is_file():
         raise NoMemoryData(f"no {path.name}: the watch was off (--watch-interval 0), the run trained on the "
                            "CPU, or it predates the memory watch")
@@ -110,7 +111,8 @@ def torch_peaks(run_dir: Path, node: int = 0) -> dict[tuple[int, str], dict[str,
 
 
 def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
-    """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells."""
+    """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells,
+    and ``recovered`` ("in_place") for a validation OOM the rank went on from with half its validation batch."""
     gpus = plan_gpus(run_dir, node)
     nproc = max(len(gpus), 1) if int((_story(run_dir, node).get("plan") or {}).get("nnodes") or 1) > 1 else None
     found = []
@@ -122,8 +124,16 @@ def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
         if index is None and record.rank is not None and gpus:
             index = rank % nproc if nproc else rank
         found.append({"t": record.t, "attempt": record.attempt, "phase": record.phase, "epoch": record.epoch,
-                      "rank": record.rank, "gpu": nvml_index(gpus, index)})
+                      "rank": record.rank, "gpu": nvml_index(gpus, index),
+                      **({"recovered": record.recovered, "val_batch": record.val_batch} if record.recovered else {})})
     return found
+
+
+def near_misses(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
+    """The training steps that ran out of memory in Ultralytics' assigner and went on, one image at a time (its
+    ``assigner_oom`` events): batch, ``max_num_obj``, where."""
+    keys = ("t", "attempt", "epoch", "iteration", "rank", "gpu", "batch", "max_num_obj")
+    return [{k: e.get(k) for k in keys} for e in events(run_dir, node) if e.get("event") == "assigner_oom"]
 
 
 def _num(value: Any, digits: int = 1) -> float | None:
@@ -176,6 +186,7 @@ def summarize(run_dir: Path, samples: pd.DataFrame, node: int = 0) -> dict[str, 
         "gpus": gpus,
         "warnings": watch.get("warnings", []),
         "ooms": ooms(run_dir, node),
+        **({"near_misses": found} if (found := near_misses(run_dir, node)) else {}),
     }
 
 
@@ -183,7 +194,7 @@ def write_node(run_dir: Path, node: int = 0) -> dict[str, Any]:
     """Join, summarise, write the node's ``memory_summary.json`` and ``memory.png``; raises :class:`NoMemoryData`."""
     samples = load(run_dir, node)
     summary = summarize(run_dir, samples, node)
-    rundir.write_json(run_dir / rundir.node_file(rundir.MEMORY_SUMMARY, node), summary)
+    rundir.write_json(RunDir(run_dir, node).memory_summary, summary)
     memplot.plot(run_dir, samples, summary, events(run_dir, node), node)
     return summary
 
@@ -206,7 +217,7 @@ def write(run_dir: Path, node: int | None = None) -> dict[str, Any]:
         return found[first]
     summary = {**found[first], "nodes": {str(n): s for n, s in found.items() if n != first}}
     summary["node"] = first
-    rundir.write_json(run_dir / rundir.MEMORY_SUMMARY, summary)
+    rundir.write_json(RunDir(run_dir).memory_summary, summary)
     return summary
 
 

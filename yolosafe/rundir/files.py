@@ -58,8 +58,7 @@ ORPHANED = "abandoned"  # the outcome of a run whose supervisor died while it sa
 NODES_MARKER = "nodes.json"
 # Set by the supervisor in the environment of every process of an attempt (worker, launcher, ranks), read by nobody but
 # yolosafe.readers.holders, which recognises a run's processes by it in /proc/PID/environ. The processes themselves
-# learn
-# their run from the run spec on their command line (yolosafe.rundir.runspec, yolosafe.training.context).
+# learn their run from the run spec on their command line (yolosafe.rundir.runspec, yolosafe.training.context).
 RUN_DIR_ENV = "YOLOSAFE_RUN_DIR"
 
 
@@ -105,12 +104,22 @@ def ranks_log_dir(run_dir: Path, attempt: int, node: int = 0) -> Path:
     return run_dir / "ranks" / (f"node{node}" if node > 0 else "") / f"attempt-{attempt}"
 
 
+def weights_dir(run_dir: Path) -> Path:
+    """Ultralytics' checkpoints of the run (``save_dir / "weights"``)."""
+    return run_dir / "weights"
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """``weights/last.pt``: what a resume and every retry continue from."""
+    return weights_dir(run_dir) / "last.pt"
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    return weights_dir(run_dir) / "best.pt"
+
+
 def failure_path(run_dir: Path, attempt: int, rank: int) -> Path:
     return run_dir / f"failure-{attempt}-rank{max(rank, 0)}.json"
-
-
-def failure_records(run_dir: Path, attempt: int) -> list[dict[str, Any]]:
-    return [read_json(p) for p in sorted(run_dir.glob(f"failure-{attempt}-rank*.json"))]
 
 
 def new_run_dir(project: Path, name: str) -> Path:
@@ -190,6 +199,21 @@ def lock(run_dir: Path, node: int = 0) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def unlock(run_dir: Path, node: int = 0) -> None:
+    """Give up this process's hold on the run directory (:func:`lock`), for a process that goes on after the run
+    (a notebook's kernel resumes it next): every descriptor of this process on its lock file is closed."""
+    try:
+        target = os.stat(run_dir / node_file(LOCK, node))
+    except OSError:
+        return
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    for name in os.listdir(fd_dir):
+        with contextlib.suppress(OSError, ValueError):
+            found = os.fstat(int(name))
+            if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+                os.close(int(name))
 
 
 def claim_new_run_dir(project: Path, name: str, refuse_live: bool) -> Path:

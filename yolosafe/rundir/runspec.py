@@ -36,6 +36,8 @@ class RunSpec:
     node_rank: int = 0  # this node's place in a multi-node run (0 on one machine): its files carry it
     plan: dict[str, Any] = field(default_factory=dict)
     train_kwargs: dict[str, Any] = field(default_factory=dict)  # model.train(**train_kwargs)
+    val_oom: str = "in-place"  # a validation OOM: recovered in place by the rank (yolosafe.training.valretry), or
+                               # "relaunch": the attempt ends and every rank is relaunched
 
     @property
     def path(self) -> Path:

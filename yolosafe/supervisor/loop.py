@@ -24,6 +24,7 @@ from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Attempt, Outcome, Story
 from yolosafe.supervisor import terminal
 from yolosafe.supervisor.advice import advice
@@ -146,7 +147,7 @@ class AttemptLoop:
                 return self._give_up(end, plan, retries, allowed)
             retries += 1
             plan, final_val_only = step.plan, step.final_val_only
-            last = self.run_dir / "weights" / "last.pt"
+            last = resume_checkpoint(self.run_dir)
             resume = last if last.is_file() and not final_val_only else None
             entry.next = step.change
             entry.extra["next_plan"] = {"batch": plan.batch, "val_batch": plan.val_batch,
@@ -177,7 +178,7 @@ class AttemptLoop:
 
     def _finish(self, entry: Attempt, request: Request, result: AttemptResult, end: AttemptEnd) -> None:
         """How the attempt ended, what its worker saw, and the run's weights and metrics so far."""
-        seen_file = rundir.worker_path(self.run_dir, request.attempt)
+        seen_file = RunDir(self.run_dir).worker(request.attempt)
         seen = rundir.read_json(seen_file) if seen_file.is_file() else {}
         if seen.get("torch_cuda"):
             self.story.versions = {**(self.story.versions or {}), "torch_cuda": seen["torch_cuda"]}
@@ -208,7 +209,7 @@ class AttemptLoop:
             return Exit.FAILED
         if end.outcome == Outcome.FAILED:
             place = f" in {end.phase} at {epoch_text(end.epoch, plan.epochs)}" if end.phase else ""
-            log = self.run_dir / rundir.node_file(rundir.LOG, self.node)
+            log = RunDir(self.run_dir, self.node).log
             full = "No space left on device" in end.message
             then = f"; free some disk space, then {resume_hint}" if full else ""
             self.say(f"training failed{place}{where(plan, end)}, not an OOM, not retried: "
@@ -226,12 +227,23 @@ class AttemptLoop:
         return Exit.OOM_EXHAUSTED
 
     def _record_results(self) -> None:
-        weights = self.run_dir / "weights"
+        weights = RunDir(self.run_dir).weights
         found = {name: weights / f"{name}.pt" for name in ("last", "best")}
         self.story.weights = {name: str(path) for name, path in found.items() if path.is_file()}
-        metrics = self.run_dir / rundir.FINAL_METRICS
+        metrics = RunDir(self.run_dir).final_metrics
         if metrics.is_file():
             self.story.final_metrics = rundir.read_json(metrics)
+
+
+UNVALIDATED = "unvalidated.pt"  # an epoch trained, not yet validated (yolosafe.training.valretry.UNVALIDATED)
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """What the next attempt resumes from: the epoch trained but not validated when a validation failed (rank 0
+    keeps it only until that epoch's last.pt is written, so it is the newer), else ``last.pt``."""
+    last = RunDir(run_dir).last_checkpoint
+    unvalidated = last.with_name(UNVALIDATED)
+    return unvalidated if unvalidated.is_file() else last
 
 
 def keep_checkpoint(last: Path, attempt: int, writer: bool = True) -> Path:

@@ -19,13 +19,16 @@ above 50 % use, and validation's differently shaped batches cannot reuse train's
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from yolosafe import oom
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import VAL_PHASES
 from yolosafe.training import torchmem
 from yolosafe.training.context import RunContext
@@ -40,16 +43,22 @@ def maybe_inject(context: RunContext, phase: str) -> None:
     local = (context.node, context.rank.local)  # an injection that names a node means its local rank
     if injection is None or not injection.matches(phase, progress.epoch, progress.iteration, context.rank.index, local):
         return
-    counter = context.run_dir / rundir.INJECTED
+    counter = RunDir(context.run_dir).injected
     done = int(counter.read_text()) if counter.is_file() else 0
     if injection.times and done >= injection.times:
         return
     counter.write_text(str(done + 1))
-    if injection.error == "runtime":
-        raise RuntimeError("yolosafe injected a non-OOM failure (YOLOSAFE_INJECT_OOM error=runtime)")
-    import torch
+    raise injected_error(injection.error, context.rank.local)
 
-    raise torch.OutOfMemoryError(oom.fake_message(context.rank.local))
+
+def injected_error(error: str, gpu: int) -> BaseException:
+    """The exception a real GPU raises for ``error`` (:data:`yolosafe.oom.ERRORS`), with its real text."""
+    import torch
+    import torch.distributed
+
+    kinds = {"oom": torch.OutOfMemoryError, "accelerator": torch.AcceleratorError,
+             "nccl": torch.distributed.DistBackendError, "cudnn": RuntimeError, "runtime": RuntimeError}
+    return kinds[error](oom.injected_text(error, gpu))
 
 
 def add_callbacks(model: Any, hooks: Mapping[str, Hook]) -> None:
@@ -58,6 +67,52 @@ def add_callbacks(model: Any, hooks: Mapping[str, Hook]) -> None:
     for event, hook in hooks.items():
         if hook not in model.callbacks.get(event, []):
             model.add_callback(event, hook)
+
+
+def append_event(context: RunContext, event: str, obj: Any, **fields: Any) -> None:
+    """One line of ``events.jsonl``: ``event`` on this rank, at its progress, on the device of ``obj`` (a trainer or
+    validator)."""
+    progress = context.progress
+    # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
+    rundir.append_jsonl(RunDir(context.run_dir, context.node).events, {
+        "t": time.time(),
+        "event": event,
+        "phase": progress.phase,
+        "epoch": progress.epoch,
+        "final": progress.final,
+        "rank": context.rank.index,
+        "gpu": context.gpu_index(_device(obj)),
+        "pid": os.getpid(),
+        "attempt": context.attempt,
+        **fields,
+    })
+
+
+# Ultralytics' TaskAlignedAssigner catches a CUDA OOM, warns once (this wording) and assigns one image at a time.
+ASSIGNER_OOM = re.compile(r"CUDA out of memory in TaskAlignedAssigner with batch_size=(\d+) and max_num_obj=(\d+)")
+
+
+class AssignerNearMiss(logging.Handler):
+    """A near miss: the training step ran out of memory in Ultralytics' assigner and went on, slowly, one image at a
+    time. Ultralytics only logs it (once per run and rank); this handler on its logger records it as an
+    ``assigner_oom`` event with the batch and ``max_num_obj``."""
+
+    def __init__(self, context: RunContext, trainer: Any) -> None:
+        super().__init__(logging.WARNING)
+        self.context, self.trainer = context, trainer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = ASSIGNER_OOM.search(record.getMessage())
+        if match:
+            append_event(self.context, "assigner_oom", self.trainer, batch=int(match[1]), max_num_obj=int(match[2]),
+                         iteration=self.context.progress.iteration)
+
+
+def watch_assigner(context: RunContext, trainer: Any) -> None:
+    """Record the assigner's near misses of this process (once: the handler stays for the process's life)."""
+    logger = logging.getLogger("ultralytics")
+    if not any(isinstance(h, AssignerNearMiss) for h in logger.handlers):
+        logger.addHandler(AssignerNearMiss(context, trainer))
 
 
 def _device(obj: Any) -> Any:
@@ -74,6 +129,7 @@ class TrainingCallbacks:
 
     def hooks(self) -> dict[str, Hook]:
         return {
+            "on_train_start": self.on_train_start,
             "on_train_epoch_start": self.on_train_epoch_start,
             "on_train_batch_start": self.on_train_batch_start,
             "on_train_epoch_end": self.on_train_epoch_end,
@@ -87,20 +143,10 @@ class TrainingCallbacks:
         add_callbacks(model, self.hooks())
 
     def _record(self, event: str, obj: Any, **fields: Any) -> None:
-        progress = self.progress
-        # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
-        rundir.append_jsonl(self.context.run_dir / rundir.node_file(rundir.EVENTS, self.context.node), {
-            "t": time.time(),
-            "event": event,
-            "phase": progress.phase,
-            "epoch": progress.epoch,
-            "final": progress.final,
-            "rank": self.context.rank.index,
-            "gpu": self.context.gpu_index(_device(obj)),
-            "pid": os.getpid(),
-            "attempt": self.context.attempt,
-            **fields,
-        })
+        append_event(self.context, event, obj, **fields)
+
+    def on_train_start(self, trainer: Any) -> None:
+        watch_assigner(self.context, trainer)
 
     def on_train_epoch_start(self, trainer: Any) -> None:
         # yolosafe owns OOM recovery: Ultralytics' in-process halving (first epoch, single GPU) would halve the batch

@@ -1,6 +1,6 @@
 """yolosafe's Ultralytics trainers: the task trainers with the changes that callbacks alone cannot make.
 
-Each change is one small mixin overriding one Ultralytics detail (compat.py checks that each detail still holds);
+Each change is one small mixin overriding one Ultralytics detail (training.compat checks that each detail still holds);
 :func:`trainer_class` composes them over a task's trainer, bound to the process's run context
 (:class:`yolosafe.training.context.RunContext`), in a single process and in every DDP rank alike.
 """
@@ -19,7 +19,7 @@ from ultralytics.models.yolo.obb import OBBTrainer
 from ultralytics.models.yolo.pose import PoseTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
 
-from yolosafe.training import callbacks, peakmetrics
+from yolosafe.training import callbacks, peakmetrics, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 from yolosafe.training.fake import cpuranks
@@ -54,11 +54,14 @@ class LauncherWorldSize(_InContext):
 class ValidationBatch(_InContext):
     """``get_dataloader(mode="val")``: ``--val-batch`` really sets the validation batch. Ultralytics builds the
     validation loader with twice the per-GPU train batch, and the final validation of best.pt reuses that loader;
-    this is the one place both come from."""
+    this is the one place both come from. After a validation OOM recovered in place, the batch that worked
+    (``val_batch_in_place``, :mod:`yolosafe.training.valretry`)."""
+
+    val_batch_in_place: int | None = None
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
         if mode == "val":
-            batch_size = self.run_context.spec.val_batch
+            batch_size = self.val_batch_in_place or self.run_context.spec.val_batch
         return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
 
 
@@ -143,8 +146,65 @@ class FinalValidationMarked(_InContext):
         super().final_eval()
 
 
-MIXINS = (LauncherWorldSize, ValidationBatch, OomInjectionPoint, FailureRecord, AtomicCheckpoints, ResumeNbs,
-          EpochPeakMetrics, FinalValidationMarked)
+class InPlaceValidationRetry(_InContext):
+    """``get_validator``: the validator catches an OOM inside its validation loop and validates this rank's shard
+    again at half the batch, in place (:mod:`yolosafe.training.valretry`); off with ``--val-oom relaunch``."""
+
+    def get_validator(self) -> Any:
+        validator = super().get_validator()
+        if self.run_context.spec.val_oom != valretry.IN_PLACE:
+            return validator
+        return valretry.retrying(validator, self, self.run_context)
+
+
+class ValidateFirst(_InContext):
+    """``validate``, ``save_model``, ``resume_training``, ``_setup_train``, ``_do_train``: no epoch is trained twice
+    after a validation OOM that needed a relaunch. Rank 0 keeps each epoch's trained state right before its
+    validation (``weights/unvalidated.pt``, gone once the epoch's last.pt is written); a run resumed from it validates
+    that epoch first, then trains on from the next (or, after the last epoch, runs only the final validation).
+    Off with ``--val-oom relaunch``. Inside :class:`FailureRecord`: its end of the run is no failure."""
+
+    validation_pending: dict[str, Any] | None = None
+
+    def validate(self) -> tuple[Any, Any]:
+        if (self.run_context.rank.leads and self.run_context.spec.val_oom == valretry.IN_PLACE
+                and self.validation_pending is None):
+            valretry.save_unvalidated(self)
+        return super().validate()
+
+    def save_model(self) -> bool:
+        saved = super().save_model()
+        if self.last.name != valretry.UNVALIDATED:  # this epoch is validated and kept: the unvalidated state is old
+            (self.wdir / valretry.UNVALIDATED).unlink(missing_ok=True)
+        return saved
+
+    def resume_training(self, ckpt: Any) -> None:
+        mark = valretry.pending(ckpt) if self.resume else None
+        if mark is None:
+            return super().resume_training(ckpt)
+        self.validation_pending, epochs = mark, self.epochs
+        self.epochs = max(epochs, int(mark["epoch"]) + 2)  # Ultralytics refuses to resume after the last epoch
+        try:
+            super().resume_training(ckpt)
+        finally:
+            self.epochs = epochs
+
+    def _setup_train(self) -> None:
+        super()._setup_train()
+        if self.validation_pending is not None:
+            valretry.validate_pending(self, self.validation_pending)
+            self.validation_pending = None
+
+    def _do_train(self) -> None:
+        try:
+            super()._do_train()
+        except valretry.TrainingDone:
+            self.validation_pending = None
+            valretry.finish(self)
+
+
+MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, FailureRecord, ValidateFirst,
+          AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
 
 
 def trainer_class(task: str, context: RunContext) -> type[BaseTrainer]:

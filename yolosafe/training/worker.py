@@ -31,6 +31,7 @@ from yolosafe.exits import Exit
 from yolosafe.planning import allocator
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import results, runspec
+from yolosafe.rundir.layout import RunDir
 from yolosafe.training import callbacks
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import Rank, RunContext
@@ -86,7 +87,7 @@ def _save_metrics(run_dir: Path, metrics: Any) -> None:
     values = getattr(metrics, "results_dict", metrics)
     if isinstance(values, dict):
         numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
-        rundir.write_json(run_dir / rundir.FINAL_METRICS, numbers)
+        rundir.write_json(RunDir(run_dir).final_metrics, numbers)
 
 
 def train(context: RunContext) -> None:
@@ -109,7 +110,7 @@ def train(context: RunContext) -> None:
         if context.rank.leads:  # a run trained again from the start in its own directory: no rows of before
             results.trim(run_dir, 0)
     if context.rank.leads:  # one record per attempt; every rank's pid is in its events
-        rundir.write_json(rundir.worker_path(run_dir, context.attempt), _observed(context, resumed_from))
+        rundir.write_json(RunDir(run_dir).worker(context.attempt), _observed(context, resumed_from))
     install_callbacks(model, context)
     metrics = model.train(trainer=trainer_class(model.task, context), **kwargs)
     if context.rank.leads:
@@ -119,9 +120,9 @@ def train(context: RunContext) -> None:
 def final_validation(context: RunContext) -> None:
     """Validate best.pt once more, alone on one device with a smaller batch: training itself is finished."""
     run_dir, kwargs = context.run_dir, context.spec.train_kwargs
-    weights = run_dir / "weights" / "best.pt"
-    model = _load(str(weights if weights.is_file() else run_dir / "weights" / "last.pt"))
-    rundir.write_json(rundir.worker_path(run_dir, context.attempt), _observed(context, None))
+    best = RunDir(run_dir).best_checkpoint
+    model = _load(str(best if best.is_file() else RunDir(run_dir).last_checkpoint))
+    rundir.write_json(RunDir(run_dir).worker(context.attempt), _observed(context, None))
     context.progress.final = True
     install_callbacks(model, context)
     try:

@@ -6,30 +6,26 @@ computed with ``plan`` (half the per-GPU batch, the same effective batch), never
 from __future__ import annotations
 
 import shlex
-from dataclasses import fields
 
+from yolosafe import gpus, oom
 from yolosafe.gpus import nvml_index
 from yolosafe.planning import trainplan as plan
-from yolosafe.readers.doctor.diagnosis import BUSY_MIB, Cause, Environment, GPUView, Machine, RunView
+from yolosafe.readers.doctor.diagnosis import Cause, Environment, GPUView, Machine, RunView
 from yolosafe.readers.holders import ASK, PROVEN, Holder
-from yolosafe.rundir.records import VAL_PHASES, Failure, Story
+from yolosafe.rundir.records import VAL_PHASES, Failure, Story, epoch_label
 
 
 def story_plan(story: Story, batch: int | None = None) -> plan.TrainPlan | None:
     """The run's plan as ``plan.TrainPlan`` (with another total batch if given); None for an unreadable plan."""
-    known = {f.name for f in fields(plan.TrainPlan)}
     try:
-        values = {k: v for k, v in story.plan.items() if k in known} | {"gpus": tuple(story.plan["gpus"])}
-        found = plan.TrainPlan(**values)
-    except (KeyError, TypeError):
+        return plan.replan(story.plan, **({} if batch is None else {"batch": batch}))
+    except (plan.PlanError, KeyError, TypeError, ValueError):
         return None
-    return found if batch is None else plan.TrainPlan(**{**values, "batch": batch})
 
 
 def _where(record: Failure, story: Story) -> str:
     gpu = nvml_index(story.plan_gpus, record.gpu)
-    epoch = f" at epoch {record.epoch} (0-based; Ultralytics shows {record.epoch + 1})" if record.epoch is not None \
-        else ""
+    epoch = f" at {epoch_label(record.epoch, story.plan.get('epochs'))}" if record.epoch is not None else ""
     return f"{epoch}{f' on GPU {gpu}' if gpu is not None else ''}"
 
 
@@ -60,7 +56,7 @@ def _train_cause(ooms: list[Failure], story: Story) -> Cause | None:
 
 def _fragmentation(ooms: list[Failure], story: Story) -> Cause | None:
     wasted = max(((f.figures or {}).get("reserved_unallocated_mib") or 0 for f in ooms), default=0)
-    if wasted <= BUSY_MIB:
+    if wasted <= oom.FRAGMENTED_MIB:
         return None
     expandable = "expandable_segments:True" in (story.allocator or {}).get("PYTORCH_CUDA_ALLOC_CONF", "")
     if expandable:
@@ -81,6 +77,11 @@ def run_causes(view: RunView | None) -> list[Cause]:
                      "that file")] if view.problem else []
     ooms = [f for f in view.failures if f.oom]
     done = [a for a in story.attempts if a.outcome == "completed"]
+    in_place = [f for f in ooms if f.recovered]
+    if story.outcome == "completed" and in_place and len(in_place) == len(ooms):
+        worked = min(int(f.extra.get("next_val_batch") or 1) for f in in_place)
+        return [Cause(f"validation ran out of memory {len(in_place)} time(s) and was recovered in place (no relaunch): "
+                      f"the smallest validation batch that worked was {worked} per GPU", f"--val-batch {worked}")]
     if story.outcome == "completed" and ooms and done and done[-1].batch:
         last = done[-1]
         nbs = last.nbs or story.plan.get("effective_batch")
@@ -88,7 +89,19 @@ def run_causes(view: RunView | None) -> list[Cause]:
                       f"{last.batch} ({last.per_gpu_batch} per GPU), val batch {last.val_batch} per GPU",
                       f"--batch {last.batch} --effective-batch {nbs} --val-batch {last.val_batch}")]
     found = [_val_cause(ooms, story), _train_cause(ooms, story), _fragmentation(ooms, story)]
-    return [*damaged, *(c for c in found if c is not None)]
+    return [*damaged, *(c for c in found if c is not None), *_near_misses(view)]
+
+
+def _near_misses(view: RunView) -> list[Cause]:
+    """The assigner's OOMs: the step went on, slowly, one image at a time; a smaller batch avoids the next."""
+    found = []
+    for miss in (view.memory or {}).get("near_misses", []):
+        epoch = "" if miss.get("epoch") is None else f" in epoch {miss['epoch'] + 1}"
+        rank = "" if miss.get("rank") in (None, -1) else f" on rank {miss['rank']}"
+        found.append(Cause(f"the training step ran out of memory in the assigner at batch {miss.get('batch')}{epoch}"
+                           f"{rank} and went on slowly (one image at a time; max_num_obj {miss.get('max_num_obj')})",
+                           "a smaller --batch, or images with fewer objects"))
+    return found
 
 
 def _holder_cause(h: Holder, rest: str) -> Cause | None:
@@ -101,7 +114,7 @@ def _holder_cause(h: Holder, rest: str) -> Cause | None:
         return Cause(f"GPU {h.gpu} is in use by {h.reason}; it is not free", f"wait for it, or --gpus {rest}")
     if h.advice:
         return Cause(f"{what}: {h.reason}", h.advice)
-    if (h.used_mib or 0) > BUSY_MIB:
+    if (h.used_mib or 0) > gpus.BUSY_MIB:
         return Cause(f"{what}: {h.reason}", f"--gpus {rest} (leave that GPU out)")
     return None
 
@@ -111,14 +124,15 @@ def _rest(gpus: list[GPUView], busy: set[int], visible: list[int]) -> str:
 
 
 def machine_causes(box: Machine, environ: Environment) -> list[Cause]:
-    busy = {g.index for g in box.gpus if g.others_mib > BUSY_MIB}
+    busy = {g.index for g in box.gpus if g.others_mib > gpus.BUSY_MIB}
     causes = []
     for gpu in box.gpus:
         rest = _rest(box.gpus, busy | {gpu.index}, environ.visible_gpus)
         causes += [c for c in (_holder_cause(h, rest) for h in gpu.holders) if c]
     if busy:
-        causes.append(Cause(f"GPU(s) {', '.join(map(str, sorted(busy)))} hold more than {BUSY_MIB} MiB of other "
-                            "processes", f"--gpus {_rest(box.gpus, busy, environ.visible_gpus)}"))
+        named = ", ".join(map(str, sorted(busy)))
+        causes.append(Cause(f"GPU(s) {named} hold more than {gpus.BUSY_MIB:.0f} MiB of other processes",
+                            f"--gpus {_rest(box.gpus, busy, environ.visible_gpus)}"))
     return causes
 
 
