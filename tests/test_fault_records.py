@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -124,3 +125,28 @@ def test_a_failed_json_write_leaves_no_temp_file(tmp_path, monkeypatch):
 def test_an_empty_resume_makes_no_run(run_cli, tmp_path):
     assert_usage_error(run_cli("train", "--resume", "", "--dry-run"), "--resume ''")
     assert not run_dir_of(tmp_path).exists()
+
+
+def test_the_fault_matrix_names_tests_that_exist():
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"(test_\w+\.py)::(test_\w+)", doc))
+    assert len(named) >= 15
+    for file, name in named:
+        assert f"def {name}(" in (root / "tests" / file).read_text(), f"{file}::{name}"
+
+
+def test_an_inherited_ignore_of_sigint_and_sigterm_is_undone():
+    import subprocess
+    import sys
+
+    code = ("import signal; from yolosafe import proc; proc.reset_inherited_signals(); "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+            "signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+
+    def ignore() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    out = subprocess.run([sys.executable, "-c", code], preexec_fn=ignore, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]

@@ -20,6 +20,7 @@ from tests.test_cli import assert_usage_error
 
 pytestmark = pytest.mark.slow
 FAIL_IN_EPOCH_2 = {"YOLOSAFE_INJECT_OOM": "phase=train,epoch=1,error=runtime"}
+FAST = [*TINY, "--imgsz", "32"]  # the last --imgsz wins
 
 
 def epochs_of(run: Path) -> list[int]:
@@ -34,13 +35,13 @@ def train(home: Path, shared_cache: Path, *args: str, env: dict[str, str] | None
 
 @pytest.fixture(scope="module")
 def slow_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shapes set with its validation images listed eight times: a validation long enough to stop inside."""
+    """The shapes set with its validation images listed four times: a validation long enough to stop inside."""
     from yolosafe.planning import datasets
 
     root = tmp_path_factory.mktemp("slowval")
     data = datasets.ensure_shapes(root, train=16, val=16, size=64)
     spec = yaml.safe_load(data.read_text())
-    spec["val"] = [spec["val"]] * 8
+    spec["val"] = [spec["val"]] * 4
     path = root / "slow-val.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -50,7 +51,7 @@ def slow_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def failed_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
     """A 2-epoch run that failed (not an OOM) in epoch 2: weights/last.pt holds epoch 1. Copied by each test."""
     home = tmp_path_factory.mktemp("failed")
-    result = train(home, shared_cache, "--epochs", "2", *TINY, env=FAIL_IN_EPOCH_2)
+    result = train(home, shared_cache, "--epochs", "2", *FAST, env=FAIL_IN_EPOCH_2)
     assert result.returncode == 1, result.stderr
     return run_dir_of(home)
 
@@ -62,7 +63,7 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
 
 
 def test_stop_inside_the_final_validation_resumes_only_that(tmp_path, shared_cache, slow_val):
-    proc = drills.start(tmp_path, shared_cache, "train", "--data", str(slow_val), "--epochs", "1", *TINY)
+    proc = drills.start(tmp_path, shared_cache, "train", "--data", str(slow_val), "--epochs", "1", *FAST)
     run = run_dir_of(tmp_path)
     drills.stop_at(proc, run, {"event": "val_start", "phase": "final"}, signal.SIGTERM)
     code, err = drills.finish(proc)
@@ -82,7 +83,7 @@ def test_stop_inside_the_final_validation_resumes_only_that(tmp_path, shared_cac
 
 
 def test_sigkill_of_the_supervisor_then_resume_first_marks_the_attempt_abandoned(tmp_path, shared_cache):
-    proc = drills.start(tmp_path, shared_cache, "train", "--epochs", "2", *TINY)
+    proc = drills.start(tmp_path, shared_cache, "train", "--epochs", "2", *FAST)
     run = run_dir_of(tmp_path)
     event = drills.stop_at(proc, run, {"event": "train_start", "epoch": 1}, signal.SIGKILL, freeze=False)
     proc.wait(timeout=30)
@@ -105,7 +106,7 @@ def test_sigkill_of_the_supervisor_then_resume_first_marks_the_attempt_abandoned
 
 def test_ctrl_c_reaches_a_worker_started_with_sigint_ignored(tmp_path, shared_cache):
     """``yolosafe train ... &`` in a script: SIGINT is ignored by inheritance; the worker must still stop on it."""
-    proc = drills.start(tmp_path, shared_cache, "train", "--epochs", "2", *TINY, ignore_sigint=True)
+    proc = drills.start(tmp_path, shared_cache, "train", "--epochs", "2", *FAST, ignore_sigint=True)
     run = run_dir_of(tmp_path)
     drills.stop_at(proc, run, {"event": "train_start", "epoch": 0}, signal.SIGINT)
     code, err = drills.finish(proc)
@@ -113,26 +114,21 @@ def test_ctrl_c_reaches_a_worker_started_with_sigint_ignored(tmp_path, shared_ca
     assert "yolosafe: worker stopped by SIGINT" in (run / "train.log").read_text()  # not SIGKILLed after 8 s
 
 
-def test_results_have_each_epoch_once_after_a_resume(tmp_path, shared_cache, failed_run):
-    """A stop after an epoch's row was written but before its checkpoint: the resume trains that epoch again."""
-    run = copy_of(failed_run, tmp_path)
-    rows = (run / "results.csv").read_text().splitlines()
-    assert epochs_of(run) == [1]
-    (run / "results.csv").write_text("\n".join([*rows, rows[-1].replace("1,", "2,", 1)]) + "\n")
-    result = train(tmp_path, shared_cache, "--resume", str(run))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert epochs_of(run) == [1, 2]
-
-
-def test_missing_or_damaged_story_resumes_from_the_checkpoint_and_args(tmp_path, shared_cache, failed_run):
+def test_missing_story_and_an_epoch_row_past_the_checkpoint(tmp_path, shared_cache, failed_run):
+    """``yolosafe.json`` gone: the resume rebuilds it from last.pt and args.yaml. And a stop after an epoch's row
+    was written but before its checkpoint: the resume trains that epoch again, its row is there once."""
     damaged = copy_of(failed_run, tmp_path / "a")
     (damaged / "yolosafe.json").write_text("{not json")
     dry = train(tmp_path, shared_cache, "--resume", str(damaged), "--dry-run")
     assert dry.returncode == 0, dry.stderr
+    assert "yolosafe.json is damaged: resuming from weights/last.pt and args.yaml alone" in dry.stderr
     assert (damaged / "yolosafe.json").read_text() == "{not json"  # a dry run changes nothing
 
     run = copy_of(failed_run, tmp_path)
     (run / "yolosafe.json").unlink()
+    rows = (run / "results.csv").read_text().splitlines()
+    assert epochs_of(run) == [1]
+    (run / "results.csv").write_text("\n".join([*rows, rows[-1].replace("1,", "2,", 1)]) + "\n")
     result = train(tmp_path, shared_cache, "--resume", str(run))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "yolosafe.json is missing: resuming from weights/last.pt and args.yaml alone" in result.stderr
@@ -166,7 +162,7 @@ def test_a_full_disk_during_a_checkpoint_save(tmp_path, shared_cache, failed_run
     if not _mount_tmpfs(disk, f"{size_kib}k"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        result = train(disk, shared_cache, "--epochs", "2", *TINY)
+        result = train(disk, shared_cache, "--epochs", "2", *FAST)
         run = run_dir_of(disk)
         assert result.returncode == 1, result.stderr[-3000:]
         lines = drills.yolosafe_lines(result.stderr)
@@ -190,7 +186,7 @@ def test_ctrl_c_to_the_group_after_an_epoch_of_two_ranks_then_resume(tmp_path, s
     """Ctrl-C as a terminal sends it (to the process group), right after rank 0 validated epoch 1: its row of
     results.csv may be written before its checkpoint; after the resume each epoch is there once."""
     two = {"YOLOSAFE_FAKE_GPUS": "2x24GB"}
-    proc = drills.start(tmp_path, shared_cache, "train", "--gpus", "0,1", "--epochs", "1", *TINY, env=two)
+    proc = drills.start(tmp_path, shared_cache, "train", "--gpus", "0,1", "--epochs", "1", *FAST, env=two)
     run = run_dir_of(tmp_path)
     drills.stop_at(proc, run, {"event": "val_end", "epoch": 0, "rank": 0}, signal.SIGINT, group=True)
     code, err = drills.finish(proc)
@@ -199,3 +195,26 @@ def test_ctrl_c_to_the_group_after_an_epoch_of_two_ranks_then_resume(tmp_path, s
     result = train(tmp_path, shared_cache, "--resume", str(run), env=two)
     assert result.returncode == 0, result.stderr[-3000:]
     assert story(run)["outcome"] == "completed" and epochs_of(run) == [1]
+
+
+def test_sigterm_as_the_oom_is_said_then_resume_runs_the_halved_batch(tmp_path, shared_cache):
+    """SIGTERM the moment the supervisor says the OOM: before the relaunch (the stop waits until the next plan is
+    recorded) or during it; either way one line, and the resume runs the halved batch."""
+    proc = drills.start(tmp_path, shared_cache, "train", "--epochs", "1", *FAST,
+                        env={"YOLOSAFE_INJECT_OOM": "phase=train,epoch=0"})
+    run = run_dir_of(tmp_path)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("yolosafe: OOM in"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    code, err = drills.finish(proc)
+    assert code == 130, err
+    assert [ln for ln in drills.yolosafe_lines(err) if "stopped" in ln] == [
+        f"yolosafe: stopped by SIGTERM; resume with: yolosafe train --resume {run}"]
+    first = story(run)["attempts"][0]
+    assert first["outcome"] == "oom" and first["next"].startswith("batch 8 -> 4")
+    result = train(tmp_path, shared_cache, "--resume", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    s = story(run)
+    assert s["outcome"] == "completed" and s["attempts"][-1]["batch"] == 4 and epochs_of(run) == [1]

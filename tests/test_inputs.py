@@ -70,6 +70,7 @@ def write(path: Path, data: bytes) -> str:
 CASES = [
     (["--config", "@bad-utf8"], {}, ["--config", "not UTF-8"]),
     (["--config", "@list"], {}, ["expected a mapping", "list"]),
+    (["--data", "@bad-list-data"], {}, ["image list is not UTF-8"]),
     (["--datasets", "@bad-utf8"], {}, ["--datasets", "not UTF-8"]),
     (["--name", "n" * 300], {}, ["--name", "300 bytes"]),
     (["--project", "p" * 300], {}, ["--project", "300 bytes"]),
@@ -98,7 +99,10 @@ CASES = [
 @pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "train"])
 def test_malformed_inputs_are_one_line_before_anything_exists(cli, tmp_path, args, env, words, dry):
     files = {"@bad-utf8": write(tmp_path / "bad.yaml", b"epochs: 1\n\xff\xfe\n"),
-             "@list": write(tmp_path / "list.yaml", b"[]\n")}
+             "@list": write(tmp_path / "list.yaml", b"[]\n"),
+             "@bad-list-data": write(tmp_path / "data.yaml", b"path: .\ntrain: list.txt\nval: list.txt\n"
+                                                             b"names: {0: a}\n")}
+    write(tmp_path / "list.txt", b"\xff\xfe.jpg\n")
     if not (tmp_path / "loop1").is_symlink():
         os.symlink("loop2", tmp_path / "loop1")
         os.symlink("loop1", tmp_path / "loop2")

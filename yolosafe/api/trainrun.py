@@ -83,7 +83,7 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
             imgsz=int(opts["imgsz"]),
             epochs=int(opts["epochs"]),
             extra=plan.parse_passthrough(opts["args"]),
-            train_images=datasets.count_images(Path(opts["data_yaml"])),
+            train_images=inputs.image_count(Path(opts["data_yaml"])),
             nnodes=int(opts.get("nnodes") or 1),  # multi-node: --batch is the total over every node's GPUs
         )
     except plan.PlanError as exc:
@@ -197,6 +197,8 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
     """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
     r = resume.prepare(run_dir, given, dry_run, where.node_rank, where.nnodes)
     attempt = len(r.story.attempts) + 1
+    for note in r.notes:  # after every check: the run is there, and resumes
+        terminal.say(f"note: {note}")
     if dry_run:
         print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
         return Ended(Exit.OK, r.run_dir, where.node_rank, dry_run=True)
@@ -205,8 +207,6 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
             multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
         resume.record(r, given)
         terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}")
-        for note in r.notes:
-            terminal.say(f"note: {note}")
         code = run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
                               resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
                               final_val_only=r.final_val_only)

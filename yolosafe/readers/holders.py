@@ -1,12 +1,12 @@
 """Who holds a GPU's memory, and whether yolosafe may ever stop it.
 
 The judgement errs on the side of leaving a process alone: ``yolosafe fix --yes`` stops only what yolosafe can prove
-is its own and stale (a worker or DDP rank whose supervisor is gone: it carries yolosafe's run marker in its
-environment and has been re-parented to an init or reaper), and asks a person about anything else. Some processes
-are never offered at all: pid 0 and 1 (in a container entered with ``docker exec`` or ``nsenter`` the shell's parent
-is pid 0 and pid 1 is the container's init, which stops the container if it takes SIGTERM), this process and its
-ancestors, kernel threads, NVIDIA's daemons and display servers, and other users' processes (the command a person
-with the rights would run is given instead).
+is its own and stale (a worker, launcher or DDP rank of a yolosafe run whose supervisor is gone on every node,
+proven by :mod:`yolosafe.readers.stale`, not by its run marker alone), and asks a person about anything else.
+Some processes are never offered at all: pid 0 and 1 (in a container entered with ``docker exec`` or ``nsenter``
+the shell's parent is pid 0 and pid 1 is the container's init, which stops the container if it takes SIGTERM),
+this process and its ancestors, kernel threads, NVIDIA's daemons and display servers, and other users' processes
+(the command a person with the rights would run is given instead).
 
 The run marker is ``YOLOSAFE_RUN_DIR``: the supervisor sets it, in one place, in the environment of every process it
 starts for a run (the worker, or the launcher and through it every rank), and nothing reads it but this judgement

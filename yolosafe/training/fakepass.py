@@ -214,6 +214,9 @@ def measure(model_path: str, imgsz: int = 640, loss_only: bool = False) -> dict[
 
 
 def main(argv: list[str] | None = None) -> None:
+    from yolosafe import proc
+
+    proc.reset_inherited_signals()  # a Ctrl-C reaches it however yolosafe was started
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model")
     parser.add_argument("--imgsz", type=int, default=640)
