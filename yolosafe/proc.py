@@ -26,6 +26,10 @@ PARENT_ENV = "YOLOSAFE_PARENT_PID"  # the pid a started process must have as its
 STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 STOP_GRACE_S = 8.0  # after a Ctrl-C, the tree gets this long to end on its own before SIGKILL
 PARENT_POLL_S = 0.25
+# Benchmark only (benchmarks/overhead.py, docs/overhead.md): yolosafe's parts a benchmark run switches off, read here
+# alone; a run without these variables, every real one, has every part on.
+BENCH_OFF_ENV = "YOLOSAFE_BENCH_OFF"  # comma-separated: tee, filter, tree, events, checkpoint, peaks
+BENCH_PROFILE_ENV = "YOLOSAFE_BENCH_PROFILE"  # a folder: the worker writes its cProfile stats there
 
 
 class ProcessTree:
@@ -47,7 +51,8 @@ class ProcessTree:
         self._thread = threading.Thread(target=self._run, name="yolosafe-tree", daemon=True)
 
     def start(self) -> ProcessTree:
-        self._thread.start()
+        if not bench_off("tree"):
+            self._thread.start()
         return self
 
     def refresh(self) -> set[int]:
@@ -85,6 +90,25 @@ class ProcessTree:
                 proc.send_signal(signum)  # checks the process is still the one we saw
 
 
+def bench_off(part: str) -> bool:
+    """Whether a benchmark run switched ``part`` off (``YOLOSAFE_BENCH_OFF=events,checkpoint``): never in a real run."""
+    return part in os.environ.get(BENCH_OFF_ENV, "").split(",")
+
+
+def bench_profiled(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, under cProfile when a benchmark asks (``YOLOSAFE_BENCH_PROFILE=DIR``: ``DIR/name-PID.prof``)."""
+    folder = os.environ.get(BENCH_PROFILE_ENV)
+    if not folder:
+        return fn(*args)
+    import cProfile
+
+    profile = cProfile.Profile()
+    try:
+        return profile.runcall(fn, *args)
+    finally:
+        profile.dump_stats(os.path.join(folder, f"{name}-{os.getpid()}.prof"))
+
+
 def _alive(proc: Any) -> bool:
     import psutil
 
@@ -120,7 +144,9 @@ def run_child(
     """Run ``cmd`` in its own session, tee its output, and stop its whole tree on SIGINT/SIGTERM."""
     out = out or sys.stdout.buffer
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    piped = not bench_off("tee")  # switched off: the child writes to this process's stdout itself, no log
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if piped else None,
+                            stderr=subprocess.STDOUT if piped else None, start_new_session=True)
     tree = ProcessTree(proc.pid).start()
     received: list[int] = []
     killer = threading.Timer(STOP_GRACE_S, tree.signal_all, args=(signal.SIGKILL,))
@@ -138,7 +164,8 @@ def run_child(
     try:
         if on_start:
             on_start(tree)
-        _tee(proc, (out, log))
+        if piped:
+            _tee(proc, (out, log))
         proc.wait()
         if received or tree.refresh() - {proc.pid}:  # nothing of the tree outlives the attempt
             tree.signal_all(signal.SIGKILL)

@@ -193,8 +193,9 @@ class Supervisor:
                     result = AttemptResult(0, 0.0)
                 else:  # multi-node: also stop this node's ranks when another node's attempt failed
                     on_start = self.multi.watch(spec.attempt, on_start) if self.multi else on_start
-                    result = run_child(cmd, env, log, on_start=on_start,
-                                       out=terminal.TracebackFilter(sys.stdout.buffer))
+                    shown = sys.stdout.buffer
+                    shown = shown if proc.bench_off("filter") else terminal.TracebackFilter(shown)
+                    result = run_child(cmd, env, log, on_start=on_start, out=shown)
         if self.multi:  # the outcome every node derives from every node's end record
             return result, self.multi.agree(spec.attempt, result, tail(log_path, start))
         return result, classify(result, rundir.failure_records(self.run_dir, spec.attempt), tail(log_path, start))

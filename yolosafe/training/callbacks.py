@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from yolosafe import oom
+from yolosafe import oom, proc
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir.records import VAL_PHASES
 from yolosafe.training import torchmem
@@ -87,6 +87,8 @@ class TrainingCallbacks:
         add_callbacks(model, self.hooks())
 
     def _record(self, event: str, obj: Any, **fields: Any) -> None:
+        if proc.bench_off("events"):
+            return
         progress = self.progress
         # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
         rundir.append_jsonl(self.context.run_dir / rundir.node_file(rundir.EVENTS, self.context.node), {

@@ -19,6 +19,7 @@ from ultralytics.models.yolo.obb import OBBTrainer
 from ultralytics.models.yolo.pose import PoseTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
 
+from yolosafe import proc
 from yolosafe.training import callbacks, peakmetrics
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
@@ -90,6 +91,8 @@ class AtomicCheckpoints:
     nothing."""
 
     def save_model(self) -> bool:
+        if proc.bench_off("checkpoint"):
+            return super().save_model()
         final = {"last": self.last, "best": self.best}
         partial = {name: path.with_name(f".{path.name}.partial") for name, path in final.items()}
         for path in partial.values():  # a killed rank's leftover: promote only what this save writes
@@ -122,11 +125,13 @@ class EpochPeakMetrics(_InContext):
 
     def validate(self) -> tuple[Any, Any]:
         metrics, fitness = super().validate()
+        if proc.bench_off("peaks"):
+            return metrics, fitness
         peaks = peakmetrics.epoch_peaks(self, self.run_context)  # every rank takes part: it gathers every GPU's
         return (None if metrics is None else {**metrics, **peaks}), fitness
 
     def save_metrics(self, metrics: dict[str, Any]) -> None:
-        super().save_metrics(peakmetrics.ordered(metrics, self.run_context))
+        super().save_metrics(metrics if proc.bench_off("peaks") else peakmetrics.ordered(metrics, self.run_context))
 
 
 class FinalValidationMarked(_InContext):
