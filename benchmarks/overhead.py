@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pstats
 import resource
@@ -91,30 +92,35 @@ def run_yolosafe(work: Path, data: Path, epochs: int, env: dict[str, str], off: 
     work.mkdir(parents=True)
     flags = [f"{k}={v}" for k, v in WORKLOAD.items() if k == "workers"]
     cmd = [YOLOSAFE, "train", "--model", "yolov8n.yaml", "--data", str(data), "--gpus", WORKLOAD["device"],
-           "--batch", str(WORKLOAD["batch"]), "--imgsz", str(WORKLOAD["imgsz"]), "--epochs", str(epochs),
-           "--project", str(work / "runs"), "--name", "train", *flags]
+           "--batch", str(WORKLOAD["batch"]), "--val-batch", str(2 * WORKLOAD["batch"]), "--imgsz",
+           str(WORKLOAD["imgsz"]), "--epochs", str(epochs), "--project", str(work / "runs"), "--name", "train", *flags]
     if off == "clear-before-val":
         cmd.insert(2, "--no-clear-before-val")
     elif off:
         env = {**env, proc.BENCH_OFF_ENV: off}
     t0, wall, cpu = timed(cmd, env, work)
     run_dir = work / "runs" / "train"
-    events = list(rundir.read_jsonl(run_dir / rundir.EVENTS))
-    first = next(e["t"] for e in events if e["event"] == "train_start")
-    last = max(e["t"] for e in events if e["event"] == "val_end")
+    events = list(rundir.read_jsonl(run_dir / rundir.EVENTS))  # none with the events switched off: no segments
+    first = next((e["t"] for e in events if e["event"] == "train_start"), math.nan)
+    last = max((e["t"] for e in events if e["event"] == "val_end"), default=math.nan)
     spec = (run_dir / "spec-1.json").stat().st_mtime
     return {"wall": wall, "cpu": cpu, "start": first - t0, "supervisor": spec - t0, "train": last - first,
             "end": t0 + wall - last}
 
 
-def pairs(scratch: Path, data: Path, env: dict[str, str], epochs: int, count: int) -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {"plain": [], "yolosafe": []}
+def pairs(scratch: Path, data: Path, env: dict[str, str], epochs: int, count: int,
+          compare: str | None) -> dict[str, list[dict]]:
+    """``count`` rounds of plain and yolosafe (and the yolosafe of ``compare``), the order rotated each round."""
+    kinds = ["plain", "yolosafe", *(["compared"] if compare else [])]
+    runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for pair in range(count):
-        order = ("plain", "yolosafe") if pair % 2 == 0 else ("yolosafe", "plain")
-        for kind in order:
+        for kind in kinds[pair % len(kinds):] + kinds[:pair % len(kinds)]:
             work = scratch / f"{kind}-{epochs}e-{pair}"
-            run = run_plain if kind == "plain" else run_yolosafe
-            runs[kind].append(run(work, data, epochs, env))
+            if kind == "plain":
+                runs[kind].append(run_plain(work, data, epochs, env))
+            else:
+                tree = {**env, "PYTHONPATH": compare} if kind == "compared" and compare else env
+                runs[kind].append(run_yolosafe(work, data, epochs, tree))
             shutil.rmtree(work, ignore_errors=True)
     return runs
 
@@ -123,21 +129,31 @@ def median_diff(a: list[dict], b: list[dict], key: str) -> float:
     return statistics.median(x[key] - y[key] for x, y in zip(a, b, strict=True))
 
 
-def show_pairs(epochs: int, runs: dict[str, list[dict]]) -> dict[str, float]:
-    ys, pl = runs["yolosafe"], runs["plain"]
-    print(f"{epochs} epochs, {len(ys)} pair(s), medians:")
+def show_pairs(epochs: int, runs: dict[str, list[dict]], kind: str = "yolosafe") -> dict[str, float]:
+    ys, pl = runs[kind], runs["plain"]
+    label = "yolosafe" if kind == "yolosafe" else "compared"
+    print(f"{epochs} epochs, {label}, {len(ys)} pair(s), medians:")
     for key in ("wall", "cpu"):
         ratio = statistics.median(x[key] / y[key] for x, y in zip(ys, pl, strict=True))
-        print(f"  {key:<4} plain {statistics.median(r[key] for r in pl):6.2f} s, yolosafe "
+        print(f"  {key:<4} plain {statistics.median(r[key] for r in pl):6.2f} s, {label} "
               f"{statistics.median(r[key] for r in ys):6.2f} s: ratio {ratio:.3f} (median of pair ratios); "
-              f"plain {[round(r[key], 2) for r in pl]}, yolosafe {[round(r[key], 2) for r in ys]}")
+              f"plain {[round(r[key], 2) for r in pl]}, {label} {[round(r[key], 2) for r in ys]}")
     found = {key: median_diff(ys, pl, key) for key in ("wall", "cpu", "start", "supervisor", "train", "end")}
-    print(f"  yolosafe minus plain (median of pairs): start-up {found['start']:+.3f} s (supervisor until the worker "
+    print(f"  {label} minus plain (median of pairs): start-up {found['start']:+.3f} s (supervisor until the worker "
           f"starts {found['supervisor']:+.3f} s, the worker's start beyond plain's "
           f"{found['start'] - found['supervisor']:+.3f} s), epochs {found['train']:+.3f} s = "
           f"{found['train'] / epochs:+.3f} s per epoch (plain's epoch "
           f"{statistics.median(r['train'] for r in pl) / epochs:.3f} s), teardown {found['end']:+.3f} s")
     return found
+
+
+def show_fixed(found: dict[int, dict[str, float]]) -> None:
+    """Per-epoch and fixed cost from the whole runs at two epoch counts (wall and CPU)."""
+    lo, hi = min(found), max(found)
+    for key in ("wall", "cpu"):
+        per_epoch = (found[hi][key] - found[lo][key]) / (hi - lo)
+        fixed = found[lo][key] - lo * per_epoch
+        print(f"  from the whole runs ({key}): per epoch {per_epoch:+.3f} s, fixed {fixed:+.3f} s")
 
 
 def parts(scratch: Path, data: Path, env: dict[str, str], epochs: int, count: int) -> None:
@@ -153,9 +169,12 @@ def parts(scratch: Path, data: Path, env: dict[str, str], epochs: int, count: in
     print(f"parts, yolosafe at {epochs} epochs, all on against each off, {count} round(s), median of on minus off:")
     for part in PARTS:
         off = runs[part]
-        print(f"  {part:<17} per epoch {median_diff(on, off, 'train') / epochs * 1000:+7.1f} ms wall; "
-              f"start-up {median_diff(on, off, 'start') * 1000:+7.1f} ms; whole run wall "
-              f"{median_diff(on, off, 'wall'):+.3f} s, CPU {median_diff(on, off, 'cpu'):+.3f} s")
+        segments = "per epoch (no events: n/a)" if part == "events" else (
+            f"per epoch {median_diff(on, off, 'train') / epochs * 1000:+7.1f} ms wall; start-up "
+            f"{median_diff(on, off, 'start') * 1000:+7.1f} ms")
+        print(f"  {part:<17} {segments}; whole run wall {median_diff(on, off, 'wall'):+.3f} s, CPU "
+              f"{median_diff(on, off, 'cpu'):+.3f} s = {median_diff(on, off, 'cpu') / epochs * 1000:+.1f} ms per "
+              f"epoch")
 
 
 def profile(scratch: Path, data: Path, env: dict[str, str], epochs: int) -> None:
@@ -168,7 +187,8 @@ def profile(scratch: Path, data: Path, env: dict[str, str], epochs: int) -> None
               "try:\n    p.runcall(main, sys.argv[2:])\nexcept SystemExit:\n    pass\n"
               "p.dump_stats(sys.argv[1])\n")
     cmd = [sys.executable, "-c", runner, str(folder / "supervisor.prof"), "train", "--model", "yolov8n.yaml",
-           "--data", str(data), "--gpus", "cpu", "--batch", str(WORKLOAD["batch"]), "--imgsz",
+           "--data", str(data), "--gpus", "cpu", "--batch", str(WORKLOAD["batch"]), "--val-batch",
+           str(2 * WORKLOAD["batch"]), "--imgsz",
            str(WORKLOAD["imgsz"]), "--epochs", str(epochs), "--project", str(work / "runs"), "--name", "train",
            "workers=0"]
     timed(cmd, {**env, proc.BENCH_PROFILE_ENV: str(folder)}, work)
@@ -176,11 +196,11 @@ def profile(scratch: Path, data: Path, env: dict[str, str], epochs: int) -> None
         stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
         clock = "CPU" if path.name.startswith("supervisor") else "wall"
         print(f"profile of the {path.stem.split('-')[0]} ({clock} seconds, cumulative, yolosafe's functions):")
-        rows = [(ct, nc, f"{Path(file).parent.name}/{Path(file).name}:{name}")
-                for (file, _line, name), (_cc, nc, _tt, ct, _callers) in stats.items()
-                if "yolosafe" in file and name in WATCHED]
-        for ct, nc, where in sorted(rows, reverse=True)[:14]:
-            print(f"  {ct:8.3f} s  {nc:6d} calls  {where}")
+        inside = ultralytics_share(stats)
+        rows = [(ct - inside.get(key, 0.0), ct, nc, f"{Path(key[0]).parent.name}/{Path(key[0]).name}:{key[2]}")
+                for key, (_cc, nc, _tt, ct, _callers) in stats.items() if "yolosafe" in key[0] and key[2] in WATCHED]
+        for own, ct, nc, where in sorted(rows, reverse=True)[:14]:
+            print(f"  {own:8.3f} s own ({ct:7.3f} s with Ultralytics' part)  {nc:6d} calls  {where}")
         first = [(ct, f"{Path(file).parent.name}/{Path(file).name}:{name}")
                  for (file, _line, name), (_cc, _nc, _tt, ct, _callers) in stats.items()
                  if name in ("new_run", "run_attempt", "warn_unsupported_ultralytics", "_observed", "<module>")
@@ -188,6 +208,17 @@ def profile(scratch: Path, data: Path, env: dict[str, str], epochs: int) -> None
         for ct, where in sorted(first, reverse=True)[:8]:
             print(f"  {ct:8.3f} s  (start)      {where}")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def ultralytics_share(stats: dict) -> dict[tuple, float]:
+    """Per yolosafe function, the seconds spent in the Ultralytics (and torch) functions it called: what it wraps."""
+    found: dict[tuple, float] = {}
+    for (file, _line, _name), (*_, callers) in stats.items():
+        if "site-packages/ultralytics" in file or "site-packages/torch" in file:
+            for caller, (_cc, _nc, _tt, ct) in callers.items():
+                if "yolosafe" in caller[0]:
+                    found[caller] = found.get(caller, 0.0) + ct
+    return found
 
 
 def write_file(path: Path, data: bytes, sync: bool) -> float:
@@ -221,6 +252,7 @@ def main() -> None:
     parser.add_argument("--parts-rounds", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--fsync-mb", type=int, default=0, help="time fsync of a file this big (0: not)")
+    parser.add_argument("--compare", help="also run the yolosafe of this source tree (its PYTHONPATH), alternated")
     parser.add_argument("--scratch", help="folder for the runs (default: a new one under the temp folder)")
     args = parser.parse_args()
     epochs = [int(e) for e in args.epochs.split(",")]
@@ -233,12 +265,11 @@ def main() -> None:
     try:
         run_plain(scratch / "warm-up", data, 1, env)  # Ultralytics' settings and the labels cache, outside timing
         if not args.skip_pairs:
-            found = {e: show_pairs(e, pairs(scratch, data, env, e, args.pairs)) for e in epochs}
-            if len(epochs) >= 2:
-                lo, hi = epochs[0], epochs[-1]
-                per_epoch = (found[hi]["wall"] - found[lo]["wall"]) / (hi - lo)
-                print(f"from the whole runs: per-epoch {per_epoch:+.3f} s wall, fixed "
-                      f"{found[lo]['wall'] - lo * per_epoch:+.3f} s wall")
+            runs = {e: pairs(scratch, data, env, e, args.pairs, args.compare) for e in epochs}
+            for kind in ("yolosafe", *(["compared"] if args.compare else [])):
+                found = {e: show_pairs(e, runs[e], kind) for e in epochs}
+                if len(epochs) >= 2:
+                    show_fixed(found)
         if args.parts:
             parts(scratch, data, env, epochs[-1], args.parts_rounds)
         if args.profile:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -104,8 +105,28 @@ class AtomicCheckpoints:
             self.last, self.best = final["last"], final["best"]
         for name, path in partial.items():
             if path.exists():
-                os.replace(path, final[name])
+                durable_replace(path, final[name], sync=name == "last")
         return saved
+
+
+def durable_replace(partial: Path, final: Path, sync: bool) -> None:
+    """``partial`` renamed over ``final``; with ``sync``, through a power loss too: its data on disk before the
+    rename, the rename itself after it. A killed process needs neither (the page cache outlives it, the rename is
+    atomic); a crashed machine could otherwise come back with a last.pt of zeros. last.pt alone: it is what a retry
+    and ``--resume`` read, and one ``fsync`` of it per epoch is the whole cost (docs/overhead.md)."""
+    if sync:
+        _fsync(partial)
+    os.replace(partial, final)
+    if sync:
+        _fsync(final.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ResumeNbs:
