@@ -2,10 +2,11 @@
 
 The workload: ``yolov8n.yaml`` from scratch on 16 training and 8 validation images of the built-in ``shapes`` kind
 (generated here, 128 px), ``imgsz=128``, ``batch=4``, ``workers=0``, on the CPU. Plain is a fresh
-``python -c "YOLO('yolov8n.yaml').train(...)"``; yolosafe is ``yolosafe train --gpus cpu`` with the same arguments.
+``python -c "YOLO('yolov8n.yaml').train(...)"``; yolosafe is ``yolosafe train --gpus cpu`` with the same arguments
+and ``--val-batch 8`` (Ultralytics validates with twice the train batch, yolosafe by default with the train batch).
 Both get ``YOLO_OFFLINE=1`` (yolosafe sets it for its worker) and write their output to /dev/null.
 
-1. **Pairs** (``--pairs``, alternated: plain first in even pairs, yolosafe first in odd ones) at 2 and 8 epochs: wall
+1. **Pairs** (``--pairs`` rounds, the order of the commands rotated each round) at 2 and 8 epochs: wall
    and CPU (user + system of the whole process tree: every process the command started, waited for) and the median
    of the per-pair ratios. Each run is cut in three at two moments both sides record: the start of the first epoch
    and the end of the last validation (plain: two trivial callbacks; yolosafe: its phase events). The yolosafe-minus-
@@ -21,11 +22,15 @@ Both get ``YOLO_OFFLINE=1`` (yolosafe sets it for its worker) and write their ou
    per epoch (CPU and wall). The memory watch samples GPUs only: with none (this workload) it never starts.
 3. **Profile** (``--profile``): one yolosafe run at 8 epochs, the supervisor under cProfile (CPU time) and the worker
    too (``YOLOSAFE_BENCH_PROFILE``): the seconds of each yolosafe function that runs per epoch or at start.
-4. **fsync** (``--fsync-mb``): on the disk of the scratch folder, writing a file of that size with and without an
+4. **Process tree** (``--tree``): the CPU of one refresh of the supervisor's process tree (it runs every 0.5 s
+   while an attempt runs) with 3, 19 and 67 processes known (a rank per GPU, each with its dataloader workers).
+5. **fsync** (``--fsync-mb``): on the disk of the scratch folder, writing a file of that size with and without an
    ``fsync`` before the close (median of 3), and the same for a checkpoint of this workload's size.
 
-Usage: ``python benchmarks/overhead.py [--pairs 3] [--epochs 2,8] [--parts] [--profile] [--fsync-mb 200]``
-(``--skip-pairs`` runs only the other parts). On a shared machine measure few pairs and read the medians and ratios.
+Usage: ``python benchmarks/overhead.py [--pairs 3] [--epochs 2,8] [--parts] [--profile] [--tree] [--fsync-mb 200]
+[--compare SRC]`` (``--skip-pairs``: only the other parts; ``--compare SRC``: also the yolosafe of the source tree
+SRC, e.g. an older checkout, put first on its PYTHONPATH, in the same rounds). On a shared machine measure few pairs
+and read the medians and ratios.
 """
 
 from __future__ import annotations
@@ -221,6 +226,41 @@ def ultralytics_share(stats: dict) -> dict[tuple, float]:
     return found
 
 
+TREE = """
+import os, subprocess, sys, time
+import psutil
+from yolosafe.proc import ProcessTree
+sleeper = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+for n in (1, 9, 33):  # each child has a child of its own (a rank and its dataloader worker)
+    kids = [subprocess.Popen([sys.executable, "-c", sleeper + "time.sleep(60)"]) for _ in range(n)]
+    time.sleep(2)
+    tree = ProcessTree(os.getpid())
+    tree.refresh()
+    used = time.process_time()
+    for _ in range(10):
+        known = len(tree.refresh())
+    print(known, (time.process_time() - used) / 10, flush=True)
+    for proc in list(tree._known.values())[1:]:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    for kid in kids:
+        kid.wait()
+"""
+
+
+def tree_cost(env: dict[str, str], compare: str | None) -> None:
+    """CPU of one refresh of the process tree (every 0.5 s while an attempt runs) by how many processes it knows."""
+    for label, tree in (("yolosafe", env), *((("compared", {**env, "PYTHONPATH": compare}),) if compare else ())):
+        done = subprocess.run([sys.executable, "-c", TREE], env=tree, capture_output=True, text=True, check=True)
+        for line in done.stdout.split("\n"):
+            if line.strip():
+                known, seconds = line.split()
+                print(f"process tree, {label}: {int(known):3d} processes known, {float(seconds) * 1000:6.1f} ms CPU "
+                      f"per refresh = {float(seconds) / 0.5:.1%} of one core at one refresh per 0.5 s")
+
+
 def write_file(path: Path, data: bytes, sync: bool) -> float:
     started = time.perf_counter()
     with open(path, "wb") as fh:
@@ -251,6 +291,7 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true", help="switch each part off in turn (at the last --epochs)")
     parser.add_argument("--parts-rounds", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tree", action="store_true", help="CPU of a process tree refresh by processes known")
     parser.add_argument("--fsync-mb", type=int, default=0, help="time fsync of a file this big (0: not)")
     parser.add_argument("--compare", help="also run the yolosafe of this source tree (its PYTHONPATH), alternated")
     parser.add_argument("--scratch", help="folder for the runs (default: a new one under the temp folder)")
@@ -274,6 +315,8 @@ def main() -> None:
             parts(scratch, data, env, epochs[-1], args.parts_rounds)
         if args.profile:
             profile(scratch, data, env, epochs[-1])
+        if args.tree:
+            tree_cost(env, args.compare)
         if args.fsync_mb:
             fsync_cost(scratch, args.fsync_mb)
     finally:
