@@ -76,3 +76,26 @@ def test_benchmark_switches_are_off_unless_set(monkeypatch, tmp_path):
     monkeypatch.setenv(proc.BENCH_PROFILE_ENV, str(tmp_path))
     assert proc.bench_profiled("worker", lambda a, b: a + b, 1, 2) == 3
     assert [p.name for p in tmp_path.iterdir()] == [f"worker-{os.getpid()}.prof"]
+
+
+CLI_IMPORTS = """
+import sys
+from yolosafe.cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted(m for m in ("torch", "ultralytics", "torchvision") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["gpus", "--json"], ["report", "{tmp}"],
+                                  ["doctor", "{tmp}"]])
+def test_commands_that_train_nothing_never_import_torch(tmp_path, argv):
+    import subprocess
+    import sys
+
+    args = [a.format(tmp=tmp_path) for a in argv]
+    done = subprocess.run([sys.executable, "-c", CLI_IMPORTS, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "YOLOSAFE_FAKE_GPUS": "1x24GB"})
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-1000:] + done.stderr[-1000:]
