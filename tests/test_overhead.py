@@ -99,3 +99,21 @@ def test_commands_that_train_nothing_never_import_torch(tmp_path, argv):
     done = subprocess.run([sys.executable, "-c", CLI_IMPORTS, *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "YOLOSAFE_FAKE_GPUS": "1x24GB"})
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-1000:] + done.stderr[-1000:]
+
+
+def test_an_fsync_that_fails_leaves_the_last_good_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "last.pt").write_bytes(b"the last good one")
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    t = trainer(weights, fitness=0.9, best_fitness=0.9)
+    with pytest.raises(OSError, match="No space"):
+        t.save_model()
+    assert (weights / "last.pt").read_bytes() == b"the last good one"
+    assert not list(weights.glob(".*.partial"))

@@ -35,7 +35,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "watch_interval": 0.1,
     "warn_at": 0.9,
     "clear_before_val": True,
-    "memory_fraction": 0.85,  # --batch auto: the share of the smallest free GPU memory the predicted peaks may fill
+    "memory_fraction": 0.95,  # --batch auto: the share of the smallest free GPU memory the required figures may fill
     "args": [],
 })
 WATCH_KEYS = ("watch_interval", "warn_at", "clear_before_val")  # the memory watch's options, kept in the story

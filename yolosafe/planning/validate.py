@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from yolosafe import oom
+from yolosafe.errors import UsageError
 
 # Ultralytics release weights (yolov8n.pt, yolo11s-seg.pt, rtdetr-l.pt...): a bare name Ultralytics fetches when the
 # user names it; any other .pt must be a file here.
@@ -38,7 +39,7 @@ INT_OPTIONS = MappingProxyType({"batch": 1, "effective_batch": 1, "val_batch": 1
 STR_OPTIONS = ("model", "data", "project", "name", "alloc_conf", "gpus")
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """Bad input; ``str()`` is the one line the user sees."""
 
 
@@ -86,7 +87,7 @@ def check_injection(environ: Mapping[str, str]) -> None:
     """``YOLOSAFE_INJECT_OOM`` is read by the trainer in every rank: a typo there would be a silent no-op."""
     try:
         oom.parse_injection(environ.get(oom.INJECT_ENV))
-    except ValueError as exc:
+    except oom.InjectionError as exc:
         raise InputError(str(exc)) from None
 
 

@@ -89,7 +89,8 @@ class FailureRecord(_InContext):
 class AtomicCheckpoints:
     """``save_model``: Ultralytics writes last.pt/best.pt in place, so a rank killed mid-write (SIGKILL, the host's
     OOM killer) would leave the very checkpoint a retry resumes from truncated. Written beside, then renamed: all or
-    nothing."""
+    nothing. A save that fails (a full disk, a stop) removes what it had written: the last good checkpoints stay,
+    and the space their partial copies took is free again for the records of the failure."""
 
     def save_model(self) -> bool:
         if proc.bench_off("checkpoint"):
@@ -101,11 +102,19 @@ class AtomicCheckpoints:
         self.last, self.best = partial["last"], partial["best"]
         try:
             saved = super().save_model()
+        except BaseException:
+            for path in partial.values():
+                path.unlink(missing_ok=True)
+            raise
         finally:
             self.last, self.best = final["last"], final["best"]
-        for name, path in partial.items():
-            if path.exists():
-                durable_replace(path, final[name], sync=name == "last")
+        try:
+            for name, path in partial.items():
+                if path.exists():
+                    durable_replace(path, final[name], sync=name == "last")
+        finally:
+            for path in partial.values():  # an fsync that failed (a full disk): the last good one stays, alone
+                path.unlink(missing_ok=True)
         return saved
 
 
