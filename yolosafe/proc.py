@@ -28,6 +28,10 @@ PARENT_ENV = "YOLOSAFE_PARENT_PID"  # the pid a started process must have as its
 STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 STOP_GRACE_S = 8.0  # after a Ctrl-C, the tree gets this long to end on its own before SIGKILL
 PARENT_POLL_S = 0.25
+# Benchmark only (benchmarks/overhead.py, docs/overhead.md): yolosafe's parts a benchmark run switches off, read here
+# alone; a run without these variables, every real one, has every part on.
+BENCH_OFF_ENV = "YOLOSAFE_BENCH_OFF"  # comma-separated: tee, filter, tree, events, checkpoint, peaks
+BENCH_PROFILE_ENV = "YOLOSAFE_BENCH_PROFILE"  # a folder: the worker writes its cProfile stats there
 
 
 class ProcessTree:
@@ -49,23 +53,23 @@ class ProcessTree:
         self._thread = threading.Thread(target=self._run, name="yolosafe-tree", daemon=True)
 
     def start(self) -> ProcessTree:
-        self._thread.start()
+        if not bench_off("tree"):
+            self._thread.start()
         return self
 
     def refresh(self) -> set[int]:
         """Look for new descendants now (of every known process: the root may be gone, its ranks not), forget the
         ones that ended (a long run starts thousands of dataloader workers); returns the pids still alive."""
-        import psutil
-
         for pid, proc in list(self._known.items()):
             if not _alive(proc):
                 self._known.pop(pid, None)  # the background thread may prune it too
-                continue
-            try:
-                for child in proc.children(recursive=True):
-                    self._known.setdefault(child.pid, child)
-            except psutil.Error:
-                pass
+        children = _children_by_parent()  # one pass over the system's processes, however many are known
+        todo = list(self._known)
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child.pid not in self._known:
+                    self._known[child.pid] = child
+                    todo.append(child.pid)
         return self.pids()
 
     def pids(self) -> set[int]:
@@ -85,6 +89,38 @@ class ProcessTree:
         for proc in list(self._known.values()):
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signum)  # checks the process is still the one we saw
+
+
+def _children_by_parent() -> dict[int, list[Any]]:
+    """Every process of the system as a ``psutil.Process``, by its parent's pid (``children(recursive=True)``
+    reads the whole process table once per call: once per known process would cost a core's tenth with 30 known)."""
+    import psutil
+
+    found: dict[int, list[Any]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        ppid = proc.info.get("ppid")
+        if ppid is not None:
+            found.setdefault(ppid, []).append(proc)
+    return found
+
+
+def bench_off(part: str) -> bool:
+    """Whether a benchmark run switched ``part`` off (``YOLOSAFE_BENCH_OFF=events,checkpoint``): never in a real run."""
+    return part in os.environ.get(BENCH_OFF_ENV, "").split(",")
+
+
+def bench_profiled(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, under cProfile when a benchmark asks (``YOLOSAFE_BENCH_PROFILE=DIR``: ``DIR/name-PID.prof``)."""
+    folder = os.environ.get(BENCH_PROFILE_ENV)
+    if not folder:
+        return fn(*args)
+    import cProfile
+
+    profile = cProfile.Profile()
+    try:
+        return profile.runcall(fn, *args)
+    finally:
+        profile.dump_stats(os.path.join(folder, f"{name}-{os.getpid()}.prof"))
 
 
 def _alive(proc: Any) -> bool:
@@ -123,7 +159,9 @@ def run_child(
     KeyboardInterrupt raised in this thread (a notebook kernel's interrupt, a handler that is not ours)."""
     out = out or byte_stream(sys.stdout)
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    piped = not bench_off("tee")  # switched off: the child writes to this process's stdout itself, no log
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if piped else None,
+                            stderr=subprocess.STDOUT if piped else None, start_new_session=True)
     tree = ProcessTree(proc.pid).start()
     received: list[int] = []
     killer = threading.Timer(STOP_GRACE_S, tree.signal_all, args=(signal.SIGKILL,))
@@ -166,7 +204,8 @@ def _until_done(proc: subprocess.Popen[bytes], streams: Sequence[IO[bytes]], int
 
 def _tee(proc: subprocess.Popen[bytes], streams: Sequence[IO[bytes]]) -> None:
     """Copy the child's output, byte for byte (progress bars stay live), until every writer closed the pipe."""
-    assert proc.stdout is not None
+    if proc.stdout is None:  # not piped (a benchmark's switch): the child writes to the terminal itself
+        return
     fd = proc.stdout.fileno()
     while chunk := os.read(fd, 65536):
         for stream in streams:

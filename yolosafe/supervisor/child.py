@@ -215,7 +215,8 @@ class Supervisor:
     def terminal(self, spec: RunSpec) -> terminal.TracebackFilter | terminal.RankStream:
         """What of the attempt's output the terminal (or the notebook cell) shows: the worker's without tracebacks;
         of several ranks, the first rank of this node's, as if it ran alone (the log gets everything)."""
-        shown = terminal.TracebackFilter(proc.byte_stream(sys.stdout))
+        raw = proc.byte_stream(sys.stdout)
+        shown = raw if proc.bench_off("filter") else terminal.TracebackFilter(raw)
         if spec.world_size <= 1:
             return shown
         _, local = self.machines.launch_shape(spec)  # ranks on this node

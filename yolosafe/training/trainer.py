@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -19,6 +20,7 @@ from ultralytics.models.yolo.obb import OBBTrainer
 from ultralytics.models.yolo.pose import PoseTrainer
 from ultralytics.models.yolo.segment import SegmentationTrainer
 
+from yolosafe import proc
 from yolosafe.training import callbacks, peakmetrics, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
@@ -94,6 +96,8 @@ class AtomicCheckpoints:
     and the space their partial copies took is free again for the records of the failure."""
 
     def save_model(self) -> bool:
+        if proc.bench_off("checkpoint"):
+            return super().save_model()
         final = {"last": self.last, "best": self.best}
         partial = {name: path.with_name(f".{path.name}.partial") for name, path in final.items()}
         for path in partial.values():  # a killed rank's leftover: promote only what this save writes
@@ -107,10 +111,34 @@ class AtomicCheckpoints:
             raise
         finally:
             self.last, self.best = final["last"], final["best"]
-        for name, path in partial.items():
-            if path.exists():
-                os.replace(path, final[name])
+        try:
+            for name, path in partial.items():
+                if path.exists():
+                    durable_replace(path, final[name], sync=name == "last")
+        finally:
+            for path in partial.values():  # an fsync that failed (a full disk): the last good one stays, alone
+                path.unlink(missing_ok=True)
         return saved
+
+
+def durable_replace(partial: Path, final: Path, sync: bool) -> None:
+    """``partial`` renamed over ``final``; with ``sync``, through a power loss too: its data on disk before the
+    rename, the rename itself after it. A killed process needs neither (the page cache outlives it, the rename is
+    atomic); a crashed machine could otherwise come back with a last.pt of zeros. last.pt alone: it is what a retry
+    and ``--resume`` read, and one ``fsync`` of it per epoch is the whole cost (docs/overhead.md)."""
+    if sync:
+        _fsync(partial)
+    os.replace(partial, final)
+    if sync:
+        _fsync(final.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ResumeNbs:
@@ -130,11 +158,13 @@ class EpochPeakMetrics(_InContext):
 
     def validate(self) -> tuple[Any, Any]:
         metrics, fitness = super().validate()
+        if proc.bench_off("peaks"):
+            return metrics, fitness
         peaks = peakmetrics.epoch_peaks(self, self.run_context)  # every rank takes part: it gathers every GPU's
         return (None if metrics is None else {**metrics, **peaks}), fitness
 
     def save_metrics(self, metrics: dict[str, Any]) -> None:
-        super().save_metrics(peakmetrics.ordered(metrics, self.run_context))
+        super().save_metrics(metrics if proc.bench_off("peaks") else peakmetrics.ordered(metrics, self.run_context))
 
 
 class FinalValidationMarked(_InContext):

@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         if rank.distributed:  # the launcher's per-rank error file gets this rank's traceback
             from torch.distributed.elastic.multiprocessing.errors import record
 
-            record(run)(Path(argv[0]), rank)
+            proc.bench_profiled("worker", record(run), Path(argv[0]), rank)
         else:
-            run(Path(argv[0]), rank)
+            proc.bench_profiled("worker", run, Path(argv[0]), rank)
     except KeyboardInterrupt:
         _stopped(rank)
 
