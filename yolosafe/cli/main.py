@@ -58,7 +58,8 @@ def cli() -> None:
 @click.option("--epochs", type=int, help=f"Epochs. Default {D['epochs']} (shapes: {SHAPES['epochs']}).")
 @click.option("--alloc-conf", help="PYTORCH_CUDA_ALLOC_CONF options merged over yours and the default.")
 @click.option("--config", "config_file", help="YAML file with these options (flags override it).")
-@click.option("--project", help=f"Parent folder of runs. Default {D['project']}.")
+@click.option("--project", help=f"Parent folder of runs (as yolo train: relative to Ultralytics' runs/<task>). "
+                                f"Default {D['project']}.")
 @click.option("--name", help="Run name; an existing run is never overwritten (train, train2, ...).")
 @click.option("--max-retries", type=int, help=f"Relaunches after an OOM. Default {D['max_retries']}.")
 @click.option("--min-batch", type=int, help=f"Never halve below this per-GPU batch. Default {D['min_batch']}.")
@@ -73,6 +74,8 @@ def cli() -> None:
               help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
+@click.option("--download", is_flag=True, default=None,
+              help="Let Ultralytics download a missing dataset or weights (once, before training). Default off.")
 @multicli.node_options
 @click.argument("args", nargs=-1)
 @click.pass_context
@@ -80,7 +83,8 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
           dry_run: bool, **_: Any) -> None:
     """Train with OOM protection. Extra ARGS are Ultralytics train arguments as key=value (e.g. lr0=0.01)."""
     validate.check_injection(os.environ)
-    given = given_options(ctx)
+    given = options.yolo_style(given_options(ctx))  # yolo train's own key=value names too (model=, device=, ...)
+    resume_dir = given.get("resume_dir")
     where = multicli.resolve(ctx.params)  # --nnodes ... or SLURM's variables; one machine without either
     if resume_dir:
         sys.exit(trainrun.resume_run(Path(resume_dir), given, dry_run, where))
@@ -94,10 +98,12 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
 def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_file: str | None,
                  config_file: str | None, **_: Any) -> None:
     """Predict each GPU's train and validation peaks for the same options as train; train nothing."""
-    opts = trainrun.resolve(given_options(ctx), config_file, datasets_file)
+    opts = trainrun.resolve(options.yolo_style(given_options(ctx)), config_file, datasets_file)
     where = multicli.resolve(ctx.params)  # --batch is the total over every node's GPUs
     multicli.check_options(opts, where)
     opts["nnodes"] = where.nnodes
+    if not vram:
+        trainrun.ultralytics_accepts(opts, dry_run=True)
     try:
         planview.run(opts, gpus.read_inventory(), trainrun.build, vram, as_json)
     except (gpus.FakeGpusError, plan.PlanError, memmodel.UnknownModel) as exc:
