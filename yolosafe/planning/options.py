@@ -211,5 +211,6 @@ def yolo_style(given: Mapping[str, Any]) -> dict[str, Any]:
             flag = "--" + option.replace("_dir", "").replace("_", "-")
             raise InputError(f"{flag} {given[option]} and {origin[option]} disagree: give one of them")
     options.update(mapped)
-    options["args"] = rest
+    if "args" in given:
+        options["args"] = rest
     return options
