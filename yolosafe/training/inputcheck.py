@@ -84,6 +84,8 @@ def offline_dataset(request: dict[str, Any], task: str, notes: list[str]) -> boo
     from ultralytics.data.utils import check_det_dataset
     from ultralytics.utils import DATASETS_DIR
 
+    if request.get("download"):
+        return True  # the trainer's own get_dataset below downloads what is missing, here, once
     data = str(request["data"])
     hint = "add --download to let Ultralytics download it (once, before training)"
     if task == "classify":
@@ -95,7 +97,7 @@ def offline_dataset(request: dict[str, Any], task: str, notes: list[str]) -> boo
             check_det_dataset(data, autodownload=False)
             return True
         except FileNotFoundError as exc:
-            missing = f"--data {data}: {one_line(exc)}"
+            missing = f"--data {data}: {one_line(exc).split(' Note dataset download directory')[0]}"
             if "images not found" not in missing:
                 raise Refused(missing) from None
         except Exception as exc:
