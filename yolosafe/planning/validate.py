@@ -111,7 +111,7 @@ def ultralytics_request(opts: Mapping[str, Any], dry_run: bool) -> dict[str, Any
     return {"model": opts["model"], "data": opts["data_yaml"], "task": opts.get("task"),
             "overrides": {k: v for k, v in overrides.items() if v is not None},
             "project": None if project == ULTRALYTICS_PROJECT else project, "name": opts["name"],
-            "download": bool(opts.get("download")), "dry_run": dry_run}
+            "download": bool(opts.get("download")) and not dry_run, "dry_run": dry_run}  # a dry run fetches nothing
 
 
 def ultralytics_check(opts: Mapping[str, Any], dry_run: bool = False) -> dict[str, Any]:
