@@ -59,7 +59,7 @@ def load_model(request: dict[str, Any]) -> Any:
         except Exception as exc:
             raise Refused(f"{flag}: not a readable PyTorch checkpoint ({one_line(exc)})") from None
     try:
-        return YOLO(name, task=request.get("task"))
+        return YOLO(name)  # the worker's own load: task= is checked against the model's task, never forced on it
     except FileNotFoundError as exc:
         raise Refused(f"{flag}: no such file, and not a model Ultralytics knows ({one_line(exc)})") from None
     except Exception as exc:
