@@ -133,6 +133,6 @@ def ultralytics_check(opts: Mapping[str, Any], dry_run: bool = False) -> dict[st
         result = json.loads(answer.read_text())
     if "error" in result:
         hint = opts.get("data_hint")
-        raise InputError(f"{hint}; Ultralytics: {result['error']}" if hint and "--data" in result["error"]
-                         else result["error"])
+        known = "--data" not in result["error"] or "images not found" in result["error"]  # Ultralytics knows it
+        raise InputError(result["error"] if known or not hint else f"{hint}; Ultralytics: {result['error']}")
     return result

@@ -31,7 +31,7 @@ class Refused(Exception):
 
 def one_line(exc: BaseException) -> str:
     """An Ultralytics error as one line: the cause's text where it wraps one, without emojis or blank lines."""
-    while exc.__cause__ is not None and str(exc).startswith(("Dataset '", "Error loading data")):
+    while exc.__cause__ is not None and (str(exc).startswith("Dataset '") or "Error loading data" in str(exc)):
         exc = exc.__cause__
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
     return "".join(ch for ch in text if ord(ch) < 0x2000 or ch in "…").strip()
@@ -127,7 +127,7 @@ def count_images(data: dict[str, Any], args: Any, task: str) -> int | None:
         return None  # check_cls_dataset counted them (and refuses a training split without images)
     counts = {}
     for split in ("train", "val"):
-        reader = SimpleNamespace(prefix=f"{split}: ", fraction=args.fraction if split == "train" else 1.0)
+        reader = SimpleNamespace(prefix="", fraction=args.fraction if split == "train" else 1.0)
         try:
             counts[split] = len(BaseDataset.get_img_files(reader, data[split]))
         except Exception as exc:
