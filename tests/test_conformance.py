@@ -188,3 +188,16 @@ def test_one_download_for_all_ranks(sets, tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert counter.read_text() == "1"
+
+
+def test_another_task_recovers_from_an_oom_on_fake_gpu_ranks(sets, tmp_path):
+    """Classification from an ImageFolder on two CPU ranks: an OOM on rank 1 is recovered with half the batch, the
+    validation batch is yolosafe's, the run is Ultralytics' runs/classify/<name>."""
+    env = environment(sets) | {"YOLOSAFE_FAKE_GPUS": "2x24GB", "YOLOSAFE_INJECT_OOM": "phase=train,epoch=0,rank=1"}
+    words = ["train", "model=yolov8n-cls.yaml", f"data={sets / 'cls'}", "device=0,1", "batch=8", "nbs=16", "epochs=1",
+             "imgsz=32", "workers=0", "plots=False", "name=oom", "--val-batch", "1"]
+    done = subprocess.run([YOLOSAFE, *words], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    story = json.loads((tmp_path / "runs" / "classify" / "oom" / "yolosafe.json").read_text())
+    assert story["outcome"] == "completed" and [a["batch"] for a in story["attempts"]] == [8, 4]
+    assert {a["val_batch"] for a in story["attempts"]} == {1}
