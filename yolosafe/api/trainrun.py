@@ -54,6 +54,8 @@ def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: st
 def ultralytics_accepts(opts: dict[str, Any], dry_run: bool) -> int | None:
     """Ultralytics' own verdict on the model, the arguments and the data (a child process: validate.ultralytics_check);
     sets the task and the runs' folder Ultralytics gives that task, says its notes, returns the training images."""
+    if opts.get("download") and not dry_run:
+        terminal.say("Ultralytics downloads what is missing (the data, the weights) now, once, before training")
     checked = validate.ultralytics_check(opts, dry_run)
     opts.update(task=checked["task"], project=checked["project"])
     for note in checked["notes"]:

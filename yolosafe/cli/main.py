@@ -51,7 +51,8 @@ def cli() -> None:
 @click.option("--datasets", "datasets_file", help="Dataset registry (default: $YOLOSAFE_DATASETS or ./datasets.yaml).")
 @click.option("--gpus", help="GPU ids '0,1,2,3', 'all', 'auto[:N]' or 'cpu'. Default: GPU 0 if there is one, else cpu.")
 @click.option("--batch", type=BatchOrAuto(),
-              help=f"Total batch over all GPUs (split evenly) or auto. Default {D['batch']}.")
+              help="Total batch over all GPUs (split evenly) or auto (also Ultralytics' -1; a fraction such as 0.7: "
+                   f"auto filling that share of GPU memory). Default {D['batch']}.")
 @click.option("--effective-batch", type=int, help="Images per optimizer step (Ultralytics nbs). Default: 64-ish.")
 @click.option("--val-batch", type=int, help="Validation batch per GPU. Default: the per-GPU train batch.")
 @click.option("--imgsz", type=int, help=f"Image size. Default {D['imgsz']} (shapes: {SHAPES['imgsz']}).")
