@@ -170,34 +170,25 @@ def test_every_task_of_ultralytics_runs_under_its_own_folder(sets):
     assert f"{sets / 'runs' / 'semantic' / 'train'} (not created" in result.stdout, result.stdout
 
 
-def test_one_download_for_all_ranks(sets, tmp_path):
-    """--download: the dataset is fetched once, by the input check, before two ranks start (each would call it)."""
-    counter, source = tmp_path / "downloads", sets / "rooted"
+def test_one_download_for_all_ranks_and_attempts(sets, tmp_path):
+    """--download: a segmentation set is fetched once, by the input check, before two fake-GPU ranks start; an OOM on
+    rank 1 is recovered with half the batch and yolosafe's validation batch, and the retry downloads nothing."""
+    counter, source = tmp_path / "downloads", tinysets.rooted(tmp_path / "source", "segment").parent
     script = (f"import pathlib, shutil\nc = pathlib.Path({str(counter)!r})\n"
               "c.write_text(str(int(c.read_text()) + 1) if c.exists() else '1')\n"
               f"shutil.copytree({str(source)!r}, {str(tmp_path / 'fetched')!r})\n")
     (tmp_path / "dl.yaml").write_text(yaml.safe_dump({
         "path": str(tmp_path / "fetched"), "train": "images/train", "val": "images/val", "names": ["thing"],
         "download": script}))
-    env = environment(sets) | {"YOLOSAFE_FAKE_GPUS": "2x24GB"}
-    words = ["train", "model=yolov8n.yaml", f"data={tmp_path / 'dl.yaml'}", "--gpus", "0,1", "--batch", "4",
-             "epochs=1", "imgsz=32", "workers=0", "plots=False", f"project={tmp_path / 'runs'}"]
+    env = environment(sets) | {"YOLOSAFE_FAKE_GPUS": "2x24GB", "YOLOSAFE_INJECT_OOM": "phase=train,epoch=0,rank=1"}
+    words = ["train", "model=yolov8n-seg.yaml", "data=dl.yaml", "device=0,1", "batch=8", "nbs=16", "epochs=1",
+             "imgsz=32", "workers=0", "plots=False", "name=dl", "--val-batch", "1"]
     refused = subprocess.run([YOLOSAFE, *words], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--download" in refused.stderr and not counter.exists(), refused.stderr
     done = subprocess.run([YOLOSAFE, *words, "--download"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert counter.read_text() == "1"
-
-
-def test_another_task_recovers_from_an_oom_on_fake_gpu_ranks(sets, tmp_path):
-    """Classification from an ImageFolder on two CPU ranks: an OOM on rank 1 is recovered with half the batch, the
-    validation batch is yolosafe's, the run is Ultralytics' runs/classify/<name>."""
-    env = environment(sets) | {"YOLOSAFE_FAKE_GPUS": "2x24GB", "YOLOSAFE_INJECT_OOM": "phase=train,epoch=0,rank=1"}
-    words = ["train", "model=yolov8n-cls.yaml", f"data={sets / 'cls'}", "device=0,1", "batch=8", "nbs=16", "epochs=1",
-             "imgsz=32", "workers=0", "plots=False", "name=oom", "--val-batch", "1"]
-    done = subprocess.run([YOLOSAFE, *words], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    story = json.loads((tmp_path / "runs" / "classify" / "oom" / "yolosafe.json").read_text())
+    story = json.loads((tmp_path / "runs" / "segment" / "dl" / "yolosafe.json").read_text())
     assert story["outcome"] == "completed" and [a["batch"] for a in story["attempts"]] == [8, 4]
     assert {a["val_batch"] for a in story["attempts"]} == {1}
