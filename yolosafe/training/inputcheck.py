@@ -58,13 +58,21 @@ def load_model(request: dict[str, Any]) -> Any:
             torch_safe_load(name)
         except Exception as exc:
             raise Refused(f"{flag}: not a readable PyTorch checkpoint ({one_line(exc)})") from None
+    fetched = path.suffix == ".pt" and not path.is_file()
     try:
         return YOLO(name)  # the worker's own load: task= is checked against the model's task, never forced on it
-    except FileNotFoundError as exc:
-        raise Refused(f"{flag}: no such file, and not a model Ultralytics knows ({one_line(exc)})") from None
     except Exception as exc:
-        what = "not an Ultralytics checkpoint" if path.suffix == ".pt" else "not a model YAML Ultralytics can build"
-        raise Refused(f"{flag}: {what} ({type(exc).__name__}: {one_line(exc)})") from None
+        if fetched:
+            raise Refused(f"cannot load model {name!r}: {one_line(exc)}") from None
+        raise Refused(_unloadable(name, exc)) from None
+
+
+def _unloadable(name: str, exc: Exception) -> str:
+    flag, path = f"--model {name}", Path(name)
+    if isinstance(exc, FileNotFoundError):
+        return f"{flag}: no such file, and not a model Ultralytics knows ({one_line(exc)})"
+    what = "not an Ultralytics checkpoint" if path.suffix == ".pt" else "not a model YAML Ultralytics can build"
+    return f"{flag}: {what} ({type(exc).__name__}: {one_line(exc)})"
 
 
 def train_args(request: dict[str, Any], task: str) -> Any:
