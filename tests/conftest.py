@@ -66,6 +66,14 @@ def wait_until(condition: Callable[[], bool], proc: subprocess.Popen[str], what:
         time.sleep(0.05)
 
 
+def wait_gone(pids: set[int], timeout: float = 30) -> set[int]:
+    """Wait (bounded) until none of ``pids`` runs; the ones still running at the deadline."""
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(pids)
+
+
 def alive(pids: set[int]) -> set[int]:
     """The processes of ``pids`` that still run (a zombie has ended)."""
     import psutil

@@ -9,7 +9,9 @@ types, so ctypes rejects a wrapper that passes the wrong structure), their retur
 
 A GPU is a dict: ``name``, ``uuid``, ``total_mib``, ``used_mib``, ``util`` (percent), ``processes`` and
 ``graphics`` (lists of ``(pid, used_mib)``, ``used_mib`` None for NVML_VALUE_NOT_AVAILABLE), ``spawn`` (processes
-that start between nvidia-ml-py's sizing call and its second call), ``mig`` (MIG mode on), ``lost`` (every call
+that start between nvidia-ml-py's sizing call and its second call), ``mig`` (MIG mode on), ``mig_devices`` (with MIG
+on: the slots of its MIG devices, each a dict ``name``, ``uuid``, ``total_mib``, ``used_mib``, or None for an empty
+slot; ``nvmlDeviceGetMaxMigDeviceCount`` is their number), ``lost`` (every call
 answers NVML_ERROR_GPU_IS_LOST; may be set mid-run) and ``errors`` (C symbol -> NVML return code for that GPU, e.g.
 ``{"nvmlDeviceGetUtilizationRates": NOT_SUPPORTED}``).
 """
@@ -32,6 +34,7 @@ DRIVER_NOT_LOADED = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
 UNKNOWN = pynvml.NVML_ERROR_UNKNOWN
 MIB = 1024**2
 HANDLE_BASE = 0x5A000  # handle of GPU i: HANDLE_BASE + 16 * i (opaque to nvidia-ml-py, never dereferenced)
+MIG_BASE = 0x7A000  # handle of GPU i's MIG device in slot j: MIG_BASE + 16 * (8 * i + j)
 PROCESS_LISTS = [f"nvmlDeviceGet{kind}RunningProcesses{v}" for kind in ("Compute", "Graphics") for v in ("_v2", "_v3")]
 
 Device = pynvml.c_nvmlDevice_t
@@ -42,7 +45,13 @@ def gpu(index: int = 0, total_mib: int = 24576, used_mib: int = 0, **extra: Any)
     """One GPU dict with sensible defaults."""
     return {"name": f"NVIDIA Fake {index}", "uuid": f"GPU-fake-nvml-{index:04d}", "total_mib": total_mib,
             "used_mib": used_mib, "util": 7, "processes": [], "graphics": [], "spawn": [], "mig": False,
-            "lost": False, "errors": {}} | extra
+            "mig_devices": [], "lost": False, "errors": {}} | extra
+
+
+def mig_device(parent: int, slot: int, total_mib: int = 9984, used_mib: int = 0, profile: str = "1g.10gb") -> dict:
+    """One MIG device dict (a slice of GPU ``parent``), UUID in the ``MIG-...`` form CUDA_VISIBLE_DEVICES takes."""
+    return {"name": f"NVIDIA Fake MIG {profile}", "uuid": f"MIG-fake-{parent:02d}{slot:02d}-0000-0000-000000000000",
+            "total_mib": total_mib, "used_mib": used_mib}
 
 
 class Driver:
@@ -59,6 +68,13 @@ class Driver:
     def device(self, name: str, handle: Any) -> tuple[dict[str, Any] | None, int]:
         """The GPU behind a handle and the return code the call gets before doing anything."""
         address = ctypes.cast(handle, ctypes.c_void_p).value or 0
+        if address >= MIG_BASE:  # a MIG device: its own memory, name and UUID; its GPU's state
+            (index, slot), rest = divmod(divmod(address - MIG_BASE, 16)[0], 8), (address - MIG_BASE) % 16
+            parent = self.gpus[index] if not rest and 0 <= index < len(self.gpus) else None
+            slots = parent["mig_devices"] if parent else []
+            if parent is None or slot >= len(slots) or slots[slot] is None:
+                return None, pynvml.NVML_ERROR_INVALID_ARGUMENT
+            return slots[slot], GPU_IS_LOST if parent["lost"] else parent["errors"].get(name, SUCCESS)
         index, rest = divmod(address - HANDLE_BASE, 16)
         if rest or not 0 <= index < len(self.gpus):
             return None, pynvml.NVML_ERROR_INVALID_ARGUMENT
@@ -122,6 +138,20 @@ def _functions(d: Driver) -> dict[str, tuple[tuple[Any, ...], Callable[..., int]
             return SUCCESS
         return call
 
+    def mig_count(g: dict[str, Any], out: Any) -> int:
+        if not g["mig"]:
+            return NOT_SUPPORTED
+        out[0] = len(g["mig_devices"])
+        return SUCCESS
+
+    def mig_handle(g: dict[str, Any], slot: int, out: Any) -> int:
+        if not g["mig"]:
+            return NOT_SUPPORTED
+        if slot >= len(g["mig_devices"]) or g["mig_devices"][slot] is None:
+            return pynvml.NVML_ERROR_NOT_FOUND
+        out[0] = ctypes.cast(MIG_BASE + 16 * (8 * d.gpus.index(g) + slot), Device)
+        return SUCCESS
+
     def scalar(value: Callable[[], int]) -> Callable[[Any], int]:
         def call(out: Any) -> int:
             out[0] = value()
@@ -140,6 +170,8 @@ def _functions(d: Driver) -> dict[str, tuple[tuple[Any, ...], Callable[..., int]
         "nvmlDeviceGetMemoryInfo": ((Device, POINTER(pynvml.c_nvmlMemory_t)), memory),
         "nvmlDeviceGetUtilizationRates": ((Device, POINTER(pynvml.c_nvmlUtilization_t)), utilization),
         "nvmlDeviceGetMigMode": ((Device, POINTER(c_uint), POINTER(c_uint)), mig_mode),
+        "nvmlDeviceGetMaxMigDeviceCount": ((Device, POINTER(c_uint)), mig_count),
+        "nvmlDeviceGetMigDeviceHandleByIndex": ((Device, c_uint, POINTER(Device)), mig_handle),
         "nvmlDeviceGetName": ((Device, Text, c_uint), lambda g, buf, size: _write_text(buf, size, g["name"])),
         "nvmlDeviceGetUUID": ((Device, Text, c_uint), lambda g, buf, size: _write_text(buf, size, g["uuid"])),
     }

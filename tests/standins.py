@@ -68,7 +68,8 @@ def write_run(run: Path, attempts: list[records.Attempt], outcome: str, failures
 
 
 def oom_run(run: Path, nbs: int | None = 64) -> Path:
-    """An OOM in validation at epoch 133 (val batch 16 -> 8), then one in training at epoch 140; retries used up."""
+    """An OOM in validation at the trainer's epoch 133 (epoch 134/200 as printed; val batch 16 -> 8), then one in
+    training at its epoch 140; retries used up."""
     return write_run(run, [attempt(1, 32, 16, "oom", "val", 133, next_step="val batch 16 -> 8 per GPU"),
                            attempt(2, 32, 8, "oom", "train", 140)],
                      "oom_exhausted", [failure(1, "val", 133, 16, 16), failure(2, "train", 140, 16, 8)], nbs=nbs)
@@ -104,11 +105,15 @@ class Processes:
         env = {**os.environ, rundir.RUN_DIR_ENV: str(run)}
         return self.start([sys.executable, "-c", SLEEPER, "-m", "yolosafe.training.worker"], env=env)
 
-    def orphaned_rank(self, run: Path) -> int:
+    def orphaned_rank(self, run: Path, command: str | None = None) -> int:
         """A DDP rank whose worker and supervisor are gone: started through a shell that exits at once, so the
-        rank is re-parented to pid 1."""
+        rank is re-parented to pid 1. Its run is a yolosafe run whose supervisor ended (its story and run spec are
+        there, nobody holds its lock); ``command`` instead of the rank's own (``-m yolosafe.training.worker
+        RUN/spec-1.json``)."""
+        spec = stale_run(run)
         env = {**os.environ, rundir.RUN_DIR_ENV: str(run)}
-        out = subprocess.run(["sh", "-c", f'{sys.executable} -c "{SLEEPER}" >/dev/null 2>&1 & echo $!'], env=env,
+        command = command or f'{sys.executable} -c "{SLEEPER}" -m yolosafe.training.worker {spec}'
+        out = subprocess.run(["sh", "-c", f"{command} >/dev/null 2>&1 & echo $!"], env=env,
                              capture_output=True, text=True, check=True)
         pid = int(out.stdout)
         self.orphans.append(pid)
@@ -126,6 +131,18 @@ class Processes:
         for pid in self.orphans:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
+
+
+def stale_run(run: Path, node: int = 0) -> Path:
+    """A run directory as a dead supervisor left it: its story and attempt 1's run spec; returns the spec."""
+    run.mkdir(parents=True, exist_ok=True)
+    if not (run / rundir.STORY).exists():
+        rundir.write_json(run / rundir.STORY, {"outcome": "running", "attempts": [{"attempt": 1}]})
+        day_ago = time.time() - 86400  # an earlier run: never taken for the newest one
+        os.utime(run / rundir.STORY, (day_ago, day_ago))
+    spec = rundir.spec_path(run, 1, node)
+    spec.write_text("{}")
+    return spec
 
 
 def alive(pid: int) -> bool:

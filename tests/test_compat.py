@@ -67,3 +67,35 @@ def test_worker_warns_when_ultralytics_is_outside_range(monkeypatch, capsys):
     worker.warn_unsupported_ultralytics()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unverified assumptions: oom_retries_cap" in err
+
+
+def test_no_check_is_a_bare_assert():
+    """``python -O`` strips ``assert``: every check raises its named error instead."""
+    import ast
+
+    tree = ast.parse((ROOT / "yolosafe" / "training" / "compat.py").read_text())
+    assert not [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+
+
+def test_what_the_cpu_ranks_replace_is_checked(monkeypatch):
+    """A select_device that writes CUDA_VISIBLE_DEVICES (as older Ultralytics did) and a _setup_ddp that sets the
+    device after init_process_group fail, named."""
+    from ultralytics.engine.trainer import BaseTrainer
+    from ultralytics.utils import torch_utils
+
+    def select_device(device="", newline=False, verbose=True):
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+
+    def _setup_ddp(self):
+        dist.init_process_group(backend="nccl", rank=RANK, world_size=self.world_size)  # noqa: F821
+        self.accelerator.set_device(index)  # noqa: F821
+
+    by_name = {a.name: a for a in compat.ASSUMPTIONS}
+    monkeypatch.setattr(torch_utils, "select_device", select_device)
+    monkeypatch.setattr(BaseTrainer, "_setup_ddp", _setup_ddp)
+    with pytest.raises(compat.CompatError, match=r"'select_device_keeps_visible' broken .*CUDA_VISIBLE_DEVICES"):
+        by_name["select_device_keeps_visible"].verify()
+    with pytest.raises(compat.CompatError, match=r"'ddp_setup_device' broken .*set_device"):
+        by_name["ddp_setup_device"].verify()

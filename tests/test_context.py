@@ -15,6 +15,8 @@ import torch
 from tests.contexts import run_context, spec_file
 from yolosafe import oom
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.records import Failure as FailureRecord
+from yolosafe.rundir.records import load_failures, save_failure
 from yolosafe.supervisor import launchcmd as launch
 from yolosafe.training import callbacks, launcher, worker
 from yolosafe.training.callbacks import TrainingCallbacks
@@ -145,6 +147,10 @@ def test_launcher_records_a_killed_rank_in_the_run_dir_of_the_spec_on_its_comman
     record = json.loads((tmp_path / "run" / "failure-2-rank1.json").read_text())
     assert (record["message"], record["attempt"], record["gpu"], record["by"]) == ("rank 1 was killed by SIGKILL", 2,
                                                                                   1, "launcher")
+    rank_record = FailureRecord.new(attempt=2, rank=0, oom=True, phase="val", by="rank")
+    save_failure(tmp_path / "run", rank_record)
+    both = load_failures(tmp_path / "run", 2)  # one type for both writers, read by the policy and the readers
+    assert [(f.rank, f.by, f.signal) for f in both] == [(0, "rank", None), (1, "launcher", "SIGKILL")]
     other = parse_args(launch.torchrun_args(launch.Launch(2, 29500, tmp_path), "other.module", [str(path)]))
     assert launcher.worker_spec(other) is None
 

@@ -150,3 +150,18 @@ def test_a_plan_of_the_wrong_shape_is_one_line(tmp_path):
     (run / rundir.STORY).write_text(json.dumps(story))
     out = run_doctor(tmp_path, str(run))
     assert out.returncode == 0 and "Traceback" not in out.stdout + out.stderr
+
+
+def test_epochs_are_one_based_and_unknowns_are_never_none(tmp_path):
+    """The OOM at the trainer's epoch 133 is "epoch 134/200", as Ultralytics printed it while training; a rank killed
+    by a signal (the launcher's record: no phase, no epoch) is said without a raw None."""
+    from yolosafe.rundir.records import Failure, save_failure
+
+    run = oom_run(tmp_path / "runs" / "detect" / "train3")
+    save_failure(run, Failure.new(attempt=2, rank=0, oom=False, error="SIGTERM", message="rank 0 was killed by "
+                                  "SIGTERM", signal="SIGTERM", by="launcher"))
+    text = run_doctor(tmp_path).stdout
+    assert "in val at epoch 134/200, rank 1" in text and "at epoch 134/200 on GPU 1" in text, text
+    assert "None" not in text and "0-based" not in text and "e134" not in text.replace("e134/", "")
+    attempts = text.split("attempts")[1].splitlines()[2]
+    assert attempts.split()[8] == "134", attempts  # the attempts table's epoch column, 1-based

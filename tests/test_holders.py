@@ -144,11 +144,15 @@ def test_judge_gpus_reads_the_fake_inventory(procs, monkeypatch):
 
 SUPERVISOR = """
 import os, subprocess, sys, time
-run = sys.argv[1]
-log = open(os.path.join(run, "train.log"), "ab") if sys.argv[2] == "writes" else None
+run, node = sys.argv[1], int(sys.argv[3]) if len(sys.argv) > 3 else 0
+name = "train.log" if node == 0 else f"train-node{node}.log"
+log = open(os.path.join(run, name), "ab") if sys.argv[2] == "writes" else None
+spec = os.path.join(run, "spec-1.json" if node == 0 else f"spec-1-node{node}.json")
+open(os.path.join(run, "yolosafe.json"), "w").write("{}")
+open(spec, "w").write("{}")
 env = {**os.environ, "YOLOSAFE_RUN_DIR": run}
-worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "yolosafe.training.worker"],
-                          env=env)
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "yolosafe.training.worker",
+                           spec], env=env)
 time.sleep(600)
 """
 

@@ -266,5 +266,7 @@ def test_no_double_prefix_in_messages():
 
     result = classify(AttemptResult(3, 1.0), [], "...\nyolosafe: cannot load model 'x.pt': gone\n")
     assert result.message == "cannot load model 'x.pt': gone"
-    record = {"error": "RuntimeError", "message": "boom", "phase": "train", "epoch": 0}
+    from yolosafe.rundir.records import Failure
+
+    record = Failure.new(error="RuntimeError", message="boom", phase="train", epoch=0)
     assert classify(AttemptResult(1, 1.0), [record], "").message == "RuntimeError: boom"

@@ -281,3 +281,57 @@ def test_yolosafe_train_dry_run_over_nvml_refuses_an_invalid_gpu_in_one_line(nvm
     assert err == ("yolosafe: error: GPU 1: NVML cannot open it (nvmlDeviceGetHandleByIndex: GPU is lost); "
                    "choose other GPUs with --gpus (see yolosafe gpus)\n")
     assert not (tmp_path / "runs").exists()
+
+
+def _data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data.yaml"
+    data.write_text("path: .\ntrain: images\nval: images\nnames: {0: box}\n")
+    (tmp_path / "images").mkdir(exist_ok=True)
+    return str(data)
+
+
+def test_mig_devices_are_enumerated_with_their_memory_and_uuids(nvml):
+    """nvmlDeviceGetMaxMigDeviceCount slots, nvmlDeviceGetMigDeviceHandleByIndex each (an empty slot is NVML's
+    NOT_FOUND, skipped quietly), the MIG device's own memory and UUID through the same query helper."""
+    slices = [fake_nvml.mig_device(0, 0), None, fake_nvml.mig_device(0, 2, total_mib=19968, used_mib=512)]
+    driver = nvml(Driver([gpu(0, total_mib=81920, mig=True, mig_devices=slices), gpu(1)]))
+    first, second = gpus.read_inventory({}).gpus
+    assert [(m.uuid, m.total_mib, m.used_mib, m.mig_of) for m in first.mig_devices] == [
+        (slices[0]["uuid"], 9984, 0, 0), (slices[2]["uuid"], 19968, 512, 0)]
+    assert second.mig_devices == () and driver.calls["nvmlDeviceGetMigDeviceHandleByIndex"] == 3
+    assert "nvmlDeviceGetMaxMigDeviceCount" not in driver.calls or first.mig
+
+
+def test_a_mig_uuid_plans_for_the_slice_and_never_falls_back_to_the_cpu(nvml, capsys, tmp_path, monkeypatch):
+    data = _data(tmp_path, monkeypatch)
+    slices = [fake_nvml.mig_device(0, 0), fake_nvml.mig_device(0, 1, total_mib=19968)]
+    nvml(Driver([gpu(0, total_mib=81920, mig=True, mig_devices=slices), gpu(1)]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", slices[1]["uuid"])
+    inventory = gpus.planning_inventory(gpus.read_inventory({}), slices[1]["uuid"])
+    assert (inventory.gpus[0].total_mib, inventory.gpus[0].uuid) == (19968, slices[1]["uuid"])
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--data", data)
+    assert (code, err) == (0, "") and "0  (1 GPU)" in out and "device           cpu" not in out
+    assert f"CUDA_VISIBLE_DEVICES={slices[1]['uuid']} " in out
+    for visible, words in ((f"{slices[0]['uuid']},{slices[1]['uuid']}", "CUDA shows one MIG device per process"),
+                           ("MIG-from-another-machine", "names no GPU this process can use")):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--data", data)
+        assert (code, out, err.count("\n")) == (2, "", 1) and words in err and "CUDA_VISIBLE_DEVICES" in err
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "0,1", "--batch", "8", "--data", data)
+    assert (code, err.count("\n")) == (2, 1) and "is a MIG device" in err and "--gpus 0" in err
+
+
+def test_ranks_get_gpu_uuids_and_an_inherited_index_list_counts_the_gpus_this_process_may_open(nvml, capsys,
+                                                                                                  tmp_path,
+                                                                                                  monkeypatch):
+    data = _data(tmp_path, monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    nvml(Driver([gpu(i) for i in range(4)]))
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "3,1", "--batch", "8", "--data", data)
+    assert code == 0 and "CUDA_VISIBLE_DEVICES=GPU-fake-nvml-0003,GPU-fake-nvml-0001 " in out, err
+    # cgroup device limits: NVML lists GPU 0 but this process may not open it; CUDA's 0,1 are NVML's 1,2
+    nvml(Driver([gpu(0, errors={"nvmlDeviceGetHandleByIndex_v2": fake_nvml.NO_PERMISSION}), gpu(1), gpu(2)]))
+    inventory = gpus.read_inventory({})
+    assert not inventory.gpus[0].openable and gpus.visible_ids(inventory, "0,1") == (1, 2)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+import mmap
+from pathlib import Path
+
 import pytest
 
 from yolosafe import oom
 from yolosafe.planning.trainplan import build_plan
+from yolosafe.rundir.records import Failure as FailureRecord
 from yolosafe.supervisor.advice import advice
 from yolosafe.supervisor.policy import AttemptEnd as Failure
 from yolosafe.supervisor.policy import AttemptResult, classify, next_step
 
-# Verbatim from the post-mortems in ../shared/seeds: 003.md (4 x 48 GB, epoch 134) and 004.md (first validation).
+# Verbatim OOM messages of two real runs: 4 x 48 GB dying in validation at epoch 134, and a first validation.
 SEED_003 = """CUDA out of memory. Tried to allocate 300.00 MiB
 GPU 3 has a total capacity of 47.50 GiB of which 194.56 MiB is free"""
 SEED_004 = """torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 15.82 GiB.
@@ -73,8 +78,8 @@ def ok(code=1):
 
 def test_classify_oom_on_one_rank_beats_nccl_errors_on_others():
     records = [
-        {"t": 2.0, "oom": False, "rank": 0, "message": "NCCL watchdog timeout", "phase": "val"},
-        {"t": 1.0, "oom": True, "rank": 3, "gpu": 3, "phase": "val", "epoch": 134, "message": "CUDA out of memory."},
+        FailureRecord.new(t=2.0, oom=False, rank=0, message="NCCL watchdog timeout", phase="val"),
+        FailureRecord.new(t=1.0, oom=True, rank=3, gpu=3, phase="val", epoch=134, message="CUDA out of memory."),
     ]
     failure = classify(ok(), records, "")
     assert (failure.outcome, failure.phase, failure.epoch, failure.rank, failure.gpu) == ("oom", "val", 134, 3, 3)
@@ -84,7 +89,7 @@ def test_classify_other_outcomes():
     assert classify(ok(0), [], "").outcome == "completed"
     assert classify(ok(1), [], "...\n" + SEED_003).outcome == "oom"  # no record written: the log still tells
     assert classify(ok(-9), [], "").outcome == "killed"
-    failed = classify(ok(1), [{"oom": False, "message": "boom", "phase": "train", "epoch": 2}], "")
+    failed = classify(ok(1), [FailureRecord.new(oom=False, message="boom", phase="train", epoch=2)], "")
     assert (failed.outcome, failed.message, failed.epoch) == ("failed", "boom", 2)
     assert classify(AttemptResult(1, 1.0, interrupted=15), [], "").outcome == "interrupted"
 
@@ -114,8 +119,88 @@ def test_policy_final_val_only_and_limits():
 
 
 def test_advice_names_busy_gpu_and_fragmentation():
-    failure = Failure("oom", "val", records=[{"figures": oom.parse_message(SEED_004)}])
+    failure = Failure("oom", "val", records=[FailureRecord.new(figures=oom.parse_message(SEED_004))])
     tips = advice(failure, plan4(), others_mib={2: 13000.0})
     assert any("--gpus 0,1,3" in t for t in tips)
     assert any("fragmentation" in t for t in tips)
     assert any("--val-batch" in t for t in tips)
+
+
+SITE = Path(importlib.util.find_spec("torch").submodule_search_locations[0]).parent  # site-packages
+
+
+def _shipped(source: str) -> list[Path]:
+    """The installed library files a marker's source names (``a + b``: each of them)."""
+    return [SITE / part.strip() for part in source.split("+") if "/" in part]
+
+
+@pytest.mark.parametrize("marker", [m for m, source in oom.OOM_SOURCES.items() if _shipped(source)])
+def test_every_library_marker_is_in_the_library_that_says_it(marker):
+    """The markers come from the strings of the shipped binaries: each is in every file its source names (a
+    printf-style text is checked by its parts: "Cuda failure %d '%s'" and CUDA's "out of memory")."""
+    paths = _shipped(oom.OOM_SOURCES[marker])
+    if not all(p.is_file() for p in paths):
+        pytest.skip(f"{oom.OOM_SOURCES[marker]} is not installed here")
+    parts = {"Cuda failure 2 'out of memory'": [b"Cuda failure %d '%s'", b"out of memory"],
+             "CUDA error: out of memory": [b"CUDA error: ", b"out of memory"]}.get(marker, [marker.encode()])
+    for path in paths:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            found = [part for part in parts if data.find(part) >= 0]
+        assert found, f"{marker!r} not in {path}"
+    assert "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE" not in oom.OOM_MARKERS  # in no shipped library
+
+
+# Every real GPU out-of-memory form (as torch 2.14 words it around CUDA's, NCCL's, cuBLAS' and cuDNN 9's strings)
+# and the texts that must not count: host RAM, cuDNN's other internal errors, a plain failure.
+OOM_TABLE = [
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.11 "
+     "GiB of which 0 bytes is free.", True),
+    ("torch.AcceleratorError: CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported", True),
+    ("torch.distributed.DistBackendError: NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.cpp:77, "
+     "unhandled cuda error (run with NCCL_DEBUG=INFO for details), NCCL version 2.30.7\nncclUnhandledCudaError: "
+     "Call to CUDA function failed.\nLast error:\nCuda failure 2 'out of memory'", True),
+    ("RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED", True),
+    ("RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+    ("RuntimeError: CUDA ran out of memory outside PyTorch's allocator. If this workload uses many dynamic shapes",
+     True),
+    ("RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR", True),  # Ultralytics' own list
+    ("RuntimeError: FIND was unable to find an engine to execute this computation", True),
+    ("RuntimeError: cusolver error: CUSOLVER_STATUS_ALLOC_FAILED", True),
+    ("CUDA out of memory. Allocation was preemptively rejected because it would exceed per_process_memory_fraction "
+     "limit. Requested size: 2.00 GiB", True),
+    ("RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes. Error code 12 "
+     "(Cannot allocate memory)", False),
+    ("LLVM ERROR: out of memory", False),
+    ("RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED", False),
+    ("RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_COMPILATION_FAILED", False),
+    ("MemoryError", False),
+    ("ValueError: boom", False),
+]
+
+
+@pytest.mark.parametrize(("text", "is_oom"), OOM_TABLE)
+def test_every_real_oom_form_is_an_oom_and_host_ram_is_not(text, is_oom):
+    assert oom.is_oom_text(text) is is_oom
+    if not is_oom and "ValueError" not in text and "COMPILATION" not in text:
+        assert oom.is_host_oom(text)
+
+
+def test_sizes_in_bytes_parse():
+    figures = oom.parse_message("CUDA out of memory. Tried to allocate 512 bytes. GPU 0 has a total capacity of "
+                                "79.11 GiB of which 0 bytes is free. Process 77 has 1024 bytes memory in use.")
+    assert (figures["tried_mib"], figures["free_mib"]) == (round(512 / 2**20, 2), 0.0)
+    assert figures["processes"] == {77: 0.0} and figures["total_mib"] == pytest.approx(79.11 * 1024)
+
+
+@pytest.mark.parametrize("error", ["accelerator", "nccl", "cudnn"])
+def test_injected_errors_are_the_real_types_with_the_real_texts(error):
+    import torch
+    import torch.distributed
+
+    from yolosafe.training.callbacks import injected_error
+
+    exc = injected_error(oom.parse_injection(f"error={error}").error, 1)
+    expected = {"accelerator": torch.AcceleratorError, "nccl": torch.distributed.DistBackendError,
+                "cudnn": RuntimeError}[error]
+    assert type(exc) is expected and not isinstance(exc, torch.OutOfMemoryError)
+    assert oom.is_oom_text(str(exc)) and str(exc).endswith(oom.INJECTED)

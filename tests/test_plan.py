@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from yolosafe.planning.accumulation import describe_accumulation, warmup_accumulate
+from yolosafe.planning.accumulation import warmup_accumulate
 from yolosafe.planning.trainplan import (
     PlanError,
     build_plan,
     check_passthrough,
+    describe_accumulation,
     parse_gpus,
     parse_passthrough,
 )

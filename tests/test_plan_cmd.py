@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.conftest import run_dir_of, story
+from yolosafe.planning import options
 from yolosafe.planning.memory import model as memmodel
 
 FOUR_TWO_BUSY = json.dumps({"gpus": [
@@ -23,11 +24,16 @@ def test_plan_without_gpus_uses_the_table_and_says_so(run_cli):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "figures from: table" in out and "no GPU here" in out
-    assert "train peak" in out and "val   peak" in out and "allocator" in out and "context" in out
+    assert "gpu_mem_gib" in out and "required_mib" in out and "context" in out and "fragmentation" in out
+    assert "train at 16 images" in out and "val   at 16 images" in out
     data = json.loads(run_cli("plan", "--model", "yolov8s.yaml", "--imgsz", "640", "--json",
                               env={"YOLOSAFE_FAKE_GPUS": "none"}).stdout)
     assert data["memory"]["terms_source"] == "table" and data["memory"]["gpus"] == []
     assert data["memory"]["predicted"]["train"]["batch"] == 16
+    for phase in ("train", "val"):
+        figures = data["memory"]["predicted"][phase]
+        assert figures["gpu_mem_gib"] > 0 and figures["required_mib"] > figures["gpu_mem_gib"] * 1024
+        assert set(figures["sources"]) == {"gpu_mem_gib", "required_mib"}
 
 
 def test_plan_tier_table_is_generated_and_monotonic(run_cli):
@@ -52,9 +58,10 @@ def test_plan_gpus_auto_2_on_four_gpus_two_busy(run_cli):
     assert any("GPU 0 left out" in r for r in data["auto"]["reasons"])
     per_gpu = data["auto"]["per_gpu_batch"]
     assert data["plan"]["batch"] == 2 * per_gpu and data["plan"]["per_gpu_batch"] == per_gpu
-    limit = 0.85 * (24576 - 200)
+    limit = options.DEFAULTS["memory_fraction"] * (24576 - 200)
     for g in data["memory"]["gpus"]:
-        assert g["train_peak_mib"] <= limit and g["val_peak_mib"] <= limit and g["calibrated_runs"] == 0
+        assert g["train_required_mib"] <= limit and g["val_required_mib"] <= limit and g["calibrated_runs"] == 0
+        assert g["gpu_mem_column_gib"] >= g["train_gpu_mem_gib"] and g["train_required_mib"] > 0
     text = run_cli("plan", "--gpus", "auto:2", "--batch", "auto", env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY}).stdout
     assert "auto: chose GPUs 1,3" in text and "not calibrated here" in text
     too_many = run_cli("plan", "--gpus", "auto:3", env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})
@@ -62,8 +69,14 @@ def test_plan_gpus_auto_2_on_four_gpus_two_busy(run_cli):
 
 
 def test_plan_warns_about_a_busy_gpu_a_thin_margin_and_a_batch_that_cannot_fit(run_cli):
-    terms, setup, free = memmodel.table_terms("yolov8m"), memmodel.Setup(), 24576 - 13000
-    thin = next(b for b in range(1, 200) if 0 < free - memmodel.predict(terms, setup, "train", b).peak_mib < 2457)
+    free, args = 24576 - 13000, ("--gpus", "0", "--imgsz", "640", "--model", "yolov8m.yaml")
+    one = json.loads(run_cli("plan", *args, "--batch", "1", "--json", env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY}).stdout)
+    train = one["memory"]["predicted"]["train"]  # the dataset's own objects per image decide the per-image term
+
+    def required(b: int) -> float:
+        return (train["fixed_mib"] + train["per_image_mib"] * b) * (1 + train["fragmentation"]) + train["context_mib"]
+
+    thin = next(b for b in range(1, 200) if 0 < free - required(b) < 2457)
     for batch, expected in ((thin, "under 10% of the GPU"), (96, "does not fit the 11.3 GiB free")):
         result = run_cli("plan", "--gpus", "0", "--batch", str(batch), "--imgsz", "640", "--model", "yolov8m.yaml",
                          env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})
@@ -75,7 +88,8 @@ def test_batch_auto_dry_run_keeps_the_effective_batch(run_cli):
     result = run_cli("train", "--gpus", "auto:2", "--batch", "auto", "--imgsz", "640", "--effective-batch", "256",
                      "--dry-run", env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})
     assert result.returncode == 0, result.stderr
-    assert "note: chose GPUs 1,3" in result.stderr and "images fit 85%" in result.stderr
+    fraction = options.DEFAULTS["memory_fraction"]
+    assert "note: chose GPUs 1,3" in result.stderr and f"images fit {fraction:.0%}" in result.stderr
     assert "nbs 256" in result.stdout
     bad = run_cli("train", "--batch", "lots", "--dry-run", env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
     assert bad.returncode == 2 and "--batch" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
@@ -86,8 +100,8 @@ def test_batch_auto_dry_run_keeps_the_effective_batch(run_cli):
 def fake_gpu_for_batch(per_gpu: int, imgsz: int, world_size: int) -> float:
     """The smallest fake GPU (MiB) on which --batch auto picks ``per_gpu`` images of yolov8n at ``imgsz``."""
     terms, setup = memmodel.table_terms("yolov8n"), memmodel.Setup(imgsz=imgsz, world_size=world_size)
-    peak = max(memmodel.predict(terms, setup, p, per_gpu).peak_mib for p in ("train", "val"))
-    return float(int(peak / 0.85) + 1)
+    peak = max(memmodel.predict(terms, setup, p, per_gpu).required_mib for p in ("train", "val"))
+    return float(int(peak / options.DEFAULTS["memory_fraction"]) + 1)
 
 
 @pytest.mark.slow
@@ -109,7 +123,7 @@ def test_batch_auto_trains_end_to_end_and_the_history_learns(run_cli, tmp_path, 
     again = json.loads(run_cli("plan", "--gpus", "0", "--batch", "4", "--imgsz", "64", "--json",
                                env={"YOLOSAFE_FAKE_GPUS": spec}).stdout)
     assert again["memory"]["gpus"][0]["calibrated_runs"] >= 1
-    assert "calibrated on" in again["memory"]["predicted"]["train"]["sources"]["calibration"]
+    assert "calibrated on" in again["memory"]["predicted"]["train"]["sources"]["required_mib"]["calibration"]
 
 
 @pytest.mark.slow
@@ -129,3 +143,40 @@ def test_plan_runs_the_fake_pass_for_a_custom_yaml_once(run_cli, tmp_path, share
     assert list((shared_cache / "yolosafe" / "memterms").glob("my-net-*.json"))
     again = run_cli(*args, env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
     assert json.loads(again.stdout)["memory"]["predicted"] == memory["predicted"]  # from the cache: no second pass
+
+
+@pytest.mark.slow
+def test_plan_vram_honours_model_and_prints_the_rows_asked_for(run_cli, shared_cache):
+    result = run_cli("plan", "--vram", "8,24", "--model", "yolo26n.yaml,yolov8s.yaml", "--imgsz", "640", "--json",
+                     env={"YOLOSAFE_FAKE_GPUS": "none"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = json.loads(result.stdout)
+    assert list(table["batches"]) == ["yolo26n", "yolov8s"] and table["figure"] == "required_mib"
+    assert table["sources"]["yolo26n"].startswith("fake pass") and table["sources"]["yolov8s"] == "table"
+    assert table["batches"]["yolo26n"]["24"] > table["batches"]["yolo26n"]["8"] > 0
+
+
+def _data_with_objects(root, per_image: list[int]) -> str:
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i, n in enumerate(per_image):
+            (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.01 0.01\n" * n)
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: {{0: face}}\n")
+    return str(data)
+
+
+def test_batch_auto_reads_the_dataset_labels_a_crowded_set_gets_a_smaller_batch(run_cli, tmp_path):
+    chosen = {}
+    for name, per_image in (("sparse", [2] * 20), ("crowded", [5] * 19 + [1000])):
+        data = _data_with_objects(tmp_path / name, per_image)
+        result = run_cli("plan", "--gpus", "0", "--batch", "auto", "--imgsz", "640", "--model", "yolov8n.yaml",
+                         "--data", data, "--json", env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
+        assert result.returncode == 0, result.stderr
+        memory = json.loads(result.stdout)["memory"]
+        assert "the dataset's labels" in memory["objects_per_image"]["source"]
+        assert memory["objects_per_image"]["train"] == max(per_image)
+        assert "public check" in memory["predicted"]["val"]["sources"]["required_mib"]
+        chosen[name] = json.loads(result.stdout)["auto"]["per_gpu_batch"]
+    assert chosen["crowded"] < 0.6 * chosen["sparse"]  # 1000 objects in one image: the assigner decides

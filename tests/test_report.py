@@ -10,6 +10,7 @@ from PIL import Image
 
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.records import Failure, save_failure
 from yolosafe.supervisor import watch
 
 T0 = 1_700_000_000.0
@@ -37,8 +38,7 @@ def ddp_run(tmp_path):
     ]
     for e in events:
         rundir.append_jsonl(tmp_path / rundir.EVENTS, e)
-    rundir.write_json(rundir.failure_path(tmp_path, 1, 1), {"t": T0 + 20, "oom": True, "attempt": 1, "phase": "val",
-                                                              "epoch": 1, "rank": 1, "gpu": 1})
+    save_failure(tmp_path, Failure.new(t=T0 + 20, oom=True, attempt=1, phase="val", epoch=1, rank=1, gpu=1))
     with open(tmp_path / rundir.MEMORY_CSV, "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(watch.COLUMNS)

@@ -88,3 +88,18 @@ def test_live_run_is_refused_and_ctrl_c_keeps_tracebacks_off_the_terminal(tmp_pa
     assert "Traceback" not in out + err
     assert "KeyboardInterrupt" in (run / "train.log").read_text()
     assert story(run)["outcome"] == "interrupted" and len(story(run)["attempts"]) == 1
+
+
+def test_a_resumed_plan_accumulates_what_the_new_run_did():
+    """The resumed plan is built from the same inputs as the new run, the dataset's size included: batch 4, nbs 64,
+    1 epoch, 8 images accumulates 2 steps (Ultralytics caps it at the run's iterations) before and after a resume."""
+    from yolosafe.planning import resume
+    from yolosafe.planning.trainplan import build_plan
+    from yolosafe.rundir.records import Attempt, Story
+
+    new = build_plan(model="yolov8n.yaml", data="d.yaml", gpus=(), batch=4, effective_batch=64, imgsz=32, epochs=1,
+                     train_images=8)
+    story = Story.from_dict({"plan": new.summary(), "attempts": [Attempt(attempt=1, batch=4).to_dict()]})
+    resumed, _ = resume._plan(story, {})
+    assert new.accumulate == resumed.accumulate == 2
+    assert resumed.summary() == new.summary()

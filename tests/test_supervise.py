@@ -9,8 +9,7 @@ import sys
 import threading
 import time
 
-import psutil
-
+from tests.conftest import wait_gone
 from yolosafe.proc import child_env, run_child
 
 # A child that starts a grandchild in a new session (as a DDP launcher's ranks may be), then waits forever.
@@ -49,6 +48,4 @@ def test_sigterm_kills_child_and_detached_grandchild():
     assert result.interrupted == signal.SIGTERM
     grandchild = int(out.getvalue().split()[1])
     assert grandchild in seen
-    time.sleep(0.5)
-    alive = [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive
+    assert not wait_gone(set(seen))

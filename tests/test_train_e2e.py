@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import psutil
 import pytest
 
-from tests.conftest import TINY, run_dir_of, story, wait_until
+from tests.conftest import TINY, run_dir_of, story, wait_gone, wait_until
 
 
 @pytest.mark.slow
@@ -53,8 +52,7 @@ def test_sigterm_stops_worker_and_everything_it_started(start_cli, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "--resume" in err
-    time.sleep(0.5)
-    assert not [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not wait_gone(family)
     assert story(run)["outcome"] == "interrupted"
 
 

@@ -12,20 +12,43 @@ from types import MappingProxyType
 from typing import Any
 
 INJECT_ENV = "YOLOSAFE_INJECT_OOM"
+INJECTED = " [injected by yolosafe]"  # the end of every injected message
 
-# Substrings that mark a failed attempt as an out-of-memory (PyTorch, cuBLAS, cuDNN wording). A DDP peer that dies of
-# a NCCL/timeout error after another rank's OOM needs no marker: the OOM rank's own record or traceback is there too.
-OOM_MARKERS = (
-    "CUDA out of memory",
-    "OutOfMemoryError",
-    "CUBLAS_STATUS_ALLOC_FAILED",
-    "CUDNN_STATUS_ALLOC_FAILED",
-    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
-    "cudaErrorMemoryAllocation",
-)
+# What marks a failed attempt as a GPU out-of-memory: (pattern, the text's source). Each literal is in the strings of
+# the libraries torch 2.14 ships (tests/test_oom.py reads them there): the caching allocator's and torch's own
+# messages, CUDA's error string in an ``AcceleratorError`` ("CUDA error: out of memory": a context or memory outside
+# the caching allocator), NCCL's in a ``DistBackendError`` ("Cuda failure 2 'out of memory'"), cuBLAS', cuDNN 9's
+# and cuSOLVER's/cuFFT's allocation failures; then Ultralytics' own list (its trainer's handler): "out of memory" in
+# any case, ``CUDNN_STATUS_INTERNAL_ERROR`` (cuDNN 8 said so for a failed workspace) and "unable to find an engine".
+# cuDNN 8's ``CUDNN_STATUS_ALLOC_FAILED`` is kept for older torch builds. A DDP peer that dies of a NCCL/timeout
+# error after another rank's OOM needs no marker: the OOM rank's own record or traceback is there too.
+OOM_SOURCES = MappingProxyType({
+    "CUDA out of memory": "torch/lib/libc10_cuda.so",
+    "OutOfMemoryError": "torch/lib/libtorch_python.so",
+    "CUDA error: out of memory": "torch/lib/libtorch_cuda.so + nvidia/cu13/lib/libcudart.so.13",
+    "CUDA ran out of memory outside PyTorch's allocator": "torch/lib/libtorch_cuda.so",
+    "Cuda failure 2 'out of memory'": "nvidia/nccl/lib/libnccl.so.2",
+    "cudaErrorMemoryAllocation": "nvidia/cu13/lib/libcudart.so.13",
+    "CUBLAS_STATUS_ALLOC_FAILED": "nvidia/cu13/lib/libcublasLt.so.13",
+    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED": "nvidia/cudnn/lib/libcudnn_graph.so.9",
+    "CUSOLVER_STATUS_ALLOC_FAILED": "torch/lib/libtorch_cuda.so",
+    "CUFFT_ALLOC_FAILED": "torch/lib/libtorch_cuda.so",
+    "CUDNN_STATUS_ALLOC_FAILED": "cuDNN 8 (older torch builds)",
+    "CUDNN_STATUS_INTERNAL_ERROR": "Ultralytics' OOM handler",
+    "unable to find an engine": "Ultralytics' OOM handler",
+    "out of memory": "Ultralytics' OOM handler",
+})
+OOM_MARKERS = tuple(OOM_SOURCES)
+# Ultralytics' wider words, minus what is not GPU memory: cuDNN's other internal errors (a failed compile, a bad
+# launch) and the host's "out of memory" (LLVM's and c10's CPU allocator, see HOST_OOM_MARKERS).
+_WIDE = re.compile(r"CUDNN_STATUS_INTERNAL_ERROR(?!_[A-Z])|CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"
+                   r"|unable to find an engine|(?<!LLVM ERROR: )(?<!C10 )out of memory", re.IGNORECASE)
+_EXACT = tuple(m for m in OOM_MARKERS if m not in {"CUDNN_STATUS_INTERNAL_ERROR", "unable to find an engine",
+                                                   "out of memory"})
 
-_UNIT = MappingProxyType({"B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "TiB": 1024.0**2})
-_SIZE = r"([\d.]+) ?(B|KiB|MiB|GiB|TiB)"
+_UNIT = MappingProxyType({"bytes": 1 / 2**20, "B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0,
+                          "TiB": 1024.0**2})
+_SIZE = r"([\d.]+) ?(bytes|B|KiB|MiB|GiB|TiB)"  # torch writes sizes up to 1024 bytes as "N bytes"
 # Current PyTorch wording first, then the pre-2.1 one ("(GPU 0; 15.90 GiB total capacity; ...)"): first match wins.
 _FIELDS = MappingProxyType({
     "tried_mib": [rf"Tried to allocate {_SIZE}"],
@@ -37,9 +60,16 @@ _FIELDS = MappingProxyType({
     "reserved_mib": [rf"{_SIZE} reserved in total by PyTorch"],
 })
 
+FRAGMENTED_MIB = 1024.0  # reserved but unallocated at an OOM above which the advice names fragmentation
+
+
+
+class InjectionError(ValueError):
+    """A ``YOLOSAFE_INJECT_OOM`` that cannot be read or cannot fire in this run; ``str()`` is one line."""
 
 def is_oom_text(text: str) -> bool:
-    return any(marker in text for marker in OOM_MARKERS)
+    """Whether ``text`` (a message, a log) tells of a GPU out-of-memory; the host's RAM running out is not one."""
+    return any(marker in text for marker in _EXACT) or _WIDE.search(text) is not None
 
 
 def _mib(number: str, unit: str) -> float:
@@ -65,7 +95,7 @@ def parse_message(message: str) -> dict[str, Any]:
 
 
 def fake_message(gpu: int, tried_mib: float = 300.0, total_mib: float = 48640.0) -> str:
-    """A message in PyTorch's own format, for injected OOMs (numbers shaped like the epoch-134 post-mortem)."""
+    """A message in PyTorch's own format, for injected OOMs (numbers shaped like a real 48 GB GPU's)."""
     free = 194.56
     allocated, unallocated = total_mib - free - 1200 - 302, 302.0
     return (
@@ -75,15 +105,39 @@ def fake_message(gpu: int, tried_mib: float = 300.0, total_mib: float = 48640.0)
         f"allocated by PyTorch, and {unallocated:.2f} MiB is reserved by PyTorch but unallocated. If reserved but "
         "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid "
         "fragmentation.  See documentation for Memory Management  "
-        "(https://pytorch.org/docs/stable/notes/cuda.html#environment-variables) [injected by yolosafe]"
+        f"(https://pytorch.org/docs/stable/notes/cuda.html#environment-variables){INJECTED}"
     )
+
+
+# What each injected error says: the real texts (torch's check macros around CUDA's, NCCL's and cuDNN's strings).
+_CUDA_SUFFIX = ("\nCUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below "
+                "might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1")
+ERROR_TEXTS = MappingProxyType({
+    "accelerator": f"CUDA error: out of memory{_CUDA_SUFFIX}\n",
+    "nccl": ("NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3690, unhandled cuda error (run "
+             "with NCCL_DEBUG=INFO for details), NCCL version 2.30.7\nncclUnhandledCudaError: Call to CUDA function "
+             "failed.\nLast error:\nCuda failure 2 'out of memory'"),
+    "cudnn": "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "runtime": "yolosafe injected a non-OOM failure (YOLOSAFE_INJECT_OOM error=runtime)",
+})
+ERRORS = ("oom", *ERROR_TEXTS)
+
+
+def injected_text(error: str, gpu: int) -> str:
+    """The message of an injected ``error`` (one of :data:`ERRORS`) on CUDA device ``gpu``, marked as injected."""
+    if error == "oom":
+        return fake_message(gpu)
+    return ERROR_TEXTS[error] if error == "runtime" else ERROR_TEXTS[error] + INJECTED
 
 
 @dataclass(frozen=True)
 class Injection:
     """Where to raise: ``phase`` train / val / final (the validation of best.pt after the last epoch), the 0-based
     ``epoch`` and ``iteration`` (batch index), the ``rank``; ``times`` matching points raise (0 = every time, across
-    retries); ``error`` oom (the real ``torch.OutOfMemoryError``) or runtime (a plain, non-OOM ``RuntimeError``).
+    retries); ``error`` what is raised (:data:`ERRORS`): oom (the caching allocator's ``torch.OutOfMemoryError``),
+    accelerator (``torch.AcceleratorError``, CUDA's own out of memory), nccl (``torch.distributed.DistBackendError``,
+    NCCL's), cudnn (the ``RuntimeError`` of cuDNN 9's failed allocation), or runtime (a plain, non-OOM
+    ``RuntimeError``).
 
     ``rank`` is the global rank; with ``node`` (multi-node runs) it is the local rank on that node instead, so
     ``node=1,rank=0`` is node 1's first GPU whatever the number of GPUs per node."""
@@ -111,23 +165,25 @@ def parse_injection(text: str | None) -> Injection | None:
     for item in text.split(","):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in Injection.__dataclass_fields__:
-            raise ValueError(f"{INJECT_ENV}: cannot read {item!r}; keys: phase, epoch, iteration, rank, node, times, "
-                             "error")
+            keys = "phase, epoch, iteration, rank, node, times, error"
+            raise InjectionError(f"{INJECT_ENV}: cannot read {item!r}; keys: {keys}")
         if key in {"phase", "error"}:
             fields[key] = value
         elif re.fullmatch(r"\d+", value):
             fields[key] = int(value)
         else:
-            raise ValueError(f"{INJECT_ENV}: {key}={value!r} must be a whole number >= 0")
+            raise InjectionError(f"{INJECT_ENV}: {key}={value!r} must be a whole number >= 0")
     injection = Injection(**fields)
-    if injection.phase not in {"train", "val", "final"} or injection.error not in {"oom", "runtime"}:
-        raise ValueError(f"{INJECT_ENV}: phase must be train/val/final and error oom/runtime, got {text!r}")
+    if injection.phase not in {"train", "val", "final"} or injection.error not in ERRORS:
+        raise InjectionError(f"{INJECT_ENV}: phase must be train/val/final and error {'/'.join(ERRORS)}, got {text!r}")
     return injection
 
 
-# Host (CPU) memory, not GPU memory: PyTorch's CPU allocator and Python's own wording.
+# Host (CPU) memory, not GPU memory: PyTorch's CPU allocator (libc10.so), Python's own wording, LLVM's (cuDNN's
+# runtime compiler) and cuDNN 9's failed host allocation.
 HOST_OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
-                    "MemoryError", "Cannot allocate memory")
+                    "C10 Out of Memory", "MemoryError", "Cannot allocate memory", "LLVM ERROR: out of memory",
+                    "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED")
 
 
 def is_host_oom(text: str) -> bool:
@@ -142,9 +198,9 @@ def check_injection(text: str | None, world_size: int, nnodes: int = 1) -> None:
         return
     if injection.node is not None and injection.node >= nnodes:
         nodes = "node 0" if nnodes == 1 else f"nodes 0-{nnodes - 1}"
-        raise ValueError(f"{INJECT_ENV}: node={injection.node} does not exist: this run has {nodes}")
+        raise InjectionError(f"{INJECT_ENV}: node={injection.node} does not exist: this run has {nodes}")
     ranks_here = world_size // max(nnodes, 1) if injection.node is not None else world_size
     if injection.rank >= ranks_here:
         ranks = "rank 0" if ranks_here == 1 else f"ranks 0-{ranks_here - 1}"
         per_node = " on each node" if injection.node is not None else ""
-        raise ValueError(f"{INJECT_ENV}: rank={injection.rank} does not exist: this run has {ranks}{per_node}")
+        raise InjectionError(f"{INJECT_ENV}: rank={injection.rank} does not exist: this run has {ranks}{per_node}")

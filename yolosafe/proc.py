@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from yolosafe.exits import Exit
+
 PARENT_ENV = "YOLOSAFE_PARENT_PID"  # the pid a started process must have as its parent (set by whoever starts it)
 STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 STOP_GRACE_S = 8.0  # after a Ctrl-C, the tree gets this long to end on its own before SIGKILL
@@ -117,8 +119,9 @@ def run_child(
     on_start: Callable[[ProcessTree], None] | None = None,
     out: IO[bytes] | None = None,
 ) -> AttemptResult:
-    """Run ``cmd`` in its own session, tee its output, and stop its whole tree on SIGINT/SIGTERM."""
-    out = out or sys.stdout.buffer
+    """Run ``cmd`` in its own session, tee its output, and stop its whole tree on SIGINT/SIGTERM, or on a
+    KeyboardInterrupt raised in this thread (a notebook kernel's interrupt, a handler that is not ours)."""
+    out = out or byte_stream(sys.stdout)
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     tree = ProcessTree(proc.pid).start()
@@ -138,8 +141,7 @@ def run_child(
     try:
         if on_start:
             on_start(tree)
-        _tee(proc, (out, log))
-        proc.wait()
+        _until_done(proc, (out, log), lambda: stop(signal.SIGINT, None))
         if received or tree.refresh() - {proc.pid}:  # nothing of the tree outlives the attempt
             tree.signal_all(signal.SIGKILL)
     finally:
@@ -148,6 +150,18 @@ def run_child(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return AttemptResult(proc.returncode, time.monotonic() - started, received[0] if received else None)
+
+
+def _until_done(proc: subprocess.Popen[bytes], streams: Sequence[IO[bytes]], interrupted: Callable[[], None]) -> None:
+    """Tee the child's output until it ended; a KeyboardInterrupt meanwhile stops the tree as SIGINT does (a second
+    one kills it), and the output of its stopping still reaches the streams."""
+    while True:
+        try:
+            _tee(proc, streams)
+            proc.wait()
+            return
+        except KeyboardInterrupt:
+            interrupted()
 
 
 def _tee(proc: subprocess.Popen[bytes], streams: Sequence[IO[bytes]]) -> None:
@@ -160,9 +174,47 @@ def _tee(proc: subprocess.Popen[bytes], streams: Sequence[IO[bytes]]) -> None:
             stream.flush()
 
 
+class TextSink:
+    """Bytes written to a text stream that has no ``.buffer`` (a notebook's ``OutStream``, ``io.StringIO``):
+    decoded as UTF-8 as they come (a character split between two writes is kept for the next), ``\r`` kept."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        import codecs
+
+        self.stream = stream
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, chunk: bytes) -> int:
+        text = self.decoder.decode(bytes(chunk))
+        if text:
+            self.stream.write(text)
+        return len(chunk)
+
+    def flush(self) -> None:
+        with contextlib.suppress(AttributeError, ValueError):
+            self.stream.flush()
+
+
+def byte_stream(stream: Any) -> IO[bytes]:
+    """Where bytes for ``stream`` go: its binary buffer when it has one (a terminal, a file), else a
+    :class:`TextSink` over it."""
+    buffer = getattr(stream, "buffer", None)
+    return buffer if buffer is not None and hasattr(buffer, "write") else TextSink(stream)  # type: ignore[return-value]
+
+
 def run_module(module: str, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """``python -m module args`` in a throw-away child of this interpreter, its output captured as text."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def reset_inherited_signals() -> None:
+    """Handle Ctrl-C and SIGTERM whatever the parent ignored: a shell that starts ``yolosafe train ... &`` without
+    job control sets SIGINT to "ignore", and every process inherits it, so the stop yolosafe sends would wait out
+    its grace period and end in SIGKILL. The first thing every process yolosafe starts does."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def exit_with_parent() -> None:
@@ -183,7 +235,7 @@ def exit_with_parent() -> None:
             time.sleep(PARENT_POLL_S)
         with contextlib.suppress(OSError):  # the output pipe may have died with the parent
             print(f"yolosafe: parent process {parent} is gone; pid {os.getpid()} exits", file=sys.stderr, flush=True)
-        os._exit(1)
+        os._exit(Exit.FAILED)
 
     threading.Thread(target=watch, name="yolosafe-parent-watch", daemon=True).start()
 

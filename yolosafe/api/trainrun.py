@@ -1,19 +1,20 @@
 """``yolosafe train`` between the command line and the supervisor: a new run or a resume, from resolved options to
 the plan, the dry run, the run directory and its story, the supervised attempts and the closing lines.
 
-Everything here that can go wrong with the user's input raises :class:`yolosafe.planning.validate.InputError` before
-a run
-directory exists; the CLI turns it into one line and exit status 2.
+Everything here that can go wrong with the user's input raises a :class:`yolosafe.errors.UsageError` before a run
+directory exists; the CLI turns it into one line and exit status 2. A run that started ends in :class:`Ended`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import click
 
 from yolosafe import __version__, gpus, oom
 from yolosafe.exits import Exit
-from yolosafe.planning import accumulation, allocator, datasets, nodes, options, resume, validate
+from yolosafe.planning import allocator, datasets, inputs, nodes, options, resume, validate
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, planner
 from yolosafe.planning.memory import model as memmodel
@@ -29,17 +30,31 @@ from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor import child as supervise
 from yolosafe.supervisor import launchcmd as launch
 from yolosafe.supervisor import terminal
 from yolosafe.supervisor.multinode import setup as multicli
 
 
+@dataclass(frozen=True)
+class Ended:
+    """How ``new_run`` or ``resume_run`` ended: the exit status, the run directory (only its name for a dry run) and
+    this machine's node."""
+
+    code: Exit
+    run_dir: Path
+    node: int = 0
+    dry_run: bool = False
+
+
 def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: str | None) -> dict[str, Any]:
     """Options from the flags ``given``, the ``--config`` file, the dataset's defaults and yolosafe's; ``data_yaml``
     is the dataset's YAML."""
+    inputs.check_config(config_file)
     config = options.load_config(config_file)
     try:
+        inputs.check_registry(datasets.registry_path(datasets_file))
         dataset = datasets.resolve(str(given.get("data") or config.get("data") or options.DEFAULTS["data"]),
                                    datasets.registry_path(datasets_file))
     except datasets.DatasetError as exc:
@@ -70,6 +85,7 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
         selected = plan.parse_gpus(None if opts["gpus"] is None else str(opts["gpus"]), visible, inventory.problem)
         for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
             raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
+        check_visible(inventory, selected, str(opts["gpus"]).strip().lower() == "cpu")
         built = plan.build_plan(
             model=opts["model"],
             data=opts["data_yaml"],
@@ -90,39 +106,64 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
     return built
 
 
-def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
+def check_visible(inventory: gpus.Inventory, selected: tuple[int, ...], cpu_asked: bool) -> None:
+    """GPUs asked for (``CUDA_VISIBLE_DEVICES``, ``--gpus``) that CUDA would not give: none of this machine's (never a
+    silent fall back to the CPU), or more MIG devices than the one CUDA shows a process."""
+    cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    problem = None if cpu_asked else gpus.visible_problem(inventory, cuda_visible)
+    problem = problem or gpus.mig_problem(inventory, selected, cuda_visible)
+    if problem:
+        raise InputError(problem)
+
+
+def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     """A new run: everything checked, then the run directory claimed and the attempts supervised."""
     opts["nnodes"] = where.nnodes
     multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
     options.check_watch(opts)
+    inputs.check_run_path(str(opts["project"]), str(opts["name"]))
     validate.check_options(opts)
+    inputs.check_memory_fraction(opts.get("memory_fraction"))
     try:
-        inventory = gpus.read_inventory()
+        inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
         env = allocator.apply(os.environ, opts["alloc_conf"])
         opts, auto = planner.resolve_auto(opts, inventory)
     except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
     p = build(opts, inventory)
+    inputs.check_injection_reachable(os.environ.get(oom.INJECT_ENV), p.epochs)
     try:
         oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
         multicli.check_plan(p, where)  # GPUs on every node
-    except (ValueError, nodes.NodesError) as exc:
+    except (oom.InjectionError, nodes.NodesError) as exc:
         raise InputError(str(exc)) from None
     images = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)
     p = p if images is None else dataclasses.replace(p, train_images=images)
+    simulated = inventory.backend == "fake" and bool(p.gpus)
+    run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
-    simulated = inventory.backend == "fake" and bool(p.gpus)
-    run_dir = claim_run_dir(opts, where, p, dry_run)
     if dry_run:
         print_dry_run(p, env, run_dir, simulated, where=where)
-        return Exit.OK
-    story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
-    story.nodes = where.summary() if where.multi else None
-    for note in planner.warnings(story.memory_plan):
-        terminal.say(f"warning: {note}")
-    terminal.say(f"run directory {run_dir}")
-    return run_supervised(run_dir, p, env, opts, simulated, story, where=where)
+        return Ended(Exit.OK, run_dir, where.node_rank, dry_run=True)
+    with released_on_error(run_dir, where.node_rank):
+        story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
+        story.nodes = where.summary() if where.multi else None
+        for note in planner.warnings(story.memory_plan):
+            terminal.say(f"warning: {note}")
+        terminal.say(f"run directory {run_dir}")
+        return Ended(run_supervised(run_dir, p, env, opts, simulated, story, where=where), run_dir, where.node_rank)
+
+
+@contextlib.contextmanager
+def released_on_error(run_dir: Path, node: int) -> Iterator[None]:
+    """This process's lock of the run directory given back when what it holds it for fails: a caller that goes on
+    (a notebook's kernel) can resume the run."""
+    try:
+        yield
+    except BaseException:
+        rundir.unlock(run_dir, node)
+        raise
 
 
 def claim_run_dir(opts: Mapping[str, Any], where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> Path:
@@ -137,6 +178,9 @@ def claim_run_dir(opts: Mapping[str, Any], where: nodes.Nodes, p: plan.TrainPlan
         return rundir.claim_new_run_dir(project, opts["name"], refuse_live=opts["named"])
     except rundir.RunLocked as exc:
         raise InputError(f"--name {opts['name']}: {exc}") from None
+    except OSError as exc:  # /proc, a file system that refuses folders: nothing was created
+        raise InputError(f"--project {project}: cannot create the run directory there "
+                         f"({exc.strerror or exc})") from None
 
 
 def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Mapping[str, Any],
@@ -144,7 +188,7 @@ def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Ma
     """``yolosafe.json`` as a run starts: the plan, its GPUs, the versions, the options that shape its attempts."""
     return records.Story.new(
         yolosafe=__version__,
-        command=sys.argv,
+        command=list(opts.get("command") or sys.argv),
         run_dir=str(run_dir),
         dataset={"name": opts["dataset_name"], "yaml": opts["data_yaml"]},
         plan=p.summary(),
@@ -161,33 +205,38 @@ def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Ma
     )
 
 
-def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Exit:
+def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
     r = resume.prepare(run_dir, given, dry_run, where.node_rank, where.nnodes)
     attempt = len(r.story.attempts) + 1
     if dry_run:
         print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
-        return Exit.OK
-    if where.multi:  # every node resumes the same attempt of the same run
-        multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
-    resume.record(r, given)
-    terminal.say(f"resuming {r.run_dir} from {r.last}")
-    return run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story, resume_from=r.last,
-                          where=where)
+        return Ended(Exit.OK, r.run_dir, where.node_rank, dry_run=True)
+    with released_on_error(r.run_dir, where.node_rank):
+        if where.multi:  # every node resumes the same attempt of the same run
+            multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
+        resume.record(r, given)
+        terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}")
+        for note in r.notes:
+            terminal.say(f"note: {note}")
+        code = run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
+                              resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
+                              final_val_only=r.final_val_only)
+        return Ended(code, r.run_dir, where.node_rank)
 
 
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: Mapping[str, Any],
                    simulated: bool, story: records.Story, resume_from: Path | None = None,
-                   where: nodes.Nodes | None = None) -> Exit:
+                   where: nodes.Nodes | None = None, final_val_only: bool = False) -> Exit:
     """The attempts, then the memory table, the history line and where the weights are."""
     node = where.node_rank if where else 0
     if simulated:  # the watch's fake NVML backend follows the phases the ranks write there (docs/fake-gpus.md)
-        env = {**env, gpus.PHASE_FILE_ENV: str(run_dir / rundir.node_file(rundir.FAKE_PHASE, node))}
+        env = {**env, gpus.PHASE_FILE_ENV: str(RunDir(run_dir, node).fake_phase)}
     for line in terminal.start_lines(p, env, simulated):
         terminal.say(line)
     run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run_dir, where, p))
     supervisor = supervise.Supervisor(run_dir, run_options, story)
-    code = supervisor.run(p, resume=resume_from)
+    code = supervisor.run(p, resume=resume_from, final_val_only=final_val_only)
     if supervisor.watch is not None:
         print_memory_table(run_dir, node)
         if node == 0:  # predicted vs measured peaks: the next plan learns from this machine (node 0's, over nodes)
@@ -208,8 +257,8 @@ def print_memory_table(run_dir: Path, node: int = 0) -> None:
     except Exception as exc:  # the run is over whatever happens here: a broken report must not hide its outcome
         terminal.say(f"memory report failed: {type(exc).__name__}: {exc}")
         return
-    terminal.say(f"memory per GPU (NVML peaks; {rundir.node_file(rundir.MEMORY_SUMMARY, node)}, "
-                 f"{rundir.node_file(rundir.MEMORY_PLOT, node)} in the run directory):")
+    terminal.say(f"memory per GPU (NVML peaks; {RunDir(run_dir, node).memory_summary.name}, "
+                 f"{RunDir(run_dir, node).memory_plot.name} in the run directory):")
     for line in report.table(summary):
         click.echo(f"  {line}", err=True)
 
@@ -230,8 +279,8 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         gpus_text += "  [fake GPUs: each one a rank process on the CPU]" if len(p.gpus) > 1 else "  [fake GPU: on CPU]"
     where = where or nodes.Nodes()
     node, multi = where.node_rank, where.multi
-    command = launch.child_command(rundir.spec_path(run_dir, attempt, node), p.world_size, p.local_world_size,
-                                   rundir.ranks_log_dir(run_dir, attempt, node), where, attempt)  # port: at launch
+    command = launch.child_command(RunDir(run_dir, node).spec(attempt), p.world_size, p.local_world_size,
+                                   RunDir(run_dir, node).ranks_log_dir(attempt), where, attempt)  # port: at launch
     device, visible = supervise.launch_device(p, simulated)
     child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
@@ -243,7 +292,7 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
         ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
                             f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),
-        ("accumulation", accumulation.describe_accumulation(p)),
+        ("accumulation", plan.describe_accumulation(p)),
         ("val batch", f"{p.val_batch} per GPU"),
         ("imgsz / epochs", f"{p.imgsz} / {p.epochs}"),
         ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),

@@ -8,7 +8,6 @@ happens in the worker process.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,16 @@ from typing import Any
 import click
 
 from yolosafe import __version__, gpus
-from yolosafe.api import trainrun
+from yolosafe.api import calls, trainrun
 from yolosafe.cli import planview
 from yolosafe.cli.params import BatchOrAuto
+from yolosafe.errors import TrainingError, UsageError, YolosafeError
 from yolosafe.exits import Exit
-from yolosafe.planning import datasets, options, validate
-from yolosafe.planning import trainplan as plan
-from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning import datasets, options
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor.multinode import setup as multicli
 
 D, SHAPES = options.DEFAULTS, datasets.SHAPES_DEFAULTS  # the help texts say the defaults these hold
@@ -80,16 +79,14 @@ def cli() -> None:
 @multicli.node_options
 @click.argument("args", nargs=-1)
 @click.pass_context
-def train(ctx: click.Context, datasets_file: str | None, config_file: str | None, resume_dir: str | None,
-          dry_run: bool, **_: Any) -> None:
+def train(ctx: click.Context, resume_dir: str | None, dry_run: bool, **_: Any) -> None:
     """Train with OOM protection. Extra ARGS are Ultralytics train arguments as key=value (e.g. lr0=0.01)."""
-    validate.check_injection(os.environ)
-    given = options.yolo_style(given_options(ctx))  # yolo train's own key=value names too (model=, device=, ...)
-    resume_dir = given.get("resume_dir")
-    where = multicli.resolve(ctx.params)  # --nnodes ... or SLURM's variables; one machine without either
-    if resume_dir:
-        sys.exit(trainrun.resume_run(Path(resume_dir), given, dry_run, where))
-    sys.exit(trainrun.new_run(trainrun.resolve(given, config_file, datasets_file), dry_run, where))
+    ended = calls.run_training(given_options(ctx), resume_dir, ctx.params, dry_run)
+    if not ended.dry_run:
+        try:
+            calls.finish(ended)
+        except TrainingError as exc:  # the supervisor has said how it ended
+            sys.exit(exc.exit_code)
 
 
 @cli.command("plan")
@@ -98,17 +95,16 @@ def train(ctx: click.Context, datasets_file: str | None, config_file: str | None
 @click.pass_context
 def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_file: str | None,
                  config_file: str | None, **_: Any) -> None:
-    """Predict each GPU's train and validation peaks for the same options as train; train nothing."""
-    opts = trainrun.resolve(options.yolo_style(given_options(ctx)), config_file, datasets_file)
+    """Predict each GPU's train and validation memory for the same options as train; train nothing."""
+    given = options.yolo_style(given_options(ctx))  # yolo train's own key=value names too
+    opts = trainrun.resolve(given, config_file, datasets_file)
     where = multicli.resolve(ctx.params)  # --batch is the total over every node's GPUs
     multicli.check_options(opts, where)
     opts["nnodes"] = where.nnodes
-    if not vram:
-        trainrun.ultralytics_accepts(opts, dry_run=True)
-    try:
-        planview.run(opts, gpus.read_inventory(), trainrun.build, vram, as_json)
-    except (gpus.FakeGpusError, plan.PlanError, memmodel.UnknownModel) as exc:
-        raise InputError(str(exc)) from None
+    if vram:
+        planview.print_tier_table(opts, vram, as_json, given.get("model"))
+    else:
+        planview.show(calls.plan_of(opts, gpus.read_inventory()), as_json)
 
 
 plan_command.params[:0] = [p for p in train.params if p.name not in ("resume_dir", "dry_run")]
@@ -118,10 +114,7 @@ plan_command.params[:0] = [p for p in train.params if p.name not in ("resume_dir
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def gpus_command(as_json: bool) -> None:
     """List the GPUs NVML sees (or the fake ones of YOLOSAFE_FAKE_GPUS), their memory and processes."""
-    try:
-        inventory = gpus.read_inventory()
-    except gpus.FakeGpusError as exc:
-        raise InputError(str(exc)) from None
+    inventory = gpus.read_inventory()  # a bad YOLOSAFE_FAKE_GPUS is a UsageError
     if as_json:
         click.echo(json.dumps({
             "backend": inventory.backend, "driver": inventory.driver, "cuda": inventory.cuda,
@@ -131,7 +124,7 @@ def gpus_command(as_json: bool) -> None:
         return
     if not inventory.gpus:
         click.echo(f"no GPU: {inventory.problem}; yolosafe train runs on CPU (--gpus cpu)", err=True)
-        sys.exit(1)
+        sys.exit(Exit.FAILED)
     click.echo(f"driver {inventory.driver}, CUDA {inventory.cuda} ({inventory.backend})")
     click.echo(f"{'GPU':>3}  {'name':<24} {'used MiB':>9} {'free MiB':>9} {'total MiB':>9} {'util':>5}  processes")
     for g in inventory.gpus:
@@ -151,20 +144,20 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     path = Path(run_dir) if run_dir else rundir.latest_run(Path("runs"))
     if path is None:
         raise InputError("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
-    if not (path / rundir.STORY).is_file():
+    if not RunDir(path).is_run():
         raise InputError(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
     if rundir.mark_if_orphaned(path):
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
-    state = rundir.read_json(path / rundir.STORY).get("outcome") or "unknown"
+    state = report.outcome(path)
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
         click.echo(f"yolosafe: no memory data in {path} (run {state}): {exc}", err=True)
-        sys.exit(1)
+        sys.exit(Exit.FAILED)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {path / rundir.MEMORY_PLOT}")
+    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {RunDir(path).memory_plot}")
     for line in report.table(summary):
         click.echo(line)
 
@@ -175,13 +168,10 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor_command(run_dir: str | None, project: str | None, as_json: bool) -> None:
     """Explain GPU memory: the machine, the environment, a run (default: the newest), and what to do. Read-only."""
-    from yolosafe.readers.doctor import diagnosis as doctor
+    from yolosafe.readers.doctor import diagnose
     from yolosafe.readers.doctor import text as doctor_text
 
-    try:
-        found = doctor.diagnose(run_dir, project)
-    except doctor.DoctorError as exc:
-        raise InputError(str(exc)) from None
+    found = diagnose(run_dir, project)  # DoctorError is a UsageError
     click.echo(json.dumps(found.as_dict(), indent=2, default=str) if as_json else "\n".join(doctor_text.render(found)))
 
 
@@ -194,11 +184,7 @@ def fix_command(config_file: str | None, run_dir: str | None, yes: bool) -> None
     """Propose repairs one by one (y/N, default No; no terminal means No unless --yes); back up what it edits."""
     from yolosafe.repair import proposals as fixes
 
-    try:
-        code = fixes.main(config_file, run_dir, yes)
-    except fixes.FixUsageError as exc:
-        raise InputError(str(exc)) from None
-    sys.exit(code)
+    sys.exit(fixes.main(config_file, run_dir, yes))  # FixUsageError is a UsageError
 
 
 def _num(value: float | None, suffix: str = "") -> str:
@@ -206,12 +192,16 @@ def _num(value: float | None, suffix: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: click's own usage errors are reduced to one line, like ours; both exit with status 2."""
+    """Entry point: the library's exceptions as one line and an exit status; click's own usage errors are reduced to
+    one line, like ours; both exit with status 2."""
     try:
         cli.main(args=argv, prog_name="yolosafe", standalone_mode=False)
-    except InputError as exc:
+    except UsageError as exc:
         click.echo(f"yolosafe: error: {exc}", err=True)
         sys.exit(Exit.USAGE)
+    except YolosafeError as exc:
+        click.echo(f"yolosafe: {exc}", err=True)
+        sys.exit(Exit.FAILED)
     except click.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
         click.echo(f"yolosafe: error: {where}{exc.format_message()}", err=True)

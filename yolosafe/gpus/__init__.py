@@ -7,8 +7,8 @@ backend stands behind it:
 - ``fake.py``: the fake GPUs of ``YOLOSAFE_FAKE_GPUS`` (a layout such as ``4x24GB``), for machines without GPUs
   (tests, CI, drills; docs/fake-gpus.md).
 
-This module chooses the backend and numbers GPUs (NVML's numbering, ``CUDA_VISIBLE_DEVICES``, a rank's device); the
-other modules import every public name from here.
+This module chooses the backend; ``visible.py`` reads ``CUDA_VISIBLE_DEVICES`` (indices, GPU and MIG UUIDs) and
+writes a rank's; the other modules import every public name from here.
 """
 
 from __future__ import annotations
@@ -16,8 +16,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from yolosafe.gpus.fake import FAKE_ENV, PHASE_FILE_ENV, FakeBackend, FakeGPU, FakeGpusError, fake_phase_file
+from yolosafe.gpus.fake import (
+    FAKE_ENV,
+    HOST_PID_OFFSET,
+    PHASE_FILE_ENV,
+    FakeBackend,
+    FakeGPU,
+    FakeGpusError,
+    fake_phase_file,
+)
 from yolosafe.gpus.inventory import (
+    BUSY_MIB,
     GPU,
     MIB,
     GPUBackend,
@@ -28,10 +37,21 @@ from yolosafe.gpus.inventory import (
     nvml_index,
 )
 from yolosafe.gpus.nvml import NvmlBackend
+from yolosafe.gpus.pidns import foreign_pids
+from yolosafe.gpus.visible import (
+    mig_problem,
+    planning_inventory,
+    rank_visible_devices,
+    visible_devices,
+    visible_ids,
+    visible_problem,
+)
 
 __all__ = (  # a tuple: no module-level mutable state
+    "BUSY_MIB",
     "FAKE_ENV",
     "GPU",
+    "HOST_PID_OFFSET",
     "MIB",
     "PHASE_FILE_ENV",
     "FakeBackend",
@@ -44,30 +64,17 @@ __all__ = (  # a tuple: no module-level mutable state
     "MemoryReading",
     "NvmlBackend",
     "fake_phase_file",
+    "foreign_pids",
+    "mig_problem",
     "nvml_index",
     "open_backend",
+    "planning_inventory",
+    "rank_visible_devices",
     "read_inventory",
+    "visible_devices",
     "visible_ids",
+    "visible_problem",
 )
-
-
-def visible_ids(inventory: Inventory, cuda_visible: str | None) -> tuple[int, ...]:
-    """The GPUs this process may use, in NVML numbering: all of them, or those ``CUDA_VISIBLE_DEVICES`` names.
-
-    A scheduler (SLURM, Kubernetes) or the user may have set it; yolosafe runs its worker with
-    ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, in which CUDA's numbers are NVML's. Entries are indices or GPU UUIDs; as in
-    CUDA, the list ends at the first entry that names no GPU.
-    """
-    if cuda_visible is None:
-        return inventory.ids
-    by_uuid = {g.uuid: g.index for g in inventory.gpus if g.uuid}
-    ids: list[int] = []
-    for item in (part.strip() for part in cuda_visible.split(",")):
-        index = int(item) if item.isdigit() else by_uuid.get(item)
-        if index is None or index not in inventory.ids:
-            break
-        ids.append(index)
-    return tuple(ids)
 
 
 def open_backend(env: Mapping[str, str] | None = None) -> GPUBackend:

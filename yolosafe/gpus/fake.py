@@ -17,6 +17,10 @@ Accepted layouts (see docs/fake-gpus.md):
   ``"epoch_mib": {"val": 500}`` adds that much more per (0-based) epoch, so the peak lands on a known epoch; optional
   ``"per_image_mib": {"train": 120, "val": 10}`` adds that much per image of the phase's per-GPU batch (the plan's,
   written in the phase file), so the memory follows fixed + per image x batch as the memory model predicts it.
+  Optional per-GPU ``"mig": [{"uuid": "MIG-...", "total_mib": 9984}]`` puts that GPU in MIG mode with those MIG
+  devices; optional per-GPU ``"uuid"`` (default ``GPU-fake-0000``... by index); optional top-level
+  ``"host_pids": true`` reports every pid as NVML does inside a container: a pid of the host's PID namespace, which
+  no process here has (:data:`HOST_PID_OFFSET` added).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yolosafe.errors import UsageError
 from yolosafe.gpus.inventory import GPU, GPUProcess, GPUReadError, Inventory, MemoryReading
 
 FAKE_ENV = "YOLOSAFE_FAKE_GPUS"
@@ -37,10 +42,11 @@ PHASE_FILE_ENV = "YOLOSAFE_FAKE_PHASE_FILE"
 # What a GPU's phase file says: (phase, writer's pid, epoch, per-GPU batch).
 Phase = tuple[str | None, int | None, int, int]
 _NO_PHASE: Phase = (None, None, 0, 0)
+HOST_PID_OFFSET = 1 << 23  # above the kernel's largest pid_max (2**22): no process of this namespace has such a pid
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
 
 
-class FakeGpusError(ValueError):
+class FakeGpusError(UsageError):
     """The value of YOLOSAFE_FAKE_GPUS (the fake GPU layout) cannot be understood."""
 
 
@@ -56,6 +62,18 @@ class FakeGPU:
     phase_mib: dict[str, float] = field(default_factory=dict)
     epoch_mib: dict[str, float] = field(default_factory=dict)
     per_image_mib: dict[str, float] = field(default_factory=dict)
+    mig: tuple[GPU, ...] = ()  # MIG devices (MIG mode on when any)
+    host_pids: bool = False  # pids as NVML gives them inside a container (the host's namespace)
+    uuid: str | None = None  # default GPU-fake-NNNN (its index)
+
+
+def _mig_devices(index: int, entries: Any) -> tuple[GPU, ...]:
+    """The MIG devices of fake GPU ``index`` from the layout's ``"mig"`` list."""
+    return tuple(GPU(index, str(m.get("name", "Fake MIG device")), str(m["uuid"]), float(m["total_mib"]),
+                     float(m.get("used_mib", 0)), None, mig=True, mig_of=index) for m in entries)
+
+
+MAX_FAKE_GPUS = 1024  # more than any machine has; a layout past it is a typo (and would cost time to list)
 
 
 def _parse_sizes(layout: str) -> list[FakeGPU]:
@@ -66,30 +84,86 @@ def _parse_sizes(layout: str) -> list[FakeGPU]:
         if not match:
             raise FakeGpusError(f"{FAKE_ENV}: cannot read {group.strip()!r}; expected e.g. '4x24GB' or JSON")
         count, size, unit = int(match[1]), float(match[2]), match[3].upper()
+        if not 1 <= count <= MAX_FAKE_GPUS - len(gpus) or size <= 0:
+            raise FakeGpusError(f"{FAKE_ENV}: {group.strip()!r}: give 1 to {MAX_FAKE_GPUS} GPUs in all, each of a "
+                                "size above 0")
         total = size * 1024 if unit in {"GB", "GIB"} else size
         gpus += [FakeGPU(f"Fake GPU {total / 1024:g}GB", total) for _ in range(count)]
     return gpus
 
 
-def _parse_json(data: Mapping[str, Any]) -> tuple[list[FakeGPU], str, str]:
-    """GPUs, driver and CUDA version from the JSON layout; a bad GPU entry is one :class:`FakeGpusError`."""
-    try:
-        gpus = [
-            FakeGPU(
-                name=g.get("name", "Fake GPU"),
-                total_mib=float(g["total_mib"]),
-                used_mib=float(g.get("used_mib", 0)),
-                utilization=int(g.get("utilization", 0)),
-                processes=tuple(GPUProcess(int(p["pid"]), float(p["used_mib"])) for p in g.get("processes", ())),
-                phase_mib={k: float(v) for k, v in g.get("phase_mib", {}).items()},
-                epoch_mib={k: float(v) for k, v in g.get("epoch_mib", {}).items()},
-                per_image_mib={k: float(v) for k, v in g.get("per_image_mib", {}).items()},
-            )
-            for g in data.get("gpus", ())
-        ]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FakeGpusError(f"{FAKE_ENV}: bad GPU entry ({exc!r}); each needs at least 'total_mib'") from exc
-    return gpus, str(data.get("driver", "fake")), str(data.get("cuda", "fake"))
+def _number(value: Any, what: str, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum <= value < 1e12:
+        raise FakeGpusError(f"{FAKE_ENV}: {what} is {value!r}; expected a number of at least {minimum:g}")
+    return float(value)
+
+
+def _mib_table(g: Mapping[str, Any], key: str, where: str) -> dict[str, float]:
+    table = g.get(key, {})
+    if not isinstance(table, dict):
+        raise FakeGpusError(f"{FAKE_ENV}: {where} {key} is {table!r}; expected an object like {{\"val\": 500}}")
+    return {str(k): _number(v, f"{where} {key}[{k!r}]") for k, v in table.items()}
+
+
+def _process(p: Any, where: str) -> GPUProcess:
+    if not isinstance(p, dict) or "pid" not in p or "used_mib" not in p:
+        raise FakeGpusError(f"{FAKE_ENV}: {where} process {p!r}; expected {{\"pid\": 4242, \"used_mib\": 1000}}")
+    return GPUProcess(int(_number(p["pid"], f"{where} pid", 1)), _number(p["used_mib"], f"{where} used_mib"))
+
+
+def _uuid(value: Any, what: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise FakeGpusError(f"{FAKE_ENV}: {what} is {value!r}; expected text like \"GPU-...\"")
+    return value
+
+
+def _mig_entries(g: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    """The ``"mig"`` list of a GPU entry, each MIG device an object with its ``uuid`` and ``total_mib``."""
+    entries = g.get("mig", [])
+    if not isinstance(entries, list) or not all(isinstance(m, dict) and isinstance(m.get("uuid"), str)
+                                                and "total_mib" in m for m in entries):
+        raise FakeGpusError(f"{FAKE_ENV}: {where} mig is {entries!r}; expected a list like "
+                            "[{\"uuid\": \"MIG-...\", \"total_mib\": 9984}]")
+    for i, m in enumerate(entries):
+        _number(m["total_mib"], f"{where} mig[{i}] total_mib", 1)
+        _number(m.get("used_mib", 0), f"{where} mig[{i}] used_mib")
+    return entries
+
+
+def _gpu(g: Any, index: int) -> FakeGPU:
+    """One GPU entry of the JSON layout, every field of its shape; one line naming what is wrong."""
+    where = f"gpus[{index}]"
+    if not isinstance(g, dict) or "total_mib" not in g:
+        raise FakeGpusError(f"{FAKE_ENV}: {where} is {g!r}; each GPU is an object with at least 'total_mib'")
+    name = g.get("name", "Fake GPU")
+    if not isinstance(name, str):
+        raise FakeGpusError(f"{FAKE_ENV}: {where} name is {name!r}; expected text")
+    processes = g.get("processes", [])
+    if not isinstance(processes, list):
+        raise FakeGpusError(f"{FAKE_ENV}: {where} processes is {processes!r}; expected a list")
+    return FakeGPU(
+        name=name,
+        total_mib=_number(g["total_mib"], f"{where} total_mib", 1),
+        used_mib=_number(g.get("used_mib", 0), f"{where} used_mib"),
+        utilization=int(_number(g.get("utilization", 0), f"{where} utilization")),
+        processes=tuple(_process(p, where) for p in processes),
+        phase_mib=_mib_table(g, "phase_mib", where),
+        epoch_mib=_mib_table(g, "epoch_mib", where),
+        per_image_mib=_mib_table(g, "per_image_mib", where),
+        mig=_mig_devices(index, _mig_entries(g, where)),
+        uuid=_uuid(g.get("uuid"), f"{where} uuid"),
+    )
+
+
+def _parse_json(data: Any) -> tuple[list[FakeGPU], str, str]:
+    """GPUs, driver and CUDA version from the JSON layout; a bad entry is one :class:`FakeGpusError`."""
+    if not isinstance(data, dict):
+        raise FakeGpusError(f"{FAKE_ENV}: its JSON layout is a {type(data).__name__}; expected an object with "
+                            "\"gpus\": [...]")
+    entries = data.get("gpus", [])
+    if not isinstance(entries, list) or len(entries) > MAX_FAKE_GPUS:
+        raise FakeGpusError(f"{FAKE_ENV}: \"gpus\" must be a list of at most {MAX_FAKE_GPUS} GPU objects")
+    return [_gpu(g, i) for i, g in enumerate(entries)], str(data.get("driver", "fake")), str(data.get("cuda", "fake"))
 
 
 def parse_layout(layout: str) -> tuple[list[FakeGPU], str | None, str | None, str | None]:
@@ -100,11 +174,16 @@ def parse_layout(layout: str) -> tuple[list[FakeGPU], str | None, str | None, st
         return [], None, None, "no NVIDIA driver (fake: YOLOSAFE_FAKE_GPUS=none)"
     if text.startswith(("{", "@")):
         try:
-            raw = Path(text[1:]).read_text() if text.startswith("@") else text
+            raw = Path(text[1:]).read_text(encoding="utf-8") if text.startswith("@") else text
             data = json.loads(raw)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FakeGpusError(f"{FAKE_ENV}: cannot read its JSON layout ({exc})") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else " ".join(str(exc).split())[:200]
+            raise FakeGpusError(f"{FAKE_ENV}: cannot read its JSON layout ({reason})") from None
         gpus, driver, cuda = _parse_json(data)
+        if data.get("host_pids"):
+            for gpu in gpus:
+                gpu.host_pids = True
+                gpu.processes = tuple(GPUProcess(p.pid + HOST_PID_OFFSET, p.used_mib) for p in gpu.processes)
         return gpus, driver, cuda, None
     return _parse_sizes(text), "fake", "fake", None
 
@@ -172,7 +251,8 @@ class FakeBackend:
             extra += gpu.per_image_mib[phase] * batch
         if extra:
             used += extra
-            processes = (*processes, GPUProcess(int(pid or 0), extra))
+            own = int(pid or 0) + (HOST_PID_OFFSET if gpu.host_pids else 0)  # as NVML names it from a container
+            processes = (*processes, GPUProcess(own, extra))
         return MemoryReading(index, gpu.total_mib, min(used, gpu.total_mib), processes)
 
     def inventory(self) -> Inventory:
@@ -181,8 +261,8 @@ class FakeBackend:
         for index, gpu in enumerate(self.gpus):
             reading = self._reading(index)
             gpus.append(
-                GPU(index, gpu.name, f"GPU-fake-{index:04d}", gpu.total_mib, reading.used_mib, gpu.utilization,
-                    reading.processes)
+                GPU(index, gpu.name, gpu.uuid or f"GPU-fake-{index:04d}", gpu.total_mib, reading.used_mib,
+                    gpu.utilization, reading.processes, mig=True if gpu.mig else None, mig_devices=gpu.mig)
             )
         return Inventory(self.name, tuple(gpus), self.driver, self.cuda, self.problem)
 

@@ -13,6 +13,9 @@ from typing import Any, Protocol
 MIB = 1024**2
 
 
+BUSY_MIB = 1024.0  # other processes' memory on a GPU above which it counts as busy: left out, named, advised against
+
+
 class GPUReadError(RuntimeError):
     """NVML failed while reading a GPU that the inventory listed (the driver went away, a GPU fell off the bus)."""
 
@@ -48,6 +51,10 @@ class GPU:
     processes: tuple[GPUProcess, ...] = ()
     mig: bool | None = None  # MIG mode on; None where NVML cannot say (GPUs without MIG)
     problem: str | None = None  # why NVML cannot read this GPU; None for a valid GPU
+    mig_devices: tuple[GPU, ...] = ()  # with MIG on: its MIG devices (slices), each with its own UUID and memory
+    mig_of: int | None = None  # a MIG device: the NVML index of its GPU (``index`` is the same)
+    openable: bool = True  # False: NVML lists it but this process may not open it (cgroup device limits); CUDA's
+                           # indices count only the GPUs a process may open
 
     @property
     def valid(self) -> bool:

@@ -30,7 +30,8 @@ def _mib(value: int | None) -> float | None:
 # NVML errors that say "no driver" or "this driver or card has no such figure": logged at debug level (the inventory
 # says it), the others (a lost GPU, an unknown error) as warnings.
 _QUIET = frozenset({"NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded", "NVMLError_NotSupported",
-                    "NVMLError_NoPermission", "NVMLError_FunctionNotFound", "NVMLLibraryMismatchError"})
+                    "NVMLError_NoPermission", "NVMLError_FunctionNotFound", "NVMLLibraryMismatchError",
+                    "NVMLError_NotFound"})  # NotFound: an empty MIG slot
 # No such function (in nvidia-ml-py, or as a C symbol in this driver): not asked again.
 _MISSING = frozenset({"absent", "NVMLError_FunctionNotFound", "NVMLLibraryMismatchError"})
 _FAILED = object()  # what _query returns for a failed call that returns nothing when it succeeds (nvmlInit)
@@ -54,6 +55,7 @@ class NvmlBackend:
         self._missing: set[str] = set()  # functions this nvidia-ml-py or driver lacks: not asked again
         self._logged: set[tuple[str, str]] = set()
         self.failure = ""  # "function: error" of the latest failed query, for the messages that need it
+        self.failure_kind = ""  # its NVML error class name
 
     def _query(self, name: str, *args: Any, default: Any = None) -> Any:
         """``pynvml.<name>(*args)``, or ``default`` when the function is missing or NVML fails."""
@@ -71,7 +73,7 @@ class NvmlBackend:
                 error, kind = str(exc) or type(exc).__name__, type(exc).__name__
         if kind in _MISSING:
             self._missing.add(name)
-        self.failure = f"{name}: {error}"
+        self.failure, self.failure_kind = f"{name}: {error}", kind
         if (name, error) not in self._logged:
             self._logged.add((name, error))
             log.log(logging.DEBUG if kind in _QUIET else logging.WARNING, "NVML %s", self.failure)
@@ -125,11 +127,13 @@ class NvmlBackend:
         invalid record (``problem`` says why), kept so that the numbering stays NVML's."""
         handle = self._handle(index)
         if handle is None:
-            return GPU(index, None, None, None, None, None, problem=f"NVML cannot open it ({self.failure})")
+            return GPU(index, None, None, None, None, None, problem=f"NVML cannot open it ({self.failure})",
+                       openable=self.failure_kind != "NVMLError_NoPermission")
         memory = self._query("nvmlDeviceGetMemoryInfo", handle)
         problem = None if memory is not None else f"NVML cannot read its memory ({self.failure})"
         util = self._query("nvmlDeviceGetUtilizationRates", handle)
         mig = self._query("nvmlDeviceGetMigMode", handle)
+        mig_on = None if mig is None else bool(mig[0])
         return GPU(
             index=index,
             name=_text(self._query("nvmlDeviceGetName", handle)),
@@ -138,9 +142,32 @@ class NvmlBackend:
             used_mib=None if memory is None else _mib(memory.used),
             utilization=None if util is None else util.gpu,
             processes=self._processes(handle) or (),
-            mig=None if mig is None else bool(mig[0]),
+            mig=mig_on,
             problem=problem,
+            mig_devices=self._mig_devices(index, handle) if mig_on else (),
         )
+
+    def _mig_devices(self, index: int, handle: Any) -> tuple[GPU, ...]:
+        """The MIG devices of GPU ``index`` (MIG on): each slot's device handle, its UUID (``MIG-...``, what
+        ``CUDA_VISIBLE_DEVICES`` names) and its own memory. An empty slot (NVML: not found) is skipped."""
+        found = []
+        for slot in range(self._query("nvmlDeviceGetMaxMigDeviceCount", handle) or 0):
+            mig = self._query("nvmlDeviceGetMigDeviceHandleByIndex", handle, slot)
+            if mig is None:
+                continue
+            memory = self._query("nvmlDeviceGetMemoryInfo", mig)
+            found.append(GPU(
+                index=index,
+                name=_text(self._query("nvmlDeviceGetName", mig)),
+                uuid=_text(self._query("nvmlDeviceGetUUID", mig)),
+                total_mib=None if memory is None else _mib(memory.total),
+                used_mib=None if memory is None else _mib(memory.used),
+                utilization=None,
+                mig=True,
+                problem=None if memory is not None else f"NVML cannot read its memory ({self.failure})",
+                mig_of=index,
+            ))
+        return tuple(found)
 
     def inventory(self) -> Inventory:
         """Every GPU NVML counts, the driver and CUDA versions; no GPUs and ``problem`` when there is no driver."""

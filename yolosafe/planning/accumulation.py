@@ -6,11 +6,6 @@ the dry run show what really runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from yolosafe.planning.trainplan import TrainPlan
-
 ULTRALYTICS_DEFAULT_NBS = 64
 ULTRALYTICS_DEFAULT_WARMUP_EPOCHS = 3.0
 
@@ -42,14 +37,3 @@ def warmup_accumulate(iteration: int, warmup: int, accumulate: int) -> int:
     if not warmup or iteration >= warmup:
         return accumulate
     return max(1, round((accumulate - 1) / warmup * iteration + 1))
-
-
-
-
-def describe_accumulation(plan: TrainPlan) -> str:
-    """The dry run's line: the accumulation that really runs, cap and warm-up ramp included."""
-    nb, warmup = plan.batches_per_epoch, plan.warmup_iterations
-    if nb is None:
-        return f"at most {plan.accumulate}, ramped up from 1 during warm-up (dataset size unknown)"
-    ramp = f"ramped 1 -> {plan.accumulate} over its first {warmup} (warm-up)" if warmup else "no warm-up ramp"
-    return f"{plan.accumulate}, at most the run's {nb * plan.epochs} iterations ({nb} per epoch); {ramp}"

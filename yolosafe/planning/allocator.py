@@ -17,18 +17,46 @@ import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-# Torch reads both names, but which one wins differs between versions (and between its generic and CUDA parsers),
-# so apply() sets both to the same value.
+from yolosafe.errors import UsageError
+
+# Torch 2.14 reads one of the two names, PYTORCH_CUDA_ALLOC_CONF whenever it is set (even empty), else
+# PYTORCH_ALLOC_CONF, whole, never key by key (torch_reads); other versions differ, so apply() sets both alike.
 ENV_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 DEFAULTS: Mapping[str, str] = MappingProxyType({"expandable_segments": "True"})
 OVERRIDE_SOURCE = "--alloc-conf"
 
-_DIGITS = re.compile(r"\d+")
-_DECIMAL = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# c10's tokenizer drops whitespace inside a value; its numbers are C++ std::stoull / std::stod of the value: a
+# prefix is read, the rest ignored ("30abc" is 30), a minus sign wraps an unsigned number around 2**64.
+_UNSIGNED = re.compile(r"[+-]?\d+")
+_DOUBLE = re.compile(r"[+-]?(0[xX]([0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)([pP][+-]?\d+)?"
+                     r"|(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf(inity)?|nan)", re.IGNORECASE)
+_ULL = 2**64
 
 
-class AllocConfError(ValueError):
+class AllocConfError(UsageError):
     """A malformed or invalid allocator string; str(e) is one line: the source, what is wrong and what is allowed."""
+
+
+def _stoull(value: str) -> tuple[int, str] | None:
+    """``std::stoull(value)`` as c10 reads it, and the text it read; None where it throws."""
+    match = _UNSIGNED.match(value)
+    if not match:
+        return None
+    number = int(match[0])
+    if abs(number) >= _ULL:
+        return None
+    return number % _ULL, match[0]
+
+
+def _stod(value: str) -> tuple[float, str] | None:
+    """``std::stod(value)`` (decimal, hexadecimal, inf, nan), and the text it read; None where it throws."""
+    match = _DOUBLE.match(value)
+    if not match:
+        return None
+    text = match[0]
+    unsigned = text.lstrip("+-")
+    number = float.fromhex(text) if unsigned[:2].lower() == "0x" else float(text)
+    return number, text
 
 
 def _boolean(value: str) -> str | None:
@@ -38,27 +66,32 @@ def _boolean(value: str) -> str | None:
 
 def _integer(minimum: int) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
-        return str(int(value)) if _DIGITS.fullmatch(value) and int(value) >= minimum else None
+        read = _stoull(value)
+        return read[1] if read and read[0] >= minimum else None
 
     return check
 
 
-def _fraction(*, allow_one: bool) -> Callable[[str], str | None]:
+def _fraction(*, allow_zero: bool, allow_one: bool) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
-        if not _DECIMAL.fullmatch(value):
+        read = _stod(value)
+        if read is None:
             return None
-        number = float(value)
-        return str(number) if 0 < number < 1 or (allow_one and number == 1) else None
+        number = read[0]
+        low = number >= 0 if allow_zero else number > 0
+        high = number <= 1 if allow_one else number < 1
+        return read[1] if low and high else None
 
     return check
 
 
 def _power_of_two(value: str, *, maximum: int | None = None, allow_zero: bool = False) -> str | None:
-    if not _DIGITS.fullmatch(value):
+    read = _stoull(value)
+    if read is None:
         return None
-    number = int(value)
+    number = read[0]
     if (number == 0 and allow_zero) or (number > 0 and number & (number - 1) == 0):
-        return str(number) if maximum is None or number <= maximum else None
+        return read[1] if maximum is None or number <= maximum else None
     return None
 
 
@@ -71,8 +104,8 @@ def _roundup(value: str) -> str | None:
     if not (value.startswith("[") and value.endswith("]")):
         return _power_of_two(value)
     entries = []
-    for entry in value[1:-1].split(","):
-        size, sep, div = (part.strip() for part in entry.partition(":"))
+    for entry in filter(None, value[1:-1].split(",")):
+        size, sep, div = entry.partition(":")
         size = size if size == ">" else _power_of_two(size)
         div = _power_of_two(div, allow_zero=True)  # torch: 0 turns rounding off for that interval
         if not sep or size is None or div is None:
@@ -86,24 +119,27 @@ def _backend(value: str) -> str | None:
 
 
 _BOOL = (_boolean, "True or False (any case)")
-# key -> (check returning the canonical value or None, what is allowed). Keys and limits are those of c10's parser.
+# key -> (check returning the canonical value or None, what is allowed). Keys and limits are those of c10's parser
+# (tests/test_allocator.py checks them against torch's own, which runs without a GPU).
 _KEYS: Mapping[str, tuple[Callable[[str], str | None], str]] = MappingProxyType({
     "backend": (_backend, "'native' or 'cudaMallocAsync'"),
     "expandable_segments": _BOOL,
-    "max_split_size_mb": (_integer(21), "an integer > 20 (MB)"),
-    "max_non_split_rounding_mb": (_integer(21), "an integer > 20 (MB)"),
-    "garbage_collection_threshold": (_fraction(allow_one=False), "a number strictly between 0 and 1"),
+    "max_split_size_mb": (_integer(20), "an integer >= 20 (MB)"),
+    "max_non_split_rounding_mb": (_integer(20), "an integer >= 20 (MB)"),
+    "garbage_collection_threshold": (_fraction(allow_zero=False, allow_one=False), "a number strictly between 0 and 1"),
     "roundup_power2_divisions": (
         _roundup,
         "a power of two, or a list like [256:1,512:2,>:8] of size:divisions, size a power of two (MB) or '>',"
         " divisions a power of two or 0 (no rounding)",
     ),
-    "per_process_memory_fraction": (_fraction(allow_one=True), "a number > 0 and <= 1"),
+    "per_process_memory_fraction": (_fraction(allow_zero=True, allow_one=True), "a number from 0 to 1"),
     "release_lock_on_cudamalloc": _BOOL,
+    "release_lock_on_hipmalloc": _BOOL,
     "graph_capture_record_stream_reuse": _BOOL,
     "throw_on_cudamalloc_oom": _BOOL,
     "large_segment_size_mb": (_integer(11), "an integer > 10 (MB)"),
     "pinned_use_cuda_host_register": _BOOL,
+    "pinned_use_hip_host_register": _BOOL,
     "pinned_use_background_threads": _BOOL,
     "pinned_num_register_threads": (_register_threads, "a power of two <= 128"),
     "pinned_reserve_segment_size_mb": (_integer(1), "a positive integer (MB)"),
@@ -129,6 +165,8 @@ def _split_items(conf: str, source: str) -> list[str]:
     if depth:
         raise AllocConfError(f"{source}: unbalanced brackets in {conf!r}; every '[' needs a closing ']'")
     items.append(conf[start:])
+    if any(not item.strip() for item in items[:-1]):  # c10 reads a ',' where a key belongs as an unknown key
+        raise AllocConfError(f"{source}: an empty item in {conf!r}; separate items with one comma")
     return [item.strip() for item in items if item.strip()]
 
 
@@ -136,7 +174,7 @@ def parse(conf: str, source: str) -> dict[str, str]:
     """Validate 'key:value,key:value' and return its canonical values in order; raise AllocConfError on any fault."""
     options: dict[str, str] = {}
     for item in _split_items(conf, source):
-        key, sep, raw = (part.strip() for part in item.partition(":"))
+        key, sep, raw = ("".join(part.split()) for part in item.partition(":"))  # c10 drops whitespace
         if not sep:
             raise AllocConfError(f"{source}: {item!r} is not key:value; write items like 'expandable_segments:True'")
         if key not in _KEYS:
@@ -151,6 +189,11 @@ def parse(conf: str, source: str) -> dict[str, str]:
             raise AllocConfError(f"{source}: bad value {raw!r} for {key!r}; allowed: {allowed}")
         options[key] = value
     return options
+
+
+def torch_reads(env: Mapping[str, str]) -> str | None:
+    """The variable torch reads of ``env``: the first of :data:`ENV_VARS` that is set; None when neither is."""
+    return next((name for name in ENV_VARS if name in env), None)
 
 
 def render(options: dict[str, str]) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from yolosafe.errors import UsageError
+
 REGISTRY_ENV = "YOLOSAFE_DATASETS"
 CACHE_ENV = "YOLOSAFE_CACHE"
 SHAPES = "shapes"
@@ -26,7 +28,7 @@ SHAPES_DEFAULTS = MappingProxyType({"imgsz": 128, "epochs": 3, "batch": 16})
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".xz", ".bz2", ".txz", ".tbz2")  # Ultralytics unpacks these itself
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A dataset name or file that cannot be used; ``str()`` is one line for the user."""
 
 

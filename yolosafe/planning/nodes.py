@@ -16,12 +16,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from yolosafe.errors import UsageError
+
 DEFAULT_PORT = 29500  # torchrun's own default master port
 ATTEMPT_PORTS = 16  # attempt N uses the endpoint's port + (N - 1) % 16: node 0 needs these ports free
 SLURM_PORT_SPAN = 10_000  # SLURM jobs sharing a first node get different ports: 29500 + job id % span
 
 
-class NodesError(ValueError):
+class NodesError(UsageError):
     """A usage error in the multi-node options; ``str()`` is one line for the user."""
 
 
@@ -79,11 +81,11 @@ def _endpoint(text: str, option: str = "--rdzv-endpoint") -> str:
 
 def from_slurm(env: Mapping[str, str]) -> Nodes | None:
     """The job's nodes from ``srun``'s variables; None outside SLURM or for a one-node job."""
-    try:
-        nnodes = int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
-    except ValueError as exc:
-        raise NodesError(f"SLURM_NNODES {env.get('SLURM_NNODES')!r}: not a number") from exc
-    if nnodes <= 1:
+    name = "SLURM_NNODES" if env.get("SLURM_NNODES") else "SLURM_JOB_NUM_NODES"
+    nnodes = _slurm_count(name, env.get(name) or "1")
+    if nnodes < 1:
+        raise NodesError(f"{name} {env.get(name)!r}: must be at least 1")
+    if nnodes == 1:
         return None
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist or "SLURM_NODEID" not in env:
@@ -91,8 +93,19 @@ def from_slurm(env: Mapping[str, str]) -> Nodes | None:
                          "or give --nnodes/--node-rank/--rdzv-endpoint")
     job = env.get("SLURM_JOB_ID", "")
     port = env.get("MASTER_PORT") or str(DEFAULT_PORT + (int(job) % SLURM_PORT_SPAN if job.isdigit() else 0))
-    return check(Nodes(nnodes, int(env["SLURM_NODEID"]), _endpoint(f"{first_host(nodelist)}:{port}", "SLURM"),
+    node_id = _slurm_count("SLURM_NODEID", env["SLURM_NODEID"])
+    if not 0 <= node_id < nnodes:
+        raise NodesError(f"SLURM_NODEID {node_id}: must be 0..{nnodes - 1} for SLURM_NNODES {nnodes}")
+    return check(Nodes(nnodes, node_id, _endpoint(f"{first_host(nodelist)}:{port}", "SLURM"),
                        job or None, "slurm"))
+
+
+def _slurm_count(name: str, value: str) -> int:
+    """A whole number SLURM set (``SLURM_NNODES``, ``SLURM_NODEID``); one line when it is not one."""
+    text = value.strip()
+    if not text.lstrip("-").isdigit() or len(text) > 9:
+        raise NodesError(f"{name} {value!r}: not a whole number (SLURM sets it; is the job's environment damaged?)")
+    return int(text)
 
 
 def check(nodes: Nodes) -> Nodes:

@@ -37,7 +37,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "watch_interval": 0.1,
     "warn_at": 0.9,
     "clear_before_val": True,
-    "memory_fraction": 0.85,  # --batch auto: the share of the smallest free GPU memory the predicted peaks may fill
+    "memory_fraction": 0.95,  # --batch auto: the share of the smallest free GPU memory the required figures may fill
     "args": [],
 })
 # ``yolo train`` arguments that are yolosafe options: key=value names them as yolo does (yolo_style).

@@ -18,9 +18,9 @@ from types import MappingProxyType
 from typing import Any
 
 from yolosafe import gpus
-from yolosafe.planning import allocator, validate
+from yolosafe.planning import allocator, checkpoint, inputs, recovered, validate
 from yolosafe.planning import trainplan as plan
-from yolosafe.planning.options import DEFAULTS
+from yolosafe.planning.options import DEFAULTS, check_watch
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 
@@ -29,7 +29,7 @@ APPLIED = ("gpus", "batch", "effective_batch", "val_batch", "max_retries", "min_
            "watch_interval", "warn_at", "clear_before_val")
 REFUSED = MappingProxyType({"model": "--model", "data": "--data", "datasets_file": "--datasets", "imgsz": "--imgsz",
            "epochs": "--epochs", "config_file": "--config", "project": "--project", "name": "--name",
-           "args": "Ultralytics key=value arguments"})
+           "args": "Ultralytics key=value arguments", "memory_fraction": "--memory-fraction"})
 RUN_OPTIONS = ("max_retries", "min_batch", "watch_interval", "warn_at", "clear_before_val")  # kept in the story
 
 
@@ -38,13 +38,16 @@ class Resume:
     """Everything a resume needs: where, from what checkpoint, with which plan, environment and options."""
 
     run_dir: Path
-    last: Path
+    last: Path | None  # None: stopped before its first checkpoint, so it trains from the start
     story: records.Story
     plan: plan.TrainPlan
     env: dict[str, str]
     options: dict[str, Any]
     simulated: bool
     lock_fd: int | None = None  # held for the life of this process (None for a dry run)
+    gpus: list[dict[str, Any]] | None = None  # the plan's GPUs as this process sees them now (GPU.as_dict)
+    final_val_only: bool = False  # every epoch trained: only the final validation is left
+    notes: tuple[str, ...] = ()  # what the resume had to do otherwise than asked, said once the run resumes
 
 
 def refused(given: dict[str, Any]) -> None:
@@ -70,6 +73,48 @@ def read_story(run_dir: Path, node: int = 0) -> records.Story:
         raise validate.InputError(f"--resume {run_dir}: {rundir.STORY} is unreadable ({detail})") from None
 
 
+def story_or_rebuilt(run_dir: Path, node: int, dry_run: bool) -> tuple[records.Story, tuple[str, ...]]:
+    """The story; when it is missing or damaged but ``weights/last.pt`` and ``args.yaml`` are there, one rebuilt
+    from them (:mod:`yolosafe.planning.recovered`), with the line that says so."""
+    try:
+        return read_story(run_dir, node), ()
+    except validate.InputError as exc:
+        if node or not recovered.can_recover(run_dir):
+            raise
+        why = "missing" if not records.story_path(run_dir).is_file() else "damaged"
+        rebuilt = recovered.rebuild(run_dir, why, keep_damaged=not dry_run)
+        if rebuilt is None:
+            raise validate.InputError(f"{exc}; {recovered.ARGS} cannot stand in for it") from None
+        return rebuilt[0], (rebuilt[1],)
+
+
+def never_saved(run_dir: Path, story: records.Story) -> bool:
+    """A run stopped before its first checkpoint: no weights at all, attempts that did not complete."""
+    weights = run_dir / "weights"
+    saved = weights.is_dir() and any(weights.glob("*.pt"))
+    return not saved and bool(story.attempts) and story.outcome != records.Outcome.COMPLETED
+
+
+def check_last(run_dir: Path, story: records.Story) -> Path:
+    """``weights/last.pt`` of a run not completed, readable; else one line naming the checkpoints that could stand in
+    for it."""
+    weights = run_dir / "weights"
+    last = weights / "last.pt"
+    others = sorted((p.name for p in weights.glob("*.pt") if p.name != "last.pt" and p.is_file()),
+                    key=lambda n: (n != "best.pt", n))
+    instead = (f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} there: copy one to weights/last.pt "
+               "to resume from it" if others else "; start a new run instead")
+    if not last.is_file():
+        raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from{instead}")
+    if story.outcome == records.Outcome.COMPLETED:
+        raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
+    try:
+        validate.check_checkpoint(last, f"--resume {run_dir}: weights/last.pt")
+    except validate.InputError as exc:
+        raise validate.InputError(f"{exc}{instead}") from None
+    return last
+
+
 def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, nnodes: int = 1) -> Resume:
     """Check the run can be resumed here and now and build its plan; raises :class:`validate.InputError`.
 
@@ -79,7 +124,10 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
     """
     refused(given)
     run_dir = run_dir.resolve()
-    story = read_story(run_dir, node)
+    if not run_dir.is_dir():
+        raise validate.InputError(f"--resume {run_dir}: not a yolosafe run directory (no such directory)")
+    inputs.writable_dir(run_dir, "--resume", "a resume writes its checkpoints and story there")
+    story, notes = story_or_rebuilt(run_dir, node, dry_run)
     lock_fd = None
     try:
         if dry_run:
@@ -91,23 +139,45 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
     except rundir.RunLocked as exc:
         raise validate.InputError(f"--resume {run_dir}: still training (yolosafe pid {exc.pid}); "
                                   "wait for it or stop it first") from None
-    if rundir.mark_if_orphaned(run_dir, node):
+    if not notes and rundir.mark_if_orphaned(run_dir, node, locked_here=lock_fd is not None):
         story = read_story(run_dir, node)
-    last = run_dir / "weights" / "last.pt"
-    if not last.is_file():
-        raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from; start a new run instead")
-    if story.outcome == records.Outcome.COMPLETED:
-        raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
-    validate.check_checkpoint(last, f"--resume {run_dir}: weights/last.pt")
+    if never_saved(run_dir, story):
+        last, final_val_only = None, False
+        notes = (*notes, "no checkpoint was saved before the run stopped: training again from the first epoch")
+    else:
+        last = check_last(run_dir, story)
+        progress = checkpoint.progress(last)
+        final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
     options = {key: _first(given.get(key), getattr(story, key), DEFAULTS[key]) for key in RUN_OPTIONS}
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
+    check_watch({**options, **applied})  # the same checks as a new run's
     validate.check_options({**options, **applied, "project": str(run_dir.parent), "name": run_dir.name})
     p, simulated = _plan(story, given, nnodes)
     try:
         env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))
     except allocator.AllocConfError as exc:
         raise validate.InputError(str(exc)) from None
-    return Resume(run_dir, last, story, p, env, options, simulated, lock_fd)
+    if final_val_only:
+        notes = (*notes, "every epoch is trained: only the final validation is left to run")
+    return Resume(run_dir, last, story, p, env, options, simulated, lock_fd, _gpu_records(p), final_val_only, notes)
+
+
+def _gpu_records(p: plan.TrainPlan) -> list[dict[str, Any]] | None:
+    """The plan's GPUs now (their UUIDs, a MIG device's own), which the next resume maps again; None without GPUs."""
+    if not p.gpus:
+        return None
+    try:
+        inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except gpus.FakeGpusError:
+        return None
+    return [g.as_dict() for g in inventory.gpus if g.index in p.gpus] or None
+
+
+def _next(story: records.Story) -> dict[str, Any]:
+    """What the loop had decided to run next when the run was stopped between an OOM and the relaunch."""
+    last = story.attempts[-1] if story.attempts else None
+    planned = last.extra.get("next_plan") if last is not None and last.outcome == records.Outcome.OOM else None
+    return planned if isinstance(planned, dict) else {}
 
 
 def _first(*values: Any) -> Any:
@@ -120,6 +190,7 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
     if not summary:
         raise validate.InputError(f"--resume: {rundir.STORY} has no plan; it is not a yolosafe run")
     last = story.attempts[-1] if story.attempts else records.Attempt(attempt=0)
+    planned = _next(story)
     chosen = tuple(summary.get("gpus", ()))
     simulated = bool(story.simulated_on_cpu)
     try:
@@ -128,16 +199,39 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
             visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
             chosen = plan.parse_gpus(str(given["gpus"]), visible, inventory.problem)
             simulated = inventory.backend == "fake" and bool(chosen)
-        p = plan.build_plan(
-            model=summary["model"], data=summary["data"], gpus=chosen,
-            batch=_first(given.get("batch"), last.batch, summary.get("batch")),
+        elif chosen:
+            chosen = map_gpus(story, gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        p = plan.replan(
+            summary, gpus=chosen, nnodes=nnodes,
+            batch=_first(given.get("batch"), planned.get("batch"), last.batch, summary.get("batch")),
             effective_batch=_first(given.get("effective_batch"), summary.get("effective_batch")),
-            val_batch=_first(given.get("val_batch"), last.val_batch, summary.get("val_batch")),
-            imgsz=summary["imgsz"], epochs=summary["epochs"], extra=summary.get("extra") or {}, nnodes=nnodes,
+            val_batch=_first(given.get("val_batch"), planned.get("val_batch"), last.val_batch,
+                             summary.get("val_batch")),
         )
     except (plan.PlanError, gpus.FakeGpusError, KeyError, TypeError) as exc:
         raise validate.InputError(f"--resume: {exc}") from None
     return p, simulated
+
+
+def map_gpus(story: records.Story, inventory: gpus.Inventory, cuda_visible: str | None) -> tuple[int, ...]:
+    """The run's GPUs (its plan's, in order) as this process sees them now: found by UUID among the GPUs
+    ``CUDA_VISIBLE_DEVICES`` lets it use (a new allocation numbers them anew), by index where the run has no UUID;
+    :class:`validate.InputError` when one of them is not there (another job's GPUs, or none)."""
+    planned = story.plan_gpus
+    uuids = {g.get("index"): g.get("uuid") for g in story.gpus or [] if isinstance(g, dict)}
+    devices = gpus.visible_devices(gpus.planning_inventory(inventory, cuda_visible), cuda_visible)
+    by_uuid = {d.uuid: d.index for d in devices if d.uuid}
+    by_uuid.update({m.uuid: d.index for d in devices for m in d.mig_devices if m.uuid})
+    found = [by_uuid.get(uuids[g]) if uuids.get(g) else (g if g in {d.index for d in devices} else None)
+             for g in planned]
+    if None in found or len(set(found)) != len(found):
+        missing = [uuids.get(g) or f"GPU {g}" for g, f in zip(planned, found, strict=True) if f is None]
+        where = "unset" if cuda_visible is None else repr(cuda_visible)
+        raise validate.InputError(
+            f"--resume: the run's GPUs are not all visible here ({', '.join(missing) or 'a GPU twice'}; "
+            f"CUDA_VISIBLE_DEVICES is {where}); resume on GPUs this job may use with --gpus (yolosafe gpus lists "
+            "them), or where CUDA_VISIBLE_DEVICES names the run's GPUs")
+    return tuple(i for i in found if i is not None)
 
 
 def record(r: Resume, given: dict[str, Any]) -> None:
@@ -147,12 +241,14 @@ def record(r: Resume, given: dict[str, Any]) -> None:
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_dir": str(r.run_dir),
         "previous_run_dir": r.story.run_dir,
-        "from": str(r.last),
+        "from": str(r.last) if r.last else None,
         "applied": applied,
     }]
     r.story.run_dir = str(r.run_dir)
     r.story.plan = r.plan.summary()
     r.story.simulated_on_cpu = r.simulated
+    if r.gpus is not None:
+        r.story.gpus = r.gpus
     r.story.allocator = {k: r.env[k] for k in allocator.ENV_VARS}
     for key in RUN_OPTIONS:
         setattr(r.story, key, r.options[key])

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from yolosafe.errors import UsageError
 from yolosafe.planning.accumulation import (
     ULTRALYTICS_DEFAULT_NBS,
     ULTRALYTICS_DEFAULT_WARMUP_EPOCHS,
@@ -49,7 +50,7 @@ OWNED_KEYS = MappingProxyType({
 })
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """A usage error in the training request; ``str()`` is one line for the user."""
 
 
@@ -287,3 +288,29 @@ def plan_warnings(plan: TrainPlan) -> list[str]:
     why = "is not a multiple of" if plan.effective_batch % plan.batch else "is more than the run's iterations of"
     return [f"effective batch {plan.effective_batch} {why} batch {plan.batch}: Ultralytics will accumulate "
             f"{plan.accumulate} steps, an effective batch of {plan.real_effective_batch}"]
+
+
+def replan(summary: Mapping[str, Any], **changes: Any) -> TrainPlan:
+    """A recorded plan (:meth:`TrainPlan.summary`, as ``yolosafe.json`` holds it) built again through
+    :func:`build_plan`, with ``changes`` (``gpus``, ``batch``, ``effective_batch``, ``val_batch``, ``model``, ``extra``,
+    ``nnodes``; ``None`` means what :func:`build_plan` makes of None) instead of the recorded values: a resume,
+    ``fix`` and ``doctor`` get the same plan, dataset size included, as the new run they continue. Raises
+    :class:`PlanError`, ``KeyError`` or ``TypeError`` for a recorded plan that is not one."""
+    names = ("model", "data", "gpus", "batch", "effective_batch", "val_batch", "imgsz", "epochs", "extra",
+             "train_images", "nnodes")
+    values = {name: summary.get(name) for name in names} | changes
+    values["gpus"] = tuple(values["gpus"] or ())
+    values["extra"] = dict(values["extra"] or {})
+    values["nnodes"] = int(values["nnodes"] or 1)
+    for name in ("model", "data"):
+        values[name] = str(values[name])
+    return build_plan(**values)
+
+
+def describe_accumulation(plan: TrainPlan) -> str:
+    """The dry run's line: the accumulation that really runs, cap and warm-up ramp included."""
+    nb, warmup = plan.batches_per_epoch, plan.warmup_iterations
+    if nb is None:
+        return f"at most {plan.accumulate}, ramped up from 1 during warm-up (dataset size unknown)"
+    ramp = f"ramped 1 -> {plan.accumulate} over its first {warmup} (warm-up)" if warmup else "no warm-up ramp"
+    return f"{plan.accumulate}, at most the run's {nb * plan.epochs} iterations ({nb} per epoch); {ramp}"

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from yolosafe import oom, proc
+from yolosafe.errors import UsageError
 from yolosafe.planning import trainplan
 
 INPUT_CHECK = "yolosafe.training.inputcheck"
@@ -32,7 +33,7 @@ INT_OPTIONS = MappingProxyType({"batch": 1, "effective_batch": 1, "val_batch": 1
 STR_OPTIONS = ("model", "data", "project", "name", "alloc_conf", "gpus")
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """Bad input; ``str()`` is the one line the user sees."""
 
 
@@ -74,7 +75,7 @@ def check_injection(environ: Mapping[str, str]) -> None:
     """``YOLOSAFE_INJECT_OOM`` is read by the trainer in every rank: a typo there would be a silent no-op."""
     try:
         oom.parse_injection(environ.get(oom.INJECT_ENV))
-    except ValueError as exc:
+    except oom.InjectionError as exc:
         raise InputError(str(exc)) from None
 
 

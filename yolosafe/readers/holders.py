@@ -26,7 +26,8 @@ from typing import Any
 
 import psutil
 
-from yolosafe.gpus import GPU
+from yolosafe.gpus import GPU, foreign_pids
+from yolosafe.readers import stale
 from yolosafe.rundir import files as rundir
 
 NEVER, PROVEN, ASK = "never", "proven stale", "ask"
@@ -112,12 +113,9 @@ def _run_marker(proc: psutil.Process) -> str | None:
 
 
 def _writes_log(proc: psutil.Process, run_dir: str) -> bool:
-    """Whether ``proc`` has the run's ``train.log`` open: the supervisor does while an attempt runs."""
-    log = os.path.realpath(os.path.join(run_dir, rundir.LOG))
-    try:
-        return any(os.path.realpath(f.path) == log for f in proc.open_files())
-    except psutil.Error:
-        return False
+    """Whether ``proc`` has a log of the run open (``train.log``, or node R's ``train-nodeR.log``): the supervisor
+    does while an attempt runs."""
+    return stale.writes_a_log(proc, Path(run_dir))
 
 
 def supervisor_gone(proc: psutil.Process, run_dir: str) -> tuple[bool, str]:
@@ -173,12 +171,7 @@ def _classify(pid: int, proc: psutil.Process, mine: set[int]) -> tuple[str, str,
         return kind, reason, action, None, advice
     run = _run_marker(proc)
     if run:
-        gone, how = supervisor_gone(proc, run)
-        if gone:
-            return "stale yolosafe", f"a yolosafe worker or DDP rank of {run} whose supervisor is gone ({how})", \
-                PROVEN, run, None
-        return "yolosafe run", f"a running yolosafe run ({run}), {how}: never stopped", NEVER, run, \
-            "wait for it, or train on other GPUs (--gpus)"
+        return _judge_marked(proc, run)
     command = " ".join(proc.cmdline()) or proc.name()
     if any(word in command for word in JUPYTER_WORDS):
         return "Jupyter kernel", "LIKELY STALE: a Jupyter/IPython kernel keeps its CUDA memory until it is shut " \
@@ -186,6 +179,21 @@ def _classify(pid: int, proc: psutil.Process, mine: set[int]) -> tuple[str, str,
     if "python" in proc.name().lower():
         return "Python process", "a Python process, not yolosafe (possibly your own training: check)", ASK, None, None
     return "program", "another program, not yolosafe: stop it only if you know it", ASK, None, None
+
+
+def _judge_marked(proc: psutil.Process, run: str) -> tuple[str, str, str, str | None, str | None]:
+    """A process with yolosafe's run marker: never stopped while its run lives (on any node); proven stale only by
+    :func:`yolosafe.readers.stale.prove`; else a person decides."""
+    live = stale.live_supervisor(run)
+    gone, how = supervisor_gone(proc, run)
+    if live or not gone:
+        return "yolosafe run", f"a running yolosafe run ({run}), {live or how}: never stopped", NEVER, run, \
+            "wait for it, or train on other GPUs (--gpus)"
+    proven, why = stale.prove(proc, run)
+    if proven:
+        return "stale yolosafe", f"{why} whose supervisor is gone ({how})", PROVEN, run, None
+    return "marked process", f"carries yolosafe's run marker but {why}: not provably stale, check it", ASK, \
+        run, None
 
 
 def _user(proc: psutil.Process) -> str | None:
@@ -218,8 +226,17 @@ def judge(pid: int, gpu: int, used_mib: float | None, mine: set[int] | None = No
     return Holder(pid, gpu, used_mib, kind, reason, action, user, command, started, run, advice)
 
 
+OTHER_NAMESPACE = ("NVML names it by a pid of another PID namespace (a container: none of NVML's pids is a process "
+                   "here): never judged or stopped by that pid")
+
+
 def judge_gpus(gpus: tuple[GPU, ...]) -> list[Holder]:
-    """Every process on every GPU, judged."""
+    """Every process on every GPU, judged; none by pid when NVML's pids are another PID namespace's (none of them is
+    a process here: a local process with such a pid is somebody else)."""
+    if foreign_pids(p.pid for g in gpus for p in g.processes):
+        return [Holder(p.pid, g.index, p.used_mib, "another pid namespace", OTHER_NAMESPACE, NEVER,
+                       advice="look on the host (nvidia-smi there names these pids)")
+                for g in gpus for p in g.processes]
     mine = ancestors()
     return [judge(p.pid, g.index, p.used_mib, mine) for g in gpus for p in g.processes]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import VAL_PHASES
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def plot(run_dir: Path, samples: pd.DataFrame, summary: dict[str, Any], events: 
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small", ncol=2)
     fig.tight_layout()
-    path = run_dir / rundir.node_file(rundir.MEMORY_PLOT, node)
+    path = RunDir(run_dir, node).memory_plot
     fig.savefig(path)
     return path
 

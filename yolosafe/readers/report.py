@@ -27,6 +27,7 @@ from yolosafe.readers import memplot
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.rundir.events import event_gpus, phase_after
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import VAL_PHASES
 
 if TYPE_CHECKING:
@@ -37,18 +38,32 @@ class NoMemoryData(Exception):
 
 
 def _story(run_dir: Path, node: int = 0) -> dict[str, Any]:
-    return rundir.read_json(run_dir / rundir.node_file(rundir.STORY, node))
+    """The story as a dict; empty when it is missing or damaged (the memory data still reads)."""
+    try:
+        story = rundir.read_json(RunDir(run_dir, node).story)
+    except (OSError, ValueError):
+        return {}
+    return story if isinstance(story, dict) else {}
+
+
+def outcome(run_dir: Path, node: int = 0) -> str:
+    """The run's outcome as its story says; "unknown" when the story is damaged."""
+    value = _story(run_dir, node).get("outcome")
+    return value if isinstance(value, str) else "unknown"
 
 
 def plan_gpus(run_dir: Path, node: int = 0) -> list[int]:
     if node:
-        gpus = _story(run_dir, node).get("plan", {}).get("gpus") or []
+        gpus = (_story(run_dir, node).get("plan") or {}).get("gpus") or []
         return [g for g in gpus if isinstance(g, int)]
-    return records.load_story(run_dir).plan_gpus
+    try:
+        return records.load_story(run_dir).plan_gpus
+    except records.RecordError as exc:
+        raise NoMemoryData(f"the run's GPUs are unknown: {exc}") from None
 
 
 def events(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
-    path = run_dir / rundir.node_file(rundir.EVENTS, node)
+    path = RunDir(run_dir, node).events
     return [e for e in rundir.read_jsonl(path) if e.get("attempt") is not None and "t" in e]
 
 
@@ -56,7 +71,7 @@ def load(run_dir: Path, node: int = 0) -> pd.DataFrame:
     """The samples of ``memory.csv`` with ``phase`` and ``epoch`` columns; raises :class:`NoMemoryData`."""
     import pandas as pd
 
-    path = run_dir / rundir.node_file(rundir.MEMORY_CSV, node)
+    path = RunDir(run_dir, node).memory_csv
     if not path.is_file():
         raise NoMemoryData(f"no {path.name}: the watch was off (--watch-interval 0), the run trained on the "
                            "CPU, or it predates the memory watch")
@@ -98,7 +113,7 @@ def torch_peaks(run_dir: Path, node: int = 0) -> dict[tuple[int, str], dict[str,
 def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
     """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells."""
     gpus = plan_gpus(run_dir, node)
-    nproc = max(len(gpus), 1) if int(_story(run_dir, node).get("plan", {}).get("nnodes") or 1) > 1 else None
+    nproc = max(len(gpus), 1) if int((_story(run_dir, node).get("plan") or {}).get("nnodes") or 1) > 1 else None
     found = []
     for record in records.load_failures(run_dir):  # attempt, then rank, in numeric order
         rank = max(int(record.rank or 0), 0)
@@ -152,7 +167,7 @@ def summarize(run_dir: Path, samples: pd.DataFrame, node: int = 0) -> dict[str, 
             "peak_others_mib": _num(rows["others_mib"].max()),
             "phases": phases,
         }
-    watch = story.get("memory_watch", {})
+    watch = story.get("memory_watch") or {}  # a killed run's story holds null
     return {
         "run_dir": str(run_dir.resolve()),
         "interval_s": watch.get("interval_s"),
@@ -169,7 +184,7 @@ def write_node(run_dir: Path, node: int = 0) -> dict[str, Any]:
     """Join, summarise, write the node's ``memory_summary.json`` and ``memory.png``; raises :class:`NoMemoryData`."""
     samples = load(run_dir, node)
     summary = summarize(run_dir, samples, node)
-    rundir.write_json(run_dir / rundir.node_file(rundir.MEMORY_SUMMARY, node), summary)
+    rundir.write_json(RunDir(run_dir, node).memory_summary, summary)
     memplot.plot(run_dir, samples, summary, events(run_dir, node), node)
     return summary
 
@@ -192,7 +207,7 @@ def write(run_dir: Path, node: int | None = None) -> dict[str, Any]:
         return found[first]
     summary = {**found[first], "nodes": {str(n): s for n, s in found.items() if n != first}}
     summary["node"] = first
-    rundir.write_json(run_dir / rundir.MEMORY_SUMMARY, summary)
+    rundir.write_json(RunDir(run_dir).memory_summary, summary)
     return summary
 
 

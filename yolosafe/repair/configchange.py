@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe.planning import trainplan as plan
-from yolosafe.rundir.records import VAL_PHASES, Failure, Story
+from yolosafe.rundir.records import VAL_PHASES, Failure, Story, epoch_label
 
 
 class ConfigFixError(ValueError):
@@ -45,13 +45,12 @@ def config_plan(config: dict[str, Any], story: Story, **override: Any) -> plan.T
     values["effective_batch"] = config.get("effective_batch")
     values.update(override)
     try:
-        return plan.build_plan(model=str(config.get("model") or ran.get("model")), data=str(ran.get("data")),
-                               gpus=tuple(story.plan_gpus), batch=int(values["batch"]),
-                               effective_batch=values["effective_batch"],
-                               val_batch=None if values["val_batch"] is None else int(values["val_batch"]),
-                               imgsz=int(values["imgsz"]), epochs=int(values["epochs"]),
-                               extra=plan.parse_passthrough(config.get("args") or []),
-                               nnodes=int(ran.get("nnodes") or 1))  # a multi-node run: --batch over every node
+        return plan.replan(ran, model=config.get("model") or ran.get("model"), gpus=tuple(story.plan_gpus),
+                           batch=int(values["batch"]),
+                           effective_batch=values["effective_batch"],
+                           val_batch=None if values["val_batch"] is None else int(values["val_batch"]),
+                           imgsz=int(values["imgsz"]), epochs=int(values["epochs"]),
+                           extra=plan.parse_passthrough(config.get("args") or []))
     except (plan.PlanError, TypeError, ValueError) as exc:
         raise ConfigFixError(f"the config is not valid for this run: {exc}") from None
 
@@ -92,8 +91,9 @@ def targets(story: Story, failures: list[Failure]) -> tuple[tuple[int, str] | No
     for val, attr in ((False, "batch"), (True, "val_batch")):
         r = _smallest(failures, val, attr)
         size = getattr(r, attr) if r else None
-        found.append((max(size // 2, 1), f"half of {size} per GPU, which ran out of memory in {r.phase} at epoch "
-                                         f"{r.epoch} (attempt {r.attempt})") if r and size else None)
+        where = f"in {r.phase or 'training'} at {epoch_label(r.epoch, story.plan.get('epochs'))}" if r else ""
+        found.append((max(size // 2, 1), f"half of {size} per GPU, which ran out of memory {where} "
+                                         f"(attempt {r.attempt})") if r and size else None)
     return found[0], found[1]
 
 

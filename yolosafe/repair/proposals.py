@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from yolosafe import gpus
+from yolosafe.errors import UsageError
 from yolosafe.planning import allocator
 from yolosafe.readers.doctor import diagnosis as doctor
 from yolosafe.readers.holders import NEVER, PROVEN, Holder, judge_gpus, stop
@@ -31,7 +32,7 @@ RC_ENV = "YOLOSAFE_RC_FILE"  # the shell rc file to edit (default ~/.bashrc)
 STOP_TIMEOUT_S = 10.0
 
 
-class FixUsageError(ValueError):
+class FixUsageError(UsageError):
     """A bad argument: one line, exit status 2, nothing changed."""
 
 

@@ -58,8 +58,7 @@ ORPHANED = "abandoned"  # the outcome of a run whose supervisor died while it sa
 NODES_MARKER = "nodes.json"
 # Set by the supervisor in the environment of every process of an attempt (worker, launcher, ranks), read by nobody but
 # yolosafe.readers.holders, which recognises a run's processes by it in /proc/PID/environ. The processes themselves
-# learn
-# their run from the run spec on their command line (yolosafe.rundir.runspec, yolosafe.training.context).
+# learn their run from the run spec on their command line (yolosafe.rundir.runspec, yolosafe.training.context).
 RUN_DIR_ENV = "YOLOSAFE_RUN_DIR"
 
 
@@ -105,12 +104,22 @@ def ranks_log_dir(run_dir: Path, attempt: int, node: int = 0) -> Path:
     return run_dir / "ranks" / (f"node{node}" if node > 0 else "") / f"attempt-{attempt}"
 
 
+def weights_dir(run_dir: Path) -> Path:
+    """Ultralytics' checkpoints of the run (``save_dir / "weights"``)."""
+    return run_dir / "weights"
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """``weights/last.pt``: what a resume and every retry continue from."""
+    return weights_dir(run_dir) / "last.pt"
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    return weights_dir(run_dir) / "best.pt"
+
+
 def failure_path(run_dir: Path, attempt: int, rank: int) -> Path:
     return run_dir / f"failure-{attempt}-rank{max(rank, 0)}.json"
-
-
-def failure_records(run_dir: Path, attempt: int) -> list[dict[str, Any]]:
-    return [read_json(p) for p in sorted(run_dir.glob(f"failure-{attempt}-rank*.json"))]
 
 
 def new_run_dir(project: Path, name: str) -> Path:
@@ -133,10 +142,16 @@ def latest_run(project: Path) -> Path | None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write atomically (temp file + rename) so a reader or a crash never sees half a file."""
+    """Write atomically (temp file + rename) so a reader or a crash never sees half a file; a write that fails (a
+    full disk) leaves no temp file behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def read_json(path: Path) -> Any:
@@ -186,6 +201,21 @@ def lock(run_dir: Path, node: int = 0) -> int:
     return fd
 
 
+def unlock(run_dir: Path, node: int = 0) -> None:
+    """Give up this process's hold on the run directory (:func:`lock`), for a process that goes on after the run
+    (a notebook's kernel resumes it next): every descriptor of this process on its lock file is closed."""
+    try:
+        target = os.stat(run_dir / node_file(LOCK, node))
+    except OSError:
+        return
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    for name in os.listdir(fd_dir):
+        with contextlib.suppress(OSError, ValueError):
+            found = os.fstat(int(name))
+            if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+                os.close(int(name))
+
+
 def claim_new_run_dir(project: Path, name: str, refuse_live: bool) -> Path:
     """A new run directory (:func:`new_run_dir`), locked for this process's life. ``refuse_live``: the user named
     this run, so a live run of that name is a mistake (:class:`RunLocked`), not a reason to go to ``name2``."""
@@ -213,17 +243,23 @@ def holder(run_dir: Path, node: int = 0) -> str | None:
     return None
 
 
-def mark_if_orphaned(run_dir: Path, node: int = 0) -> bool:
+def mark_if_orphaned(run_dir: Path, node: int = 0, locked_here: bool = False) -> bool:
     """A story that says "running" while nobody holds the lock: its supervisor died (kill -9, power loss). Say so in
-    the story, so that neither the user nor ``--resume`` takes it for a live run. Returns whether it was marked."""
+    the story, and give the attempt it was running the same outcome, so that neither the user nor ``--resume`` takes
+    it for a live run. ``locked_here``: this process holds the lock (a resume about to run), so nobody else can.
+    Returns whether it was marked."""
     path = run_dir / node_file(STORY, node)
     with contextlib.suppress(OSError, ValueError):
         story = read_json(path)
-        if not isinstance(story, dict) or story.get("outcome") != "running" or holder(run_dir, node) is not None:
+        if not isinstance(story, dict) or story.get("outcome") != "running":
+            return False
+        if not locked_here and holder(run_dir, node) is not None:
             return False
         story["outcome"] = ORPHANED
-        for attempt in story.get("attempts", [])[-1:]:
-            attempt.setdefault("outcome", ORPHANED)
+        attempts = story.get("attempts")
+        for attempt in attempts[-1:] if isinstance(attempts, list) else []:
+            if isinstance(attempt, dict) and attempt.get("outcome") in (None, "running"):
+                attempt["outcome"] = ORPHANED
         write_json(path, story)
         return True
     return False

@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 
 R = TypeVar("R", bound="Record")
 _FAILURE_NAME = re.compile(r"failure-(\d+)-rank(\d+)\.json$")
@@ -57,6 +58,14 @@ class Outcome(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def epoch_label(epoch: int | None, epochs: int | None = None) -> str:
+    """A recorded epoch (0-based, as the trainer counts) as people read it, 1-based as Ultralytics prints it:
+    "epoch 134/200", "epoch 134", or "an unknown epoch"; never a raw None."""
+    if epoch is None:
+        return "an unknown epoch"
+    return f"epoch {epoch + 1}/{epochs}" if epochs else f"epoch {epoch + 1}"
 
 
 VAL_PHASES = ("val", "final")  # the phases of a record that are validation: each epoch's, and best.pt's at the end
@@ -186,13 +195,19 @@ class Story(Record):
 
 @dataclass
 class Failure(Record):
-    """``failure-N-rankR.json``: what killed one rank (an OOM record when ``oom`` is true)."""
+    """``failure-N-rankR.json``: what killed one rank (an OOM record when ``oom`` is true).
+
+    The one type of the file: the rank writes it as it dies (``by="rank"``, :mod:`yolosafe.training.failure`), the
+    rank launcher for a rank that could not (``by="launcher"``: killed by a signal, :mod:`yolosafe.training.launcher`),
+    both through :func:`save_failure`; the retry policy, the multi-node agreement, report, doctor and fix read it
+    through :func:`load_failures`.
+    """
 
     attempt: int | None = None
     rank: int | None = None
     oom: bool | None = None
     phase: str | None = None
-    epoch: int | None = None
+    epoch: int | None = None  # 0-based, as the trainer counts (people read epoch + 1)
     iteration: int | None = None
     batch: int | None = None  # per GPU
     val_batch: int | None = None
@@ -202,7 +217,23 @@ class Failure(Record):
     error: str | None = None
     message: str | None = None
     figures: dict[str, Any] | None = None
+    traceback: list[str] | None = None
+    signal: str | None = None  # a rank killed by a signal (launcher's record)
+    exit_code: int | None = None
+    error_file: str | None = None
+    by: str | None = None  # "rank" or "launcher"
+    max_allocated_mib: float | None = None  # torch's peaks at the moment of death (on CUDA)
+    max_reserved_mib: float | None = None
     name: str = field(default="", compare=False)  # the file it came from (not written back)
+
+    def place(self, epochs: int | None = None) -> str:
+        """Where it happened, as far as the record knows: "in val at epoch 134/200, rank 3"; "" when nothing is."""
+        parts = [f"in {self.phase}"] if self.phase else []
+        parts += [f"at {epoch_label(self.epoch, epochs)}"] if self.epoch is not None else []
+        text = " ".join(parts)
+        if self.rank is not None and self.rank >= 0:
+            text = f"{text}, rank {self.rank}" if text else f"on rank {self.rank}"
+        return text
 
 
 @dataclass
@@ -239,7 +270,7 @@ def _typed(cls: type[R], path: Path, data: Any) -> R:
 
 def story_path(run_dir: Path, node: int = 0) -> Path:
     """``yolosafe.json``; node R > 0 of a multi-node run keeps its own, ``yolosafe-nodeR.json``."""
-    return run_dir / rundir.node_file(rundir.STORY, node)
+    return RunDir(run_dir, node).story
 
 
 def load_story(run_dir: Path, node: int = 0) -> Story:
@@ -269,15 +300,21 @@ def load_failures(run_dir: Path, attempt: int | None = None) -> list[Failure]:
 
 
 def save_failure(run_dir: Path, record: Failure) -> Path:
-    path = rundir.failure_path(run_dir, record.attempt or 0, record.rank or 0)
+    """Write a failure record atomically, named by its attempt and global rank."""
+    path = RunDir(run_dir).failure(record.attempt or 0, record.rank or 0)
     rundir.write_json(path, record.to_dict())
     return path
+
+
+def failures_from(data: list[Any]) -> list[Failure]:
+    """Failure records carried inside another record (a node's end record): the dicts :meth:`Failure.to_dict` made."""
+    return [Failure.from_dict(d) for d in data if isinstance(d, dict)]
 
 
 def load_events(run_dir: Path) -> list[Event]:
     """Every complete line of ``events.jsonl`` (a line cut short by a killed rank, or not an event, is skipped)."""
     found = []
-    for line in rundir.read_jsonl(run_dir / rundir.EVENTS):
+    for line in rundir.read_jsonl(RunDir(run_dir).events):
         try:
             found.append(Event.from_dict(line))
         except (TypeError, AttributeError):

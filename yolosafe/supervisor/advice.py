@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from yolosafe import oom
+from yolosafe import gpus, oom
 from yolosafe.planning.trainplan import TrainPlan
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ def advice(failure: AttemptEnd, plan: TrainPlan, others_mib: dict[int, float] | 
     if min_batch is not None and failure.phase != "final":
         tips.append(f"the per-GPU batch {plan.per_gpu_batch} cannot be halved below --min-batch {min_batch}: "
                     "lower --min-batch, or see below")
-    busy = sorted(gpu for gpu, mib in (others_mib or {}).items() if mib > 1024)
+    busy = sorted(gpu for gpu, mib in (others_mib or {}).items() if mib > gpus.BUSY_MIB)
     if busy:
         keep = [g for g in plan.gpus if g not in busy]
         tips.append(f"GPU(s) {', '.join(map(str, busy))} also hold other processes' memory: "
@@ -39,10 +39,10 @@ def advice(failure: AttemptEnd, plan: TrainPlan, others_mib: dict[int, float] | 
     tips.append(f"a smaller image size (--imgsz {max(plan.imgsz // 2 // 32 * 32, 32)})")
     if not _smallest_model(plan.model):
         tips.append("a smaller model (e.g. yolov8n instead of yolov8s/m/l/x)")
-    if any(oom.is_host_oom(r.get("message", "")) for r in failure.records) or oom.is_host_oom(failure.message):
+    if any(oom.is_host_oom(r.message or "") for r in failure.records) or oom.is_host_oom(failure.message):
         tips.append("host RAM ran out: cache=False (Ultralytics' RAM image cache) and fewer workers (workers=2)")
-    figures = next((r.get("figures") for r in failure.records if r.get("figures")), None)
-    if figures and figures.get("reserved_unallocated_mib", 0) > 1024:
+    figures = next((r.figures for r in failure.records if r.figures), None)
+    if figures and figures.get("reserved_unallocated_mib", 0) > oom.FRAGMENTED_MIB:
         tips.append(f"{figures['reserved_unallocated_mib']:.0f} MiB was reserved but unallocated (fragmentation): "
                     "keep expandable_segments:True in --alloc-conf")
     return tips

@@ -23,18 +23,19 @@ from typing import TYPE_CHECKING, Any
 
 from yolosafe import proc
 from yolosafe.exits import Exit
-from yolosafe.gpus import open_backend
-from yolosafe.planning.nodes import Nodes
+from yolosafe.gpus import FakeGpusError, open_backend, rank_visible_devices, read_inventory
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records, runspec
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Outcome, Story
 from yolosafe.rundir.runspec import RunSpec
 from yolosafe.supervisor import launchcmd as launch
 from yolosafe.supervisor import terminal
 from yolosafe.supervisor.loop import AttemptLoop, Limits, Request
-from yolosafe.supervisor.policy import AttemptEnd, classify
+from yolosafe.supervisor.onenode import Machines, OneMachine
+from yolosafe.supervisor.policy import AttemptEnd
 from yolosafe.supervisor.watch import MemoryWatch
 
 if TYPE_CHECKING:
@@ -45,8 +46,8 @@ def training_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     """The environment of an attempt's processes (worker, launcher, every rank)."""
     env = proc.child_env(base, extra)
     # CUDA numbers GPUs fastest first, NVML and nvidia-smi by PCI bus: make --gpus 2 the GPU that yolosafe gpus and
-    # the memory watch call GPU 2.
-    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    # the memory watch call GPU 2. Always: an inherited FASTEST_FIRST would make CUDA's numbers other GPUs than NVML's.
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     # Offline first: no update checks, analytics or error reporting from inside Ultralytics (set YOLO_OFFLINE=0 to
     # allow them). Weights the user names explicitly are still fetched as usual.
     env.setdefault("YOLO_OFFLINE", "1")
@@ -60,16 +61,26 @@ def tail(path: Path, start: int, limit: int = 20000) -> str:
         return fh.read().decode(errors="replace")
 
 
-def launch_device(plan: TrainPlan, simulate_on_cpu: bool) -> tuple[str, str | None]:
+def launch_device(plan: TrainPlan, simulate_on_cpu: bool,
+                  env: Mapping[str, str] | None = None) -> tuple[str, str | None]:
     """Ultralytics' ``device`` and the worker's ``CUDA_VISIBLE_DEVICES``.
 
     The worker sees exactly the plan's GPUs, numbered 0..n-1 in the plan's order: torch's device i of every rank is
-    then the plan's i-th GPU, which is how the events, failure records and memory report name NVML's GPU. With fake
-    GPUs the worker trains on the CPU.
+    then the plan's i-th GPU, which is how the events, failure records and memory report name NVML's GPU. They are
+    named by UUID (a MIG device's own), read from the GPUs of ``env`` (default: this process's environment, whose
+    ``CUDA_VISIBLE_DEVICES`` says which MIG device a GPU stands for), so no numbering (the scheduler's, a
+    container's, CUDA's order) can make them other GPUs; by index only where a UUID is unknown. With fake GPUs the
+    worker trains on the CPU.
     """
     if simulate_on_cpu or not plan.gpus:
         return "cpu", None
-    return ",".join(str(i) for i in range(len(plan.gpus))), plan.device
+    env = os.environ if env is None else env
+    try:
+        inventory = read_inventory(env)
+    except FakeGpusError:
+        inventory = None
+    uuids = None if inventory is None else rank_visible_devices(inventory, plan.gpus, env.get("CUDA_VISIBLE_DEVICES"))
+    return ",".join(str(i) for i in range(len(plan.gpus))), uuids or plan.device
 
 
 @dataclass(frozen=True)
@@ -117,19 +128,18 @@ class Supervisor:
         self.options = options
         self.story = story
         self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
-        self.multi = options.multinode  # several machines: the other nodes (yolosafe.supervisor.multinode.agree);
-                                        # None on one
-        self.node = self.multi.node if self.multi else 0  # multi-node: this node's files carry it
+        self.machines: Machines = options.multinode or OneMachine(run_dir)
+        self.node = self.machines.node  # multi-node: this node's files carry it
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done (:class:`yolosafe.supervisor.loop.AttemptLoop`); returns the exit status."""
         self.story.supervisor = proc.identity(os.getpid())  # lets a later reader tell a dead run from a live one
         limits = Limits(self.options.max_retries, self.options.min_batch)
-        hint = f"yolosafe train --resume {self.run_dir}{self.multi.resume_flags() if self.multi else ''}"
+        hint = f"yolosafe train --resume {self.run_dir}{self.machines.resume_flags()}"
         loop = AttemptLoop(self.run_dir, self.story, self.run_attempt, limits, self.others_mib, node=self.node,
                            resume_hint=hint)
         try:
-            missing = self.multi.start() if self.multi else None  # multi-node: every node joined (bounded wait)
+            missing = self.machines.start()  # multi-node: every node joined (bounded wait)
             if missing:
                 self.story.outcome = Outcome.FAILED
                 loop.save()
@@ -137,8 +147,7 @@ class Supervisor:
                 return Exit.FAILED
             return loop.run(plan, resume, final_val_only)
         finally:
-            if self.multi:  # multi-node: the other nodes stop waiting for this one
-                self.multi.stop(self.story.outcome)
+            self.machines.stop(self.story.outcome)  # multi-node: the other nodes stop waiting for this one
 
     def spec(self, plan: TrainPlan, attempt: int, resume: Path | None, final_val_only: bool) -> RunSpec:
         kwargs = {
@@ -148,7 +157,7 @@ class Supervisor:
             "name": self.run_dir.name,
             "exist_ok": True,  # the run dir is yolosafe's, made fresh by new_run_dir
         }
-        kwargs["device"], visible = launch_device(plan, self.options.simulate_on_cpu)
+        kwargs["device"], visible = launch_device(plan, self.options.simulate_on_cpu, self.options.env)
         mode = runspec.FINAL_VAL if final_val_only else runspec.TRAIN
         return RunSpec(
             attempt=attempt,
@@ -169,12 +178,14 @@ class Supervisor:
     def command(self, spec: RunSpec, path: Path) -> list[str]:
         """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU of this
         node (over several nodes, torchrun's static rendezvous at node 0)."""
-        log_dir = rundir.ranks_log_dir(self.run_dir, spec.attempt, self.node)
-        nodes, local = (self.multi.nodes, self.multi.nproc) if self.multi else (Nodes(), spec.world_size)
+        log_dir = RunDir(self.run_dir, self.node).ranks_log_dir(spec.attempt)
+        nodes, local = self.machines.launch_shape(spec)
         return launch.child_command(path, spec.world_size, local, log_dir, nodes, spec.attempt)
 
     def run_attempt(self, request: Request) -> tuple[AttemptResult, AttemptEnd]:
         """Write the attempt's run spec, run its child to the end under the memory watch, and classify the end."""
+        if self.watch is not None:  # a relaunch: the previous attempt's processes off the GPUs first (bounded)
+            self.watch.wait_released()
         spec = self.spec(request.plan, request.attempt, request.resume, request.final_val_only)
         path = spec.save()
         cmd = self.command(spec, path)
@@ -184,20 +195,28 @@ class Supervisor:
         if spec.cuda_visible_devices:
             extra["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         env = training_env(self.options.env, extra)
-        log_path = self.run_dir / rundir.node_file(rundir.LOG, self.node)
+        log_path = RunDir(self.run_dir, self.node).log
         with open(log_path, "ab") as log:
             start = log.tell()
             log.write(f"\n=== yolosafe attempt {spec.attempt} ({spec.mode}): {' '.join(cmd)}\n".encode())
             with self.memory_watch(spec) as on_start:
-                if self.multi and not self.multi.runs_here(spec):  # a final validation is node 0's alone
+                if not self.machines.runs_here(spec):  # a final validation is node 0's alone
                     result = AttemptResult(0, 0.0)
                 else:  # multi-node: also stop this node's ranks when another node's attempt failed
-                    on_start = self.multi.watch(spec.attempt, on_start) if self.multi else on_start
+                    on_start = self.machines.watch(spec.attempt, on_start)
                     result = run_child(cmd, env, log, on_start=on_start,
-                                       out=terminal.TracebackFilter(sys.stdout.buffer))
-        if self.multi:  # the outcome every node derives from every node's end record
-            return result, self.multi.agree(spec.attempt, result, tail(log_path, start))
-        return result, classify(result, rundir.failure_records(self.run_dir, spec.attempt), tail(log_path, start))
+                                       out=self.terminal(spec))
+        # multi-node: the outcome every node derives from every node's end record
+        return result, self.machines.agree(spec.attempt, result, tail(log_path, start))
+
+    def terminal(self, spec: RunSpec) -> terminal.TracebackFilter | terminal.RankStream:
+        """What of the attempt's output the terminal (or the notebook cell) shows: the worker's without tracebacks;
+        of several ranks, the first rank of this node's, as if it ran alone (the log gets everything)."""
+        shown = terminal.TracebackFilter(proc.byte_stream(sys.stdout))
+        if spec.world_size <= 1:
+            return shown
+        _, local = self.machines.launch_shape(spec)  # ranks on this node
+        return terminal.RankStream(shown, shown=self.node * local)
 
     @contextlib.contextmanager
     def memory_watch(self, spec: RunSpec) -> Iterator[Callable[[ProcessTree], None] | None]:

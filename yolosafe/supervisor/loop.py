@@ -9,17 +9,22 @@ rank launcher and watches it), so its whole sequence of plans is unit-tested wit
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 from yolosafe.exits import Exit
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Attempt, Outcome, Story
 from yolosafe.supervisor import terminal
 from yolosafe.supervisor.advice import advice
@@ -45,6 +50,43 @@ class Limits:
     min_batch: int = 1  # the per-GPU batch is never halved below this
 
 
+@dataclass
+class Stops:
+    """SIGINT and SIGTERM between attempts (during one, the child runner has its own handler): a stop, one line and
+    a resumable story, never a silent death. While the loop records how an attempt ended and what runs next
+    (``held``), a stop waits until that record is saved."""
+
+    held: bool = False
+    received: list[int] = field(default_factory=list)
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if not self.held:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def release(self) -> None:
+        """The record is saved: a stop that came meanwhile takes effect now."""
+        self.held = False
+        if self.received:
+            raise KeyboardInterrupt
+
+    def by(self) -> str:
+        """" by SIGTERM", or nothing when the stop came as Ctrl-C through Python itself."""
+        return f" by {signal.Signals(self.received[0]).name}" if self.received else ""
+
+
 class AttemptLoop:
     """One run's attempts. ``others_mib`` tells the advice how much memory other processes held on each GPU; ``node``
     is this machine's place in a multi-node run (its story and log carry it; node 0 keeps the checkpoints), whose
@@ -61,6 +103,7 @@ class AttemptLoop:
         self.say = say
         self.node = node
         self.resume_hint = resume_hint or f"yolosafe train --resume {run_dir}"
+        self.stops = Stops()
 
     def save(self) -> None:
         records.save_story(self.run_dir, self.story, self.node)
@@ -68,11 +111,17 @@ class AttemptLoop:
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done; returns the exit status for ``yolosafe train``."""
         try:
-            return self._loop(plan, resume, final_val_only)
-        except KeyboardInterrupt:  # Ctrl-C between attempts (during one, the child runner handles it)
+            with self.stops.installed():
+                return self._loop(plan, resume, final_val_only)
+        except KeyboardInterrupt:  # a stop between attempts (during one, the child runner handles it)
+            self.stops.held = True  # a second signal now must not cut the record short
+            for entry in self.story.attempts[-1:]:
+                if entry.outcome in (None, Outcome.RUNNING):  # stopped before its child ran, or as it ended
+                    entry.outcome = Outcome.INTERRUPTED
+                    entry.reason = f"stopped{self.stops.by()} before the attempt ran"
             self.story.outcome = Outcome.INTERRUPTED
             self.save()
-            self.say(f"stopped; resume with: {self.resume_hint}")
+            self.say(f"stopped{self.stops.by()}; resume with: {self.resume_hint}")
             return Exit.INTERRUPTED
 
     def _loop(self, plan: TrainPlan, resume: Path | None, final_val_only: bool) -> Exit:
@@ -84,6 +133,7 @@ class AttemptLoop:
             request = Request(number, plan, resume, final_val_only)
             entry = self._start(request)
             result, end = self.run_child(request)
+            self.stops.held = True  # until what happens next is in the story
             self._finish(entry, request, result, end)
             ended = self._ended(end, plan)
             if ended is not None:
@@ -97,12 +147,15 @@ class AttemptLoop:
                 return self._give_up(end, plan, retries, allowed)
             retries += 1
             plan, final_val_only = step.plan, step.final_val_only
-            last = self.run_dir / "weights" / "last.pt"
+            last = RunDir(self.run_dir).last_checkpoint
             resume = last if last.is_file() and not final_val_only else None
             entry.next = step.change
+            entry.extra["next_plan"] = {"batch": plan.batch, "val_batch": plan.val_batch,
+                                        "final_val_only": final_val_only}  # what a resume runs after a stop here
             self.save()
             how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
             self.say(f"retry {retries}/{self.limits.max_retries}: {step.change}; {how}")
+            self.stops.release()
 
     def _start(self, request: Request) -> Attempt:
         """The attempt's record in ``yolosafe.json`` as it starts; the run says "running" until it ends."""
@@ -125,7 +178,7 @@ class AttemptLoop:
 
     def _finish(self, entry: Attempt, request: Request, result: AttemptResult, end: AttemptEnd) -> None:
         """How the attempt ended, what its worker saw, and the run's weights and metrics so far."""
-        seen_file = rundir.worker_path(self.run_dir, request.attempt)
+        seen_file = RunDir(self.run_dir).worker(request.attempt)
         seen = rundir.read_json(seen_file) if seen_file.is_file() else {}
         if seen.get("torch_cuda"):
             self.story.versions = {**(self.story.versions or {}), "torch_cuda": seen["torch_cuda"]}
@@ -156,9 +209,11 @@ class AttemptLoop:
             return Exit.FAILED
         if end.outcome == Outcome.FAILED:
             place = f" in {end.phase} at {epoch_text(end.epoch, plan.epochs)}" if end.phase else ""
-            log = self.run_dir / rundir.node_file(rundir.LOG, self.node)
+            log = RunDir(self.run_dir, self.node).log
+            full = "No space left on device" in end.message
+            then = f"; free some disk space, then {resume_hint}" if full else ""
             self.say(f"training failed{place}{where(plan, end)}, not an OOM, not retried: "
-                     f"{end.message or 'no message'} (traceback: {log})")
+                     f"{end.message or 'no message'} (traceback: {log}){then}")
             return Exit.FAILED
         return None
 
@@ -172,10 +227,10 @@ class AttemptLoop:
         return Exit.OOM_EXHAUSTED
 
     def _record_results(self) -> None:
-        weights = self.run_dir / "weights"
+        weights = RunDir(self.run_dir).weights
         found = {name: weights / f"{name}.pt" for name in ("last", "best")}
         self.story.weights = {name: str(path) for name, path in found.items() if path.is_file()}
-        metrics = self.run_dir / rundir.FINAL_METRICS
+        metrics = RunDir(self.run_dir).final_metrics
         if metrics.is_file():
             self.story.final_metrics = rundir.read_json(metrics)
 
@@ -187,6 +242,10 @@ def keep_checkpoint(last: Path, attempt: int, writer: bool = True) -> Path:
     kept = last.with_name(f"last-before-attempt{attempt}.pt")
     if writer:
         partial = kept.with_name(f".{kept.name}.partial")
-        shutil.copy2(last, partial)
-        partial.replace(kept)
+        try:
+            shutil.copy2(last, partial)
+            partial.replace(kept)
+        except BaseException:  # a stop or a full disk mid-copy: no half copy left behind
+            partial.unlink(missing_ok=True)
+            raise
     return kept

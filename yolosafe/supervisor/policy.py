@@ -11,13 +11,12 @@ from __future__ import annotations
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from yolosafe import oom
 from yolosafe.gpus import nvml_index
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult
-from yolosafe.rundir.records import Outcome
+from yolosafe.rundir.records import Failure, Outcome, epoch_label
 from yolosafe.supervisor import terminal
 
 TEARDOWN_SIGNALS = ("SIGTERM", "SIGINT")  # what torch.distributed.run sends the other ranks when one fails
@@ -33,7 +32,7 @@ class AttemptEnd:
     rank: int | None = None
     gpu: int | None = None  # the rank's CUDA device index: the position of its GPU in the plan's gpus
     message: str = ""
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[Failure] = field(default_factory=list)
     node: int | None = None  # multi-node: the node of the rank that failed (yolosafe.supervisor.multinode.agree)
     node_gpus: tuple[int, ...] | None = None  # that node's plan GPUs, which ``gpu`` indexes (None: this node's)
 
@@ -42,28 +41,28 @@ class AttemptEnd:
         return nvml_index(self.node_gpus or plan.gpus, self.gpu)
 
 
-def classify(result: AttemptResult, records: Sequence[dict[str, Any]], log_tail: str) -> AttemptEnd:
+def classify(result: AttemptResult, records: Sequence[Failure], log_tail: str) -> AttemptEnd:
     """An attempt's outcome from its exit status, the failure records its ranks wrote, and the end of its log.
 
     An OOM anywhere makes the attempt an OOM: the NCCL or timeout errors of the other ranks follow from it.
     """
     records = list(records)
+    if result.exit_code == 0:  # finished, even when a stop came as it did: nothing is left to resume
+        return AttemptEnd(Outcome.COMPLETED)
     if result.interrupted:
         return AttemptEnd(Outcome.INTERRUPTED, message=signal.Signals(result.interrupted).name)
-    if result.exit_code == 0:
-        return AttemptEnd(Outcome.COMPLETED)
-    ooms = [r for r in records if r.get("oom")]
+    ooms = [r for r in records if r.oom]
     if ooms:
-        first = min(ooms, key=lambda r: r.get("t", 0))
-        return AttemptEnd(Outcome.OOM, first.get("phase") or "train", first.get("epoch"), first.get("rank"),
-                          first.get("gpu"), first.get("message", ""), ooms)
-    killed = [r for r in records if r.get("signal")]
+        first = min(ooms, key=lambda r: r.t or 0)
+        return AttemptEnd(Outcome.OOM, first.phase or "train", first.epoch, first.rank, first.gpu, first.message or "",
+                          ooms)
+    killed = [r for r in records if r.signal]
     if killed:  # a rank killed by a signal (kill -9, the kernel's OOM killer): the others' errors follow from it
         # The launcher SIGTERMs the surviving ranks after the first death, and its timestamps are whole seconds:
         # a SIGTERM is the cause only when nothing else killed a rank.
-        first = min(killed, key=lambda r: (r.get("signal") in TEARDOWN_SIGNALS, r.get("t") or 0))
-        return AttemptEnd(Outcome.KILLED, rank=first.get("rank"), gpu=first.get("gpu"),
-                          message=first.get("message", ""), records=records)
+        first = min(killed, key=lambda r: (r.signal in TEARDOWN_SIGNALS, r.t or 0))
+        return AttemptEnd(Outcome.KILLED, rank=first.rank, gpu=first.gpu, message=first.message or "",
+                          records=records)
     if oom.is_oom_text(log_tail):  # an OOM where no record could be written (e.g. while building the model)
         line = next((ln for ln in reversed(log_tail.splitlines()) if oom.is_oom_text(ln)), "")
         return AttemptEnd(Outcome.OOM, "train", message=line.strip())
@@ -72,15 +71,15 @@ def classify(result: AttemptResult, records: Sequence[dict[str, Any]], log_tail:
     return _failed(records, log_tail)
 
 
-def _failed(records: list[dict[str, Any]], log_tail: str) -> AttemptEnd:
+def _failed(records: list[Failure], log_tail: str) -> AttemptEnd:
     """Not an OOM, not a signal: the first rank's record, else the exception (or last line) in the log."""
-    first = records[0] if records else {}
+    first = records[0] if records else Failure()
     last_line = next((ln for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
-    message = first.get("message") or terminal.exception_line(log_tail) or last_line
-    if first.get("error") and first.get("message"):
-        message = f"{first['error']}: {message}"
-    return AttemptEnd(Outcome.FAILED, first.get("phase"), first.get("epoch"), first.get("rank"),
-                      message=terminal.plain(message), records=records)
+    message = first.message or terminal.exception_line(log_tail) or last_line
+    if first.error and first.message:
+        message = f"{first.error}: {message}"
+    return AttemptEnd(Outcome.FAILED, first.phase, first.epoch, first.rank, message=terminal.plain(message),
+                      records=records)
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def next_step(plan: TrainPlan, end: AttemptEnd, val_ooms: int, min_batch: int) -
 
 def epoch_text(epoch: int | None, epochs: int) -> str:
     """An epoch as Ultralytics shows it: 1-based, "epoch 2/3"."""
-    return "an unknown epoch" if epoch is None else f"epoch {epoch + 1}/{epochs}"
+    return epoch_label(epoch, epochs)
 
 
 def where(plan: TrainPlan, end: AttemptEnd) -> str:

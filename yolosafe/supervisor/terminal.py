@@ -17,6 +17,8 @@ from yolosafe.planning.trainplan import TrainPlan
 
 HEADER = "Traceback (most recent call last):"
 CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+TEE_PREFIX = re.compile(rb"\[rank(\d+)\]: ?")  # the launcher's line prefix (launchcmd), and torch's own in a rank
+PARTIAL_PREFIX = re.compile(rb"\[(?:r(?:a(?:n(?:k\d*(?:\])?)?)?)?)?")
 RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s?")  # torch.distributed.run's per-rank line prefix
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours and cursor moves (Ultralytics colours its messages)
 
@@ -95,6 +97,77 @@ class TracebackFilter:
             return False
         self.state = "text"
         return True
+
+
+class RankStream:
+    """The terminal's share of a rank launcher's output: one rank's stream, as if it ran alone.
+
+    The launcher's output is every rank's lines, each begun with ``[rankN]: `` (torch.distributed.run's tee, with
+    the launcher's line prefix) and the launcher's own lines. Passed on: the ``shown`` rank's bytes with the prefixes
+    taken off (progress bars' ``\r`` redraws included) and the launcher's ``yolosafe:`` lines. Dropped: the other
+    ranks' output and the rest of the launcher's (torch.distributed.run's warnings and failure dump); the log keeps
+    all of it. A prefix in the middle of a line starts a piece of that rank's output (two ranks' partial lines meet
+    in one line of the launcher's output; torch's own messages of a rank carry a second prefix).
+    """
+
+    def __init__(self, out: IO[bytes], shown: int = 0) -> None:
+        self.out = out
+        self.shown = shown
+        self.pending = b""  # the end of the last chunk, which may still become a prefix
+        self.source: int | str | None = None  # a rank, OWN (a launcher line shown), LAUNCHER; None: a line begins
+
+    def write(self, chunk: bytes) -> int:
+        data, self.pending = self.pending + chunk, b""
+        while data:
+            data = self._step(data)
+        return len(chunk)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def _step(self, data: bytes) -> bytes:
+        """Pass on or drop the first piece of ``data``; returns what is left of it."""
+        match = TEE_PREFIX.match(data)
+        if match and match.end() == len(data) and not data.endswith(b" "):
+            self.pending = data  # its space may come in the next chunk
+            return b""
+        if match:
+            self.source = int(match.group(1))
+            return data[match.end():]
+        if self.source is None:  # a line of the launcher's output begins: whose is it?
+            if _may_become_prefix(data) or (len(data) < len(OWN_LINE) and OWN_LINE.startswith(data)):
+                self.pending = data  # too short to tell
+                return b""
+            self.source = OWN if data.startswith(OWN_LINE) else LAUNCHER
+        piece, rest = _first_piece(data)
+        if not rest and not piece.endswith((b"\n", b"\r")):
+            bracket = piece.rfind(b"[")
+            if bracket >= 0 and _may_become_prefix(piece[bracket:]):
+                piece, self.pending = piece[:bracket], piece[bracket:]
+        if self.source in (self.shown, OWN):
+            self.out.write(piece)
+        if piece.endswith((b"\n", b"\r")):
+            self.source = None
+        return rest
+
+
+OWN, LAUNCHER = "yolosafe", "launcher"  # RankStream's sources besides the ranks
+OWN_LINE = b"yolosafe: "
+
+
+def _first_piece(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` split after its first line end, or before a ``[rankN]: `` prefix, whichever comes first."""
+    ends = [i + 1 for i in (data.find(b"\n"), data.find(b"\r")) if i >= 0]
+    prefix = TEE_PREFIX.search(data, 1)
+    if prefix:
+        ends.append(prefix.start())
+    end = min(ends) if ends else len(data)
+    return data[:end], data[end:]
+
+
+def _may_become_prefix(data: bytes) -> bool:
+    """Whether ``data`` is the start of a ``[rankN]:`` prefix cut by the end of a chunk."""
+    return PARTIAL_PREFIX.fullmatch(data) is not None
 
 
 def _core(line: bytes) -> str:

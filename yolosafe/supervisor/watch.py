@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from yolosafe.gpus import GPUBackend, GPUReadError, MemoryReading
-from yolosafe.rundir import files as rundir
+from yolosafe.gpus import GPUBackend, GPUReadError, MemoryReading, foreign_pids
 from yolosafe.rundir.events import event_gpus, phase_after
+from yolosafe.rundir.layout import RunDir
 
 # phase and epoch (0-based) are the GPU's at the sample, from its rank's latest event: a CSV reader can group by them
 COLUMNS = ("t", "attempt", "gpu", "total_mib", "used_mib", "ours_mib", "others_mib", "phase", "epoch")
@@ -40,6 +40,8 @@ MAX_FAILED_READS = 50  # consecutive, per GPU (5 s at 10 Hz): then the GPU is no
 FLUSH_S = 1.0  # a crash of the supervisor loses at most this much of memory.csv
 PIDS_S = 0.5  # how often the run's pids are asked again (the process tree itself refreshes every 0.5 s)
 JOIN_S = 5.0
+RELEASE_WAIT_S = 60.0  # before a relaunch: at most this long for the previous attempt's processes to leave the GPUs
+RELEASE_POLL_S = 0.2
 
 
 class PhaseTracker:
@@ -82,9 +84,19 @@ class PhaseTracker:
         return self._state.get(gpu, ("other", None))
 
 
-def split(reading: MemoryReading, ours: set[int]) -> tuple[float | None, float | None]:
-    """The MiB of the run's own processes and of all others on one GPU (None where NVML gives no figure)."""
+UNKNOWN_SPLIT = ("NVML names the GPUs' processes by pids of another PID namespace (a container): this run's and "
+                 "other processes' memory are unknown; used memory is still sampled")
+
+
+def split(reading: MemoryReading, ours: set[int], absent_is_foreign: bool = True) -> tuple[float | None, float | None]:
+    """The MiB of the run's own processes and of all others on one GPU (None where NVML gives no figure, or where its
+    pids are another PID namespace's: a container's supervisor never sees its own ranks' pids there).
+    ``absent_is_foreign``: whether pids that exist nowhere here mean another namespace (real NVML lists only live
+    processes; a fake layout's other processes are made-up pids)."""
     if reading.processes is None:  # NVML cannot list this GPU's processes (some drivers, MIG)
+        return None, None
+    if absent_is_foreign and not any(p.pid in ours for p in reading.processes) and foreign_pids(
+            p.pid for p in reading.processes):
         return None, None
     mine = [p.used_mib for p in reading.processes if p.pid in ours]
     theirs = [p.used_mib for p in reading.processes if p.pid not in ours]
@@ -94,6 +106,25 @@ def split(reading: MemoryReading, ours: set[int]) -> tuple[float | None, float |
 def _sum(values: Sequence[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known, 0.0) if known or not values else None
+
+
+def wait_released(backend: GPUBackend, gpus: Sequence[int], pids: set[int], timeout: float = RELEASE_WAIT_S,
+                  poll: float = RELEASE_POLL_S) -> set[int]:
+    """Wait until NVML lists none of ``pids`` on ``gpus`` (a killed rank's memory is freed by the driver after it
+    exits, and its dataloader workers share its device handles); the pids still listed when ``timeout`` ran out,
+    empty once released. A GPU that cannot be read is not waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held: set[int] = set()
+        for gpu in gpus:
+            try:
+                reading = backend.read_memory(gpu)
+            except GPUReadError:
+                continue
+            held |= {p.pid for p in reading.processes or () if p.pid in pids}
+        if not held or time.monotonic() >= deadline:
+            return held
+        time.sleep(poll)
 
 
 def _gib(mib: float | None) -> str:
@@ -112,14 +143,16 @@ class MemoryWatch:
                  open_backend: Callable[[], GPUBackend], say: Callable[[str], None], node: int = 0) -> None:
         self.run_dir, self.gpus, self.interval, self.warn_at = run_dir, tuple(gpus), interval, warn_at
         self._open_backend, self._say = open_backend, say
-        self.csv_path = run_dir / rundir.node_file(rundir.MEMORY_CSV, node)
-        self.tracker = PhaseTracker(run_dir / rundir.node_file(rundir.EVENTS, node), self.gpus)
+        self.csv_path = RunDir(run_dir, node).memory_csv
+        self.tracker = PhaseTracker(RunDir(run_dir, node).events, self.gpus)
         self.samples = 0
         self.read_errors = 0
         self.cpu_s = 0.0  # CPU seconds the sampler thread used, all attempts: its cost, measured where it runs
         self.warnings: list[dict[str, Any]] = []
         self.peak_others: dict[int, float] = {}  # per GPU: the most other processes held while we sampled
         self.stopped: str | None = None  # why sampling ended early, if it did
+        self.split: str | None = None  # why this run's / others' memory is unknown, when it is (UNKNOWN_SPLIT)
+        self.attempt_pids: set[int] = set()  # every process of the latest attempt's tree the sampler saw
         self._warned: set[tuple[int, str]] = set()
         self._reported_error = False
         self._stop = threading.Event()
@@ -131,6 +164,7 @@ class MemoryWatch:
 
     def start(self, attempt: int, pids: Callable[[], set[int]]) -> None:
         self.tracker.begin(attempt)
+        self.attempt_pids = set()
         self._stop.clear()
         self.stopped = None
         self._thread = threading.Thread(target=self._run, args=(attempt, pids), name="yolosafe-watch", daemon=True)
@@ -142,11 +176,29 @@ class MemoryWatch:
         if self._thread is not None:
             self._thread.join(JOIN_S)
 
+    def wait_released(self, timeout: float = RELEASE_WAIT_S) -> None:
+        """Before a relaunch: wait (bounded) until NVML lists none of the previous attempt's processes on the run's
+        GPUs, so the new attempt does not start on memory that is still being freed; one line if they stay."""
+        if not self.attempt_pids:
+            return
+        try:
+            backend = self._open_backend()
+            try:
+                held = wait_released(backend, self.gpus, self.attempt_pids, timeout)
+            finally:
+                backend.close()
+        except Exception as exc:  # like sampling: never stop the run over it
+            self._say(f"memory watch: cannot check that the GPUs were released ({type(exc).__name__}: {exc})")
+            return
+        if held:
+            self._say(f"the previous attempt's processes (pids {', '.join(map(str, sorted(held)))}) still hold GPU "
+                      f"memory after {timeout:g} s; starting the next attempt anyway")
+
     def status(self) -> dict[str, Any]:
         """What yolosafe.json records about the watch."""
         return {"interval_s": self.interval, "warn_at": self.warn_at, "samples": self.samples,
                 "read_errors": self.read_errors, "cpu_s": round(self.cpu_s, 3), "stopped": self.stopped,
-                "warnings": self.warnings}
+                "warnings": self.warnings, **({"split": f"unknown: {self.split}"} if self.split else {})}
 
     def _run(self, attempt: int, pids: Callable[[], set[int]]) -> None:
         path = self.csv_path
@@ -175,6 +227,7 @@ class MemoryWatch:
             now = time.time()
             if time.monotonic() - asked >= PIDS_S:
                 ours, asked = pids(), time.monotonic()
+            self.attempt_pids |= ours
             for gpu in list(active):
                 try:
                     reading = backend.read_memory(gpu)
@@ -185,7 +238,12 @@ class MemoryWatch:
                         del active[gpu]
                     continue
                 active[gpu] = 0
-                mine, theirs = split(reading, ours)
+                # real NVML: any sample; fake GPUs: while the GPU's rank is in a phase (its memory is listed)
+                foreign = backend.name == "nvml" or self.tracker.at(gpu)[0] != "other"
+                mine, theirs = split(reading, ours, foreign)
+                if mine is None and theirs is None and reading.processes and not self.split:
+                    self.split = UNKNOWN_SPLIT
+                    self._say(f"memory watch: {UNKNOWN_SPLIT}")
                 if theirs is not None:
                     self.peak_others[gpu] = max(self.peak_others.get(gpu, 0.0), theirs)
                 writer.writerow((f"{now:.3f}", attempt, gpu, _round(reading.total_mib), _round(reading.used_mib),

@@ -26,6 +26,7 @@ from typing import Any
 
 from yolosafe import oom
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import VAL_PHASES
 from yolosafe.training import torchmem
 from yolosafe.training.context import RunContext
@@ -40,16 +41,22 @@ def maybe_inject(context: RunContext, phase: str) -> None:
     local = (context.node, context.rank.local)  # an injection that names a node means its local rank
     if injection is None or not injection.matches(phase, progress.epoch, progress.iteration, context.rank.index, local):
         return
-    counter = context.run_dir / rundir.INJECTED
+    counter = RunDir(context.run_dir).injected
     done = int(counter.read_text()) if counter.is_file() else 0
     if injection.times and done >= injection.times:
         return
     counter.write_text(str(done + 1))
-    if injection.error == "runtime":
-        raise RuntimeError("yolosafe injected a non-OOM failure (YOLOSAFE_INJECT_OOM error=runtime)")
-    import torch
+    raise injected_error(injection.error, context.rank.local)
 
-    raise torch.OutOfMemoryError(oom.fake_message(context.rank.local))
+
+def injected_error(error: str, gpu: int) -> BaseException:
+    """The exception a real GPU raises for ``error`` (:data:`yolosafe.oom.ERRORS`), with its real text."""
+    import torch
+    import torch.distributed
+
+    kinds = {"oom": torch.OutOfMemoryError, "accelerator": torch.AcceleratorError,
+             "nccl": torch.distributed.DistBackendError, "cudnn": RuntimeError, "runtime": RuntimeError}
+    return kinds[error](oom.injected_text(error, gpu))
 
 
 def add_callbacks(model: Any, hooks: Mapping[str, Hook]) -> None:
@@ -89,7 +96,7 @@ class TrainingCallbacks:
     def _record(self, event: str, obj: Any, **fields: Any) -> None:
         progress = self.progress
         # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
-        rundir.append_jsonl(self.context.run_dir / rundir.node_file(rundir.EVENTS, self.context.node), {
+        rundir.append_jsonl(RunDir(self.context.run_dir, self.context.node).events, {
             "t": time.time(),
             "event": event,
             "phase": progress.phase,

@@ -27,12 +27,22 @@ class CompatError(AssertionError):
     """An assumption about Ultralytics does not hold; ``str()`` names it."""
 
 
+class CheckFailed(CompatError):
+    """One check's finding (what :meth:`Assumption.verify` wraps with the assumption's name). Raised by
+    :func:`_require`, never by ``assert``: ``python -O`` strips asserts, and a check must not pass by being gone."""
+
+
+def _require(condition: object, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
 @dataclass(frozen=True)
 class Assumption:
     name: str
     assumes: str  # what yolosafe takes for granted
     where: str  # Ultralytics module.function
-    check: Callable[[], None]  # raises AssertionError (with details) when the assumption is broken
+    check: Callable[[], None]  # raises CheckFailed (with details) when the assumption is broken
 
     def verify(self) -> None:
         try:
@@ -52,7 +62,7 @@ def _in_order(obj: Any, *needles: str) -> None:
     text, at = _source(obj), 0
     for needle in needles:
         found = text.find(needle, at)
-        assert found >= 0, f"{needle!r} not found{' after the previous step' if at else ''} in {obj.__qualname__}"
+        _require(found >= 0, f"{needle!r} not found{' after the previous step' if at else ''} in {obj.__qualname__}")
         at = found + len(needle)
 
 
@@ -69,7 +79,7 @@ def _rank_guarded(func: Any, event: str) -> bool:
             visit(child, under_rank or rank_if)
 
     visit(tree, False)
-    assert guarded, f"{func.__qualname__} does not run {event!r}"
+    _require(guarded, f"{func.__qualname__} does not run {event!r}")
     return all(guarded)
 
 
@@ -86,7 +96,7 @@ def _check_oom_retries() -> None:
 
 def _check_do_train_signature() -> None:
     params = list(inspect.signature(_trainer()._do_train).parameters)
-    assert params == ["self"], f"_do_train{inspect.signature(_trainer()._do_train)}"
+    _require(params == ["self"], f"_do_train{inspect.signature(_trainer()._do_train)}")
     _in_order(_trainer().train, "if self.ddp:", "generate_ddp_command(self)", "else: self._do_train()")
     _in_order(_trainer()._do_train, "self._setup_ddp()", "self._setup_train()", "self.final_eval()")
 
@@ -104,7 +114,7 @@ def _check_val_loader() -> None:
 def _check_preprocess_in_try() -> None:
     import torch
 
-    assert issubclass(torch.OutOfMemoryError, RuntimeError), "torch.OutOfMemoryError is no RuntimeError"
+    _require(issubclass(torch.OutOfMemoryError, RuntimeError), "torch.OutOfMemoryError is no RuntimeError")
     _in_order(_trainer()._do_train, 'self.run_callbacks("on_train_batch_start")', "try:",
               "batch = self.preprocess_batch(batch)", "self.scaler.scale(self.loss).backward()", "except RuntimeError")
 
@@ -114,7 +124,7 @@ def _check_save_model() -> None:
     _in_order(_trainer().save_model, "self.last.write_bytes(", "if self.best_fitness == self.fitness:",
               "self.best.write_bytes(", 'self.wdir / f"epoch{self.epoch}.pt"')
     writes = _source(_trainer().save_model).count(".write_bytes(")
-    assert writes == 3, f"{writes} checkpoint writes, not last, best and epochN"
+    _require(writes == 3, f"{writes} checkpoint writes, not last, best and epochN")
 
 
 def _check_final_eval_writes() -> None:
@@ -141,10 +151,10 @@ def _check_callback_ranks() -> None:
 
     trainer = _trainer()
     for event in ("on_train_epoch_start", "on_train_batch_start", "on_train_epoch_end", "on_fit_epoch_end"):
-        assert not _rank_guarded(trainer._do_train, event), f"{event} no longer runs on every rank"
+        _require(not _rank_guarded(trainer._do_train, event), f"{event} no longer runs on every rank")
     for event in ("on_val_start", "on_val_batch_start"):
-        assert not _rank_guarded(BaseValidator.__call__, event), f"{event} no longer runs on every rank"
-    assert _rank_guarded(BaseValidator.__call__, "on_val_end"), "on_val_end now runs on every rank"
+        _require(not _rank_guarded(BaseValidator.__call__, event), f"{event} no longer runs on every rank")
+    _require(_rank_guarded(BaseValidator.__call__, "on_val_end"), "on_val_end now runs on every rank")
     _in_order(trainer._setup_train, "self._build_train_pipeline()", "self.validator = self.get_validator()",
               "if RANK in {-1, 0}:")
 
@@ -153,9 +163,9 @@ def _check_resume_batch() -> None:
     tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(_trainer().check_resume)))
     allowed = next((n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
                     and ast.unparse(n.targets[0]) == "allowed"), None)
-    assert isinstance(allowed, ast.Set), "no 'allowed' set of resume overrides"
+    _require(isinstance(allowed, ast.Set), "no 'allowed' set of resume overrides")
     keys = {e.value for e in allowed.elts if isinstance(e, ast.Constant)}
-    assert {"batch", "device", "workers", "plots"} <= keys, f"resume overrides {sorted(keys)}"
+    _require({"batch", "device", "workers", "plots"} <= keys, f"resume overrides {sorted(keys)}")
     _in_order(_trainer().resume_training, 'start_epoch = ckpt.get("epoch", -1) + 1')
     _in_order(_trainer().save_model, '"epoch": self.epoch')
 
@@ -166,7 +176,7 @@ def _check_accumulate() -> None:
               "self.accumulate = min(self.accumulate, len(self.train_loader) * self.epochs)")
     for nbs, batch, iterations in ((64, 16, None), (16, 8, 8), (64, 8, 4), (100, 48, None), (96, 64, 1)):
         capped = max(round(nbs / batch), 1) if iterations is None else min(max(round(nbs / batch), 1), iterations)
-        assert accumulation.nominal_accumulate(nbs, batch, iterations) == capped, (nbs, batch, iterations)
+        _require(accumulation.nominal_accumulate(nbs, batch, iterations) == capped, str((nbs, batch, iterations)))
 
 
 def _check_warmup() -> None:
@@ -181,13 +191,13 @@ def _check_warmup() -> None:
         fake = SimpleNamespace(args=SimpleNamespace(warmup_epochs=warmup_epochs), epochs=epochs)
         real = _trainer()._get_warmup_iterations(fake, nb)
         ours = accumulation.warmup_iterations(warmup_epochs, epochs, nb)
-        assert real == ours, f"warmup_epochs={warmup_epochs}, epochs={epochs}, {nb} batches: {real} != plan's {ours}"
+        _require(real == ours, f"warmup_epochs={warmup_epochs}, epochs={epochs}, {nb} batches: {real} != plan's {ours}")
     for acc0 in (1, 2, 3, 4, 7, 16):
         for nw in (1, 2, 4, 5, 12, 21):
             for ni in range(nw + 1):
                 real = max(1, int(np.interp(ni, [0, nw], [1, acc0]).round()))
                 ours = accumulation.warmup_accumulate(ni, nw, acc0)
-                assert ours == real, f"iteration {ni} of {nw}, accumulate {acc0}: {real} != plan's {ours}"
+                _require(ours == real, f"iteration {ni} of {nw}, accumulate {acc0}: {real} != plan's {ours}")
 
 
 def _check_loader_length() -> None:
@@ -196,8 +206,9 @@ def _check_loader_length() -> None:
     _in_order(build_dataloader, "batch = min(batch, dataset_len)", "distributed.DistributedSampler(dataset,")
     for images, batch in ((32, 8), (30, 8), (5, 8), (16, 16), (33, 4)):
         loader = build_dataloader(list(range(images)), batch, 0, shuffle=True, rank=-1, device="cpu")
-        assert len(loader) == accumulation.batches_per_epoch(images, batch, 1), (images, batch)
-    assert accumulation.batches_per_epoch(33, 4, 2) == math.ceil(math.ceil(33 / 2) / 4)  # DistributedSampler pads up
+        _require(len(loader) == accumulation.batches_per_epoch(images, batch, 1), str((images, batch)))
+    _require(accumulation.batches_per_epoch(33, 4, 2) == math.ceil(math.ceil(33 / 2) / 4),  # DistributedSampler pads up
+             "33 images over 2 ranks in batches of 4")
 
 
 def _check_defaults() -> None:
@@ -205,9 +216,9 @@ def _check_defaults() -> None:
     from ultralytics.utils import DEFAULT_CFG_PATH
 
     cfg = yaml.safe_load(DEFAULT_CFG_PATH.read_text())
-    assert cfg["nbs"] == accumulation.ULTRALYTICS_DEFAULT_NBS, f"nbs default {cfg['nbs']}"
+    _require(cfg["nbs"] == accumulation.ULTRALYTICS_DEFAULT_NBS, f"nbs default {cfg['nbs']}")
     warmup = cfg["warmup_epochs"]
-    assert warmup == accumulation.ULTRALYTICS_DEFAULT_WARMUP_EPOCHS, f"warmup_epochs {warmup}"
+    _require(warmup == accumulation.ULTRALYTICS_DEFAULT_WARMUP_EPOCHS, f"warmup_epochs {warmup}")
 
 
 def _check_ddp_flag() -> None:  # train() acting on it: _check_do_train_signature
@@ -217,9 +228,59 @@ def _check_ddp_flag() -> None:  # train() acting on it: _check_do_train_signatur
 def _check_model_api() -> None:
     from ultralytics.engine.model import Model
 
-    assert "trainer" in inspect.signature(Model.train).parameters, "Model.train has no 'trainer' argument"
+    _require("trainer" in inspect.signature(Model.train).parameters, "Model.train has no 'trainer' argument")
     _in_order(Model.train, "(trainer or self._smart_load(\"trainer\"))(overrides=args, _callbacks=self.callbacks)")
     _in_order(Model._load, "self.ckpt")
+
+
+
+def _check_ddp_setup() -> None:  # what cpuranks' _setup_ddp replaces on the CPU
+    _in_order(_trainer()._setup_ddp, "index = int(devices[LOCAL_RANK])", "self.device = torch.device(device_type, "
+              "index)", "self.accelerator.set_device(index)", "dist.init_process_group(", "rank=RANK",
+              "world_size=self.world_size")
+
+
+def _check_ddp_device_ids() -> None:  # what cpuranks' DistributedDataParallel replaces on the CPU
+    _in_order(_trainer()._setup_train, "if self.world_size > 1:", "nn.parallel.DistributedDataParallel(",
+              "device_ids=[self.device.index]")
+
+
+def _environ_writes(func: Any) -> list[str]:
+    """The statements of ``func`` that may write ``CUDA_VISIBLE_DEVICES``: an item of ``os.environ`` set under that
+    name, or the environment changed wholesale (update/setdefault/pop/putenv)."""
+    tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(func)))
+    found = []
+    for node in ast.walk(tree):
+        targets = [node.target] if isinstance(node, ast.AugAssign) else getattr(node, "targets", [])
+        item = any(isinstance(t, ast.Subscript) and "environ" in ast.unparse(t.value)
+                   and "CUDA_VISIBLE_DEVICES" in ast.unparse(t.slice) for t in targets)
+        method = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+            node.func.attr in {"putenv", "unsetenv"}
+            or (node.func.attr in {"update", "setdefault", "pop"} and "environ" in ast.unparse(node.func)))
+        if item or method:
+            found.append(ast.unparse(node)[:80])
+    return found
+
+
+def _check_select_device_keeps_visible() -> None:
+    import os
+
+    from ultralytics.utils import torch_utils
+
+    writes = _environ_writes(torch_utils.select_device)
+    _require(not writes, f"select_device writes the environment: {writes}")
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    torch_utils.select_device("cpu", verbose=False)  # older releases set CUDA_VISIBLE_DEVICES=-1 here
+    _require(os.environ.get("CUDA_VISIBLE_DEVICES") == before, "select_device('cpu') changed CUDA_VISIBLE_DEVICES")
+
+
+def _check_final_val_device() -> None:  # what cpuranks' final_eval replaces on the CPU
+    from ultralytics.engine import validator
+
+    _in_order(validator.BaseValidator.__call__, "model = AutoBackend(", "select_device(self.args.device) if RANK "
+              "== -1 else torch.device(device_type, get_torch_device_backend(device_type).current_device())")
+    _require(callable(getattr(validator, "get_torch_device_backend", None)) and callable(validator.AutoBackend),
+             "ultralytics.engine.validator no longer imports get_torch_device_backend and AutoBackend")
 
 
 ASSUMPTIONS: tuple[Assumption, ...] = (
@@ -266,6 +327,17 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("model_train_api", "Model.train(trainer=cls) instantiates our trainer with the model's callbacks, and "
                "a loaded model keeps its checkpoint in model.ckpt", "ultralytics.engine.model.Model.train/_load",
                _check_model_api),
+    Assumption("ddp_setup_device", "_setup_ddp takes the rank's device from the device string at LOCAL_RANK, calls "
+               "set_device before init_process_group (the CPU ranks of fake GPUs replace it with the CPU and gloo)",
+               "BaseTrainer._setup_ddp", _check_ddp_setup),
+    Assumption("ddp_device_ids", "DDP wraps the model with device_ids=[self.device.index] (the CPU ranks pass None)",
+               "BaseTrainer._setup_train", _check_ddp_device_ids),
+    Assumption("select_device_keeps_visible", "select_device never writes CUDA_VISIBLE_DEVICES: the supervisor's "
+               "list of GPU UUIDs stays what every rank sees", "ultralytics.utils.torch_utils.select_device",
+               _check_select_device_keeps_visible),
+    Assumption("final_val_current_device", "the validation of a DDP rank builds AutoBackend on the current device "
+               "of its backend (the CPU ranks answer device 0 and build it on the CPU)",
+               "ultralytics.engine.validator.BaseValidator.__call__", _check_final_val_device),
 )
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 MIB = 2**20
 LOSS_IMGSZ = 160  # the real CPU loss pass: anchors scale as imgsz², so 160 px is 1/16 of 640's
-LOSS_OBJECTS = (4, 32)  # objects per image in the two loss passes: gives a per-object term
+LOSS_OBJECTS = (4, 64, 256, 1024)  # labels per image in the loss passes: the measured curve; 256 -> 1024 is where
+# the assigner's batch x objects x anchors tensors dominate a detection loss (a crowded image)
 
 
 def _tracker_total(run: Any, module: Any, optimizer: Any = None) -> float:
@@ -107,8 +108,30 @@ def network_peaks(model: Any, imgsz: int, batch: int) -> dict[str, float]:
     return {"train": train, "val": val}
 
 
+def _targets(model: Any, task: str, batch: int, objects: int, x: Any) -> dict[str, Any]:
+    """A batch of ``objects`` random labels per image, as Ultralytics' collate_fn gives them to the task's loss."""
+    import torch
+
+    n, imgsz = batch * objects, x.shape[-1]
+    xy = torch.rand(n, 2) * 0.8 + 0.1
+    boxes = torch.cat([xy, torch.full((n, 2), 0.1)], 1)
+    targets: dict[str, Any] = {"batch_idx": torch.arange(batch).repeat_interleave(objects).float(),
+                               "cls": torch.zeros(n, 1), "bboxes": boxes, "img": x}
+    if task == "classify":
+        return {"cls": torch.zeros(batch, dtype=torch.long), "img": x}
+    if task == "obb":
+        targets["bboxes"] = torch.cat([boxes, torch.rand(n, 1)], 1)
+    if task == "pose":
+        kpt = list(getattr(model, "kpt_shape", None) or model.yaml.get("kpt_shape", [17, 3]))
+        targets["keypoints"] = torch.rand(n, *kpt)
+    if task == "segment":  # overlap_mask=True: one mask per image at imgsz / mask_ratio, pixel = object index
+        ratio = int(model.args.mask_ratio)
+        targets["masks"] = torch.randint(0, objects + 1, (batch, imgsz // ratio, imgsz // ratio)).float()
+    return targets
+
+
 def loss_peak(model: Any, batch: int, objects: int) -> float:
-    """Real CPU peak (MiB) of the loss and its backward at LOSS_IMGSZ with ``objects`` boxes per image."""
+    """Real CPU peak (MiB) of the task's loss and its backward at LOSS_IMGSZ with ``objects`` labels per image."""
     import torch
     from ultralytics.cfg import get_cfg
 
@@ -116,10 +139,7 @@ def loss_peak(model: Any, batch: int, objects: int) -> float:
     model.train()
     x = torch.rand(batch, 3, LOSS_IMGSZ, LOSS_IMGSZ)
     preds = model(x)
-    n = batch * objects
-    xy = torch.rand(n, 2) * 0.8 + 0.1
-    targets = {"batch_idx": torch.arange(batch).repeat_interleave(objects).float(), "cls": torch.zeros(n, 1),
-               "bboxes": torch.cat([xy, torch.full((n, 2), 0.1)], 1), "img": x}
+    targets = _targets(model, task_of(model), batch, objects, x)
     detached = [p.detach().requires_grad_() for p in _leaves(preds)]
 
     def run() -> None:
@@ -128,6 +148,12 @@ def loss_peak(model: Any, batch: int, objects: int) -> float:
         loss.sum().backward()
 
     return _tracker_total(run, None)  # the predictions are detached: only the loss's own tensors count
+
+
+def task_of(model: Any) -> str:
+    from ultralytics.nn.tasks import guess_model_task
+
+    return guess_model_task(model.yaml)
 
 
 def _rebuild(out: Any, leaves: Any) -> Any:
@@ -140,32 +166,50 @@ def _rebuild(out: Any, leaves: Any) -> Any:
     return type(out)(_rebuild(v, leaves) for v in out)
 
 
-def measure(model_path: str, imgsz: int = 640) -> dict[str, Any]:
-    """All terms of one model at ``imgsz``: parameters, and fixed + per-image MiB for train, val and the loss."""
+def loss_terms(model: Any, imgsz: int) -> dict[str, Any]:
+    """The task's loss at ``imgsz``: MiB per image at each of LOSS_OBJECTS labels per image (the curve), measured at
+    LOSS_IMGSZ and scaled by the anchor count (imgsz²); its first point and last slope as per image / per object; the
+    task and the head's output channels per anchor (NMS's candidates)."""
+    import ultralytics
+
+    task, head = task_of(model), model.model[-1]
+    entry: dict[str, Any] = {"task": task, "head_outputs": 4 + int(getattr(head, "nc", 0)) + sum(
+        int(getattr(head, k, 0) or 0) for k in ("nm", "nk", "ne"))}
+    scale = (imgsz / LOSS_IMGSZ) ** 2
+    counts = LOSS_OBJECTS[:1] if task == "classify" else LOSS_OBJECTS
+    one = loss_peak(model, 1, counts[0])
+    two = {n: loss_peak(model, 2, n) for n in counts}
+    fixed = max(2 * one - two[counts[0]], 0.0)  # what does not grow with the batch
+    curve = [(n, round((two[n] - fixed) / 2 * scale, 3)) for n in counts]
+    entry["loss_curve"] = curve
+    slope = (curve[-1][1] - curve[-2][1]) / (curve[-1][0] - curve[-2][0]) if len(curve) > 1 else 0.0
+    entry["loss_per_object_mib"] = round(slope, 4)
+    entry["loss_per_image_mib"] = round(curve[0][1] - slope * curve[0][0], 3)
+    entry["loss_source"] = (f"fake pass: the {task} loss measured on CPU at {LOSS_IMGSZ} px with "
+                            f"{'/'.join(map(str, counts))} labels per image (ultralytics {ultralytics.__version__})")
+    return entry
+
+
+def measure(model_path: str, imgsz: int = 640, loss_only: bool = False) -> dict[str, Any]:
+    """All terms of one model at ``imgsz``: parameters, fixed + per-image MiB for train, val and the loss."""
     import torch
     import ultralytics
 
     model = build(model_path)
-    one, two = network_peaks(model, imgsz, 1), network_peaks(model, imgsz, 2)
-    entry: dict[str, Any] = {
-        "params": sum(p.numel() for p in model.parameters()),
-        "buffers_mib": sum(b.numel() * b.element_size() for b in model.buffers()) / MIB,
-        "imgsz": imgsz,
-    }
-    for phase in ("train", "val"):
-        per_image = two[phase] - one[phase]
-        entry[f"{phase}_act_per_image_mib"] = round(per_image, 3)
-        entry[f"{phase}_act_fixed_mib"] = round(one[phase] - per_image, 3)
+    entry: dict[str, Any] = {"imgsz": imgsz}
+    if not loss_only:
+        one, two = network_peaks(model, imgsz, 1), network_peaks(model, imgsz, 2)
+        entry.update(params=sum(p.numel() for p in model.parameters()),
+                     buffers_mib=sum(b.numel() * b.element_size() for b in model.buffers()) / MIB)
+        for phase in ("train", "val"):
+            per_image = two[phase] - one[phase]
+            entry[f"{phase}_act_per_image_mib"] = round(per_image, 3)
+            entry[f"{phase}_act_fixed_mib"] = round(one[phase] - per_image, 3)
+        entry["source"] = f"fake pass (torch {torch.__version__}, ultralytics {ultralytics.__version__})"
     try:
-        low, high = LOSS_OBJECTS
-        one_few, two_few, two_many = loss_peak(model, 1, low), loss_peak(model, 2, low), loss_peak(model, 2, high)
-        scale = (imgsz / LOSS_IMGSZ) ** 2
-        per_object = (two_many - two_few) / (high - low) / 2
-        entry["loss_per_object_mib"] = round(per_object * scale, 4)
-        entry["loss_per_image_mib"] = round((two_few - one_few - per_object * low) * scale, 3)
-    except Exception as exc:  # a task whose loss needs more than boxes (masks, keypoints): the term stays unknown
+        entry.update(loss_terms(model, imgsz))
+    except Exception as exc:  # a loss the CPU pass cannot run: the plan refuses the model rather than guess
         entry["loss_error"] = f"{type(exc).__name__}: {exc}"
-    entry["source"] = f"fake pass (torch {torch.__version__}, ultralytics {ultralytics.__version__})"
     return entry
 
 
@@ -173,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model")
     parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--loss-only", action="store_true", help="only the loss terms (the network's are kept)")
     args = parser.parse_args(argv)
-    json.dump(measure(args.model, args.imgsz), sys.stdout)
+    json.dump(measure(args.model, args.imgsz, args.loss_only), sys.stdout)
     sys.stdout.write("\n")
 
 

@@ -10,11 +10,15 @@ say "rank 1 was killed by SIGKILL". It writes them into the run directory of the
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from yolosafe.exits import Exit
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.runspec import RunSpec
 
 WORKER = "yolosafe.training.worker"  # the module every rank runs, with the run spec's path as its one argument
@@ -32,23 +36,21 @@ def record_failures(failures: dict[int, Any], spec: RunSpec) -> None:
     """Failure records for ranks that died without writing their own (killed by a signal, or before the trainer),
     in the run directory of ``spec``'s attempt."""
     from yolosafe import oom
-    from yolosafe.rundir import files as rundir
+    from yolosafe.rundir.records import Failure, save_failure
 
     run_dir = Path(spec.run_dir)
     for rank, failure in failures.items():
-        path = rundir.failure_path(run_dir, spec.attempt, rank)
-        if path.exists():
+        if RunDir(run_dir).failure(spec.attempt, rank).exists():
             continue
         signal_name = failure.signal_name() if failure.exitcode < 0 else None
         message = _error_message(failure)
         if signal_name:
             message = f"rank {rank} was killed by {signal_name}"
-        rundir.write_json(path, {
-            "t": failure.timestamp, "oom": oom.is_oom_text(message), "error": signal_name or "exit",
-            "message": message, "signal": signal_name, "exit_code": failure.exitcode, "rank": rank,
-            "gpu": failure.local_rank, "pid": failure.pid, "attempt": spec.attempt, "phase": None, "epoch": None,
-            "error_file": failure.error_file, "by": "launcher",
-        })
+        save_failure(run_dir, Failure.new(
+            t=failure.timestamp, oom=oom.is_oom_text(message), error=signal_name or "exit", message=message,
+            signal=signal_name, exit_code=failure.exitcode, rank=rank, gpu=failure.local_rank, pid=failure.pid,
+            attempt=spec.attempt, error_file=failure.error_file, by="launcher",
+        ))
 
 
 def _error_message(failure: Any) -> str:
@@ -59,6 +61,49 @@ def _error_message(failure: Any) -> str:
     return text.strip().splitlines()[0][:2000] if text.strip() else f"exited with status {failure.exitcode}"
 
 
+class LineTee:
+    """torch.distributed.run's tee of each rank's log file to the console, with every line end kept as written: a
+    progress bar's ``\r`` redraw stays a redraw (torch's own reads the files with universal newlines, which turns
+    each one into a new line). The rank's prefix begins each line, and a piece of a line when another file's lines
+    came in between, so every piece of the console's output says whose it is."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last: str | None = None  # the prefix of the last piece written
+
+    def tail(self, header: str, file: str, dst: Any, finished: Any, interval_sec: float,
+             log_line_filter: Any = None) -> None:
+        """:func:`torch.distributed.elastic.multiprocessing.tail_log.tail_logfile`'s signature and job."""
+        while not os.path.exists(file):
+            if finished.is_set():
+                return
+            time.sleep(interval_sec)
+        at_start = True
+        with open(file, errors="replace", newline="") as fp:
+            while True:
+                piece = fp.readline()
+                if not piece:
+                    if finished.is_set():
+                        return
+                    time.sleep(interval_sec)
+                    continue
+                if log_line_filter is None or log_line_filter(piece):
+                    with self.lock:
+                        dst.write(f"{header}{piece}" if at_start or self.last != header else piece)
+                        dst.flush()
+                        self.last = header
+                at_start = piece.endswith(("\n", "\r"))
+
+
+def keep_line_ends() -> None:
+    """Make torch.distributed.run's console tee a :class:`LineTee` (where its tail function is the one this was
+    written against; else its own stays)."""
+    from torch.distributed.elastic.multiprocessing import tail_log
+
+    if callable(getattr(tail_log, "tail_logfile", None)):
+        tail_log.tail_logfile = LineTee().tail
+
+
 def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -66,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from yolosafe import proc
 
+    proc.reset_inherited_signals()
     proc.exit_with_parent()
+    keep_line_ends()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args)
@@ -74,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = worker_spec(args)
         if spec is not None:
             record_failures(exc.failures, spec)
-        print(exc.format_msg(), file=sys.stderr, flush=True)
+        print(exc.format_msg(), file=sys.stderr, flush=True)  # the log's: the supervisor's terminal drops it
         raise SystemExit(Exit.FAILED) from None
     except SignalException as exc:  # Ctrl-C/SIGTERM: torch.distributed.run has stopped the ranks; no traceback
         print(f"yolosafe: rank launcher stopped by {exc.sigval.name}", file=sys.stderr, flush=True)

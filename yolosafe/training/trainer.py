@@ -80,7 +80,8 @@ class FailureRecord(_InContext):
 class AtomicCheckpoints:
     """``save_model``: Ultralytics writes last.pt/best.pt in place, so a rank killed mid-write (SIGKILL, the host's
     OOM killer) would leave the very checkpoint a retry resumes from truncated. Written beside, then renamed: all or
-    nothing."""
+    nothing. A save that fails (a full disk, a stop) removes what it had written: the last good checkpoints stay,
+    and the space their partial copies took is free again for the records of the failure."""
 
     def save_model(self) -> bool:
         final = {"last": self.last, "best": self.best}
@@ -90,6 +91,10 @@ class AtomicCheckpoints:
         self.last, self.best = partial["last"], partial["best"]
         try:
             saved = super().save_model()
+        except BaseException:
+            for path in partial.values():
+                path.unlink(missing_ok=True)
+            raise
         finally:
             self.last, self.best = final["last"], final["best"]
         for name, path in partial.items():

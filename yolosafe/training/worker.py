@@ -30,7 +30,8 @@ from yolosafe import proc
 from yolosafe.exits import Exit
 from yolosafe.planning import allocator
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir import runspec
+from yolosafe.rundir import results, runspec
+from yolosafe.rundir.layout import RunDir
 from yolosafe.training import callbacks
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import Rank, RunContext
@@ -86,7 +87,7 @@ def _save_metrics(run_dir: Path, metrics: Any) -> None:
     values = getattr(metrics, "results_dict", metrics)
     if isinstance(values, dict):
         numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
-        rundir.write_json(run_dir / rundir.FINAL_METRICS, numbers)
+        rundir.write_json(RunDir(run_dir).final_metrics, numbers)
 
 
 def train(context: RunContext) -> None:
@@ -101,11 +102,15 @@ def train(context: RunContext) -> None:
         kwargs["save_dir"] = str(run_dir)
         kwargs = {k: v for k, v in kwargs.items() if k not in {"project", "name", "exist_ok"}}
         resumed_from = (model.ckpt or {}).get("epoch")
+        if context.rank.leads and isinstance(resumed_from, int) and resumed_from >= 0:
+            results.trim(run_dir, resumed_from + 1)  # Ultralytics appends: the epochs after the checkpoint go
     else:
         model = _load(spec.model)
         resumed_from = None
+        if context.rank.leads:  # a run trained again from the start in its own directory: no rows of before
+            results.trim(run_dir, 0)
     if context.rank.leads:  # one record per attempt; every rank's pid is in its events
-        rundir.write_json(rundir.worker_path(run_dir, context.attempt), _observed(context, resumed_from))
+        rundir.write_json(RunDir(run_dir).worker(context.attempt), _observed(context, resumed_from))
     install_callbacks(model, context)
     metrics = model.train(trainer=trainer_class(model.task, context, model.task_map[model.task]["trainer"]), **kwargs)
     if context.rank.leads:
@@ -115,9 +120,9 @@ def train(context: RunContext) -> None:
 def final_validation(context: RunContext) -> None:
     """Validate best.pt once more, alone on one device with a smaller batch: training itself is finished."""
     run_dir, kwargs = context.run_dir, context.spec.train_kwargs
-    weights = run_dir / "weights" / "best.pt"
-    model = _load(str(weights if weights.is_file() else run_dir / "weights" / "last.pt"))
-    rundir.write_json(rundir.worker_path(run_dir, context.attempt), _observed(context, None))
+    best = RunDir(run_dir).best_checkpoint
+    model = _load(str(best if best.is_file() else RunDir(run_dir).last_checkpoint))
+    rundir.write_json(RunDir(run_dir).worker(context.attempt), _observed(context, None))
     context.progress.final = True
     install_callbacks(model, context)
     try:
@@ -168,6 +173,7 @@ def _stopped(rank: Rank) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
+    proc.reset_inherited_signals()  # first: a stop must reach this process however it was started
     argv = sys.argv[1:] if argv is None else argv
     proc.exit_with_parent()  # the supervisor (or, for a rank, the launcher) SIGKILLed: end too
     rank = Rank.from_env()

@@ -18,6 +18,7 @@ from typing import Any
 
 from yolosafe.planning import datasets
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 
 HISTORY_FILE = "memory_history.jsonl"
 PHASES = MappingProxyType({"train": ("train",), "val": ("val", "final")})
@@ -42,7 +43,7 @@ def measured_peaks(summary: dict[str, Any], gpu: str) -> dict[str, float]:
 def entries_for_run(run_dir: Path, story: dict[str, Any]) -> list[dict[str, Any]]:
     """The history lines of a finished run: one per GPU and phase with both a prediction and a measurement."""
     memory_plan = story.get("memory_plan")
-    summary_file = run_dir / rundir.MEMORY_SUMMARY
+    summary_file = RunDir(run_dir).memory_summary
     if not memory_plan or not summary_file.is_file():
         return []
     summary = rundir.read_json(summary_file)
@@ -52,13 +53,14 @@ def entries_for_run(run_dir: Path, story: dict[str, Any]) -> list[dict[str, Any]
     for gpu, name in names.items():
         for phase, measured in measured_peaks(summary, gpu).items():
             predicted = memory_plan["predicted"][phase]
+            required = predicted.get("required_mib", predicted.get("peak_mib"))
             lines.append({
                 "t": round(time.time(), 3), "run_dir": str(run_dir.resolve()), "gpu": int(gpu), "gpu_name": name,
                 "model": memory_plan["model"], "imgsz": memory_plan["imgsz"], "amp": memory_plan["amp"],
                 "batch": predicted["batch"], "phase": phase, "world_size": memory_plan["world_size"],
                 "torch": versions.get("torch"), "driver": versions.get("driver"),
-                "predicted_peak_mib": predicted["peak_mib"], "calibration": predicted["calibration"],
-                "predicted_uncalibrated_mib": round(predicted["peak_mib"] / (predicted["calibration"] or 1.0), 1),
+                "predicted_required_mib": required, "calibration": predicted["calibration"],
+                "predicted_uncalibrated_mib": round(required / (predicted["calibration"] or 1.0), 1),
                 "measured_peak_mib": measured,
             })
     return lines
@@ -83,15 +85,16 @@ def read(path: Path | None = None) -> list[dict[str, Any]]:
     return list(rundir.read_jsonl(target)) if target.is_file() else []
 
 
-def calibration(gpu_name: str | None, path: Path | None = None) -> tuple[float, int]:
-    """``(factor, n)``: the correction of the predicted peak for this GPU type, from ``n`` earlier runs here. Each
-    ratio is taken against the uncalibrated prediction, so corrections never compound."""
+def calibration(gpu_name: str | None, path: Path | None = None, phase: str | None = None) -> tuple[float, int]:
+    """``(factor, n)``: the correction of ``required_mib`` for this GPU type (and phase, when given), from ``n``
+    earlier runs here. Each ratio is taken against the uncalibrated prediction, so corrections never compound."""
     ratios, runs = [], set()
     for entry in read(path):
-        if entry.get("gpu_name") != gpu_name:
+        if entry.get("gpu_name") != gpu_name or (phase and entry.get("phase", phase) != phase):
             continue
         runs.add((entry.get("run_dir"), entry.get("gpu")))
-        predicted = float(entry.get("predicted_uncalibrated_mib") or entry.get("predicted_peak_mib") or 0)
+        predicted = float(entry.get("predicted_uncalibrated_mib") or entry.get("predicted_required_mib")
+                          or entry.get("predicted_peak_mib") or 0)
         measured = float(entry.get("measured_peak_mib") or 0)
         if predicted > 0 and measured > 0:
             ratios.append(measured / predicted)

@@ -8,18 +8,13 @@ assumptions (docs/memory-model.md); the image cache is the decoded size at ``img
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 MIB = 2**20
 RANK_MIB = 2500.0  # one training process: torch, CUDA libraries, the model on the host (assumption)
 WORKER_MIB = 400.0  # one dataloader worker: a forked copy, mostly shared, plus its batches (assumption)
 ASPECT = 0.75  # the short side of an average photo over its long side (COCO: ~0.75)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm", ".heic"})
 ULTRALYTICS_WORKERS = 8
 
 
@@ -36,29 +31,6 @@ class HostEstimate:
     @property
     def fits(self) -> bool:
         return self.available_mib is None or self.total_mib <= self.available_mib
-
-
-def count_images(data_yaml: str) -> int | None:
-    """Training images of an Ultralytics data YAML (directories walked, list files counted); None if unknown."""
-    try:
-        data = yaml.safe_load(Path(data_yaml).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    root = Path(str(data.get("path") or Path(data_yaml).parent))
-    if not root.is_absolute():
-        root = Path(data_yaml).parent / root
-    train = data.get("train")
-    items = train if isinstance(train, list) else [train] if train else []
-    total = 0
-    for item in items:
-        path = root / str(item)
-        if path.is_dir():
-            total += sum(Path(name).suffix.lower() in IMAGE_SUFFIXES for _, _, files in os.walk(path) for name in files)
-        elif path.is_file():
-            total += sum(1 for line in path.read_text().splitlines() if line.strip())
-        else:
-            return None
-    return total or None
 
 
 def available_mib() -> float | None:

@@ -13,24 +13,25 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from yolosafe import gpus, proc
 from yolosafe.planning import datasets
 from yolosafe.planning import trainplan as plan
-from yolosafe.planning.memory import history, hostram
+from yolosafe.planning.memory import history, hostram, objects
 from yolosafe.planning.memory import model as memmodel
 
 AUTO = "auto"
-BUSY_MIB = 1024.0  # a GPU where other processes hold more than this is left out by --gpus auto
-LOW_MARGIN = 0.10  # warn when less than this share of a GPU stays free at the predicted peak
+CACHE_EMPTIED_ABOVE = 0.5  # Ultralytics empties the CUDA cache around validation above this share of the GPU
+LOW_MARGIN = 0.10  # warn when less than this share of a GPU stays free beside what the plan requires
 FAKEPASS_TIMEOUT_S = 600
+FAKEPASS_FORMAT = 2  # the fake pass's entry format: per-task loss terms with the assigner's per-object slope
 
 
 def fraction_of(options: dict[str, Any]) -> float:
-    """``--memory-fraction``: the share of a GPU's free memory the predicted peaks may fill."""
+    """``--memory-fraction``: the share of a GPU's free memory the required figures may fill."""
     try:
         value = float(options["memory_fraction"])
     except (TypeError, ValueError):
@@ -40,10 +41,18 @@ def fraction_of(options: dict[str, Any]) -> float:
     return value
 
 
-def setup_of(options: dict[str, Any], world_size: int) -> memmodel.Setup:
+def expandable_segments(options: dict[str, Any]) -> bool:
+    """Whether the training child's allocator grows segments in place (yolosafe's default unless turned off)."""
+    conf = f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')},{options.get('alloc_conf') or ''}".replace(" ", "")
+    return "expandable_segments:false" not in conf.lower()
+
+
+def setup_of(options: dict[str, Any], world_size: int, imgsz: int | None = None) -> memmodel.Setup:
     args = plan.parse_passthrough(options.get("args") or [])
-    return memmodel.Setup(imgsz=int(options["imgsz"]), amp=bool(args.get("amp", True)),
-                          optimizer=str(args.get("optimizer", "auto")), world_size=world_size)
+    setup = memmodel.Setup(imgsz=int(imgsz or options["imgsz"]), amp=bool(args.get("amp", True)),
+                           optimizer=str(args.get("optimizer", "auto")), world_size=world_size,
+                           expandable_segments=expandable_segments(options))
+    return objects.apply(setup, options.get("data_yaml") or options.get("data"))  # the dataset's own labels
 
 
 def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
@@ -51,7 +60,7 @@ def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
     in the cache directory by the YAML's content and the torch/ultralytics versions."""
     path = Path(model)
     text = path.read_text() if path.is_file() else model
-    key = hashlib.sha256(f"{text}|{sys.version}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{text}|{sys.version}|{FAKEPASS_FORMAT}".encode()).hexdigest()[:16]
     cache = datasets.cache_dir() / "memterms" / f"{memmodel.model_key(model)}-{key}.json"
     if cache.is_file():
         entry = json.loads(cache.read_text())
@@ -79,7 +88,7 @@ def model_terms(model: str, allow_fake_pass: bool = True) -> memmodel.Terms:
 
 
 def choose_gpus(text: str, inventory: gpus.Inventory, visible: tuple[int, ...],
-                busy_mib: float = BUSY_MIB) -> tuple[tuple[int, ...], list[str]]:
+                busy_mib: float = gpus.BUSY_MIB) -> tuple[tuple[int, ...], list[str]]:
     """``auto`` (every idle GPU) or ``auto:N`` (the N with the most free memory), leaving out busy GPUs."""
     _, _, count_text = text.partition(":")
     if count_text and not (count_text.isdigit() and int(count_text) > 0):
@@ -107,7 +116,7 @@ def choose_gpus(text: str, inventory: gpus.Inventory, visible: tuple[int, ...],
 
 @dataclass(frozen=True)
 class GpuMemory:
-    """The plan for one GPU: its free memory now, the predicted peaks, and what follows."""
+    """The plan for one GPU: its free memory now, both figures of each phase, and what follows."""
 
     gpu: gpus.GPU
     train: memmodel.Prediction
@@ -115,22 +124,30 @@ class GpuMemory:
     calibrated_runs: int
 
     @property
-    def peak_mib(self) -> float:
-        return max(self.train.peak_mib, self.val.peak_mib)
+    def required_mib(self) -> float:
+        return max(self.train.required_mib, self.val.required_mib)
+
+    @property
+    def gpu_mem_column_gib(self) -> float:
+        """What Ultralytics' GPU_mem column shows in steady epochs on this GPU: the supported Ultralytics empties the
+        CUDA cache around validation only above half the GPU, so below that the validation blocks stay reserved."""
+        train, val = self.train.gpu_mem_mib, self.val.gpu_mem_mib
+        emptied = self.gpu.total_mib and max(train, val) > CACHE_EMPTIED_ABOVE * self.gpu.total_mib
+        return (train if emptied else max(train, val)) / 1024
 
     @property
     def headroom_mib(self) -> float:
-        return (self.gpu.free_mib or 0) - self.peak_mib
+        return (self.gpu.free_mib or 0) - self.required_mib
 
     def warnings(self) -> list[str]:
         g, notes = self.gpu, []
-        if g.processes or (g.used_mib or 0) > BUSY_MIB:
+        if g.processes or (g.used_mib or 0) > gpus.BUSY_MIB:
             notes.append(f"GPU {g.index}: another process uses {(g.used_mib or 0) / 1024:.1f} GiB of it")
-        if self.val.peak_mib > self.train.peak_mib:
-            notes.append(f"GPU {g.index}: validation ({self.val.peak_mib / 1024:.1f} GiB) is predicted above "
-                         f"training ({self.train.peak_mib / 1024:.1f} GiB): lower --val-batch")
+        if self.val.required_mib > self.train.required_mib:
+            notes.append(f"GPU {g.index}: validation requires {self.val.required_mib / 1024:.1f} GiB, more than "
+                         f"training ({self.train.required_mib / 1024:.1f} GiB): lower --val-batch")
         if self.headroom_mib < 0:
-            notes.append(f"GPU {g.index}: the predicted peak {self.peak_mib / 1024:.1f} GiB does not fit the "
+            notes.append(f"GPU {g.index}: the required {self.required_mib / 1024:.1f} GiB does not fit the "
                          f"{(g.free_mib or 0) / 1024:.1f} GiB free: lower --batch, or use --batch auto")
         elif g.total_mib and self.headroom_mib < LOW_MARGIN * g.total_mib:
             notes.append(f"GPU {g.index}: margin {self.headroom_mib / 1024:.1f} GiB is under "
@@ -138,21 +155,32 @@ class GpuMemory:
         return notes
 
 
+def calibrations(gpu_name: str | None, history_file: Path | None) -> tuple[dict[str, float], dict[str, str], int]:
+    """Per phase: this machine's correction for the GPU type, where it comes from, and the runs behind it."""
+    factors, sources, most = {}, {}, 0
+    for phase in ("train", "val"):
+        factor, runs = history.calibration(gpu_name, history_file, phase)
+        factors[phase], most = factor, max(most, runs)
+        sources[phase] = (f"this machine's runs: calibrated on {runs} earlier run(s) of {gpu_name} here ({phase} peaks)"
+                          if runs else "none (no earlier runs of this GPU type here)")
+    return factors, sources, most
+
+
 def gpu_memory(terms: memmodel.Terms, setup: memmodel.Setup, g: gpus.GPU, batch: int, val_batch: int,
                history_file: Path | None = None) -> GpuMemory:
-    factor, runs = history.calibration(g.name, history_file)
-    source = f"calibrated on {runs} earlier run(s) of {g.name} here" if runs else "none (no earlier runs here)"
-    train = memmodel.predict(terms, setup, "train", batch, factor, source)
-    val = memmodel.predict(terms, setup, "val", val_batch, factor, source)
+    factors, sources, runs = calibrations(g.name, history_file)
+    train = memmodel.predict(terms, setup, "train", batch, factors["train"], sources["train"])
+    val = memmodel.predict(terms, setup, "val", val_batch, factors["val"], sources["val"])
     return GpuMemory(g, train, val, runs)
 
 
 def auto_batch(terms: memmodel.Terms, setup: memmodel.Setup, chosen: list[gpus.GPU], fraction: float,
                val_batch: int | None, history_file: Path | None = None) -> tuple[int, list[str]]:
-    """The largest per-GPU batch whose train and val peaks fit ``fraction`` of every chosen GPU's free memory."""
+    """The largest per-GPU batch whose train and val ``required_mib`` fit ``fraction`` of every chosen GPU's free
+    memory."""
     best, reasons = None, []
     for g in chosen:
-        factor, _ = history.calibration(g.name, history_file)
+        factor, _, _ = calibrations(g.name, history_file)
         budget = fraction * (g.free_mib or 0)
         fits = memmodel.largest_batch(terms, setup, budget, (lambda b: val_batch) if val_batch else None, factor)
         reasons.append(f"GPU {g.index}: {fits} images fit {fraction:.0%} of {(g.free_mib or 0) / 1024:.1f} GiB free")
@@ -195,29 +223,39 @@ def resolve_auto(options: dict[str, Any], inventory: gpus.Inventory,
     return resolved, entry
 
 
+def _gpu_entry(m: GpuMemory) -> dict[str, Any]:
+    return {"index": m.gpu.index, "name": m.gpu.name, "total_mib": m.gpu.total_mib, "free_mib": m.gpu.free_mib,
+            "train_gpu_mem_gib": round(m.train.gpu_mem_gib, 2), "val_gpu_mem_gib": round(m.val.gpu_mem_gib, 2),
+            "gpu_mem_column_gib": round(m.gpu_mem_column_gib, 2),
+            "train_required_mib": round(m.train.required_mib, 1), "val_required_mib": round(m.val.required_mib, 1),
+            "headroom_mib": round(m.headroom_mib, 1), "calibrated_runs": m.calibrated_runs,
+            "warnings": m.warnings()}
+
+
 def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: dict[str, Any],
                 allow_fake_pass: bool = True, history_file: Path | None = None) -> dict[str, Any] | None:
-    """Predicted peaks of a resolved plan on its GPUs (``yolosafe.json``'s ``memory_plan``); None without figures."""
+    """Both figures of each phase of a resolved plan on its GPUs (``yolosafe.json``'s ``memory_plan``); None without
+    figures for the model."""
     try:
         terms = model_terms(p.model, allow_fake_pass)
     except memmodel.UnknownModel:
         return None
-    setup = replace(setup_of(options, p.world_size), imgsz=p.imgsz)
+    setup = setup_of({**options, "data_yaml": p.data}, p.world_size, p.imgsz)
     chosen = [g for g in inventory.gpus if g.index in p.gpus]
     per_gpu = [gpu_memory(terms, setup, g, p.per_gpu_batch, p.val_batch, history_file) for g in chosen]
-    worst = max(per_gpu, key=lambda m: m.peak_mib, default=None)
+    worst = max(per_gpu, key=lambda m: m.required_mib, default=None)
     reference = worst or GpuMemory(gpus.GPU(-1, None, None, None, None, None),
                                    memmodel.predict(terms, setup, "train", p.per_gpu_batch),
                                    memmodel.predict(terms, setup, "val", p.val_batch), 0)
-    host = hostram.estimate(p.extra, p.local_world_size, p.imgsz, hostram.count_images(p.data), hostram.available_mib())
+    host = hostram.estimate(p.extra, p.local_world_size, p.imgsz, _train_images(p), hostram.available_mib())
     return {
-        "model": memmodel.model_key(p.model), "imgsz": p.imgsz, "amp": setup.amp, "world_size": p.world_size,
+        "model": memmodel.model_key(p.model), "task": terms.task, "imgsz": p.imgsz, "amp": setup.amp,
+        "world_size": p.world_size, "expandable_segments": setup.expandable_segments,
+        "objects_per_image": {"train": setup.objects_per_image, "val": setup.val_objects_per_image,
+                              "source": setup.objects_source},
         "terms_source": terms.source,
         "predicted": {"train": reference.train.as_dict(), "val": reference.val.as_dict()},
-        "gpus": [{"index": m.gpu.index, "name": m.gpu.name, "total_mib": m.gpu.total_mib, "free_mib": m.gpu.free_mib,
-                  "train_peak_mib": round(m.train.peak_mib, 1), "val_peak_mib": round(m.val.peak_mib, 1),
-                  "headroom_mib": round(m.headroom_mib, 1), "calibrated_runs": m.calibrated_runs,
-                  "warnings": m.warnings()} for m in per_gpu],
+        "gpus": [_gpu_entry(m) for m in per_gpu],
         "host_ram": {"needed_mib": round(host.total_mib), "available_mib": host.available_mib,
                      "images": host.images, "advice": hostram.advice(host)},
     }
@@ -230,11 +268,24 @@ def warnings(memory: dict[str, Any] | None) -> list[str]:
     return [w for g in memory["gpus"] for w in g["warnings"]] + memory["host_ram"]["advice"]
 
 
-def tier_table(vram_gib: list[float], imgsz: int, options: dict[str, Any], fraction: float) -> dict[str, Any]:
-    """Largest safe per-GPU batch per model of the table and per VRAM size, from the model (never typed in)."""
-    setup = replace(setup_of(options, 1), imgsz=imgsz)
-    rows = {}
-    for name, terms in memmodel.load_table().items():
-        rows[name] = {f"{v:g}": memmodel.largest_batch(terms, setup, fraction * v * 1024) for v in vram_gib}
+def tier_table(vram_gib: list[float], imgsz: int, options: dict[str, Any], fraction: float,
+               models: list[str] | None = None) -> dict[str, Any]:
+    """Largest per-GPU batch whose ``required_mib`` fits, per model and per VRAM size, from the model (never typed
+    in): the table's models, or the ones asked for (any YAML: a fake pass)."""
+    setup = setup_of(options, 1, imgsz)
+    chosen = {name: model_terms(name) for name in models} if models else memmodel.load_table()
+    rows, sources = {}, {}
+    for name, terms in chosen.items():
+        key = memmodel.model_key(name)
+        rows[key] = {f"{v:g}": memmodel.largest_batch(terms, setup, fraction * v * 1024) for v in vram_gib}
+        sources[key] = terms.source
     return {"imgsz": imgsz, "memory_fraction": fraction, "amp": setup.amp, "optimizer": setup.optimizer,
-            "vram_gib": vram_gib, "source": "table (fake-tensor pass), peak allocator factor", "batches": rows}
+            "expandable_segments": setup.expandable_segments, "objects_per_image": setup.objects_per_image,
+            "objects_source": setup.objects_source, "vram_gib": vram_gib, "figure": "required_mib",
+            "source": "required_mib: peak allocation + fragmentation + CUDA context", "sources": sources,
+            "batches": rows}
+
+
+def _train_images(p: plan.TrainPlan) -> int | None:
+    """The training split's size: the plan's, counted once when it was built (else counted now)."""
+    return p.train_images if p.train_images is not None else datasets.count_images(Path(p.data))

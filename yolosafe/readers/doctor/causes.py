@@ -6,30 +6,26 @@ computed with ``plan`` (half the per-GPU batch, the same effective batch), never
 from __future__ import annotations
 
 import shlex
-from dataclasses import fields
 
+from yolosafe import gpus, oom
 from yolosafe.gpus import nvml_index
 from yolosafe.planning import trainplan as plan
-from yolosafe.readers.doctor.diagnosis import BUSY_MIB, Cause, Environment, GPUView, Machine, RunView
+from yolosafe.readers.doctor.diagnosis import Cause, Environment, GPUView, Machine, RunView
 from yolosafe.readers.holders import ASK, PROVEN, Holder
-from yolosafe.rundir.records import VAL_PHASES, Failure, Story
+from yolosafe.rundir.records import VAL_PHASES, Failure, Story, epoch_label
 
 
 def story_plan(story: Story, batch: int | None = None) -> plan.TrainPlan | None:
     """The run's plan as ``plan.TrainPlan`` (with another total batch if given); None for an unreadable plan."""
-    known = {f.name for f in fields(plan.TrainPlan)}
     try:
-        values = {k: v for k, v in story.plan.items() if k in known} | {"gpus": tuple(story.plan["gpus"])}
-        found = plan.TrainPlan(**values)
-    except (KeyError, TypeError):
+        return plan.replan(story.plan, **({} if batch is None else {"batch": batch}))
+    except (plan.PlanError, KeyError, TypeError, ValueError):
         return None
-    return found if batch is None else plan.TrainPlan(**{**values, "batch": batch})
 
 
 def _where(record: Failure, story: Story) -> str:
     gpu = nvml_index(story.plan_gpus, record.gpu)
-    epoch = f" at epoch {record.epoch} (0-based; Ultralytics shows {record.epoch + 1})" if record.epoch is not None \
-        else ""
+    epoch = f" at {epoch_label(record.epoch, story.plan.get('epochs'))}" if record.epoch is not None else ""
     return f"{epoch}{f' on GPU {gpu}' if gpu is not None else ''}"
 
 
@@ -60,7 +56,7 @@ def _train_cause(ooms: list[Failure], story: Story) -> Cause | None:
 
 def _fragmentation(ooms: list[Failure], story: Story) -> Cause | None:
     wasted = max(((f.figures or {}).get("reserved_unallocated_mib") or 0 for f in ooms), default=0)
-    if wasted <= BUSY_MIB:
+    if wasted <= oom.FRAGMENTED_MIB:
         return None
     expandable = "expandable_segments:True" in (story.allocator or {}).get("PYTORCH_CUDA_ALLOC_CONF", "")
     if expandable:
@@ -101,7 +97,7 @@ def _holder_cause(h: Holder, rest: str) -> Cause | None:
         return Cause(f"GPU {h.gpu} is in use by {h.reason}; it is not free", f"wait for it, or --gpus {rest}")
     if h.advice:
         return Cause(f"{what}: {h.reason}", h.advice)
-    if (h.used_mib or 0) > BUSY_MIB:
+    if (h.used_mib or 0) > gpus.BUSY_MIB:
         return Cause(f"{what}: {h.reason}", f"--gpus {rest} (leave that GPU out)")
     return None
 
@@ -111,14 +107,15 @@ def _rest(gpus: list[GPUView], busy: set[int], visible: list[int]) -> str:
 
 
 def machine_causes(box: Machine, environ: Environment) -> list[Cause]:
-    busy = {g.index for g in box.gpus if g.others_mib > BUSY_MIB}
+    busy = {g.index for g in box.gpus if g.others_mib > gpus.BUSY_MIB}
     causes = []
     for gpu in box.gpus:
         rest = _rest(box.gpus, busy | {gpu.index}, environ.visible_gpus)
         causes += [c for c in (_holder_cause(h, rest) for h in gpu.holders) if c]
     if busy:
-        causes.append(Cause(f"GPU(s) {', '.join(map(str, sorted(busy)))} hold more than {BUSY_MIB} MiB of other "
-                            "processes", f"--gpus {_rest(box.gpus, busy, environ.visible_gpus)}"))
+        named = ", ".join(map(str, sorted(busy)))
+        causes.append(Cause(f"GPU(s) {named} hold more than {gpus.BUSY_MIB:.0f} MiB of other processes",
+                            f"--gpus {_rest(box.gpus, busy, environ.visible_gpus)}"))
     return causes
 
 

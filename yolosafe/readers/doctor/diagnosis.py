@@ -8,24 +8,23 @@ remedies computed with ``plan``. ``doctor_text`` renders it for people; ``--json
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from yolosafe import gpus
+from yolosafe.errors import UsageError
 from yolosafe.planning import allocator
 from yolosafe.proc import STRAY_DIST_VARS
 from yolosafe.readers import report
 from yolosafe.readers.holders import PROVEN, Holder, judge_gpus
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 
-BUSY_MIB = 1024  # other processes' memory on a GPU above which the verdict names it
 
-
-class DoctorError(ValueError):
+class DoctorError(UsageError):
     """A bad argument (a RUN_DIR that is not a run, a malformed YOLOSAFE_FAKE_GPUS): one line, exit status 2."""
 
 
@@ -37,6 +36,9 @@ class GPUView:
     used_mib: float | None
     free_mib: float | None
     holders: list[Holder] = field(default_factory=list)
+    uuid: str | None = None
+    mig_uuids: list[str] = field(default_factory=list)  # MIG on: its MIG devices' UUIDs
+    openable: bool = True
 
     @property
     def others_mib(self) -> float:
@@ -112,7 +114,8 @@ def machine(env: Mapping[str, str]) -> Machine:
     except gpus.FakeGpusError as exc:
         raise DoctorError(str(exc)) from None
     holders = judge_gpus(inventory.gpus)
-    views = [GPUView(g.index, g.name, g.total_mib, g.used_mib, g.free_mib, [h for h in holders if h.gpu == g.index])
+    views = [GPUView(g.index, g.name, g.total_mib, g.used_mib, g.free_mib, [h for h in holders if h.gpu == g.index],
+                     g.uuid, [m.uuid for m in g.mig_devices if m.uuid], g.openable)
              for g in inventory.gpus]
     return Machine(inventory.backend, inventory.driver, inventory.cuda, inventory.problem, views)
 
@@ -133,25 +136,35 @@ def alloc_var(name: str, value: str) -> AllocVar:
 
 def environment(env: Mapping[str, str], inventory_gpus: list[GPUView]) -> Environment:
     checked = [alloc_var(n, env[n]) if n in env else AllocVar(n, None) for n in allocator.ENV_VARS]
+    read = allocator.torch_reads(env)  # torch reads one variable whole: the other is ignored, not merged
+    for var in checked:
+        if var.value is not None and read != var.name:
+            var.note = "; ".join(filter(None, [var.note, f"torch ignores it while {read} is set (yolosafe train "
+                                                         "gives its workers both, merged)"]))
     if any(v.problem for v in checked):
         expandable = "invalid"
     else:
-        options: dict[str, str] = {}
-        for var in checked:
-            options.update(allocator.parse(var.value, var.name) if var.value is not None else {})
+        options = allocator.parse(env[read], read) if read else {}
         expandable = options.get("expandable_segments", "unset")
-    inventory = gpus.Inventory("view", tuple(gpus.GPU(g.index, g.name, None, None, None, None)
-                                             for g in inventory_gpus))
+    inventory = gpus.Inventory("view", tuple(_as_gpu(g) for g in inventory_gpus))
     visible = gpus.visible_ids(inventory, env.get("CUDA_VISIBLE_DEVICES"))
     stray = {k: env[k] for k in STRAY_DIST_VARS if k in env}
     return Environment(checked, expandable, env.get("CUDA_VISIBLE_DEVICES"), list(visible), stray)
+
+
+def _as_gpu(view: GPUView) -> gpus.GPU:
+    """The identity of a viewed GPU (index, UUID, MIG devices), enough to read CUDA_VISIBLE_DEVICES as train does."""
+    slices = tuple(gpus.GPU(view.index, None, u, None, None, None, mig=True, mig_of=view.index)
+                   for u in view.mig_uuids)
+    return gpus.GPU(view.index, view.name, view.uuid, None, None, None, mig=bool(slices) or None, mig_devices=slices,
+                    openable=view.openable)
 
 
 def find_run(run_dir: str | None, project: str | None) -> Path | None:
     """RUN_DIR (it must be a run), else the newest run under the project (default ./runs), else None."""
     if run_dir:
         path = Path(run_dir)
-        if not (path / rundir.STORY).is_file():
+        if not RunDir(path).is_run():
             raise DoctorError(f"{run_dir}: not a yolosafe run directory (no {rundir.STORY})")
         return path
     return rundir.latest_run(Path(project or "runs"))
@@ -159,7 +172,7 @@ def find_run(run_dir: str | None, project: str | None) -> Path | None:
 
 def memory(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """The memory summary: the one ``yolosafe report`` wrote, else computed from memory.csv without writing."""
-    summary_file = path / rundir.MEMORY_SUMMARY
+    summary_file = RunDir(path).memory_summary
     try:
         if summary_file.is_file():
             return rundir.read_json(summary_file), None
@@ -183,15 +196,3 @@ def run_view(path: Path) -> RunView:
         view.problem = str(exc)
     view.memory, view.memory_note = memory(path)
     return view
-
-
-def diagnose(run_dir: str | None = None, project: str | None = None,
-             env: Mapping[str, str] | None = None) -> Diagnosis:
-    from yolosafe.readers.doctor.causes import verdict
-
-    env = os.environ if env is None else env
-    found = find_run(run_dir, project)
-    box = machine(env)
-    view = run_view(found) if found else None
-    environ = environment(env, box.gpus)
-    return Diagnosis(box, environ, view, verdict(box, environ, view))

@@ -50,6 +50,7 @@ def _attempt_lines(view: RunView) -> list[str]:
     lines = ["attempts", "  #  mode        batch  per-GPU  val  accum  outcome      phase  epoch  next"]
     for a in view.story.attempts:
         cells = (a.attempt, a.mode, a.batch, a.per_gpu_batch, a.val_batch, a.accumulate, a.outcome, a.phase, a.epoch)
+        cells = (*cells[:-1], None if a.epoch is None else a.epoch + 1)  # 1-based, as Ultralytics prints epochs
         text = [("-" if c is None else str(c)) for c in cells]
         lines.append(f"  {text[0]:<2} {text[1]:<11} {text[2]:<6} {text[3]:<8} {text[4]:<4} {text[5]:<6} "
                      f"{text[6]:<12} {text[7]:<6} {text[8]:<6} {a.next or '-'}")
@@ -58,13 +59,17 @@ def _attempt_lines(view: RunView) -> list[str]:
 
 def _failure_lines(view: RunView) -> list[str]:
     lines = ["failures"] if view.failures else ["failures: none recorded"]
+    epochs = (view.story.plan or {}).get("epochs") if view.story else None
     for f in view.failures:
         figures = f.figures or {}
         numbers = ", ".join(f"{k.removesuffix('_mib').replace('_', ' ')} {v:.0f} MiB" for k, v in figures.items()
                             if k.endswith("_mib") and isinstance(v, (int, float)))
         what = "OOM" if f.oom else (f.error or "failure")
-        lines.append(f"  {f.name}: {what} in {f.phase} at epoch {f.epoch}, rank {f.rank} (batch {f.batch}/GPU, "
-                     f"val batch {f.val_batch}/GPU){': ' + numbers if numbers else ''}")
+        place = f.place(epochs)
+        batches = [f"batch {f.batch}/GPU"] if f.batch is not None else []
+        batches += [f"val batch {f.val_batch}/GPU"] if f.val_batch is not None else []
+        lines.append(f"  {f.name}: {what}{' ' + place if place else ''}"
+                     f"{' (' + ', '.join(batches) + ')' if batches else ''}{': ' + numbers if numbers else ''}")
     return lines
 
 
@@ -85,7 +90,7 @@ def run_lines(view: RunView | None) -> list[str]:
     if view.problem:
         lines.append(f"cannot read: {view.problem}")
     if view.memory:
-        lines += ["memory peaks per GPU (NVML; epochs 0-based):", *(f"  {ln}" for ln in report.table(view.memory))]
+        lines += ["memory peaks per GPU (NVML):", *(f"  {ln}" for ln in report.table(view.memory))]
     else:
         lines.append(f"memory peaks: none ({view.memory_note})")
     return lines

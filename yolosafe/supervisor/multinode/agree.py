@@ -32,7 +32,8 @@ from typing import Any
 from yolosafe.planning import nodes
 from yolosafe.proc import AttemptResult, ProcessTree
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir.records import Outcome
+from yolosafe.rundir.layout import RunDir
+from yolosafe.rundir.records import Outcome, failures_from, load_failures
 from yolosafe.rundir.runspec import FINAL_VAL, RunSpec
 from yolosafe.supervisor.multinode import cluster
 from yolosafe.supervisor.policy import AttemptEnd, classify
@@ -60,7 +61,7 @@ def decide(ends: list[dict[str, Any]], nproc: int) -> AttemptEnd:
     by_itself = sorted(ends, key=lambda e: bool(e.get("stopped_for")))
     code = next((e["exit_code"] for e in by_itself if e.get("exit_code")), 0)
     result = AttemptResult(code, max(float(e.get("duration_s") or 0) for e in ends))
-    records = [r for e in ends for r in e.get("records", [])]
+    records = [r for e in ends for r in failures_from(e.get("records", []))]
     failure = classify(result, records, "\n".join(e.get("log_tail", "") for e in ends))
     if failure.rank is not None and failure.rank >= 0 and failure.outcome != Outcome.COMPLETED:
         failure.node = failure.rank // max(nproc, 1)
@@ -71,7 +72,7 @@ def decide(ends: list[dict[str, Any]], nproc: int) -> AttemptEnd:
 def own_records(run_dir: Path, attempt: int, node: int, nproc: int) -> list[dict[str, Any]]:
     """The failure records of this node's ranks (global ranks ``node * nproc ..``); the single process of a final
     validation counts as rank 0."""
-    return [r for r in rundir.failure_records(run_dir, attempt) if max(int(r.get("rank") or 0), 0) // nproc == node]
+    return [r.to_dict() for r in load_failures(run_dir, attempt) if max(r.rank or 0, 0) // nproc == node]
 
 
 @dataclass
@@ -118,12 +119,16 @@ class MultiNode:
             self.stopped_by = f"SIGINT on node {self.node}"
         self.beat.stop(state="done", outcome=outcome, stopped=self.stopped_by)
         if self.node == 0:
-            found = cluster.read(self.run_dir / rundir.NODES_MARKER) or {}
-            rundir.write_json(self.run_dir / rundir.NODES_MARKER, {**found, "state": "ended", "outcome": outcome})
+            found = cluster.read(RunDir(self.run_dir).nodes_marker) or {}
+            rundir.write_json(RunDir(self.run_dir).nodes_marker, {**found, "state": "ended", "outcome": outcome})
 
     def runs_here(self, spec: RunSpec) -> bool:
         """A final validation only (training is over) runs on node 0 alone; the other nodes wait for its outcome."""
         return self.node == 0 or spec.mode != FINAL_VAL
+
+    def launch_shape(self, spec: RunSpec) -> tuple[nodes.Nodes, int]:
+        """(the nodes, ranks on this node): torchrun's static rendezvous over every node, this node's GPUs."""
+        return self.nodes, self.nproc
 
     def resume_flags(self) -> str:
         rdzv_id = f" --rdzv-id {self.nodes.rdzv_id}" if self.nodes.rdzv_id else ""
@@ -160,7 +165,7 @@ class MultiNode:
     def _peer_problem(self, attempt: int, peers: cluster.Peers) -> tuple[str, float] | None:
         """(why, grace) when another node will not finish this attempt."""
         for other in peers.others():
-            end = cluster.read(rundir.node_end_path(self.run_dir, attempt, other))
+            end = cluster.read(RunDir(self.run_dir).node_end(attempt, other))
             if end is not None and (end.get("interrupted") or end.get("exit_code")):
                 how = end.get("interrupted") or f"exit status {end.get('exit_code')}"
                 grace = 0.0 if end.get("interrupted") else PEER_GRACE_S
@@ -177,7 +182,7 @@ class MultiNode:
                 "stopped_for": self.stopped_for, "duration_s": round(result.duration_s, 2), "gpus": list(self.gpus),
                 "records": own_records(self.run_dir, attempt, self.node, self.nproc), "log_tail": log_tail[-LOG_TAIL:],
                 "checkpoint": self._checkpoint() if self.node == 0 else None, "t": time.time()}
-        rundir.write_json(rundir.node_end_path(self.run_dir, attempt, self.node), mine)
+        rundir.write_json(RunDir(self.run_dir).node_end(attempt, self.node), mine)
         if interrupted:  # the user wants this node out now; the others read it from the end record
             self.stopped_by = f"{interrupted} on node {self.node}"
             return AttemptEnd(Outcome.INTERRUPTED, message=interrupted)
@@ -196,14 +201,14 @@ class MultiNode:
     def _wait_ends(self, attempt: int) -> list[dict[str, Any]]:
         peers = self.peers()
         while True:
-            ends = [cluster.read(rundir.node_end_path(self.run_dir, attempt, n)) or peers.gone(n)
+            ends = [cluster.read(RunDir(self.run_dir).node_end(attempt, n)) or peers.gone(n)
                     for n in range(self.nodes.nnodes)]
             if all(ends):
                 return [e for e in ends if e is not None]
             time.sleep(cluster.POLL_S)
 
     def _checkpoint(self) -> dict[str, float] | None:
-        last = self.run_dir / "weights" / "last.pt"
+        last = RunDir(self.run_dir).last_checkpoint
         try:
             stat = last.stat()
         except OSError:

@@ -29,6 +29,7 @@ from typing import Any
 
 from yolosafe.planning.nodes import Nodes
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 
 POLL_S = 0.2  # how often a waiting node looks at the shared directory again
 HEARTBEAT_S = 2.0  # how often a node rewrites its state file
@@ -80,7 +81,7 @@ def create(run_dir: Path, nodes: Nodes, plan: dict[str, Any]) -> Path:
 
 def announce(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int) -> None:
     """Node 0 (which holds its lock): the run goes on with ``attempt``; the others may join."""
-    rundir.write_json(run_dir / rundir.NODES_MARKER, marker(nodes, plan, attempt))
+    rundir.write_json(RunDir(run_dir).nodes_marker, marker(nodes, plan, attempt))
 
 
 def join(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int, say: Callable[[str], None],
@@ -130,14 +131,14 @@ def _wait_marker(run_dir: Path, nodes: Nodes, attempt: int, timeout: float,
 def _live_marker(run_dir: Path, nodes: Nodes, beats: set[Any]) -> dict[str, Any] | None:
     """The marker once node 0's heartbeat (same session) was seen to move (``beats``: the counters seen so far). A
     marker of another job (other endpoint, rendezvous id or node count) is an error: the name is another run's."""
-    found = read(run_dir / rundir.NODES_MARKER)
+    found = read(RunDir(run_dir).nodes_marker)
     if found is None:
         return None
     if (found.get("rdzv_id"), found.get("endpoint"), found.get("nnodes")) != (nodes.rdzv_id, nodes.endpoint,
                                                                                nodes.nnodes):
         raise ClusterError(f"{run_dir} belongs to another multi-node run (endpoint {found.get('endpoint')}, rdzv id "
                            f"{found.get('rdzv_id')}, {found.get('nnodes')} nodes); give another --name")
-    state = read(rundir.node_state_path(run_dir, 0)) or {}
+    state = read(RunDir(run_dir).node_state(0)) or {}
     live = found.get("state") == "running" and state.get("state") != "done"
     if live and state.get("session") == found.get("session"):
         beats.add(state.get("beat"))
@@ -163,7 +164,7 @@ class Heartbeat:
         with self._lock:
             self.state.update(state, node=self.node, host=socket.gethostname(), pid=os.getpid(),
                               beat=int(self.state.get("beat", 0)) + 1, t=time.time())
-            rundir.write_json(rundir.node_state_path(self.run_dir, self.node), self.state)
+            rundir.write_json(RunDir(self.run_dir).node_state(self.node), self.state)
 
     def stop(self, **state: Any) -> None:
         self._stop.set()
@@ -196,7 +197,7 @@ class Peers:
         return [n for n in range(self.nnodes) if n != self.node]
 
     def state(self, node: int) -> dict[str, Any] | None:
-        found = read(rundir.node_state_path(self.run_dir, node))
+        found = read(RunDir(self.run_dir).node_state(node))
         if found is not None and found.get("session") != self.session:
             found = None  # an earlier session's
         now = time.monotonic()

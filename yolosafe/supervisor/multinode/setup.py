@@ -18,8 +18,8 @@ import click
 
 from yolosafe.planning import nodes, validate
 from yolosafe.planning.trainplan import TrainPlan
-from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor.multinode import cluster
 from yolosafe.supervisor.terminal import say
 
@@ -81,7 +81,7 @@ def claim(project: Path, options: dict[str, Any], named: bool, where: nodes.Node
             return run_dir
         if where.node_rank == 0:
             return cluster.create(run_dir, where, p.summary())
-        if (run_dir / rundir.node_file(rundir.STORY, where.node_rank)).exists():
+        if RunDir(run_dir, where.node_rank).story.exists():
             raise cluster.ClusterError(f"{run_dir} already has node {where.node_rank}'s story: it is an earlier run; "
                                        f"give another --name, or --resume {run_dir}")
         return cluster.join(run_dir, where, p.summary(), 1, say)
@@ -107,7 +107,7 @@ def multinode(run_dir: Path, where: nodes.Nodes | None, p: TrainPlan) -> MultiNo
     if where is None or not where.multi:
         return None
     from yolosafe.supervisor.multinode.agree import MultiNode
-    session = (cluster.read(run_dir / rundir.NODES_MARKER) or {}).get("session")
+    session = (cluster.read(RunDir(run_dir).nodes_marker) or {}).get("session")
     return MultiNode(run_dir, where, tuple(p.gpus), say, session)
 
 

@@ -1,0 +1,146 @@
+"""What real GPUs do that a CPU does not, simulated at the lowest layer: every real out-of-memory form recovered by
+the retry loop over real CPU ranks (fake GPUs), raised as the exception type a GPU raises with its real text; a
+resume that finds the run's GPUs by UUID; a container's PID namespace."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, run_dir_of, story
+from yolosafe import gpus
+
+# Two fake GPUs as a container sees them: NVML's pids are the host's, none a process here (the ranks' phase memory
+# is listed under such pids too).
+CONTAINER = json.dumps({"host_pids": True, "gpus": [{"total_mib": 24576, "phase_mib": {"train": 3000, "val": 4000}}
+                                                    for _ in range(2)]})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("error", ["accelerator", "nccl", "cudnn"])
+def test_the_retry_loop_recovers_each_real_oom_form_on_two_ranks_in_a_container(run_cli, tmp_path, error):
+    """Rank 1 raises the real exception type with its real text; the attempt is an OOM and the retry completes. The
+    run's memory is listed under host pids: the split between this run and others is unknown, never "others"."""
+    env = {"YOLOSAFE_FAKE_GPUS": CONTAINER, "YOLOSAFE_INJECT_OOM": f"phase=train,epoch=0,rank=1,error={error}"}
+    result = run_cli("train", "--gpus", "0,1", "--epochs", "1", "--watch-interval", "0.02", *TINY, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    s = story(run)
+    first, second = s["attempts"]
+    assert (first["outcome"], first["phase"], first["rank"], first["gpu"]) == ("oom", "train", 1, 1)
+    assert second["outcome"] == "completed" and second["per_gpu_batch"] == 2
+    assert s["memory_watch"]["split"].startswith("unknown: NVML names the GPUs' processes by pids of another")
+    assert result.stderr.count("pids of another PID namespace") == 1 and "exclude" not in result.stderr
+    with open(run / "memory.csv") as fh:
+        held = [r for r in csv.DictReader(fh) if float(r["used_mib"]) > 0]  # the ranks' memory, under host pids
+    assert held and all(r["ours_mib"] == r["others_mib"] == "" for r in held)
+    assert max(float(r["used_mib"]) for r in held) >= 3000
+
+
+def test_no_process_is_judged_by_a_pid_of_another_namespace():
+    from yolosafe.readers import holders
+    from yolosafe.supervisor.watch import split
+
+    host = gpus.HOST_PID_OFFSET + os.getpid()  # the pid NVML gives this very process from a container
+    foreign = gpus.GPU(0, "x", "GPU-x", 24576, 5000, 0, (gpus.GPUProcess(host, 5000), gpus.GPUProcess(host + 1, 1)))
+    judged = holders.judge_gpus((foreign,))
+    assert {(h.kind, h.action) for h in judged} == {("another pid namespace", holders.NEVER)}
+    here = gpus.GPU(1, "x", "GPU-y", 24576, 5000, 0, (gpus.GPUProcess(os.getpid(), 5000),))
+    assert holders.judge_gpus((here,))[0].kind == "this shell"
+    reading = gpus.MemoryReading(0, 24576, 5000, foreign.processes)
+    assert split(reading, {os.getpid()}) == (None, None)  # never "others hold it all"
+    assert split(reading, {os.getpid()}, absent_is_foreign=False) == (0.0, 5001.0)
+
+
+def _layout(uuids: list[str]) -> str:
+    return json.dumps({"gpus": [{"total_mib": 24576, "uuid": u} for u in uuids]})
+
+
+def _stopped_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uuids: list[str], planned: tuple[int, ...]) -> Path:
+    """A run stopped on GPUs ``planned`` of a machine whose GPUs have ``uuids``: its story and a checkpoint."""
+    from yolosafe.planning.trainplan import build_plan
+    from yolosafe.rundir import records
+
+    run = tmp_path / "runs" / "detect" / "train"
+    (run / "weights").mkdir(parents=True)
+    with zipfile.ZipFile(run / "weights" / "last.pt", "w") as archive:
+        archive.writestr("last/data.pkl", b"ultralytics.nn.tasks DetectionModel")
+    data = tmp_path / "data.yaml"
+    data.write_text("path: .\ntrain: images\nval: images\nnames: {0: box}\n")
+    p = build_plan(model="yolov8n.yaml", data=str(data), gpus=planned, batch=8, imgsz=64, epochs=2)
+    monkeypatch.setenv(gpus.FAKE_ENV, _layout(uuids))
+    inventory = gpus.read_inventory()
+    story = records.Story(run_dir=str(run), plan=p.summary(), gpu_backend="fake", simulated_on_cpu=True,
+                          gpus=[g.as_dict() for g in inventory.gpus if g.index in planned],
+                          attempts=[records.Attempt(attempt=1, outcome="interrupted")], outcome="interrupted")
+    records.save_story(run, story)
+    return run
+
+
+def test_a_resume_maps_the_runs_gpus_by_uuid_or_refuses_in_one_line(tmp_path, monkeypatch):
+    """First run on GPUs 2,3 of four; resumed in an allocation where those two are NVML's 0,1 (another job's
+    container): the same GPUs by UUID. Resumed where CUDA_VISIBLE_DEVICES shows other GPUs: refused, naming it."""
+    from yolosafe.planning import resume, validate
+
+    uuids = [f"GPU-{i}aaaaaaa-0000-0000-0000-00000000000{i}" for i in range(4)]
+    run = _stopped_run(tmp_path, monkeypatch, uuids, (2, 3))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv(gpus.FAKE_ENV, _layout(uuids[2:]))  # the new allocation: only the run's two GPUs, as 0,1
+    r = resume.prepare(run, {}, dry_run=True)
+    assert r.plan.gpus == (0, 1) and [g["uuid"] for g in r.gpus] == uuids[2:]
+    monkeypatch.setenv(gpus.FAKE_ENV, _layout(uuids))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{uuids[3]},{uuids[2]}")  # the scheduler's UUIDs, in its order
+    assert resume.prepare(run, {}, dry_run=True).plan.gpus == (2, 3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # another allocation: not the run's GPUs
+    with pytest.raises(validate.InputError) as refused:
+        resume.prepare(run, {}, dry_run=True)
+    message = str(refused.value)
+    assert "\n" not in message and "CUDA_VISIBLE_DEVICES is '0,1'" in message and "--gpus" in message
+    assert uuids[2] in message and resume.prepare(run, {"gpus": "1"}, dry_run=True).plan.gpus == (1,)
+
+
+def test_a_refused_resume_is_exit_2_before_any_worker_starts(tmp_path, monkeypatch, run_cli):
+    uuids = [f"GPU-{i}bbbbbbb-0000-0000-0000-00000000000{i}" for i in range(4)]
+    run = _stopped_run(tmp_path, monkeypatch, uuids, (2, 3))
+    result = run_cli("train", "--resume", str(run),
+                     env={gpus.FAKE_ENV: _layout(uuids), "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "CUDA_VISIBLE_DEVICES" in result.stderr and "--gpus" in result.stderr
+    assert not list(run.glob("spec-*.json"))
+
+
+class _Releasing:
+    """A backend whose GPU 0 lists pid 111 (a previous attempt's rank) for its first ``reads`` reads."""
+
+    name = "releasing"
+
+    def __init__(self, reads: int) -> None:
+        self.left, self.calls = reads, 0
+
+    def read_memory(self, index: int) -> gpus.MemoryReading:
+        self.calls += 1
+        self.left -= 1
+        held = (gpus.GPUProcess(111, 900.0),) if self.left >= 0 else ()
+        return gpus.MemoryReading(index, 24576, 900.0 if held else 0.0, (*held, gpus.GPUProcess(4242, 10.0)))
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_relaunch_waits_bounded_until_the_previous_attempts_pids_left_the_gpus(tmp_path):
+    from yolosafe.supervisor.watch import MemoryWatch, wait_released
+
+    backend = _Releasing(reads=3)
+    assert wait_released(backend, [0], {111, 112}, timeout=5, poll=0.01) == set() and backend.calls == 4
+    assert wait_released(_Releasing(reads=10**6), [0], {111}, timeout=0.05, poll=0.01) == {111}
+    said: list[str] = []
+    watch = MemoryWatch(tmp_path, [0], 0.1, 0.9, lambda: _Releasing(reads=10**6), said.append)
+    watch.attempt_pids = {111}
+    watch.wait_released(timeout=0.05)
+    assert said == ["the previous attempt's processes (pids 111) still hold GPU memory after 0.05 s; starting the "
+                    "next attempt anyway"]

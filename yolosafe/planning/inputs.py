@@ -1,0 +1,137 @@
+"""The shape of what yolosafe reads before a run directory exists, each refused in one line: files decoded as
+UTF-8 (``--config``, the dataset registry), run names and project paths (length, encoding, symlink loops,
+writability), the ``--memory-fraction`` share, and a ``YOLOSAFE_INJECT_OOM`` that can never fire in the plan.
+
+Dataset contents (the data YAML's keys and its images) are checked where datasets are read
+(:mod:`yolosafe.planning.datasets`, :mod:`yolosafe.planning.validate`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from yolosafe import oom
+from yolosafe.planning.validate import InputError
+
+KERNEL_FILE_SYSTEMS = ("/proc", "/sys")
+NAME_MAX = 255  # bytes of one path component (Linux's NAME_MAX)
+PATH_MAX = 4000  # bytes of a whole path, under Linux's PATH_MAX with room for the run's own files
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise InputError(f"{what} {shown!r}: not valid UTF-8; use a name of plain characters") from None
+
+
+def text_file(path: str | Path, what: str) -> str:
+    """The file's text; one line when it cannot be read or is not UTF-8."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{what} {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                         "save it as UTF-8") from None
+
+
+def check_config(path: str | None) -> None:
+    """``--config``: UTF-8 YAML holding a mapping (or nothing)."""
+    if path is None:
+        return
+    _utf8(path, "--config")
+    text = text_file(path, "--config")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return  # the config reader says where the YAML is broken
+    if data is not None and not isinstance(data, dict):
+        raise InputError(f"--config {path}: expected a mapping of options (batch: 16 ...), found a "
+                         f"{type(data).__name__}")
+
+
+def check_registry(path: Path | None) -> None:
+    """The dataset registry (``--datasets``, ``$YOLOSAFE_DATASETS``, ``./datasets.yaml``): UTF-8 text."""
+    if path is not None and Path(path).is_file():
+        text_file(path, "--datasets")
+
+
+def _no_loop(path: Path, what: str) -> None:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{what} {path}: a symbolic link loop") from None
+        if exc.errno == errno.ENAMETOOLONG:
+            raise InputError(f"{what} {path}: the path is too long") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    current = path.absolute()
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def writable_dir(path: Path, what: str, instead: str = "choose another --project") -> None:
+    """``path`` can be created or written: its nearest existing folder is writable, on a file system mounted
+    read-write (root ignores permission bits, not a read-only mount)."""
+    here = _nearest_existing(path)
+    if not here.is_dir():
+        return  # "is a file": said by the name checks
+    real = os.path.realpath(here)
+    if any(real == top or real.startswith(f"{top}/") for top in KERNEL_FILE_SYSTEMS):
+        raise InputError(f"{what} {path}: {here} is the kernel's own file system, not a place for files; {instead}")
+    read_only_mount = bool(os.statvfs(here).f_flag & os.ST_RDONLY)
+    if read_only_mount or not os.access(here, os.W_OK | os.X_OK):
+        why = "on a read-only file system" if read_only_mount else "not writable"
+        raise InputError(f"{what} {path}: {here} is {why}; {instead}")
+
+
+def check_run_path(project: str, name: str) -> None:
+    """``--project`` and ``--name``: UTF-8, each folder name and the whole path of a size the file system takes, no
+    symlink loop, and a place this process can write."""
+    name_bytes = _utf8(name, "--name")
+    if len(name_bytes) > NAME_MAX:
+        raise InputError(f"--name {name[:40]}...: {len(name_bytes)} bytes, at most {NAME_MAX}")
+    project_bytes = _utf8(project, "--project")
+    long = next((part for part in Path(project).parts if len(part.encode()) > NAME_MAX), None)
+    if long is not None:
+        raise InputError(f"--project: the folder name {long[:40]}... is {len(long.encode())} bytes, "
+                         f"at most {NAME_MAX}")
+    if len(project_bytes) + len(name_bytes) + 1 > PATH_MAX:
+        raise InputError(f"--project: the run's path would be {len(project_bytes) + len(name_bytes) + 1} bytes, "
+                         f"at most {PATH_MAX}")
+    _no_loop(Path(project), "--project")
+    writable_dir(Path(project) / name, "--project")
+
+
+def check_memory_fraction(value: Any) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and 0 < float(value) <= 1):
+        raise InputError(f"--memory-fraction {value}: give a share above 0 and at most 1 (e.g. 0.85)")
+
+
+def check_injection_reachable(text: str | None, epochs: int) -> None:
+    """A fault injection that can never fire in a run of ``epochs`` epochs: its epoch past the run, or the final
+    validation named at an epoch that is not the last."""
+    try:
+        injection = oom.parse_injection(text)
+    except oom.InjectionError as exc:
+        raise InputError(str(exc)) from None
+    if injection is None or injection.epoch is None:
+        return
+    if injection.epoch >= epochs:
+        raise InputError(f"{oom.INJECT_ENV}: epoch={injection.epoch} never comes: this run has epochs 0-{epochs - 1} "
+                         "(0-based)")
+    if injection.phase == "final" and injection.epoch != epochs - 1:
+        raise InputError(f"{oom.INJECT_ENV}: phase=final runs after the last epoch: give epoch={epochs - 1} "
+                         f"(epoch={injection.epoch}, the default when left out, never fires in {epochs} epochs)")

@@ -1,0 +1,104 @@
+"""The validation set's image shapes: how large Ultralytics' ``rect=True`` validation batches get.
+
+Ultralytics validates with ``rect=True``: images sorted by aspect ratio, each batch letterboxed to one shape,
+``ceil(shape × imgsz / stride + 0.5) × stride`` with the shape ``[max h/w, 1]`` for a batch of landscape images,
+``[1, 1 / min h/w]`` for a batch of portrait images and ``[1, 1]`` for a batch that holds both. The largest batch
+over any batch size is therefore the square ``ceil(imgsz / stride + 0.5) × stride`` (10 % more pixels than imgsz² at
+640) as soon as the set mixes landscape and portrait images, and smaller when it does not. The image sizes are read
+from the files' headers (no decoding) and cached in the cache directory under a fingerprint of the images' names,
+sizes and mtimes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from yolosafe.planning import datasets
+
+CACHE = "valshapes"
+STRIDE = 32  # the largest stride of the detection models: Ultralytics' gs
+PAD = 0.5  # the validation dataset's pad
+IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"})
+
+
+def side(fraction: float, imgsz: int) -> int:
+    """One side of a rect batch, in pixels, for a shape fraction of imgsz."""
+    return math.ceil(fraction * imgsz / STRIDE + PAD) * STRIDE
+
+
+def square_area(imgsz: int) -> float:
+    """A mixed set's largest validation batch area over imgsz²: the padded square."""
+    return (side(1.0, imgsz) / imgsz) ** 2
+
+
+def largest_area(ratios: list[float], imgsz: int) -> float:
+    """The largest rect batch area over imgsz², over any batch size, for images of these h/w ratios."""
+    if not ratios:
+        return square_area(imgsz)
+    low, high = min(ratios), max(ratios)
+    if high < 1:
+        return side(high, imgsz) * side(1.0, imgsz) / imgsz**2
+    if low > 1:
+        return side(1.0, imgsz) * side(1 / low, imgsz) / imgsz**2
+    return square_area(imgsz)
+
+
+def _images(data_yaml: Path) -> list[tuple[str, int, int]]:
+    data = yaml.safe_load(data_yaml.read_text()) or {}
+    root = Path(str(data.get("path") or data_yaml.parent))
+    if not root.is_absolute():
+        root = data_yaml.parent / root
+    entries = data.get("val")
+    found = []
+    for entry in entries if isinstance(entries, list) else [entries] if entries else []:
+        path = root / str(entry)
+        if path.is_dir():
+            for folder, _, names in os.walk(path):
+                for name in names:
+                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                        full = os.path.join(folder, name)
+                        stat = os.stat(full)
+                        found.append((full, stat.st_size, stat.st_mtime_ns))
+    return sorted(found)
+
+
+def _ratios(listing: list[tuple[str, int, int]]) -> list[float]:
+    from PIL import Image  # header only: PIL reads the size without decoding
+
+    ratios = []
+    for path, _, _ in listing:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+            ratios.append(round(height / width, 4))
+        except (OSError, ValueError, ZeroDivisionError):
+            continue
+    return ratios
+
+
+def val_ratios(data: Any, cache_dir: Path | None = None) -> list[float]:
+    """The h/w ratios of the validation images of a data YAML; [] when unknown. Cached."""
+    path = Path(str(data)) if data else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        listing = _images(path)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        return []
+    if not listing:
+        return []
+    fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:24]
+    cache = (cache_dir or datasets.cache_dir()) / CACHE / f"{fingerprint}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    ratios = sorted(set(_ratios(listing)))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(ratios))
+    return ratios

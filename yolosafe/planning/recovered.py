@@ -1,0 +1,69 @@
+"""A run whose ``yolosafe.json`` is missing or damaged, resumed from what Ultralytics itself kept: ``weights/last.pt``
+and ``args.yaml``.
+
+The story is rebuilt with the plan ``args.yaml`` describes (model, data, epochs, image size, batch, ``nbs``, the
+GPUs of its ``device``); the damaged file is kept beside it (``yolosafe.json.damaged``) for whoever wants to read it.
+The attempts before are not known any more; the next one is numbered after the checkpoints kept in ``weights/``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from yolosafe.rundir import files as rundir
+from yolosafe.rundir import records
+
+ARGS = "args.yaml"
+_KEPT = re.compile(r"last-before-attempt(\d+)\.pt$")
+
+
+def can_recover(run_dir: Path) -> bool:
+    return (run_dir / "weights" / "last.pt").is_file() and (run_dir / ARGS).is_file()
+
+
+def _args(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = yaml.safe_load((run_dir / ARGS).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _gpus(device: Any) -> list[int]:
+    text = str(device if device is not None else "").replace(" ", "")
+    parts = text.split(",") if text else []
+    return [int(p) for p in parts] if parts and all(p.isdigit() for p in parts) else []
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def rebuild(run_dir: Path, why: str, keep_damaged: bool = True) -> tuple[records.Story, str] | None:
+    """The story rebuilt from ``args.yaml``, and the one line that says so; None when ``args.yaml`` cannot give a
+    plan (then there is nothing to resume from). ``keep_damaged``: move a damaged story aside (not on a dry run)."""
+    args = _args(run_dir)
+    if args is None:
+        return None
+    needed = {"model": args.get("model"), "data": args.get("data")}
+    numbers = {key: _int(args.get(key)) for key in ("epochs", "batch", "imgsz")}
+    if not all(isinstance(v, str) and v for v in needed.values()) or None in numbers.values():
+        return None
+    summary = {**needed, **numbers, "gpus": _gpus(args.get("device")), "effective_batch": _int(args.get("nbs")),
+               "val_batch": None, "extra": {}}
+    story_file = run_dir / rundir.STORY
+    if story_file.is_file() and keep_damaged:
+        story_file.replace(story_file.with_name(f"{rundir.STORY}.damaged"))
+    kept = [int(m[1]) for p in (run_dir / "weights").glob("last-before-attempt*.pt") if (m := _KEPT.search(p.name))]
+    unknown = f"not known: {rundir.STORY} was {why}"
+    attempts = [records.Attempt.new(attempt=n, outcome=str(records.Outcome.ABANDONED), reason=unknown)
+                for n in range(1, max(kept, default=0) + 1)]
+    story = records.Story.new(run_dir=str(run_dir), plan=summary, attempts=attempts,
+                              outcome=str(records.Outcome.ABANDONED))
+    line = (f"{rundir.STORY} is {why}: resuming from weights/last.pt and {ARGS} alone (model {needed['model']}, "
+            f"{numbers['epochs']} epochs, batch {numbers['batch']}; the earlier attempts are not known)")
+    return story, line
