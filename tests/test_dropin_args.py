@@ -16,7 +16,7 @@ from yolosafe.planning.validate import InputError
     (["device=[0, 1]"], {"gpus": "0,1"}),
     (["device=0"], {"gpus": "0"}),
     (["device=cpu"], {"gpus": "cpu"}),
-    (["device=-1"], {"gpus": "auto:1"}),
+    (["device=-1"], {"gpus": "auto"}),
     (["device=-1,-1"], {"gpus": "auto:2"}),
     (["batch=32"], {"batch": 32}),
     (["batch=-1"], {"batch": "auto"}),

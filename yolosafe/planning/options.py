@@ -129,14 +129,14 @@ def yolo_batch(value: Any) -> tuple[Any, float | None]:
 
 
 def yolo_device(value: Any) -> str | None:
-    """``device=`` as ``yolo`` reads it, as ``--gpus``: ``0,1,2,3``, ``[0, 1]``, ``cpu``; ``-1`` picks an idle GPU
-    (``auto:1``; ``-1,-1`` two)."""
+    """``device=`` as ``yolo`` reads it, as ``--gpus``: ``0,1,2,3``, ``[0, 1]``, ``cpu``; ``-1`` is ``auto`` (the idle
+    GPUs), ``-1,-1`` two of them (``auto:2``)."""
     if value is None or value == "":
         return None
     words = [str(v).strip() for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
     words = [w for w in (w.strip().strip("[]").strip() for w in words) if w]
     if words and all(w == "-1" for w in words):
-        return f"auto:{len(words)}"
+        return "auto" if len(words) == 1 else f"auto:{len(words)}"
     return ",".join(words)
 
 
