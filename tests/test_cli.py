@@ -41,7 +41,8 @@ def assert_usage_error(result, *words):
         (["--data", "missing/data.yaml"], FOUR, ["file not found"]),
         (["accumulate=4"], FOUR, ["'accumulate' is not an Ultralytics train argument", "--effective-batch"]),
         (["epoch=3"], FOUR, ["did you mean 'epochs'"]),
-        (["batch=3"], FOUR, ["use --batch"]),
+        (["--batch", "8", "batch=3"], FOUR, ["--batch 8 and batch=3 disagree"]),
+        (["--batch", "1.5"], FOUR, ["--batch 1.5", "between 0 and 1"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(run_cli, tmp_path, args, env, words):

@@ -54,7 +54,9 @@ def files(tmp_path: Path) -> Path:
     write(tmp_path / "model.yaml", "nc: 3\n")
     write(tmp_path / "corrupt.pt", "garbage")
     write(tmp_path / "afile", "")
-    fake_checkpoint(tmp_path / "foreign.pt", {"weights": [1, 2, 3]})
+    import torch
+
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "foreign.pt")  # a real PyTorch file, not an Ultralytics model
     return tmp_path
 
 
@@ -62,10 +64,10 @@ def files(tmp_path: Path) -> Path:
     ("args", "words"),
     [
         (["--data", "notes.txt"], ["notes.txt", "not a data YAML"]),
-        (["--data", "incomplete.yaml"], ["incomplete.yaml", "no val: key"]),
-        (["--data", "nonames.yaml"], ["no names:"]),
-        (["--data", "missing.yaml"], ["train: images/train not found"]),
-        (["--data", "list.yaml"], ["expected a mapping"]),
+        (["--data", "incomplete.yaml"], ["incomplete.yaml", "'val:' key missing"]),  # Ultralytics' words from here on
+        (["--data", "nonames.yaml"], ["'names' or 'nc' are required"]),
+        (["--data", "missing.yaml"], ["missing.yaml", "images not found", "images/val"]),
+        (["--data", "list.yaml"], ["--data", "list.yaml"]),
         (["--model", "nope.yaml"], ["--model nope.yaml", "no such file"]),
         (["--model", "yolov9000n.yaml"], ["not a model Ultralytics knows"]),
         (["--model", "model.yaml"], ["not a model YAML"]),
@@ -73,11 +75,13 @@ def files(tmp_path: Path) -> Path:
         (["--model", "foreign.pt"], ["not an Ultralytics checkpoint"]),
         (["--model", "weights/missing.pt"], ["no such file"]),
         (["--model", "net.onnx"], ["expected a model YAML"]),
-        (["lr0=abc"], ["lr0=abc", "between 0 and 1", "lr0=0.01"]),
-        (["plots=maybe"], ["plots=maybe", "True or False"]),
-        (["workers=1.5"], ["workers=1.5", "whole number"]),
-        (["patience=-1"], ["patience >= 0"]),
-        (["epochs=2"], ["use --epochs"]),
+        (["lr0=abc"], ["lr0=abc", "'lr0' types are int", "float"]),
+        (["plots=maybe"], ["plots=maybe", "'plots' must be a bool"]),
+        (["workers=1.5"], ["workers=1.5", "'workers' must be an int"]),
+        (["amp=maybe"], ["amp=maybe", "'amp' values are True, False"]),
+        (["optimizer=Adamm"], ["optimizer=Adamm", "not found in list of available optimizers"]),
+        (["patience=-1"], ["patience=-1", "'patience' must be >= 0"]),
+        (["--epochs", "3", "epochs=2"], ["--epochs 3 and epochs=2 disagree"]),
         (["--config", "float.yaml"], ["--epochs 1.5", "whole number"]),
         (["--config", "text.yaml"], ["--batch 'abc'", "whole number"]),
         (["--config", "args.yaml"], ["lr0=abc"]),
@@ -85,12 +89,12 @@ def files(tmp_path: Path) -> Path:
         (["--min-batch", "0"], ["--min-batch 0", "at least 1"]),
         (["--name", "a/b"], ["--name 'a/b'", "single folder"]),
         (["--name", ".."], ["single folder"]),
-        (["--project", "afile"], ["--project afile", "is a file"]),
-        (["--project", "afile/runs"], ["is a file"]),
+        (["--project", "{tmp}/afile"], ["--project", "afile", "is a file"]),  # relative: under Ultralytics' runs/<task>
+        (["--project", "{tmp}/afile/runs"], ["is a file"]),
     ],
 )
 def test_mistakes_are_one_line_before_anything_exists(run_cli, files, args, words):
-    assert_usage_error(run_cli("train", *args), *words)
+    assert_usage_error(run_cli("train", *(a.replace("{tmp}", str(files)) for a in args)), *words)
     assert not (files / "runs").exists()
 
 
@@ -103,15 +107,6 @@ def test_mistakes_are_one_line_before_anything_exists(run_cli, files, args, word
 def test_malformed_injection_is_a_usage_error(run_cli, tmp_path, spec, words):
     assert_usage_error(run_cli("train", env={"YOLOSAFE_INJECT_OOM": spec}), "YOLOSAFE_INJECT_OOM", *words)
     assert not (tmp_path / "runs").exists()
-
-
-def test_ultralytics_type_rules_are_read_from_its_checker():
-    from yolosafe.planning import validate
-
-    rules = validate.ultralytics_rules()
-    assert {"lr0", "momentum"} <= rules["CFG_FRACTION_KEYS"] and "epochs" in rules["CFG_INT_KEYS"]
-    assert "plots" in rules["CFG_BOOL_KEYS"] and rules["CFG_INT_MIN"]["epochs"] == 1
-    validate.check_ultralytics_args({"lr0": 0.02, "workers": 0, "plots": False, "fraction": 0.5, "optimizer": "SGD"})
 
 
 # --- resume without training ---------------------------------------------------------------------------------------

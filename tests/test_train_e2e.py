@@ -58,10 +58,13 @@ def test_sigterm_stops_worker_and_everything_it_started(start_cli, tmp_path):
 
 @pytest.mark.slow
 def test_named_weights_without_network_end_in_one_clear_line(run_cli):
-    """A user may name pretrained weights; Ultralytics fetches them as usual, and offline that is one line."""
+    """A user may name pretrained weights; with --download Ultralytics fetches them (once, before training), and
+    offline that is one line; without it nothing is fetched."""
     result = run_cli("train", "--model", "yolov8s.pt", "--epochs", "1", *TINY)
+    assert result.returncode == 2 and "--download" in result.stderr, result.stderr
+    result = run_cli("train", "--model", "yolov8s.pt", "--epochs", "1", *TINY, "--download")
     if result.returncode == 0:
         pytest.skip("this machine could download the weights")
-    assert result.returncode == 1
+    assert result.returncode == 2  # refused before launch: no run directory, no worker
     assert "cannot load model 'yolov8s.pt'" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

@@ -10,6 +10,7 @@ raises a :class:`yolosafe.errors.TrainingError` carrying its :class:`~yolosafe.a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -24,7 +25,6 @@ from yolosafe.exits import Exit
 from yolosafe.planning import options, validate
 from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import planner
-from yolosafe.planning.memory.planner import AUTO
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.supervisor.multinode import setup as multicli
@@ -73,8 +73,10 @@ def plan(model: str | Path | None = None, data: str | Path | None = None, **kwar
 
 def plan_of(opts: dict[str, Any], inventory: inventory_of.Inventory) -> Plan:
     """The plan of resolved options on ``inventory``'s GPUs, with ``batch="auto"`` chosen and the memory predicted."""
+    images = trainrun.ultralytics_accepts(opts, dry_run=True)  # what Ultralytics accepts, Ultralytics decides
     opts, auto = planner.resolve_auto(opts, inventory)
     built = trainrun.build(opts, inventory)
+    built = built if images is None else dataclasses.replace(built, train_images=images)
     memory = planner.memory_plan(built, inventory, opts)
     if memory is None:
         raise memmodel.UnknownModel(f"{built.model}: no memory figures (not in the table, and weights cannot be "
@@ -86,6 +88,8 @@ def run_training(given: dict[str, Any], resume: str | Path | None, node_params: 
                  dry_run: bool = False, command: list[str] | None = None) -> trainrun.Ended:
     """A new run, or the resume of ``resume``, from the options ``given`` (the command line's, or the keywords')."""
     validate.check_injection(os.environ)
+    given = options.yolo_style(given)  # yolo train's own key=value names too (model=, device=, batch=-1, ...)
+    resume = resume if resume is not None else given.get("resume_dir")
     where = multicli.resolve(dict(node_params))  # --nnodes ... or SLURM's variables; one machine without either
     try:
         if resume is not None:
@@ -152,10 +156,8 @@ def _gpu_words(value: Any, name: str) -> str:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise UsageError(f"{name}={value!r}: give GPU ids, e.g. {name}=[0, 1]")
         return ",".join(map(str, value)) or "cpu"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return AUTO if value == -1 else str(value)
-    if isinstance(value, str):
-        return AUTO if value.strip() == "-1" else value
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return options.yolo_device(value) or value  # the command line's device= mapping
     raise UsageError(f"{name}={value!r}: give GPU ids (e.g. [0, 1] or '0,1'), 'cpu' or -1 (auto)")
 
 
@@ -173,15 +175,9 @@ def _read_batch(given: dict[str, Any]) -> None:
     batch = given["batch"]
     if isinstance(batch, bool):
         raise UsageError(f"batch={batch!r}: give the total batch, 'auto' or -1")
-    if batch == -1:
-        given["batch"] = AUTO
-    elif isinstance(batch, float) and 0 < batch < 1:
-        given["batch"] = AUTO
-        given.setdefault("memory_fraction", batch)
-    elif isinstance(batch, float) and batch.is_integer():
-        given["batch"] = int(batch)
-    elif isinstance(batch, str) and batch.strip().lower() == AUTO:
-        given["batch"] = AUTO
+    given["batch"], fraction = options.yolo_batch(batch)  # the command line's batch= mapping
+    if fraction is not None:
+        given.setdefault("memory_fraction", fraction)
 
 
 def _call_words(named: Mapping[str, Any], kwargs: Mapping[str, Any]) -> list[str]:

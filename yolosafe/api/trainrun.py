@@ -8,6 +8,7 @@ directory exists; the CLI turns it into one line and exit status 2. A run that s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -61,8 +62,20 @@ def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: st
     resolved = options.resolve(given, config, dataset.defaults)
     resolved["model"] = resolved["model"] or options.default_model()
     named = "name" in given or "name" in config  # a run the user named: a live one of that name is a mistake
-    resolved.update(data_yaml=str(dataset.yaml_path), dataset_name=dataset.name, named=named)
+    resolved.update(data_yaml=str(dataset.yaml_path), dataset_name=dataset.name, named=named, data_hint=dataset.hint)
     return resolved
+
+
+def ultralytics_accepts(opts: dict[str, Any], dry_run: bool) -> int | None:
+    """Ultralytics' own verdict on the model, the arguments and the data (a child process: validate.ultralytics_check);
+    sets the task and the runs' folder Ultralytics gives that task, says its notes, returns the training images."""
+    if opts.get("download") and not dry_run:
+        terminal.say("Ultralytics downloads what is missing (the data, the weights) now, once, before training")
+    checked = validate.ultralytics_check(opts, dry_run)
+    opts.update(task=checked["task"], project=checked["project"])
+    for note in checked["notes"]:
+        terminal.say(f"note: {note}")
+    return checked["train_images"]
 
 
 def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
@@ -90,7 +103,6 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
         hidden = len(visible) < len(inventory.ids)
         raise InputError(f"{exc} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if hidden
                          else str(exc)) from None
-    validate.check_ultralytics_args(built.extra)  # after the unknown and yolosafe-owned keys were refused
     return built
 
 
@@ -112,8 +124,6 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     inputs.check_run_path(str(opts["project"]), str(opts["name"]))
     validate.check_options(opts)
     inputs.check_memory_fraction(opts.get("memory_fraction"))
-    validate.check_model(opts["model"])
-    validate.check_data(opts["data_yaml"])
     try:
         inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
         env = allocator.apply(os.environ, opts["alloc_conf"])
@@ -127,6 +137,8 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
         multicli.check_plan(p, where)  # GPUs on every node
     except (oom.InjectionError, nodes.NodesError) as exc:
         raise InputError(str(exc)) from None
+    images = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)
+    p = p if images is None else dataclasses.replace(p, train_images=images)
     simulated = inventory.backend == "fake" and bool(p.gpus)
     run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:

@@ -51,14 +51,16 @@ def cli() -> None:
 @click.option("--datasets", "datasets_file", help="Dataset registry (default: $YOLOSAFE_DATASETS or ./datasets.yaml).")
 @click.option("--gpus", help="GPU ids '0,1,2,3', 'all', 'auto[:N]' or 'cpu'. Default: GPU 0 if there is one, else cpu.")
 @click.option("--batch", type=BatchOrAuto(),
-              help=f"Total batch over all GPUs (split evenly) or auto. Default {D['batch']}.")
+              help="Total batch over all GPUs (split evenly) or auto (also Ultralytics' -1; a fraction such as 0.7: "
+                   f"auto filling that share of GPU memory). Default {D['batch']}.")
 @click.option("--effective-batch", type=int, help="Images per optimizer step (Ultralytics nbs). Default: 64-ish.")
 @click.option("--val-batch", type=int, help="Validation batch per GPU. Default: the per-GPU train batch.")
 @click.option("--imgsz", type=int, help=f"Image size. Default {D['imgsz']} (shapes: {SHAPES['imgsz']}).")
 @click.option("--epochs", type=int, help=f"Epochs. Default {D['epochs']} (shapes: {SHAPES['epochs']}).")
 @click.option("--alloc-conf", help="PYTORCH_CUDA_ALLOC_CONF options merged over yours and the default.")
 @click.option("--config", "config_file", help="YAML file with these options (flags override it).")
-@click.option("--project", help=f"Parent folder of runs. Default {D['project']}.")
+@click.option("--project", help=f"Parent folder of runs (as yolo train: relative to Ultralytics' runs/<task>). "
+                                f"Default {D['project']}.")
 @click.option("--name", help="Run name; an existing run is never overwritten (train, train2, ...).")
 @click.option("--max-retries", type=int, help=f"Relaunches after an OOM. Default {D['max_retries']}.")
 @click.option("--min-batch", type=int, help=f"Never halve below this per-GPU batch. Default {D['min_batch']}.")
@@ -76,6 +78,8 @@ def cli() -> None:
               help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
+@click.option("--download", is_flag=True, default=None,
+              help="Let Ultralytics download a missing dataset or weights (once, before training). Default off.")
 @multicli.node_options
 @click.argument("args", nargs=-1)
 @click.pass_context
@@ -96,7 +100,7 @@ def train(ctx: click.Context, resume_dir: str | None, dry_run: bool, **_: Any) -
 def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_file: str | None,
                  config_file: str | None, **_: Any) -> None:
     """Predict each GPU's train and validation memory for the same options as train; train nothing."""
-    given = given_options(ctx)
+    given = options.yolo_style(given_options(ctx))  # yolo train's own key=value names too
     opts = trainrun.resolve(given, config_file, datasets_file)
     where = multicli.resolve(ctx.params)  # --batch is the total over every node's GPUs
     multicli.check_options(opts, where)

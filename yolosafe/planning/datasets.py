@@ -7,7 +7,6 @@ a cache directory, in Ultralytics' YOLO layout.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ SHAPES = "shapes"
 SHAPES_VERSION = 1
 SHAPES_CLASSES = ("square", "circle", "triangle")
 SHAPES_DEFAULTS = MappingProxyType({"imgsz": 128, "epochs": 3, "batch": 16})
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".xz", ".bz2", ".txz", ".tbz2")  # Ultralytics unpacks these itself
 
 
 class DatasetError(UsageError):
@@ -37,6 +37,7 @@ class Dataset:
     name: str
     yaml_path: Path
     defaults: dict[str, Any] = field(default_factory=dict)  # imgsz / epochs / batch suggested by the registry
+    hint: str | None = None  # a name yolosafe does not know: said first if Ultralytics does not know it either
 
 
 def cache_dir() -> Path:
@@ -69,24 +70,28 @@ def load_registry(path: Path | None) -> dict[str, dict[str, Any]]:
 
 
 def resolve(name_or_path: str, registry: Path | None = None) -> Dataset:
-    """A ``--data`` value to a dataset: a YAML path, a name in the registry, or the built-in ``shapes``."""
-    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
-        path = Path(name_or_path)
-        if path.is_file():
-            return Dataset(path.stem, path.resolve())
-        if os.sep not in name_or_path and _ultralytics_ships(name_or_path):
-            return Dataset(path.stem, path)  # e.g. coco8.yaml: Ultralytics resolves it (and fetches the images)
+    """A ``--data`` value to a dataset: a name in the registry, the built-in ``shapes``, or what Ultralytics resolves
+    (a data YAML, a classification directory, a name from its own datasets; the input check asks it)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return Dataset(path.name, path.resolve())  # an ImageFolder (classification), or a folder with its data YAML
+    if path.is_file():
+        if not name_or_path.endswith((".yaml", ".yml", *ARCHIVE_SUFFIXES)):
+            raise DatasetError(f"--data {name_or_path}: a file, but not a data YAML (.yaml) with train:, val:, names:")
+        return Dataset(path.stem, path.resolve())
+    if os.sep in name_or_path or "://" in name_or_path:
+        if "://" in name_or_path:
+            return Dataset(path.stem, path)  # a URL: Ultralytics fetches it when --download asks
         raise DatasetError(f"--data {name_or_path}: file not found")
-    if Path(name_or_path).is_file():
-        raise DatasetError(f"--data {name_or_path}: a file, but not a data YAML (.yaml) with train:, val:, names:")
     entries = load_registry(registry)
     entry = entries.get(name_or_path)
     if entry is None and name_or_path == SHAPES:
         entry = {"builtin": SHAPES, **SHAPES_DEFAULTS}
-    if entry is None:
+    if entry is None:  # e.g. coco8.yaml, or a folder in Ultralytics' datasets dir: the input check decides
         known = sorted({*entries, SHAPES})
         where = f" in {registry}" if registry else " (no datasets.yaml here)"
-        raise DatasetError(f"--data {name_or_path}: unknown dataset{where}; known: {', '.join(known)}")
+        hint = f"--data {name_or_path}: unknown dataset{where}; known: {', '.join(known)}"
+        return Dataset(path.stem, path, hint=hint)
     defaults = {k: entry[k] for k in ("imgsz", "epochs", "batch") if k in entry}
     if entry.get("builtin") == SHAPES:
         return Dataset(name_or_path, ensure_shapes(), defaults)
@@ -95,17 +100,9 @@ def resolve(name_or_path: str, registry: Path | None = None) -> Dataset:
     path = Path(entry["path"])
     if not path.is_absolute() and registry is not None:
         path = registry.parent / path
-    if not path.is_file():
+    if not path.exists():
         raise DatasetError(f"{registry}: dataset '{name_or_path}' points to {path}, which does not exist")
     return Dataset(name_or_path, path.resolve(), defaults)
-
-
-def _ultralytics_ships(name: str) -> bool:
-    """Whether Ultralytics has a data YAML of that name in its package (found without importing ultralytics)."""
-    spec = importlib.util.find_spec("ultralytics")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    return (Path(next(iter(spec.submodule_search_locations))) / "cfg" / "datasets" / name).is_file()
 
 
 def ensure_shapes(root: Path | None = None, train: int = 32, val: int = 16, size: int = 128) -> Path:

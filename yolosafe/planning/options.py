@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from yolosafe.planning import datasets
+from yolosafe.planning import datasets, trainplan, validate
 from yolosafe.planning.validate import InputError
 
 DEFAULTS: Mapping[str, Any] = MappingProxyType({
@@ -28,7 +28,9 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "imgsz": 640,
     "epochs": 100,
     "alloc_conf": None,
-    "project": "runs/detect",
+    "project": validate.ULTRALYTICS_PROJECT,  # Ultralytics' runs/<task> (its runs_dir setting), as yolo train
+    "task": None,  # task=: the model's own task, checked against it
+    "download": False,  # --download: let Ultralytics fetch the dataset and the weights, once, before training
     "name": "train",
     "max_retries": 3,
     "min_batch": 1,
@@ -38,6 +40,12 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "val_oom": "in-place",  # a validation OOM: the rank halves its own val batch in place, or "relaunch" every rank
     "memory_fraction": 0.95,  # --batch auto: the share of the smallest free GPU memory the required figures may fill
     "args": [],
+})
+# ``yolo train`` arguments that are yolosafe options: key=value names them as yolo does (yolo_style).
+YOLO_KEYS: Mapping[str, str] = MappingProxyType({
+    "model": "model", "data": "data", "device": "gpus", "batch": "batch", "epochs": "epochs", "imgsz": "imgsz",
+    "project": "project", "name": "name", "nbs": "effective_batch", "resume": "resume_dir", "exist_ok": "exist_ok",
+    "task": "task", "mode": "mode", "download": "download",
 })
 WATCH_KEYS = ("watch_interval", "warn_at", "clear_before_val")  # the memory watch's options, kept in the story
 DEFAULT_MODELS = ("yolov8n.pt", "yolov8n.yaml")  # the weights if present here, else the YAML
@@ -100,3 +108,110 @@ def check_watch(options: Mapping[str, Any]) -> None:
                          "watch off")
     if not 0 < warn_at <= 1:
         raise InputError(f"--warn-at {warn_at:g}: give a share of GPU memory above 0 and at most 1 (e.g. 0.9)")
+
+
+def yolo_batch(value: Any) -> tuple[Any, float | None]:
+    """Ultralytics' batch forms: ``-1`` is AutoBatch (``auto``), a fraction ``0.7`` is ``auto`` filling that share of
+    the GPU memory; a whole number is the total batch."""
+    if isinstance(value, str) and value.strip().lower() != "auto":
+        try:
+            value = float(value)
+        except ValueError:
+            raise InputError(f"--batch {value!r}: give a whole number, auto, -1 or a fraction such as 0.7") from None
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        return "auto", value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if value == -1:
+        return "auto", None
+    if isinstance(value, float):
+        raise InputError(f"--batch {value:g}: a fraction of GPU memory is between 0 and 1 (e.g. 0.7)")
+    return value, None
+
+
+def yolo_device(value: Any) -> str | None:
+    """``device=`` as ``yolo`` reads it, as ``--gpus``: ``0,1,2,3``, ``[0, 1]``, ``cpu``; ``-1`` is ``auto`` (the idle
+    GPUs), ``-1,-1`` two of them (``auto:2``)."""
+    if value is None or value == "":
+        return None
+    words = [str(v).strip() for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
+    words = [w for w in (w.strip().strip("[]").strip() for w in words) if w]
+    if words and all(w == "-1" for w in words):
+        return "auto" if len(words) == 1 else f"auto:{len(words)}"
+    return ",".join(words)
+
+
+def _read_cfg(path: Any) -> list[str]:
+    """``cfg=FILE.yaml``: its keys, as key=value words before the command line's (``yolo``'s own ``cfg=``)."""
+    try:
+        data = yaml.safe_load(Path(str(path)).read_text()) or {}
+    except OSError as exc:
+        raise InputError(f"cfg={path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"cfg={path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"cfg={path}: expected a mapping of Ultralytics argument names to values")
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in data.items() if k != "cfg"]
+
+
+def _yolo_value(key: str, value: Any) -> dict[str, Any]:
+    """One ``yolo`` argument as the yolosafe options it means."""
+    option = YOLO_KEYS[key]
+    if key == "device":
+        return {option: yolo_device(value)}
+    if key == "batch":
+        batch, fraction = yolo_batch(value)
+        return {option: batch, **({"memory_fraction": fraction} if fraction is not None else {})}
+    if key == "resume":
+        if value is False or value is None:
+            return {}
+        if value is True:
+            raise InputError("resume=True: give the run to continue, resume=RUN_DIR (or --resume RUN_DIR)")
+        path = Path(str(value))
+        return {option: str(path.parent.parent if path.suffix == ".pt" else path)}  # RUN/weights/last.pt -> RUN
+    if key == "mode":
+        if value != "train":
+            raise InputError(f"mode={value}: yolosafe train trains (mode=train)")
+        return {}
+    if key == "exist_ok":
+        return {}  # yolosafe never writes into an earlier run: the next free name (train2, ...), as exist_ok=False
+    if key in {"model", "data", "project", "name", "task"}:
+        return {option: None if value is None else str(value)}
+    return {option: value}
+
+
+def _expand_cfg(words: list[str]) -> list[str]:
+    for i, word in enumerate(words):
+        if word.partition("=")[0].strip() == "cfg":
+            return [*_read_cfg(trainplan.parse_passthrough([word])["cfg"]), *words[:i], *words[i + 1:]]
+    return words
+
+
+def yolo_style(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options ``given`` with ``yolo train``'s own ``key=value`` names (``model=``, ``data=``, ``device=``,
+    ``batch=``, ``epochs=``, ``nbs=``, ``resume=``, ``cfg=``...) turned into the yolosafe options they mean; the other
+    words stay Ultralytics arguments. A flag and its key with different values is refused."""
+    options = dict(given)
+    if "batch" in options:
+        options["batch"], fraction = yolo_batch(options["batch"])
+        if fraction is not None:
+            options.setdefault("memory_fraction", fraction)
+    rest, mapped, origin = [], {}, {}
+    try:
+        for word in _expand_cfg(list(options.get("args") or [])):
+            key = word.partition("=")[0].strip()
+            if key not in YOLO_KEYS:
+                rest.append(word)
+                continue
+            for option, meant in _yolo_value(key, trainplan.parse_passthrough([word])[key]).items():
+                mapped[option], origin[option] = meant, word
+    except trainplan.PlanError as exc:
+        raise InputError(str(exc)) from None
+    for option, meant in mapped.items():
+        if given.get(option) is not None and options[option] != meant:
+            flag = "--" + option.replace("_dir", "").replace("_", "-")
+            raise InputError(f"{flag} {given[option]} and {origin[option]} disagree: give one of them")
+    options.update(mapped)
+    if "args" in given:
+        options["args"] = rest
+    return options

@@ -14,11 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ultralytics.engine.trainer import BaseTrainer
-from ultralytics.models.yolo.classify import ClassificationTrainer
-from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.models.yolo.obb import OBBTrainer
-from ultralytics.models.yolo.pose import PoseTrainer
-from ultralytics.models.yolo.segment import SegmentationTrainer
+from ultralytics.models.yolo.model import YOLO
 
 from yolosafe import proc
 from yolosafe.training import callbacks, peakmetrics, valretry
@@ -26,13 +22,10 @@ from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 from yolosafe.training.fake import cpuranks
 
-TRAINERS: Mapping[str, type[BaseTrainer]] = MappingProxyType({  # Ultralytics' trainer of each task
-    "detect": DetectionTrainer,
-    "segment": SegmentationTrainer,
-    "pose": PoseTrainer,
-    "obb": OBBTrainer,
-    "classify": ClassificationTrainer,
-})
+# Ultralytics' trainer of each task it trains (detect, segment, pose, obb, classify, semantic, depth, ...): its own
+# task map, which YOLO.task_map builds without reading the instance.
+TRAINERS: Mapping[str, type[BaseTrainer]] = MappingProxyType(
+    {task: classes["trainer"] for task, classes in YOLO.task_map.fget(None).items()})
 
 
 class _InContext:
@@ -237,12 +230,13 @@ MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjecti
           AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
 
 
-def trainer_class(task: str, context: RunContext) -> type[BaseTrainer]:
+def trainer_class(task: str, context: RunContext, base: type[BaseTrainer] | None = None) -> type[BaseTrainer]:
     """yolosafe's trainer for ``task`` in this process: :data:`MIXINS` over Ultralytics' task trainer, bound to
     ``context`` (a class per process is safe: yolosafe launches the ranks itself, nothing pickles it). In a CPU rank
     of fake GPUs the changes that run Ultralytics' DDP path on the CPU go in front
-    (:mod:`yolosafe.training.fake.cpuranks`)."""
-    base = TRAINERS[task]
+    (:mod:`yolosafe.training.fake.cpuranks`). ``base``: the loaded model's own trainer (its task map: RT-DETR's,
+    YOLO-World's), else :data:`TRAINERS`'s."""
+    base = base or TRAINERS[task]
     trainer = type(f"Safe{base.__name__}", (*MIXINS, base), {"run_context": context})
     if context.spec.fake_gpus and context.rank.distributed:
         return cpuranks.on_cpu(trainer)

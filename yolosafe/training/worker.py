@@ -112,7 +112,7 @@ def train(context: RunContext) -> None:
     if context.rank.leads:  # one record per attempt; every rank's pid is in its events
         rundir.write_json(RunDir(run_dir).worker(context.attempt), _observed(context, resumed_from))
     install_callbacks(model, context)
-    metrics = model.train(trainer=trainer_class(model.task, context), **kwargs)
+    metrics = model.train(trainer=trainer_class(model.task, context, model.task_map[model.task]["trainer"]), **kwargs)
     if context.rank.leads:
         _save_metrics(run_dir, metrics)
 

@@ -1,0 +1,196 @@
+"""The input check: ``python -m yolosafe.training.inputcheck REQUEST.json RESULT.json``, a short-lived child that
+asks Ultralytics itself whether it accepts a training, before any run directory or worker exists.
+
+Ultralytics decides: the model is loaded as ``YOLO(model)`` loads it (its task, its trainer from the model's own task
+map), the arguments go through ``get_cfg`` (unknown keys, ``check_cfg``'s types), the dataset through the task
+trainer's own ``get_dataset`` (``check_det_dataset`` / ``check_cls_dataset``: a Roboflow export, a ``path:`` root,
+image lists, an ImageFolder, Ultralytics' datasets dir), the images through ``BaseDataset.get_img_files``, the
+optimizer through ``build_optimizer`` and the run directory's parent through ``get_save_dir``. Nothing is downloaded
+unless the request says ``download``: then the dataset and the weights are fetched here, once, before any rank starts.
+
+The result file holds ``{"error": LINE}`` or what the caller needs (the task, the project folder, the number of
+training images, notes). It runs in its own process so that torch, Ultralytics and any CUDA initialisation stay out of
+the supervisor's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+TRAINABLE_SUFFIXES = (".pt", ".yaml", ".yml")  # what Ultralytics' Model.train accepts (_check_is_pytorch_model)
+
+
+class Refused(Exception):
+    """Ultralytics (or the check) refuses the training; ``str()`` is one line for the user."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An Ultralytics error as one line: the cause's text where it wraps one, without emojis or blank lines."""
+    while exc.__cause__ is not None and (str(exc).startswith("Dataset '") or "Error loading data" in str(exc)):
+        exc = exc.__cause__
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return "".join(ch for ch in text if ord(ch) < 0x2000 or ch in "…").strip()
+
+
+def load_model(request: dict[str, Any]) -> Any:
+    """The model as ``YOLO(model)`` loads it; a release name not here is fetched only when downloads are asked for."""
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import torch_safe_load
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
+
+    name = str(request["model"])
+    path = Path(name)
+    flag = f"--model {name}"
+    if path.suffix not in TRAINABLE_SUFFIXES:
+        raise Refused(f"{flag}: expected a model YAML (yolov8n.yaml) or a checkpoint (.pt): Ultralytics trains those")
+    if path.suffix == ".pt" and not path.is_file():
+        if os.sep in name or path.name not in GITHUB_ASSETS_NAMES:
+            raise Refused(f"{flag}: no such file")
+        if not request.get("download"):
+            raise Refused(f"{flag}: not here; add --download to let Ultralytics fetch it (once, before training)")
+    elif path.suffix == ".pt":
+        try:
+            torch_safe_load(name)
+        except Exception as exc:
+            raise Refused(f"{flag}: not a readable PyTorch checkpoint ({one_line(exc)})") from None
+    fetched = path.suffix == ".pt" and not path.is_file()
+    try:
+        return YOLO(name)  # the worker's own load: task= is checked against the model's task, never forced on it
+    except Exception as exc:
+        if fetched:
+            raise Refused(f"cannot load model {name!r}: {one_line(exc)}") from None
+        raise Refused(_unloadable(name, exc)) from None
+
+
+def _unloadable(name: str, exc: Exception) -> str:
+    flag, path = f"--model {name}", Path(name)
+    if isinstance(exc, FileNotFoundError):
+        return f"{flag}: no such file, and not a model Ultralytics knows ({one_line(exc)})"
+    what = "not an Ultralytics checkpoint" if path.suffix == ".pt" else "not a model YAML Ultralytics can build"
+    return f"{flag}: {what} ({type(exc).__name__}: {one_line(exc)})"
+
+
+def train_args(request: dict[str, Any], task: str) -> Any:
+    """The arguments as the trainer would get them: ``get_cfg`` over Ultralytics' defaults (``check_cfg`` inside)."""
+    from ultralytics.cfg import DEFAULT_CFG, get_cfg
+
+    overrides = {**request["overrides"], "model": request["model"], "data": request["data"], "task": task,
+                 "mode": "train", "device": "cpu"}
+    try:
+        return get_cfg(DEFAULT_CFG, overrides)
+    except (SyntaxError, TypeError, ValueError) as exc:
+        raise Refused(one_line(exc)) from None
+
+
+def offline_dataset(request: dict[str, Any], task: str, notes: list[str]) -> bool:
+    """Whether the data is on disk without downloading; Ultralytics' own resolution, its download switched off."""
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.utils import DATASETS_DIR
+
+    if request.get("download"):
+        return True  # the trainer's own get_dataset below downloads what is missing, here, once
+    data = str(request["data"])
+    hint = "add --download to let Ultralytics download it (once, before training)"
+    if task == "classify":
+        if Path(data).is_dir() or (DATASETS_DIR / data).is_dir() or Path(data).suffix:
+            return True
+        missing = f"--data {data}: no such directory here or in Ultralytics' datasets dir {DATASETS_DIR}"
+    else:
+        try:
+            check_det_dataset(data, autodownload=False)
+            return True
+        except FileNotFoundError as exc:
+            missing = f"--data {data}: {one_line(exc).split(' Note dataset download directory')[0]}"
+            if "images not found" not in missing:
+                raise Refused(missing) from None
+        except Exception as exc:
+            raise Refused(f"--data {data}: {one_line(exc)}") from None
+    if request.get("dry_run"):
+        notes.append(f"{missing}; a real run needs --download")
+        return False
+    raise Refused(f"{missing}; {hint}")
+
+
+def dataset(trainer_cls: type, args: Any) -> tuple[dict[str, Any], Any]:
+    """The task trainer's own ``get_dataset`` (Ultralytics' checks of this task's data), on a trainer not set up."""
+    trainer = trainer_cls.__new__(trainer_cls)
+    trainer.args = args
+    try:
+        trainer.data = trainer.get_dataset()
+    except Exception as exc:
+        raise Refused(f"--data {args.data}: {one_line(exc)}") from None
+    return trainer.data, trainer
+
+
+def count_images(data: dict[str, Any], args: Any, task: str) -> int | None:
+    """The images of the training and validation splits, listed as the training's datasets list them."""
+    from ultralytics.data.base import BaseDataset
+
+    if task == "classify":
+        return None  # check_cls_dataset counted them (and refuses a training split without images)
+    counts = {}
+    for split in ("train", "val"):
+        reader = SimpleNamespace(prefix="", fraction=args.fraction if split == "train" else 1.0)
+        try:
+            counts[split] = len(BaseDataset.get_img_files(reader, data[split]))
+        except Exception as exc:
+            raise Refused(f"--data {args.data}: {split}: {one_line(exc)}") from None
+    return counts["train"]
+
+
+def check_optimizer(trainer: Any, args: Any) -> None:
+    """``optimizer=``, as the trainer's ``build_optimizer`` reads it (on a one-layer stand-in for the model)."""
+    import torch
+
+    try:
+        trainer.build_optimizer(torch.nn.Linear(1, 1), name=args.optimizer, lr=args.lr0, momentum=args.momentum,
+                                decay=args.weight_decay, iterations=1)
+    except NotImplementedError as exc:
+        raise Refused(f"optimizer={args.optimizer}: {one_line(exc)}") from None
+    except Exception:  # a known optimizer that needs the real model's layers (MuSGD): the name is what counts here
+        pass
+
+
+def project_dir(request: dict[str, Any], task: str) -> str:
+    """The folder Ultralytics puts this task's runs in (``runs/<task>``, its ``runs_dir`` setting, ``project=``)."""
+    from ultralytics.cfg import get_save_dir
+
+    where = SimpleNamespace(project=request.get("project"), name=request["name"], task=task, mode="train",
+                            exist_ok=True, save_dir=None)
+    return str(get_save_dir(where).parent)
+
+
+def check(request: dict[str, Any]) -> dict[str, Any]:
+    model = load_model(request)
+    task = model.task
+    if request.get("task") not in (None, task):
+        raise Refused(f"task={request['task']}: --model {request['model']} is a {task} model")
+    trainer_cls = model.task_map[task]["trainer"]
+    args = train_args(request, task)
+    notes: list[str] = []
+    images = None
+    if offline_dataset(request, task, notes):
+        data, trainer = dataset(trainer_cls, args)
+        images = count_images(data, args, task)
+        check_optimizer(trainer, args)
+    return {"task": task, "project": project_dir(request, task), "train_images": images, "notes": notes}
+
+
+def main(argv: list[str] | None = None) -> None:
+    request_path, result_path = sys.argv[1:3] if argv is None else argv
+    os.environ.pop("PYTEST_CURRENT_TEST", None)  # Ultralytics answers for the user's command, not a test runner's
+    request = json.loads(Path(request_path).read_text())
+    try:
+        result = check(request)
+    except Refused as exc:
+        result = {"error": str(exc)}
+    Path(result_path).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
