@@ -88,6 +88,19 @@ def story_or_rebuilt(run_dir: Path, node: int, dry_run: bool) -> tuple[records.S
         return rebuilt[0], (rebuilt[1],)
 
 
+UNVALIDATED = "unvalidated.pt"  # an epoch trained, not yet validated (yolosafe.training.valretry.UNVALIDATED)
+
+
+def pending_validation(run_dir: Path) -> Path | None:
+    """The epoch trained but not validated when the run stopped (newer than last.pt: rank 0 removes it once that
+    epoch's last.pt is written), the checkpoint the resume continues from; None when there is none."""
+    pending = run_dir / "weights" / UNVALIDATED
+    if not pending.is_file():
+        return None
+    validate.check_checkpoint(pending, f"--resume {run_dir}: weights/{UNVALIDATED}")
+    return pending
+
+
 def never_saved(run_dir: Path, story: records.Story) -> bool:
     """A run stopped before its first checkpoint: no weights at all, attempts that did not complete."""
     weights = run_dir / "weights"
@@ -145,8 +158,8 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
         last, final_val_only = None, False
         notes = (*notes, "no checkpoint was saved before the run stopped: training again from the first epoch")
     else:
-        last = check_last(run_dir, story)
-        progress = checkpoint.progress(last)
+        last = pending_validation(run_dir) or check_last(run_dir, story)
+        progress = checkpoint.progress(last) if last.name != UNVALIDATED else None  # its trainer validates first
         final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
     options = {key: _first(given.get(key), getattr(story, key), DEFAULTS[key]) for key in RUN_OPTIONS}
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
