@@ -10,7 +10,7 @@ import time
 import pynvml
 import pytest
 
-from tests import fake_nvml
+from tests import fake_nvml, tinysets
 from tests.fake_nvml import NOT_SUPPORTED, UNKNOWN, Driver, gpu
 from yolosafe import gpus
 from yolosafe.cli import main as cli
@@ -270,9 +270,7 @@ def test_gpu_lost_while_the_watch_samples(nvml, tmp_path, caplog):
 def test_yolosafe_train_dry_run_over_nvml_refuses_an_invalid_gpu_in_one_line(nvml, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    data = tmp_path / "data.yaml"
-    data.write_text("path: .\ntrain: images\nval: images\nnames: {0: box}\n")
-    (tmp_path / "images").mkdir()  # the data is checked before the plan
+    data = tinysets.rooted(tmp_path / "set", "detect")  # the data is checked (by Ultralytics) before the plan
     nvml(Driver([gpu(0), gpu(1, lost=True), gpu(2, processes=[(4242, None)])]))
     code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "0,2", "--batch", "8", "--data", str(data))
     assert (code, err) == (0, "") and "0,2  (2 GPUs)" in out
@@ -285,10 +283,8 @@ def test_yolosafe_train_dry_run_over_nvml_refuses_an_invalid_gpu_in_one_line(nvm
 
 def _data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    data = tmp_path / "data.yaml"
-    data.write_text("path: .\ntrain: images\nval: images\nnames: {0: box}\n")
-    (tmp_path / "images").mkdir(exist_ok=True)
-    return str(data)
+    found = tmp_path / "set" / "data.yaml"
+    return str(found if found.is_file() else tinysets.rooted(tmp_path / "set", "detect"))
 
 
 def test_mig_devices_are_enumerated_with_their_memory_and_uuids(nvml):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests import tinysets
 from tests.conftest import run_dir_of, story
 from yolosafe.planning import options
 from yolosafe.planning.memory import model as memmodel
@@ -161,6 +162,7 @@ def _data_with_objects(root, per_image: list[int]) -> str:
         (root / "images" / split).mkdir(parents=True)
         (root / "labels" / split).mkdir(parents=True)
         for i, n in enumerate(per_image):
+            tinysets.image(root / "images" / split / f"{i}.png", i)  # Ultralytics checks the images are there
             (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.01 0.01\n" * n)
     data = root / "data.yaml"
     data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: {{0: face}}\n")
