@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from tests import tinysets
 from yolosafe.planning.accumulation import warmup_accumulate
 from yolosafe.planning.trainplan import (
     PlanError,
@@ -124,14 +127,13 @@ def test_accumulation_is_capped_and_ramped_like_ultralytics():
     assert "dataset size unknown" in describe_accumulation(plan())
 
 
-def test_count_images_feeds_the_plan(tmp_path):
-    from yolosafe.planning.datasets import count_images
-
-    (tmp_path / "images" / "a").mkdir(parents=True)
-    for name in ("1.jpg", "2.PNG", "a/3.webp", "notes.txt"):
-        (tmp_path / "images" / name).write_text("x")
-    (tmp_path / "list.txt").write_text("images/1.jpg\n\nimages/2.PNG\n")
-    data = tmp_path / "data.yaml"
-    data.write_text(f"path: {tmp_path}\ntrain: [images, list.txt]\nval: missing\n")
-    assert count_images(data) == 5 and count_images(data, "val") is None
-    assert count_images(tmp_path / "absent.yaml") is None
+@pytest.mark.parametrize("layout", ["roboflow", "listed"])
+def test_the_plans_image_count_is_ultralytics_own(run_cli, tmp_path, layout):
+    """One counter, Ultralytics' (its dataset check and ``get_img_files``, in the input check): a Roboflow export
+    (``../train/images``, no ``path:``) and image lists in ``.txt`` count the images Ultralytics will train on, which
+    the plan's accumulation cap and its host-RAM estimate both use."""
+    data = getattr(tinysets, layout)(tmp_path / "set", "detect")
+    result = run_cli("plan", "--gpus", "cpu", "--batch", "2", "--imgsz", "32", "--model", "yolov8n.yaml",
+                     "--data", str(data), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["plan"]["train_images"] == tinysets.TRAIN

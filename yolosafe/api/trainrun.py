@@ -72,7 +72,7 @@ def ultralytics_accepts(opts: dict[str, Any], dry_run: bool) -> int | None:
     if opts.get("download") and not dry_run:
         terminal.say("Ultralytics downloads what is missing (the data, the weights) now, once, before training")
     checked = validate.ultralytics_check(opts, dry_run)
-    opts.update(task=checked["task"], project=checked["project"])
+    opts.update(task=checked["task"], project=checked["project"], train_images=checked["train_images"])
     for note in checked["notes"]:
         terminal.say(f"note: {note}")
     return checked["train_images"]
@@ -96,7 +96,7 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
             imgsz=int(opts["imgsz"]),
             epochs=int(opts["epochs"]),
             extra=plan.parse_passthrough(opts["args"]),
-            train_images=inputs.image_count(Path(opts["data_yaml"])),
+            train_images=opts.get("train_images"),  # Ultralytics' own count (ultralytics_accepts), once known
             nnodes=int(opts.get("nnodes") or 1),  # multi-node: --batch is the total over every node's GPUs
         )
     except plan.PlanError as exc:

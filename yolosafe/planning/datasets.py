@@ -157,28 +157,3 @@ def _write_shapes(root: Path, train: int, val: int, size: int) -> None:
                 lines.append(f"{cls} {(x0 + w / 2) / size:.6f} {(y0 + w / 2) / size:.6f} {w / size:.6f} {w / size:.6f}")
             image.save(root / "images" / split / f"{i:04d}.png")
             (root / "labels" / split / f"{i:04d}.txt").write_text("\n".join(lines) + "\n")
-
-
-IMAGE_SUFFIXES = frozenset({".avif", ".bmp", ".dng", ".heic", ".heif", ".jp2", ".jpeg", ".jpg", ".mpo", ".png", ".tif",
-                            ".tiff", ".webp"})  # Ultralytics' IMG_FORMATS
-
-
-def count_images(data_yaml: Path, split: str = "train") -> int | None:
-    """How many images a split of a data YAML has (directories searched recursively, ``.txt`` lists one per line),
-    read the way Ultralytics reads them; None when the YAML or its images are not on disk (yet)."""
-    try:
-        data = yaml.safe_load(Path(data_yaml).read_text())
-        root = Path(data.get("path") or Path(data_yaml).parent)
-        entries = data[split] if isinstance(data[split], list) else [data[split]]
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
-        return None
-    count = 0
-    for entry in entries:
-        path = root / str(entry)
-        if path.is_dir():
-            count += sum(1 for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file() and path.suffix == ".txt":
-            count += sum(1 for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
-        else:
-            return None
-    return count or None

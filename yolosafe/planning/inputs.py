@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from yolosafe import oom
-from yolosafe.planning import datasets
 from yolosafe.planning.validate import InputError
 
 KERNEL_FILE_SYSTEMS = ("/proc", "/sys")
@@ -137,10 +136,3 @@ def check_injection_reachable(text: str | None, epochs: int) -> None:
         raise InputError(f"{oom.INJECT_ENV}: phase=final runs after the last epoch: give epoch={epochs - 1} "
                          f"(epoch={injection.epoch}, the default when left out, never fires in {epochs} epochs)")
 
-
-def image_count(data_yaml: Path) -> int | None:
-    """The training images of the data YAML (for the plan), one line when its image list is not UTF-8 text."""
-    try:
-        return datasets.count_images(data_yaml)
-    except UnicodeDecodeError:
-        raise InputError(f"--data {data_yaml}: its image list is not UTF-8 text; save it as UTF-8") from None

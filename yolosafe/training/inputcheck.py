@@ -139,6 +139,9 @@ def count_images(data: dict[str, Any], args: Any, task: str) -> int | None:
         try:
             counts[split] = len(BaseDataset.get_img_files(reader, data[split]))
         except Exception as exc:
+            if isinstance(exc.__cause__ or exc, UnicodeDecodeError):  # Ultralytics wraps what it cannot read
+                why = "its image list is not UTF-8 text; save it as UTF-8"
+                raise Refused(f"--data {args.data}: {split}: {why}") from None
             raise Refused(f"--data {args.data}: {split}: {one_line(exc)}") from None
     return counts["train"]
 

@@ -287,5 +287,5 @@ def tier_table(vram_gib: list[float], imgsz: int, options: dict[str, Any], fract
 
 
 def _train_images(p: plan.TrainPlan) -> int | None:
-    """The training split's size: the plan's, counted once when it was built (else counted now)."""
-    return p.train_images if p.train_images is not None else datasets.count_images(Path(p.data))
+    """The training split's size: the plan's, as Ultralytics' own dataset code counted it (None: not known)."""
+    return p.train_images
