@@ -8,12 +8,12 @@ import pytest
 
 from tests import tinysets
 from yolosafe.planning.accumulation import warmup_accumulate
+from yolosafe.planning.gpuselect import parse_gpus
 from yolosafe.planning.trainplan import (
     PlanError,
     build_plan,
     check_passthrough,
     describe_accumulation,
-    parse_gpus,
     parse_passthrough,
 )
 

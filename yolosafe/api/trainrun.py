@@ -22,7 +22,7 @@ import click
 
 from yolosafe import __version__, gpus, oom
 from yolosafe.exits import Exit
-from yolosafe.planning import allocator, datasets, inputs, nodes, options, resume, validate
+from yolosafe.planning import allocator, datasets, gpuselect, inputs, nodes, options, resume, validate
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, planner
 from yolosafe.planning.memory import model as memmodel
@@ -82,7 +82,7 @@ def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
     """The plan of resolved options on this machine's GPUs (``--gpus`` within ``$CUDA_VISIBLE_DEVICES``)."""
     visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
-        selected = plan.parse_gpus(None if opts["gpus"] is None else str(opts["gpus"]), visible, inventory.problem)
+        selected = gpuselect.parse_gpus(None if opts["gpus"] is None else str(opts["gpus"]), visible, inventory.problem)
         for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
             raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
         check_visible(inventory, selected, str(opts["gpus"]).strip().lower() == "cpu")

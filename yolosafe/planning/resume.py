@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from yolosafe import gpus
-from yolosafe.planning import allocator, checkpoint, inputs, recovered, validate
+from yolosafe.planning import allocator, checkpoint, gpuselect, inputs, recovered, validate
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.options import DEFAULTS, check_watch
 from yolosafe.rundir import files as rundir
@@ -210,7 +210,7 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
         if given.get("gpus") is not None:
             inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))
             visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
-            chosen = plan.parse_gpus(str(given["gpus"]), visible, inventory.problem)
+            chosen = gpuselect.parse_gpus(str(given["gpus"]), visible, inventory.problem)
             simulated = inventory.backend == "fake" and bool(chosen)
         elif chosen:
             chosen = map_gpus(story, gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))

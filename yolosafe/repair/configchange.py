@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from yolosafe.planning import gpuselect
 from yolosafe.planning import trainplan as plan
 from yolosafe.rundir.records import VAL_PHASES, Failure, Story, epoch_label
 
@@ -60,7 +61,7 @@ def mismatch(config: dict[str, Any], story: Story) -> str | None:
     ran = story.plan
     if config.get("gpus") is not None:
         try:
-            gpus = plan.parse_gpus(str(config["gpus"]), story.plan_gpus)
+            gpus = gpuselect.parse_gpus(str(config["gpus"]), story.plan_gpus)
         except plan.PlanError:
             gpus = None
         if gpus != tuple(story.plan_gpus):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe import gpus, proc
-from yolosafe.planning import datasets
+from yolosafe.planning import datasets, gpuselect
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, hostram, objects
 from yolosafe.planning.memory import model as memmodel
@@ -205,7 +205,7 @@ def resolve_auto(options: dict[str, Any], inventory: gpus.Inventory,
         resolved["gpus"] = ",".join(map(str, chosen))
         entry.update(gpus=list(chosen), reasons=why)
     if batch == AUTO:
-        selected = plan.parse_gpus(None if resolved["gpus"] is None else str(resolved["gpus"]), visible,
+        selected = gpuselect.parse_gpus(None if resolved["gpus"] is None else str(resolved["gpus"]), visible,
                                    inventory.problem)
         if not selected:
             raise plan.PlanError("--batch auto needs GPUs (the memory model plans GPU memory); give --batch N on CPU")
