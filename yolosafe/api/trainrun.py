@@ -51,7 +51,6 @@ class Ended:
 def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: str | None) -> dict[str, Any]:
     """Options from the flags ``given``, the ``--config`` file, the dataset's defaults and yolosafe's; ``data_yaml``
     is the dataset's YAML."""
-    inputs.check_config(config_file)
     config = options.load_config(config_file)
     try:
         inputs.check_registry(datasets.registry_path(datasets_file))

@@ -44,19 +44,23 @@ def text_file(path: str | Path, what: str) -> str:
                          "save it as UTF-8") from None
 
 
-def check_config(path: str | None) -> None:
-    """``--config``: UTF-8 YAML holding a mapping (or nothing)."""
-    if path is None:
-        return
-    _utf8(path, "--config")
-    text = text_file(path, "--config")
+def yaml_mapping(path: str | Path, what: str, holds: str) -> dict[str, Any]:
+    """A YAML file of the user's that holds a mapping (``--config``, ``cfg=``): UTF-8, valid YAML, a mapping of
+    ``holds`` (or empty); one line naming ``what`` otherwise."""
+    _utf8(str(path), what)
+    shown = f"{what}{path}" if what.endswith("=") else f"{what} {path}"
     try:
+        text = text_file(path, what)
         data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return  # the config reader says where the YAML is broken
-    if data is not None and not isinstance(data, dict):
-        raise InputError(f"--config {path}: expected a mapping of options (batch: 16 ...), found a "
-                         f"{type(data).__name__}")
+    except yaml.YAMLError as exc:
+        raise InputError(f"{shown}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except InputError as exc:
+        raise InputError(str(exc).replace(f"{what} {path}", shown, 1)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{shown}: expected a mapping of {holds}, found a {type(data).__name__}")
+    return data
 
 
 def check_registry(path: Path | None) -> None:

@@ -13,9 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
-from yolosafe.planning import datasets, trainplan, validate
+from yolosafe.planning import datasets, inputs, trainplan, validate
 from yolosafe.planning.validate import InputError
 
 DEFAULTS: Mapping[str, Any] = MappingProxyType({
@@ -59,14 +57,7 @@ def load_config(path: str | None) -> dict[str, Any]:
     """``--config FILE.yaml``: the same keys as the options (dashes or underscores), plus ``args:`` for Ultralytics."""
     if not path:
         return {}
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        raise InputError(f"--config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"--config {path}: expected a mapping of option names to values")
+    data = inputs.yaml_mapping(path, "--config", "option names to values (batch: 16 ...)")
     config = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
@@ -143,14 +134,7 @@ def yolo_device(value: Any) -> str | None:
 
 def _read_cfg(path: Any) -> list[str]:
     """``cfg=FILE.yaml``: its keys, as key=value words before the command line's (``yolo``'s own ``cfg=``)."""
-    try:
-        data = yaml.safe_load(Path(str(path)).read_text()) or {}
-    except OSError as exc:
-        raise InputError(f"cfg={path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"cfg={path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"cfg={path}: expected a mapping of Ultralytics argument names to values")
+    data = inputs.yaml_mapping(str(path), "cfg=", "Ultralytics argument names to values")
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in data.items() if k != "cfg"]
 
 
