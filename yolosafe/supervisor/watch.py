@@ -223,7 +223,6 @@ class MemoryWatch:
         due = flushed = asked = time.monotonic()
         ours = pids()
         while not self._stop.is_set():
-            self.tracker.poll()
             now = time.time()
             if time.monotonic() - asked >= PIDS_S:
                 ours, asked = pids(), time.monotonic()
@@ -238,9 +237,11 @@ class MemoryWatch:
                         del active[gpu]
                     continue
                 active[gpu] = 0
+                self.tracker.poll()  # after the reading: a phase whose memory the reading shows has its start event
                 # real NVML: any sample; fake GPUs: while the GPU's rank is in a phase (its memory is listed)
                 foreign = backend.name == "nvml" or self.tracker.at(gpu)[0] != "other"
-                mine, theirs = split(reading, ours, foreign)
+                # another PID namespace does not change during a run: once seen, the split stays unknown
+                mine, theirs = (None, None) if self.split else split(reading, ours, foreign)
                 if mine is None and theirs is None and reading.processes and not self.split:
                     self.split = UNKNOWN_SPLIT
                     self._say(f"memory watch: {UNKNOWN_SPLIT}")
