@@ -5,6 +5,7 @@ lost and nothing duplicated; the story is never left "running". The drills stop 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -219,3 +220,57 @@ def test_sigterm_as_the_oom_is_said_then_resume_runs_the_halved_batch(tmp_path, 
     assert result.returncode == 0, result.stderr[-3000:]
     s = story(run)
     assert s["outcome"] == "completed" and s["attempts"][-1]["batch"] == 4 and epochs_of(run) == [1]
+
+
+def test_stop_while_the_model_and_data_are_built_then_resume(tmp_path, shared_cache):
+    """SIGTERM while the worker builds the trainer, its dataset and loaders (after it loaded the model, before the
+    first epoch starts): one line, the story says interrupted, and the resume trains the run from the start."""
+    proc = drills.start(tmp_path, shared_cache, "train", "--epochs", "1", *FAST)
+    run = run_dir_of(tmp_path)
+    seen = run / "worker-1.json"
+    drills.wait_until(lambda: seen.is_file() and seen.stat().st_size > 0, proc, "the worker's record")
+    worker = json.loads(seen.read_text())["pid"]
+    signal_while_frozen(proc, worker, signal.SIGTERM)
+    code, err = drills.finish(proc)
+    assert code == 130 and "Traceback" not in err, err
+    assert not [e for e in drills.events(run) if e["event"] == "train_start"]  # it stopped before the first epoch
+    assert story(run)["outcome"] == "interrupted"
+    result = train(tmp_path, shared_cache, "--resume", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert story(run)["outcome"] == "completed" and epochs_of(run) == [1]
+
+
+def test_sigkill_of_the_rank_launcher_then_resume(tmp_path, shared_cache):
+    """The launcher of two ranks killed by SIGKILL mid-epoch: its ranks end themselves (their parent is gone), the
+    supervisor says it in one line, and the resume completes the run."""
+    import psutil
+
+    two = {"YOLOSAFE_FAKE_GPUS": "2x24GB"}
+    proc = drills.start(tmp_path, shared_cache, "train", "--gpus", "0,1", "--epochs", "1", *FAST, env=two)
+    run = run_dir_of(tmp_path)
+    def both_training() -> bool:
+        return len({e["rank"] for e in drills.events(run) if e["event"] == "train_start"}) == 2
+
+    drills.wait_until(both_training, proc, "two ranks training")
+    ranks = {e["pid"] for e in drills.events(run) if e["event"] == "train_start"}
+    launcher = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "yolosafe.training.launcher" in " ".join(p.cmdline()))
+    launcher.kill()
+    code, err = drills.finish(proc)
+    assert code == 1 and "Traceback" not in err, err
+    for pid in ranks:
+        drills.wait_gone(pid)
+    assert story(run)["outcome"] not in ("running", None)
+    result = train(tmp_path, shared_cache, "--resume", str(run), env=two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert story(run)["outcome"] == "completed" and epochs_of(run) == [1]
+
+
+def signal_while_frozen(proc: subprocess.Popen[str], pid: int, signum: int) -> None:
+    """``signum`` to the supervisor while process ``pid`` is frozen, so the stop lands where ``pid`` is now."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        proc.send_signal(signum)
+        time.sleep(0.3)
+    finally:
+        os.kill(pid, signal.SIGCONT)
