@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.standins import SLEEPER, Processes, alive, fake_gpus, stale_run
-from tests.test_holders import SUPERVISOR, _namespace_init
+from tests.test_holders import SUPERVISOR, judged_inside
 from yolosafe.readers import holders
 from yolosafe.readers.holders import ASK, NEVER, PROVEN
 from yolosafe.rundir import files as rundir
@@ -93,14 +93,7 @@ def test_node_1s_supervisor_as_a_containers_pid_1_keeps_its_rank(tmp_path):
     init = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", SUPERVISOR,
                              str(tmp_path / "run"), "writes", "1"], stdin=subprocess.DEVNULL)
     try:
-        inner = _namespace_init(init.pid)
-        for _ in range(100):
-            if psutil.Process(inner).children():
-                break
-            time.sleep(0.05)
-        probe = ["nsenter", "-t", str(inner), "--pid", "--mount", sys.executable, "-c",
-                 "from yolosafe.readers import holders; h = holders.judge(2, 0, 1.0); print(h.action, '|', h.reason)"]
-        out = subprocess.run(probe, capture_output=True, text=True, check=True, timeout=60).stdout
+        out = judged_inside(init.pid)
         assert out.startswith(f"{NEVER} |"), out
     finally:
         init.kill()

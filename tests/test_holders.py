@@ -132,6 +132,19 @@ def _namespace_init(unshare_pid: int) -> int:
     raise AssertionError("unshare started no child")
 
 
+def judged_inside(unshare_pid: int) -> str:
+    """``holders.judge`` of pid 2 (the worker) as seen from inside the namespace whose pid 1 unshare forked, once
+    pid 1 has started it: "ACTION | reason"."""
+    inner = _namespace_init(unshare_pid)
+    for _ in range(100):
+        if psutil.Process(inner).children():
+            break
+        time.sleep(0.05)
+    probe = ["nsenter", "-t", str(inner), "--pid", "--mount", sys.executable, "-c",
+             "from yolosafe.readers import holders; h = holders.judge(2, 0, 1.0); print(h.action, '|', h.reason)"]
+    return subprocess.run(probe, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
 def test_judge_gpus_reads_the_fake_inventory(procs, monkeypatch):
     from yolosafe import gpus
 
@@ -167,14 +180,7 @@ def test_a_supervisor_that_is_a_containers_pid_1_is_alive_while_it_writes_the_lo
     init = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", SUPERVISOR,
                              str(tmp_path / "run"), log], stdin=subprocess.DEVNULL)
     try:
-        inner = _namespace_init(init.pid)
-        for _ in range(100):
-            if psutil.Process(inner).children():
-                break
-            time.sleep(0.05)
-        probe = ["nsenter", "-t", str(inner), "--pid", "--mount", sys.executable, "-c",
-                 "from yolosafe.readers import holders; h = holders.judge(2, 0, 1.0); print(h.action, '|', h.reason)"]
-        out = subprocess.run(probe, capture_output=True, text=True, check=True, timeout=60).stdout
+        out = judged_inside(init.pid)
         assert out.startswith(f"{action} |"), out
     finally:
         init.kill()
