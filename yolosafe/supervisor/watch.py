@@ -223,6 +223,7 @@ class MemoryWatch:
         due = flushed = asked = time.monotonic()
         ours = pids()
         while not self._stop.is_set():
+            self.tracker.poll()
             now = time.time()
             if time.monotonic() - asked >= PIDS_S:
                 ours, asked = pids(), time.monotonic()
@@ -237,7 +238,6 @@ class MemoryWatch:
                         del active[gpu]
                     continue
                 active[gpu] = 0
-                self.tracker.poll()  # after the reading: a phase whose memory the reading shows has its start event
                 # real NVML: any sample; fake GPUs: while the GPU's rank is in a phase (its memory is listed)
                 foreign = backend.name == "nvml" or self.tracker.at(gpu)[0] != "other"
                 # another PID namespace does not change during a run: once seen, the split stays unknown
