@@ -44,7 +44,7 @@ def test_the_retry_loop_recovers_each_real_oom_form_on_two_ranks_in_a_container(
 
 def test_no_process_is_judged_by_a_pid_of_another_namespace():
     from yolosafe.readers import holders
-    from yolosafe.supervisor.watch import split
+    from yolosafe.supervisor.attribution import split
 
     host = gpus.HOST_PID_OFFSET + os.getpid()  # the pid NVML gives this very process from a container
     foreign = gpus.GPU(0, "x", "GPU-x", 24576, 5000, 0, (gpus.GPUProcess(host, 5000), gpus.GPUProcess(host + 1, 1)))
@@ -55,6 +55,39 @@ def test_no_process_is_judged_by_a_pid_of_another_namespace():
     reading = gpus.MemoryReading(0, 24576, 5000, foreign.processes)
     assert split(reading, {os.getpid()}) == (None, None)  # never "others hold it all"
     assert split(reading, {os.getpid()}, absent_is_foreign=False) == (0.0, 5001.0)
+
+
+def test_the_namespace_is_decided_by_evidence_not_by_one_reading():
+    """A reading that looks foreign once (a phase read a moment before its memory appears, a process that exited
+    while NVML listed it) decides nothing; the run's own pid proves the namespace for good; only readings that keep
+    looking foreign, or do so until sampling ends, make the split unknown, said once."""
+    from yolosafe.supervisor.attribution import FOREIGN_ROUNDS, Namespace
+
+    here, gone = os.getpid(), gpus.HOST_PID_OFFSET + os.getpid()
+    lonely = gpus.MemoryReading(0, 24576, 5000, (gpus.GPUProcess(gone, 5000),))
+    shared = gpus.MemoryReading(0, 24576, 8000, (gpus.GPUProcess(gone, 5000), gpus.GPUProcess(here, 3000)))
+    said: list[str] = []
+    ns = Namespace()
+    assert ns.split(lonely, {here}, True, said.append) == (None, None) and not ns.foreign
+    assert ns.split(shared, {here}, True, said.append) == (3000.0, 5000.0) and ns.ours
+    for _ in range(2 * FOREIGN_ROUNDS):
+        assert ns.split(lonely, {here}, True, said.append) == (0.0, 5000.0)  # proven: the absent pid is others'
+    ns.settle(said.append)
+    assert not ns.foreign and said == []
+
+    container = Namespace()
+    for _ in range(FOREIGN_ROUNDS - 1):
+        container.split(lonely, {here}, True, said.append)
+    assert not container.foreign and said == []
+    assert container.split(lonely, {here}, True, said.append) == (None, None) and container.foreign
+    assert container.split(shared, {here}, True, said.append) == (None, None)  # decided once per run
+    container.settle(said.append)
+    assert len(said) == 1 and "another PID namespace" in said[0]
+
+    short = Namespace()
+    short.split(lonely, {here}, True, said.append)
+    short.settle(said.append)  # sampling ended with foreign-looking readings and no proof
+    assert short.foreign and len(said) == 2
 
 
 def _layout(uuids: list[str]) -> str:

@@ -15,7 +15,7 @@ from tests.fake_nvml import NOT_SUPPORTED, UNKNOWN, Driver, gpu
 from yolosafe import gpus
 from yolosafe.cli import main as cli
 from yolosafe.rundir import files as rundir
-from yolosafe.supervisor import watch
+from yolosafe.supervisor import attribution, watch
 
 ABSENT = "nvidia-ml-py has no such function"
 
@@ -131,7 +131,7 @@ def test_process_lists_not_supported(nvml):
     backend = gpus.NvmlBackend()
     reading = backend.read_memory(0)
     assert (reading.used_mib, reading.processes) == (3000, None)
-    assert watch.split(reading, {os.getpid()}) == (None, None)  # unknown, not "nobody"
+    assert attribution.split(reading, {os.getpid()}) == (None, None)  # unknown, not "nobody"
     backend.close()
 
 
@@ -140,7 +140,7 @@ def test_used_gpu_memory_not_available(nvml):
     backend = gpus.NvmlBackend()
     reading = backend.read_memory(0)
     assert reading.processes == (gpus.GPUProcess(os.getpid(), None), gpus.GPUProcess(77, 1000))
-    assert watch.split(reading, {os.getpid()}) == (None, 1000)
+    assert attribution.split(reading, {os.getpid()}) == (None, 1000)
     backend.close()
 
 

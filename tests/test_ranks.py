@@ -122,16 +122,17 @@ def test_epoch_peaks_become_ultralytics_metrics_per_nvml_gpu(tmp_path):
     assert list(ordered)[:2] == ["lr/pg0", "memory/gpu2_train_allocated_mib"] and len(ordered) == 9
 
 
-def assert_clean_terminal(result: subprocess.CompletedProcess[str], run: Path) -> None:
+def assert_clean_terminal(result: subprocess.CompletedProcess[str], run: Path, failed_rank: int) -> None:
     """The terminal of a recovered multi-rank OOM: rank 0's output and yolosafe's own lines, as with one process;
-    the ranks' tracebacks and torch.distributed.run's failure dump are in train.log only."""
+    the failed rank's traceback and torch.distributed.run's failure dump are in train.log only (the other ranks may
+    be stopped before they print anything)."""
     shown = result.stdout + result.stderr
     for noise in ("Traceback", "[rank", "traceback :", "ChildFailedError", "torch/distributed"):
         assert noise not in shown, f"{noise!r} on the terminal"
     assert all(line.startswith(("yolosafe: ", "  ")) for line in result.stderr.splitlines()), result.stderr
     assert "Epoch" in result.stdout  # rank 0's progress is there
     log = (run / "train.log").read_text()
-    assert "Traceback" in log and "[rank1]: " in log and "traceback :" in log
+    assert "Traceback" in log and f"[rank{failed_rank}]: " in log and "traceback :" in log
 
 
 @pytest.mark.slow
@@ -156,7 +157,7 @@ def test_oom_on_rank_2_of_4_in_training_halves_every_rank(run_cli, tmp_path):
     header = (run / "results.csv").read_text().splitlines()[0].split(",")
     assert header[-16:] == [f"memory/gpu{g}_{p}_{k}_mib" for g in range(4) for p in ("train", "val")
                             for k in ("allocated", "reserved")]  # torch's peaks of every GPU (NaN on the CPU)
-    assert_clean_terminal(result, run)
+    assert_clean_terminal(result, run, 2)
 
 
 @pytest.mark.slow
@@ -169,7 +170,7 @@ def test_oom_on_rank_1_in_validation_halves_the_val_batch_of_every_rank(run_cli,
     assert (first["phase"], first["rank"], first["gpu"]) == ("val", 1, 1)
     assert (second["per_gpu_batch"], second["val_batch"]) == (4, 2)
     assert {rank: batch for rank, (batch, _) in started(run, 2, "val_start").items()} == {0: 2, 1: 2}
-    assert_clean_terminal(result, run)
+    assert_clean_terminal(result, run, 1)
 
 
 @pytest.mark.slow

@@ -30,9 +30,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from yolosafe.gpus import GPUBackend, GPUReadError, MemoryReading, foreign_pids
+from yolosafe.gpus import GPUBackend, GPUReadError, MemoryReading
 from yolosafe.rundir.events import event_gpus, phase_after
 from yolosafe.rundir.layout import RunDir
+from yolosafe.supervisor.attribution import UNKNOWN_SPLIT, Namespace
 
 # phase and epoch (0-based) are the GPU's at the sample, from its rank's latest event: a CSV reader can group by them
 COLUMNS = ("t", "attempt", "gpu", "total_mib", "used_mib", "ours_mib", "others_mib", "phase", "epoch")
@@ -84,30 +85,6 @@ class PhaseTracker:
         return self._state.get(gpu, ("other", None))
 
 
-UNKNOWN_SPLIT = ("NVML names the GPUs' processes by pids of another PID namespace (a container): this run's and "
-                 "other processes' memory are unknown; used memory is still sampled")
-
-
-def split(reading: MemoryReading, ours: set[int], absent_is_foreign: bool = True) -> tuple[float | None, float | None]:
-    """The MiB of the run's own processes and of all others on one GPU (None where NVML gives no figure, or where its
-    pids are another PID namespace's: a container's supervisor never sees its own ranks' pids there).
-    ``absent_is_foreign``: whether pids that exist nowhere here mean another namespace (real NVML lists only live
-    processes; a fake layout's other processes are made-up pids)."""
-    if reading.processes is None:  # NVML cannot list this GPU's processes (some drivers, MIG)
-        return None, None
-    if absent_is_foreign and not any(p.pid in ours for p in reading.processes) and foreign_pids(
-            p.pid for p in reading.processes):
-        return None, None
-    mine = [p.used_mib for p in reading.processes if p.pid in ours]
-    theirs = [p.used_mib for p in reading.processes if p.pid not in ours]
-    return _sum(mine), _sum(theirs)
-
-
-def _sum(values: Sequence[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return sum(known, 0.0) if known or not values else None
-
-
 def wait_released(backend: GPUBackend, gpus: Sequence[int], pids: set[int], timeout: float = RELEASE_WAIT_S,
                   poll: float = RELEASE_POLL_S) -> set[int]:
     """Wait until NVML lists none of ``pids`` on ``gpus`` (a killed rank's memory is freed by the driver after it
@@ -151,7 +128,7 @@ class MemoryWatch:
         self.warnings: list[dict[str, Any]] = []
         self.peak_others: dict[int, float] = {}  # per GPU: the most other processes held while we sampled
         self.stopped: str | None = None  # why sampling ended early, if it did
-        self.split: str | None = None  # why this run's / others' memory is unknown, when it is (UNKNOWN_SPLIT)
+        self.namespace = Namespace()  # whether NVML's pids are this PID namespace's, decided once per run
         self.attempt_pids: set[int] = set()  # every process of the latest attempt's tree the sampler saw
         self._warned: set[tuple[int, str]] = set()
         self._reported_error = False
@@ -198,7 +175,7 @@ class MemoryWatch:
         """What yolosafe.json records about the watch."""
         return {"interval_s": self.interval, "warn_at": self.warn_at, "samples": self.samples,
                 "read_errors": self.read_errors, "cpu_s": round(self.cpu_s, 3), "stopped": self.stopped,
-                "warnings": self.warnings, **({"split": f"unknown: {self.split}"} if self.split else {})}
+                "warnings": self.warnings, **({"split": f"unknown: {UNKNOWN_SPLIT}"} if self.namespace.foreign else {})}
 
     def _run(self, attempt: int, pids: Callable[[], set[int]]) -> None:
         path = self.csv_path
@@ -224,31 +201,18 @@ class MemoryWatch:
         ours = pids()
         while not self._stop.is_set():
             self.tracker.poll()
+            before = {gpu: self.tracker.at(gpu) for gpu in active}
             now = time.time()
             if time.monotonic() - asked >= PIDS_S:
                 ours, asked = pids(), time.monotonic()
             self.attempt_pids |= ours
-            for gpu in list(active):
-                try:
-                    reading = backend.read_memory(gpu)
-                except GPUReadError as exc:
-                    self._failed(exc)
-                    active[gpu] += 1
-                    if active[gpu] >= MAX_FAILED_READS:
-                        del active[gpu]
-                    continue
-                active[gpu] = 0
-                # real NVML: any sample; fake GPUs: while the GPU's rank is in a phase (its memory is listed)
-                foreign = backend.name == "nvml" or self.tracker.at(gpu)[0] != "other"
-                # another PID namespace does not change during a run: once seen, the split stays unknown
-                mine, theirs = (None, None) if self.split else split(reading, ours, foreign)
-                if mine is None and theirs is None and reading.processes and not self.split:
-                    self.split = UNKNOWN_SPLIT
-                    self._say(f"memory watch: {UNKNOWN_SPLIT}")
-                if theirs is not None:
-                    self.peak_others[gpu] = max(self.peak_others.get(gpu, 0.0), theirs)
-                writer.writerow((f"{now:.3f}", attempt, gpu, _round(reading.total_mib), _round(reading.used_mib),
-                                 _round(mine), _round(theirs), *self.tracker.at(gpu)))
+            readings = self._read(backend, active)
+            self.tracker.poll()  # a phase's memory lies inside its events: in a phase before or after the read
+            for reading in readings:
+                in_phase = "other" not in (before[reading.index][0], self.tracker.at(reading.index)[0])
+                mine, theirs = self._split(reading, ours, backend.name == "nvml" or in_phase)
+                writer.writerow((f"{now:.3f}", attempt, reading.index, _round(reading.total_mib),
+                                 _round(reading.used_mib), _round(mine), _round(theirs), *before[reading.index]))
                 self.samples += 1
                 self._check(reading, mine, theirs)
             if not active:
@@ -259,6 +223,31 @@ class MemoryWatch:
                 flushed = time.monotonic()
             due = max(due + self.interval, time.monotonic())  # fixed rate; after a stall, no burst of catch-up ticks
             self._stop.wait(due - time.monotonic())
+        self.namespace.settle(self._say)
+
+    def _read(self, backend: GPUBackend, active: dict[int, int]) -> list[MemoryReading]:
+        """One reading of every GPU still sampled; a GPU that keeps failing is dropped from ``active``."""
+        readings = []
+        for gpu in list(active):
+            try:
+                readings.append(backend.read_memory(gpu))
+            except GPUReadError as exc:
+                self._failed(exc)
+                active[gpu] += 1
+                if active[gpu] >= MAX_FAILED_READS:
+                    del active[gpu]
+                continue
+            active[gpu] = 0
+        return readings
+
+    def _split(self, reading: MemoryReading, ours: set[int], foreign: bool) -> tuple[float | None, float | None]:
+        """This run's and others' MiB of one reading, as far as the PID namespace verdict allows.
+        ``foreign``: whether absent pids may mean another namespace (real NVML: always; fake GPUs: while the GPU's
+        rank is in a phase, when its memory is listed; outside, a layout's made-up pids are other users')."""
+        mine, theirs = self.namespace.split(reading, ours, foreign, self._say)
+        if theirs is not None:
+            self.peak_others[reading.index] = max(self.peak_others.get(reading.index, 0.0), theirs)
+        return mine, theirs
 
     def _failed(self, exc: GPUReadError) -> None:
         self.read_errors += 1
