@@ -15,7 +15,7 @@ Both get ``YOLO_OFFLINE=1`` (yolosafe sets it for its worker) and write their ou
    the attempt's run spec (``spec-1.json``, right before the worker starts): before it, the supervisor's start;
    after it, the worker's start beyond what plain Ultralytics needs to reach its first epoch.
 2. **Parts** (``--parts``): yolosafe at 8 epochs with each part switched off in turn (``YOLOSAFE_BENCH_OFF``, read by
-   ``yolosafe.proc.bench_off``, benchmark only): tee (the child writes to the terminal itself, no train.log), filter
+   ``yolosafe.bench.bench_off``, benchmark only): tee (the child writes to the terminal itself, no train.log), filter
    (tee without the traceback filter), tree (no background refresh of the process tree), events (no phase events),
    checkpoint (Ultralytics' in-place write), peaks (no epoch peak metrics), and the clearing before validation
    (``--no-clear-before-val``); all-on and each-off alternated; per part the median on-minus-off of the middle part
@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from yolosafe import proc
+from yolosafe import bench
 from yolosafe.planning import datasets
 from yolosafe.rundir import files as rundir
 
@@ -102,7 +102,7 @@ def run_yolosafe(work: Path, data: Path, epochs: int, env: dict[str, str], off: 
     if off == "clear-before-val":
         cmd.insert(2, "--no-clear-before-val")
     elif off:
-        env = {**env, proc.BENCH_OFF_ENV: off}
+        env = {**env, bench.BENCH_OFF_ENV: off}
     t0, wall, cpu = timed(cmd, env, work)
     run_dir = work / "runs" / "train"
     events = list(rundir.read_jsonl(run_dir / rundir.EVENTS))  # none with the events switched off: no segments
@@ -196,7 +196,7 @@ def profile(scratch: Path, data: Path, env: dict[str, str], epochs: int) -> None
            str(2 * WORKLOAD["batch"]), "--imgsz",
            str(WORKLOAD["imgsz"]), "--epochs", str(epochs), "--project", str(work / "runs"), "--name", "train",
            "workers=0"]
-    timed(cmd, {**env, proc.BENCH_PROFILE_ENV: str(folder)}, work)
+    timed(cmd, {**env, bench.BENCH_PROFILE_ENV: str(folder)}, work)
     for path in sorted(folder.glob("*.prof")):
         stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
         clock = "CPU" if path.name.startswith("supervisor") else "wall"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.test_atomic_save import epoch_of, trainer
-from yolosafe import proc
+from yolosafe import bench
 from yolosafe.training import torchmem
 from yolosafe.training.trainer import durable_replace
 
@@ -67,14 +67,14 @@ def test_no_collection_before_validation_off_cuda():
 
 
 def test_benchmark_switches_are_off_unless_set(monkeypatch, tmp_path):
-    monkeypatch.delenv(proc.BENCH_OFF_ENV, raising=False)
-    assert not any(proc.bench_off(part) for part in ("tee", "filter", "tree", "events", "checkpoint", "peaks"))
-    monkeypatch.setenv(proc.BENCH_OFF_ENV, "events,checkpoint")
-    assert proc.bench_off("events") and proc.bench_off("checkpoint") and not proc.bench_off("tee")
-    monkeypatch.delenv(proc.BENCH_PROFILE_ENV, raising=False)
-    assert proc.bench_profiled("worker", lambda a, b: a + b, 1, 2) == 3
-    monkeypatch.setenv(proc.BENCH_PROFILE_ENV, str(tmp_path))
-    assert proc.bench_profiled("worker", lambda a, b: a + b, 1, 2) == 3
+    monkeypatch.delenv(bench.BENCH_OFF_ENV, raising=False)
+    assert not any(bench.bench_off(part) for part in ("tee", "filter", "tree", "events", "checkpoint", "peaks"))
+    monkeypatch.setenv(bench.BENCH_OFF_ENV, "events,checkpoint")
+    assert bench.bench_off("events") and bench.bench_off("checkpoint") and not bench.bench_off("tee")
+    monkeypatch.delenv(bench.BENCH_PROFILE_ENV, raising=False)
+    assert bench.bench_profiled("worker", lambda a, b: a + b, 1, 2) == 3
+    monkeypatch.setenv(bench.BENCH_PROFILE_ENV, str(tmp_path))
+    assert bench.bench_profiled("worker", lambda a, b: a + b, 1, 2) == 3
     assert [p.name for p in tmp_path.iterdir()] == [f"worker-{os.getpid()}.prof"]
 
 

@@ -22,16 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from yolosafe import bench
 from yolosafe.exits import Exit
 
 PARENT_ENV = "YOLOSAFE_PARENT_PID"  # the pid a started process must have as its parent (set by whoever starts it)
 STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 STOP_GRACE_S = 8.0  # after a Ctrl-C, the tree gets this long to end on its own before SIGKILL
 PARENT_POLL_S = 0.25
-# Benchmark only (benchmarks/overhead.py, docs/overhead.md): yolosafe's parts a benchmark run switches off, read here
-# alone; a run without these variables, every real one, has every part on.
-BENCH_OFF_ENV = "YOLOSAFE_BENCH_OFF"  # comma-separated: tee, filter, tree, events, checkpoint, peaks
-BENCH_PROFILE_ENV = "YOLOSAFE_BENCH_PROFILE"  # a folder: the worker writes its cProfile stats there
 
 
 class ProcessTree:
@@ -53,7 +50,7 @@ class ProcessTree:
         self._thread = threading.Thread(target=self._run, name="yolosafe-tree", daemon=True)
 
     def start(self) -> ProcessTree:
-        if not bench_off("tree"):
+        if not bench.bench_off("tree"):
             self._thread.start()
         return self
 
@@ -104,25 +101,6 @@ def _children_by_parent() -> dict[int, list[Any]]:
     return found
 
 
-def bench_off(part: str) -> bool:
-    """Whether a benchmark run switched ``part`` off (``YOLOSAFE_BENCH_OFF=events,checkpoint``): never in a real run."""
-    return part in os.environ.get(BENCH_OFF_ENV, "").split(",")
-
-
-def bench_profiled(name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, under cProfile when a benchmark asks (``YOLOSAFE_BENCH_PROFILE=DIR``: ``DIR/name-PID.prof``)."""
-    folder = os.environ.get(BENCH_PROFILE_ENV)
-    if not folder:
-        return fn(*args)
-    import cProfile
-
-    profile = cProfile.Profile()
-    try:
-        return profile.runcall(fn, *args)
-    finally:
-        profile.dump_stats(os.path.join(folder, f"{name}-{os.getpid()}.prof"))
-
-
 def _alive(proc: Any) -> bool:
     import psutil
 
@@ -159,7 +137,7 @@ def run_child(
     KeyboardInterrupt raised in this thread (a notebook kernel's interrupt, a handler that is not ours)."""
     out = out or byte_stream(sys.stdout)
     started = time.monotonic()
-    piped = not bench_off("tee")  # switched off: the child writes to this process's stdout itself, no log
+    piped = not bench.bench_off("tee")  # switched off: the child writes to this process's stdout itself, no log
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if piped else None,
                             stderr=subprocess.STDOUT if piped else None, start_new_session=True)
     tree = ProcessTree(proc.pid).start()

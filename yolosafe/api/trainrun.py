@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import shlex
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from typing import Any
 import click
 
 from yolosafe import __version__, gpus, oom
+from yolosafe.api import dryrun
 from yolosafe.exits import Exit
 from yolosafe.planning import allocator, datasets, gpuselect, inputs, nodes, options, resume, validate
 from yolosafe.planning import trainplan as plan
@@ -32,7 +31,6 @@ from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor import child as supervise
-from yolosafe.supervisor import launchcmd as launch
 from yolosafe.supervisor import terminal
 from yolosafe.supervisor.multinode import setup as multicli
 
@@ -143,7 +141,7 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
     if dry_run:
-        print_dry_run(p, env, run_dir, simulated, where=where)
+        dryrun.print_dry_run(p, env, run_dir, simulated, where=where)
         return Ended(Exit.OK, run_dir, where.node_rank, dry_run=True)
     with released_on_error(run_dir, where.node_rank):
         story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
@@ -211,7 +209,7 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
     for note in r.notes:  # after every check: the run is there, and resumes
         terminal.say(f"note: {note}")
     if dry_run:
-        print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
+        dryrun.print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
         return Ended(Exit.OK, r.run_dir, where.node_rank, dry_run=True)
     with released_on_error(r.run_dir, where.node_rank):
         if where.multi:  # every node resumes the same attempt of the same run
@@ -268,40 +266,3 @@ def next_run_name(project: Path, name: str) -> Path:
     while (project / (name if n == 1 else f"{name}{n}")).exists():
         n += 1
     return project / (name if n == 1 else f"{name}{n}")
-
-
-def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulated: bool,
-                  resume_from: Path | None = None, attempt: int = 1, where: nodes.Nodes | None = None) -> None:
-    """The resolved plan, the child's environment and command: what ``--dry-run`` shows instead of training."""
-    gpus_text = f"{p.device}  ({len(p.gpus)} GPU{'s' if len(p.gpus) != 1 else ''})" if p.gpus else "cpu"
-    if simulated:
-        gpus_text += "  [fake GPUs: each one a rank process on the CPU]" if len(p.gpus) > 1 else "  [fake GPU: on CPU]"
-    where = where or nodes.Nodes()
-    node, multi = where.node_rank, where.multi
-    command = launch.child_command(RunDir(run_dir, node).spec(attempt), p.world_size, p.local_world_size,
-                                   RunDir(run_dir, node).ranks_log_dir(attempt), where, attempt)  # port: at launch
-    device, visible = supervise.launch_device(p, simulated)
-    child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
-    lines = [
-        ("model", p.model),
-        ("data", p.data),
-        ("device", gpus_text),
-        *(multicli.dry_run_lines(p, where) if multi else []),
-        ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
-        ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
-                            f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),
-        ("accumulation", plan.describe_accumulation(p)),
-        ("val batch", f"{p.val_batch} per GPU"),
-        ("imgsz / epochs", f"{p.imgsz} / {p.epochs}"),
-        ("allocator", f"PYTORCH_CUDA_ALLOC_CONF={env['PYTORCH_CUDA_ALLOC_CONF']}"),
-        ("run dir", f"{run_dir} (resumed from {resume_from}; nothing trained by a dry run)" if resume_from
-         else f"{run_dir} (not created by a dry run)"),
-        ("train kwargs", json.dumps(p.train_kwargs() | {"device": device}, sort_keys=True)),
-        ("child command", f"{prefix} {shlex.join(command)}"),
-    ]
-    click.echo("yolosafe train --dry-run")
-    for label, value in lines:
-        click.echo(f"  {label:<16} {value}")
-    for note in plan.plan_warnings(p):
-        click.echo(f"  note: {note}")

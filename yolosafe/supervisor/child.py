@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from yolosafe import proc
+from yolosafe import bench, proc
 from yolosafe.exits import Exit
 from yolosafe.gpus import FakeGpusError, open_backend, rank_visible_devices, read_inventory
 from yolosafe.planning.options import DEFAULTS
@@ -216,7 +216,7 @@ class Supervisor:
         """What of the attempt's output the terminal (or the notebook cell) shows: the worker's without tracebacks;
         of several ranks, the first rank of this node's, as if it ran alone (the log gets everything)."""
         raw = proc.byte_stream(sys.stdout)
-        shown = raw if proc.bench_off("filter") else terminal.TracebackFilter(raw)
+        shown = raw if bench.bench_off("filter") else terminal.TracebackFilter(raw)
         if spec.world_size <= 1:
             return shown
         _, local = self.machines.launch_shape(spec)  # ranks on this node

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from yolosafe import oom, proc
+from yolosafe import bench, oom
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import VAL_PHASES
@@ -143,7 +143,7 @@ class TrainingCallbacks:
         add_callbacks(model, self.hooks())
 
     def _record(self, event: str, obj: Any, **fields: Any) -> None:
-        if proc.bench_off("events"):
+        if bench.bench_off("events"):
             return
         append_event(self.context, event, obj, **fields)
 

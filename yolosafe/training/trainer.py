@@ -16,7 +16,7 @@ from typing import Any
 from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.model import YOLO
 
-from yolosafe import proc
+from yolosafe import bench
 from yolosafe.training import callbacks, peakmetrics, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
@@ -89,7 +89,7 @@ class AtomicCheckpoints:
     and the space their partial copies took is free again for the records of the failure."""
 
     def save_model(self) -> bool:
-        if proc.bench_off("checkpoint"):
+        if bench.bench_off("checkpoint"):
             return super().save_model()
         final = {"last": self.last, "best": self.best}
         partial = {name: path.with_name(f".{path.name}.partial") for name, path in final.items()}
@@ -151,13 +151,13 @@ class EpochPeakMetrics(_InContext):
 
     def validate(self) -> tuple[Any, Any]:
         metrics, fitness = super().validate()
-        if proc.bench_off("peaks"):
+        if bench.bench_off("peaks"):
             return metrics, fitness
         peaks = peakmetrics.epoch_peaks(self, self.run_context)  # every rank takes part: it gathers every GPU's
         return (None if metrics is None else {**metrics, **peaks}), fitness
 
     def save_metrics(self, metrics: dict[str, Any]) -> None:
-        super().save_metrics(metrics if proc.bench_off("peaks") else peakmetrics.ordered(metrics, self.run_context))
+        super().save_metrics(metrics if bench.bench_off("peaks") else peakmetrics.ordered(metrics, self.run_context))
 
 
 class FinalValidationMarked(_InContext):

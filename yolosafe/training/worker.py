@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
-from yolosafe import proc
+from yolosafe import bench, proc
 from yolosafe.exits import Exit
 from yolosafe.planning import allocator
 from yolosafe.rundir import files as rundir
@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         if rank.distributed:  # the launcher's per-rank error file gets this rank's traceback
             from torch.distributed.elastic.multiprocessing.errors import record
 
-            proc.bench_profiled("worker", record(run), Path(argv[0]), rank)
+            bench.bench_profiled("worker", record(run), Path(argv[0]), rank)
         else:
-            proc.bench_profiled("worker", run, Path(argv[0]), rank)
+            bench.bench_profiled("worker", run, Path(argv[0]), rank)
     except KeyboardInterrupt:
         _stopped(rank)
 
