@@ -198,9 +198,9 @@ def test_ctrl_c_stops_every_rank_and_the_run_resumes(start, run_cli, tmp_path):
                    f"two ranks training in attempt {attempt}")
         pids = family(proc, 2)
         stop(proc)
-        _, err = proc.communicate(timeout=10)
+        _, err = proc.communicate(timeout=30)  # the tree's grace (proc.STOP_GRACE_S), then SIGKILL; slack for load
         assert proc.returncode == 130, err[-2000:]
-        all_gone_within(pids, 2)  # within 10 s of the Ctrl-C: yolosafe itself waited for its tree
+        all_gone_within(pids, 2)  # yolosafe itself waited for its tree before it exited
         assert story(run)["outcome"] == "interrupted" and f"--resume {run}" in err
     result = run_cli("train", "--resume", str(run), env=TWO)  # the same fake GPUs: a resume maps the run's GPUs
     assert result.returncode == 0, result.stderr[-3000:]
