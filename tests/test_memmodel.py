@@ -238,20 +238,28 @@ def _labelled_set(root: Path, per_image: list[int]) -> Path:
     return data
 
 
+def _figures(root: Path, cache: Path) -> dict:
+    """What the input check hands the memory model, over label files as Ultralytics pairs them with images."""
+    labels = {split: sorted(str(p) for p in (root / "labels" / split).glob("*.txt")) for split in ("train", "val")}
+    return {"objects": {split: objects.label_counts(files, cache) for split, files in labels.items()}}
+
+
 def test_the_dataset_labels_decide_objects_per_image_and_are_cached(tmp_path, monkeypatch):
-    sparse = _labelled_set(tmp_path / "sparse", [1, 2, 3] * 40)
-    crowded = _labelled_set(tmp_path / "crowded", [5] * 118 + [400, 900])
+    _labelled_set(tmp_path / "sparse", [1, 2, 3] * 40)
+    _labelled_set(tmp_path / "crowded", [5] * 118 + [400, 900])
     cache = tmp_path / "cache"
-    setup = objects.apply(memmodel.Setup(), crowded, cache)
+    setup = objects.apply(memmodel.Setup(), _figures(tmp_path / "crowded", cache))
     assert setup.objects_per_image == 900 and setup.val_objects_per_image == 900
     assert "the dataset's labels" in setup.objects_source and "p99 400" in setup.objects_source
-    assert objects.apply(memmodel.Setup(), sparse, cache).objects_per_image == 3
+    assert objects.apply(memmodel.Setup(), _figures(tmp_path / "sparse", cache)).objects_per_image == 3
+    missing = objects.label_counts([str(tmp_path / "none.txt"), str(tmp_path / "crowded/labels/val/119.txt")], cache)
+    assert (missing["images"], missing["max"]) == (2, 900)  # an image without a label file: a background image
     monkeypatch.setattr(objects, "_count", lambda listing: pytest.fail("read again"))
-    assert objects.apply(memmodel.Setup(), crowded, cache).objects_per_image == 900  # from the cache
+    assert objects.apply(memmodel.Setup(), _figures(tmp_path / "crowded", cache)).objects_per_image == 900  # cached
     terms, budget = memmodel.table_terms("yolov8n"), 24 * 1024
     dense = memmodel.largest_batch(terms, setup, budget)
     assert dense < 0.7 * memmodel.largest_batch(terms, memmodel.Setup(), budget)  # 900 vs 100 objects
-    assert objects.apply(memmodel.Setup(), tmp_path / "missing.yaml", cache) == memmodel.Setup()
+    assert objects.apply(memmodel.Setup(), None) == objects.apply(memmodel.Setup(), {}) == memmodel.Setup()
 
 
 def test_rect_validation_batches_follow_the_validation_images_shapes(tmp_path):
@@ -259,10 +267,12 @@ def test_rect_validation_batches_follow_the_validation_images_shapes(tmp_path):
 
     assert valshapes.square_area(640) == pytest.approx((672 / 640) ** 2)  # ceil(640 / 32 + 0.5) x 32
     for name, sizes in (("wide", [(64, 36), (64, 40)]), ("mixed", [(64, 36), (36, 64)])):
-        data = _labelled_set(tmp_path / name, [1, 1])
+        images = []
         for i, size in enumerate(sizes):
-            Image.new("RGB", size).save(tmp_path / name / "images" / "val" / f"{i}.jpg")
-        setup = objects.apply(memmodel.Setup(), data, tmp_path / "cache")
+            images.append(str(tmp_path / f"{name}{i}.jpg"))
+            Image.new("RGB", size).save(images[-1])
+        ratios = valshapes.image_ratios(images, tmp_path / "cache")
+        setup = objects.apply(memmodel.Setup(), {"val_ratios": ratios})
         assert "the validation images' shapes" in setup.val_area_source
         if name == "wide":  # landscape only: [40/64, 1] -> 416 x 672
             assert setup.val_area == pytest.approx(416 * 672 / 640**2)
@@ -272,6 +282,7 @@ def test_rect_validation_batches_follow_the_validation_images_shapes(tmp_path):
             mixed = memmodel.predict(memmodel.table_terms("yolov8n"), setup, "val", 16)
     assert wide.per_image_mib < mixed.per_image_mib
     assert memmodel.Setup().val_area_share == pytest.approx(valshapes.square_area(640))  # no shapes: the worst
+    assert valshapes.image_ratios([str(tmp_path / "gone.jpg")], tmp_path / "cache") == []
 
 
 def test_the_loss_follows_its_measured_curve():

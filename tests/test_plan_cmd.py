@@ -182,3 +182,18 @@ def test_batch_auto_reads_the_dataset_labels_a_crowded_set_gets_a_smaller_batch(
         assert "public check" in memory["predicted"]["val"]["sources"]["required_mib"]
         chosen[name] = json.loads(result.stdout)["auto"]["per_gpu_batch"]
     assert chosen["crowded"] < 0.6 * chosen["sparse"]  # 1000 objects in one image: the assigner decides
+
+
+@pytest.mark.parametrize("layout", ["roboflow", "listed"])
+def test_the_plan_measures_the_images_ultralytics_lists_in_every_layout(run_cli, tmp_path, layout):
+    """A Roboflow export (``../train/images``, no ``path:``) and image lists in ``.txt`` files: the labels and shapes
+    the memory model reads are those of the images Ultralytics' own dataset code lists, not a copy of its rules."""
+    data = getattr(tinysets, layout)(tmp_path / layout, "detect")
+    result = run_cli("plan", "--gpus", "0", "--batch", "8", "--imgsz", "64", "--model", "yolov8n.yaml",
+                     "--data", str(data), "--json", env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
+    assert result.returncode == 0, result.stderr
+    memory = json.loads(result.stdout)["memory"]
+    source = memory["objects_per_image"]["source"]
+    assert f"train {tinysets.TRAIN} images, max 1" in source and f"val {tinysets.VAL} images, max 1" in source
+    assert memory["objects_per_image"]["train"] == 1
+

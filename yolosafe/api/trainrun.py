@@ -69,7 +69,8 @@ def ultralytics_accepts(opts: dict[str, Any], dry_run: bool) -> int | None:
     if opts.get("download") and not dry_run:
         terminal.say("Ultralytics downloads what is missing (the data, the weights) now, once, before training")
     checked = validate.ultralytics_check(opts, dry_run)
-    opts.update(task=checked["task"], project=checked["project"], train_images=checked["train_images"])
+    opts.update(task=checked["task"], project=checked["project"], train_images=checked["train_images"],
+                dataset_figures=checked.get("dataset") or {})
     for note in checked["notes"]:
         terminal.say(f"note: {note}")
     return checked["train_images"]
@@ -121,6 +122,8 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     inputs.check_run_path(str(opts["project"]), str(opts["name"]))
     validate.check_options(opts)
     inputs.check_memory_fraction(opts.get("memory_fraction"))
+    early = opts["batch"] == planner.AUTO  # --batch auto plans on the dataset's figures: Ultralytics lists it first
+    images = ultralytics_accepts(opts, dry_run) if early else None
     try:
         inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
         env = allocator.apply(os.environ, opts["alloc_conf"])
@@ -134,7 +137,8 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
         multicli.check_plan(p, where)  # GPUs on every node
     except (oom.InjectionError, nodes.NodesError) as exc:
         raise InputError(str(exc)) from None
-    images = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)
+    if not early:
+        images = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)
     p = p if images is None else dataclasses.replace(p, train_images=images)
     simulated = inventory.backend == "fake" and bool(p.gpus)
     run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)

@@ -9,8 +9,8 @@ optimizer through ``build_optimizer`` and the run directory's parent through ``g
 unless the request says ``download``: then the dataset and the weights are fetched here, once, before any rank starts.
 
 The result file holds ``{"error": LINE}`` or what the caller needs (the task, the project folder, the number of
-training images, notes). It runs in its own process so that torch, Ultralytics and any CUDA initialisation stay out of
-the supervisor's.
+training images, the dataset's figures for the memory model, notes). It runs in its own process so that torch,
+Ultralytics and any CUDA initialisation stay out of the supervisor's.
 """
 
 from __future__ import annotations
@@ -127,23 +127,38 @@ def dataset(trainer_cls: type, args: Any) -> tuple[dict[str, Any], Any]:
     return trainer.data, trainer
 
 
-def count_images(data: dict[str, Any], args: Any, task: str) -> int | None:
-    """The images of the training and validation splits, listed as the training's datasets list them."""
+def image_files(data: dict[str, Any], args: Any, task: str) -> dict[str, list[str]]:
+    """The images of the training and validation splits, listed as the training's datasets list them ({} for
+    classification: ``check_cls_dataset`` counted them and refuses a training split without images)."""
     from ultralytics.data.base import BaseDataset
 
     if task == "classify":
-        return None  # check_cls_dataset counted them (and refuses a training split without images)
-    counts = {}
+        return {}
+    files = {}
     for split in ("train", "val"):
         reader = SimpleNamespace(prefix="", fraction=args.fraction if split == "train" else 1.0)
         try:
-            counts[split] = len(BaseDataset.get_img_files(reader, data[split]))
+            files[split] = BaseDataset.get_img_files(reader, data[split])
         except Exception as exc:
             if isinstance(exc.__cause__ or exc, UnicodeDecodeError):  # Ultralytics wraps what it cannot read
                 why = "its image list is not UTF-8 text; save it as UTF-8"
                 raise Refused(f"--data {args.data}: {split}: {why}") from None
             raise Refused(f"--data {args.data}: {split}: {one_line(exc)}") from None
-    return counts["train"]
+    return files
+
+
+def dataset_figures(files: dict[str, list[str]]) -> dict[str, Any]:
+    """What the memory model reads from the dataset, over the images Ultralytics listed: objects per image of each
+    split (the label files it pairs with them) and the validation images' shapes (its rect batches)."""
+    from ultralytics.data.utils import img2label_paths
+
+    from yolosafe.planning.memory import objects, valshapes
+
+    if not files:
+        return {}
+    counts = {split: objects.label_counts(img2label_paths(images)) for split, images in files.items()}
+    return {"objects": {split: c for split, c in counts.items() if c},
+            "val_ratios": valshapes.image_ratios(files["val"])}
 
 
 def check_optimizer(trainer: Any, args: Any) -> None:
@@ -176,12 +191,14 @@ def check(request: dict[str, Any]) -> dict[str, Any]:
     trainer_cls = model.task_map[task]["trainer"]
     args = train_args(request, task)
     notes: list[str] = []
-    images = None
+    images, figures = None, {}
     if offline_dataset(request, task, notes):
         data, trainer = dataset(trainer_cls, args)
-        images = count_images(data, args, task)
+        files = image_files(data, args, task)
+        images, figures = (len(files["train"]) if files else None), dataset_figures(files)
         check_optimizer(trainer, args)
-    return {"task": task, "project": project_dir(request, task), "train_images": images, "notes": notes}
+    return {"task": task, "project": project_dir(request, task), "train_images": images, "dataset": figures,
+            "notes": notes}
 
 
 def main(argv: list[str] | None = None) -> None:

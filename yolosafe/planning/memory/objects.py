@@ -2,8 +2,9 @@
 
 Ultralytics pads every image's targets to the busiest image of its batch, and the task-aligned assigner builds
 ``batch × most objects × anchors`` tensors, so a crowded dataset needs far more memory than a sparse one at the same
-batch. This module counts the label lines of every image of the train and val splits of a data YAML (YOLO format:
-one object per line, ``labels/`` beside ``images/``), and keeps the largest and the 99th percentile per split. The
+batch. This module counts the label lines of every image of the train and val splits (YOLO format: one object per line),
+over the label files Ultralytics pairs with the images it lists (the input check asks it:
+:mod:`yolosafe.training.inputcheck`), and keeps the largest and the 99th percentile per split. The
 counts are cached in the cache directory under a fingerprint of the label files' names, sizes and mtimes, so a
 COCO-sized set is read once and then answered from its file listing.
 """
@@ -17,43 +18,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from yolosafe.planning import datasets
 from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import valshapes
 
 CACHE = "objects"
-SPLITS = ("train", "val")
 
 
-def _label_dirs(data_yaml: Path, split: str) -> list[Path]:
-    """The ``labels`` directories of a split, found as Ultralytics finds them (``/images/`` -> ``/labels/``)."""
-    data = yaml.safe_load(data_yaml.read_text()) or {}
-    root = Path(str(data.get("path") or data_yaml.parent))
-    if not root.is_absolute():
-        root = data_yaml.parent / root
-    entries = data.get(split)
-    dirs = []
-    for entry in entries if isinstance(entries, list) else [entries] if entries else []:
-        path = root / str(entry)
-        if path.is_dir():
-            images, labels_part = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
-            labels = Path(labels_part.join(f"{path}{os.sep}".rsplit(images, 1)))
-            dirs.append(labels if labels.is_dir() else path)
-    return dirs
-
-
-def _listing(dirs: list[Path]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every label file: what the cache's fingerprint covers."""
+def _listing(label_files: list[str]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every image's label file, a missing one (a background image) as empty: what the
+    cache's fingerprint covers."""
     found = []
-    for top in dirs:
-        for folder, _, names in os.walk(top):
-            for name in names:
-                if name.endswith(".txt"):
-                    path = os.path.join(folder, name)
-                    stat = os.stat(path)
-                    found.append((path, stat.st_size, stat.st_mtime_ns))
+    for path in label_files:
+        try:
+            stat = os.stat(path)
+            found.append((str(path), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            found.append((str(path), 0, 0))
     return sorted(found)
 
 
@@ -72,9 +53,10 @@ def _count(listing: list[tuple[str, int, int]]) -> dict[str, float]:
     return {"images": len(counts), "max": counts[-1], "p99": p99, "mean": round(sum(counts) / len(counts), 2)}
 
 
-def split_counts(data_yaml: Path, split: str, cache_dir: Path | None = None) -> dict[str, float]:
-    """``{"images", "max", "p99", "mean"}`` objects per image of one split; {} without labels. Cached."""
-    listing = _listing(_label_dirs(data_yaml, split))
+def label_counts(label_files: list[str], cache_dir: Path | None = None) -> dict[str, float]:
+    """``{"images", "max", "p99", "mean"}`` objects per image over these label files (one per image of a split, as
+    Ultralytics pairs them); {} without any. Cached under a fingerprint of the files' names, sizes and mtimes."""
+    listing = _listing(label_files)
     if not listing:
         return {}
     fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:24]
@@ -87,26 +69,17 @@ def split_counts(data_yaml: Path, split: str, cache_dir: Path | None = None) -> 
     return counts
 
 
-def dataset_counts(data: Any, cache_dir: Path | None = None) -> dict[str, dict[str, float]]:
-    """Per split, the counts of a data YAML path; {} when there is no YAML or no label on disk."""
-    path = Path(str(data)) if data else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        return {split: c for split in SPLITS if (c := split_counts(path, split, cache_dir))}
-    except (OSError, yaml.YAMLError, AttributeError, TypeError):
-        return {}
-
-
-def apply(setup: memmodel.Setup, data: Any, cache_dir: Path | None = None) -> memmodel.Setup:
+def apply(setup: memmodel.Setup, figures: dict[str, Any] | None) -> memmodel.Setup:
     """The setup with the dataset's busiest train and val images (the largest count: some batch holds it) and its
-    validation images' largest rect batch."""
-    ratios = valshapes.val_ratios(data, cache_dir)
+    validation images' largest rect batch; ``figures`` is what the input check measured on the images Ultralytics
+    lists (``{"objects": {"train": ..., "val": ...}, "val_ratios": [...]}``), None or {} when unknown."""
+    figures = figures or {}
+    ratios = figures.get("val_ratios") or []
     if ratios:
         setup = replace(setup, val_area=valshapes.largest_area(ratios, setup.imgsz),
                         val_area_source=f"the validation images' shapes: {len(ratios)} aspect ratios, "
                                         f"h/w {min(ratios):g}-{max(ratios):g}")
-    counts = dataset_counts(data, cache_dir)
+    counts = figures.get("objects") or {}
     train = counts.get("train")
     if not train:
         return setup

@@ -52,7 +52,7 @@ def setup_of(options: dict[str, Any], world_size: int, imgsz: int | None = None)
     setup = memmodel.Setup(imgsz=int(imgsz or options["imgsz"]), amp=bool(args.get("amp", True)),
                            optimizer=str(args.get("optimizer", "auto")), world_size=world_size,
                            expandable_segments=expandable_segments(options))
-    return objects.apply(setup, options.get("data_yaml") or options.get("data"))  # the dataset's own labels
+    return objects.apply(setup, options.get("dataset_figures"))  # the dataset's own labels, as Ultralytics lists them
 
 
 def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
@@ -240,7 +240,7 @@ def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: dict[str,
         terms = model_terms(p.model, allow_fake_pass)
     except memmodel.UnknownModel:
         return None
-    setup = setup_of({**options, "data_yaml": p.data}, p.world_size, p.imgsz)
+    setup = setup_of(options, p.world_size, p.imgsz)
     chosen = [g for g in inventory.gpus if g.index in p.gpus]
     per_gpu = [gpu_memory(terms, setup, g, p.per_gpu_batch, p.val_batch, history_file) for g in chosen]
     worst = max(per_gpu, key=lambda m: m.required_mib, default=None)

@@ -4,9 +4,9 @@ Ultralytics validates with ``rect=True``: images sorted by aspect ratio, each ba
 ``ceil(shape × imgsz / stride + 0.5) × stride`` with the shape ``[max h/w, 1]`` for a batch of landscape images,
 ``[1, 1 / min h/w]`` for a batch of portrait images and ``[1, 1]`` for a batch that holds both. The largest batch
 over any batch size is therefore the square ``ceil(imgsz / stride + 0.5) × stride`` (10 % more pixels than imgsz² at
-640) as soon as the set mixes landscape and portrait images, and smaller when it does not. The image sizes are read
-from the files' headers (no decoding) and cached in the cache directory under a fingerprint of the images' names,
-sizes and mtimes.
+640) as soon as the set mixes landscape and portrait images, and smaller when it does not. The images are the ones
+Ultralytics lists for the validation split (the input check asks it); their sizes are read from the files' headers
+(no decoding) and cached in the cache directory under a fingerprint of the images' names, sizes and mtimes.
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from yolosafe.planning import datasets
 
 CACHE = "valshapes"
 STRIDE = 32  # the largest stride of the detection models: Ultralytics' gs
 PAD = 0.5  # the validation dataset's pad
-IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"})
 
 
 def side(fraction: float, imgsz: int) -> int:
@@ -50,22 +46,14 @@ def largest_area(ratios: list[float], imgsz: int) -> float:
     return square_area(imgsz)
 
 
-def _images(data_yaml: Path) -> list[tuple[str, int, int]]:
-    data = yaml.safe_load(data_yaml.read_text()) or {}
-    root = Path(str(data.get("path") or data_yaml.parent))
-    if not root.is_absolute():
-        root = data_yaml.parent / root
-    entries = data.get("val")
+def _listing(image_files: list[str]) -> list[tuple[str, int, int]]:
     found = []
-    for entry in entries if isinstance(entries, list) else [entries] if entries else []:
-        path = root / str(entry)
-        if path.is_dir():
-            for folder, _, names in os.walk(path):
-                for name in names:
-                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                        full = os.path.join(folder, name)
-                        stat = os.stat(full)
-                        found.append((full, stat.st_size, stat.st_mtime_ns))
+    for path in image_files:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        found.append((str(path), stat.st_size, stat.st_mtime_ns))
     return sorted(found)
 
 
@@ -83,15 +71,10 @@ def _ratios(listing: list[tuple[str, int, int]]) -> list[float]:
     return ratios
 
 
-def val_ratios(data: Any, cache_dir: Path | None = None) -> list[float]:
-    """The h/w ratios of the validation images of a data YAML; [] when unknown. Cached."""
-    path = Path(str(data)) if data else None
-    if path is None or not path.is_file():
-        return []
-    try:
-        listing = _images(path)
-    except (OSError, yaml.YAMLError, AttributeError, TypeError):
-        return []
+def image_ratios(image_files: list[str], cache_dir: Path | None = None) -> list[float]:
+    """The distinct h/w ratios of these images (the validation split, as Ultralytics lists it); [] when unknown.
+    Cached under a fingerprint of the files' names, sizes and mtimes."""
+    listing = _listing(image_files)
     if not listing:
         return []
     fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:24]
