@@ -51,14 +51,11 @@ def _leaves(out: Any) -> list[Any]:
 
 
 def build(model: str) -> Any:
-    """The real model from its YAML (offline: nothing downloads), every parameter trainable as Ultralytics trains."""
-    from ultralytics.nn import tasks
-    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+    """The real model from its YAML, built as ``YOLO(model)`` builds it (its task map; offline: nothing downloads),
+    every parameter trainable as Ultralytics trains."""
+    from ultralytics import YOLO
 
-    classes = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "pose": tasks.PoseModel,
-               "obb": tasks.OBBModel, "classify": tasks.ClassificationModel}
-    cfg = yaml_model_load(model)
-    return classes[guess_model_task(cfg)](cfg, verbose=False)
+    return YOLO(model, verbose=False).model
 
 
 def _fake_copy(model: Any, mode: Any, half: bool = False) -> Any:
