@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import TINY, run_dir_of, story
 from yolosafe import gpus
+from yolosafe.rundir import records
 
 # Two fake GPUs as a container sees them: NVML's pids are the host's, none a process here (the ranks' phase memory
 # is listed under such pids too).
@@ -22,18 +23,23 @@ CONTAINER = json.dumps({"host_pids": True, "gpus": [{"total_mib": 24576, "phase_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("error", ["accelerator", "nccl", "cudnn"])
-def test_the_retry_loop_recovers_each_real_oom_form_on_two_ranks_in_a_container(run_cli, tmp_path, error):
-    """Rank 1 raises the real exception type with its real text; the attempt is an OOM and the retry completes. The
-    run's memory is listed under host pids: the split between this run and others is unknown, never "others"."""
-    env = {"YOLOSAFE_FAKE_GPUS": CONTAINER, "YOLOSAFE_INJECT_OOM": f"phase=train,epoch=0,rank=1,error={error}"}
-    result = run_cli("train", "--gpus", "0,1", "--epochs", "1", "--watch-interval", "0.02", *TINY, env=env)
+def test_the_retry_loop_recovers_each_real_oom_form_on_two_ranks_in_a_container(run_cli, tmp_path):
+    """Rank 1 raises each real exception type with its real text in turn (CUDA's own, NCCL's, cuDNN's out of memory),
+    one per attempt; each attempt is an OOM, the batch halves and the fourth completes. The run's memory is listed
+    under host pids: the split between this run and others is unknown, never "others"."""
+    forms = {"accelerator": "AcceleratorError", "nccl": "DistBackendError", "cudnn": "RuntimeError"}
+    env = {"YOLOSAFE_FAKE_GPUS": CONTAINER,
+           "YOLOSAFE_INJECT_OOM": f"phase=train,epoch=0,rank=1,times=3,error={'+'.join(forms)}"}
+    result = run_cli("train", "--gpus", "0,1", "--epochs", "1", "--watch-interval", "0.02", *TINY, "--batch", "16",
+                     env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     s = story(run)
-    first, second = s["attempts"]
-    assert (first["outcome"], first["phase"], first["rank"], first["gpu"]) == ("oom", "train", 1, 1)
-    assert second["outcome"] == "completed" and second["per_gpu_batch"] == 2
+    *ooms, last = s["attempts"]
+    assert [(a["outcome"], a["phase"], a["rank"], a["gpu"]) for a in ooms] == [("oom", "train", 1, 1)] * 3
+    assert [a["per_gpu_batch"] for a in s["attempts"]] == [8, 4, 2, 1] and last["outcome"] == "completed"
+    raised = {f.attempt: f.error for f in records.load_failures(run) if f.rank == 1}
+    assert [raised[n] for n in (1, 2, 3)] == list(forms.values())  # the real types, read back as the policy reads them
     assert s["memory_watch"]["split"].startswith("unknown: NVML names the GPUs' processes by pids of another")
     assert result.stderr.count("pids of another PID namespace") == 1 and "exclude" not in result.stderr
     with open(run / "memory.csv") as fh:

@@ -204,3 +204,10 @@ def test_injected_errors_are_the_real_types_with_the_real_texts(error):
                 "cudnn": RuntimeError}[error]
     assert type(exc) is expected and not isinstance(exc, torch.OutOfMemoryError)
     assert oom.is_oom_text(str(exc)) and str(exc).endswith(oom.INJECTED)
+
+
+def test_an_injection_of_several_forms_raises_them_in_turn():
+    injection = oom.parse_injection("phase=train,times=3,error=accelerator+nccl+cudnn")
+    assert [injection.error_at(n) for n in range(4)] == ["accelerator", "nccl", "cudnn", "accelerator"]
+    with pytest.raises(oom.InjectionError, match="error oom/accelerator"):
+        oom.parse_injection("error=accelerator+cuda")

@@ -150,6 +150,11 @@ class Injection:
     error: str = "oom"
     node: int | None = None
 
+    def error_at(self, fired: int) -> str:
+        """What the firing after ``fired`` earlier ones raises."""
+        kinds = self.error.split("+")
+        return kinds[fired % len(kinds)]
+
     def matches(self, phase: str, epoch: int, iteration: int, rank: int, local: tuple[int, int] = (0, -1)) -> bool:
         """``local``: this process's node and local rank, used when the injection names a ``node``."""
         where = max(rank, 0) if self.node is None else (local[0], max(local[1], 0))
@@ -174,7 +179,7 @@ def parse_injection(text: str | None) -> Injection | None:
         else:
             raise InjectionError(f"{INJECT_ENV}: {key}={value!r} must be a whole number >= 0")
     injection = Injection(**fields)
-    if injection.phase not in {"train", "val", "final"} or injection.error not in ERRORS:
+    if injection.phase not in {"train", "val", "final"} or not set(injection.error.split("+")) <= set(ERRORS):
         raise InjectionError(f"{INJECT_ENV}: phase must be train/val/final and error {'/'.join(ERRORS)}, got {text!r}")
     return injection
 

@@ -48,7 +48,7 @@ def maybe_inject(context: RunContext, phase: str) -> None:
     if injection.times and done >= injection.times:
         return
     counter.write_text(str(done + 1))
-    raise injected_error(injection.error, context.rank.local)
+    raise injected_error(injection.error_at(done), context.rank.local)
 
 
 def injected_error(error: str, gpu: int) -> BaseException:
