@@ -14,9 +14,10 @@ from yolosafe import gpus
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, hostram, objects, planner, valshapes
 from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.trainoptions import TrainOptions
 
 FAMILIES = [[f"yolov8{s}" for s in "nsmlx"], [f"yolo11{s}" for s in "nsmlx"]]
-OPTIONS = {"imgsz": 640, "args": [], "memory_fraction": 0.85}
+OPTIONS = TrainOptions.of({"imgsz": 640, "args": [], "memory_fraction": 0.85})
 PUBLIC_POINTS = Path(__file__).parent / "data" / "memory_points.yaml"
 POINT_FIELDS = {"gpu_mem": {"batch", "value", "unit", "phase", "epoch"}, "autobatch_profile": {"profile", "unit"},
                 "oom": {"batch", "gpu_total_mib"}, "ran": {"batch", "gpu_total_mib"}}

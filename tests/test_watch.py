@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 from yolosafe import gpus
 from yolosafe.planning.options import DEFAULTS
+from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.proc import run_child
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir.records import Story
@@ -126,7 +127,7 @@ def test_nvml_gone_for_good_stops_the_watch_cleanly(tmp_path):
 
 
 def run_options(env: dict, **given) -> RunOptions:
-    return RunOptions.of(env, {**DEFAULTS, **given}, simulated=False)
+    return RunOptions.of(env, TrainOptions.of({**DEFAULTS, **given}), simulated=False)
 
 
 def test_watch_runs_while_the_worker_lives_and_stops_with_it(tmp_path):

@@ -25,6 +25,7 @@ from yolosafe.exits import Exit
 from yolosafe.planning import options, validate
 from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import planner
+from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.supervisor.multinode import setup as multicli
@@ -67,16 +68,16 @@ def plan(model: str | Path | None = None, data: str | Path | None = None, **kwar
     opts = trainrun.resolve(given, given.get("config_file"), given.get("datasets_file"))
     where = multicli.resolve(node_params)  # batch is the total over every node's GPUs
     multicli.check_options(opts, where)
-    opts["nnodes"] = where.nnodes
+    opts = opts.replace(nnodes=where.nnodes)
     return plan_of(opts, inventory_of.read_inventory())
 
 
-def plan_of(opts: dict[str, Any], inventory: inventory_of.Inventory) -> Plan:
+def plan_of(opts: TrainOptions, inventory: inventory_of.Inventory) -> Plan:
     """The plan of resolved options on ``inventory``'s GPUs, with ``batch="auto"`` chosen and the memory predicted."""
-    images = trainrun.ultralytics_accepts(opts, dry_run=True)  # what Ultralytics accepts, Ultralytics decides
+    opts = trainrun.ultralytics_accepts(opts, dry_run=True)  # what Ultralytics accepts, Ultralytics decides
     opts, auto = planner.resolve_auto(opts, inventory)
     built = trainrun.build(opts, inventory)
-    built = built if images is None else dataclasses.replace(built, train_images=images)
+    built = built if opts.train_images is None else dataclasses.replace(built, train_images=opts.train_images)
     memory = planner.memory_plan(built, inventory, opts)
     if memory is None:
         raise memmodel.UnknownModel(f"{built.model}: no memory figures (not in the table, and weights cannot be "
@@ -98,7 +99,7 @@ def run_training(given: dict[str, Any], resume: str | Path | None, node_params: 
             return trainrun.resume_run(Path(resume), given, dry_run, where)
         opts = trainrun.resolve(given, given.get("config_file"), given.get("datasets_file"))
         if command:
-            opts["command"] = command
+            opts = opts.replace(command=command)
         return trainrun.new_run(opts, dry_run, where)
     except SystemExit as exc:  # nothing below exits on purpose; a library call must not end its caller
         raise YolosafeError(f"stopped with exit status {exc.code}") from None

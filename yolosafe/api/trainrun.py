@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,11 @@ import click
 from yolosafe import __version__, gpus, oom
 from yolosafe.api import dryrun
 from yolosafe.exits import Exit
-from yolosafe.planning import allocator, datasets, gpuselect, inputs, nodes, options, resume, validate
+from yolosafe.planning import allocator, datasets, gpuselect, inputs, nodes, options, resume, trainoptions, validate
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, planner
 from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
@@ -46,7 +46,7 @@ class Ended:
     dry_run: bool = False
 
 
-def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: str | None) -> dict[str, Any]:
+def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: str | None) -> TrainOptions:
     """Options from the flags ``given``, the ``--config`` file, the dataset's defaults and yolosafe's; ``data_yaml``
     is the dataset's YAML."""
     config = options.load_config(config_file)
@@ -60,42 +60,43 @@ def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: st
     resolved["model"] = resolved["model"] or options.default_model()
     named = "name" in given or "name" in config  # a run the user named: a live one of that name is a mistake
     resolved.update(data_yaml=str(dataset.yaml_path), dataset_name=dataset.name, named=named, data_hint=dataset.hint)
-    return resolved
+    return TrainOptions.of(resolved)
 
 
-def ultralytics_accepts(opts: dict[str, Any], dry_run: bool) -> int | None:
+def ultralytics_accepts(opts: TrainOptions, dry_run: bool) -> TrainOptions:
     """Ultralytics' own verdict on the model, the arguments and the data (a child process: validate.ultralytics_check);
-    sets the task and the runs' folder Ultralytics gives that task, says its notes, returns the training images."""
-    if opts.get("download") and not dry_run:
+    says its notes, returns the options with the task, the runs' folder Ultralytics gives that task and the training
+    images."""
+    if opts.download and not dry_run:
         terminal.say("Ultralytics downloads what is missing (the data, the weights) now, once, before training")
     checked = validate.ultralytics_check(opts, dry_run)
-    opts.update(task=checked["task"], project=checked["project"], train_images=checked["train_images"],
-                dataset_figures=checked.get("dataset") or {})
+    opts = opts.replace(task=checked["task"], project=checked["project"], train_images=checked["train_images"],
+                        dataset_figures=checked.get("dataset") or {})
     for note in checked["notes"]:
         terminal.say(f"note: {note}")
-    return checked["train_images"]
+    return opts
 
 
-def build(opts: Mapping[str, Any], inventory: gpus.Inventory) -> plan.TrainPlan:
+def build(opts: TrainOptions, inventory: gpus.Inventory) -> plan.TrainPlan:
     """The plan of resolved options on this machine's GPUs (``--gpus`` within ``$CUDA_VISIBLE_DEVICES``)."""
     visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
-        selected = gpuselect.parse_gpus(None if opts["gpus"] is None else str(opts["gpus"]), visible, inventory.problem)
+        selected = gpuselect.parse_gpus(None if opts.gpus is None else str(opts.gpus), visible, inventory.problem)
         for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
             raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
-        check_visible(inventory, selected, str(opts["gpus"]).strip().lower() == "cpu")
+        check_visible(inventory, selected, str(opts.gpus).strip().lower() == "cpu")
         built = plan.build_plan(
-            model=opts["model"],
-            data=opts["data_yaml"],
+            model=opts.model,
+            data=opts.data_yaml,
             gpus=selected,
-            batch=int(opts["batch"]),
-            effective_batch=opts["effective_batch"],
-            val_batch=opts["val_batch"],
-            imgsz=int(opts["imgsz"]),
-            epochs=int(opts["epochs"]),
-            extra=plan.parse_passthrough(opts["args"]),
-            train_images=opts.get("train_images"),  # Ultralytics' own count (ultralytics_accepts), once known
-            nnodes=int(opts.get("nnodes") or 1),  # multi-node: --batch is the total over every node's GPUs
+            batch=int(opts.batch),
+            effective_batch=opts.effective_batch,
+            val_batch=opts.val_batch,
+            imgsz=int(opts.imgsz),
+            epochs=int(opts.epochs),
+            extra=plan.parse_passthrough(opts.args),
+            train_images=opts.train_images,  # Ultralytics' own count (ultralytics_accepts), once known
+            nnodes=int(opts.nnodes or 1),  # multi-node: --batch is the total over every node's GPUs
         )
     except plan.PlanError as exc:
         hidden = len(visible) < len(inventory.ids)
@@ -114,19 +115,19 @@ def check_visible(inventory: gpus.Inventory, selected: tuple[int, ...], cpu_aske
         raise InputError(problem)
 
 
-def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
+def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     """A new run: everything checked, then the run directory claimed and the attempts supervised."""
-    opts["nnodes"] = where.nnodes
+    opts = opts.replace(nnodes=where.nnodes)
     multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
-    options.check_watch(opts)
-    inputs.check_run_path(str(opts["project"]), str(opts["name"]))
+    trainoptions.check_watch(opts)
+    inputs.check_run_path(str(opts.project), str(opts.name))
     validate.check_options(opts)
-    inputs.check_memory_fraction(opts.get("memory_fraction"))
-    early = opts["batch"] == planner.AUTO  # --batch auto plans on the dataset's figures: Ultralytics lists it first
-    images = ultralytics_accepts(opts, dry_run) if early else None
+    inputs.check_memory_fraction(opts.memory_fraction)
+    early = opts.batch == planner.AUTO  # --batch auto plans on the dataset's figures: Ultralytics lists it first
+    opts = ultralytics_accepts(opts, dry_run) if early else opts
     try:
         inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
-        env = allocator.apply(os.environ, opts["alloc_conf"])
+        env = allocator.apply(os.environ, opts.alloc_conf)
         opts, auto = planner.resolve_auto(opts, inventory)
     except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
@@ -138,8 +139,8 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     except (oom.InjectionError, nodes.NodesError) as exc:
         raise InputError(str(exc)) from None
     if not early:
-        images = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)
-    p = p if images is None else dataclasses.replace(p, train_images=images)
+        opts = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)
+    p = p if opts.train_images is None else dataclasses.replace(p, train_images=opts.train_images)
     simulated = inventory.backend == "fake" and bool(p.gpus)
     run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
@@ -167,42 +168,38 @@ def released_on_error(run_dir: Path, node: int) -> Iterator[None]:
         raise
 
 
-def claim_run_dir(opts: Mapping[str, Any], where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> Path:
+def claim_run_dir(opts: TrainOptions, where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> Path:
     """The run's directory: on several nodes the same one everywhere, made by node 0; a new one, locked for this
     process, on one machine; only its name for a dry run."""
-    project = Path(opts["project"])
+    project = Path(opts.project)
     if where.multi:
-        return multicli.claim(project, dict(opts), opts["named"], where, p, dry_run)
+        return multicli.claim(project, opts, opts.named, where, p, dry_run)
     if dry_run:
-        return next_run_name(project, opts["name"])
+        return next_run_name(project, opts.name)
     try:
-        return rundir.claim_new_run_dir(project, opts["name"], refuse_live=opts["named"])
+        return rundir.claim_new_run_dir(project, opts.name, refuse_live=opts.named)
     except rundir.RunLocked as exc:
-        raise InputError(f"--name {opts['name']}: {exc}") from None
+        raise InputError(f"--name {opts.name}: {exc}") from None
     except OSError as exc:  # /proc, a file system that refuses folders: nothing was created
         raise InputError(f"--project {project}: cannot create the run directory there "
                          f"({exc.strerror or exc})") from None
 
 
-def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Mapping[str, Any],
+def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: TrainOptions,
               inventory: gpus.Inventory, simulated: bool, auto: dict[str, Any] | None) -> records.Story:
     """``yolosafe.json`` as a run starts: the plan, its GPUs, the versions, the options that shape its attempts."""
     return records.Story.new(
         yolosafe=__version__,
-        command=list(opts.get("command") or sys.argv),
         run_dir=str(run_dir),
-        dataset={"name": opts["dataset_name"], "yaml": opts["data_yaml"]},
         plan=p.summary(),
         allocator={k: env[k] for k in allocator.ENV_VARS},
         versions={**supervise.versions(), "driver": inventory.driver, "cuda_driver": inventory.cuda},
         gpu_backend=inventory.backend,
         gpus=[g.as_dict() for g in inventory.gpus if g.index in p.gpus],
         simulated_on_cpu=simulated,
-        max_retries=opts["max_retries"],
-        min_batch=opts["min_batch"],
-        **{key: opts[key] for key in options.WATCH_KEYS},
+        **opts.to_story(),  # command, dataset, max_retries, min_batch and the memory watch's options
         batch_auto=auto,
-        memory_plan=planner.memory_plan(p, inventory, dict(opts), allow_fake_pass=False),
+        memory_plan=planner.memory_plan(p, inventory, opts, allow_fake_pass=False),
     )
 
 
@@ -226,7 +223,7 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
         return Ended(code, r.run_dir, where.node_rank)
 
 
-def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: Mapping[str, Any],
+def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: TrainOptions,
                    simulated: bool, story: records.Story, resume_from: Path | None = None,
                    where: nodes.Nodes | None = None, final_val_only: bool = False) -> Exit:
     """The attempts, then the memory table, the history line and where the weights are."""

@@ -104,7 +104,7 @@ def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_f
     opts = trainrun.resolve(given, config_file, datasets_file)
     where = multicli.resolve(ctx.params)  # --batch is the total over every node's GPUs
     multicli.check_options(opts, where)
-    opts["nnodes"] = where.nnodes
+    opts = opts.replace(nnodes=where.nnodes)
     if vram:
         planview.print_tier_table(opts, vram, as_json, given.get("model"))
     else:  # a GPU in MIG mode is planned as the MIG device it stands for

@@ -2,7 +2,8 @@
 
 Every reader of an option (the command line's help, ``--config``, a resume, the supervisor) takes its default from
 :data:`DEFAULTS`; the worker gets resolved values only, through the run spec. Precedence, highest first: flags given
-on the command line, the ``--config`` file, the dataset's entry in ``datasets.yaml``, these defaults.
+on the command line, the ``--config`` file, the dataset's entry in ``datasets.yaml``, these defaults. The resolved
+options are one :class:`yolosafe.planning.trainoptions.TrainOptions`.
 """
 
 from __future__ import annotations
@@ -85,20 +86,6 @@ def resolve(given: Mapping[str, Any], config: Mapping[str, Any], dataset_default
     if given.get("args"):
         resolved["args"] = [*config.get("args", []), *given["args"]]
     return resolved
-
-
-def check_watch(options: Mapping[str, Any]) -> None:
-    """--watch-interval 0 turns the watch off; faster than 100 Hz buys nothing and costs CPU."""
-    try:
-        interval, warn_at = float(options["watch_interval"]), float(options["warn_at"])
-    except (TypeError, ValueError):
-        raise InputError(f"watch-interval {options['watch_interval']!r} / warn-at {options['warn_at']!r}: "
-                         "expected numbers") from None
-    if interval != 0 and not 0.01 <= interval <= 60:
-        raise InputError(f"--watch-interval {interval:g}: give seconds between 0.01 and 60, or 0 to turn the memory "
-                         "watch off")
-    if not 0 < warn_at <= 1:
-        raise InputError(f"--warn-at {warn_at:g}: give a share of GPU memory above 0 and at most 1 (e.g. 0.9)")
 
 
 def yolo_batch(value: Any) -> tuple[Any, float | None]:

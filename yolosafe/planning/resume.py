@@ -20,7 +20,7 @@ from typing import Any
 from yolosafe import gpus
 from yolosafe.planning import allocator, checkpoint, gpuselect, inputs, recovered, validate
 from yolosafe.planning import trainplan as plan
-from yolosafe.planning.options import DEFAULTS, check_watch
+from yolosafe.planning.trainoptions import TrainOptions, check_watch
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 
@@ -42,7 +42,7 @@ class Resume:
     story: records.Story
     plan: plan.TrainPlan
     env: dict[str, str]
-    options: dict[str, Any]
+    options: TrainOptions  # the story's (TrainOptions.from_story), with the run options given over them
     simulated: bool
     lock_fd: int | None = None  # held for the life of this process (None for a dry run)
     gpus: list[dict[str, Any]] | None = None  # the plan's GPUs as this process sees them now (GPU.as_dict)
@@ -161,10 +161,10 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
         last = pending_validation(run_dir) or check_last(run_dir, story)
         progress = checkpoint.progress(last) if last.name != UNVALIDATED else None  # its trainer validates first
         final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
-    options = {key: _first(given.get(key), getattr(story, key), DEFAULTS[key]) for key in RUN_OPTIONS}
+    options = TrainOptions.from_story(story).replace(**{k: given[k] for k in RUN_OPTIONS if given.get(k) is not None})
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
-    check_watch({**options, **applied})  # the same checks as a new run's
-    validate.check_options({**options, **applied, "project": str(run_dir.parent), "name": run_dir.name})
+    check_watch(options.replace(**applied))  # the same checks as a new run's
+    validate.check_options(options.replace(**applied, project=str(run_dir.parent), name=run_dir.name))
     p, simulated = _plan(story, given, nnodes)
     try:
         env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))
@@ -264,4 +264,4 @@ def record(r: Resume, given: dict[str, Any]) -> None:
         r.story.gpus = r.gpus
     r.story.allocator = {k: r.env[k] for k in allocator.ENV_VARS}
     for key in RUN_OPTIONS:
-        setattr(r.story, key, r.options[key])
+        setattr(r.story, key, getattr(r.options, key))

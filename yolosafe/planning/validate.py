@@ -41,10 +41,11 @@ class InputError(UsageError):
 # --- yolosafe's own options -----------------------------------------------------------------------------------------
 
 
-def check_options(options: Mapping[str, Any]) -> None:
-    """Types and ranges of yolosafe's options, whether they came from flags or a ``--config`` file."""
+def check_options(options: Any) -> None:
+    """Types and ranges of yolosafe's options (a :class:`~yolosafe.planning.trainoptions.TrainOptions`), whether
+    they came from flags or a ``--config`` file."""
     for key, minimum in INT_OPTIONS.items():
-        value = options.get(key)
+        value = getattr(options, key)
         if value is None or (key == "batch" and value == "auto"):  # --batch auto: planner.resolve_auto decides
             continue
         flag = "--" + key.replace("_", "-")
@@ -53,15 +54,15 @@ def check_options(options: Mapping[str, Any]) -> None:
         if value < minimum:
             raise InputError(f"{flag} {value}: must be at least {minimum}")
     for key in STR_OPTIONS:
-        value = options.get(key)
+        value = getattr(options, key)
         if value is not None and not isinstance(value, str):
             raise InputError(f"--{key.replace('_', '-')} {value!r}: must be text")
-    if options.get("val_oom", "in-place") not in VAL_OOM:
-        raise InputError(f"val_oom {options['val_oom']!r}: must be one of {', '.join(VAL_OOM)}")
-    if not isinstance(options.get("clear_before_val", True), bool):
-        raise InputError(f"clear_before_val {options['clear_before_val']!r}: must be true or false")
-    if options.get("project") is not None:
-        check_run_location(str(options["project"]), str(options["name"]))
+    if options.val_oom not in VAL_OOM:
+        raise InputError(f"val_oom {options.val_oom!r}: must be one of {', '.join(VAL_OOM)}")
+    if not isinstance(options.clear_before_val, bool):
+        raise InputError(f"clear_before_val {options.clear_before_val!r}: must be true or false")
+    if options.project is not None:
+        check_run_location(str(options.project), str(options.name))
 
 
 def check_run_location(project: str, name: str) -> None:
@@ -102,23 +103,24 @@ def check_checkpoint(path: Path, what: str) -> None:
 # --- what Ultralytics decides --------------------------------------------------------------------------------------
 
 
-def ultralytics_request(opts: Mapping[str, Any], dry_run: bool) -> dict[str, Any]:
-    """What the input check asks Ultralytics: the model, the data, the train arguments as the worker passes them."""
+def ultralytics_request(opts: Any, dry_run: bool) -> dict[str, Any]:
+    """What the input check asks Ultralytics of the options (a ``TrainOptions``): the model, the data, the train
+    arguments as the worker passes them."""
     try:
-        extra = trainplan.check_passthrough(trainplan.parse_passthrough(opts.get("args") or []))
+        extra = trainplan.check_passthrough(trainplan.parse_passthrough(opts.args or []))
     except trainplan.PlanError as exc:
         raise InputError(str(exc)) from None
-    batch = opts.get("batch")
-    overrides = {**extra, "epochs": opts.get("epochs"), "imgsz": opts.get("imgsz"),
-                 "batch": batch if isinstance(batch, int) else 16, "nbs": opts.get("effective_batch")}
-    project = opts.get("project")
-    return {"model": opts["model"], "data": opts["data_yaml"], "task": opts.get("task"),
+    batch = opts.batch
+    overrides = {**extra, "epochs": opts.epochs, "imgsz": opts.imgsz,
+                 "batch": batch if isinstance(batch, int) else 16, "nbs": opts.effective_batch}
+    project = opts.project
+    return {"model": opts.model, "data": opts.data_yaml, "task": opts.task,
             "overrides": {k: v for k, v in overrides.items() if v is not None},
-            "project": None if project == ULTRALYTICS_PROJECT else project, "name": opts["name"],
-            "download": bool(opts.get("download")) and not dry_run, "dry_run": dry_run}  # a dry run fetches nothing
+            "project": None if project == ULTRALYTICS_PROJECT else project, "name": opts.name,
+            "download": bool(opts.download) and not dry_run, "dry_run": dry_run}  # a dry run fetches nothing
 
 
-def ultralytics_check(opts: Mapping[str, Any], dry_run: bool = False) -> dict[str, Any]:
+def ultralytics_check(opts: Any, dry_run: bool = False) -> dict[str, Any]:
     """Ask Ultralytics in a child process whether it trains this; returns the task, the runs' folder (``project``)
     and the training images, or raises :class:`InputError` with Ultralytics' reason. With ``download`` set, the data
     and the weights are fetched there, once, before any rank starts."""
@@ -136,7 +138,7 @@ def ultralytics_check(opts: Mapping[str, Any], dry_run: bool = False) -> dict[st
             raise InputError(f"Ultralytics' input check failed: {last}")
         result = json.loads(answer.read_text())
     if "error" in result:
-        hint = opts.get("data_hint")
+        hint = opts.data_hint
         known = "--data" not in result["error"] or "images not found" in result["error"]  # Ultralytics knows it
         raise InputError(result["error"] if known or not hint else f"{hint}; Ultralytics: {result['error']}")
     return result

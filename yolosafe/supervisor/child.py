@@ -19,12 +19,13 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from yolosafe import bench, proc
 from yolosafe.exits import Exit
 from yolosafe.gpus import FakeGpusError, open_backend, rank_visible_devices, read_inventory
 from yolosafe.planning.options import DEFAULTS
+from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
 from yolosafe.rundir import files as rundir
@@ -101,12 +102,12 @@ class RunOptions:
     val_oom: str = DEFAULTS["val_oom"]  # in-place or relaunch (yolosafe.training.valretry)
 
     @classmethod
-    def of(cls, env: dict[str, str], options: Mapping[str, Any], simulated: bool,
+    def of(cls, env: dict[str, str], options: TrainOptions, simulated: bool,
            multinode: MultiNode | None = None) -> RunOptions:
-        return cls(env=env, max_retries=int(options["max_retries"]), min_batch=int(options["min_batch"]),
-                   simulate_on_cpu=simulated, watch_interval=float(options["watch_interval"]),
-                   warn_at=float(options["warn_at"]), clear_before_val=bool(options["clear_before_val"]),
-                   multinode=multinode, val_oom=str(options.get("val_oom") or DEFAULTS["val_oom"]))
+        return cls(env=env, max_retries=int(options.max_retries), min_batch=int(options.min_batch),
+                   simulate_on_cpu=simulated, watch_interval=float(options.watch_interval),
+                   warn_at=float(options.warn_at), clear_before_val=bool(options.clear_before_val),
+                   multinode=multinode, val_oom=str(options.val_oom or DEFAULTS["val_oom"]))
 
 
 def versions() -> dict[str, str | None]:

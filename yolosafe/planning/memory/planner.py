@@ -22,6 +22,7 @@ from yolosafe.planning import datasets, gpuselect
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, hostram, objects
 from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.trainoptions import TrainOptions
 
 AUTO = "auto"
 CACHE_EMPTIED_ABOVE = 0.5  # Ultralytics empties the CUDA cache around validation above this share of the GPU
@@ -30,29 +31,29 @@ FAKEPASS_TIMEOUT_S = 600
 FAKEPASS_FORMAT = 2  # the fake pass's entry format: per-task loss terms with the assigner's per-object slope
 
 
-def fraction_of(options: dict[str, Any]) -> float:
+def fraction_of(options: TrainOptions) -> float:
     """``--memory-fraction``: the share of a GPU's free memory the required figures may fill."""
     try:
-        value = float(options["memory_fraction"])
+        value = float(options.memory_fraction)
     except (TypeError, ValueError):
-        raise plan.PlanError(f"--memory-fraction {options['memory_fraction']!r}: expected a number") from None
+        raise plan.PlanError(f"--memory-fraction {options.memory_fraction!r}: expected a number") from None
     if not 0 < value <= 1:
         raise plan.PlanError(f"--memory-fraction {value:g}: give a share above 0 and at most 1 (e.g. 0.85)")
     return value
 
 
-def expandable_segments(options: dict[str, Any]) -> bool:
+def expandable_segments(options: TrainOptions) -> bool:
     """Whether the training child's allocator grows segments in place (yolosafe's default unless turned off)."""
-    conf = f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')},{options.get('alloc_conf') or ''}".replace(" ", "")
+    conf = f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')},{options.alloc_conf or ''}".replace(" ", "")
     return "expandable_segments:false" not in conf.lower()
 
 
-def setup_of(options: dict[str, Any], world_size: int, imgsz: int | None = None) -> memmodel.Setup:
-    args = plan.parse_passthrough(options.get("args") or [])
-    setup = memmodel.Setup(imgsz=int(imgsz or options["imgsz"]), amp=bool(args.get("amp", True)),
+def setup_of(options: TrainOptions, world_size: int, imgsz: int | None = None) -> memmodel.Setup:
+    args = plan.parse_passthrough(options.args or [])
+    setup = memmodel.Setup(imgsz=int(imgsz or options.imgsz), amp=bool(args.get("amp", True)),
                            optimizer=str(args.get("optimizer", "auto")), world_size=world_size,
                            expandable_segments=expandable_segments(options))
-    return objects.apply(setup, options.get("dataset_figures"))  # the dataset's own labels, as Ultralytics lists them
+    return objects.apply(setup, options.dataset_figures)  # the dataset's own labels, as Ultralytics lists them
 
 
 def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
@@ -191,34 +192,34 @@ def auto_batch(terms: memmodel.Terms, setup: memmodel.Setup, chosen: list[gpus.G
     return best, reasons
 
 
-def resolve_auto(options: dict[str, Any], inventory: gpus.Inventory,
-                 history_file: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def resolve_auto(options: TrainOptions, inventory: gpus.Inventory,
+                 history_file: Path | None = None) -> tuple[TrainOptions, dict[str, Any] | None]:
     """Replace ``--gpus auto[:N]`` and ``--batch auto`` by numbers; returns the options and the story's entry."""
-    gpus_text, batch = str(options["gpus"] or "").lower(), options["batch"]
+    gpus_text, batch = str(options.gpus or "").lower(), options.batch
     if not gpus_text.startswith(AUTO) and batch != AUTO:
         return options, None
     visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
     entry: dict[str, Any] = {"memory_fraction": fraction_of(options), "reasons": []}
-    resolved = dict(options)
+    resolved = options
     if gpus_text.startswith(AUTO):
         chosen, why = choose_gpus(gpus_text, inventory, visible)
-        resolved["gpus"] = ",".join(map(str, chosen))
+        resolved = resolved.replace(gpus=",".join(map(str, chosen)))
         entry.update(gpus=list(chosen), reasons=why)
     if batch == AUTO:
-        selected = gpuselect.parse_gpus(None if resolved["gpus"] is None else str(resolved["gpus"]), visible,
+        selected = gpuselect.parse_gpus(None if resolved.gpus is None else str(resolved.gpus), visible,
                                    inventory.problem)
         if not selected:
             raise plan.PlanError("--batch auto needs GPUs (the memory model plans GPU memory); give --batch N on CPU")
         chosen_gpus = [g for g in inventory.gpus if g.index in selected]
-        terms = model_terms(options["model"])
+        terms = model_terms(options.model)
         setup = setup_of(options, len(selected))
-        per_gpu, why = auto_batch(terms, setup, chosen_gpus, entry["memory_fraction"], options["val_batch"],
+        per_gpu, why = auto_batch(terms, setup, chosen_gpus, entry["memory_fraction"], options.val_batch,
                                   history_file)
-        if options["effective_batch"] and per_gpu * len(selected) > int(options["effective_batch"]):
-            per_gpu = max(int(options["effective_batch"]) // len(selected), 1)
+        if options.effective_batch and per_gpu * len(selected) > int(options.effective_batch):
+            per_gpu = max(int(options.effective_batch) // len(selected), 1)
             why.append(f"capped at {per_gpu} per GPU: the total may not exceed --effective-batch")
-        resolved["batch"] = per_gpu * len(selected)
-        entry.update(per_gpu_batch=per_gpu, batch=resolved["batch"], terms_source=terms.source,
+        resolved = resolved.replace(batch=per_gpu * len(selected))
+        entry.update(per_gpu_batch=per_gpu, batch=resolved.batch, terms_source=terms.source,
                      reasons=entry["reasons"] + why)
     return resolved, entry
 
@@ -232,7 +233,7 @@ def _gpu_entry(m: GpuMemory) -> dict[str, Any]:
             "warnings": m.warnings()}
 
 
-def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: dict[str, Any],
+def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: TrainOptions,
                 allow_fake_pass: bool = True, history_file: Path | None = None) -> dict[str, Any] | None:
     """Both figures of each phase of a resolved plan on its GPUs (``yolosafe.json``'s ``memory_plan``); None without
     figures for the model."""
@@ -268,7 +269,7 @@ def warnings(memory: dict[str, Any] | None) -> list[str]:
     return [w for g in memory["gpus"] for w in g["warnings"]] + memory["host_ram"]["advice"]
 
 
-def tier_table(vram_gib: list[float], imgsz: int, options: dict[str, Any], fraction: float,
+def tier_table(vram_gib: list[float], imgsz: int, options: TrainOptions, fraction: float,
                models: list[str] | None = None) -> dict[str, Any]:
     """Largest per-GPU batch whose ``required_mib`` fits, per model and per VRAM size, from the model (never typed
     in): the table's models, or the ones asked for (any YAML: a fake pass)."""

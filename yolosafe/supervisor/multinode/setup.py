@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from yolosafe.planning import nodes, validate
+from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.rundir import records
 from yolosafe.rundir.layout import RunDir
@@ -56,11 +57,11 @@ def resolve(params: dict[str, Any]) -> nodes.Nodes:
     return replace(where, timeout=timeout or cluster.DEFAULT_TIMEOUT_S) if where.multi else where
 
 
-def check_options(options: dict[str, Any], where: nodes.Nodes) -> None:
+def check_options(options: TrainOptions, where: nodes.Nodes) -> None:
     """What each node would decide on its own, and differently: refused before anything starts."""
     if not where.multi:
         return
-    if str(options.get("batch")).lower() == "auto":
+    if str(options.batch).lower() == "auto":
         raise validate.InputError(f"--batch auto with {where.nnodes} nodes: each node would pick its own; run "
                                   "yolosafe plan --batch auto on one node without the node options, and give every "
                                   f"node --batch = its per-GPU batch x GPUs per node x {where.nnodes}")
@@ -72,11 +73,11 @@ def check_plan(p: TrainPlan, where: nodes.Nodes) -> None:
                                "a machine without, use fake GPUs (YOLOSAFE_FAKE_GPUS=2x24GB)")
 
 
-def claim(project: Path, options: dict[str, Any], named: bool, where: nodes.Nodes, p: TrainPlan,
+def claim(project: Path, options: TrainOptions, named: bool, where: nodes.Nodes, p: TrainPlan,
           dry_run: bool) -> Path:
     """The run directory, the same on every node: node 0 makes it, the others find it (a dry run only names it)."""
     try:
-        run_dir = project / nodes.run_name(str(options["name"]), named, where)
+        run_dir = project / nodes.run_name(str(options.name), named, where)
         if dry_run:
             return run_dir
         if where.node_rank == 0:
