@@ -331,11 +331,13 @@ def test_oom_on_node_1_relaunches_both_nodes_with_half_the_batch(two_nodes, run_
 
 @pytest.mark.slow
 def test_ctrl_c_on_one_node_ends_both_and_both_resume(two_nodes, tmp_path):
-    procs = two_nodes(*DRILL, "--epochs", "2")
+    one_gpu_each = ["--gpus", "0", "--imgsz", "64", "--batch", "8", "--effective-batch", "16", "workers=0",
+                    "plots=False", "--name", "two", "--rdzv-timeout", "60"]  # one rank per node is enough here
+    procs = two_nodes(*one_gpu_each, "--epochs", "2")
     run = tmp_path / "runs" / "detect" / "two"
     def in_epoch_2() -> bool:  # every rank started epoch 2: epoch 1's checkpoint is there to resume from
         ran = train_starts(run, 1)
-        return len(ran) == 4 and {e for _, e, _ in ran.values()} == {1} and (run / "weights" / "last.pt").is_file()
+        return len(ran) == 2 and {e for _, e, _ in ran.values()} == {1} and (run / "weights" / "last.pt").is_file()
 
     wait_until(in_epoch_2, procs[1], "epoch 2 on every rank", timeout=240)
     pids = {c.pid for p in procs for c in psutil.Process(p.pid).children(recursive=True)} | {p.pid for p in procs}
@@ -360,4 +362,4 @@ def test_ctrl_c_on_one_node_ends_both_and_both_resume(two_nodes, tmp_path):
         attempts = json.loads((run / rundir.node_file(rundir.STORY, node)).read_text())["attempts"]
         assert [a["outcome"] for a in attempts] == ["interrupted", "completed"]
         assert attempts[1]["resumed_from_epoch"] == 0
-    assert {r: e for r, (_, e, _) in train_starts(run, 2).items()} == {r: 1 for r in range(4)}
+    assert {r: e for r, (_, e, _) in train_starts(run, 2).items()} == {r: 1 for r in range(2)}
