@@ -185,50 +185,45 @@ def test_oom_on_rank_1_in_final_validation_reruns_only_the_validation(run_cli, t
     assert "metrics/mAP50-95(B)" in story(run)["final_metrics"]
 
 
+def stop_attempt(start, run: Path, attempt: int, stop) -> tuple[subprocess.Popen[str], set[int]]:
+    """Start (or resume) two ranks, wait until both train in ``attempt``, then ``stop`` it; its process tree."""
+    args = ("--resume", str(run)) if attempt > 1 else ("--gpus", "0,1", "--epochs", "2", *TINY)
+    proc = start("train", *args)
+    wait_until(lambda: len(started(run, attempt)) == 2 and (run / "weights" / "last.pt").is_file(), proc,
+               f"two ranks training in attempt {attempt}")
+    pids = family(proc, 2)
+    stop(proc)
+    return proc, pids
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_every_rank_and_the_run_resumes(start, run_cli, tmp_path):
-    """Ctrl-C to yolosafe's pid, then (after a resume) to its process group: torchrun's ranks run in sessions of
-    their own, so only yolosafe's process tree can stop them."""
+def test_every_stop_of_a_two_rank_run_is_told_and_the_run_resumes(start, run_cli, tmp_path):
+    """One run, stopped four ways, then resumed to the end: Ctrl-C to yolosafe's pid, then to its process group
+    (torchrun's ranks run in sessions of their own, so only yolosafe's process tree can stop them); a rank SIGKILLed;
+    the supervisor itself SIGKILLed (nobody is left to stop the tree, so each level ends itself)."""
     run = run_dir_of(tmp_path)
     for attempt, stop in ((1, lambda p: os.kill(p.pid, signal.SIGINT)),
                           (2, lambda p: os.killpg(p.pid, signal.SIGINT))):
-        args = ("--resume", str(run)) if attempt > 1 else ("--gpus", "0,1", "--epochs", "3", *TINY)
-        proc = start("train", *args)
-        wait_until(lambda a=attempt: len(started(run, a)) == 2 and (run / "weights" / "last.pt").is_file(), proc,
-                   f"two ranks training in attempt {attempt}")
-        pids = family(proc, 2)
-        stop(proc)
+        proc, pids = stop_attempt(start, run, attempt, stop)
         _, err = proc.communicate(timeout=30)  # the tree's grace (proc.STOP_GRACE_S), then SIGKILL; slack for load
         assert proc.returncode == 130, err[-2000:]
         all_gone_within(pids, 2)  # yolosafe itself waited for its tree before it exited
         assert story(run)["outcome"] == "interrupted" and f"--resume {run}" in err
-    result = run_cli("train", "--resume", str(run), env=TWO)  # the same fake GPUs: a resume maps the run's GPUs
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [a["outcome"] for a in completed(run, 3)["attempts"]] == ["interrupted", "interrupted", "completed"]
 
-
-@pytest.mark.slow
-def test_killed_rank_and_killed_supervisor_are_told_and_resumable(start, run_cli, tmp_path):
-    run = run_dir_of(tmp_path)
-    proc = start("train", "--gpus", "0,1", "--epochs", "3", *TINY)
-    wait_until(lambda: len(started(run, 1)) == 2 and (run / "weights" / "last.pt").is_file(), proc, "training")
-    pids = family(proc, 2)
-    os.kill(started(run, 1)[1][1], signal.SIGKILL)  # rank 1
+    proc, pids = stop_attempt(start, run, 3, lambda p: os.kill(started(run, 3)[1][1], signal.SIGKILL))  # rank 1
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "rank 1 was killed by SIGKILL on GPU 1" in err, err[-2000:]
     all_gone_within(pids, 2)
     s = story(run)
-    assert (s["outcome"], s["attempts"][0]["rank"], s["attempts"][0]["gpu"]) == ("killed", 1, 1)
+    assert (s["outcome"], s["attempts"][2]["rank"], s["attempts"][2]["gpu"]) == ("killed", 1, 1)
 
-    # The supervisor itself SIGKILLed: nobody is left to stop the tree, so each level ends itself.
-    proc = start("train", "--resume", str(run))
-    wait_until(lambda: len(started(run, 2)) == 2, proc, "the resumed ranks")
-    pids = family(proc, 2)
-    proc.kill()
+    proc, pids = stop_attempt(start, run, 4, lambda p: p.kill())  # the supervisor
     proc.wait()
     all_gone_within(pids, 5)
     report = run_cli("report", str(run))
     assert "run abandoned" in report.stdout + report.stderr and story(run)["outcome"] == rundir.ORPHANED
+
     result = run_cli("train", "--resume", str(run), env=TWO)  # the same fake GPUs: a resume maps the run's GPUs
     assert result.returncode == 0, result.stderr[-3000:]
-    completed(run, 3)
+    outcomes = [a["outcome"] for a in completed(run, 2)["attempts"]]
+    assert outcomes[:3] == ["interrupted", "interrupted", "killed"] and outcomes[-1] == "completed"
