@@ -126,20 +126,20 @@ class Supervisor:
     """One run: each attempt's child process, its environment, output and memory watch."""
 
     def __init__(self, run_dir: Path, options: RunOptions, story: Story) -> None:
-        self.run_dir = run_dir
         self.options = options
         self.story = story
         self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
         self.machines: Machines = options.multinode or OneMachine(run_dir)
-        self.node = self.machines.node  # multi-node: this node's files carry it
+        self.files = RunDir(run_dir, self.machines.node)  # the run directory as this node names its files
+        self.run_dir = self.files.path
+        self.node = self.files.node
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done (:class:`yolosafe.supervisor.loop.AttemptLoop`); returns the exit status."""
         self.story.supervisor = proc.identity(os.getpid())  # lets a later reader tell a dead run from a live one
         limits = Limits(self.options.max_retries, self.options.min_batch)
         hint = f"yolosafe train --resume {self.run_dir}{self.machines.resume_flags()}"
-        loop = AttemptLoop(self.run_dir, self.story, self.run_attempt, limits, self.others_mib, node=self.node,
-                           resume_hint=hint)
+        loop = AttemptLoop(self.files, self.story, self.run_attempt, limits, self.others_mib, resume_hint=hint)
         try:
             missing = self.machines.start()  # multi-node: every node joined (bounded wait)
             if missing:
@@ -181,7 +181,7 @@ class Supervisor:
     def command(self, spec: RunSpec, path: Path) -> list[str]:
         """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU of this
         node (over several nodes, torchrun's static rendezvous at node 0)."""
-        log_dir = RunDir(self.run_dir, self.node).ranks_log_dir(spec.attempt)
+        log_dir = self.files.ranks_log_dir(spec.attempt)
         nodes, local = self.machines.launch_shape(spec)
         return launch.child_command(path, spec.world_size, local, log_dir, nodes, spec.attempt)
 
@@ -193,12 +193,12 @@ class Supervisor:
         path = spec.save()
         cmd = self.command(spec, path)
         self.story.attempts[-1].command = cmd
-        records.save_story(self.run_dir, self.story, self.node)
+        records.save_story(self.files, self.story)
         extra = {rundir.RUN_DIR_ENV: str(self.run_dir)}  # only a marker: see rundir.RUN_DIR_ENV
         if spec.cuda_visible_devices:
             extra["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         env = training_env(self.options.env, extra)
-        log_path = RunDir(self.run_dir, self.node).log
+        log_path = self.files.log
         with open(log_path, "ab") as log:
             start = log.tell()
             log.write(f"\n=== yolosafe attempt {spec.attempt} ({spec.mode}): {' '.join(cmd)}\n".encode())
@@ -231,8 +231,8 @@ class Supervisor:
             yield None
             return
         if self.watch is None:
-            self.watch = MemoryWatch(self.run_dir, gpu_ids, self.options.watch_interval, self.options.warn_at,
-                                     lambda: open_backend(self.options.env), terminal.say, node=self.node)
+            self.watch = MemoryWatch(self.files, gpu_ids, self.options.watch_interval, self.options.warn_at,
+                                     lambda: open_backend(self.options.env), terminal.say)
         watch = self.watch
         try:
             yield lambda tree: watch.start(spec.attempt, tree.pids)
