@@ -3,7 +3,9 @@
 A :class:`RunDir` is the directory plus the node whose files it names (0 on one machine): node 0 keeps the plain
 names, node R > 0 gets ``-nodeR`` in its own files (:func:`yolosafe.rundir.files.node_file`), and the files every
 node shares (checkpoints, Ultralytics' results, failure records by global rank, the multi-node marker) have one
-name. Modules ask it for a path instead of spelling a file name or passing ``(run_dir, node)`` pairs.
+name. Modules outside :mod:`yolosafe.rundir` take one ``RunDir`` for a run and ask it for a path: none spells a run
+file's name or passes a directory and a node apart. Entry points that users call with a path build it once there
+(:meth:`RunDir.of`: a plain path is node 0's view).
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class Supervisor:
         self.options = options
         self.story = story
         self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
-        self.machines: Machines = options.multinode or OneMachine(run_dir)
+        self.machines: Machines = options.multinode or OneMachine(RunDir(run_dir))
         self.files = RunDir(run_dir, self.machines.node)  # the run directory as this node names its files
         self.run_dir = self.files.path
         self.node = self.files.node
