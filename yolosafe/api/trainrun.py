@@ -145,19 +145,20 @@ def new_run(opts: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     p = p if images is None else dataclasses.replace(p, train_images=images)
     simulated = inventory.backend == "fake" and bool(p.gpus)
     run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
+    run = RunDir(run_dir, where.node_rank)
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
     if dry_run:
         dryrun.print_dry_run(p, env, run_dir, simulated, where=where)
-        return Ended(Exit.OK, RunDir(run_dir, where.node_rank), dry_run=True)
-    with released_on_error(RunDir(run_dir, where.node_rank)):
+        return Ended(Exit.OK, run, dry_run=True)
+    with released_on_error(run):
         story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
         story.nodes = where.summary() if where.multi else None
         for note in planner.warnings(story.memory_plan):
             terminal.say(f"warning: {note}")
         terminal.say(f"run directory {run_dir}")
         code = run_supervised(run_dir, p, env, opts, simulated, story, where=where)
-        return Ended(code, RunDir(run_dir, where.node_rank))
+        return Ended(code, run)
 
 
 @contextlib.contextmanager

@@ -131,14 +131,12 @@ class Supervisor:
         self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
         self.machines: Machines = options.multinode or OneMachine(RunDir(run_dir))
         self.files = RunDir(run_dir, self.machines.node)  # the run directory as this node names its files
-        self.run_dir = self.files.path
-        self.node = self.files.node
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done (:class:`yolosafe.supervisor.loop.AttemptLoop`); returns the exit status."""
         self.story.supervisor = proc.identity(os.getpid())  # lets a later reader tell a dead run from a live one
         limits = Limits(self.options.max_retries, self.options.min_batch)
-        hint = f"yolosafe train --resume {self.run_dir}{self.machines.resume_flags()}"
+        hint = f"yolosafe train --resume {self.files.path}{self.machines.resume_flags()}"
         loop = AttemptLoop(self.files, self.story, self.run_attempt, limits, self.others_mib, resume_hint=hint)
         try:
             missing = self.machines.start()  # multi-node: every node joined (bounded wait)
@@ -155,8 +153,8 @@ class Supervisor:
         kwargs = {
             **plan.train_kwargs(),
             "model": plan.model,
-            "project": str(self.run_dir.parent),
-            "name": self.run_dir.name,
+            "project": str(self.files.path.parent),
+            "name": self.files.path.name,
             "exist_ok": True,  # the run dir is yolosafe's, made fresh by new_run_dir
         }
         kwargs["device"], visible = launch_device(plan, self.options.simulate_on_cpu, self.options.env)
@@ -166,8 +164,8 @@ class Supervisor:
             mode=mode,
             world_size=plan.world_size if mode == runspec.TRAIN else 1,  # the final validation runs alone
             fake_gpus=self.options.simulate_on_cpu,
-            run_dir=str(self.run_dir),
-            node_rank=self.node,
+            run_dir=str(self.files.path),
+            node_rank=self.files.node,
             model=plan.model,
             resume=str(resume) if resume else None,
             val_batch=plan.val_batch,
@@ -194,7 +192,7 @@ class Supervisor:
         cmd = self.command(spec, path)
         self.story.attempts[-1].command = cmd
         records.save_story(self.files, self.story)
-        extra = {rundir.RUN_DIR_ENV: str(self.run_dir)}  # only a marker: see rundir.RUN_DIR_ENV
+        extra = {rundir.RUN_DIR_ENV: str(self.files.path)}  # only a marker: see rundir.RUN_DIR_ENV
         if spec.cuda_visible_devices:
             extra["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         env = training_env(self.options.env, extra)
@@ -220,7 +218,7 @@ class Supervisor:
         if spec.world_size <= 1:
             return shown
         _, local = self.machines.launch_shape(spec)  # ranks on this node
-        return terminal.RankStream(shown, shown=self.node * local)
+        return terminal.RankStream(shown, shown=self.files.node * local)
 
     @contextlib.contextmanager
     def memory_watch(self, spec: RunSpec) -> Iterator[Callable[[ProcessTree], None] | None]:

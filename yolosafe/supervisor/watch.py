@@ -119,7 +119,7 @@ class MemoryWatch:
     def __init__(self, run: RunDir | Path, gpus: Sequence[int], interval: float, warn_at: float,
                  open_backend: Callable[[], GPUBackend], say: Callable[[str], None]) -> None:
         self.run = RunDir.of(run)  # a plain path: node 0's files
-        self.run_dir, self.gpus, self.interval, self.warn_at = self.run.path, tuple(gpus), interval, warn_at
+        self.gpus, self.interval, self.warn_at = tuple(gpus), interval, warn_at
         self._open_backend, self._say = open_backend, say
         self.csv_path = self.run.memory_csv
         self.tracker = PhaseTracker(self.run.events, self.gpus)
