@@ -21,6 +21,7 @@ from yolosafe.planning import nodes
 from yolosafe.planning import trainplan as plan
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Failure, load_failures, save_failure
 from yolosafe.supervisor import launchcmd as launch
 from yolosafe.supervisor import watch
@@ -162,12 +163,12 @@ def test_a_node_that_never_sees_node_0s_marker_is_not_on_shared_storage(tmp_path
     cluster.create(run, nodes.Nodes(2, 0, "127.0.0.1:29500", None, "flags"), {"batch": 16, "gpus": [0, 1]})
     with pytest.raises(cluster.ClusterError, match="no run directory from node 0"):  # a marker, but nobody alive
         cluster.join(run, where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
-    beat = cluster.Heartbeat(run.resolve(), 0, {"session": "earlier"})
+    beat = cluster.Heartbeat(RunDir(run.resolve(), 0), {"session": "earlier"})
     beat.start(state="joined")  # a heartbeat, but of another session than the marker's
     with pytest.raises(cluster.ClusterError, match="no run directory from node 0"):
         cluster.join(run, where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
     beat.stop(state="done")
-    beat = cluster.Heartbeat(run.resolve(), 0, {"session": cluster.read(run / rundir.NODES_MARKER)["session"]})
+    beat = cluster.Heartbeat(RunDir(run.resolve(), 0), {"session": cluster.read(run / rundir.NODES_MARKER)["session"]})
     beat.start(state="joined")  # node 0 alive: its heartbeat moves
     where = nodes.Nodes(2, 1, "127.0.0.1:29500", None, "flags", timeout=10)
     with pytest.raises(cluster.ClusterError, match=r"plan differs from node 0's: batch 32 \(node 0: 16\)"):
@@ -210,7 +211,8 @@ def test_report_merges_every_node_each_with_its_own_gpus(tmp_path):
     assert lines[0] == "node 0:" and "node 1:" in lines and "19.5 GiB 81% e1" in lines[-1]
     assert (tmp_path / rundir.node_file(rundir.MEMORY_PLOT, 1)).is_file()
     assert json.loads((tmp_path / rundir.MEMORY_SUMMARY).read_text()) == summary
-    assert report.write(tmp_path, 1) == json.loads((tmp_path / rundir.node_file(rundir.MEMORY_SUMMARY, 1)).read_text())
+    assert report.write(RunDir(tmp_path, 1)) == json.loads(
+        (tmp_path / rundir.node_file(rundir.MEMORY_SUMMARY, 1)).read_text())
 
 
 # --- the command line -------------------------------------------------------------------------------------------------

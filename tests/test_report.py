@@ -10,6 +10,7 @@ from PIL import Image
 
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Failure, save_failure
 from yolosafe.supervisor import watch
 
@@ -72,7 +73,7 @@ def test_report_finds_the_validation_peak_on_its_gpu(ddp_run):
 def test_no_samples_is_one_reason(tmp_path):
     rundir.write_json(tmp_path / rundir.STORY, {"plan": {"gpus": [0]}})
     with pytest.raises(report.NoMemoryData, match=r"no memory\.csv"):
-        report.load(tmp_path)
+        report.load(RunDir(tmp_path))
     (tmp_path / rundir.MEMORY_CSV).write_text(",".join(watch.COLUMNS) + "\n")
     with pytest.raises(report.NoMemoryData, match="no samples"):
-        report.load(tmp_path)
+        report.load(RunDir(tmp_path))

@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import TINY, run_dir_of, story
 from tests.contexts import run_context
 from yolosafe.proc import AttemptResult
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Failure, Outcome
 from yolosafe.supervisor import loop, policy
 from yolosafe.training import compat, valretry
@@ -267,7 +268,7 @@ def test_the_assigners_oom_fallback_is_recorded_reported_and_diagnosed(tmp_path)
     finally:
         for handler in [h for h in LOGGER.handlers if isinstance(h, callbacks.AssignerNearMiss)]:
             LOGGER.removeHandler(handler)
-    [miss] = report.near_misses(tmp_path)
+    [miss] = report.near_misses(RunDir(tmp_path))
     assert (miss["batch"], miss["max_num_obj"], miss["epoch"], miss["iteration"]) == (32, 412, 2, 5)
     [cause] = _near_misses(RunView(str(tmp_path), memory={"near_misses": [miss]}))
     assert cause.finding.startswith("the training step ran out of memory in the assigner at batch 32 in epoch 3 and "

@@ -26,7 +26,6 @@ from yolosafe.planning import options, validate
 from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import planner
 from yolosafe.planning.trainoptions import TrainOptions
-from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.supervisor.multinode import setup as multicli
 
@@ -108,15 +107,15 @@ def run_training(given: dict[str, Any], resume: str | Path | None, node_params: 
 def finish(ended: trainrun.Ended) -> Run:
     """The run as its story says once it ended; its lock given up (the calling process may resume it); a run that
     did not complete raised as the :class:`~yolosafe.errors.TrainingError` of its end."""
-    rundir.unlock(ended.run_dir, ended.node)
+    ended.run.unlock()
     run_dir = ended.run_dir.resolve()
     try:
-        run = Run.of(run_dir, records.load_story(run_dir, ended.node))
+        run = Run.of(run_dir, records.load_story(ended.run.resolve()))
     except (OSError, records.RecordError):
         run = Run(run_dir=run_dir, outcome=None, exit_code=Exit(ended.code))
     if ended.code == Exit.OK:
         return run
-    log = ended.run_dir / rundir.node_file(rundir.LOG, ended.node)
+    log = ended.run.log
     if ended.code == Exit.OOM_EXHAUSTED:
         raise OutOfMemoryRetriesExhausted(f"{ended.run_dir}: still out of GPU memory after the retries; see {log}",
                                           run)

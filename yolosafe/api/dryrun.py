@@ -24,9 +24,9 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
     if simulated:
         gpus_text += "  [fake GPUs: each one a rank process on the CPU]" if len(p.gpus) > 1 else "  [fake GPU: on CPU]"
     where = where or nodes.Nodes()
-    node, multi = where.node_rank, where.multi
-    command = launch.child_command(RunDir(run_dir, node).spec(attempt), p.world_size, p.local_world_size,
-                                   RunDir(run_dir, node).ranks_log_dir(attempt), where, attempt)  # port: at launch
+    run, multi = RunDir(run_dir, where.node_rank), where.multi
+    command = launch.child_command(run.spec(attempt), p.world_size, p.local_world_size,
+                                   run.ranks_log_dir(attempt), where, attempt)  # port: at launch
     device, visible = supervise.launch_device(p, simulated)
     child_env = {k: env[k] for k in allocator.ENV_VARS} | ({"CUDA_VISIBLE_DEVICES": visible} if visible else {})
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())

@@ -14,6 +14,7 @@ from typing import Any
 from yolosafe.exits import Exit
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Attempt, Outcome
 
 EXIT_OF = MappingProxyType({Outcome.COMPLETED: Exit.OK, Outcome.OOM_EXHAUSTED: Exit.OOM_EXHAUSTED,
@@ -62,7 +63,7 @@ class Run:
 
         path = Path(run_dir)
         try:
-            story = records.load_story(path, node)
+            story = records.load_story(RunDir(path, node))
         except (OSError, records.RecordError) as exc:
             raise InputError(f"{path}: not a readable yolosafe run ({exc})") from None
         return cls.of(path, story)

@@ -37,13 +37,16 @@ from yolosafe.supervisor.multinode import setup as multicli
 
 @dataclass(frozen=True)
 class Ended:
-    """How ``new_run`` or ``resume_run`` ended: the exit status, the run directory (only its name for a dry run) and
-    this machine's node."""
+    """How ``new_run`` or ``resume_run`` ended: the exit status, the run directory (only its name for a dry run), as
+    this machine's node names its files."""
 
     code: Exit
-    run_dir: Path
-    node: int = 0
+    run: RunDir
     dry_run: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
 
 def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: str | None) -> TrainOptions:
@@ -143,28 +146,30 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     p = p if opts.train_images is None else dataclasses.replace(p, train_images=opts.train_images)
     simulated = inventory.backend == "fake" and bool(p.gpus)
     run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
+    run = RunDir(run_dir, where.node_rank)
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
     if dry_run:
         dryrun.print_dry_run(p, env, run_dir, simulated, where=where)
-        return Ended(Exit.OK, run_dir, where.node_rank, dry_run=True)
-    with released_on_error(run_dir, where.node_rank):
+        return Ended(Exit.OK, run, dry_run=True)
+    with released_on_error(run):
         story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
         story.nodes = where.summary() if where.multi else None
         for note in planner.warnings(story.memory_plan):
             terminal.say(f"warning: {note}")
         terminal.say(f"run directory {run_dir}")
-        return Ended(run_supervised(run_dir, p, env, opts, simulated, story, where=where), run_dir, where.node_rank)
+        code = run_supervised(run_dir, p, env, opts, simulated, story, where=where)
+        return Ended(code, run)
 
 
 @contextlib.contextmanager
-def released_on_error(run_dir: Path, node: int) -> Iterator[None]:
-    """This process's lock of the run directory given back when what it holds it for fails: a caller that goes on
-    (a notebook's kernel) can resume the run."""
+def released_on_error(run: RunDir) -> Iterator[None]:
+    """This process's lock of the run directory (of its node) given back when what it holds it for fails: a caller
+    that goes on (a notebook's kernel) can resume the run."""
     try:
         yield
     except BaseException:
-        rundir.unlock(run_dir, node)
+        run.unlock()
         raise
 
 
@@ -205,14 +210,14 @@ def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Tr
 
 def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
-    r = resume.prepare(run_dir, given, dry_run, where.node_rank, where.nnodes)
+    r = resume.prepare(RunDir(run_dir, where.node_rank), given, dry_run, where.nnodes)
     attempt = len(r.story.attempts) + 1
     for note in r.notes:  # after every check: the run is there, and resumes
         terminal.say(f"note: {note}")
     if dry_run:
         dryrun.print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
-        return Ended(Exit.OK, r.run_dir, where.node_rank, dry_run=True)
-    with released_on_error(r.run_dir, where.node_rank):
+        return Ended(Exit.OK, r.run, dry_run=True)
+    with released_on_error(r.run):
         if where.multi:  # every node resumes the same attempt of the same run
             multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
         resume.record(r, given)
@@ -220,24 +225,24 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
         code = run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
                               resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
                               final_val_only=r.final_val_only)
-        return Ended(code, r.run_dir, where.node_rank)
+        return Ended(code, r.run)
 
 
 def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: TrainOptions,
                    simulated: bool, story: records.Story, resume_from: Path | None = None,
                    where: nodes.Nodes | None = None, final_val_only: bool = False) -> Exit:
     """The attempts, then the memory table, the history line and where the weights are."""
-    node = where.node_rank if where else 0
+    run = RunDir(run_dir, where.node_rank if where else 0)
     if simulated:  # the watch's fake NVML backend follows the phases the ranks write there (docs/fake-gpus.md)
-        env = {**env, gpus.PHASE_FILE_ENV: str(RunDir(run_dir, node).fake_phase)}
+        env = {**env, gpus.PHASE_FILE_ENV: str(run.fake_phase)}
     for line in terminal.start_lines(p, env, simulated):
         terminal.say(line)
     run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run_dir, where, p))
     supervisor = supervise.Supervisor(run_dir, run_options, story)
     code = supervisor.run(p, resume=resume_from, final_val_only=final_val_only)
     if supervisor.watch is not None:
-        print_memory_table(run_dir, node)
-        if node == 0:  # predicted vs measured peaks: the next plan learns from this machine (node 0's, over nodes)
+        print_memory_table(run)
+        if run.node == 0:  # predicted vs measured peaks: the next plan learns from this machine (node 0's, over nodes)
             history.record(run_dir, story.to_dict())
     terminal.say(f"run directory: {run_dir}")
     for name, path in (story.weights or {}).items():
@@ -245,18 +250,19 @@ def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: 
     return code
 
 
-def print_memory_table(run_dir: Path, node: int = 0) -> None:
-    """The end of ``yolosafe train``: peaks per GPU, and where the report files are. Never changes the exit status."""
+def print_memory_table(run: RunDir) -> None:
+    """The end of ``yolosafe train``: peaks per GPU (of ``run``'s node), and where the report files are. Never changes
+    the exit status."""
     try:
-        summary = report.write(run_dir, node)
+        summary = report.write(run)
     except report.NoMemoryData as exc:
         terminal.say(f"memory: {exc}")
         return
     except Exception as exc:  # the run is over whatever happens here: a broken report must not hide its outcome
         terminal.say(f"memory report failed: {type(exc).__name__}: {exc}")
         return
-    terminal.say(f"memory per GPU (NVML peaks; {RunDir(run_dir, node).memory_summary.name}, "
-                 f"{RunDir(run_dir, node).memory_plot.name} in the run directory):")
+    terminal.say(f"memory per GPU (NVML peaks; {run.memory_summary.name}, "
+                 f"{run.memory_plot.name} in the run directory):")
     for line in report.table(summary):
         click.echo(f"  {line}", err=True)
 

@@ -149,11 +149,12 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     path = Path(run_dir) if run_dir else rundir.latest_run(Path("runs"))
     if path is None:
         raise InputError("no yolosafe run under ./runs; give the run directory: yolosafe report RUN_DIR")
-    if not RunDir(path).is_run():
+    run = RunDir(path)
+    if not run.is_run():
         raise InputError(f"{path}: not a yolosafe run directory (no {rundir.STORY})")
-    if rundir.mark_if_orphaned(path):
+    if run.mark_if_orphaned():
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
-    state = report.outcome(path)
+    state = report.outcome(run)
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
@@ -162,7 +163,7 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {RunDir(path).memory_plot}")
+    click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {run.memory_plot}")
     for line in report.table(summary):
         click.echo(line)
 

@@ -8,26 +8,24 @@ The attempts before are not known any more; the next one is numbered after the c
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 
-ARGS = "args.yaml"
-_KEPT = re.compile(r"last-before-attempt(\d+)\.pt$")
-
-
-def can_recover(run_dir: Path) -> bool:
-    return (run_dir / "weights" / "last.pt").is_file() and (run_dir / ARGS).is_file()
+ARGS = rundir.ARGS
 
 
-def _args(run_dir: Path) -> dict[str, Any] | None:
+def can_recover(run: RunDir) -> bool:
+    return run.last_checkpoint.is_file() and run.args.is_file()
+
+
+def _args(run: RunDir) -> dict[str, Any] | None:
     try:
-        data = yaml.safe_load((run_dir / ARGS).read_text(encoding="utf-8"))
+        data = yaml.safe_load(run.args.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
@@ -43,10 +41,10 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def rebuild(run_dir: Path, why: str, keep_damaged: bool = True) -> tuple[records.Story, str] | None:
+def rebuild(run: RunDir, why: str, keep_damaged: bool = True) -> tuple[records.Story, str] | None:
     """The story rebuilt from ``args.yaml``, and the one line that says so; None when ``args.yaml`` cannot give a
     plan (then there is nothing to resume from). ``keep_damaged``: move a damaged story aside (not on a dry run)."""
-    args = _args(run_dir)
+    args = _args(run)
     if args is None:
         return None
     needed = {"model": args.get("model"), "data": args.get("data")}
@@ -55,15 +53,16 @@ def rebuild(run_dir: Path, why: str, keep_damaged: bool = True) -> tuple[records
         return None
     summary = {**needed, **numbers, "gpus": _gpus(args.get("device")), "effective_batch": _int(args.get("nbs")),
                "val_batch": None, "extra": {}}
-    story_file = run_dir / rundir.STORY
+    story_file = run.story_of_run
     if story_file.is_file() and keep_damaged:
-        story_file.replace(story_file.with_name(f"{rundir.STORY}.damaged"))
-    kept = [int(m[1]) for p in (run_dir / "weights").glob("last-before-attempt*.pt") if (m := _KEPT.search(p.name))]
+        story_file.replace(run.damaged_story)
+    kept = run.kept_attempts()
     unknown = f"not known: {rundir.STORY} was {why}"
     attempts = [records.Attempt.new(attempt=n, outcome=str(records.Outcome.ABANDONED), reason=unknown)
                 for n in range(1, max(kept, default=0) + 1)]
-    story = records.Story.new(run_dir=str(run_dir), plan=summary, attempts=attempts,
+    story = records.Story.new(run_dir=str(run.path), plan=summary, attempts=attempts,
                               outcome=str(records.Outcome.ABANDONED))
-    line = (f"{rundir.STORY} is {why}: resuming from weights/last.pt and {ARGS} alone (model {needed['model']}, "
+    last = run.last_checkpoint.relative_to(run.path).as_posix()
+    line = (f"{rundir.STORY} is {why}: resuming from {last} and {ARGS} alone (model {needed['model']}, "
             f"{numbers['epochs']} epochs, batch {numbers['batch']}; the earlier attempts are not known)")
     return story, line

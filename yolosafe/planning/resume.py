@@ -23,6 +23,7 @@ from yolosafe.planning import trainplan as plan
 from yolosafe.planning.trainoptions import TrainOptions, check_watch
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
+from yolosafe.rundir.layout import RunDir
 
 # Options a resume applies (and records); every other option given with --resume is refused.
 APPLIED = ("gpus", "batch", "effective_batch", "val_batch", "max_retries", "min_batch", "alloc_conf",
@@ -37,7 +38,7 @@ RUN_OPTIONS = ("max_retries", "min_batch", "watch_interval", "warn_at", "clear_b
 class Resume:
     """Everything a resume needs: where, from what checkpoint, with which plan, environment and options."""
 
-    run_dir: Path
+    run: RunDir  # the run's directory, as this node names its files
     last: Path | None  # None: stopped before its first checkpoint, so it trains from the start
     story: records.Story
     plan: plan.TrainPlan
@@ -49,6 +50,10 @@ class Resume:
     final_val_only: bool = False  # every epoch trained: only the final validation is left
     notes: tuple[str, ...] = ()  # what the resume had to do otherwise than asked, said once the run resumes
 
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
 
 def refused(given: dict[str, Any]) -> None:
     """Options that a resume cannot honour: one line naming them."""
@@ -59,106 +64,110 @@ def refused(given: dict[str, Any]) -> None:
                                   "--val-batch, --max-retries, --min-batch, --alloc-conf, --watch-interval, --warn-at)")
 
 
-def read_story(run_dir: Path, node: int = 0) -> records.Story:
+def read_story(run: RunDir) -> records.Story:
     """The node's own story; node R > 0 of a multi-node resume that has none yet (a run that grows onto more nodes)
     starts from node 0's, whose attempts are the run's."""
-    if node and not records.story_path(run_dir, node).is_file():
-        node = 0
-    if not records.story_path(run_dir, node).is_file():
-        raise validate.InputError(f"--resume {run_dir}: not a yolosafe run directory (no {rundir.STORY})")
+    if run.node and not run.story.is_file():
+        run = run.on_node(0)
+    if not run.story.is_file():
+        raise validate.InputError(f"--resume {run.path}: not a yolosafe run directory (no {rundir.STORY})")
     try:
-        return records.load_story(run_dir, node)
+        return records.load_story(run)
     except records.RecordError as exc:  # "PATH: damaged, ...": the path is said once
-        detail = str(exc).removeprefix(f"{records.story_path(run_dir, node)}: ")
-        raise validate.InputError(f"--resume {run_dir}: {rundir.STORY} is unreadable ({detail})") from None
+        detail = str(exc).removeprefix(f"{run.story}: ")
+        raise validate.InputError(f"--resume {run.path}: {rundir.STORY} is unreadable ({detail})") from None
 
 
-def story_or_rebuilt(run_dir: Path, node: int, dry_run: bool) -> tuple[records.Story, tuple[str, ...]]:
+def story_or_rebuilt(run: RunDir, dry_run: bool) -> tuple[records.Story, tuple[str, ...]]:
     """The story; when it is missing or damaged but ``weights/last.pt`` and ``args.yaml`` are there, one rebuilt
     from them (:mod:`yolosafe.planning.recovered`), with the line that says so."""
     try:
-        return read_story(run_dir, node), ()
+        return read_story(run), ()
     except validate.InputError as exc:
-        if node or not recovered.can_recover(run_dir):
+        if run.node or not recovered.can_recover(run):
             raise
-        why = "missing" if not records.story_path(run_dir).is_file() else "damaged"
-        rebuilt = recovered.rebuild(run_dir, why, keep_damaged=not dry_run)
+        why = "missing" if not run.story_of_run.is_file() else "damaged"
+        rebuilt = recovered.rebuild(run, why, keep_damaged=not dry_run)
         if rebuilt is None:
             raise validate.InputError(f"{exc}; {recovered.ARGS} cannot stand in for it") from None
         return rebuilt[0], (rebuilt[1],)
 
 
-UNVALIDATED = "unvalidated.pt"  # an epoch trained, not yet validated (yolosafe.training.valretry.UNVALIDATED)
+UNVALIDATED = rundir.UNVALIDATED  # an epoch trained, not yet validated (yolosafe.training.valretry.UNVALIDATED)
 
 
-def pending_validation(run_dir: Path) -> Path | None:
+def _within(run: RunDir, path: Path) -> str:
+    """A file of the run as its messages name it, relative to the run directory (``weights/last.pt``)."""
+    return path.relative_to(run.path).as_posix()
+
+
+def pending_validation(run: RunDir) -> Path | None:
     """The epoch trained but not validated when the run stopped (newer than last.pt: rank 0 removes it once that
     epoch's last.pt is written), the checkpoint the resume continues from; None when there is none."""
-    pending = run_dir / "weights" / UNVALIDATED
+    pending = run.unvalidated
     if not pending.is_file():
         return None
-    validate.check_checkpoint(pending, f"--resume {run_dir}: weights/{UNVALIDATED}")
+    validate.check_checkpoint(pending, f"--resume {run.path}: {_within(run, pending)}")
     return pending
 
 
-def never_saved(run_dir: Path, story: records.Story) -> bool:
+def never_saved(run: RunDir, story: records.Story) -> bool:
     """A run stopped before its first checkpoint: no weights at all, attempts that did not complete."""
-    weights = run_dir / "weights"
-    saved = weights.is_dir() and any(weights.glob("*.pt"))
+    saved = run.weights.is_dir() and any(run.weights.glob("*.pt"))
     return not saved and bool(story.attempts) and story.outcome != records.Outcome.COMPLETED
 
 
-def check_last(run_dir: Path, story: records.Story) -> Path:
+def check_last(run: RunDir, story: records.Story) -> Path:
     """``weights/last.pt`` of a run not completed, readable; else one line naming the checkpoints that could stand in
     for it."""
-    weights = run_dir / "weights"
-    last = weights / "last.pt"
-    others = sorted((p.name for p in weights.glob("*.pt") if p.name != "last.pt" and p.is_file()),
-                    key=lambda n: (n != "best.pt", n))
-    instead = (f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} there: copy one to weights/last.pt "
+    last, named = run.last_checkpoint, _within(run, run.last_checkpoint)
+    others = sorted((p.name for p in run.checkpoints() if p.name != last.name),
+                    key=lambda n: (n != run.best_checkpoint.name, n))
+    instead = (f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} there: copy one to {named} "
                "to resume from it" if others else "; start a new run instead")
     if not last.is_file():
-        raise validate.InputError(f"--resume {run_dir}: no weights/last.pt to resume from{instead}")
+        raise validate.InputError(f"--resume {run.path}: no {named} to resume from{instead}")
     if story.outcome == records.Outcome.COMPLETED:
-        raise validate.InputError(f"--resume {run_dir}: this run already completed; start a new run instead")
+        raise validate.InputError(f"--resume {run.path}: this run already completed; start a new run instead")
     try:
-        validate.check_checkpoint(last, f"--resume {run_dir}: weights/last.pt")
+        validate.check_checkpoint(last, f"--resume {run.path}: {named}")
     except validate.InputError as exc:
         raise validate.InputError(f"{exc}{instead}") from None
     return last
 
 
-def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, nnodes: int = 1) -> Resume:
+def prepare(where: RunDir | Path, given: dict[str, Any], dry_run: bool, nnodes: int = 1) -> Resume:
     """Check the run can be resumed here and now and build its plan; raises :class:`validate.InputError`.
 
     ``given`` holds the options the user gave. A real resume takes the run's lock first, so two resumes of one
     directory can never both start; a dry run only checks nobody holds it. Over several machines each node resumes
-    its own part (``node`` of ``nnodes``: its story, its lock).
+    its own part (the node of ``where``, of ``nnodes``: its story, its lock; a plain path: node 0).
     """
     refused(given)
-    run_dir = run_dir.resolve()
+    run = RunDir.of(where).resolve()
+    run_dir = run.path
     if not run_dir.is_dir():
         raise validate.InputError(f"--resume {run_dir}: not a yolosafe run directory (no such directory)")
     inputs.writable_dir(run_dir, "--resume", "a resume writes its checkpoints and story there")
-    story, notes = story_or_rebuilt(run_dir, node, dry_run)
+    story, notes = story_or_rebuilt(run, dry_run)
     lock_fd = None
     try:
         if dry_run:
-            pid = rundir.holder(run_dir, node)
+            pid = run.holder()
             if pid is not None:
                 raise rundir.RunLocked(run_dir, pid)
         else:
-            lock_fd = rundir.lock(run_dir, node)
+            lock_fd = run.lock()
     except rundir.RunLocked as exc:
         raise validate.InputError(f"--resume {run_dir}: still training (yolosafe pid {exc.pid}); "
                                   "wait for it or stop it first") from None
-    if not notes and rundir.mark_if_orphaned(run_dir, node, locked_here=lock_fd is not None):
-        story = read_story(run_dir, node)
-    if never_saved(run_dir, story):
+    if not notes and run.mark_if_orphaned(locked_here=lock_fd is not None):
+        story = read_story(run)
+    if never_saved(run, story):
         last, final_val_only = None, False
         notes = (*notes, "no checkpoint was saved before the run stopped: training again from the first epoch")
     else:
-        last = pending_validation(run_dir) or check_last(run_dir, story)
+        last = pending_validation(run) or check_last(run, story)
         progress = checkpoint.progress(last) if last.name != UNVALIDATED else None  # its trainer validates first
         final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
     options = TrainOptions.from_story(story).replace(**{k: given[k] for k in RUN_OPTIONS if given.get(k) is not None})
@@ -172,7 +181,7 @@ def prepare(run_dir: Path, given: dict[str, Any], dry_run: bool, node: int = 0, 
         raise validate.InputError(str(exc)) from None
     if final_val_only:
         notes = (*notes, "every epoch is trained: only the final validation is left to run")
-    return Resume(run_dir, last, story, p, env, options, simulated, lock_fd, _gpu_records(p), final_val_only, notes)
+    return Resume(run, last, story, p, env, options, simulated, lock_fd, _gpu_records(p), final_val_only, notes)
 
 
 def _gpu_records(p: plan.TrainPlan) -> list[dict[str, Any]] | None:

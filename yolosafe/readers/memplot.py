@@ -30,8 +30,7 @@ def _val_intervals(events: list[dict[str, Any]], end_of: dict[int, float]) -> li
     return [(start, ends.get(key, end_of.get(key[0], start))) for key, start in starts.items()]
 
 
-def plot(run_dir: Path, samples: pd.DataFrame, summary: dict[str, Any], events: list[dict[str, Any]],
-         node: int = 0) -> Path:
+def plot(run: RunDir, samples: pd.DataFrame, summary: dict[str, Any], events: list[dict[str, Any]]) -> Path:
     """``memory.png``: used memory per GPU over time, the total of each GPU, validation shaded, OOMs marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -67,12 +66,12 @@ def plot(run_dir: Path, samples: pd.DataFrame, summary: dict[str, Any], events: 
     ax.set_xlabel(f"time since the first sample ({unit})")
     ax.set_ylabel("GPU memory used (GiB, NVML)")
     ax.set_ylim(bottom=0)
-    where = f" of node {node}" if node else ""
-    ax.set_title(f"{run_dir.name}: GPU memory per GPU{where}, {len(samples)} samples")
+    where = f" of node {run.node}" if run.node else ""
+    ax.set_title(f"{run.path.name}: GPU memory per GPU{where}, {len(samples)} samples")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small", ncol=2)
     fig.tight_layout()
-    path = RunDir(run_dir, node).memory_plot
+    path = run.memory_plot
     fig.savefig(path)
     return path
 

@@ -12,13 +12,15 @@ memory; torch's reserved minus allocated is the allocator's cache and fragmentat
 matplotlib are imported inside the functions: the CLI must start without them.
 
 A multi-node run has each node's samples and events in that node's own files (``memory-node1.csv``...): every
-function takes the ``node``, each node is summarised on its own (its GPUs are its own, numbered as on that machine),
-and ``yolosafe report`` merges them: node 0's summary with the others' under ``nodes``, one plot per node.
+function takes the node's :class:`~yolosafe.rundir.layout.RunDir`, each node is summarised on its own (its GPUs are
+its own, numbered as on that machine), and ``yolosafe report`` merges them: node 0's summary with the others' under
+``nodes``, one plot per node.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,41 +39,40 @@ class NoMemoryData(Exception):
     """The run has no memory samples; the message says why, in one line."""
 
 
-def _story(run_dir: Path, node: int = 0) -> dict[str, Any]:
+def _story(run: RunDir) -> dict[str, Any]:
     """The story as a dict; empty when it is missing or damaged (the memory data still reads)."""
     try:
-        story = rundir.read_json(RunDir(run_dir, node).story)
+        story = rundir.read_json(run.story)
     except (OSError, ValueError):
         return {}
     return story if isinstance(story, dict) else {}
 
 
-def outcome(run_dir: Path, node: int = 0) -> str:
+def outcome(run: RunDir | Path) -> str:
     """The run's outcome as its story says; "unknown" when the story is damaged."""
-    value = _story(run_dir, node).get("outcome")
+    value = _story(RunDir.of(run)).get("outcome")
     return value if isinstance(value, str) else "unknown"
 
 
-def plan_gpus(run_dir: Path, node: int = 0) -> list[int]:
-    if node:
-        gpus = (_story(run_dir, node).get("plan") or {}).get("gpus") or []
+def plan_gpus(run: RunDir) -> list[int]:
+    if run.node:
+        gpus = (_story(run).get("plan") or {}).get("gpus") or []
         return [g for g in gpus if isinstance(g, int)]
     try:
-        return records.load_story(run_dir).plan_gpus
+        return records.load_story(run).plan_gpus
     except records.RecordError as exc:
         raise NoMemoryData(f"the run's GPUs are unknown: {exc}") from None
 
 
-def events(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
-    path = RunDir(run_dir, node).events
-    return [e for e in rundir.read_jsonl(path) if e.get("attempt") is not None and "t" in e]
+def events(run: RunDir) -> list[dict[str, Any]]:
+    return [e for e in rundir.read_jsonl(run.events) if e.get("attempt") is not None and "t" in e]
 
 
-def load(run_dir: Path, node: int = 0) -> pd.DataFrame:
+def load(run: RunDir) -> pd.DataFrame:
     """The samples of ``memory.csv`` with ``phase`` and ``epoch`` columns; raises :class:`NoMemoryData`."""
     import pandas as pd
 
-    path = RunDir(run_dir, node).memory_csv
+    path = run.memory_csv
     if not path.is_file():
         raise NoMemoryData(f"no {path.name}: the watch was off (--watch-interval 0), the run trained on the "
                            "CPU, or it predates the memory watch")
@@ -85,9 +86,9 @@ def load(run_dir: Path, node: int = 0) -> pd.DataFrame:
         samples = samples.drop(columns=["phase", "epoch"], errors="ignore")  # joined again below, from all events
     if samples.empty:
         raise NoMemoryData(f"{path.name} has no samples: the worker ended before the first one")
-    gpus = plan_gpus(run_dir, node)
+    gpus = plan_gpus(run)
     rows = [{"t": e["t"], "attempt": e["attempt"], "gpu": gpu, "phase": phase_after(e), "epoch": e.get("epoch")}
-            for e in events(run_dir, node) for gpu in event_gpus(e, gpus)]
+            for e in events(run) for gpu in event_gpus(e, gpus)]
     phases = pd.DataFrame(rows, columns=["t", "attempt", "gpu", "phase", "epoch"]).astype(
         {"t": float, "attempt": "int64", "gpu": "int64"})
     joined = pd.merge_asof(samples.sort_values("t"), phases.sort_values("t"), on="t", by=["attempt", "gpu"],
@@ -96,11 +97,11 @@ def load(run_dir: Path, node: int = 0) -> pd.DataFrame:
     return joined
 
 
-def torch_peaks(run_dir: Path, node: int = 0) -> dict[tuple[int, str], dict[str, float]]:
+def torch_peaks(run: RunDir) -> dict[tuple[int, str], dict[str, float]]:
     """torch's peak allocated and reserved MiB per (GPU, phase), from the end events of every rank (GPU only)."""
-    gpus = plan_gpus(run_dir, node)
+    gpus = plan_gpus(run)
     found: dict[tuple[int, str], dict[str, float]] = {}
-    for event in events(run_dir, node):
+    for event in events(run):
         if event.get("max_reserved_mib") is None:
             continue
         for gpu in event_gpus(event, gpus):
@@ -110,15 +111,15 @@ def torch_peaks(run_dir: Path, node: int = 0) -> dict[tuple[int, str], dict[str,
     return found
 
 
-def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
-    """The OOMs of the run (on node ``node``'s ranks), each with the GPU it hit (NVML index) where the record tells,
+def ooms(run: RunDir) -> list[dict[str, Any]]:
+    """The OOMs of the run (on the node's ranks), each with the GPU it hit (NVML index) where the record tells,
     and ``recovered`` ("in_place") for a validation OOM the rank went on from with half its validation batch."""
-    gpus = plan_gpus(run_dir, node)
-    nproc = max(len(gpus), 1) if int((_story(run_dir, node).get("plan") or {}).get("nnodes") or 1) > 1 else None
+    gpus = plan_gpus(run)
+    nproc = max(len(gpus), 1) if int((_story(run).get("plan") or {}).get("nnodes") or 1) > 1 else None
     found = []
-    for record in records.load_failures(run_dir):  # attempt, then rank, in numeric order
+    for record in records.load_failures(run):  # attempt, then rank, in numeric order
         rank = max(int(record.rank or 0), 0)
-        if not record.oom or (nproc is not None and rank // nproc != node):  # another node's rank
+        if not record.oom or (nproc is not None and rank // nproc != run.node):  # another node's rank
             continue
         index = record.gpu
         if index is None and record.rank is not None and gpus:
@@ -129,11 +130,11 @@ def ooms(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
     return found
 
 
-def near_misses(run_dir: Path, node: int = 0) -> list[dict[str, Any]]:
+def near_misses(run: RunDir) -> list[dict[str, Any]]:
     """The training steps that ran out of memory in Ultralytics' assigner and went on, one image at a time (its
     ``assigner_oom`` events): batch, ``max_num_obj``, where."""
     keys = ("t", "attempt", "epoch", "iteration", "rank", "gpu", "batch", "max_num_obj")
-    return [{k: e.get(k) for k in keys} for e in events(run_dir, node) if e.get("event") == "assigner_oom"]
+    return [{k: e.get(k) for k in keys} for e in events(run) if e.get("event") == "assigner_oom"]
 
 
 def _num(value: Any, digits: int = 1) -> float | None:
@@ -141,10 +142,10 @@ def _num(value: Any, digits: int = 1) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), digits)
 
 
-def summarize(run_dir: Path, samples: pd.DataFrame, node: int = 0) -> dict[str, Any]:
+def summarize(run: RunDir, samples: pd.DataFrame) -> dict[str, Any]:
     """Per GPU and phase: the peak of used memory (and when), this run's and others' memory, torch's peaks."""
-    story = _story(run_dir, node)
-    peaks = torch_peaks(run_dir, node)
+    story = _story(run)
+    peaks = torch_peaks(run)
     gpus: dict[str, Any] = {}
     for gpu, rows in samples.groupby("gpu"):
         total = rows["total_mib"].max()
@@ -178,46 +179,47 @@ def summarize(run_dir: Path, samples: pd.DataFrame, node: int = 0) -> dict[str, 
         }
     watch = story.get("memory_watch") or {}  # a killed run's story holds null
     return {
-        "run_dir": str(run_dir.resolve()),
+        "run_dir": str(run.path.resolve()),
         "interval_s": watch.get("interval_s"),
         "warn_at": watch.get("warn_at"),
         "samples": len(samples),
         "attempts": sorted(int(a) for a in samples["attempt"].unique()),
         "gpus": gpus,
         "warnings": watch.get("warnings", []),
-        "ooms": ooms(run_dir, node),
-        **({"near_misses": found} if (found := near_misses(run_dir, node)) else {}),
+        "ooms": ooms(run),
+        **({"near_misses": found} if (found := near_misses(run)) else {}),
     }
 
 
-def write_node(run_dir: Path, node: int = 0) -> dict[str, Any]:
+def write_node(run: RunDir) -> dict[str, Any]:
     """Join, summarise, write the node's ``memory_summary.json`` and ``memory.png``; raises :class:`NoMemoryData`."""
-    samples = load(run_dir, node)
-    summary = summarize(run_dir, samples, node)
-    rundir.write_json(RunDir(run_dir, node).memory_summary, summary)
-    memplot.plot(run_dir, samples, summary, events(run_dir, node), node)
+    samples = load(run)
+    summary = summarize(run, samples)
+    rundir.write_json(run.memory_summary, summary)
+    memplot.plot(run, samples, summary, events(run))
     return summary
 
 
-def write(run_dir: Path, node: int | None = None) -> dict[str, Any]:
-    """The report of one node (the end of its ``yolosafe train``), or of every node that kept files here (``node``
-    None, ``yolosafe report``): node 0's summary, the others' under ``nodes``; raises :class:`NoMemoryData` when no
-    node has samples."""
+def write(where: RunDir | str | os.PathLike[str]) -> dict[str, Any]:
+    """The report of one node (a :class:`RunDir`: the end of its ``yolosafe train``), or of every node that kept files
+    in a directory (a path: ``yolosafe report``): node 0's summary, the others' under ``nodes``; raises
+    :class:`NoMemoryData` when no node has samples."""
+    one = isinstance(where, RunDir)
     found: dict[int, dict[str, Any]] = {}
     missing: list[str] = []
-    for n in rundir.node_ranks(run_dir) if node is None else [node]:
+    for run in [where] if isinstance(where, RunDir) else RunDir.of(where).nodes():
         try:
-            found[n] = write_node(run_dir, n)
+            found[run.node] = write_node(run)
         except NoMemoryData as exc:
-            missing.append(f"node {n}: {exc}" if n else str(exc))
+            missing.append(f"node {run.node}: {exc}" if run.node else str(exc))
     if not found:
         raise NoMemoryData("; ".join(missing))
     first = min(found)
-    if len(found) == 1 and (node is not None or first == 0):
+    if len(found) == 1 and (one or first == 0):
         return found[first]
     summary = {**found[first], "nodes": {str(n): s for n, s in found.items() if n != first}}
     summary["node"] = first
-    rundir.write_json(RunDir(run_dir).memory_summary, summary)
+    rundir.write_json(RunDir.of(where).on_node(0).memory_summary, summary)
     return summary
 
 

@@ -17,46 +17,29 @@ stale only when all of these hold:
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import psutil
 
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 
 MODULES = ("yolosafe.training.worker", "yolosafe.training.launcher")
-_SPEC = re.compile(r"spec-\d+(-node\d+)?\.json$")
 SPEC_SLACK_S = 2.0  # the run spec is written right before its process starts; clocks of a shared disk differ a bit
-
-
-def node_files(run_dir: Path, name: str) -> list[Path]:
-    """A file of every node: node 0's name and each ``-nodeR`` variant present."""
-    stem, dot, suffix = name.rpartition(".")
-    pattern = f"{name}-node*" if not stem or not dot else f"{stem}-node*.{suffix}"
-    return [run_dir / name, *sorted(run_dir.glob(pattern))]
-
-
-def _node_of_lock(path: Path) -> int | None:
-    if path.name == rundir.LOCK:
-        return 0
-    digits = path.name.rpartition("-node")[2]
-    return int(digits) if digits.isdigit() else None
 
 
 def lock_holder(run_dir: Path) -> str | None:
     """The pid holding the lock of any node of the run, or None when every lock is free."""
-    for path in node_files(run_dir, rundir.LOCK):
-        node = _node_of_lock(path)
-        if node is not None and path.is_file():
-            pid = rundir.holder(run_dir, node)
-            if pid is not None:
-                return pid
+    for node in RunDir(run_dir).locked_nodes():
+        pid = node.holder()
+        if pid is not None:
+            return pid
     return None
 
 
 def writes_a_log(proc: psutil.Process, run_dir: Path) -> bool:
     """Whether ``proc`` has any node's log of the run open (as a live supervisor does)."""
-    logs = {os.path.realpath(p) for p in node_files(run_dir, rundir.LOG)}
+    logs = {os.path.realpath(p) for p in RunDir(run_dir).copies(rundir.LOG)}
     try:
         return any(os.path.realpath(f.path) in logs for f in proc.open_files())
     except psutil.Error:
@@ -67,9 +50,10 @@ def _spec_of(cmdline: list[str], run_dir: Path) -> Path | None:
     """The run spec of ``run_dir`` a worker, launcher or rank command line names, else None."""
     if not any(module in cmdline for module in MODULES):
         return None
+    run = RunDir(run_dir)
     for arg in cmdline:
         path = Path(arg)
-        if _SPEC.search(path.name) and os.path.realpath(path.parent) == os.path.realpath(run_dir):
+        if run.is_spec(path):
             return path
     return None
 
@@ -80,7 +64,7 @@ def prove(proc: psutil.Process, run: str) -> tuple[bool, str]:
     run_dir = Path(run)
     if not run_dir.is_dir():
         return False, f"its run directory {run} does not exist"
-    if not (run_dir / rundir.STORY).is_file():
+    if not RunDir(run_dir).is_run():
         return False, f"{run} is not a yolosafe run (no {rundir.STORY})"
     try:
         cmdline, started = proc.cmdline(), proc.create_time()

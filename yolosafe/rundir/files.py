@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,13 @@ FAKE_PHASE = ".fake-phase.json"
 LOCK = ".lock"
 ORPHANED = "abandoned"  # the outcome of a run whose supervisor died while it said "running" (resumable)
 NODES_MARKER = "nodes.json"
+# Ultralytics' own files in the run directory (its save_dir) that yolosafe reads
+WEIGHTS = "weights"
+LAST = "last.pt"
+BEST = "best.pt"
+UNVALIDATED = "unvalidated.pt"  # an epoch trained, not yet validated (yolosafe.training.valretry)
+ARGS = "args.yaml"
+RESULTS_CSV = "results.csv"
 # Set by the supervisor in the environment of every process of an attempt (worker, launcher, ranks), read by nobody but
 # yolosafe.readers.holders, which recognises a run's processes by it in /proc/PID/environ. The processes themselves
 # learn their run from the run spec on their command line (yolosafe.rundir.runspec, yolosafe.training.context).
@@ -96,6 +104,9 @@ def spec_path(run_dir: Path, attempt: int, node: int = 0) -> Path:
     return run_dir / node_file(f"spec-{attempt}.json", node)
 
 
+SPEC_NAME = re.compile(r"spec-\d+(-node\d+)?\.json$")  # what spec_path names, on any node
+
+
 def worker_path(run_dir: Path, attempt: int) -> Path:
     return run_dir / f"worker-{attempt}.json"
 
@@ -106,16 +117,16 @@ def ranks_log_dir(run_dir: Path, attempt: int, node: int = 0) -> Path:
 
 def weights_dir(run_dir: Path) -> Path:
     """Ultralytics' checkpoints of the run (``save_dir / "weights"``)."""
-    return run_dir / "weights"
+    return run_dir / WEIGHTS
 
 
 def last_checkpoint(run_dir: Path) -> Path:
     """``weights/last.pt``: what a resume and every retry continue from."""
-    return weights_dir(run_dir) / "last.pt"
+    return weights_dir(run_dir) / LAST
 
 
 def best_checkpoint(run_dir: Path) -> Path:
-    return weights_dir(run_dir) / "best.pt"
+    return weights_dir(run_dir) / BEST
 
 
 def failure_path(run_dir: Path, attempt: int, rank: int) -> Path:

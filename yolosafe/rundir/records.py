@@ -196,18 +196,19 @@ class Event(Record):
     attempt: int | None = None
 
 
-def story_path(run_dir: Path, node: int = 0) -> Path:
-    """``yolosafe.json``; node R > 0 of a multi-node run keeps its own, ``yolosafe-nodeR.json``."""
-    return RunDir(run_dir, node).story
+def story_path(run: RunDir | Path) -> Path:
+    """``yolosafe.json``; node R > 0 of a multi-node run keeps its own, ``yolosafe-nodeR.json`` (a plain path:
+    node 0's)."""
+    return RunDir.of(run).story
 
 
-def load_story(run_dir: Path, node: int = 0) -> Story:
-    path = story_path(run_dir, node)
+def load_story(run: RunDir | Path) -> Story:
+    path = story_path(run)
     return _typed(Story, path, _read(path))
 
 
-def save_story(run_dir: Path, story: Story, node: int = 0) -> None:
-    rundir.write_json(story_path(run_dir, node), story.to_dict())
+def save_story(run: RunDir | Path, story: Story) -> None:
+    rundir.write_json(story_path(run), story.to_dict())
 
 
 def _failure_order(path: Path) -> tuple[int, int, str]:
@@ -216,20 +217,19 @@ def _failure_order(path: Path) -> tuple[int, int, str]:
     return (int(match[1]), int(match[2]), path.name) if match else (1 << 30, 0, path.name)
 
 
-def load_failures(run_dir: Path, attempt: int | None = None) -> list[Failure]:
+def load_failures(run: RunDir | Path, attempt: int | None = None) -> list[Failure]:
     """The failure records (of one attempt, or all), in attempt then rank order."""
-    pattern = f"failure-{attempt}-rank*.json" if attempt is not None else "failure-*-rank*.json"
     found = []
-    for path in sorted(run_dir.glob(pattern), key=_failure_order):
+    for path in sorted(RunDir.of(run).failures(attempt), key=_failure_order):
         record = _typed(Failure, path, _read(path))
         record.name = path.name
         found.append(record)
     return found
 
 
-def save_failure(run_dir: Path, record: Failure) -> Path:
+def save_failure(run: RunDir | Path, record: Failure) -> Path:
     """Write a failure record atomically, named by its attempt and global rank."""
-    path = RunDir(run_dir).failure(record.attempt or 0, record.rank or 0)
+    path = RunDir.of(run).failure(record.attempt or 0, record.rank or 0)
     rundir.write_json(path, record.to_dict())
     return path
 
@@ -239,10 +239,11 @@ def failures_from(data: list[Any]) -> list[Failure]:
     return [Failure.from_dict(d) for d in data if isinstance(d, dict)]
 
 
-def load_events(run_dir: Path) -> list[Event]:
-    """Every complete line of ``events.jsonl`` (a line cut short by a killed rank, or not an event, is skipped)."""
+def load_events(run: RunDir | Path) -> list[Event]:
+    """Every complete line of the node's ``events.jsonl`` (a line cut short by a killed rank, or not an event, is
+    skipped)."""
     found = []
-    for line in rundir.read_jsonl(RunDir(run_dir).events):
+    for line in rundir.read_jsonl(RunDir.of(run).events):
         try:
             found.append(Event.from_dict(line))
         except (TypeError, AttributeError):

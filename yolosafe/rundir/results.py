@@ -11,7 +11,7 @@ import contextlib
 import os
 from pathlib import Path
 
-RESULTS = "results.csv"
+from yolosafe.rundir.files import RESULTS_CSV as RESULTS
 
 
 def _epoch(row: str) -> int | None:

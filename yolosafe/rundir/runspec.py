@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 
 TRAIN, FINAL_VAL = "train", "final_val"  # the two modes of an attempt
 
@@ -40,8 +41,13 @@ class RunSpec:
                                # "relaunch": the attempt ends and every rank is relaunched
 
     @property
+    def run(self) -> RunDir:
+        """The run directory, as this spec's node names its files."""
+        return RunDir(Path(self.run_dir), self.node_rank)
+
+    @property
     def path(self) -> Path:
-        return rundir.spec_path(Path(self.run_dir), self.attempt, self.node_rank)
+        return self.run.spec(self.attempt)
 
     def save(self) -> Path:
         rundir.write_json(self.path, asdict(self))

@@ -127,20 +127,18 @@ class Supervisor:
     """One run: each attempt's child process, its environment, output and memory watch."""
 
     def __init__(self, run_dir: Path, options: RunOptions, story: Story) -> None:
-        self.run_dir = run_dir
         self.options = options
         self.story = story
         self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
-        self.machines: Machines = options.multinode or OneMachine(run_dir)
-        self.node = self.machines.node  # multi-node: this node's files carry it
+        self.machines: Machines = options.multinode or OneMachine(RunDir(run_dir))
+        self.files = RunDir(run_dir, self.machines.node)  # the run directory as this node names its files
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done (:class:`yolosafe.supervisor.loop.AttemptLoop`); returns the exit status."""
         self.story.supervisor = proc.identity(os.getpid())  # lets a later reader tell a dead run from a live one
         limits = Limits(self.options.max_retries, self.options.min_batch)
-        hint = f"yolosafe train --resume {self.run_dir}{self.machines.resume_flags()}"
-        loop = AttemptLoop(self.run_dir, self.story, self.run_attempt, limits, self.others_mib, node=self.node,
-                           resume_hint=hint)
+        hint = f"yolosafe train --resume {self.files.path}{self.machines.resume_flags()}"
+        loop = AttemptLoop(self.files, self.story, self.run_attempt, limits, self.others_mib, resume_hint=hint)
         try:
             missing = self.machines.start()  # multi-node: every node joined (bounded wait)
             if missing:
@@ -156,8 +154,8 @@ class Supervisor:
         kwargs = {
             **plan.train_kwargs(),
             "model": plan.model,
-            "project": str(self.run_dir.parent),
-            "name": self.run_dir.name,
+            "project": str(self.files.path.parent),
+            "name": self.files.path.name,
             "exist_ok": True,  # the run dir is yolosafe's, made fresh by new_run_dir
         }
         kwargs["device"], visible = launch_device(plan, self.options.simulate_on_cpu, self.options.env)
@@ -167,8 +165,8 @@ class Supervisor:
             mode=mode,
             world_size=plan.world_size if mode == runspec.TRAIN else 1,  # the final validation runs alone
             fake_gpus=self.options.simulate_on_cpu,
-            run_dir=str(self.run_dir),
-            node_rank=self.node,
+            run_dir=str(self.files.path),
+            node_rank=self.files.node,
             model=plan.model,
             resume=str(resume) if resume else None,
             val_batch=plan.val_batch,
@@ -182,7 +180,7 @@ class Supervisor:
     def command(self, spec: RunSpec, path: Path) -> list[str]:
         """The worker itself for one process; yolosafe's launcher (torch.distributed.run) for one rank per GPU of this
         node (over several nodes, torchrun's static rendezvous at node 0)."""
-        log_dir = RunDir(self.run_dir, self.node).ranks_log_dir(spec.attempt)
+        log_dir = self.files.ranks_log_dir(spec.attempt)
         nodes, local = self.machines.launch_shape(spec)
         return launch.child_command(path, spec.world_size, local, log_dir, nodes, spec.attempt)
 
@@ -194,12 +192,12 @@ class Supervisor:
         path = spec.save()
         cmd = self.command(spec, path)
         self.story.attempts[-1].command = cmd
-        records.save_story(self.run_dir, self.story, self.node)
-        extra = {rundir.RUN_DIR_ENV: str(self.run_dir)}  # only a marker: see rundir.RUN_DIR_ENV
+        records.save_story(self.files, self.story)
+        extra = {rundir.RUN_DIR_ENV: str(self.files.path)}  # only a marker: see rundir.RUN_DIR_ENV
         if spec.cuda_visible_devices:
             extra["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         env = training_env(self.options.env, extra)
-        log_path = RunDir(self.run_dir, self.node).log
+        log_path = self.files.log
         with open(log_path, "ab") as log:
             start = log.tell()
             log.write(f"\n=== yolosafe attempt {spec.attempt} ({spec.mode}): {' '.join(cmd)}\n".encode())
@@ -221,7 +219,7 @@ class Supervisor:
         if spec.world_size <= 1:
             return shown
         _, local = self.machines.launch_shape(spec)  # ranks on this node
-        return terminal.RankStream(shown, shown=self.node * local)
+        return terminal.RankStream(shown, shown=self.files.node * local)
 
     @contextlib.contextmanager
     def memory_watch(self, spec: RunSpec) -> Iterator[Callable[[ProcessTree], None] | None]:
@@ -232,8 +230,8 @@ class Supervisor:
             yield None
             return
         if self.watch is None:
-            self.watch = MemoryWatch(self.run_dir, gpu_ids, self.options.watch_interval, self.options.warn_at,
-                                     lambda: open_backend(self.options.env), terminal.say, node=self.node)
+            self.watch = MemoryWatch(self.files, gpu_ids, self.options.watch_interval, self.options.warn_at,
+                                     lambda: open_backend(self.options.env), terminal.say)
         watch = self.watch
         try:
             yield lambda tree: watch.start(spec.attempt, tree.pids)

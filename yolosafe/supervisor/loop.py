@@ -88,25 +88,24 @@ class Stops:
 
 
 class AttemptLoop:
-    """One run's attempts. ``others_mib`` tells the advice how much memory other processes held on each GPU; ``node``
-    is this machine's place in a multi-node run (its story and log carry it; node 0 keeps the checkpoints), whose
-    ``resume_hint`` names the node options too."""
+    """One run's attempts. ``others_mib`` tells the advice how much memory other processes held on each GPU; the
+    node of ``run`` is this machine's place in a multi-node run (its story and log carry it; node 0 keeps the
+    checkpoints), whose ``resume_hint`` names the node options too."""
 
-    def __init__(self, run_dir: Path, story: Story, run_child: ChildRunner, limits: Limits,
+    def __init__(self, run: RunDir | Path, story: Story, run_child: ChildRunner, limits: Limits,
                  others_mib: Callable[[], dict[int, float]] = dict, say: Callable[[str], None] = terminal.say,
-                 node: int = 0, resume_hint: str | None = None) -> None:
-        self.run_dir = run_dir
+                 resume_hint: str | None = None) -> None:
+        self.files = RunDir.of(run)  # the run directory, as this node names its files
         self.story = story
         self.run_child = run_child
         self.limits = limits
         self.others_mib = others_mib
         self.say = say
-        self.node = node
-        self.resume_hint = resume_hint or f"yolosafe train --resume {run_dir}"
+        self.resume_hint = resume_hint or f"yolosafe train --resume {self.files.path}"
         self.stops = Stops()
 
     def save(self) -> None:
-        records.save_story(self.run_dir, self.story, self.node)
+        records.save_story(self.files, self.story)
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done; returns the exit status for ``yolosafe train``."""
@@ -129,7 +128,7 @@ class AttemptLoop:
         while True:
             number = len(self.story.attempts) + 1
             if resume is not None:
-                resume = keep_checkpoint(resume, number, writer=self.node == 0)
+                resume = keep_checkpoint(self.files, resume, number, writer=self.files.node == 0)
             request = Request(number, plan, resume, final_val_only)
             entry = self._start(request)
             result, end = self.run_child(request)
@@ -147,7 +146,7 @@ class AttemptLoop:
                 return self._give_up(end, plan, retries, allowed)
             retries += 1
             plan, final_val_only = step.plan, step.final_val_only
-            last = resume_checkpoint(self.run_dir)
+            last = resume_checkpoint(self.files)
             resume = last if last.is_file() and not final_val_only else None
             entry.next = step.change
             entry.extra["next_plan"] = {"batch": plan.batch, "val_batch": plan.val_batch,
@@ -178,7 +177,7 @@ class AttemptLoop:
 
     def _finish(self, entry: Attempt, request: Request, result: AttemptResult, end: AttemptEnd) -> None:
         """How the attempt ended, what its worker saw, and the run's weights and metrics so far."""
-        seen_file = RunDir(self.run_dir).worker(request.attempt)
+        seen_file = self.files.worker(request.attempt)
         seen = rundir.read_json(seen_file) if seen_file.is_file() else {}
         if seen.get("torch_cuda"):
             self.story.versions = {**(self.story.versions or {}), "torch_cuda": seen["torch_cuda"]}
@@ -209,7 +208,7 @@ class AttemptLoop:
             return Exit.FAILED
         if end.outcome == Outcome.FAILED:
             place = f" in {end.phase} at {epoch_text(end.epoch, plan.epochs)}" if end.phase else ""
-            log = RunDir(self.run_dir, self.node).log
+            log = self.files.log
             full = "No space left on device" in end.message
             then = f"; free some disk space, then {resume_hint}" if full else ""
             self.say(f"training failed{place}{where(plan, end)}, not an OOM, not retried: "
@@ -227,30 +226,28 @@ class AttemptLoop:
         return Exit.OOM_EXHAUSTED
 
     def _record_results(self) -> None:
-        weights = RunDir(self.run_dir).weights
-        found = {name: weights / f"{name}.pt" for name in ("last", "best")}
+        found = {"last": self.files.last_checkpoint, "best": self.files.best_checkpoint}
         self.story.weights = {name: str(path) for name, path in found.items() if path.is_file()}
-        metrics = RunDir(self.run_dir).final_metrics
+        metrics = self.files.final_metrics
         if metrics.is_file():
             self.story.final_metrics = rundir.read_json(metrics)
 
 
-UNVALIDATED = "unvalidated.pt"  # an epoch trained, not yet validated (yolosafe.training.valretry.UNVALIDATED)
+UNVALIDATED = rundir.UNVALIDATED  # an epoch trained, not yet validated (yolosafe.training.valretry.UNVALIDATED)
 
 
-def resume_checkpoint(run_dir: Path) -> Path:
+def resume_checkpoint(run: RunDir | Path) -> Path:
     """What the next attempt resumes from: the epoch trained but not validated when a validation failed (rank 0
     keeps it only until that epoch's last.pt is written, so it is the newer), else ``last.pt``."""
-    last = RunDir(run_dir).last_checkpoint
-    unvalidated = last.with_name(UNVALIDATED)
-    return unvalidated if unvalidated.is_file() else last
+    run = RunDir.of(run)
+    return run.unvalidated if run.unvalidated.is_file() else run.last_checkpoint
 
 
-def keep_checkpoint(last: Path, attempt: int, writer: bool = True) -> Path:
-    """A copy of the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch. Written
-    beside it and renamed, so a rank never reads half of it; over several nodes by node 0 alone (``writer``): every
-    node's ranks start only once node 0's ranks have joined, after the copy."""
-    kept = last.with_name(f"last-before-attempt{attempt}.pt")
+def keep_checkpoint(run: RunDir, last: Path, attempt: int, writer: bool = True) -> Path:
+    """A copy of ``last``, the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch.
+    Written beside it and renamed, so a rank never reads half of it; over several nodes by node 0 alone
+    (``writer``): every node's ranks start only once node 0's ranks have joined, after the copy."""
+    kept = run.kept_checkpoint(attempt)
     if writer:
         partial = kept.with_name(f".{kept.name}.partial")
         try:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from yolosafe.planning.nodes import Nodes
 from yolosafe.proc import AttemptResult, ProcessTree
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import load_failures
 from yolosafe.rundir.runspec import RunSpec
 from yolosafe.supervisor.policy import AttemptEnd, classify
@@ -44,8 +44,11 @@ class OneMachine:
     """A run on this machine alone: nothing to join, nobody to wait for, the attempt's end read from its own ranks'
     failure records."""
 
-    run_dir: Path
-    node: int = 0
+    run: RunDir  # the run directory (node 0's view: one machine)
+
+    @property
+    def node(self) -> int:
+        return self.run.node
 
     def start(self) -> str | None:
         return None
@@ -67,4 +70,4 @@ class OneMachine:
         return then
 
     def agree(self, attempt: int, result: AttemptResult, log_tail: str) -> AttemptEnd:
-        return classify(result, load_failures(self.run_dir, attempt), log_tail)
+        return classify(result, load_failures(self.run, attempt), log_tail)

@@ -112,16 +112,17 @@ class MemoryWatch:
     """Samples the run's GPUs in a background thread, one attempt at a time (``start`` ... ``stop``).
 
     ``pids`` (given to ``start``) returns the live pids of the attempt's process tree. ``say`` prints one line for
-    the user. ``open_backend`` is called at each start; the backend is closed at each stop. On node ``node`` of a
+    the user. ``open_backend`` is called at each start; the backend is closed at each stop. On the node of ``run`` in a
     multi-node run it samples that node's GPUs into the node's own CSV, following its own ranks' events.
     """
 
-    def __init__(self, run_dir: Path, gpus: Sequence[int], interval: float, warn_at: float,
-                 open_backend: Callable[[], GPUBackend], say: Callable[[str], None], node: int = 0) -> None:
-        self.run_dir, self.gpus, self.interval, self.warn_at = run_dir, tuple(gpus), interval, warn_at
+    def __init__(self, run: RunDir | Path, gpus: Sequence[int], interval: float, warn_at: float,
+                 open_backend: Callable[[], GPUBackend], say: Callable[[str], None]) -> None:
+        self.run = RunDir.of(run)  # a plain path: node 0's files
+        self.gpus, self.interval, self.warn_at = tuple(gpus), interval, warn_at
         self._open_backend, self._say = open_backend, say
-        self.csv_path = RunDir(run_dir, node).memory_csv
-        self.tracker = PhaseTracker(RunDir(run_dir, node).events, self.gpus)
+        self.csv_path = self.run.memory_csv
+        self.tracker = PhaseTracker(self.run.events, self.gpus)
         self.samples = 0
         self.read_errors = 0
         self.cpu_s = 0.0  # CPU seconds the sampler thread used, all attempts: its cost, measured where it runs

@@ -28,7 +28,6 @@ from typing import Any
 
 from yolosafe import bench, oom
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import VAL_PHASES
 from yolosafe.training import torchmem
 from yolosafe.training.context import RunContext
@@ -43,7 +42,7 @@ def maybe_inject(context: RunContext, phase: str) -> None:
     local = (context.node, context.rank.local)  # an injection that names a node means its local rank
     if injection is None or not injection.matches(phase, progress.epoch, progress.iteration, context.rank.index, local):
         return
-    counter = RunDir(context.run_dir).injected
+    counter = context.run.injected
     done = int(counter.read_text()) if counter.is_file() else 0
     if injection.times and done >= injection.times:
         return
@@ -74,7 +73,7 @@ def append_event(context: RunContext, event: str, obj: Any, **fields: Any) -> No
     validator)."""
     progress = context.progress
     # multi-node: each node's ranks append to the node's own file (O_APPEND is atomic on one machine, not over NFS)
-    rundir.append_jsonl(RunDir(context.run_dir, context.node).events, {
+    rundir.append_jsonl(context.run.events, {
         "t": time.time(),
         "event": event,
         "phase": progress.phase,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe import oom
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.runspec import RunSpec
 
 
@@ -76,6 +77,11 @@ class RunContext:
     @property
     def run_dir(self) -> Path:
         return Path(self.spec.run_dir)
+
+    @property
+    def run(self) -> RunDir:
+        """The run directory, as this process's node names its files."""
+        return self.spec.run
 
     @property
     def attempt(self) -> int:

@@ -72,7 +72,7 @@ def write_failure(context: RunContext, exc: BaseException, batch: int | None, de
     record.max_allocated_mib, record.max_reserved_mib = peaks["max_allocated_mib"], peaks["max_reserved_mib"]
     try:
         if recovered is None:
-            save_failure(context.run_dir, record)
+            save_failure(context.run, record)
         else:
             _save_recovered(context, record, recovered)
     except OSError as err:  # a full or read-only disk: the failure itself is in the log, never a second traceback
@@ -83,6 +83,6 @@ def _save_recovered(context: RunContext, record: Failure, recovered: Mapping[str
     record.recovered = RECOVERED_IN_PLACE
     record.val_batch = recovered.get("val_batch", record.val_batch)
     record.extra.update({k: v for k, v in recovered.items() if k != "val_batch"})
-    path = rundir.failure_path(context.run_dir, context.attempt, context.rank.index)
-    count = len(list(path.parent.glob(f"{path.stem}-recovered*.json")))
-    rundir.write_json(path.with_name(f"{path.stem}-recovered{count + 1}.json"), record.to_dict())
+    run, attempt, rank = context.run, context.attempt, context.rank.index
+    count = len(run.recovered_failures(attempt, rank))
+    rundir.write_json(run.recovered_failure(attempt, rank, count + 1), record.to_dict())

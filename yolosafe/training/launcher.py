@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe.exits import Exit
-from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.runspec import RunSpec
 
 WORKER = "yolosafe.training.worker"  # the module every rank runs, with the run spec's path as its one argument
@@ -38,15 +37,15 @@ def record_failures(failures: dict[int, Any], spec: RunSpec) -> None:
     from yolosafe import oom
     from yolosafe.rundir.records import Failure, save_failure
 
-    run_dir = Path(spec.run_dir)
+    run = spec.run
     for rank, failure in failures.items():
-        if RunDir(run_dir).failure(spec.attempt, rank).exists():
+        if run.failure(spec.attempt, rank).exists():
             continue
         signal_name = failure.signal_name() if failure.exitcode < 0 else None
         message = _error_message(failure)
         if signal_name:
             message = f"rank {rank} was killed by {signal_name}"
-        save_failure(run_dir, Failure.new(
+        save_failure(run, Failure.new(
             t=failure.timestamp, oom=oom.is_oom_text(message), error=signal_name or "exit", message=message,
             signal=signal_name, exit_code=failure.exitcode, rank=rank, gpu=failure.local_rank, pid=failure.pid,
             attempt=spec.attempt, error_file=failure.error_file, by="launcher",

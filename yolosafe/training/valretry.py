@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe import oom
+from yolosafe.rundir import files as rundir
 from yolosafe.rundir import results
 from yolosafe.training import callbacks, torchmem
 from yolosafe.training import failure as failurerecord
@@ -183,7 +184,7 @@ def retrying(validator: Any, trainer: Any, context: RunContext) -> Any:
 # A validation OOM that still needs a relaunch trains nothing again: rank 0 keeps each epoch's trained state right
 # before its validation (weights/unvalidated.pt, marked in its train_metrics), the supervisor resumes from it, and the
 # relaunched ranks validate that epoch first, writing its results.csv row, last.pt and best.pt as Ultralytics would.
-UNVALIDATED = "unvalidated.pt"
+UNVALIDATED = rundir.UNVALIDATED
 MARK = "yolosafe/unvalidated"  # in the checkpoint's train_metrics: the epoch, its train losses and learning rates
 
 

@@ -82,12 +82,12 @@ def install_callbacks(model: Any, context: RunContext) -> None:
         own(model)
 
 
-def _save_metrics(run_dir: Path, metrics: Any) -> None:
+def _save_metrics(run: RunDir, metrics: Any) -> None:
     """The final validation's metrics (a metrics object, or the checkpoint's dict after DDP)."""
     values = getattr(metrics, "results_dict", metrics)
     if isinstance(values, dict):
         numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
-        rundir.write_json(RunDir(run_dir).final_metrics, numbers)
+        rundir.write_json(run.final_metrics, numbers)
 
 
 def train(context: RunContext) -> None:
@@ -110,19 +110,19 @@ def train(context: RunContext) -> None:
         if context.rank.leads:  # a run trained again from the start in its own directory: no rows of before
             results.trim(run_dir, 0)
     if context.rank.leads:  # one record per attempt; every rank's pid is in its events
-        rundir.write_json(RunDir(run_dir).worker(context.attempt), _observed(context, resumed_from))
+        rundir.write_json(context.run.worker(context.attempt), _observed(context, resumed_from))
     install_callbacks(model, context)
     metrics = model.train(trainer=trainer_class(model.task, context, model.task_map[model.task]["trainer"]), **kwargs)
     if context.rank.leads:
-        _save_metrics(run_dir, metrics)
+        _save_metrics(context.run, metrics)
 
 
 def final_validation(context: RunContext) -> None:
     """Validate best.pt once more, alone on one device with a smaller batch: training itself is finished."""
-    run_dir, kwargs = context.run_dir, context.spec.train_kwargs
-    best = RunDir(run_dir).best_checkpoint
-    model = _load(str(best if best.is_file() else RunDir(run_dir).last_checkpoint))
-    rundir.write_json(RunDir(run_dir).worker(context.attempt), _observed(context, None))
+    run, kwargs = context.run, context.spec.train_kwargs
+    best = run.best_checkpoint
+    model = _load(str(best if best.is_file() else run.last_checkpoint))
+    rundir.write_json(run.worker(context.attempt), _observed(context, None))
     context.progress.final = True
     install_callbacks(model, context)
     try:
@@ -139,7 +139,7 @@ def final_validation(context: RunContext) -> None:
     except BaseException as exc:
         failurerecord.write_failure(context, exc, None, getattr(model, "device", None))
         raise
-    _save_metrics(run_dir, metrics)
+    _save_metrics(run, metrics)
 
 
 def warn_unsupported_ultralytics() -> None:

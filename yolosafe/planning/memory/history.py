@@ -40,13 +40,14 @@ def measured_peaks(summary: dict[str, Any], gpu: str) -> dict[str, float]:
     return found
 
 
-def near_misses(run_dir: Path, plan_gpus: list[Any]) -> dict[tuple[int, str], int]:
+def near_misses(run_dir: RunDir | Path, plan_gpus: list[Any]) -> dict[tuple[int, str], int]:
     """Per (GPU, phase): the OOMs the run went on from without a relaunch: validation OOMs a rank recovered in
     place (its ``recovered`` failure records) and the assigner's fallbacks in training (``assigner_oom`` events).
     Their ``gpu`` is the position in the plan's GPUs; the key is the GPU's own index."""
     found: dict[tuple[int, str], int] = {}
-    seen = [r for r in map(rundir.read_json, run_dir.glob("failure-*-rank*-recovered*.json")) if r.get("recovered")]
-    events = run_dir / rundir.EVENTS
+    run = RunDir.of(run_dir)
+    seen = [r for r in map(rundir.read_json, run.recovered_failures()) if r.get("recovered")]
+    events = run.events
     seen += [e for e in rundir.read_jsonl(events) if e.get("event") == "assigner_oom"] if events.is_file() else []
     for r in seen:
         pos = r.get("gpu")

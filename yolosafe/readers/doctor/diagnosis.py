@@ -172,11 +172,11 @@ def find_run(run_dir: str | None, project: str | None) -> Path | None:
 
 def memory(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """The memory summary: the one ``yolosafe report`` wrote, else computed from memory.csv without writing."""
-    summary_file = RunDir(path).memory_summary
+    run = RunDir(path)
     try:
-        if summary_file.is_file():
-            return rundir.read_json(summary_file), None
-        return report.summarize(path, report.load(path)), None
+        if run.memory_summary.is_file():
+            return rundir.read_json(run.memory_summary), None
+        return report.summarize(run, report.load(run)), None
     except report.NoMemoryData as exc:
         return None, str(exc)
     except Exception as exc:  # a damaged summary or CSV: one line, the rest of the diagnosis still stands

@@ -69,10 +69,10 @@ def decide(ends: list[dict[str, Any]], nproc: int) -> AttemptEnd:
     return failure
 
 
-def own_records(run_dir: Path, attempt: int, node: int, nproc: int) -> list[dict[str, Any]]:
-    """The failure records of this node's ranks (global ranks ``node * nproc ..``); the single process of a final
-    validation counts as rank 0."""
-    return [r.to_dict() for r in load_failures(run_dir, attempt) if max(r.rank or 0, 0) // nproc == node]
+def own_records(run: RunDir, attempt: int, nproc: int) -> list[dict[str, Any]]:
+    """The failure records of the ranks of ``run``'s node (global ranks ``node * nproc ..``); the single process of a
+    final validation counts as rank 0."""
+    return [r.to_dict() for r in load_failures(run, attempt) if max(r.rank or 0, 0) // nproc == run.node]
 
 
 @dataclass
@@ -89,11 +89,16 @@ class MultiNode:
     stopped_by: str | None = None  # "SIGINT on node R": the interruption that ended the run, here or elsewhere
 
     def __post_init__(self) -> None:
-        self.beat = cluster.Heartbeat(self.run_dir, self.node, {"session": self.session})
+        self.beat = cluster.Heartbeat(self.run, {"session": self.session})
 
     @property
     def node(self) -> int:
         return self.nodes.node_rank
+
+    @property
+    def run(self) -> RunDir:
+        """The run directory, as this node names its files."""
+        return RunDir(self.run_dir, self.node)
 
     @property
     def timeout(self) -> float:
@@ -105,7 +110,7 @@ class MultiNode:
         return max(len(self.gpus), 1)
 
     def peers(self) -> cluster.Peers:
-        return cluster.Peers(self.run_dir, self.nodes.nnodes, self.node, self.session)
+        return cluster.Peers(self.run, self.nodes.nnodes, self.session)
 
     def start(self) -> str | None:
         """Announce this node and wait for the others (bounded); one line when some never came."""
@@ -119,8 +124,8 @@ class MultiNode:
             self.stopped_by = f"SIGINT on node {self.node}"
         self.beat.stop(state="done", outcome=outcome, stopped=self.stopped_by)
         if self.node == 0:
-            found = cluster.read(RunDir(self.run_dir).nodes_marker) or {}
-            rundir.write_json(RunDir(self.run_dir).nodes_marker, {**found, "state": "ended", "outcome": outcome})
+            found = cluster.read(self.run.nodes_marker) or {}
+            rundir.write_json(self.run.nodes_marker, {**found, "state": "ended", "outcome": outcome})
 
     def runs_here(self, spec: RunSpec) -> bool:
         """A final validation only (training is over) runs on node 0 alone; the other nodes wait for its outcome."""
@@ -165,7 +170,7 @@ class MultiNode:
     def _peer_problem(self, attempt: int, peers: cluster.Peers) -> tuple[str, float] | None:
         """(why, grace) when another node will not finish this attempt."""
         for other in peers.others():
-            end = cluster.read(RunDir(self.run_dir).node_end(attempt, other))
+            end = cluster.read(self.run.node_end(attempt, other))
             if end is not None and (end.get("interrupted") or end.get("exit_code")):
                 how = end.get("interrupted") or f"exit status {end.get('exit_code')}"
                 grace = 0.0 if end.get("interrupted") else PEER_GRACE_S
@@ -180,9 +185,9 @@ class MultiNode:
         interrupted = signal.Signals(result.interrupted).name if result.interrupted else None
         mine = {"node": self.node, "attempt": attempt, "exit_code": result.exit_code, "interrupted": interrupted,
                 "stopped_for": self.stopped_for, "duration_s": round(result.duration_s, 2), "gpus": list(self.gpus),
-                "records": own_records(self.run_dir, attempt, self.node, self.nproc), "log_tail": log_tail[-LOG_TAIL:],
+                "records": own_records(self.run, attempt, self.nproc), "log_tail": log_tail[-LOG_TAIL:],
                 "checkpoint": self._checkpoint() if self.node == 0 else None, "t": time.time()}
-        rundir.write_json(RunDir(self.run_dir).node_end(attempt, self.node), mine)
+        rundir.write_json(self.run.node_end(attempt, self.node), mine)
         if interrupted:  # the user wants this node out now; the others read it from the end record
             self.stopped_by = f"{interrupted} on node {self.node}"
             return AttemptEnd(Outcome.INTERRUPTED, message=interrupted)
@@ -193,7 +198,8 @@ class MultiNode:
             self.stopped_by = failure.message
         retried = failure.outcome == Outcome.OOM and self.node != 0  # resumes from node 0's checkpoint
         if retried and not self._checkpoint_visible(ends[0].get("checkpoint")):
-            return AttemptEnd(Outcome.FAILED, message=f"weights/last.pt written by node 0 is not visible here after "
+            last = self.run.last_checkpoint.relative_to(self.run.path).as_posix()
+            return AttemptEnd(Outcome.FAILED, message=f"{last} written by node 0 is not visible here after "
                                              f"{self.timeout:g} s: the run directory must be on storage every node "
                                              "shares")
         return failure
@@ -201,14 +207,14 @@ class MultiNode:
     def _wait_ends(self, attempt: int) -> list[dict[str, Any]]:
         peers = self.peers()
         while True:
-            ends = [cluster.read(RunDir(self.run_dir).node_end(attempt, n)) or peers.gone(n)
+            ends = [cluster.read(self.run.node_end(attempt, n)) or peers.gone(n)
                     for n in range(self.nodes.nnodes)]
             if all(ends):
                 return [e for e in ends if e is not None]
             time.sleep(cluster.POLL_S)
 
     def _checkpoint(self) -> dict[str, float] | None:
-        last = RunDir(self.run_dir).last_checkpoint
+        last = self.run.last_checkpoint
         try:
             stat = last.stat()
         except OSError:

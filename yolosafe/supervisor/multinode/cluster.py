@@ -74,7 +74,7 @@ def create(run_dir: Path, nodes: Nodes, plan: dict[str, Any]) -> Path:
     except OSError as exc:
         raise ClusterError(f"cannot create {run_dir}: {exc.strerror}") from None
     run_dir = run_dir.resolve()
-    rundir.lock(run_dir, 0)  # held until this process exits
+    RunDir(run_dir).lock()  # held until this process exits
     announce(run_dir, nodes, plan, 1)
     return run_dir
 
@@ -102,7 +102,7 @@ def join(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int, say: C
     run_dir = run_dir.resolve()
     try:
         if lock:
-            rundir.lock(run_dir, nodes.node_rank)
+            RunDir(run_dir, nodes.node_rank).lock()
     except rundir.RunLocked as exc:
         raise ClusterError(f"node {nodes.node_rank} of {run_dir} is already running (yolosafe pid {exc.pid})") from None
     return run_dir
@@ -149,8 +149,7 @@ def _live_marker(run_dir: Path, nodes: Nodes, beats: set[Any]) -> dict[str, Any]
 class Heartbeat:
     """This node's state file, rewritten every :data:`HEARTBEAT_S` by a daemon thread until :meth:`stop`."""
 
-    run_dir: Path
-    node: int
+    run: RunDir  # this node's view of the run directory
     state: dict[str, Any] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -162,9 +161,9 @@ class Heartbeat:
     def set(self, **state: Any) -> None:
         """Change the state and write it now (other nodes act on some changes: "done", an attempt's start)."""
         with self._lock:
-            self.state.update(state, node=self.node, host=socket.gethostname(), pid=os.getpid(),
+            self.state.update(state, node=self.run.node, host=socket.gethostname(), pid=os.getpid(),
                               beat=int(self.state.get("beat", 0)) + 1, t=time.time())
-            rundir.write_json(RunDir(self.run_dir).node_state(self.node), self.state)
+            rundir.write_json(self.run.node_state(self.run.node), self.state)
 
     def stop(self, **state: Any) -> None:
         self._stop.set()
@@ -186,18 +185,17 @@ class Peers:
     seen in this ``session`` (node 0's marker: a state file left by an earlier session of a resumed run does not
     count) is "missing" until :data:`SILENT_S` have passed since this object was made."""
 
-    run_dir: Path
+    run: RunDir  # this node's view of the run directory
     nnodes: int
-    node: int
     session: str | None
     _seen: dict[int, tuple[int, float]] = field(default_factory=dict)
     _since: float = field(default_factory=time.monotonic)
 
     def others(self) -> list[int]:
-        return [n for n in range(self.nnodes) if n != self.node]
+        return [n for n in range(self.nnodes) if n != self.run.node]
 
     def state(self, node: int) -> dict[str, Any] | None:
-        found = read(RunDir(self.run_dir).node_state(node))
+        found = read(self.run.node_state(node))
         if found is not None and found.get("session") != self.session:
             found = None  # an earlier session's
         now = time.monotonic()
@@ -230,11 +228,12 @@ class Peers:
             if not missing:
                 return None
             if not told:
-                say(f"node {self.node}: waiting for node {', '.join(map(str, missing))} to join (up to {timeout:g} s)")
+                waiting = ", ".join(map(str, missing))
+                say(f"node {self.run.node}: waiting for node {waiting} to join (up to {timeout:g} s)")
                 told = True
             if time.monotonic() >= deadline:
                 names = ", ".join(map(str, missing))
-                return (f"node{'s' if len(missing) > 1 else ''} {names} did not join {self.run_dir} within "
+                return (f"node{'s' if len(missing) > 1 else ''} {names} did not join {self.run.path} within "
                         f"{timeout:g} s: start yolosafe there with the same options, and the project on storage every "
                         "node shares")
             time.sleep(POLL_S)

@@ -19,7 +19,6 @@ from typing import Any
 
 from yolosafe.gpus import fake_phase_file, nvml_index
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir.layout import RunDir
 from yolosafe.training.callbacks import Hook, add_callbacks
 from yolosafe.training.context import RunContext
 
@@ -59,6 +58,6 @@ class FakePhaseFile:
         planned = self.context.spec.plan
         batch = planned.get("per_gpu_batch") if phase == "train" else planned.get("val_batch")  # for per_image_mib
         gpu = nvml_index(planned.get("gpus", []), self.context.gpu_index(getattr(obj, "device", None)))
-        base = RunDir(self.context.run_dir, self.context.node).fake_phase
+        base = self.context.run.fake_phase
         rundir.write_json(fake_phase_file(base, gpu),
                           {"phase": phase, "pid": os.getpid(), "epoch": self.context.progress.epoch, "batch": batch})
