@@ -162,7 +162,13 @@ def dataset_figures(files: dict[str, list[str]]) -> dict[str, Any]:
 
 
 def check_optimizer(trainer: Any, args: Any) -> None:
-    """``optimizer=``, as the trainer's ``build_optimizer`` reads it (on a one-layer stand-in for the model)."""
+    """``optimizer=``, as the trainer's ``build_optimizer`` reads it (on a one-layer stand-in for the model).
+    Ultralytics' own default needs no check, and building a torch optimizer costs seconds (it loads torch's
+    compiler)."""
+    from ultralytics.cfg import DEFAULT_CFG
+
+    if args.optimizer == DEFAULT_CFG.optimizer:
+        return
     import torch
 
     try:
