@@ -21,6 +21,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from yolosafe.planning import options
 from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.memory import table as memtable
 
 POINTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "memory_points.yaml"
 FRACTION = options.DEFAULTS["memory_fraction"]  # --memory-fraction's default
@@ -67,7 +68,7 @@ def terms_of(point: dict) -> memmodel.Terms:
     assigner of that version counts too: before the boolean candidate masks of the supported Ultralytics,
     select_candidates_in_gts held two (batch x objects, anchors, 2) float tensors and their (.., 4) concatenation,
     32 bytes per (object, anchor) pair (ultralytics/utils/tal.py); elsewhere the objects are assumed and sparse."""
-    terms = memmodel.table_terms(point["model"])
+    terms = memtable.table_terms(point["model"])
     version = tuple(int(x) for x in str(point.get("ultralytics", "8.0.0")).split(".")[:3])
     if "objects_max" not in point or version >= LEAN_ASSIGNER:
         return terms

@@ -14,6 +14,7 @@ from yolosafe import gpus
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, hostram, objects, planner, valshapes
 from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.memory import table as memtable
 from yolosafe.planning.trainoptions import TrainOptions
 
 FAMILIES = [[f"yolov8{s}" for s in "nsmlx"], [f"yolo11{s}" for s in "nsmlx"]]
@@ -30,7 +31,7 @@ def gpu(index: int, total_gib: float, used_mib: float = 0.0, name: str = "Fake G
 
 
 def test_the_table_covers_the_common_models_with_sources():
-    table = memmodel.load_table()
+    table = memtable.load_table()
     assert set(table) >= {name for family in FAMILIES for name in family}
     for terms in table.values():
         assert terms.source == "table" and terms.imgsz == 640
@@ -38,7 +39,7 @@ def test_the_table_covers_the_common_models_with_sources():
 
 
 def test_a_prediction_is_fixed_plus_per_image_times_batch_with_explicit_terms():
-    terms = memmodel.table_terms("yolov8n.pt")
+    terms = memtable.table_terms("yolov8n.pt")
     one, eight = (memmodel.predict(terms, memmodel.Setup(), "train", b) for b in (1, 8))
     assert eight.allocated_mib - one.allocated_mib == pytest.approx(7 * one.per_image_mib)
     frag = memmodel.FRAGMENTATION[True]  # yolosafe's default: expandable_segments
@@ -63,7 +64,7 @@ def test_a_prediction_is_fixed_plus_per_image_times_batch_with_explicit_terms():
 
 
 def test_largest_batch_is_the_edge_of_the_budget():
-    terms, setup = memmodel.table_terms("yolo11s"), memmodel.Setup()
+    terms, setup = memtable.table_terms("yolo11s"), memmodel.Setup()
     budget = 20_000
     best = memmodel.largest_batch(terms, setup, budget)
     peak = lambda b: max(memmodel.predict(terms, setup, p, b).required_mib for p in ("train", "val"))  # noqa: E731
@@ -86,7 +87,7 @@ def test_tier_table_is_monotonic():
 
 
 def test_the_smallest_free_gpu_decides():
-    terms, setup = memmodel.table_terms("yolov8m"), memmodel.Setup(world_size=2)
+    terms, setup = memtable.table_terms("yolov8m"), memmodel.Setup(world_size=2)
     roomy, tight = gpu(0, 24), gpu(1, 24, used_mib=12 * 1024, pids=(4242,))
     per_gpu, reasons = planner.auto_batch(terms, setup, [roomy, tight], 0.85, None, history_file=None)
     alone = memmodel.largest_batch(terms, setup, 0.85 * tight.free_mib)
@@ -115,7 +116,7 @@ def _history_line(tmp_path, run: int, predicted: memmodel.Prediction, measured: 
 
 
 def test_history_moves_the_prediction_toward_what_this_machine_measured(tmp_path):
-    terms, setup = memmodel.table_terms("yolov8s"), memmodel.Setup()
+    terms, setup = memtable.table_terms("yolov8s"), memmodel.Setup()
     base = memmodel.predict(terms, setup, "train", 32)
     measured = 1.5 * base.required_mib  # this GPU type needs 50 % more than the model says
     path = tmp_path / "history.jsonl"
@@ -140,8 +141,8 @@ def test_a_finished_run_is_appended_to_the_history(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    train = memmodel.predict(memmodel.table_terms("yolov8n"), memmodel.Setup(), "train", 16).as_dict()
-    val = memmodel.predict(memmodel.table_terms("yolov8n"), memmodel.Setup(), "val", 16).as_dict()
+    train = memmodel.predict(memtable.table_terms("yolov8n"), memmodel.Setup(), "train", 16).as_dict()
+    val = memmodel.predict(memtable.table_terms("yolov8n"), memmodel.Setup(), "val", 16).as_dict()
     story = {"gpus": [{"index": 2, "name": "Fake GPU"}], "versions": {"torch": "2.x", "driver": "550"},
              "memory_plan": {"model": "yolov8n", "imgsz": 640, "amp": True, "world_size": 1,
                              "predicted": {"train": train, "val": val}}}
@@ -188,7 +189,7 @@ def test_every_public_memory_point_cites_its_source_and_has_the_fields_of_its_ki
         missing = ({"model", "imgsz", "gpu", "source"} | POINT_FIELDS[point["kind"]]) - set(point)
         assert not missing, f"{what}: missing {sorted(missing)}"
         assert re.match(r"https://\S+$", point["source"]), what
-        memmodel.table_terms(point["model"])  # a model the table knows
+        memtable.table_terms(point["model"])  # a model the table knows
         assert point.get("unit", "GB") in ("GB", "GiB"), what
         if point["kind"] == "gpu_mem":
             assert point["phase"] in ("steady", "first-epoch"), what
@@ -217,7 +218,7 @@ def test_the_public_outcomes_and_figures_hold():
 
 
 def test_every_phase_has_both_figures_and_the_fit_uses_required():
-    terms, setup = memmodel.table_terms("yolov8s"), memmodel.Setup()
+    terms, setup = memtable.table_terms("yolov8s"), memmodel.Setup()
     budget = 45434 - 400
     best = memmodel.largest_batch(terms, setup, budget)
     for phase in ("train", "val"):
@@ -257,7 +258,7 @@ def test_the_dataset_labels_decide_objects_per_image_and_are_cached(tmp_path, mo
     assert (missing["images"], missing["max"]) == (2, 900)  # an image without a label file: a background image
     monkeypatch.setattr(objects, "_count", lambda listing: pytest.fail("read again"))
     assert objects.apply(memmodel.Setup(), _figures(tmp_path / "crowded", cache)).objects_per_image == 900  # cached
-    terms, budget = memmodel.table_terms("yolov8n"), 24 * 1024
+    terms, budget = memtable.table_terms("yolov8n"), 24 * 1024
     dense = memmodel.largest_batch(terms, setup, budget)
     assert dense < 0.7 * memmodel.largest_batch(terms, memmodel.Setup(), budget)  # 900 vs 100 objects
     assert objects.apply(memmodel.Setup(), None) == objects.apply(memmodel.Setup(), {}) == memmodel.Setup()
@@ -277,17 +278,17 @@ def test_rect_validation_batches_follow_the_validation_images_shapes(tmp_path):
         assert "the validation images' shapes" in setup.val_area_source
         if name == "wide":  # landscape only: [40/64, 1] -> 416 x 672
             assert setup.val_area == pytest.approx(416 * 672 / 640**2)
-            wide = memmodel.predict(memmodel.table_terms("yolov8n"), setup, "val", 16)
+            wide = memmodel.predict(memtable.table_terms("yolov8n"), setup, "val", 16)
         else:
             assert setup.val_area == pytest.approx(valshapes.square_area(640))
-            mixed = memmodel.predict(memmodel.table_terms("yolov8n"), setup, "val", 16)
+            mixed = memmodel.predict(memtable.table_terms("yolov8n"), setup, "val", 16)
     assert wide.per_image_mib < mixed.per_image_mib
     assert memmodel.Setup().val_area_share == pytest.approx(valshapes.square_area(640))  # no shapes: the worst
     assert valshapes.image_ratios([str(tmp_path / "gone.jpg")], tmp_path / "cache") == []
 
 
 def test_the_loss_follows_its_measured_curve():
-    terms = memmodel.table_terms("yolov8n")
+    terms = memtable.table_terms("yolov8n")
     (x0, y0), (x1, y1) = terms.loss_curve[:2]
     assert len(terms.loss_curve) >= 3 and terms.loss_at(x0) == pytest.approx(y0)
     assert terms.loss_at(x1) == pytest.approx(y1)

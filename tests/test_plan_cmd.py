@@ -10,6 +10,7 @@ from tests import tinysets
 from tests.conftest import run_dir_of, story
 from yolosafe.planning import options
 from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.memory import table as memtable
 
 FOUR_TWO_BUSY = json.dumps({"gpus": [
     {"name": "Fake A", "total_mib": 24576, "used_mib": 13000, "processes": [{"pid": 4242, "used_mib": 13000}]},
@@ -100,7 +101,7 @@ def test_batch_auto_dry_run_keeps_the_effective_batch(run_cli):
 
 def fake_gpu_for_batch(per_gpu: int, imgsz: int, world_size: int) -> float:
     """The smallest fake GPU (MiB) on which --batch auto picks ``per_gpu`` images of yolov8n at ``imgsz``."""
-    terms, setup = memmodel.table_terms("yolov8n"), memmodel.Setup(imgsz=imgsz, world_size=world_size)
+    terms, setup = memtable.table_terms("yolov8n"), memmodel.Setup(imgsz=imgsz, world_size=world_size)
     peak = max(memmodel.predict(terms, setup, p, per_gpu).required_mib for p in ("train", "val"))
     return float(int(peak / options.DEFAULTS["memory_fraction"]) + 1)
 
@@ -138,7 +139,7 @@ def test_plan_runs_the_fake_pass_for_a_custom_yaml_once(run_cli, tmp_path, share
     assert first.returncode == 0, first.stderr[-2000:]
     memory = json.loads(first.stdout)["memory"]
     assert memory["terms_source"].startswith("fake pass (torch") and memory["model"] == "my-net"
-    table = memmodel.table_terms("yolov8n")
+    table = memtable.table_terms("yolov8n")
     per_image = memory["predicted"]["train"]["per_image_mib"]
     assert 0.8 < per_image / (table.train_act_per_image_mib + table.loss_per_image_mib) < 1.2
     assert list((shared_cache / "yolosafe" / "memterms").glob("my-net-*.json"))

@@ -22,6 +22,7 @@ from yolosafe.planning import datasets, gpuselect
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, hostram, objects
 from yolosafe.planning.memory import model as memmodel
+from yolosafe.planning.memory import table as memtable
 from yolosafe.planning.trainoptions import TrainOptions
 
 AUTO = "auto"
@@ -62,7 +63,7 @@ def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
     path = Path(model)
     text = path.read_text() if path.is_file() else model
     key = hashlib.sha256(f"{text}|{sys.version}|{FAKEPASS_FORMAT}".encode()).hexdigest()[:16]
-    cache = datasets.cache_dir() / "memterms" / f"{memmodel.model_key(model)}-{key}.json"
+    cache = datasets.cache_dir() / "memterms" / f"{memtable.model_key(model)}-{key}.json"
     if cache.is_file():
         entry = json.loads(cache.read_text())
     elif not run:
@@ -75,13 +76,13 @@ def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
         entry = json.loads(done.stdout.strip().splitlines()[-1])
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(entry))
-    return memmodel.terms_from_entry(memmodel.model_key(model), entry, entry.get("source", "fake pass"))
+    return memtable.terms_from_entry(memtable.model_key(model), entry, entry.get("source", "fake pass"))
 
 
 def model_terms(model: str, allow_fake_pass: bool = True) -> memmodel.Terms:
     """The table's figures when it has the model, else a fake pass on its YAML (or Ultralytics' built-in name)."""
     try:
-        return memmodel.table_terms(model)
+        return memtable.table_terms(model)
     except memmodel.UnknownModel:
         if model.endswith(".pt"):
             raise
@@ -250,7 +251,7 @@ def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: TrainOpti
                                    memmodel.predict(terms, setup, "val", p.val_batch), 0)
     host = hostram.estimate(p.extra, p.local_world_size, p.imgsz, _train_images(p), hostram.available_mib())
     return {
-        "model": memmodel.model_key(p.model), "task": terms.task, "imgsz": p.imgsz, "amp": setup.amp,
+        "model": memtable.model_key(p.model), "task": terms.task, "imgsz": p.imgsz, "amp": setup.amp,
         "world_size": p.world_size, "expandable_segments": setup.expandable_segments,
         "objects_per_image": {"train": setup.objects_per_image, "val": setup.val_objects_per_image,
                               "source": setup.objects_source},
@@ -274,10 +275,10 @@ def tier_table(vram_gib: list[float], imgsz: int, options: TrainOptions, fractio
     """Largest per-GPU batch whose ``required_mib`` fits, per model and per VRAM size, from the model (never typed
     in): the table's models, or the ones asked for (any YAML: a fake pass)."""
     setup = setup_of(options, 1, imgsz)
-    chosen = {name: model_terms(name) for name in models} if models else memmodel.load_table()
+    chosen = {name: model_terms(name) for name in models} if models else memtable.load_table()
     rows, sources = {}, {}
     for name, terms in chosen.items():
-        key = memmodel.model_key(name)
+        key = memtable.model_key(name)
         rows[key] = {f"{v:g}": memmodel.largest_batch(terms, setup, fraction * v * 1024) for v in vram_gib}
         sources[key] = terms.source
     return {"imgsz": imgsz, "memory_fraction": fraction, "amp": setup.amp, "optimizer": setup.optimizer,
