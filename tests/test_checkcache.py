@@ -27,8 +27,10 @@ def asked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                "project": None, "name": "train", "download": False, "dry_run": False}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    elsewhere = {**request, "project": str(root / "projects" / "one"), "name": "first"}
     try:
         result = validate._ask(request)
+        validate._ask(elsewhere)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -67,6 +69,14 @@ def test_a_relative_runs_folder_is_resolved_in_the_directory_that_asks(cache: di
                                                                        tmp_path: Path) -> None:
     kept = checkcache.lookup(cache["request"])
     assert kept["project"] == str(tmp_path.resolve() / "runs" / "detect")
+
+
+def test_another_absolute_project_or_name_shares_the_answer(cache: dict[str, Any], tmp_path: Path) -> None:
+    other = {**cache["request"], "project": str(tmp_path / "another" / "project"), "name": "second"}
+    kept = checkcache.lookup(other)
+    assert kept is not None and kept["project"] == str(tmp_path / "another" / "project")
+    relative = {**cache["request"], "project": "mine"}
+    assert checkcache.lookup(relative) is None  # under runs/<task>: another answer, asked once
 
 
 @pytest.mark.parametrize("change", ["request", "ultralytics", "torch", "code", "env", "relative"])
@@ -126,7 +136,8 @@ def test_a_changed_input_file_misses(cache: dict[str, Any], change: str, tmp_pat
 
 @pytest.mark.parametrize("damage", ["not-json", "binary", "foreign-key", "wrong-types", "refusal", "a-list"])
 def test_a_corrupt_or_foreign_entry_is_ignored(cache: dict[str, Any], damage: str) -> None:
-    request = {**cache["request"], "name": f"damaged-{damage}"}  # an entry of its own, so others are untouched
+    request = {**cache["request"], "overrides": {"epochs": 3, "imgsz": 32, "lr0": 0.5,  # an entry of its own
+                                                 "cos_lr": damage}}
     checkcache.store(request, {**cache["result"], "reads": []})
     path = entry_file(request)
     entry = json.loads(path.read_text())
@@ -150,7 +161,7 @@ def test_refusals_answers_with_notes_and_downloads_are_not_kept(cache: dict[str,
     base = cache["request"]
     for name, result in (("refused", {"error": "no", "reads": []}),
                          ("noted", {**cache["result"], "notes": ["a dry run"], "reads": []})):
-        request = {**base, "name": name}
+        request = {**base, "overrides": {**base["overrides"], "cache": name}}
         checkcache.store(request, result)
         assert not entry_file(request).exists()
     downloading = {**base, "download": True}
@@ -162,4 +173,4 @@ def test_an_unwritable_cache_costs_only_the_time(cache: dict[str, Any], monkeypa
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("YOLOSAFE_CACHE", str(blocker))  # a file where the folder should be
-    checkcache.store({**cache["request"], "name": "unwritable"}, {**cache["result"], "reads": []})
+    checkcache.store({**cache["request"], "overrides": {}}, {**cache["result"], "reads": []})

@@ -2,7 +2,7 @@
 start torch again (``$YOLOSAFE_CACHE/checks/``, by default ``~/.cache/yolosafe/checks/``).
 
 An entry is Ultralytics' acceptance of one request, found by a key over everything the answer depends on that is
-known before asking: the request itself (model, data, arguments, runs' folder), where each of its relative paths
+known before asking: the request itself (model, data, arguments, a relative runs' folder), where each of its paths
 points from the working directory, the installed Ultralytics and torch versions, the code of the check, the
 environment variables Ultralytics reads. The entry also lists what the check read (Ultralytics' settings file,
 the model file, the data YAML, every image list and every image and label folder): each is stat'ed again at every
@@ -34,7 +34,7 @@ FORMAT = 1
 ENV_KEYS = ("YOLO_CONFIG_DIR", "XDG_CONFIG_HOME", "HOME", "YOLO_OFFLINE", "YOLO_VERBOSE")
 # The code whose answer is kept: the check and the dataset figures it computes.
 CODE = ("training/inputcheck.py", "planning/memory/objects.py", "planning/memory/valshapes.py")
-PATH_FIELDS = ("model", "data", "project")
+PATH_FIELDS = ("model", "data")
 
 
 def _version(name: str) -> str | None:
@@ -55,6 +55,10 @@ def _code_digest() -> str:
     return digest.hexdigest()
 
 
+def _absolute(project: Any) -> bool:
+    return isinstance(project, str) and bool(project) and Path(project).is_absolute()
+
+
 def _where(value: Any) -> str | None:
     """A request's path as the working directory resolves it: the absolute path when it is there, else ``None``
     (Ultralytics then looks elsewhere: its package, its datasets dir, and the entry's reads pin what it found)."""
@@ -69,7 +73,11 @@ def _where(value: Any) -> str | None:
 
 def key(request: dict[str, Any]) -> str:
     """The entry's name for a request: everything its answer depends on that is known before asking."""
-    asked = {k: v for k, v in request.items() if k not in ("download", "dry_run")}
+    # The run's name never changes the answer (the runs' folder is its parent), nor does an absolute project= (the
+    # answer is that folder: ``project_is_asked``); a relative one does (Ultralytics puts it under runs/<task>).
+    asked = {k: v for k, v in request.items() if k not in ("download", "dry_run", "name")}
+    if _absolute(request.get("project")):
+        asked["project"] = "<absolute>"
     material = {
         "format": FORMAT,
         "request": asked,
@@ -116,7 +124,11 @@ def lookup(request: dict[str, Any]) -> dict[str, Any] | None:
     if stamps(entry["reads"]) != entry["reads"]:
         return None
     result = entry["result"]
-    if result.get("project_in_cwd"):  # Ultralytics resolves a relative runs' folder from the working directory
+    if _absolute(request.get("project")):  # the folder asked for is the answer
+        if not result.get("project_is_asked"):
+            return None
+        result["project"] = str(Path(request["project"]).resolve())
+    elif result.get("project_in_cwd"):  # Ultralytics resolves a relative runs' folder from the working directory
         result["project"] = str(Path(result["project_in_cwd"]).resolve())
     return result
 
@@ -130,6 +142,8 @@ def _valid(entry: Any, name: str) -> bool:
     if not isinstance(result.get("task"), str) or not isinstance(result.get("notes"), list):
         return False
     if not isinstance(result.get("project"), str) or not isinstance(result.get("project_in_cwd"), (str, type(None))):
+        return False
+    if not isinstance(result.get("project_is_asked", False), bool):
         return False
     return all(isinstance(p, str) and (s is None or (isinstance(s, list) and len(s) == 2)) for p, s in reads.items())
 

@@ -180,19 +180,21 @@ def check_optimizer(trainer: Any, args: Any) -> None:
         pass
 
 
-def project_dir(request: dict[str, Any], task: str) -> tuple[str, str | None]:
+def project_dir(request: dict[str, Any], task: str) -> dict[str, Any]:
     """The folder Ultralytics puts this task's runs in (``runs/<task>``, its ``runs_dir`` setting, ``project=``), and
-    the same folder relative to the working directory when Ultralytics derived it from there (a relative
-    ``runs_dir`` or ``project=``, which it resolves): what a kept verdict resolves again in another directory."""
+    how it came from what was asked, for a kept verdict (``planning.checkcache``) to give another directory or
+    another ``project=`` its own: relative to the working directory when Ultralytics derived it from there (a relative
+    ``runs_dir`` or ``project=``, which it resolves), or the absolute ``project=`` itself."""
     from ultralytics.cfg import get_save_dir
     from ultralytics.utils import SETTINGS
 
     where = SimpleNamespace(project=request.get("project"), name=request["name"], task=task, mode="train",
                             exist_ok=True, save_dir=None)
     folder = str(get_save_dir(where).parent)
-    project = request.get("project") or ""
-    from_cwd = not Path(project).is_absolute() and (bool(project) or not Path(SETTINGS["runs_dir"]).is_absolute())
-    return folder, os.path.relpath(folder) if from_cwd else None
+    asked = request.get("project") or ""
+    from_cwd = not Path(asked).is_absolute() and (bool(asked) or not Path(SETTINGS["runs_dir"]).is_absolute())
+    return {"project": folder, "project_in_cwd": os.path.relpath(folder) if from_cwd else None,
+            "project_is_asked": bool(asked) and Path(asked).is_absolute() and folder == str(Path(asked).resolve())}
 
 
 def reads(request: dict[str, Any], data: dict[str, Any] | None, files: dict[str, list[str]]) -> list[str]:
@@ -240,9 +242,8 @@ def check(request: dict[str, Any]) -> dict[str, Any]:
         files = image_files(data, args, task)
         images, figures = (len(files["train"]) if files else None), dataset_figures(files)
         check_optimizer(trainer, args)
-    project, in_cwd = project_dir(request, task)
-    return {"task": task, "project": project, "project_in_cwd": in_cwd, "train_images": images,
-            "dataset": figures, "notes": notes, "reads": reads(request, data, files)}
+    return {"task": task, **project_dir(request, task), "train_images": images, "dataset": figures, "notes": notes,
+            "reads": reads(request, data, files)}
 
 
 def main(argv: list[str] | None = None) -> None:
