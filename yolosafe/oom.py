@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from yolosafe.errors import UsageError
+
 INJECT_ENV = "YOLOSAFE_INJECT_OOM"
 INJECTED = " [injected by yolosafe]"  # the end of every injected message
 
@@ -64,7 +66,7 @@ FRAGMENTED_MIB = 1024.0  # reserved but unallocated at an OOM above which the ad
 
 
 
-class InjectionError(ValueError):
+class InjectionError(UsageError):
     """A ``YOLOSAFE_INJECT_OOM`` that cannot be read or cannot fire in this run; ``str()`` is one line."""
 
 def is_oom_text(text: str) -> bool:

@@ -10,13 +10,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from yolosafe.errors import YolosafeError
+
 MIB = 1024**2
 
 
 BUSY_MIB = 1024.0  # other processes' memory on a GPU above which it counts as busy: left out, named, advised against
 
 
-class GPUReadError(RuntimeError):
+class GPUReadError(YolosafeError, RuntimeError):
     """NVML failed while reading a GPU that the inventory listed (the driver went away, a GPU fell off the bus)."""
 
 

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from yolosafe.errors import YolosafeError
 from yolosafe.gpus import nvml_index
 from yolosafe.readers import memplot
 from yolosafe.rundir import files as rundir
@@ -35,7 +36,7 @@ from yolosafe.rundir.records import VAL_PHASES
 if TYPE_CHECKING:
     import pandas as pd
 
-class NoMemoryData(Exception):
+class NoMemoryData(YolosafeError):
     """The run has no memory samples; the message says why, in one line."""
 
 

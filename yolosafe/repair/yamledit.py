@@ -18,12 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from yolosafe.errors import YolosafeError
+
 EOL_CRLF = "\r\n"
 _PLAIN = re.compile(r"""("(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^\s,\]}#]+)""")
 _END_MARKER = re.compile(r"^\.\.\.[ \t]*$", re.MULTILINE)
 
 
-class EditError(ValueError):
+class EditError(YolosafeError, ValueError):
     """The file cannot be edited safely; ``str()`` is one line."""
 
 

@@ -44,6 +44,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from yolosafe.errors import YolosafeError
+
 STORY = "yolosafe.json"
 LOG = "train.log"
 EVENTS = "events.jsonl"
@@ -189,7 +191,7 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             continue  # a line cut short by a killed rank
 
 
-class RunLocked(Exception):
+class RunLocked(YolosafeError):
     """Another live process holds the run directory; ``pid`` is the holder's."""
 
     def __init__(self, run_dir: Path, pid: str) -> None:

@@ -22,10 +22,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from yolosafe.errors import UsageError
+
 TRAINABLE_SUFFIXES = (".pt", ".yaml", ".yml")  # what Ultralytics' Model.train accepts (_check_is_pytorch_model)
 
 
-class Refused(Exception):
+class Refused(UsageError):
     """Ultralytics (or the check) refuses the training; ``str()`` is one line for the user."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe import oom
+from yolosafe.errors import YolosafeError
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import results
 from yolosafe.training import callbacks, torchmem
@@ -188,7 +189,7 @@ UNVALIDATED = rundir.UNVALIDATED
 MARK = "yolosafe/unvalidated"  # in the checkpoint's train_metrics: the epoch, its train losses and learning rates
 
 
-class TrainingDone(Exception):
+class TrainingDone(YolosafeError):
     """The validated epoch was the last one (or early stopping ended the run): only the final validation is left."""
 
 
