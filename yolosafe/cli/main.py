@@ -74,6 +74,12 @@ def cli() -> None:
 @click.option("--val-oom", type=click.Choice(["in-place", "relaunch"]),
               help="A validation OOM: the rank halves its own validation batch and validates again in place, or "
                    f"every rank is relaunched with half the validation batch. Default {D['val_oom']}.")
+@click.option("--hang-timeout", type=float,
+              help="Seconds without progress after which a rank is hung: its stacks kept, every rank stopped and "
+                   "relaunched from the last checkpoint; 0 = no hang watch. Default: learnt from the run "
+                   "(docs/hangs.md).")
+@click.option("--max-hang-restarts", type=int,
+              help=f"Relaunches after a hang. Default {D['max_hang_restarts']}.")
 @click.option("--memory-fraction", type=float,
               help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
