@@ -161,13 +161,16 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     if run.mark_if_orphaned():
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
     state = report.outcome(run)
+    hangs = report.hangs(run)
+    for found in [] if as_json else hangs:  # said first: a hang has no memory figures of its own
+        click.echo(f"{path}: {report.hang_line(found, report.epochs(run))}")
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
         click.echo(f"yolosafe: no memory data in {path} (run {state}): {exc}", err=True)
         sys.exit(Exit.FAILED)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps({**summary, "hangs": [h.to_dict() for h in hangs]}, indent=2))
         return
     click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {run.memory_plot}")
     for line in report.table(summary):

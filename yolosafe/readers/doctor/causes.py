@@ -89,7 +89,25 @@ def run_causes(view: RunView | None) -> list[Cause]:
                       f"{last.batch} ({last.per_gpu_batch} per GPU), val batch {last.val_batch} per GPU",
                       f"--batch {last.batch} --effective-batch {nbs} --val-batch {last.val_batch}")]
     found = [_val_cause(ooms, story), _train_cause(ooms, story), _fragmentation(ooms, story)]
-    return [*damaged, *(c for c in found if c is not None), *_near_misses(view)]
+    return [*damaged, *_hang_causes(view), *(c for c in found if c is not None), *_near_misses(view)]
+
+
+def _hang_causes(view: RunView) -> list[Cause]:
+    """Each hang the watch found: where the stuck rank was, and where its stack is."""
+    found = []
+    epochs = view.story.plan.get("epochs") if view.story else None
+    for hang in view.hangs:
+        who = "the worker" if (hang.rank or 0) < 0 else f"rank {hang.rank}"
+        how = "was stopped (SIGSTOP: a debugger, a job control stop, a scheduler's suspend)" if hang.stopped else \
+            f"made no progress for {hang.stuck_s:g} s"
+        frame = f", in {hang.frame}" if hang.frame else ""
+        stack = next((s for s in hang.stacks or [] if s.endswith(f"rank-{max(hang.rank or 0, 0)}.txt")), None)
+        found.append(Cause(f"attempt {hang.attempt} hung: {who} {how} in {hang.phase} at "
+                           f"{epoch_label(hang.epoch, epochs)}{frame}",
+                           f"read its stack: {stack or 'not written'} (every rank's beside it); if the pause was "
+                           f"legitimate, a longer --hang-timeout (this one: {hang.timeout_s:g} s, "
+                           f"{hang.timeout_source})"))
+    return found
 
 
 def _near_misses(view: RunView) -> list[Cause]:
