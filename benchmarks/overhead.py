@@ -17,7 +17,8 @@ Both get ``YOLO_OFFLINE=1`` (yolosafe sets it for its worker) and write their ou
 2. **Parts** (``--parts``): yolosafe at 8 epochs with each part switched off in turn (``YOLOSAFE_BENCH_OFF``, read by
    ``yolosafe.bench.bench_off``, benchmark only): tee (the child writes to the terminal itself, no train.log), filter
    (tee without the traceback filter), tree (no background refresh of the process tree), events (no phase events),
-   checkpoint (Ultralytics' in-place write), peaks (no epoch peak metrics), and the clearing before validation
+   checkpoint (Ultralytics' in-place write), peaks (no epoch peak metrics), heartbeat (no beats, no hang watch
+   input), and the clearing before validation
    (``--no-clear-before-val``); all-on and each-off alternated; per part the median on-minus-off of the middle part
    per epoch (CPU and wall). The memory watch samples GPUs only: with none (this workload) it never starts.
 3. **Profile** (``--profile``): one yolosafe run at 8 epochs, the supervisor under cProfile (CPU time) and the worker
@@ -66,7 +67,7 @@ model.add_callback("on_val_end", lambda validator: seen.update(last_val_end=time
 model.train(data=data, epochs=epochs, project=project, name="train", exist_ok=True, **json.loads(sys.argv[5]))
 open(out, "w").write(json.dumps(seen))
 """
-PARTS = ("tee", "filter", "tree", "events", "checkpoint", "peaks", "clear-before-val")
+PARTS = ("tee", "filter", "tree", "events", "checkpoint", "peaks", "heartbeat", "clear-before-val")
 WATCHED = ("_tee", "write", "refresh", "_record", "save_model", "validate", "save_metrics", "clear_cache",
            "epoch_peaks", "append_jsonl", "on_val_start", "maybe_inject", "on_train_batch_start", "preprocess_batch")
 

@@ -70,9 +70,10 @@ class OomInjectionPoint(_InContext):
 
 
 class HangPoints(_InContext):
-    """``preprocess_batch``, ``save_model``: where a hang is injected in a training step (``YOLOSAFE_INJECT_HANG``,
-    :mod:`yolosafe.training.heartbeat`), and the beat that says rank 0 is writing the checkpoints (a save has no
-    callback before it; the next beat is ``on_fit_epoch_end``'s)."""
+    """``preprocess_batch``, ``save_model``: where a hang is injected in a training step and in the epoch's
+    checkpoint save (``YOLOSAFE_INJECT_HANG``, :mod:`yolosafe.training.heartbeat`; not in the save of the state kept
+    before validation, ``weights/unvalidated.pt``), and the beat that says rank 0 is writing checkpoints (a save has
+    no callback before it; the next beat is ``on_fit_epoch_end``'s or the validation's)."""
 
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         heartbeat.maybe_hang(self.run_context, "train")
@@ -80,7 +81,8 @@ class HangPoints(_InContext):
 
     def save_model(self) -> bool:
         heartbeat.beat(self.run_context, "save")
-        heartbeat.maybe_hang(self.run_context, "save")
+        if self.last.name != valretry.UNVALIDATED:
+            heartbeat.maybe_hang(self.run_context, "save")
         return super().save_model()
 
 
