@@ -133,6 +133,40 @@ def test_a_stopped_process_is_continued_to_write_its_stack_where_it_was_stopped(
         child.wait()
 
 
+def test_a_hang_relaunches_the_same_plan_from_the_checkpoint_and_the_next_one_ends_the_run(tmp_path):
+    from tests.test_attempts import DONE, StubChild, plan4
+    from yolosafe.exits import Exit
+    from yolosafe.rundir.records import Outcome, Story
+    from yolosafe.supervisor.loop import AttemptLoop, Limits
+    from yolosafe.supervisor.policy import AttemptEnd
+
+    hung = AttemptEnd(Outcome.HUNG, "train", epoch=1, rank=1, message="hang: rank 1 stuck")
+    for ends, restarts, code, outcome in (([hung, DONE], 1, Exit.OK, Outcome.COMPLETED),
+                                          ([hung, hung], 1, Exit.FAILED, Outcome.HUNG)):
+        said: list[str] = []
+        folder = tmp_path / f"{restarts}-{len(said)}-{code}"
+        folder.mkdir()
+        child = StubChild(folder, ends)
+        loop = AttemptLoop(folder, Story(), child, Limits(max_hang_restarts=restarts), lambda: {}, said.append)
+        assert loop.run(plan4()) == code and loop.story.outcome == outcome
+        assert [r.plan for r in child.requests] == [plan4()] * 2  # nothing wrong with the plan
+        assert child.requests[1].resume == folder / "weights" / "last-before-attempt2.pt"
+        assert said[0] == f"relaunch 1/1 after the hang; resuming from {folder / 'weights' / 'last.pt'}"
+        assert loop.story.attempts[0].outcome == "hung" and loop.story.attempts[0].next == "relaunch after a hang"
+    assert said[-1].startswith("giving up after 1 relaunch after hangs (--max-hang-restarts 1)")
+
+
+def test_every_node_agrees_on_the_hang_another_node_found():
+    from yolosafe.rundir.records import Hang, Outcome
+    from yolosafe.supervisor.multinode import agree
+
+    found = Hang.new(attempt=2, node=1, rank=3, phase="train", epoch=1, message="hang: rank 3 of node 1 stuck")
+    ends = [{"node": 0, "exit_code": 1, "records": [{"attempt": 2, "rank": 0, "signal": "SIGTERM"}]},
+            {"node": 1, "exit_code": -9, "hang": found.to_dict()}]
+    decided = agree.decide(ends, 2)
+    assert (decided.outcome, decided.rank, decided.node, decided.phase) == (Outcome.HUNG, 3, 1, "train")
+
+
 # --- drills: real ranks --------------------------------------------------------------------------------------------
 
 
