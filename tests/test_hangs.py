@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import TINY, YOLOSAFE, cli_env, run_dir_of, story, wait_until
 from tests.drills import events
+from tests.test_multinode import two_nodes  # noqa: F401 - the fixture
 from yolosafe import hang
 from yolosafe.rundir import heartbeat as beats
 from yolosafe.rundir.layout import RunDir
@@ -267,3 +268,24 @@ def test_a_sigstopped_single_worker_is_found_and_relaunched(tmp_path, shared_cac
     assert "the worker stopped (SIGSTOP, state T)" in err and "from scratch" in err
     assert json.loads((run / "yolosafe.json").read_text())["outcome"] == "completed"
     each_epoch_once(run, 1)
+
+
+@pytest.mark.slow
+def test_a_rank_stuck_on_node_1_is_found_there_and_both_nodes_relaunch(two_nodes, tmp_path):  # noqa: F811
+    """Two nodes of one rank each: node 1's rank sleeps in a step of epoch 2. Node 1's watch names it; node 0's rank
+    waits for it in backward's all-reduce, so node 0's watch waits for the other node's verdict; both nodes agree on
+    the hang and relaunch from node 0's checkpoint."""
+    args = ["--gpus", "0", "--imgsz", "64", "--batch", "8", "--effective-batch", "16", "workers=0", "plots=False",
+            "--name", "two", "--rdzv-timeout", "60", "--epochs", "2", "--hang-timeout", "20"]
+    procs = two_nodes(*args, env={hang.INJECT_ENV: "phase=train,epoch=1,node=1,rank=0", "OMP_NUM_THREADS": "1"})
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    run = tmp_path / "runs" / "detect" / "two"
+    (found,) = hangs_of(run)
+    assert (found.node, found.rank, found.phase, found.epoch, found.stopped) == (1, 1, "train", 1, False)
+    assert found.stuck_s is not None and found.stuck_s <= 20 + hangwatch.POLL_S + SLACK_S
+    assert "every rank of node 0 waits in a collective" in errs[0]
+    mine, theirs = story(run), json.loads((run / "yolosafe-node1.json").read_text())
+    for told in (mine, theirs):
+        assert [a["outcome"] for a in told["attempts"]] == ["hung", "completed"], told["attempts"]
+    each_epoch_once(run, 2)

@@ -139,7 +139,8 @@ class Supervisor:
         self.files = RunDir(run_dir, self.machines.node)  # the run directory as this node names its files
         timeout = options.hang_timeout
         epochs = story.plan.get("epochs") if isinstance(story.plan.get("epochs"), int) else None
-        self.hangs = None if timeout == 0 else HangWatch(self.files, timeout, terminal.say, epochs)  # for the run
+        self.hangs = None if timeout == 0 else HangWatch(self.files, timeout, terminal.say, epochs,
+                                                         other_nodes=options.multinode is not None)  # for the run
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done (:class:`yolosafe.supervisor.loop.AttemptLoop`); returns the exit status."""

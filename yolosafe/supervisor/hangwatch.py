@@ -104,11 +104,14 @@ def culprit(seen: Mapping[int, RankSeen], late: list[int], found: Mapping[int, s
 
 class HangWatch:
     """Watches one attempt at a time (``start`` ... ``stop``); ``found`` is the hang it found in the attempt, if any.
-    ``say`` prints one line; ``epochs`` the run's, for the line."""
+    ``say`` prints one line; ``epochs`` the run's, for the line. In a multi-node run (``other_nodes``), when every
+    rank of this node only waits in a collective, the watch waits one more timeout for another node's watch to name
+    its stuck rank (that node's end record then ends the attempt on every node) before it acts itself."""
 
     def __init__(self, run: RunDir, override: float | None, say: Callable[[str], None], epochs: int | None = None,
-                 poll: float = POLL_S) -> None:
+                 poll: float = POLL_S, other_nodes: bool = False) -> None:
         self.run, self.say, self.epochs, self.poll = run, say, epochs, poll
+        self.other_nodes = other_nodes  # a multi-node run: ranks here that only wait may wait for another node
         self.timeouts = Timeouts(override)
         self.found: Hang | None = None
         self._stop = threading.Event()
@@ -133,6 +136,7 @@ class HangWatch:
 
     def _loop(self, attempt: int, tree: ProcessTree) -> None:
         seen: dict[int, RankSeen] = {}
+        deferred: float | None = None  # multi-node: until when this node waits for another node's verdict
         while not self._stop.wait(self.poll):
             now = time.time()
             for path in self.run.heartbeats(attempt):
@@ -145,13 +149,23 @@ class HangWatch:
                         self.timeouts.learn(before.beat.state, beat.t - before.beat.t)
                     seen[beat.rank] = RankSeen(beat, now)
             late = overdue(seen, self.timeouts, now)
-            if late and not self._stop.is_set():
-                self.found = self._stuck(attempt, tree, seen, late, now)
-                tree.signal_all(signal.SIGKILL)  # every process of the attempt: launcher, ranks, their workers
-                return
+            if not late or self._stop.is_set() or (deferred is not None and now < deferred):
+                continue
+            record = self._examine(attempt, tree, seen, late, now)
+            if self.other_nodes and deferred is None and not record.stopped and record.rank in (record.waiting or []):
+                deferred = now + (record.timeout_s or 0)
+                self.say(f"hang watch: every rank of node {self.run.node} waits in a collective ({record.frame}); "
+                         f"waiting up to {record.timeout_s:g} s for the other nodes' watches")
+                continue
+            records.save_hang(self.run, record)
+            self.say(record.message or "hang")
+            self.found = record
+            tree.signal_all(signal.SIGKILL)  # every process of the attempt: launcher, ranks, their workers
+            return
 
-    def _stuck(self, attempt: int, tree: ProcessTree, seen: dict[int, RankSeen], late: list[int], now: float) -> Hang:
-        """Every rank's stack written, the stuck one named, the hang recorded and said."""
+    def _examine(self, attempt: int, tree: ProcessTree, seen: dict[int, RankSeen], late: list[int],
+                 now: float) -> Hang:
+        """Every rank's stack written, the stuck one named: the hang's record."""
         ours = tree.refresh()
         pids = {r: s.beat.pid for r, s in seen.items() if s.beat.pid in ours}  # only this attempt's processes
         stopped = {r for r, pid in pids.items() if stacks.is_stopped(pid)}
@@ -168,8 +182,6 @@ class HangWatch:
                           stacks=[str(s.path) for s in found.values()],
                           native=[str(s.native) for s in found.values() if s.native], t=now)
         record.message = describe(record, self.epochs, self.run)
-        records.save_hang(self.run, record)
-        self.say(record.message)
         return record
 
 
