@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-WIDTH = 160  # bytes of every record: the file never shrinks, so each beat overwrites the whole previous one
+WIDTH = 320  # bytes of every record: the file never shrinks, so each beat overwrites the whole previous one
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class Beat:
     """Where one rank is: ``state`` is what it entered at this beat (setup, train, val, save, sync, final, done),
     with its epoch (0-based), the batch index within the phase, the time (``time.time()``, this machine's clock),
     the count of beats so far and the pid, which the watch checks against the attempt's process tree before it
-    signals anything."""
+    signals anything; ``longest``: per state, the longest interval this rank spent in it so far (measured by the rank
+    at every beat, so the watch learns every interval however seldom it reads)."""
 
     state: str
     epoch: int
@@ -30,10 +31,12 @@ class Beat:
     n: int
     pid: int
     rank: int
+    longest: dict[str, float] = field(default_factory=dict)
 
     def encode(self) -> bytes:
+        longest = ",".join(f'"{state}":{seconds:.3f}' for state, seconds in self.longest.items())
         line = (f'{{"state":"{self.state}","epoch":{self.epoch},"iteration":{self.iteration},"t":{self.t:.3f},'
-                f'"n":{self.n},"pid":{self.pid},"rank":{self.rank}}}')
+                f'"n":{self.n},"pid":{self.pid},"rank":{self.rank},"longest":{{{longest}}}}}')
         return line.encode().ljust(WIDTH - 1) + b"\n"
 
 
@@ -43,18 +46,30 @@ def read(path: Path) -> Beat | None:
         with open(path, "rb") as fh:
             data = json.loads(fh.read(WIDTH))
         return Beat(str(data["state"]), int(data["epoch"]), int(data["iteration"]), float(data["t"]), int(data["n"]),
-                    int(data["pid"]), int(data["rank"]))
+                    int(data["pid"]), int(data["rank"]), {str(k): float(v) for k, v in data["longest"].items()})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 class Writer:
-    """The writing end, kept open by the rank for its life."""
+    """The writing end, kept open by the rank for its life: the beat count, the state entered at the last beat and
+    when, and the longest interval spent in each state."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         self.n = 0
+        self.state: str | None = None
+        self.since = 0.0
+        self.longest: dict[str, float] = {}
+
+    def beat(self, state: str, epoch: int, iteration: int, now: float, pid: int, rank: int) -> None:
+        """Enter ``state`` at ``now``: the interval of the state left is measured, the beat written."""
+        if self.state is not None and now - self.since > self.longest.get(self.state, 0.0):
+            self.longest[self.state] = now - self.since
+        self.n += 1
+        self.state, self.since = state, now
+        os.pwrite(self.fd, Beat(state, epoch, iteration, now, self.n, pid, rank, self.longest).encode(), 0)
 
     def write(self, beat: Beat) -> None:
         os.pwrite(self.fd, beat.encode(), 0)

@@ -145,8 +145,8 @@ class HangWatch:
                     continue
                 before = seen.get(beat.rank)
                 if before is None or beat.n != before.beat.n:
-                    if before is not None:
-                        self.timeouts.learn(before.beat.state, beat.t - before.beat.t)
+                    for state, interval in beat.longest.items():  # measured by the rank: none is missed
+                        self.timeouts.learn(state, interval)
                     seen[beat.rank] = RankSeen(beat, now)
             late = overdue(seen, self.timeouts, now)
             if not late or self._stop.is_set() or (deferred is not None and now < deferred):

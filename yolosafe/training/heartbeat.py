@@ -51,10 +51,8 @@ def beat(context: RunContext, state: str) -> None:
         open_heartbeat(context)
         writer = context.heartbeat.writer
         assert writer is not None
-    writer.n += 1
     progress = context.progress
-    writer.write(beats.Beat(state, progress.epoch, progress.iteration, time.time(), writer.n, os.getpid(),
-                            context.rank.index))
+    writer.beat(state, progress.epoch, progress.iteration, time.time(), os.getpid(), context.rank.index)
 
 
 def maybe_hang(context: RunContext, phase: str) -> None:
