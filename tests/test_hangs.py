@@ -5,6 +5,7 @@ injected sleeps of ``YOLOSAFE_INJECT_HANG`` or a real SIGSTOP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -99,6 +100,24 @@ def test_a_rank_waiting_for_a_live_rank_is_no_hang_and_the_rank_elsewhere_is_the
              1: stacks.RankStack(1, 'File "y/heartbeat.py", line 80 in maybe_hang', False, Path("b"))}
     assert hangwatch.culprit(both, late, dumps, stopped=set()) == 1  # rank 0 waits for it in backward
     assert hangwatch.culprit(both, late, dumps, stopped={0}) == 0  # a stopped rank first
+
+
+def test_a_rank_persistently_slower_in_its_own_part_of_the_steps_is_named_once():
+    from yolosafe.supervisor.stragglers import Stragglers
+
+    compare = Stragglers(window=10, windows=2)
+
+    def at(steps: int, slow: float) -> dict[int, beats.Beat]:
+        return {r: beats.Beat("train", 0, steps, 0.0, steps, 1, r, {}, own=steps * (slow if r == 2 else 0.1),
+                              steps=steps) for r in range(4)}
+
+    assert compare.feed(at(9, 0.3)) is None  # not a window yet
+    assert compare.feed(at(10, 0.3)) is None  # one window: not yet persistent
+    named = compare.feed(at(20, 0.3))
+    assert named is not None and (named["rank"], named["ratio"], named["steps"]) == (2, 3.0, 20)
+    assert compare.feed(at(30, 0.3)) is None and compare.feed(at(40, 0.3)) is None  # named once
+    even = Stragglers(window=10, windows=2)
+    assert all(even.feed(at(n, 0.12)) is None for n in (10, 20, 30))  # 1.2x: within the noise
 
 
 STUCK_CHILD = textwrap.dedent("""
@@ -289,3 +308,34 @@ def test_a_rank_stuck_on_node_1_is_found_there_and_both_nodes_relaunch(two_nodes
     for told in (mine, theirs):
         assert [a["outcome"] for a in told["attempts"]] == ["hung", "completed"], told["attempts"]
     each_epoch_once(run, 2)
+
+
+@pytest.mark.slow
+def test_a_throttled_rank_is_named_a_straggler_in_one_warning_and_in_the_report(run_cli, tmp_path, shared_cache):
+    """Rank 1 stopped half of every 100 ms (SIGSTOP/SIGCONT, as a throttled GPU or a shared CPU slows it): its own
+    part of each step is about twice the other rank's; named once, in the story, report and doctor; no hang."""
+    import threading
+
+    proc = start(tmp_path, shared_cache, "--gpus", "0,1", "--epochs", "8", "--imgsz", "64", "--batch", "4",
+                 "--effective-batch", "8", "workers=0", "plots=False", env=TWO)
+    run = run_dir_of(tmp_path)
+    wait_until(lambda: (run / "events.jsonl").is_file(), proc, "the run directory", 120)
+    rank1 = stop_rank_at(proc, run, {"event": "train_start", "epoch": 0, "rank": 1, "attempt": 1})["pid"]
+    os.kill(rank1, signal.SIGCONT)
+
+    def throttle() -> None:
+        while proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rank1, signal.SIGSTOP)
+                time.sleep(0.05)
+                os.kill(rank1, signal.SIGCONT)
+            time.sleep(0.05)
+
+    threading.Thread(target=throttle, daemon=True).start()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("straggler: rank 1's own part of each training step") == 1, err[-3000:]
+    (named,) = story(run)["stragglers"]
+    assert named["rank"] == 1 and named["ratio"] >= 1.5 and not hangs_of(run)
+    assert "straggler: rank 1" in run_cli("report", str(run), env=TWO).stdout
+    assert "straggler: rank 1" in run_cli("doctor", str(run), env=TWO).stdout

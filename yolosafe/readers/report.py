@@ -87,6 +87,12 @@ def hang_line(hang: records.Hang, epochs: int | None = None) -> str:
             f"{hang.timeout_source}){frame}{waiting}; stacks: {stacks}")
 
 
+def stragglers(run: RunDir | Path) -> list[str]:
+    """The straggler warnings of the run, as the supervisor said them."""
+    found = _story(RunDir.of(run)).get("stragglers") or []
+    return [str(s.get("message")) for s in found if isinstance(s, dict) and s.get("message")]
+
+
 def plan_gpus(run: RunDir) -> list[int]:
     if run.node:
         gpus = (_story(run).get("plan") or {}).get("gpus") or []

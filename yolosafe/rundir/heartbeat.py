@@ -32,11 +32,14 @@ class Beat:
     pid: int
     rank: int
     longest: dict[str, float] = field(default_factory=dict)
+    own: float = 0.0  # seconds of this rank's own part of its training steps so far (data wait and forward)
+    steps: int = 0  # the training steps ``own`` counts
 
     def encode(self) -> bytes:
         longest = ",".join(f'"{state}":{seconds:.3f}' for state, seconds in self.longest.items())
         line = (f'{{"state":"{self.state}","epoch":{self.epoch},"iteration":{self.iteration},"t":{self.t:.3f},'
-                f'"n":{self.n},"pid":{self.pid},"rank":{self.rank},"longest":{{{longest}}}}}')
+                f'"n":{self.n},"pid":{self.pid},"rank":{self.rank},"longest":{{{longest}}},"own":{self.own:.4f},'
+                f'"steps":{self.steps}}}')
         return line.encode().ljust(WIDTH - 1) + b"\n"
 
 
@@ -46,7 +49,8 @@ def read(path: Path) -> Beat | None:
         with open(path, "rb") as fh:
             data = json.loads(fh.read(WIDTH))
         return Beat(str(data["state"]), int(data["epoch"]), int(data["iteration"]), float(data["t"]), int(data["n"]),
-                    int(data["pid"]), int(data["rank"]), {str(k): float(v) for k, v in data["longest"].items()})
+                    int(data["pid"]), int(data["rank"]), {str(k): float(v) for k, v in data["longest"].items()},
+                    float(data["own"]), int(data["steps"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -62,6 +66,7 @@ class Writer:
         self.state: str | None = None
         self.since = 0.0
         self.longest: dict[str, float] = {}
+        self.own, self.steps = 0.0, 0
 
     def beat(self, state: str, epoch: int, iteration: int, now: float, pid: int, rank: int) -> None:
         """Enter ``state`` at ``now``: the interval of the state left is measured, the beat written."""
@@ -69,7 +74,8 @@ class Writer:
             self.longest[self.state] = now - self.since
         self.n += 1
         self.state, self.since = state, now
-        os.pwrite(self.fd, Beat(state, epoch, iteration, now, self.n, pid, rank, self.longest).encode(), 0)
+        os.pwrite(self.fd, Beat(state, epoch, iteration, now, self.n, pid, rank, self.longest, self.own,
+                                self.steps).encode(), 0)
 
     def write(self, beat: Beat) -> None:
         os.pwrite(self.fd, beat.encode(), 0)

@@ -127,6 +127,7 @@ class Story(Record):
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str | None = None  # an Outcome
     memory_watch: dict[str, Any] | None = None
+    stragglers: list[dict[str, Any]] | None = None  # ranks named slower than the others (supervisor.stragglers)
     weights: dict[str, str] | None = None
     final_metrics: dict[str, Any] | None = None
     resumes: list[dict[str, Any]] | None = None

@@ -265,6 +265,7 @@ class Supervisor:
             yield on_start
         finally:
             watch.stop()
+            self.story.stragglers = list(watch.stragglers) or None
 
     def others_mib(self) -> dict[int, float]:
         """The most memory other processes (a stale kernel, a colleague) held on each GPU of the run: at launch, and

@@ -24,13 +24,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from yolosafe.proc import ProcessTree
 from yolosafe.rundir import heartbeat as beats
 from yolosafe.rundir import records
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Hang, Outcome, epoch_label
-from yolosafe.supervisor import stacks
+from yolosafe.supervisor import stacks, stragglers
 from yolosafe.supervisor.policy import AttemptEnd
 
 POLL_S = 1.0  # the sampling period: a hang is found within its timeout plus this
@@ -114,6 +115,7 @@ class HangWatch:
         self.other_nodes = other_nodes  # a multi-node run: ranks here that only wait may wait for another node
         self.timeouts = Timeouts(override)
         self.found: Hang | None = None
+        self.stragglers: list[dict[str, Any]] = []  # every straggler named in the run (once per rank)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -137,6 +139,7 @@ class HangWatch:
     def _loop(self, attempt: int, tree: ProcessTree) -> None:
         seen: dict[int, RankSeen] = {}
         deferred: float | None = None  # multi-node: until when this node waits for another node's verdict
+        compare = stragglers.Stragglers()
         while not self._stop.wait(self.poll):
             now = time.time()
             for path in self.run.heartbeats(attempt):
@@ -148,6 +151,7 @@ class HangWatch:
                     for state, interval in beat.longest.items():  # measured by the rank: none is missed
                         self.timeouts.learn(state, interval)
                     seen[beat.rank] = RankSeen(beat, now)
+            self._straggler(attempt, compare, seen)
             late = overdue(seen, self.timeouts, now)
             if not late or self._stop.is_set() or (deferred is not None and now < deferred):
                 continue
@@ -162,6 +166,16 @@ class HangWatch:
             self.found = record
             tree.signal_all(signal.SIGKILL)  # every process of the attempt: launcher, ranks, their workers
             return
+
+    def _straggler(self, attempt: int, compare: stragglers.Stragglers, seen: Mapping[int, RankSeen]) -> None:
+        """One warning per straggler and run."""
+        named = compare.feed({r: s.beat for r, s in seen.items() if s.beat.state != DONE})
+        if named is None or any(f["rank"] == named["rank"] for f in self.stragglers):
+            return
+        named = {"attempt": attempt, "node": self.run.node, **named,
+                 "message": stragglers.describe(named, self.run.node)}
+        self.stragglers.append(named)
+        self.say(named["message"])
 
     def _examine(self, attempt: int, tree: ProcessTree, seen: dict[int, RankSeen], late: list[int],
                  now: float) -> Hang:

@@ -64,6 +64,8 @@ class HeartbeatFiles:
 
     writer: beats.Writer | None = None
     stacks: IO[str] | None = None
+    step_from: float | None = None  # where the rank's own part of this training step began (the last step's end)
+    forward_end: float | None = None  # when the model's forward of this step returned (a forward hook)
 
 
 @dataclass(frozen=True)

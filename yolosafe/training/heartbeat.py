@@ -89,14 +89,48 @@ class HeartbeatCallbacks:
     def hooks(self) -> dict[str, Hook]:
         return {
             "on_pretrain_routine_end": lambda _: self._beat("setup"),
-            "on_train_epoch_start": lambda _: self._beat("train"),
-            "on_train_batch_end": lambda _: self._beat("train"),
+            "on_train_start": self.on_train_start,
+            "on_train_epoch_start": self.on_train_epoch_start,
+            "on_train_batch_start": self.on_train_batch_start,
+            "on_train_batch_end": self.on_train_batch_end,
             "on_train_epoch_end": lambda _: self._beat("val"),
             "on_val_start": lambda _: self._beat(self._val_state()),
             "on_val_batch_start": lambda _: maybe_hang(self.context, "val"),
             "on_val_batch_end": lambda _: self._beat(self._val_state()),
             "on_fit_epoch_end": lambda _: self._beat("sync"),
         }
+
+    def on_train_start(self, trainer: Any) -> None:
+        """Time each step's forward: a forward hook on the trained module (inside DDP, once per step)."""
+        from ultralytics.utils.torch_utils import unwrap_model
+
+        files = self.context.heartbeat
+
+        def ended(*_: Any) -> None:
+            files.forward_end = time.time()
+
+        unwrap_model(trainer.model).register_forward_hook(ended)
+
+    def on_train_epoch_start(self, _: Any) -> None:
+        self.context.heartbeat.step_from = None  # the epoch's first batch waits for the loader to start: not counted
+        self._beat("train")
+
+    def on_train_batch_start(self, _: Any) -> None:
+        files = self.context.heartbeat
+        files.forward_end = None
+        if files.step_from is None:
+            files.step_from = time.time()
+
+    def on_train_batch_end(self, _: Any) -> None:
+        """The rank's own part of the step, from the last step's end (its data wait) to its forward's end: a
+        straggler's is longer; the others wait for it inside backward, which is not counted."""
+        files = self.context.heartbeat
+        writer = files.writer
+        if writer is not None and files.step_from is not None and files.forward_end is not None:
+            writer.own += files.forward_end - files.step_from
+            writer.steps += 1
+        self._beat("train")
+        files.step_from = time.time()
 
     def _val_state(self) -> str:
         phase = self.context.progress.phase

@@ -10,6 +10,7 @@ import shlex
 from yolosafe import gpus, oom
 from yolosafe.gpus import nvml_index
 from yolosafe.planning import trainplan as plan
+from yolosafe.readers import report
 from yolosafe.readers.doctor.diagnosis import Cause, Environment, GPUView, Machine, RunView
 from yolosafe.readers.holders import ASK, PROVEN, Holder
 from yolosafe.rundir.records import VAL_PHASES, Failure, Story, epoch_label
@@ -89,7 +90,10 @@ def run_causes(view: RunView | None) -> list[Cause]:
                       f"{last.batch} ({last.per_gpu_batch} per GPU), val batch {last.val_batch} per GPU",
                       f"--batch {last.batch} --effective-batch {nbs} --val-batch {last.val_batch}")]
     found = [_val_cause(ooms, story), _train_cause(ooms, story), _fragmentation(ooms, story)]
-    return [*damaged, *_hang_causes(view), *(c for c in found if c is not None), *_near_misses(view)]
+    slow = [Cause(line, "check that GPU's clocks and temperature (nvidia-smi -q -d PERFORMANCE,TEMPERATURE), "
+                  "what else runs on it or on its CPU cores, and the disk the data is read from")
+            for line in report.stragglers(view.path)]
+    return [*damaged, *_hang_causes(view), *(c for c in found if c is not None), *_near_misses(view), *slow]
 
 
 def _hang_causes(view: RunView) -> list[Cause]:
