@@ -37,7 +37,9 @@ from yolosafe.supervisor.policy import AttemptEnd
 POLL_S = 1.0  # the sampling period: a hang is found within its timeout plus this
 SAFETY_FACTOR = 10.0
 MIN_LEARNT_S = 60.0  # a learnt timeout is never shorter (a GC pause, a log flush, a slow batch of a slow disk)
-FLOORS = {"setup": 1800.0, "train": 600.0, "val": 600.0, "save": 600.0, "sync": 600.0, "final": 1800.0}
+FLOORS = {"setup": 1800.0, "train": 600.0, "val": 600.0, "save": 600.0, "sync": 600.0, "final": 1800.0,
+          "end": 600.0}
+UNBEATEN = ("setup", "end")  # long stretches without beats (dataset caching; the plots): --hang-timeout keeps the floor
 STEPS = ("train", "val", "final")  # the states whose beats count batches
 WAITING = ("sync",)  # a rank in this state waits for another rank (rank 0's save) in a collective
 DONE = "done"
@@ -61,7 +63,7 @@ class Timeouts:
         floor = FLOORS.get(state, max(FLOORS.values()))
         learnt = max(MIN_LEARNT_S, self.factor * self.longest[state]) if state in self.longest else None
         if self.override is not None:
-            if state == "setup":
+            if state in UNBEATEN:
                 return max(self.override, learnt if learnt is not None else floor), "floor"
             return self.override, "--hang-timeout"
         return (learnt, "learnt") if learnt is not None else (floor, "floor")

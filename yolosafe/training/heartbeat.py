@@ -5,7 +5,8 @@ A beat is one fixed-width ``pwrite`` into the rank's own small file (:mod:`yolos
 collective, no flush, no rename, a few microseconds (``benchmarks/heartbeat.py``). The state a beat names is the one
 the rank enters: ``setup`` (the process started, the trainer set up), ``train`` (an epoch started, a step ended),
 ``val`` / ``final`` (a validation started, a batch ended), ``save`` (rank 0 writes the checkpoints), ``sync`` (the
-epoch is over: the rank waits for rank 0's save in Ultralytics' broadcast), ``done``.
+epoch is over: the rank waits for rank 0's save in Ultralytics' broadcast), ``end`` (training and its final
+validation are over: rank 0's plots), ``done``.
 
 The stack dump is :func:`faulthandler.register` for :data:`yolosafe.hang.STACK_SIGNAL`, into the rank's stack file
 (``stacks/attempt-N/rank-R.txt``), registered before the first beat: the watch only signals ranks that beat.

@@ -73,7 +73,8 @@ class HangPoints(_InContext):
     """``preprocess_batch``, ``save_model``: where a hang is injected in a training step and in the epoch's
     checkpoint save (``YOLOSAFE_INJECT_HANG``, :mod:`yolosafe.training.heartbeat`; not in the save of the state kept
     before validation, ``weights/unvalidated.pt``), and the beat that says rank 0 is writing checkpoints (a save has
-    no callback before it; the next beat is ``on_fit_epoch_end``'s or the validation's)."""
+    no callback before it; the next beat is ``on_fit_epoch_end``'s or the validation's); ``final_eval``: the end of
+    training (what follows, rank 0's plots, beats nothing)."""
 
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         heartbeat.maybe_hang(self.run_context, "train")
@@ -84,6 +85,10 @@ class HangPoints(_InContext):
         if self.last.name != valretry.UNVALIDATED:
             heartbeat.maybe_hang(self.run_context, "save")
         return super().save_model()
+
+    def final_eval(self) -> None:
+        super().final_eval()
+        heartbeat.beat(self.run_context, "end")  # rank 0's plots and the loaders' teardown beat nothing
 
 
 class FailureRecord(_InContext):
