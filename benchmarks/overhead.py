@@ -162,18 +162,19 @@ def show_fixed(found: dict[int, dict[str, float]]) -> None:
         print(f"  from the whole runs ({key}): per epoch {per_epoch:+.3f} s, fixed {fixed:+.3f} s")
 
 
-def parts(scratch: Path, data: Path, env: dict[str, str], epochs: int, count: int) -> None:
+def parts(scratch: Path, data: Path, env: dict[str, str], epochs: int, count: int,
+          only: tuple[str, ...] = PARTS) -> None:
     """Each part switched off in turn against all on, alternated."""
-    runs: dict[str, list[dict]] = {"": [], **{part: [] for part in PARTS}}
+    runs: dict[str, list[dict]] = {"": [], **{part: [] for part in only}}
     for pair in range(count):
-        order = ["", *PARTS] if pair % 2 == 0 else [*PARTS, ""]
+        order = ["", *only] if pair % 2 == 0 else [*only, ""]
         for off in order:
             work = scratch / f"parts-{off or 'on'}-{pair}"
             runs[off].append(run_yolosafe(work, data, epochs, env, off))
             shutil.rmtree(work, ignore_errors=True)
     on = runs[""]
     print(f"parts, yolosafe at {epochs} epochs, all on against each off, {count} round(s), median of on minus off:")
-    for part in PARTS:
+    for part in only:
         off = runs[part]
         segments = "per epoch (no events: n/a)" if part == "events" else (
             f"per epoch {median_diff(on, off, 'train') / epochs * 1000:+7.1f} ms wall; start-up "
@@ -291,6 +292,7 @@ def main() -> None:
     parser.add_argument("--skip-pairs", action="store_true")
     parser.add_argument("--parts", action="store_true", help="switch each part off in turn (at the last --epochs)")
     parser.add_argument("--parts-rounds", type=int, default=2)
+    parser.add_argument("--parts-only", help=f"these parts only, comma-separated ({', '.join(PARTS)})")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tree", action="store_true", help="CPU of a process tree refresh by processes known")
     parser.add_argument("--fsync-mb", type=int, default=0, help="time fsync of a file this big (0: not)")
@@ -313,7 +315,8 @@ def main() -> None:
                 if len(epochs) >= 2:
                     show_fixed(found)
         if args.parts:
-            parts(scratch, data, env, epochs[-1], args.parts_rounds)
+            only = tuple(args.parts_only.split(",")) if args.parts_only else PARTS
+            parts(scratch, data, env, epochs[-1], args.parts_rounds, only)
         if args.profile:
             profile(scratch, data, env, epochs[-1])
         if args.tree:
