@@ -216,6 +216,7 @@ def test_hangs_in_training_validation_and_save_are_found_stacked_relaunched_and_
     found = hangs_of(run)
     assert [(h.attempt, h.rank, h.phase, h.epoch) for h in found] == [(1, 1, "train", 1), (2, 0, "val", 1),
                                                                         (3, 0, "save", 1)]
+    print("found after (s):", {h.phase: h.stuck_s for h in found})
     for h in found:
         assert 20 <= h.stuck_s <= 20 + hangwatch.POLL_S + SLACK_S, h
         assert h.frame and "maybe_hang" in h.frame and not h.stopped
@@ -266,6 +267,7 @@ def test_a_sigstopped_rank_is_found_with_the_learnt_timeout_and_the_run_relaunch
     assert proc.returncode == 0, err[-3000:]
     (found,) = hangs_of(run)
     assert (found.rank, found.pid, found.stopped, found.timeout_source) == (1, stopped["pid"], True, "learnt")
+    print(f"stopped rank found after {found.stuck_s} s (learnt timeout {found.timeout_s} s)")
     assert found.stuck_s <= found.timeout_s + hangwatch.POLL_S + SLACK_S
     assert "stopped (SIGSTOP, state T)" in err
     assert "most recent call first" in RunDir(run).stack(1, 1).read_text()  # its stack, after SIGCONT
@@ -303,6 +305,7 @@ def test_a_rank_stuck_on_node_1_is_found_there_and_both_nodes_relaunch(two_nodes
     (found,) = hangs_of(run)
     assert (found.node, found.rank, found.phase, found.epoch, found.stopped) == (1, 1, "train", 1, False)
     assert found.stuck_s is not None and found.stuck_s <= 20 + hangwatch.POLL_S + SLACK_S
+    print(f"node 1's stuck rank found after {found.stuck_s} s")
     assert "every rank of node 0 waits in a collective" in errs[0]
     mine, theirs = story(run), json.loads((run / "yolosafe-node1.json").read_text())
     for told in (mine, theirs):
@@ -337,5 +340,6 @@ def test_a_throttled_rank_is_named_a_straggler_in_one_warning_and_in_the_report(
     assert err.count("straggler: rank 1's own part of each training step") == 1, err[-3000:]
     (named,) = story(run)["stragglers"]
     assert named["rank"] == 1 and named["ratio"] >= 1.5 and not hangs_of(run)
+    print(f"straggler named: {named}")
     assert "straggler: rank 1" in run_cli("report", str(run), env=TWO).stdout
     assert "straggler: rank 1" in run_cli("doctor", str(run), env=TWO).stdout

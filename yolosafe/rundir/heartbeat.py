@@ -76,6 +76,3 @@ class Writer:
         self.state, self.since = state, now
         os.pwrite(self.fd, Beat(state, epoch, iteration, now, self.n, pid, rank, self.longest, self.own,
                                 self.steps).encode(), 0)
-
-    def write(self, beat: Beat) -> None:
-        os.pwrite(self.fd, beat.encode(), 0)

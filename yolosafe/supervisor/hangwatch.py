@@ -68,9 +68,6 @@ class Timeouts:
             return self.override, "--hang-timeout"
         return (learnt, "learnt") if learnt is not None else (floor, "floor")
 
-    def summary(self) -> dict[str, float]:
-        return {state: round(self.of(state)[0], 1) for state in FLOORS}
-
 
 @dataclass
 class RankSeen:
