@@ -89,17 +89,32 @@ class HeartbeatCallbacks:
 
     def hooks(self) -> dict[str, Hook]:
         return {
-            "on_pretrain_routine_end": lambda _: self._beat("setup"),
+            "on_pretrain_routine_end": self.on_pretrain_routine_end,
             "on_train_start": self.on_train_start,
             "on_train_epoch_start": self.on_train_epoch_start,
             "on_train_batch_start": self.on_train_batch_start,
             "on_train_batch_end": self.on_train_batch_end,
-            "on_train_epoch_end": lambda _: self._beat("val"),
-            "on_val_start": lambda _: self._beat(self._val_state()),
-            "on_val_batch_start": lambda _: maybe_hang(self.context, "val"),
-            "on_val_batch_end": lambda _: self._beat(self._val_state()),
-            "on_fit_epoch_end": lambda _: self._beat("sync"),
+            "on_train_epoch_end": self.on_train_epoch_end,
+            "on_val_start": self.on_val_progress,
+            "on_val_batch_start": self.on_val_batch_start,
+            "on_val_batch_end": self.on_val_progress,
+            "on_fit_epoch_end": self.on_fit_epoch_end,
         }
+
+    def on_pretrain_routine_end(self, _: Any) -> None:
+        self._beat("setup")
+
+    def on_train_epoch_end(self, _: Any) -> None:
+        self._beat("val")  # what follows leads to the validation
+
+    def on_val_progress(self, _: Any) -> None:
+        self._beat(self._val_state())
+
+    def on_val_batch_start(self, _: Any) -> None:
+        maybe_hang(self.context, "val")
+
+    def on_fit_epoch_end(self, _: Any) -> None:
+        self._beat("sync")
 
     def on_train_start(self, trainer: Any) -> None:
         """Time each step's forward: a forward hook on the trained module (inside DDP, once per step)."""
