@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,6 +150,8 @@ def test_a_stopped_process_is_continued_to_write_its_stack_where_it_was_stopped(
         found = stacks.dump({0: child.pid}, {0: out}, {0: tmp_path / "rank-0.py-spy.txt"})
         assert found[0].frame is not None and found[0].frame.endswith("in stuck_here"), out.read_text()
         assert not found[0].collective and not stacks.is_stopped(child.pid)
+        if shutil.which("py-spy"):  # its native frames too, where it is installed
+            assert found[0].native is not None and "stuck_here" in found[0].native.read_text()
     finally:
         child.kill()
         child.wait()
