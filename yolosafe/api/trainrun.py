@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from yolosafe import __version__, gpus, oom
+from yolosafe import __version__, gpus, hang, oom
 from yolosafe.api import dryrun
 from yolosafe.exits import Exit
 from yolosafe.planning import allocator, datasets, gpuselect, inputs, nodes, options, resume, trainoptions, validate
@@ -123,6 +123,7 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     opts = opts.replace(nnodes=where.nnodes)
     multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
     trainoptions.check_watch(opts)
+    trainoptions.check_hangs(opts)
     inputs.check_run_path(str(opts.project), str(opts.name))
     validate.check_options(opts)
     inputs.check_memory_fraction(opts.memory_fraction)
@@ -138,8 +139,9 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     inputs.check_injection_reachable(os.environ.get(oom.INJECT_ENV), p.epochs)
     try:
         oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
+        hang.check_injections(os.environ.get(hang.INJECT_ENV), p.world_size, p.epochs, p.nnodes)
         multicli.check_plan(p, where)  # GPUs on every node
-    except (oom.InjectionError, nodes.NodesError) as exc:
+    except (oom.InjectionError, hang.HangInjectionError, nodes.NodesError) as exc:
         raise InputError(str(exc)) from None
     if not early:
         opts = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)

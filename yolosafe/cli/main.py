@@ -74,6 +74,12 @@ def cli() -> None:
 @click.option("--val-oom", type=click.Choice(["in-place", "relaunch"]),
               help="A validation OOM: the rank halves its own validation batch and validates again in place, or "
                    f"every rank is relaunched with half the validation batch. Default {D['val_oom']}.")
+@click.option("--hang-timeout", type=float,
+              help="Seconds without progress after which a rank is hung: its stacks kept, every rank stopped and "
+                   "relaunched from the last checkpoint; 0 = no hang watch. Default: learnt from the run "
+                   "(docs/hangs.md).")
+@click.option("--max-hang-restarts", type=int,
+              help=f"Relaunches after a hang. Default {D['max_hang_restarts']}.")
 @click.option("--memory-fraction", type=float,
               help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
@@ -155,13 +161,18 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     if run.mark_if_orphaned():
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
     state = report.outcome(run)
+    hangs = report.hangs(run)
+    for found in [] if as_json else hangs:  # said first: a hang has no memory figures of its own
+        click.echo(f"{path}: {report.hang_line(found, report.epochs(run))}")
+    for line in [] if as_json else report.stragglers(run):
+        click.echo(f"{path}: {line}")
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
         click.echo(f"yolosafe: no memory data in {path} (run {state}): {exc}", err=True)
         sys.exit(Exit.FAILED)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps({**summary, "hangs": [h.to_dict() for h in hangs]}, indent=2))
         return
     click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {run.memory_plot}")
     for line in report.table(summary):

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from yolosafe import oom, proc
+from yolosafe import hang, oom, proc
 from yolosafe.errors import UsageError
 from yolosafe.planning import checkcache, trainplan
 
@@ -76,10 +76,12 @@ def check_run_location(project: str, name: str) -> None:
 
 
 def check_injection(environ: Mapping[str, str]) -> None:
-    """``YOLOSAFE_INJECT_OOM`` is read by the trainer in every rank: a typo there would be a silent no-op."""
+    """``YOLOSAFE_INJECT_OOM`` and ``YOLOSAFE_INJECT_HANG`` are read by the trainer in every rank: a typo there would
+    be a silent no-op."""
     try:
         oom.parse_injection(environ.get(oom.INJECT_ENV))
-    except oom.InjectionError as exc:
+        hang.parse_injections(environ.get(hang.INJECT_ENV))
+    except (oom.InjectionError, hang.HangInjectionError) as exc:
         raise InputError(str(exc)) from None
 
 

@@ -55,6 +55,45 @@ def outcome(run: RunDir | Path) -> str:
     return value if isinstance(value, str) else "unknown"
 
 
+def epochs(run: RunDir | Path) -> int | None:
+    """The run's epochs as its story's plan says (None when unknown)."""
+    value = (_story(RunDir.of(run)).get("plan") or {}).get("epochs")
+    return value if isinstance(value, int) else None
+
+
+def hangs(run: RunDir | Path) -> list[records.Hang]:
+    """Every hang the supervisors' hang watches recorded (every node, every attempt); a damaged record is skipped."""
+    found = []
+    for path in RunDir.of(run).hangs():
+        try:
+            record = records.load_hang(path)
+        except records.RecordError:
+            continue
+        record.extra["file"] = str(path)
+        found.append(record)
+    return sorted(found, key=lambda h: (h.attempt or 0, h.node or 0))
+
+
+def hang_line(hang: records.Hang, epochs: int | None = None) -> str:
+    """One hang as report and doctor show it: attempt, stuck rank, phase, for how long, frame, and the stacks."""
+    who = "the worker" if (hang.rank or 0) < 0 else f"rank {hang.rank}"
+    node = f" of node {hang.node}" if hang.node else ""
+    how = "stopped (SIGSTOP)" if hang.stopped else "stuck"
+    batch = f", batch {hang.iteration}" if hang.iteration is not None else ""
+    frame = f" in {hang.frame}" if hang.frame else ""
+    waiting = f"; waiting for it in a collective: ranks {', '.join(map(str, hang.waiting))}" if hang.waiting else ""
+    stacks = ", ".join([*(hang.stacks or []), *(hang.native or [])]) or "none written"
+    return (f"attempt {hang.attempt}: hang: {who}{node} {how} in {hang.phase} at "
+            f"{records.epoch_label(hang.epoch, epochs)}{batch}, for {hang.stuck_s:g} s (timeout {hang.timeout_s:g} s, "
+            f"{hang.timeout_source}){frame}{waiting}; stacks: {stacks}")
+
+
+def stragglers(run: RunDir | Path) -> list[str]:
+    """The straggler warnings of the run, as the supervisor said them."""
+    found = _story(RunDir.of(run)).get("stragglers") or []
+    return [str(s.get("message")) for s in found if isinstance(s, dict) and s.get("message")]
+
+
 def plan_gpus(run: RunDir) -> list[int]:
     if run.node:
         gpus = (_story(run).get("plan") or {}).get("gpus") or []

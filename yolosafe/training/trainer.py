@@ -17,7 +17,7 @@ from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.model import YOLO
 
 from yolosafe import bench
-from yolosafe.training import callbacks, peakmetrics, valretry
+from yolosafe.training import callbacks, heartbeat, peakmetrics, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 from yolosafe.training.fake import cpuranks
@@ -67,6 +67,28 @@ class OomInjectionPoint(_InContext):
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         callbacks.maybe_inject(self.run_context, "train")
         return super().preprocess_batch(batch)
+
+
+class HangPoints(_InContext):
+    """``preprocess_batch``, ``save_model``: where a hang is injected in a training step and in the epoch's
+    checkpoint save (``YOLOSAFE_INJECT_HANG``, :mod:`yolosafe.training.heartbeat`; not in the save of the state kept
+    before validation, ``weights/unvalidated.pt``), and the beat that says rank 0 is writing checkpoints (a save has
+    no callback before it; the next beat is ``on_fit_epoch_end``'s or the validation's); ``final_eval``: the end of
+    training (what follows, rank 0's plots, beats nothing)."""
+
+    def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        heartbeat.maybe_hang(self.run_context, "train")
+        return super().preprocess_batch(batch)
+
+    def save_model(self) -> bool:
+        heartbeat.beat(self.run_context, "save")
+        if self.last.name != valretry.UNVALIDATED:
+            heartbeat.maybe_hang(self.run_context, "save")
+        return super().save_model()
+
+    def final_eval(self) -> None:
+        super().final_eval()
+        heartbeat.beat(self.run_context, "end")  # rank 0's plots and the loaders' teardown beat nothing
 
 
 class FailureRecord(_InContext):
@@ -226,8 +248,8 @@ class ValidateFirst(_InContext):
             valretry.finish(self)
 
 
-MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, FailureRecord, ValidateFirst,
-          AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
+MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, HangPoints, FailureRecord,
+          ValidateFirst, AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
 
 
 def trainer_class(task: str, context: RunContext, base: type[BaseTrainer] | None = None) -> type[BaseTrainer]:

@@ -32,7 +32,7 @@ from yolosafe.planning import allocator
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import results, runspec
 from yolosafe.rundir.layout import RunDir
-from yolosafe.training import callbacks
+from yolosafe.training import callbacks, heartbeat
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import Rank, RunContext
 from yolosafe.training.fake import phases as fakephase
@@ -74,12 +74,14 @@ def _load(model_path: str) -> Any:
 
 
 def install_callbacks(model: Any, context: RunContext) -> None:
-    """yolosafe's callbacks on ``model``; with fake GPUs, the fake phase file's around them."""
+    """yolosafe's callbacks on ``model``; with fake GPUs, the fake phase file's around them; the heartbeat's last
+    (it reads the progress the others keep)."""
     own = callbacks.TrainingCallbacks(context).register
     if context.spec.fake_gpus:
         fakephase.FakePhaseFile(context).register_around(model, own)
     else:
         own(model)
+    callbacks.add_callbacks(model, heartbeat.HeartbeatCallbacks(context).hooks())
 
 
 def _save_metrics(run: RunDir, metrics: Any) -> None:
@@ -157,10 +159,12 @@ def run(spec_path: Path, rank: Rank) -> None:
     """Load this process's context (inside ``@record`` in a rank: a spec that cannot be read is in its error file)
     and do what the run spec asks."""
     context = RunContext.load(spec_path, rank)
+    heartbeat.beat(context, "setup")  # from here on the supervisor's hang watch sees this process
     if context.spec.mode == runspec.FINAL_VAL:
         final_validation(context)
     else:
         train(context)
+    heartbeat.beat(context, "done")
 
 
 def _stopped(rank: Rank) -> NoReturn:

@@ -74,6 +74,10 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("callback_ranks", "train epoch/batch callbacks, on_fit_epoch_end, on_val_start and on_val_batch_start "
                "run on every rank, on_val_end on rank 0 only; every rank has a validator",
                "BaseTrainer._do_train/_setup_train, BaseValidator.__call__", checks.check_callback_ranks),
+    Assumption("heartbeat_points", "every rank runs on_pretrain_routine_end, on_train_batch_end after each step and "
+               "on_val_batch_end after each validation batch; after on_fit_epoch_end every rank meets rank 0 in the "
+               "broadcast of its stop flag (the heartbeat's sync state)", "BaseTrainer._do_train/_setup_train, "
+               "BaseValidator.__call__", checks.check_heartbeat_points),
     Assumption("resume_accepts_batch", "resume accepts a new batch/device/workers/plots and starts at the "
                "checkpoint's epoch + 1", "BaseTrainer.check_resume/resume_training", checks.check_resume_batch),
     Assumption("accumulate_formula", "accumulate = max(round(nbs / total batch), 1), capped at len(train_loader) * "

@@ -64,6 +64,16 @@ def check_callback_order() -> None:
     in_order(base_trainer().final_eval, "self.validator(model=model)", 'self.run_callbacks("on_fit_epoch_end")')
 
 
+def check_heartbeat_points() -> None:
+    from ultralytics.engine.validator import BaseValidator
+
+    in_order(base_trainer()._setup_train, 'self.run_callbacks("on_pretrain_routine_end")')
+    in_order(base_trainer()._do_train, "self.optimizer_step()", 'self.run_callbacks("on_train_batch_end")',
+              'self.run_callbacks("on_fit_epoch_end")', "dist.broadcast_object_list(broadcast_list, 0)")
+    in_order(BaseValidator.__call__, 'self.run_callbacks("on_val_batch_start")',
+             'self.run_callbacks("on_val_batch_end")')
+
+
 def check_val_loop_alone() -> None:
     """The validation loop runs between init_metrics and gather_stats with no collective (valretry's retry point),
     and the val loader is rebuilt through the task trainer's get_dataloader, whose only barrier is the cache one."""
