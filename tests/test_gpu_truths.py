@@ -205,3 +205,29 @@ def test_doctor_reads_uuids_like_train():
     found = diagnose(project="/nonexistent", env=env)
     assert found.environment.visible_gpus == [2, 3]
     assert not [c for c in found.verdict if "hides every GPU" in c.finding]
+
+
+# Two fake GPUs whose ranks have NCCL's collectives under Ultralytics' TORCH_NCCL_BLOCKING_WAIT=1: the peer of a failed
+# rank waits in its collective until torchrun's teardown SIGTERMs it, and writes no record of its own.
+BLOCKING = json.dumps({"collectives": "blocking", "gpus": [{"total_mib": 24576} for _ in range(2)]})
+
+
+@pytest.mark.slow
+def test_under_blocking_collectives_a_rank_1_failure_is_rank_1s_oom_or_not(run_cli, tmp_path):
+    """One training: rank 1 runs out of memory (attempt 1, retried at half the batch), then fails with a plain
+    RuntimeError (attempt 2, not retried). Rank 0 waits in its collective each time until torchrun SIGTERMs it; each
+    end is reported as rank 1's, with the advice of its kind, never "rank 0 was killed by SIGTERM"."""
+    env = {"YOLOSAFE_FAKE_GPUS": BLOCKING, "YOLOSAFE_INJECT_OOM": "phase=train,epoch=0,rank=1,times=2,error=oom+runtime"}
+    result = run_cli("train", "--gpus", "0,1", "--epochs", "1", *TINY, "--batch", "16", env=env)
+    assert result.returncode != 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    s = story(run)
+    assert [(a["outcome"], a["rank"]) for a in s["attempts"]] == [("oom", 1), ("failed", 1)], s["attempts"]
+    assert [a["per_gpu_batch"] for a in s["attempts"]] == [8, 4]
+    peers = [f for f in records.load_failures(run) if f.rank == 0]
+    assert [(f.attempt, f.by, f.signal) for f in peers] == [(1, "launcher", "SIGTERM"), (2, "launcher", "SIGTERM")]
+    own = {f.attempt: f for f in records.load_failures(run) if f.rank == 1}
+    assert own[1].oom and own[2].error == "RuntimeError" and not own[2].oom
+    said = "\n".join(line for line in result.stderr.splitlines() if line.startswith("yolosafe"))
+    assert "killed by SIGTERM" not in said and "rank 1" in said, said
+    assert "injected a non-OOM failure" in said, said

@@ -23,6 +23,7 @@ from yolosafe.gpus.fake import (
     FakeBackend,
     FakeGPU,
     FakeGpusError,
+    blocking_collectives,
     fake_phase_file,
 )
 from yolosafe.gpus.inventory import (
@@ -63,6 +64,7 @@ __all__ = (  # a tuple: no module-level mutable state
     "Inventory",
     "MemoryReading",
     "NvmlBackend",
+    "blocking_collectives",
     "fake_phase_file",
     "foreign_pids",
     "mig_problem",

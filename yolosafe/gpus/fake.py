@@ -20,7 +20,10 @@ Accepted layouts (see docs/fake-gpus.md):
   Optional per-GPU ``"mig": [{"uuid": "MIG-...", "total_mib": 9984}]`` puts that GPU in MIG mode with those MIG
   devices; optional per-GPU ``"uuid"`` (default ``GPU-fake-0000``... by index); optional top-level
   ``"host_pids": true`` reports every pid as NVML does inside a container: a pid of the host's PID namespace, which
-  no process here has (:data:`HOST_PID_OFFSET` added).
+  no process here has (:data:`HOST_PID_OFFSET` added); optional top-level ``"collectives": "blocking"`` gives the
+  CPU ranks NCCL's semantics under Ultralytics' ``TORCH_NCCL_BLOCKING_WAIT=1``: the peers of a failed rank wait in
+  their collective until torchrun tears them down (SIGTERM) instead of failing by themselves as gloo's do
+  (``"gloo"``, the default; :mod:`yolosafe.training.fake.cpuranks`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ PHASE_FILE_ENV = "YOLOSAFE_FAKE_PHASE_FILE"
 Phase = tuple[str | None, int | None, int, int]
 _NO_PHASE: Phase = (None, None, 0, 0)
 HOST_PID_OFFSET = 1 << 23  # above the kernel's largest pid_max (2**22): no process of this namespace has such a pid
+COLLECTIVES = ("gloo", "blocking")  # a layout's "collectives": what the peers of a failed rank do
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
 
 
@@ -166,12 +170,31 @@ def _parse_json(data: Any) -> tuple[list[FakeGPU], str, str]:
     return [_gpu(g, i) for i, g in enumerate(entries)], str(data.get("driver", "fake")), str(data.get("cuda", "fake"))
 
 
-def parse_layout(layout: str) -> tuple[list[FakeGPU], str | None, str | None, str | None]:
-    """The GPUs, driver version, CUDA version and "no driver" problem a ``YOLOSAFE_FAKE_GPUS`` value describes.
-    Raises :class:`FakeGpusError` (each command turns it into one line) for a value it cannot read."""
+@dataclass(frozen=True)
+class FakeLayout:
+    """What a ``YOLOSAFE_FAKE_GPUS`` value describes: the GPUs, driver and CUDA version, the "no driver" problem, and
+    the collectives' semantics (:data:`COLLECTIVES`)."""
+
+    gpus: list[FakeGPU]
+    driver: str | None
+    cuda: str | None
+    problem: str | None = None
+    collectives: str = "gloo"
+
+
+def _collectives(data: Mapping[str, Any]) -> str:
+    value = data.get("collectives", "gloo")
+    if value not in COLLECTIVES:
+        raise FakeGpusError(f"{FAKE_ENV}: collectives is {value!r}; expected one of {', '.join(COLLECTIVES)}")
+    return str(value)
+
+
+def read_layout(layout: str) -> FakeLayout:
+    """The :class:`FakeLayout` of a ``YOLOSAFE_FAKE_GPUS`` value. Raises :class:`FakeGpusError` (each command turns
+    it into one line) for a value it cannot read."""
     text = layout.strip()
     if text.lower() == "none":
-        return [], None, None, "no NVIDIA driver (fake: YOLOSAFE_FAKE_GPUS=none)"
+        return FakeLayout([], None, None, "no NVIDIA driver (fake: YOLOSAFE_FAKE_GPUS=none)")
     if text.startswith(("{", "@")):
         try:
             raw = Path(text[1:]).read_text(encoding="utf-8") if text.startswith("@") else text
@@ -184,8 +207,15 @@ def parse_layout(layout: str) -> tuple[list[FakeGPU], str | None, str | None, st
             for gpu in gpus:
                 gpu.host_pids = True
                 gpu.processes = tuple(GPUProcess(p.pid + HOST_PID_OFFSET, p.used_mib) for p in gpu.processes)
-        return gpus, driver, cuda, None
-    return _parse_sizes(text), "fake", "fake", None
+        return FakeLayout(gpus, driver, cuda, None, _collectives(data))
+    return FakeLayout(_parse_sizes(text), "fake", "fake")
+
+
+def blocking_collectives(env: Mapping[str, str]) -> bool:
+    """Whether the fake GPUs of ``env`` give the ranks NCCL's blocking collectives (a layout's
+    ``"collectives": "blocking"``)."""
+    layout = env.get(FAKE_ENV)
+    return bool(layout) and read_layout(layout).collectives == "blocking"
 
 
 def fake_phase_file(base: str | Path, gpu: int | None) -> Path:
@@ -219,7 +249,8 @@ class FakeBackend:
         self.layout = layout
         self._phase_file = env.get(PHASE_FILE_ENV)
         self._phase_seen: dict[Path, tuple[tuple[int, int, int], Phase]] = {}
-        self.gpus, self.driver, self.cuda, self.problem = parse_layout(layout)
+        read = read_layout(layout)
+        self.gpus, self.driver, self.cuda, self.problem = read.gpus, read.driver, read.cuda, read.problem
 
     def _phase(self, index: int) -> Phase:
         """The ``(phase, pid, epoch, batch)`` of GPU ``index`` from a live writer: the rank on it, else a single
