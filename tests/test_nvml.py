@@ -92,7 +92,8 @@ def test_one_gpu_every_figure_through_nvidia_ml_py(nvml):
     assert g.processes == (gpus.GPUProcess(4242, 12000), gpus.GPUProcess(4343, 500), gpus.GPUProcess(900, 500))
     backend = gpus.NvmlBackend()
     reading = backend.read_memory(0)
-    assert (reading.total_mib, reading.used_mib, len(reading.processes)) == (40960, 13000, 3)
+    # the watch's reading: CUDA's processes are compute processes; the graphics list (an X server) is the inventory's
+    assert (reading.total_mib, reading.used_mib, len(reading.processes)) == (40960, 13000, 2)
     backend.close()
     assert driver.calls["nvmlDeviceGetComputeRunningProcesses_v3"] >= 2  # nvidia-ml-py picked the newest symbol
     assert "nvmlDeviceGetComputeRunningProcesses_v2" not in driver.calls
@@ -168,7 +169,7 @@ def test_driver_without_v3_process_functions(nvml):
     backend = gpus.NvmlBackend()
     assert backend.inventory().gpus[0].processes == (gpus.GPUProcess(4242, 1500), gpus.GPUProcess(31, 2))
     for _ in range(3):
-        assert backend.read_memory(0).processes == (gpus.GPUProcess(4242, 1500), gpus.GPUProcess(31, 2))
+        assert backend.read_memory(0).processes == (gpus.GPUProcess(4242, 1500),)  # the watch: compute only
     assert driver.calls["nvmlDeviceGetComputeRunningProcesses_v2"] == 8  # 4 reads x (sizing call + fill)
     assert not missing & set(driver.calls)
     backend.close()
@@ -331,3 +332,43 @@ def test_ranks_get_gpu_uuids_and_an_inherited_index_list_counts_the_gpus_this_pr
     nvml(Driver([gpu(0, errors={"nvmlDeviceGetHandleByIndex_v2": fake_nvml.NO_PERMISSION}), gpu(1), gpu(2)]))
     inventory = gpus.read_inventory({})
     assert not inventory.gpus[0].openable and gpus.visible_ids(inventory, "0,1") == (1, 2)
+
+
+def test_the_watch_samples_the_mig_slice_the_run_trains_on_never_its_whole_gpu(nvml, tmp_path):
+    """GPU 0 (80 GB) in MIG mode; the run trains on its second slice (10 GB, CUDA_VISIBLE_DEVICES names it), another
+    tenant fills the first. memory.csv's total is the slice's and its memory and processes are the slice's own
+    (nvmlDeviceGetMigDeviceHandleByIndex, matched by UUID once, then cached); a full slice warns. The watch asks the
+    compute process list only: no graphics-process call for a CUDA job."""
+    from yolosafe.supervisor.child import watched_slices
+
+    tenant = fake_nvml.mig_device(0, 0, total_mib=40192, used_mib=38000, processes=[(4242, 38000)])
+    ours = fake_nvml.mig_device(0, 1, total_mib=9984, used_mib=9600, processes=[(os.getpid(), 9600)])
+    driver = nvml(Driver([gpu(0, total_mib=81920, used_mib=47600, mig=True, mig_devices=[tenant, ours],
+                              processes=[(4242, None), (os.getpid(), None)])]))
+    slices = watched_slices((0,), {"CUDA_VISIBLE_DEVICES": ours["uuid"]})
+    assert slices == {0: ours["uuid"]} and watched_slices((0,), {}) == {0: tenant["uuid"]}  # CUDA's first slice
+    driver.calls.clear()
+    said: list[str] = []
+    w = watch.MemoryWatch(tmp_path, [0], 0.01, 0.9, gpus.NvmlBackend, said.append, slices)
+    w.start(1, lambda: {os.getpid()})
+    wait_for(lambda: w.samples >= 5)
+    w.stop()
+    rows = (tmp_path / rundir.MEMORY_CSV).read_text().splitlines()[1:]
+    assert {tuple(r.split(",")[3:7]) for r in rows} == {("9984.0", "9600.0", "9600.0", "0.0")}
+    assert len(said) == 1 and "GPU 0 at 96%" in said[0] and "of 9.8 GiB used" in said[0]
+    assert driver.calls["nvmlDeviceGetMigDeviceHandleByIndex"] == 2  # slots 0 and 1, once: the handle is cached
+    assert not [name for name in driver.calls if "Graphics" in name]
+    assert driver.calls["nvmlDeviceGetMemoryInfo"] == w.samples  # one memory call per sample of the slice
+
+
+def test_a_driver_that_hides_processes_gives_an_unknown_split_never_ours_0(nvml):
+    """A container whose driver lists no process at all while memory is held: the split is unknown; an idle GPU's
+    own few MiB with an empty list stay "ours 0, others 0"."""
+    nvml(Driver([gpu(0, used_mib=9000), gpu(1, used_mib=300)]))
+    backend = gpus.NvmlBackend()
+    try:
+        held, idle = backend.read_memory(0), backend.read_memory(1)
+    finally:
+        backend.close()
+    assert held.processes == () and attribution.split(held, {os.getpid()}) == (None, None)
+    assert attribution.split(idle, {os.getpid()}) == (0.0, 0.0)

@@ -41,6 +41,7 @@ from yolosafe.gpus.nvml import NvmlBackend
 from yolosafe.gpus.pidns import foreign_pids
 from yolosafe.gpus.visible import (
     mig_problem,
+    mig_slices,
     planning_inventory,
     rank_visible_devices,
     visible_devices,
@@ -68,6 +69,7 @@ __all__ = (  # a tuple: no module-level mutable state
     "fake_phase_file",
     "foreign_pids",
     "mig_problem",
+    "mig_slices",
     "nvml_index",
     "open_backend",
     "planning_inventory",
