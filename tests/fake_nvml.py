@@ -62,7 +62,7 @@ class Driver:
     inside a callback (ctypes would print it and return 0, NVML_SUCCESS: tests must check it stays empty)."""
 
     def __init__(self, gpus: Iterable[dict[str, Any]] = (), missing: Iterable[str] = (),
-                 init_error: int = SUCCESS, driver: str = "550.54.15", cuda: int = 12040) -> None:
+                 init_error: int = SUCCESS, driver: str = "580.95.05", cuda: int = 13000) -> None:
         self.gpus, self.missing, self.init_error = list(gpus), set(missing), init_error
         self.driver, self.cuda = driver, cuda
         self.calls: dict[str, int] = {}

@@ -85,7 +85,7 @@ def test_one_gpu_every_figure_through_nvidia_ml_py(nvml):
     driver = nvml(Driver([gpu(total_mib=40960, used_mib=13000, util=55,
                               processes=[(4242, 12000), (4343, 500)], graphics=[(900, 500), (4343, 500)])]))
     inv = gpus.read_inventory({})
-    assert (inv.backend, inv.driver, inv.cuda, inv.problem, inv.ids) == ("nvml", "550.54.15", "12.4", None, (0,))
+    assert (inv.backend, inv.driver, inv.cuda, inv.problem, inv.ids) == ("nvml", "580.95.05", "13.0", None, (0,))
     g = inv.gpus[0]
     assert (g.name, g.uuid, g.total_mib, g.used_mib, g.free_mib, g.utilization, g.mig, g.valid) == (
         "NVIDIA Fake 0", "GPU-fake-nvml-0000", 40960, 13000, 27960, 55, False, True)
@@ -179,10 +179,10 @@ def test_older_driver_without_newer_symbols(nvml):
     """No ``nvmlSystemGetCudaDriverVersion_v2``: the CUDA version comes from the older symbol; no
     ``nvmlDeviceGetCount_v2``: no GPU can be counted, and the inventory says why."""
     nvml(Driver([gpu()], missing={"nvmlSystemGetCudaDriverVersion_v2"}))
-    assert gpus.read_inventory({}).cuda == "12.4"
+    assert gpus.read_inventory({}).cuda == "13.0"
     nvml(Driver([gpu()], missing={"nvmlDeviceGetCount_v2"}))
     inv = gpus.read_inventory({})
-    assert (inv.gpus, inv.driver) == ((), "550.54.15")
+    assert (inv.gpus, inv.driver) == ((), "580.95.05")
     assert inv.problem == "NVML cannot count the GPUs (nvmlDeviceGetCount: Function Not Found)"
 
 
@@ -220,11 +220,11 @@ def test_yolosafe_gpus_and_json_end_to_end(nvml, capsys):
     nvml(Driver([gpu(0, total_mib=40960, used_mib=13000, processes=[(4242, 13000)]), gpu(1, processes=[(7, None)])]))
     code, out, err = run_cli(capsys, "gpus")
     assert (code, err) == (0, "")
-    assert out.splitlines()[0] == "driver 550.54.15, CUDA 12.4 (nvml)"
+    assert out.splitlines()[0] == "driver 580.95.05, CUDA 13.0 (nvml)"
     assert "NVIDIA Fake 0" in out and "4242:13000MiB" in out and out.splitlines()[-1].endswith("  7")
     code, out, err = run_cli(capsys, "gpus", "--json")
     data = json.loads(out)
-    assert (code, data["backend"], data["driver"], data["cuda"], data["problem"]) == (0, "nvml", "550.54.15", "12.4",
+    assert (code, data["backend"], data["driver"], data["cuda"], data["problem"]) == (0, "nvml", "580.95.05", "13.0",
                                                                                     None)
     first, second = data["gpus"]
     assert (first["free_mib"], first["processes"], first["mig"], first["problem"]) == (
@@ -372,3 +372,47 @@ def test_a_driver_that_hides_processes_gives_an_unknown_split_never_ours_0(nvml)
         backend.close()
     assert held.processes == () and attribution.split(held, {os.getpid()}) == (None, None)
     assert attribution.split(idle, {os.getpid()}) == (0.0, 0.0)
+
+
+def test_torchs_cuda_build_is_read_without_importing_torch_as_torch_says_it():
+    """The supervisor's reading of torch/version.py (no torch import) against torch.version.cuda itself."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from yolosafe import gpus; print(json.dumps(gpus.torch_build())); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    import torch
+
+    assert json.loads(out[0]) == [torch.__version__, torch.version.cuda] and out[1] == "False"
+
+
+def test_a_driver_too_old_for_torchs_cuda_build_is_refused_in_one_line_naming_both(nvml, capsys, tmp_path,
+                                                                                    monkeypatch):
+    data = _data(tmp_path, monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(gpus, "torch_build", lambda: ("2.14.1+cu130", "13.0"))
+    nvml(Driver([gpu(0)], driver="550.54.15", cuda=12040))
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--data", data)
+    assert (code, out, err.count("\n")) == (2, "", 1), err
+    assert "supports CUDA 12.4" in err and "torch 2.14.1+cu130 was built for CUDA 13.0" in err
+    assert not (tmp_path / "runs").exists()
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--gpus", "cpu", "--data", data)
+    assert code == 0, err  # the CPU needs no driver
+    assert gpus.cuda_problem("13.2", "2.14.1", "13.0") is None and gpus.cuda_problem("12.8", "x", None) is None
+
+
+@pytest.mark.parametrize("variable", ["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"])
+def test_gpus_asked_for_where_nvml_cannot_be_read_are_refused_never_the_cpu(nvml, capsys, tmp_path, monkeypatch,
+                                                                              variable):
+    """A container without the driver's utility capability: no libnvidia-ml, the scheduler gave GPU 0."""
+    data = _data(tmp_path, monkeypatch)
+    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    nvml(None)
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--data", data)
+    assert code == 0 and "cpu" in out  # nothing asked for GPUs: the CPU, as planned
+    monkeypatch.setenv(variable, "0")
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--data", data)
+    assert (code, out, err.count("\n")) == (2, "", 1), err
+    assert f"{variable}=0 asks for GPUs" in err and "NVML" in err and "--gpus cpu" in err
