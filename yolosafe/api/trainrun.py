@@ -109,11 +109,15 @@ def build(opts: TrainOptions, inventory: gpus.Inventory) -> plan.TrainPlan:
 
 
 def check_visible(inventory: gpus.Inventory, selected: tuple[int, ...], cpu_asked: bool) -> None:
-    """GPUs asked for (``CUDA_VISIBLE_DEVICES``, ``--gpus``) that CUDA would not give: none of this machine's (never a
-    silent fall back to the CPU), or more MIG devices than the one CUDA shows a process."""
+    """GPUs asked for (``CUDA_VISIBLE_DEVICES``, ``--gpus``) that CUDA would not give: none of this machine's, or
+    none that NVML can read (never a silent fall back to the CPU), more MIG devices than the one CUDA shows a
+    process, or a driver too old for the CUDA build of the installed torch."""
     cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    problem = None if cpu_asked else gpus.visible_problem(inventory, cuda_visible)
+    problem = None if cpu_asked else gpus.visible_problem(inventory, cuda_visible) or gpus.nvml_problem(inventory,
+                                                                                                     os.environ)
     problem = problem or gpus.mig_problem(inventory, selected, cuda_visible)
+    if selected and inventory.backend == "nvml":  # fake GPUs train on the CPU: their driver runs no torch
+        problem = problem or gpus.cuda_problem(inventory.cuda, *gpus.torch_build())
     if problem:
         raise InputError(problem)
 

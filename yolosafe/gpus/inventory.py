@@ -99,8 +99,9 @@ class GPUBackend(Protocol):
     def inventory(self) -> Inventory:
         """Every GPU with all its figures; never raises for a missing driver (``Inventory.problem`` says it)."""
 
-    def read_memory(self, index: int) -> MemoryReading:
-        """One GPU's memory, cheaply; raises :class:`GPUReadError` when it cannot be read (the watch goes on)."""
+    def read_memory(self, index: int, mig: str | None = None) -> MemoryReading:
+        """One GPU's memory, cheaply; raises :class:`GPUReadError` when it cannot be read (the watch goes on).
+        ``mig``: the UUID of the MIG device of GPU ``index`` to read instead (its own memory and processes)."""
 
     def close(self) -> None:
         """Release what the backend opened; a later call opens it again."""

@@ -84,6 +84,13 @@ def rank_visible_devices(inventory: Inventory, plan_gpus: tuple[int, ...], cuda_
     return ",".join(u for u in uuids if u) if uuids and all(uuids) else None
 
 
+def mig_slices(inventory: Inventory, plan_gpus: tuple[int, ...], cuda_visible: str | None) -> dict[int, str]:
+    """The MIG device each GPU of a plan in MIG mode stands for (NVML index to its UUID): what the memory watch reads
+    instead of the whole GPU, whose total and other tenants are not the run's."""
+    return {d.index: d.uuid for d in reversed(visible_devices(inventory, cuda_visible))
+            if d.mig_of is not None and d.index in plan_gpus and d.uuid}
+
+
 def mig_problem(inventory: Inventory, plan_gpus: tuple[int, ...], cuda_visible: str | None) -> str | None:
     """One line when a plan needs more MIG devices than CUDA shows a process (one), else None."""
     visible = visible_devices(inventory, cuda_visible)

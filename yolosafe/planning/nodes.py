@@ -55,18 +55,18 @@ class Nodes:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: ``gpu[07-10,12],cpu3`` -> ``gpu07``; ``a1-[3-4]`` -> ``a1-3``."""
-    text = nodelist.strip()
-    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", text)
-    if not match or not (match[1] or match[2]):
+    """The first host of a SLURM node list, as SLURM expands it (python-hostlist, the hostlist library of SLURM's
+    own syntax): ``gpu[07-10,12],cpu3`` -> ``gpu07``, ``r[1-2]n[01-04]`` -> ``r1n01``, ``node[001-004]-ib`` ->
+    ``node001-ib``, HPE/Cray's ``x1000c[0-1]s0b0n0`` -> ``x1000c0s0b0n0``."""
+    import hostlist
+
+    try:
+        hosts = hostlist.expand_hostlist(nodelist.strip())
+    except hostlist.BadHostlist as exc:
+        raise NodesError(f"SLURM_JOB_NODELIST {nodelist!r}: cannot read the first host ({exc})") from None
+    if not hosts or not hosts[0]:
         raise NodesError(f"SLURM_JOB_NODELIST {nodelist!r}: cannot read the first host")
-    prefix, ranges = match[1], match[2]
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0].strip()
-    if not first.isdigit():
-        raise NodesError(f"SLURM_JOB_NODELIST {nodelist!r}: cannot read the first host")
-    return prefix + first
+    return str(hosts[0])
 
 
 def _endpoint(text: str, option: str = "--rdzv-endpoint") -> str:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from yolosafe import bench, proc
 from yolosafe.exits import Exit
-from yolosafe.gpus import FakeGpusError, open_backend, rank_visible_devices, read_inventory
+from yolosafe.gpus import FakeGpusError, mig_slices, open_backend, rank_visible_devices, read_inventory
 from yolosafe.planning.options import DEFAULTS
 from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.planning.trainplan import TrainPlan
@@ -84,6 +84,16 @@ def launch_device(plan: TrainPlan, simulate_on_cpu: bool,
         inventory = None
     uuids = None if inventory is None else rank_visible_devices(inventory, plan.gpus, env.get("CUDA_VISIBLE_DEVICES"))
     return ",".join(str(i) for i in range(len(plan.gpus))), uuids or plan.device
+
+
+def watched_slices(plan_gpus: tuple[int, ...], env: Mapping[str, str]) -> dict[int, str]:
+    """The MIG device each plan GPU in MIG mode stands for (``CUDA_VISIBLE_DEVICES`` of ``env``), which the memory
+    watch samples instead of the whole GPU; empty without MIG (or when the GPUs cannot be read: the watch says so)."""
+    try:
+        inventory = read_inventory(env)
+    except FakeGpusError:
+        return {}
+    return mig_slices(inventory, plan_gpus, env.get("CUDA_VISIBLE_DEVICES"))
 
 
 @dataclass(frozen=True)
@@ -240,7 +250,8 @@ class Supervisor:
             return
         if self.watch is None:
             self.watch = MemoryWatch(self.files, gpu_ids, self.options.watch_interval, self.options.warn_at,
-                                     lambda: open_backend(self.options.env), terminal.say)
+                                     lambda: open_backend(self.options.env), terminal.say,
+                                     watched_slices(tuple(gpu_ids), self.options.env))
         watch = self.watch
         try:
             yield lambda tree: watch.start(spec.attempt, tree.pids)

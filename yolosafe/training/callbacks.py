@@ -56,7 +56,8 @@ def injected_error(error: str, gpu: int) -> BaseException:
     import torch.distributed
 
     kinds = {"oom": torch.OutOfMemoryError, "accelerator": torch.AcceleratorError,
-             "nccl": torch.distributed.DistBackendError, "cudnn": RuntimeError, "runtime": RuntimeError}
+             "nccl": torch.distributed.DistBackendError, "cudnn": RuntimeError, "cublas-init": RuntimeError,
+             "cudnn-internal": RuntimeError, "runtime": RuntimeError}
     return kinds[error](oom.injected_text(error, gpu))
 
 

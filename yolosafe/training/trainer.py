@@ -16,7 +16,7 @@ from typing import Any
 from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.model import YOLO
 
-from yolosafe import bench
+from yolosafe import bench, gpus
 from yolosafe.training import callbacks, heartbeat, peakmetrics, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
@@ -259,7 +259,8 @@ def trainer_class(task: str, context: RunContext, base: type[BaseTrainer] | None
     (:mod:`yolosafe.training.fake.cpuranks`). ``base``: the loaded model's own trainer (its task map: RT-DETR's,
     YOLO-World's), else :data:`TRAINERS`'s."""
     base = base or TRAINERS[task]
+    cpu_ranks = context.spec.fake_gpus and context.rank.distributed
+    if cpu_ranks and gpus.blocking_collectives(os.environ):  # inside the failure record: a waiting peer writes none
+        base = cpuranks.blocking(base)
     trainer = type(f"Safe{base.__name__}", (*MIXINS, base), {"run_context": context})
-    if context.spec.fake_gpus and context.rank.distributed:
-        return cpuranks.on_cpu(trainer)
-    return trainer
+    return cpuranks.on_cpu(trainer) if cpu_ranks else trainer
