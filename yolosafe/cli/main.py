@@ -219,9 +219,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        _check_cwd(sys.argv[1:] if argv is None else argv)
-        cli.main(args=argv, prog_name="yolosafe", standalone_mode=False)
+        _check_cwd(argv)
+        with cli.make_context("yolosafe", list(argv)) as ctx:  # not cli.main: a stop is ours to say, in one line
+            cli.invoke(ctx)
     except UsageError as exc:
         _say(f"yolosafe: error: {exc}")
         sys.exit(Exit.USAGE)
@@ -239,7 +241,7 @@ def _main(argv: list[str] | None) -> None:
 def _say(line: str) -> None:
     """One line on stderr, cut to a readable length (a 20 MB value stays in no message)."""
     try:
-        click.echo(inputs.shorten(line), err=True)
+        click.echo(line if "\n" in line else inputs.shorten(line), err=True)
     except OSError:
         proc.silence(sys.stderr)
 

@@ -52,6 +52,10 @@ def registry_path(explicit: str | None = None) -> Path | None:
         if candidate:
             path = Path(candidate)
             if not path.is_file():
+                try:
+                    bounded.check_file(path, "--datasets")  # a FIFO, a device: said as what it is
+                except bounded.ReadError as exc:
+                    raise DatasetError(str(exc)) from None
                 raise DatasetError(f"dataset registry {path} not found")
             return path
     local = Path("datasets.yaml")
