@@ -33,7 +33,7 @@ def _args(run: RunDir) -> dict[str, Any] | None:
 def _gpus(device: Any) -> list[int]:
     text = str(device if device is not None else "").replace(" ", "")
     parts = text.split(",") if text else []
-    return [int(p) for p in parts] if parts and all(p.isdigit() for p in parts) else []
+    return [int(p) for p in parts] if parts and all((p.isascii() and p.isdecimal()) for p in parts) else []
 
 
 def _int(value: Any) -> int | None:
