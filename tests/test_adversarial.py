@@ -101,6 +101,30 @@ def test_the_bounded_loader_reads_what_yaml_reads(document):
     assert bounded.load_yaml(anchored) == yaml.safe_load(anchored)
 
 
+# --- numbers and names that passed the first checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "env", "needle"), [
+    (["--imgsz", str(10**30)], {}, "at most 16384"),
+    (["--min-batch", "64", "--batch", "8"], {}, "more than the per-GPU batch 8"),
+    (["--gpus", "\u00b2"], {"YOLOSAFE_FAKE_GPUS": "4x16GB"}, "is not a GPU id"),
+    (["--gpus", "\u0661"], {"YOLOSAFE_FAKE_GPUS": "4x16GB"}, "is not a GPU id"),  # Arabic-Indic one: isdecimal
+    (["--gpus", "all"], {"YOLOSAFE_FAKE_GPUS": "4x16GB", "CUDA_VISIBLE_DEVICES": "1,1"}, "names 1 twice"),
+])
+def test_values_out_of_range_are_refused_before_a_run_exists(run_cli, tmp_path, args, env, needle):
+    one_line_refusal(run_cli("train", "--data", "shapes", *args, "--dry-run", env=env, timeout=120), needle)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("config", ["bad.yaml", "/dev/zero", "fifo.yaml"])
+def test_fix_refuses_a_config_it_cannot_read_in_one_line(run_cli, tmp_path, config):
+    (tmp_path / "bad.yaml").write_bytes(b"batch: \xff\xfe\n")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    result = run_cli("fix", "--config", config, "--yes", timeout=60)
+    one_line_refusal(result, config)
+    assert result.stdout == ""
+
+
 # --- the process's surroundings --------------------------------------------------------------------------------------
 
 
@@ -165,6 +189,9 @@ def test_a_closed_terminal_stops_the_run_and_it_resumes(tmp_path, shared_cache):
     run = run_dir_of(tmp_path)
     wait_until(lambda: any(e.get("event") == "train_start" for e in drills.events(run)), proc, "epoch 1", 240)
     tree = {e["pid"] for e in drills.events(run) if "pid" in e}
+    auto = subprocess.run([YOLOSAFE, "train", "--resume", str(run), "--batch", "auto", "--dry-run"], cwd=tmp_path,
+                          env=cli_env(shared_cache), capture_output=True, text=True, timeout=120)
+    one_line_refusal(auto, "--batch auto", "give a number")
     hang_up.set()
     drained.join(10)
     os.close(master)  # the terminal is gone: the kernel sends SIGHUP to its session leader
@@ -177,6 +204,11 @@ def test_a_closed_terminal_stops_the_run_and_it_resumes(tmp_path, shared_cache):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = (run / "results.csv").read_text().splitlines()[1:]
     assert [int(float(r.split(",")[0])) for r in rows] == [1, 2]
+    (run / "memory.csv").write_bytes(bytes(range(256)) * 64)  # a binary memory.csv: one line, no traceback
+    report = subprocess.run([YOLOSAFE, "report", str(run)], cwd=tmp_path, env=cli_env(shared_cache),
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr
+    assert "memory.csv is not the memory watch's table" in report.stderr
 
 
 def _drain(fd: int, done: threading.Event) -> None:
