@@ -116,10 +116,11 @@ def test_values_out_of_range_are_refused_before_a_run_exists(run_cli, tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("config", ["bad.yaml", "/dev/zero", "fifo.yaml"])
+@pytest.mark.parametrize("config", ["bad.yaml", "/dev/zero", "fifo.yaml", "folder.yaml"])
 def test_fix_refuses_a_config_it_cannot_read_in_one_line(run_cli, tmp_path, config):
     (tmp_path / "bad.yaml").write_bytes(b"batch: \xff\xfe\n")
     os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "folder.yaml").mkdir()
     result = run_cli("fix", "--config", config, "--yes", timeout=60)
     one_line_refusal(result, config)
     assert result.stdout == ""
@@ -189,9 +190,6 @@ def test_a_closed_terminal_stops_the_run_and_it_resumes(tmp_path, shared_cache):
     run = run_dir_of(tmp_path)
     wait_until(lambda: any(e.get("event") == "train_start" for e in drills.events(run)), proc, "epoch 1", 240)
     tree = {e["pid"] for e in drills.events(run) if "pid" in e}
-    auto = subprocess.run([YOLOSAFE, "train", "--resume", str(run), "--batch", "auto", "--dry-run"], cwd=tmp_path,
-                          env=cli_env(shared_cache), capture_output=True, text=True, timeout=120)
-    one_line_refusal(auto, "--batch auto", "give a number")
     hang_up.set()
     drained.join(10)
     os.close(master)  # the terminal is gone: the kernel sends SIGHUP to its session leader
@@ -199,6 +197,9 @@ def test_a_closed_terminal_stops_the_run_and_it_resumes(tmp_path, shared_cache):
     assert story(run)["outcome"] == "interrupted"
     assert story(run)["attempts"][-1]["outcome"] == "interrupted"
     assert not wait_gone(tree, 30) and not alive({proc.pid})
+    auto = subprocess.run([YOLOSAFE, "train", "--resume", str(run), "--batch", "auto", "--dry-run"], cwd=tmp_path,
+                          env=cli_env(shared_cache), capture_output=True, text=True, timeout=120)
+    one_line_refusal(auto, "--batch auto", "give a number")
     resumed = subprocess.run([YOLOSAFE, "train", "--resume", str(run)], cwd=tmp_path, env=cli_env(shared_cache),
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
