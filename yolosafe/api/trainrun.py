@@ -128,6 +128,7 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
     trainoptions.check_watch(opts)
     trainoptions.check_hangs(opts)
+    trainoptions.check_ranges(opts)
     inputs.check_run_path(str(opts.project), str(opts.name))
     validate.check_options(opts)
     inputs.check_memory_fraction(opts.memory_fraction)
@@ -140,6 +141,7 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
     p = build(opts, inventory)
+    trainoptions.check_ranges(opts, p.per_gpu_batch)
     inputs.check_injection_reachable(os.environ.get(oom.INJECT_ENV), p.epochs)
     try:
         oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)

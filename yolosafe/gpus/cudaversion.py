@@ -39,7 +39,9 @@ def torch_build() -> tuple[str | None, str | None]:
 
 def _major_minor(text: str | None) -> tuple[int, int] | None:
     parts = (text or "").split(".")
-    return (int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0) if parts[0].isdigit() else None
+    if not parts[0].isdigit():
+        return None
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
 def cuda_problem(driver_cuda: str | None, torch_version: str | None, torch_cuda: str | None) -> str | None:

@@ -74,7 +74,7 @@ def _endpoint(text: str, option: str = "--rdzv-endpoint") -> str:
     if not sep:
         host, port = text.strip(), str(DEFAULT_PORT)
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdecimal()) or not 0 < int(port) < 65536:
         raise NodesError(f"{option} {text!r}: expected HOST:PORT, e.g. node0:29500")
     return f"{host}:{int(port)}"
 
@@ -92,7 +92,8 @@ def from_slurm(env: Mapping[str, str]) -> Nodes | None:
         raise NodesError("SLURM_NNODES > 1 but SLURM_JOB_NODELIST/SLURM_NODEID are missing: run under srun, "
                          "or give --nnodes/--node-rank/--rdzv-endpoint")
     job = env.get("SLURM_JOB_ID", "")
-    port = env.get("MASTER_PORT") or str(DEFAULT_PORT + (int(job) % SLURM_PORT_SPAN if job.isdigit() else 0))
+    offset = int(job) % SLURM_PORT_SPAN if job.isascii() and job.isdecimal() else 0
+    port = env.get("MASTER_PORT") or str(DEFAULT_PORT + offset)
     node_id = _slurm_count("SLURM_NODEID", env["SLURM_NODEID"])
     if not 0 <= node_id < nnodes:
         raise NodesError(f"SLURM_NODEID {node_id}: must be 0..{nnodes - 1} for SLURM_NNODES {nnodes}")
@@ -103,7 +104,7 @@ def from_slurm(env: Mapping[str, str]) -> Nodes | None:
 def _slurm_count(name: str, value: str) -> int:
     """A whole number SLURM set (``SLURM_NNODES``, ``SLURM_NODEID``); one line when it is not one."""
     text = value.strip()
-    if not text.lstrip("-").isdigit() or len(text) > 9:
+    if not (text.lstrip("-").isascii() and text.lstrip("-").isdecimal()) or len(text) > 9:
         raise NodesError(f"{name} {value!r}: not a whole number (SLURM sets it; is the job's environment damaged?)")
     return int(text)
 

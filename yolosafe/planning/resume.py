@@ -20,7 +20,7 @@ from typing import Any
 from yolosafe import gpus
 from yolosafe.planning import allocator, checkpoint, gpuselect, inputs, recovered, validate
 from yolosafe.planning import trainplan as plan
-from yolosafe.planning.trainoptions import TrainOptions, check_hangs, check_watch
+from yolosafe.planning.trainoptions import TrainOptions, check_hangs, check_ranges, check_watch
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.rundir.layout import RunDir
@@ -177,6 +177,7 @@ def prepare(where: RunDir | Path, given: dict[str, Any], dry_run: bool, nnodes: 
     check_hangs(options.replace(**applied))
     validate.check_options(options.replace(**applied, project=str(run_dir.parent), name=run_dir.name))
     p, simulated = _plan(story, given, nnodes)
+    check_ranges(options.replace(**applied), p.per_gpu_batch)
     try:
         env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))
     except allocator.AllocConfError as exc:
@@ -217,6 +218,9 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
     planned = _next(story)
     chosen = tuple(summary.get("gpus", ()))
     simulated = bool(story.simulated_on_cpu)
+    if given.get("batch") == "auto":
+        raise validate.InputError(f"--resume with --batch auto: a resume keeps the run's batch (the last attempt's "
+                                  f"{last.batch or summary.get('batch')}); give a number, or leave --batch out")
     try:
         if given.get("gpus") is not None:
             inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))

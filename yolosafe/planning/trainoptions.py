@@ -127,3 +127,24 @@ def check_hangs(options: TrainOptions) -> None:
                          "hang watch off")
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
         raise InputError(f"--max-hang-restarts {restarts!r}: give a whole number >= 0")
+
+
+IMGSZ_MAX = 16384  # pixels a side: one 16384x16384 image is 3 GiB as a float tensor; past it nothing trains
+COUNT_MAX = 1 << 24  # batches, epochs, retries: a number past this is a typo (10**30 overflows a C integer)
+
+
+def check_ranges(options: TrainOptions, per_gpu_batch: int | None = None) -> None:
+    """The upper bounds of yolosafe's whole-number options (their lower bounds and types: ``validate.check_options``),
+    and ``--min-batch`` within the per-GPU batch it may never be halved below, before a run directory exists."""
+    for key in ("batch", "effective_batch", "val_batch", "imgsz", "epochs", "max_retries", "min_batch"):
+        value = getattr(options, key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue  # "auto", or a wrong type: said by the type checks
+        limit = IMGSZ_MAX if key == "imgsz" else COUNT_MAX
+        if value > limit:
+            shown = str(value) if len(str(value)) <= 20 else f"{str(value)[:12]}... ({len(str(value))} digits)"
+            raise InputError(f"--{key.replace('_', '-')} {shown}: at most {limit}")
+    min_batch = options.min_batch
+    if per_gpu_batch is not None and isinstance(min_batch, int) and min_batch > per_gpu_batch:
+        raise InputError(f"--min-batch {min_batch}: more than the per-GPU batch {per_gpu_batch}, which it is a floor "
+                         f"of; give at most {per_gpu_batch}")

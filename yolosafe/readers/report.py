@@ -120,9 +120,15 @@ def load(run: RunDir) -> pd.DataFrame:
         samples = pd.read_csv(path, on_bad_lines="skip")
     except pd.errors.EmptyDataError:
         samples = pd.DataFrame()
+    except (UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:  # binary, or not a table
+        raise NoMemoryData(f"{path.name} is not the memory watch's table ({type(exc).__name__})") from None
     if not samples.empty:  # a last line cut short by a killed supervisor has missing fields: drop it
-        samples = samples.dropna(subset=["t", "attempt", "gpu", "used_mib"])
-        samples = samples.astype({"t": float, "attempt": "int64", "gpu": "int64"})
+        try:
+            samples = samples.dropna(subset=["t", "attempt", "gpu", "used_mib"])
+            samples = samples.astype({"t": float, "attempt": "int64", "gpu": "int64"})
+        except (KeyError, ValueError, TypeError) as exc:  # columns missing or not numbers
+            raise NoMemoryData(f"{path.name} is not the memory watch's table ({type(exc).__name__}: "
+                               f"{str(exc)[:120]})") from None
         samples = samples.drop(columns=["phase", "epoch"], errors="ignore")  # joined again below, from all events
     if samples.empty:
         raise NoMemoryData(f"{path.name} has no samples: the worker ended before the first one")

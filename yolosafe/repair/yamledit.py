@@ -147,7 +147,9 @@ def backup(path: Path) -> Path:
 
 def replace_atomically(path: Path, data: bytes, check: Callable[[Path], None] | None = None) -> None:
     """Write a temporary file beside ``path`` with its mode, ``check`` it (it raises to stop), rename it over
-    ``path``. The temporary file never outlives the call."""
+    ``path``. The temporary file never outlives the call. A symlink is followed: the file it points to is replaced,
+    the link stays (a dotfile manager's ``~/.bashrc -> dotfiles/bashrc``)."""
+    path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)

@@ -96,7 +96,7 @@ def node_ranks(run_dir: Path) -> list[int]:
     found = {0}
     for path in run_dir.glob(f"{stem}-node*.{suffix}"):
         digits = path.stem.rpartition("-node")[2]
-        if digits.isdigit():
+        if (digits.isascii() and digits.isdecimal()):
             found.add(int(digits))
     return sorted(found)
 

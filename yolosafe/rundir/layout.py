@@ -54,7 +54,7 @@ class RunDir:
         found = []
         for path in self.copies(files.LOCK):
             digits = "0" if path.name == files.LOCK else path.name.rpartition("-node")[2]
-            if digits.isdigit() and path.is_file():
+            if (digits.isascii() and digits.isdecimal()) and path.is_file():
                 found.append(self.on_node(int(digits)))
         return found
 

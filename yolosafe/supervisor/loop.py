@@ -21,7 +21,7 @@ from types import FrameType
 
 from yolosafe.exits import Exit
 from yolosafe.planning.trainplan import TrainPlan
-from yolosafe.proc import AttemptResult
+from yolosafe.proc import AttemptResult, stop_signals
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.rundir.layout import RunDir
@@ -53,8 +53,8 @@ class Limits:
 
 @dataclass
 class Stops:
-    """SIGINT and SIGTERM between attempts (during one, the child runner has its own handler): a stop, one line and
-    a resumable story, never a silent death. While the loop records how an attempt ended and what runs next
+    """SIGINT, SIGTERM and SIGHUP between attempts (during one, the child runner has its own handler): a stop, one
+    line and a resumable story, never a silent death. While the loop records how an attempt ended and what runs next
     (``held``), a stop waits until that record is saved."""
 
     held: bool = False
@@ -70,7 +70,7 @@ class Stops:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self.handle) for s in stop_signals()}
         try:
             yield
         finally:
