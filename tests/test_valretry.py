@@ -1,6 +1,6 @@
 """A validation OOM recovered in place: the rank that runs out of memory inside its validation loop halves its own
-validation batch and validates its shard again, inside the running training; and no epoch is trained twice when a
-relaunch is still needed. Drills with real CPU ranks (fake GPUs over gloo) and the real torch.OutOfMemoryError raised
+forward batch and validates its own shard again, inside the running training, with the uninterrupted run's result;
+and no epoch is trained twice when a relaunch is still needed. Drills with real CPU ranks (fake GPUs over gloo) and the real torch.OutOfMemoryError raised
 inside the real Ultralytics validation loop."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import TINY, run_dir_of, story
 from tests.contexts import run_context
@@ -109,6 +111,74 @@ def test_a_wrong_val_oom_is_one_line_before_anything_starts(run_cli, tmp_path):
         result = run_cli("train", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "sometimes" in result.stderr and "in-place" in result.stderr and not (tmp_path / "runs").exists()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 8), st.integers(1, 64), st.data())
+def test_every_image_is_validated_once_whatever_ranks_halve(images, ranks, batch, data):
+    """Ultralytics' own shards (the installed ContiguousDistributedSampler, cut as build_dataloader cuts them from
+    the dataset's batch), each rank cut into forward passes at its own number of halvings: every image once."""
+    from ultralytics.data.build import ContiguousDistributedSampler
+
+    class Dataset:  # what the sampler reads of a YOLODataset: its length and the batch it was built for
+        batch_size = batch
+
+        def __len__(self) -> int:
+            return images
+
+    halvings = data.draw(st.lists(st.integers(0, 7), min_size=ranks, max_size=ranks))
+    loader_batch = min(batch, images)  # build_dataloader's
+    seen = []
+    for rank, halved in enumerate(halvings):
+        shard = list(ContiguousDistributedSampler(Dataset(), num_replicas=ranks, rank=rank))
+        forward = max(loader_batch >> halved, 1) if halved else None
+        passes = valretry.shard_batches(shard, loader_batch, forward)
+        assert all(0 < len(p) <= (forward or loader_batch) for p in passes)
+        assert sum(passes, []) == shard  # the rank's own shard, in its order, whatever it halved to
+        seen += shard
+    assert sorted(seen) == list(range(images))
+
+
+@pytest.mark.parametrize("model", ["yolov8n.yaml", "yolov8n-seg.yaml", "yolov8n-cls.yaml", "yolo26n.yaml",
+                                   "yolov8n-pose.yaml", "yolov8n-obb.yaml"])
+def test_a_split_forward_pass_gives_the_whole_batchs_output(model):
+    """The real network of every task, 5 images: in pieces of 2 (the layers before the head), the head once on the
+    joined features: the whole batch's output, every tensor of it; and the class's forward again after."""
+    import torch
+    from ultralytics import YOLO
+
+    network = YOLO(model).model.eval()
+    x = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def flat(out):
+        if isinstance(out, torch.Tensor):
+            return [out]
+        values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+        return [t for v in values for t in flat(v)]
+
+    with torch.inference_mode():
+        whole = flat(network(x))
+        restore = valretry.split_forward(network, 2)
+        split = flat(network(x))
+        restore()
+    assert "forward" not in vars(network)
+    assert [t.shape for t in split] == [t.shape for t in whole] and len(whole) > 1
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(split, whole, strict=True))
+
+
+def test_the_network_is_found_inside_autobackend_and_pieces_join_only_batch_first():
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.nn.autobackend import AutoBackend
+
+    network = YOLO("yolov8n.yaml").model
+    assert valretry.network_of(AutoBackend(model=network, device=torch.device("cpu"), verbose=False)) is network
+    assert valretry.network_of(network) is network and valretry.network_of(torch.nn.Linear(1, 1)) is None
+    shared = torch.zeros(3)
+    joined = valretry.join_pieces([[torch.ones(2, 1), shared, None], [torch.ones(1, 1), shared, None]], [2, 1])
+    assert joined[0].shape == (3, 1) and joined[1] is shared and joined[2] is None
+    with pytest.raises(valretry._CannotJoin):
+        valretry.join_pieces([torch.ones(4, 2), torch.ones(4, 1)], [2, 1])
 
 
 # -- drills: real trainings -------------------------------------------------------------------------------------------

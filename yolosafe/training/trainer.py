@@ -49,14 +49,12 @@ class LauncherWorldSize(_InContext):
 class ValidationBatch(_InContext):
     """``get_dataloader(mode="val")``: ``--val-batch`` really sets the validation batch. Ultralytics builds the
     validation loader with twice the per-GPU train batch, and the final validation of best.pt reuses that loader;
-    this is the one place both come from. After a validation OOM recovered in place, the batch that worked
-    (``val_batch_in_place``, :mod:`yolosafe.training.valretry`)."""
-
-    val_batch_in_place: int | None = None
+    this is the one place both come from (a validation OOM recovered in place keeps this loader, and its shards:
+    :mod:`yolosafe.training.valretry`)."""
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
         if mode == "val":
-            batch_size = self.val_batch_in_place or self.run_context.spec.val_batch
+            batch_size = self.run_context.spec.val_batch
         return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
 
 
