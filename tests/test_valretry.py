@@ -1,11 +1,12 @@
 """A validation OOM recovered in place: the rank that runs out of memory inside its validation loop halves its own
 forward batch and validates its own shard again, inside the running training, with the uninterrupted run's result;
-and no epoch is trained twice when a relaunch is still needed. Drills with real CPU ranks (fake GPUs over gloo) and the real torch.OutOfMemoryError raised
-inside the real Ultralytics validation loop."""
+and no epoch is trained twice when a relaunch is still needed. Drills with real CPU ranks (fake GPUs over gloo) and
+the real torch.OutOfMemoryError raised inside the real Ultralytics validation loop."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -134,8 +135,9 @@ def test_every_image_is_validated_once_whatever_ranks_halve(images, ranks, batch
         forward = max(loader_batch >> halved, 1) if halved else None
         passes = valretry.shard_batches(shard, loader_batch, forward)
         assert all(0 < len(p) <= (forward or loader_batch) for p in passes)
-        assert sum(passes, []) == shard  # the rank's own shard, in its order, whatever it halved to
-        seen += shard
+        validated = [i for p in passes for i in p]
+        assert validated == shard  # the rank's own shard, in its order, whatever it halved to
+        seen += validated
     assert sorted(seen) == list(range(images))
 
 
@@ -250,23 +252,70 @@ def test_a_relaunch_after_a_middle_epochs_validation_validates_it_and_trains_on(
     assert second[:3] == [("val_start", "val", 1), ("val_end", "val", 1), ("train_start", "train", 2)]
 
 
+def epoch_row(run: Path) -> dict[str, str]:
+    """results.csv's first epoch: its metrics, validation losses and training losses."""
+    header, row = (line.split(",") for line in (run / "results.csv").read_text().strip().splitlines()[:2])
+    return {k: v for k, v in zip(header, row, strict=True) if k.startswith(("metrics/", "val/", "train/"))}
+
+
 @pytest.mark.slow
-def test_one_process_retry_gives_the_metrics_of_the_smaller_batch_from_the_start(run_cli, tmp_path):
-    """One process: validation at 8 fails on its first batch and runs again at 4; a run validated at 4 from the
-    start (same seed) has the same validation metrics and losses."""
+def test_one_process_retry_gives_the_uninterrupted_runs_metrics(run_cli, tmp_path):
+    """One process: validation at 8 fails on its first batch and runs again with forward passes of 4; the run
+    without the OOM (same seed, same val batch) has the same results.csv row."""
     retried = run_cli("train", "--epochs", "1", "--name", "retried", *TINY, "--val-batch", "8",
                       env={"YOLOSAFE_INJECT_OOM": "phase=val,epoch=0,iteration=0"})
     assert retried.returncode == 0, retried.stderr[-3000:]
-    plain = run_cli("train", "--epochs", "1", "--name", "plain", *TINY, "--val-batch", "4")
+    plain = run_cli("train", "--epochs", "1", "--name", "plain", *TINY, "--val-batch", "8")
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert "OOM in validation at epoch 1/1: val batch 8 -> 4, validated again in place" in retried.stdout
     rows = {}
     for name in ("retried", "plain"):
-        run = run_dir_of(tmp_path, name)
-        finished(run, 1)
-        header, row = (line.split(",") for line in (run / "results.csv").read_text().strip().splitlines()[:2])
-        rows[name] = {k: v for k, v in zip(header, row, strict=True) if k.startswith(("metrics/", "val/", "train/"))}
+        finished(run_dir_of(tmp_path, name), 1)
+        rows[name] = epoch_row(run_dir_of(tmp_path, name))
     assert any(k.startswith("metrics/") for k in rows["plain"]) and rows["retried"] == rows["plain"]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 square validation images: at val batch 4 on 2 ranks, Ultralytics' shards are 8 and 2 images."""
+    from yolosafe.planning import datasets
+
+    return datasets.ensure_shapes(tmp_path_factory.mktemp("uneven"), train=8, val=10, size=64)
+
+
+@pytest.fixture(scope="module")
+def uneven_baseline(uneven: Path, tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
+    """The 2-rank run without an OOM that each drill on the uneven set compares with (one for all of them)."""
+    import subprocess
+
+    from tests.conftest import YOLOSAFE, cli_env
+
+    cwd = tmp_path_factory.mktemp("uneven-baseline")
+    done = subprocess.run([YOLOSAFE, "train", *UNEVEN, "--data", str(uneven)], cwd=cwd, env=cli_env(shared_cache, TWO),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir_of(cwd)
+
+
+UNEVEN = ["--gpus", "0,1", "--epochs", "1", *TINY, "--val-batch", "4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank, iteration", [(1, 0), (0, 1)])
+def test_an_in_place_retry_on_either_rank_leaves_the_epochs_results_as_without_it(run_cli, tmp_path, uneven,
+                                                                                    uneven_baseline, rank, iteration):
+    """2 ranks, 10 validation images at val batch 4 (shards of 8 and 2): an OOM on rank 1's only batch, or on rank
+    0's second one, is recovered in place, and the epoch's results.csv row (metrics, validation and training losses)
+    and the final validation's metrics are those of the run without it; the validator counted all 10 images."""
+    result = run_cli("train", *UNEVEN, "--data", str(uneven),
+                     env={**TWO, "YOLOSAFE_INJECT_OOM": f"phase=val,epoch=0,rank={rank},iteration={iteration}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    finished(run, 1)
+    assert f"on rank {rank}, GPU {rank}: val batch 4 -> 2 on that rank, validated again in place" in result.stdout
+    assert epoch_row(run) == epoch_row(uneven_baseline) and any(k.startswith("val/") for k in epoch_row(run))
+    assert story(run)["final_metrics"] == story(uneven_baseline)["final_metrics"]
+    assert re.search(r"^\s*all\s+10\s", result.stdout + result.stderr, re.M), result.stdout[-3000:]
 
 
 # -- the GPU check's figures, without a GPU ----------------------------------------------------------------------------
