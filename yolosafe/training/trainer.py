@@ -133,14 +133,19 @@ def _fsync(path: Path) -> None:
 
 
 class ResumeNbs:
-    """``check_resume``: Ultralytics resumes with the checkpoint's ``nbs``; a resume with another
-    ``--effective-batch`` passes its own, which must win."""
+    """``check_resume``: Ultralytics resumes with the checkpoint's ``nbs`` and ``weight_decay``; a retry at half the
+    batch passes the ones that keep the first attempt's step and weight decay
+    (:meth:`yolosafe.planning.trainplan.TrainPlan.ultralytics_args`), a resume with another ``--effective-batch``
+    its own: they must win."""
+
+    OWN = ("nbs", "weight_decay")
 
     def check_resume(self, overrides: dict[str, Any]) -> None:
-        nbs = overrides.get("nbs")
-        super().check_resume({k: v for k, v in overrides.items() if k != "nbs"})
-        if self.resume and nbs is not None:
-            self.args.nbs = nbs
+        own = {k: overrides[k] for k in self.OWN if overrides.get(k) is not None}
+        super().check_resume({k: v for k, v in overrides.items() if k not in self.OWN})
+        if self.resume:
+            for key, value in own.items():
+                setattr(self.args, key, value)
 
 
 class EpochPeakMetrics(_InContext):
