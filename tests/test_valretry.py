@@ -183,6 +183,42 @@ def test_the_network_is_found_inside_autobackend_and_pieces_join_only_batch_firs
         valretry.join_pieces([torch.ones(4, 2), torch.ones(4, 1)], [2, 1])
 
 
+USER_VAL_ARGS = {"classes": [0, 2], "max_det": 50, "iou": 0.6, "conf": 0.01, "single_cls": True, "split": "test",
+                 "save_json": True, "agnostic_nms": True}
+
+
+def test_a_relaunched_final_validation_is_the_trainers_own(tmp_path, monkeypatch):
+    """The validation of best.pt relaunched alone: Ultralytics' model.val with the user's validation arguments, the
+    trainer's precision (FP16 on a GPU with AMP) and yolosafe's halved validation batch, on the first GPU."""
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.engine.model import Model
+
+    from yolosafe.rundir import runspec
+    from yolosafe.training import worker
+
+    kwargs = {"data": "d.yaml", "imgsz": 64, "device": "0,1", "project": str(tmp_path.parent), "name": tmp_path.name,
+              "epochs": 3, "batch": 16, "nbs": 64, "rect": False, "model": "yolov8n.yaml", **USER_VAL_ARGS}
+    context = run_context(tmp_path, mode=runspec.FINAL_VAL, val_batch=2, train_kwargs=kwargs)
+    context.run.best_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    YOLO("yolov8n.yaml").save(context.run.best_checkpoint)
+    calls = []
+    monkeypatch.setattr(Model, "val", lambda self, **kw: calls.append(kw) or {"metrics/mAP50(B)": 0.5})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    worker.final_validation(context)
+    [call] = calls
+    assert {k: call[k] for k in USER_VAL_ARGS} == USER_VAL_ARGS and (call["data"], call["imgsz"]) == ("d.yaml", 64)
+    assert (call["quantize"], call["batch"], call["device"], call["plots"], call["compile"]) == (16, 2, "0", False,
+                                                                                                 False)
+    assert "rect" not in call and "model" not in call  # the validation loader is rectangular, as in training
+    assert json.loads(context.run.final_metrics.read_text()) == {"metrics/mAP50(B)": 0.5}
+    for amp, cuda in ((False, True), ("fp32", True), (True, False)):
+        plain = run_context(tmp_path / f"{amp}{cuda}", train_kwargs={**kwargs, "amp": amp})
+        assert worker.final_validation_args(plain, cuda)["quantize"] is None  # FP32, as the trainer validated
+    assert worker.final_validation_args(run_context(tmp_path / "bf16", train_kwargs={**kwargs, "amp": "bf16"}),
+                                        True)["quantize"] == 16
+
+
 # -- drills: real trainings -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
