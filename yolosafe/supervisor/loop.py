@@ -195,7 +195,7 @@ class AttemptLoop:
             batch=plan.batch,
             per_gpu_batch=plan.per_gpu_batch,
             val_batch=plan.val_batch,
-            nbs=plan.effective_batch,
+            nbs=plan.ultralytics_args()["nbs"],
             accumulate=plan.accumulate,
             resumed_from=str(request.resume) if request.resume else None,
         )

@@ -47,7 +47,7 @@ def start_lines(plan: TrainPlan, env: dict[str, str], simulated: bool) -> list[s
     return [
         where,
         f"effective batch {plan.real_effective_batch} = batch {plan.batch} x accumulate {plan.accumulate} "
-        f"(nbs {plan.effective_batch})",
+        f"(nbs {plan.ultralytics_args()['nbs']})",
         f"validation batch {plan.val_batch}{' per GPU' if plan.gpus else ''}",
         f"allocator {allocator.ENV_VARS[0]}={env.get(allocator.ENV_VARS[0], '')}",
     ]

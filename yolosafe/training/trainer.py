@@ -49,14 +49,12 @@ class LauncherWorldSize(_InContext):
 class ValidationBatch(_InContext):
     """``get_dataloader(mode="val")``: ``--val-batch`` really sets the validation batch. Ultralytics builds the
     validation loader with twice the per-GPU train batch, and the final validation of best.pt reuses that loader;
-    this is the one place both come from. After a validation OOM recovered in place, the batch that worked
-    (``val_batch_in_place``, :mod:`yolosafe.training.valretry`)."""
-
-    val_batch_in_place: int | None = None
+    this is the one place both come from (a validation OOM recovered in place keeps this loader, and its shards:
+    :mod:`yolosafe.training.valretry`)."""
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
         if mode == "val":
-            batch_size = self.val_batch_in_place or self.run_context.spec.val_batch
+            batch_size = self.run_context.spec.val_batch
         return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
 
 
@@ -157,14 +155,19 @@ def _fsync(path: Path) -> None:
 
 
 class ResumeNbs:
-    """``check_resume``: Ultralytics resumes with the checkpoint's ``nbs``; a resume with another
-    ``--effective-batch`` passes its own, which must win."""
+    """``check_resume``: Ultralytics resumes with the checkpoint's ``nbs`` and ``weight_decay``; a retry at half the
+    batch passes the ones that keep the first attempt's step and weight decay
+    (:meth:`yolosafe.planning.trainplan.TrainPlan.ultralytics_args`), a resume with another ``--effective-batch``
+    its own: they must win."""
+
+    OWN = ("nbs", "weight_decay")
 
     def check_resume(self, overrides: dict[str, Any]) -> None:
-        nbs = overrides.get("nbs")
-        super().check_resume({k: v for k, v in overrides.items() if k != "nbs"})
-        if self.resume and nbs is not None:
-            self.args.nbs = nbs
+        own = {k: overrides[k] for k in self.OWN if overrides.get(k) is not None}
+        super().check_resume({k: v for k, v in overrides.items() if k not in self.OWN})
+        if self.resume:
+            for key, value in own.items():
+                setattr(self.args, key, value)
 
 
 class EpochPeakMetrics(_InContext):

@@ -119,25 +119,48 @@ def train(context: RunContext) -> None:
         _save_metrics(context.run, metrics)
 
 
+# What the trainer's validator gets that the training's arguments do not say, or say otherwise: the validation set's
+# loader is rectangular (``build_dataset(mode="val")``, and ``YOLO.val``'s own default), final_eval turns compile off,
+# and yolosafe's own batch, device and run folder.
+NOT_FOR_VALIDATION = frozenset({"rect", "compile", "resume", "model", "batch", "device", "project", "name", "exist_ok",
+                                "plots", "save_dir", "mode"})
+
+
+def final_validation_args(context: RunContext, cuda: bool) -> dict[str, Any]:
+    """``model.val()``'s arguments for the validation of best.pt alone: what the trainer's validator had (the
+    user's training arguments: ``classes``, ``max_det``, ``iou``, ``conf``, ``single_cls``, ``split`` ...) and its
+    precision: ``BaseValidator`` validates in FP16 on a GPU when the trainer used AMP (``quantize=16``), which
+    ``final_eval`` keeps for best.pt."""
+    kwargs = context.spec.train_kwargs
+    amp = kwargs.get("amp", True) not in {False, "fp32"}
+    return {
+        **{k: v for k, v in kwargs.items() if k not in NOT_FOR_VALIDATION},
+        "batch": context.spec.val_batch,
+        "device": str(kwargs["device"]).split(",")[0],
+        "project": kwargs["project"],
+        "name": kwargs["name"],
+        "exist_ok": True,
+        "plots": False,
+        "compile": False,
+        "quantize": 16 if cuda and amp else None,
+    }
+
+
 def final_validation(context: RunContext) -> None:
-    """Validate best.pt once more, alone on one device with a smaller batch: training itself is finished."""
-    run, kwargs = context.run, context.spec.train_kwargs
+    """Validate best.pt once more, alone on one device with a smaller batch, as the trainer's validator would have
+    (:func:`final_validation_args`): training itself is finished."""
+    import torch
+
+    run = context.run
     best = run.best_checkpoint
     model = _load(str(best if best.is_file() else run.last_checkpoint))
     rundir.write_json(run.worker(context.attempt), _observed(context, None))
     context.progress.final = True
     install_callbacks(model, context)
+    device = str(context.spec.train_kwargs["device"]).split(",")[0]
+    cuda = device not in {"cpu", "mps"} and torch.cuda.is_available()
     try:
-        metrics = model.val(
-            data=kwargs["data"],
-            imgsz=kwargs["imgsz"],
-            batch=context.spec.val_batch,
-            device=kwargs["device"].split(",")[0],
-            project=kwargs["project"],
-            name=kwargs["name"],
-            exist_ok=True,
-            plots=False,
-        )
+        metrics = model.val(**final_validation_args(context, cuda))
     except BaseException as exc:
         failurerecord.write_failure(context, exc, None, getattr(model, "device", None))
         raise
