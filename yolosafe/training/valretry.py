@@ -165,7 +165,7 @@ def network_of(model: Any) -> Any:
     return None
 
 
-class _HeadReached(Exception):
+class _HeadReached(YolosafeError):
     """Raised by the head's pre-hook: the head's inputs for one piece of the batch (control flow, never seen)."""
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -173,7 +173,7 @@ class _HeadReached(Exception):
         self.inputs = (args, kwargs)
 
 
-class _CannotJoin(Exception):
+class _CannotJoin(YolosafeError):
     """The pieces' head inputs are not batch-first tensors (or shared values): the batch runs whole."""
 
 
