@@ -159,7 +159,9 @@ def _check_child(pid: int) -> int | None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_stop_during_the_input_check_ends_its_child_in_one_line(tmp_path, shared_cache, signum):
     """Started as a script's ``cmd &`` starts it (SIGINT ignored): the stop still lands, in one line, exit 130."""
-    proc = drills.start(tmp_path, shared_cache, "train", *FAST, ignore_sigint=True)
+    # A verdict cache of its own: the check's child must run (a kept verdict answers without one).
+    proc = drills.start(tmp_path, shared_cache, "train", *FAST, env={"YOLOSAFE_CACHE": str(tmp_path / "cache")},
+                        ignore_sigint=True)
     found: list[int] = []
     wait_until(lambda: bool(found.append(_check_child(proc.pid)) or found[-1]), proc, "the input check", 120)
     proc.send_signal(signum)

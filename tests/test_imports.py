@@ -23,7 +23,8 @@ def test_python_dash_m_yolosafe_is_the_cli():
 
 def test_every_exception_class_of_the_package_is_a_yolosafe_error():
     """One vocabulary: whatever yolosafe raises on purpose, ``except YolosafeError`` catches (classes found by reading
-    every module's source, so a module not imported elsewhere counts too)."""
+    every module's source, so a module not imported elsewhere counts too). A stop is no error: ``proc.Stopped``
+    (SIGTERM, SIGHUP) is a ``KeyboardInterrupt``, as Ctrl-C is, and is caught where Ctrl-C is."""
     import ast
     import importlib
     from pathlib import Path
@@ -39,6 +40,7 @@ def test_every_exception_class_of_the_package_is_a_yolosafe_error():
             if not isinstance(node, ast.ClassDef) or not node.bases:
                 continue
             cls = getattr(importlib.import_module(module), node.name)
-            if isinstance(cls, type) and issubclass(cls, BaseException) and not issubclass(cls, YolosafeError):
+            if isinstance(cls, type) and issubclass(cls, BaseException) and not issubclass(
+                    cls, (YolosafeError, KeyboardInterrupt)):
                 outside.append(f"{module}.{node.name}")
     assert outside == []

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from yolosafe import bench
-from yolosafe.errors import YolosafeError
 from yolosafe.exits import Exit
 
 PARENT_ENV = "YOLOSAFE_PARENT_PID"  # the pid a started process must have as its parent (set by whoever starts it)
@@ -33,7 +32,7 @@ STOP_GRACE_S = 8.0  # after a Ctrl-C, the tree gets this long to end on its own 
 PARENT_POLL_S = 0.25
 
 
-class Stopped(YolosafeError, KeyboardInterrupt):
+class Stopped(KeyboardInterrupt):
     """A stop by SIGTERM or SIGHUP (a closed terminal), raised where Python raises ``KeyboardInterrupt`` for
     Ctrl-C: whatever catches a Ctrl-C (the check's child ended, one line, exit 130) catches these too."""
 
