@@ -16,6 +16,7 @@ from tests.conftest import TINY, run_dir_of, story
 from yolosafe import gpus
 from yolosafe.rundir import records
 
+OFFLINE = Path(__file__).parent / "offline"  # its sitecustomize refuses (and logs) every use of the network
 # Two fake GPUs as a container sees them: NVML's pids are the host's, none a process here (the ranks' phase memory
 # is listed under such pids too).
 CONTAINER = json.dumps({"host_pids": True, "gpus": [{"total_mib": 24576, "phase_mib": {"train": 3000, "val": 4000}}
@@ -26,14 +27,21 @@ CONTAINER = json.dumps({"host_pids": True, "gpus": [{"total_mib": 24576, "phase_
 def test_the_retry_loop_recovers_each_real_oom_form_on_two_ranks_in_a_container(run_cli, tmp_path):
     """Rank 1 raises each real exception type with its real text in turn (CUDA's own, NCCL's, cuDNN's out of memory),
     one per attempt; each attempt is an OOM, the batch halves and the fourth completes. The run's memory is listed
-    under host pids: the split between this run and others is unknown, never "others"."""
+    under host pids: the split between this run and others is unknown, never "others". The machine is offline
+    (tests/offline/sitecustomize.py in every process): rank 0 of each attempt reaches the AMP check as on a GPU, and
+    no process of the run ever looks up a host or connects beyond the loopback."""
     forms = {"accelerator": "AcceleratorError", "nccl": "DistBackendError", "cudnn": "RuntimeError"}
+    netlog = tmp_path / "network.log"
     env = {"YOLOSAFE_FAKE_GPUS": CONTAINER,
-           "YOLOSAFE_INJECT_OOM": f"phase=train,epoch=0,rank=1,times=3,error={'+'.join(forms)}"}
+           "YOLOSAFE_INJECT_OOM": f"phase=train,epoch=0,rank=1,times=3,error={'+'.join(forms)}",
+           "PYTHONPATH": os.pathsep.join([str(OFFLINE), os.environ.get("PYTHONPATH", "")]),
+           "YOLOSAFE_TEST_NETLOG": str(netlog)}
     result = run_cli("train", "--gpus", "0,1", "--epochs", "1", "--watch-interval", "0.02", *TINY, "--batch", "16",
                      env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
+    assert not netlog.exists(), netlog.read_text()[:3000]
+    assert (run / "train.log").read_text().count("checks skipped: offline") == 4  # rank 0, each attempt
     s = story(run)
     *ooms, last = s["attempts"]
     assert [(a["outcome"], a["phase"], a["rank"], a["gpu"]) for a in ooms] == [("oom", "train", 1, 1)] * 3

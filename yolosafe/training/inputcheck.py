@@ -6,7 +6,8 @@ map), the arguments go through ``get_cfg`` (unknown keys, ``check_cfg``'s types)
 trainer's own ``get_dataset`` (``check_det_dataset`` / ``check_cls_dataset``: a Roboflow export, a ``path:`` root,
 image lists, an ImageFolder, Ultralytics' datasets dir), the images through ``BaseDataset.get_img_files``, the
 optimizer through ``build_optimizer`` and the run directory's parent through ``get_save_dir``. Nothing is downloaded
-unless the request says ``download``: then the dataset and the weights are fetched here, once, before any rank starts.
+unless the request says ``download``: then the dataset and the weights (the model's, and the one Ultralytics' AMP check
+loads) are fetched here, once, before any rank starts.
 
 The result file holds ``{"error": LINE}`` or what the caller needs (the task, the project folder, the number of
 training images, the dataset's figures for the memory model, notes). It runs in its own process so that torch,
@@ -23,6 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from yolosafe.errors import UsageError
+from yolosafe.training import offline
 
 TRAINABLE_SUFFIXES = (".pt", ".yaml", ".yml")  # what Ultralytics' Model.train accepts (_check_is_pytorch_model)
 
@@ -182,6 +184,19 @@ def check_optimizer(trainer: Any, args: Any) -> None:
         pass
 
 
+def amp_check_weights(request: dict[str, Any], args: Any, notes: list[str]) -> None:
+    """With ``download``: the weights Ultralytics' AMP check loads on rank 0 of a GPU training, fetched here, once,
+    so no attempt downloads them (:mod:`yolosafe.training.offline`). A failed fetch is a note: offline, the check is
+    skipped as Ultralytics skips it."""
+    if not request.get("download") or not offline.amp_wanted(args.amp):
+        return
+    try:
+        offline.fetch_amp_weights()
+    except Exception as exc:
+        notes.append(f"AMP: {offline.AMP_WEIGHTS} could not be fetched ({one_line(exc)}); the AMP check is skipped "
+                     "as Ultralytics skips it offline")
+
+
 def project_dir(request: dict[str, Any], task: str) -> dict[str, Any]:
     """The folder Ultralytics puts this task's runs in (``runs/<task>``, its ``runs_dir`` setting, ``project=``), and
     how it came from what was asked, for a kept verdict (``planning.checkcache``) to give another directory or
@@ -244,6 +259,7 @@ def check(request: dict[str, Any]) -> dict[str, Any]:
         files = image_files(data, args, task)
         images, figures = (len(files["train"]) if files else None), dataset_figures(files)
         check_optimizer(trainer, args)
+    amp_check_weights(request, args, notes)
     return {"task": task, **project_dir(request, task), "train_images": images, "dataset": figures, "notes": notes,
             "reads": reads(request, data, files)}
 
@@ -253,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.pop("PYTEST_CURRENT_TEST", None)  # Ultralytics answers for the user's command, not a test runner's
     request = json.loads(Path(request_path).read_text())
     try:
-        result = check(request)
+        with offline.no_probes(lambda: bool(request.get("download"))):  # the network only when --download asks
+            result = check(request)
     except Refused as exc:
         result = {"error": str(exc)}
     Path(result_path).write_text(json.dumps(result))

@@ -17,10 +17,11 @@ from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.model import YOLO
 
 from yolosafe import bench, gpus
-from yolosafe.training import callbacks, heartbeat, peakmetrics, valretry
+from yolosafe.training import callbacks, heartbeat, offline, peakmetrics, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 from yolosafe.training.fake import cpuranks
+from yolosafe.training.scoped import replaced
 
 # Ultralytics' trainer of each task it trains (detect, segment, pose, obb, classify, semantic, depth, ...): its own
 # task map, which YOLO.task_map builds without reading the instance.
@@ -251,8 +252,24 @@ class ValidateFirst(_InContext):
             valretry.finish(self)
 
 
-MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, HangPoints, FailureRecord,
-          ValidateFirst, AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
+class AmpCheckOffline:
+    """``_setup_train``: the AMP check rank 0 runs there never waits on the network of an offline machine
+    (:mod:`yolosafe.training.offline`): Ultralytics' ``check_amp`` when its weights are on disk or Ultralytics says
+    it is online, else its own offline answer without the download. :meth:`amp_check` is what ``_setup_train`` calls
+    (the fake GPUs' CPU ranks answer as a GPU decides: :class:`yolosafe.training.fake.cpuranks.AmpCheckAsOnAGpu`)."""
+
+    def _setup_train(self) -> None:
+        from ultralytics.engine import trainer as engine
+
+        with replaced(engine, "check_amp", self.amp_check):
+            super()._setup_train()  # type: ignore[misc]
+
+    def amp_check(self, model: Any) -> bool:
+        return offline.check_amp(model)
+
+
+MIXINS = (LauncherWorldSize, AmpCheckOffline, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, HangPoints,
+          FailureRecord, ValidateFirst, AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
 
 
 def trainer_class(task: str, context: RunContext, base: type[BaseTrainer] | None = None) -> type[BaseTrainer]:
@@ -266,4 +283,6 @@ def trainer_class(task: str, context: RunContext, base: type[BaseTrainer] | None
     if cpu_ranks and gpus.blocking_collectives(os.environ):  # inside the failure record: a waiting peer writes none
         base = cpuranks.blocking(base)
     trainer = type(f"Safe{base.__name__}", (*MIXINS, base), {"run_context": context})
+    if context.spec.fake_gpus:
+        trainer = cpuranks.amp_as_on_a_gpu(trainer)
     return cpuranks.on_cpu(trainer) if cpu_ranks else trainer

@@ -32,7 +32,7 @@ from yolosafe.planning import allocator
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import results, runspec
 from yolosafe.rundir.layout import RunDir
-from yolosafe.training import callbacks, heartbeat
+from yolosafe.training import callbacks, heartbeat, offline
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import Rank, RunContext
 from yolosafe.training.fake import phases as fakephase
@@ -183,10 +183,11 @@ def run(spec_path: Path, rank: Rank) -> None:
     and do what the run spec asks."""
     context = RunContext.load(spec_path, rank)
     heartbeat.beat(context, "setup")  # from here on the supervisor's hang watch sees this process
-    if context.spec.mode == runspec.FINAL_VAL:
-        final_validation(context)
-    else:
-        train(context)
+    with offline.no_probes():  # an offline machine's attempt never waits on the network (training.offline)
+        if context.spec.mode == runspec.FINAL_VAL:
+            final_validation(context)
+        else:
+            train(context)
     heartbeat.beat(context, "done")
 
 

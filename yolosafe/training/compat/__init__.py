@@ -108,6 +108,15 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("final_val_current_device", "the validation of a DDP rank builds AutoBackend on the current device "
                "of its backend (the CPU ranks answer device 0 and build it on the CPU)",
                "ultralytics.engine.validator.BaseValidator.__call__", checks.check_final_val_device),
+    Assumption("amp_check_weights", "rank 0's _setup_train calls the module's check_amp(self.model) unless amp is "
+               "off or bf16; check_amp returns False on a CPU at once, else loads WEIGHTS_DIR / 'yolo26n.pt' with "
+               "YOLO() (downloading it when missing) and answers True when that fails with a ConnectionError "
+               "(training.offline gives that answer offline without the download)",
+               "ultralytics.utils.checks.check_amp, BaseTrainer._setup_train", checks.check_amp_weights),
+    Assumption("font_check_probe", "check_font (in check_det_dataset and the plots) looks in Ultralytics' config "
+               "folder, then asks downloads.is_url(url, check=True), a requests.head that answers False offline, "
+               "before it downloads (training.offline.no_probes answers that False offline without the request)",
+               "ultralytics.utils.checks.check_font, ultralytics.utils.downloads.is_url", checks.check_font_probe),
 )
 
 

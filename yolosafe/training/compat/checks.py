@@ -252,3 +252,30 @@ def check_final_val_device() -> None:  # what cpuranks' final_eval replaces on t
               "== -1 else torch.device(device_type, get_torch_device_backend(device_type).current_device())")
     require(callable(getattr(validator, "get_torch_device_backend", None)) and callable(validator.AutoBackend),
              "ultralytics.engine.validator no longer imports get_torch_device_backend and AutoBackend")
+
+
+def check_amp_weights() -> None:  # what training.offline decides before Ultralytics' check_amp would download
+    from ultralytics.engine import trainer
+    from ultralytics.utils import checks
+
+    from yolosafe.training import offline
+
+    in_order(checks.check_amp, 'if device.type in {"cpu", "mps"}: return False',
+             f'amp_weights = WEIGHTS_DIR / "{offline.AMP_WEIGHTS}"', "amp_allclose(YOLO(amp_weights), im)",
+             "except ConnectionError:", "return True")
+    in_order(base_trainer()._setup_train, 'self.amp = self.args.amp not in {False, "fp32"}',
+             'if self.amp and self.args.amp != "bf16" and RANK in {-1, 0}:',
+             "self.amp = torch.tensor(check_amp(self.model), device=self.device)")
+    require(trainer.check_amp is checks.check_amp, "ultralytics.engine.trainer no longer imports check_amp by name")
+
+
+def check_font_probe() -> None:  # what training.offline.no_probes answers offline without the request
+    from ultralytics.data import utils as data_utils
+    from ultralytics.utils import checks, downloads
+
+    in_order(checks.check_font, "file = USER_CONFIG_DIR / name", "if file.exists(): return file",
+             "if downloads.is_url(url, check=True): downloads.safe_download(url=url, file=file)")
+    in_order(downloads.is_url, "if check:", "requests.head(url", "except Exception: return False")
+    in_order(data_utils.check_det_dataset, "check_font(")
+    require(list(inspect.signature(downloads.is_url).parameters) == ["url", "check"],
+            f"is_url{inspect.signature(downloads.is_url)}")

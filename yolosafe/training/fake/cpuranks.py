@@ -17,6 +17,9 @@ With a layout's ``"collectives": "blocking"`` one more change, inside yolosafe's
 wait in their collective until torchrun, seeing the failed rank, SIGTERMs them (torch's ``PContext.close``). Gloo's
 peers instead fail at once ("Connection closed by peer") and write failure records of their own. A blocking rank
 whose collective fails that way waits instead, writing nothing, until it is torn down as a NCCL rank would be.
+
+With fake GPUs in every process, one fake GPU or many (:func:`amp_as_on_a_gpu`): the AMP check of ``_setup_train``
+decides as on a GPU (:class:`AmpCheckAsOnAGpu`, :mod:`yolosafe.training.offline`), and trains as the CPU does.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from yolosafe.training import offline
+from yolosafe.training.scoped import replaced
 
 if TYPE_CHECKING:
     from yolosafe.training.context import RunContext
@@ -76,17 +81,6 @@ def _cpu_ddp() -> type:
     return CpuDistributedDataParallel
 
 
-@contextlib.contextmanager
-def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
-    """``owner.name`` is ``value`` for the duration (this process only: every rank is a process of its own)."""
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
 class CpuRankMixin:
     """Changes 2-4 of the module docstring, for a yolosafe trainer running as a CPU rank."""
 
@@ -103,7 +97,7 @@ class CpuRankMixin:
     def _setup_train(self) -> None:
         import torch.nn.parallel
 
-        with _replaced(torch.nn.parallel, "DistributedDataParallel", _cpu_ddp()):
+        with replaced(torch.nn.parallel, "DistributedDataParallel", _cpu_ddp()):
             super()._setup_train()
 
     def final_eval(self) -> None:
@@ -113,8 +107,8 @@ class CpuRankMixin:
         # The validator computes torch.device("cuda", <backend>.current_device()) before it builds AutoBackend: give
         # it an index without asking CUDA, then build AutoBackend on the CPU.
         original = validator.AutoBackend
-        with (_replaced(validator, "get_torch_device_backend", lambda _type: _NoCuda),
-              _replaced(validator, "AutoBackend", lambda **kw: original(**{**kw, "device": torch.device("cpu")}))):
+        with (replaced(validator, "get_torch_device_backend", lambda _type: _NoCuda),
+              replaced(validator, "AutoBackend", lambda **kw: original(**{**kw, "device": torch.device("cpu")}))):
             super().final_eval()
 
 
@@ -124,6 +118,33 @@ class _NoCuda:
     @staticmethod
     def current_device() -> int:
         return 0
+
+
+class AmpCheckAsOnAGpu:
+    """``amp_check`` (:class:`yolosafe.training.trainer.AmpCheckOffline`), with fake GPUs in every process (one fake
+    GPU or many): the AMP check decides as on a GPU, where Ultralytics' ``check_amp`` would load its weights (and,
+    offline without them, download them), so a test that blocks sockets in the ranks sees what a GPU rank does. The
+    answer is the CPU's, as Ultralytics' own check gives it on a CPU: no AMP (autocast and the gradient scaler stay
+    off, the training is the CPU's)."""
+
+    def amp_check(self, model: Any) -> bool:
+        offline.check_amp(model, accelerator=True, ultralytics_check=_amp_weights_loaded)
+        return False
+
+
+def _amp_weights_loaded(model: Any) -> bool:
+    """What Ultralytics' ``check_amp`` does on a GPU before it compares FP32 with AMP: load its weights with
+    ``YOLO(...)`` (which downloads them when they are missing); a ``ConnectionError`` is its offline branch."""
+    from ultralytics import YOLO
+
+    with contextlib.suppress(ConnectionError):
+        YOLO(offline.amp_weights())
+    return False
+
+
+def amp_as_on_a_gpu(trainer_class: type) -> type:
+    """``trainer_class`` with :class:`AmpCheckAsOnAGpu` in front of it."""
+    return type(f"Fake{trainer_class.__name__}", (AmpCheckAsOnAGpu, trainer_class), {})
 
 
 def on_cpu(trainer_class: type) -> type:
