@@ -283,3 +283,24 @@ def test_under_blocking_collectives_a_rank_1_failure_is_rank_1s_oom_or_not(run_c
     said = "\n".join(line for line in result.stderr.splitlines() if line.startswith("yolosafe"))
     assert "killed by SIGTERM" not in said and "rank 1" in said, said
     assert "CUDNN_STATUS_INTERNAL_ERROR" in said, said
+
+
+def test_torchrun_stops_the_survivors_of_a_failed_rank_after_its_own_30_s_not_the_shutdown_timeout():
+    """After a rank fails (no restarts left) torch's agent stops the others with ``_stop_workers`` →
+    ``_shutdown()`` at its default SIGTERM-to-SIGKILL wait, 30 s; ``--shutdown-timeout`` (yolosafe's 5 s) is only
+    passed when the launcher is signalled and at its exit. A NCCL peer that ignores SIGTERM lives 30 s more."""
+    import inspect
+
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    from yolosafe.supervisor import launchcmd
+
+    assert inspect.signature(LocalElasticAgent._shutdown).parameters["timeout"].default == 30
+    stop = " ".join(inspect.getsource(LocalElasticAgent._stop_workers).split())
+    assert stop.endswith("self._shutdown()")
+    invoke = " ".join(inspect.getsource(SimpleElasticAgent._invoke_run).split())
+    assert "else: self._stop_workers(self._worker_group) self._worker_group.state = WorkerState.FAILED" in invoke
+    run = " ".join(inspect.getsource(SimpleElasticAgent.run).split())
+    assert run.count("timeout=self._shutdown_timeout") == 2 and "except SignalException" in run
+    assert launchcmd.SHUTDOWN_TIMEOUT_S < 30

@@ -26,7 +26,10 @@ from pathlib import Path
 from yolosafe.planning.nodes import Nodes, for_attempt, torchrun_flags
 
 WORKER = "yolosafe.training.worker"  # the module every rank runs, with the run spec's path as its one argument
-SHUTDOWN_TIMEOUT_S = 5  # torchrun's SIGTERM-to-SIGKILL wait for the surviving ranks after one failed (default 30)
+# torchrun's SIGTERM-to-SIGKILL wait for its ranks when the launcher itself is stopped (SIGTERM, SIGINT) and at its
+# exit (default 30). Not after a rank fails: the agent then stops the surviving ranks with its own default, 30 s
+# (LocalElasticAgent._stop_workers calls _shutdown() without this timeout; tests/test_gpu_truths.py reads it).
+SHUTDOWN_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
