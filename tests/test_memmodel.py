@@ -63,6 +63,30 @@ def test_a_prediction_is_fixed_plus_per_image_times_batch_with_explicit_terms():
     assert "scaled from 640 to 1280" in at_1280.sources["required_mib"]["activations"]
 
 
+@pytest.mark.parametrize(("names", "env", "nvls"), [
+    (["NVIDIA H100 80GB HBM3"] * 8, {}, True),  # HGX H100: SXM parts on NVSwitch
+    (["NVIDIA H200", "NVIDIA H200"], {}, True),
+    (["NVIDIA B200"] * 4, {"NCCL_NVLS_ENABLE": "0"}, False),  # turned off
+    (["NVIDIA H100 PCIe"] * 2, {}, False),
+    (["NVIDIA H100 NVL"] * 2, {}, False),  # bridged pairs, no NVSwitch
+    (["NVIDIA A100-SXM4-80GB"] * 8, {}, False),  # NVSwitch without NVLink SHARP
+    (["NVIDIA H100 80GB HBM3", "NVIDIA L4"], {}, False),
+])
+def test_the_plans_nccl_term_follows_the_interconnect(names, env, nvls):
+    """DDP's NCCL buffers per rank: the NCCL default over PCIe or NVLink, about 1 GiB more where NCCL uses NVLink
+    SHARP (NVSwitch nodes of Hopper and later GPUs), an estimate that says where it comes from; one GPU has none."""
+    assert planner.nvls_node(names, env) is nvls
+    if not env:  # the planner's set-up of these GPUs (its own environment: NCCL_NVLS_ENABLE unset here)
+        assert planner.setup_of(OPTIONS, len(names), gpu_names=names).nvls is nvls
+        assert not planner.setup_of(OPTIONS, 1, gpu_names=names[:1]).nvls
+    terms = memtable.table_terms("yolov8n.pt")
+    p = memmodel.predict(terms, memmodel.Setup(world_size=len(names), nvls=nvls), "train", 8)
+    assert p.outside_mib == memmodel.NCCL_MIB + (memmodel.NVLS_MIB if nvls else 0)
+    said = p.sources["required_mib"]["nccl"]
+    assert said.startswith(f"{p.outside_mib:.0f} MiB per rank") and ("estimate" in said and "NVLS" in said) is nvls
+    assert memmodel.predict(terms, memmodel.Setup(nvls=nvls), "train", 8).outside_mib == 0
+
+
 def test_largest_batch_is_the_edge_of_the_budget():
     terms, setup = memtable.table_terms("yolo11s"), memmodel.Setup()
     budget = 20_000

@@ -33,6 +33,14 @@ TABLE_IMGSZ = 640
 # Terms that are not measured by the fake pass, each with where it comes from (docs/memory-model.md):
 CONTEXT_MIB = 500.0  # CUDA context + cuDNN/cuBLAS workspaces, outside the caching allocator: 0.3-0.6 GiB (assumption)
 NCCL_MIB = 300.0  # NCCL's buffers per rank in DDP, outside the caching allocator (assumption, NCCL defaults)
+# NVLink SHARP (NVLS): on NVSwitch nodes of Hopper and later GPUs NCCL enables it by default (NCCL_NVLS_ENABLE), and
+# its buffers take about 1 GiB more per rank (estimate: NVIDIA/nccl#864 reports ~1.6 GB per communicator after one
+# all-reduce; NVIDIA/NeMo-Framework-Launcher#127 and NVIDIA/JAX-Toolbox#383 turn NVLS off to save that memory).
+NVLS_MIB = 1024.0
+NCCL_SOURCES = MappingProxyType({
+    False: "assumption, NCCL's defaults over PCIe or NVLink without NVLS",
+    True: f"estimate: {NCCL_MIB:.0f} MiB plus NVLS buffers of about {NVLS_MIB / 1024:.0f} GiB on an NVSwitch node of "
+          "Hopper or later GPUs (NVIDIA/nccl#864; NCCL_NVLS_ENABLE=0 turns NVLS off)"})
 ALLOCATOR_STEADY = 1.04  # memory_reserved / allocated in steady epochs: the median, 1.041, of the public steady
 # GPU_mem figures over this model's allocation (tests/data/memory_points.yaml); 0.98-1.05 on Ultralytics 8.3
 FRAGMENTATION = MappingProxyType({True: 0.01, False: 0.02})  # what the allocator cannot return under pressure, as a
@@ -117,6 +125,7 @@ class Setup:
     val_objects_per_image: float | None = None  # the busiest validation image (default: as training)
     objects_source: str = f"assumption: {OBJECTS_PER_IMAGE} (no labels read)"
     expandable_segments: bool = True  # yolosafe's allocator default
+    nvls: bool = False  # DDP over NVSwitch with NVLink SHARP (planner.nvls_node): NCCL's buffers are larger
     reserved_ratio: float = ALLOCATOR_STEADY  # memory_reserved / allocated in steady epochs
     fragmentation: float | None = None  # default: FRAGMENTATION[expandable_segments]
     era: str = ""  # where reserved_ratio / fragmentation come from when not the supported Ultralytics
@@ -224,9 +233,17 @@ def _sources(terms: Terms, t: Terms, setup: Setup, phase: str, held: str, calibr
         "required_mib": {**allocated, "fragmentation": f"+{setup.fragmentation_share:.0%} of the allocation{era}, "
                          f"expandable_segments {'on' if setup.expandable_segments else 'off'} (assumption)",
                          "context": f"{CONTEXT_MIB:.0f} MiB CUDA context and workspaces (assumption)",
-                         "nccl": f"{NCCL_MIB:.0f} MiB per rank (assumption)" if setup.world_size > 1 else "none",
+                         "nccl": f"{nccl_mib(setup):.0f} MiB per rank ({NCCL_SOURCES[setup.nvls]})"
+                                 if setup.world_size > 1 else "none",
                          "calibration": calibration_source},
     }
+
+
+def nccl_mib(setup: Setup) -> float:
+    """NCCL's memory per rank outside the caching allocator: none on one GPU; more with NVLS."""
+    if setup.world_size <= 1:
+        return 0.0
+    return NCCL_MIB + (NVLS_MIB if setup.nvls else 0.0)
 
 
 def predict(terms: Terms, setup: Setup, phase: str, batch: int, calibration: float = 1.0,
@@ -235,7 +252,7 @@ def predict(terms: Terms, setup: Setup, phase: str, batch: int, calibration: flo
     t = terms.at(setup.imgsz)
     state = terms.params * state_bytes_per_param(setup, phase) / MIB
     fixed, per_image, held = _per_image(t, setup, phase)
-    outside = NCCL_MIB if setup.world_size > 1 else 0.0
+    outside = nccl_mib(setup)
     return Prediction(phase, batch, state + fixed, per_image, setup.reserved_ratio, setup.fragmentation_share,
                       CONTEXT_MIB, outside, calibration,
                       _sources(terms, t, setup, phase, held, calibration_source))

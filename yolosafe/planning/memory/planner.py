@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +51,24 @@ def expandable_segments(options: TrainOptions) -> bool:
     return "expandable_segments:false" not in conf.lower()
 
 
-def setup_of(options: TrainOptions, world_size: int, imgsz: int | None = None) -> memmodel.Setup:
+# GPUs that sit on NVSwitch boards with NVLink SHARP (Hopper and later SXM parts, as NVML names them); their PCIe and
+# NVL (bridged pairs) versions have no NVSwitch.
+NVLS_GPU = re.compile(r"\b(?:H100|H200|H800|H20|GH200|B100|B200|B300|GB200|GB300)\b(?!.*\b(?:PCIe|NVL)\b)", re.I)
+
+
+def nvls_node(gpu_names: Sequence[str], env: Mapping[str, str]) -> bool:
+    """Whether NCCL would use NVLS between these GPUs: all of them NVSwitch parts, and NCCL_NVLS_ENABLE not 0."""
+    return (bool(gpu_names) and all(NVLS_GPU.search(name) for name in gpu_names)
+            and env.get("NCCL_NVLS_ENABLE", "").strip() != "0")
+
+
+def setup_of(options: TrainOptions, world_size: int, imgsz: int | None = None,
+             gpu_names: Sequence[str] = ()) -> memmodel.Setup:
     args = plan.parse_passthrough(options.args or [])
     setup = memmodel.Setup(imgsz=int(imgsz or options.imgsz), amp=bool(args.get("amp", True)),
                            optimizer=str(args.get("optimizer", "auto")), world_size=world_size,
-                           expandable_segments=expandable_segments(options))
+                           expandable_segments=expandable_segments(options),
+                           nvls=world_size > 1 and nvls_node(gpu_names, os.environ))
     return objects.apply(setup, options.dataset_figures)  # the dataset's own labels, as Ultralytics lists them
 
 
@@ -213,7 +228,7 @@ def resolve_auto(options: TrainOptions, inventory: gpus.Inventory,
             raise plan.PlanError("--batch auto needs GPUs (the memory model plans GPU memory); give --batch N on CPU")
         chosen_gpus = [g for g in inventory.gpus if g.index in selected]
         terms = model_terms(options.model)
-        setup = setup_of(options, len(selected))
+        setup = setup_of(options, len(selected), gpu_names=[g.name for g in chosen_gpus])
         per_gpu, why = auto_batch(terms, setup, chosen_gpus, entry["memory_fraction"], options.val_batch,
                                   history_file)
         if options.effective_batch and per_gpu * len(selected) > int(options.effective_batch):
@@ -242,8 +257,8 @@ def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: TrainOpti
         terms = model_terms(p.model, allow_fake_pass)
     except memmodel.UnknownModel:
         return None
-    setup = setup_of(options, p.world_size, p.imgsz)
     chosen = [g for g in inventory.gpus if g.index in p.gpus]
+    setup = setup_of(options, p.world_size, p.imgsz, [g.name for g in chosen])
     per_gpu = [gpu_memory(terms, setup, g, p.per_gpu_batch, p.val_batch, history_file) for g in chosen]
     worst = max(per_gpu, key=lambda m: m.required_mib, default=None)
     reference = worst or GpuMemory(gpus.GPU(-1, None, None, None, None, None),
