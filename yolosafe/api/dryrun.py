@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
-
-import click
 
 from yolosafe.planning import allocator, nodes
 from yolosafe.planning import trainplan as plan
@@ -47,8 +46,9 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("train kwargs", json.dumps(p.train_kwargs() | {"device": device}, sort_keys=True)),
         ("child command", f"{prefix} {shlex.join(command)}"),
     ]
-    click.echo("yolosafe train --dry-run")
+    print("yolosafe train --dry-run")
     for label, value in lines:
-        click.echo(f"  {label:<16} {value}")
+        print(f"  {label:<16} {value}")
     for note in plan.plan_warnings(p):
-        click.echo(f"  note: {note}")
+        print(f"  note: {note}")
+    sys.stdout.flush()

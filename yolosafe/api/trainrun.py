@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import click
 
 from yolosafe import __version__, gpus, hang, oom
 from yolosafe.api import dryrun
@@ -272,7 +271,7 @@ def print_memory_table(run: RunDir) -> None:
     terminal.say(f"memory per GPU (NVML peaks; {run.memory_summary.name}, "
                  f"{run.memory_plot.name} in the run directory):")
     for line in report.table(summary):
-        click.echo(f"  {line}", err=True)
+        print(f"  {line}", file=sys.stderr, flush=True)
 
 
 def next_run_name(project: Path, name: str) -> Path:

@@ -9,12 +9,9 @@ node and ends in one line and exit status 2 when something is wrong; no torch is
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import click
 
 from yolosafe.planning import nodes, validate
 from yolosafe.planning.trainoptions import TrainOptions
@@ -27,21 +24,7 @@ from yolosafe.supervisor.terminal import say
 if TYPE_CHECKING:
     from yolosafe.supervisor.multinode.agree import MultiNode
 
-OPTIONS = (
-    click.option("--nnodes", type=int, help="Machines in the run; run yolosafe train on each. Default 1 (SLURM: its)."),
-    click.option("--node-rank", type=int, help="This machine: 0..nnodes-1; node 0 holds rank 0 and the rendezvous."),
-    click.option("--rdzv-endpoint", help="HOST:PORT of node 0 (the same on every node); attempts use PORT, PORT+1..."),
-    click.option("--rdzv-id", help="The job's id; names the run directory NAME-ID on every node. SLURM: the job id."),
-    click.option("--rdzv-timeout", type=int, help="Seconds a node waits for the others to join. Default 300."),
-)
 NODE_KEYS = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_timeout")
-
-
-def node_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The multi-node options of ``train`` (and so of ``plan``, which takes train's options)."""
-    for option in reversed(OPTIONS):
-        command = option(command)
-    return command
 
 
 def resolve(params: dict[str, Any]) -> nodes.Nodes:
