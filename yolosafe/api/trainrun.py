@@ -187,7 +187,7 @@ def claim_run_dir(opts: TrainOptions, where: nodes.Nodes, p: plan.TrainPlan, dry
     if where.multi:
         return multicli.claim(project, opts, opts.named, where, p, dry_run)
     if dry_run:
-        return next_run_name(project, opts.name)
+        return rundir.next_run_dir(project, opts.name)
     try:
         return rundir.claim_new_run_dir(project, opts.name, refuse_live=opts.named)
     except rundir.RunLocked as exc:
@@ -272,11 +272,3 @@ def print_memory_table(run: RunDir) -> None:
                  f"{run.memory_plot.name} in the run directory):")
     for line in report.table(summary):
         print(f"  {line}", file=sys.stderr, flush=True)
-
-
-def next_run_name(project: Path, name: str) -> Path:
-    """Where ``new_run_dir`` would put the run, without creating it (for the dry run)."""
-    n = 1
-    while (project / (name if n == 1 else f"{name}{n}")).exists():
-        n += 1
-    return project / (name if n == 1 else f"{name}{n}")
