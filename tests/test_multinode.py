@@ -135,7 +135,7 @@ def test_a_node_stops_its_own_ranks_when_another_nodes_attempt_failed(tmp_path, 
 
     monkeypatch.setattr(agree, "PEER_GRACE_S", 0.5)
     said: list[str] = []
-    multi = agree.MultiNode(tmp_path, nodes.Nodes(2, 0, "127.0.0.1:29500"), (0, 1), said.append, "s")
+    multi = agree.MultiNode(RunDir(tmp_path), nodes.Nodes(2, 0, "127.0.0.1:29500"), (0, 1), said.append, "s")
     ranks = subprocess.Popen(["sleep", "60"])
     try:
         rundir.write_json(rundir.node_end_path(tmp_path, 1, 1), {"node": 1, "exit_code": 0})

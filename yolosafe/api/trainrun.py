@@ -157,15 +157,15 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
     if dry_run:
-        dryrun.print_dry_run(p, env, run_dir, simulated, where=where)
+        dryrun.print_dry_run(p, env, run, simulated, where=where)
         return Ended(Exit.OK, run, dry_run=True)
     with released_on_error(run):
-        story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
+        story = new_story(run, p, env, opts, inventory, simulated, auto)
         story.nodes = where.summary() if where.multi else None
         for note in planner.warnings(story.memory_plan):
             terminal.say(f"warning: {note}")
         terminal.say(f"run directory {run_dir}")
-        code = run_supervised(run_dir, p, env, opts, simulated, story, where=where)
+        code = run_supervised(run, p, env, opts, simulated, story, where=where)
         return Ended(code, run)
 
 
@@ -197,12 +197,12 @@ def claim_run_dir(opts: TrainOptions, where: nodes.Nodes, p: plan.TrainPlan, dry
                          f"({exc.strerror or exc})") from None
 
 
-def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: TrainOptions,
+def new_story(run: RunDir, p: plan.TrainPlan, env: Mapping[str, str], opts: TrainOptions,
               inventory: gpus.Inventory, simulated: bool, auto: dict[str, Any] | None) -> records.Story:
     """``yolosafe.json`` as a run starts: the plan, its GPUs, the versions, the options that shape its attempts."""
     return records.Story.new(
         yolosafe=__version__,
-        run_dir=str(run_dir),
+        run_dir=str(run.path),
         plan=p.summary(),
         allocator={k: env[k] for k in allocator.ENV_VARS},
         versions={**supervise.versions(), "driver": inventory.driver, "cuda_driver": inventory.cuda},
@@ -215,43 +215,43 @@ def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Tr
     )
 
 
-def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
-    """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
-    r = resume.prepare(RunDir(run_dir, where.node_rank), given, dry_run, where.nnodes)
+def resume_run(path: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
+    """``--resume RUN_DIR`` (``path``, as given): the run where it is now, opened once for this node; the last
+    attempt's plan with the GPUs and batches given."""
+    r = resume.prepare(RunDir(path, where.node_rank), given, dry_run, where.nnodes)
     attempt = len(r.story.attempts) + 1
     for note in r.notes:  # after every check: the run is there, and resumes
         terminal.say(f"note: {note}")
     if dry_run:
-        dryrun.print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
+        dryrun.print_dry_run(r.plan, r.env, r.run, r.simulated, r.last, attempt, where)
         return Ended(Exit.OK, r.run, dry_run=True)
     with released_on_error(r.run):
         if where.multi:  # every node resumes the same attempt of the same run
-            multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
+            multicli.rejoin(r.run, where, r.plan, attempt, r.story)
         resume.record(r, given)
         terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}")
-        code = run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
+        code = run_supervised(r.run, r.plan, r.env, r.options, r.simulated, r.story,
                               resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
                               final_val_only=r.final_val_only)
         return Ended(code, r.run)
 
 
-def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: TrainOptions,
+def run_supervised(run: RunDir, p: plan.TrainPlan, env: dict[str, str], opts: TrainOptions,
                    simulated: bool, story: records.Story, resume_from: Path | None = None,
                    where: nodes.Nodes | None = None, final_val_only: bool = False) -> Exit:
     """The attempts, then the memory table, the history line and where the weights are."""
-    run = RunDir(run_dir, where.node_rank if where else 0)
     if simulated:  # the watch's fake NVML backend follows the phases the ranks write there (docs/fake-gpus.md)
         env = {**env, gpus.PHASE_FILE_ENV: str(run.fake_phase)}
     for line in terminal.start_lines(p, env, simulated):
         terminal.say(line)
-    run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run_dir, where, p))
-    supervisor = supervise.Supervisor(run_dir, run_options, story)
+    run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run, where, p))
+    supervisor = supervise.Supervisor(run, run_options, story)
     code = supervisor.run(p, resume=resume_from, final_val_only=final_val_only)
     if supervisor.watch is not None:
         print_memory_table(run)
         if run.node == 0:  # predicted vs measured peaks: the next plan learns from this machine (node 0's, over nodes)
-            history.record(run_dir, story.to_dict())
-    terminal.say(f"run directory: {run_dir}")
+            history.record(run, story.to_dict())
+    terminal.say(f"run directory: {run.path}")
     for name, path in (story.weights or {}).items():
         terminal.say(f"{name} weights: {path}")
     return code

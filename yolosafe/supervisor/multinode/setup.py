@@ -73,26 +73,26 @@ def claim(project: Path, options: TrainOptions, named: bool, where: nodes.Nodes,
         raise validate.InputError(str(exc)) from None
 
 
-def rejoin(run_dir: Path, where: nodes.Nodes, p: TrainPlan, attempt: int, story: records.Story) -> None:
+def rejoin(run: RunDir, where: nodes.Nodes, p: TrainPlan, attempt: int, story: records.Story) -> None:
     """A resume over several nodes: node 0 announces the attempt the run goes on with, the others find it (their
     own story must be at the same attempt) and check their plan against it."""
     story.nodes = where.summary()
     try:
         if where.node_rank == 0:
-            cluster.announce(run_dir, where, p.summary(), attempt)
+            cluster.announce(run.path, where, p.summary(), attempt)
         else:
-            cluster.join(run_dir, where, p.summary(), attempt, say, lock=False)  # resume.prepare holds the lock
+            cluster.join(run.path, where, p.summary(), attempt, say, lock=False)  # resume.prepare holds the lock
     except cluster.ClusterError as exc:
         raise validate.InputError(str(exc)) from None
 
 
-def multinode(run_dir: Path, where: nodes.Nodes | None, p: TrainPlan) -> MultiNode | None:
+def multinode(run: RunDir, where: nodes.Nodes | None, p: TrainPlan) -> MultiNode | None:
     """The supervisor's handle on the other nodes; None on one machine."""
     if where is None or not where.multi:
         return None
     from yolosafe.supervisor.multinode.agree import MultiNode
-    session = (cluster.read(RunDir(run_dir).nodes_marker) or {}).get("session")
-    return MultiNode(run_dir, where, tuple(p.gpus), say, session)
+    session = (cluster.read(run.nodes_marker) or {}).get("session")
+    return MultiNode(run, where, tuple(p.gpus), say, session)
 
 
 def dry_run_lines(p: TrainPlan, where: nodes.Nodes) -> list[tuple[str, str]]:
