@@ -152,8 +152,7 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
         opts = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)
     p = p if opts.train_images is None else dataclasses.replace(p, train_images=opts.train_images)
     simulated = inventory.backend == "fake" and bool(p.gpus)
-    run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
-    run = RunDir(run_dir, where.node_rank)
+    run = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
     if dry_run:
@@ -164,7 +163,7 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
         story.nodes = where.summary() if where.multi else None
         for note in planner.warnings(story.memory_plan):
             terminal.say(f"warning: {note}")
-        terminal.say(f"run directory {run_dir}")
+        terminal.say(f"run directory {run.path}")
         code = run_supervised(run, p, env, opts, simulated, story, where=where)
         return Ended(code, run)
 
@@ -180,16 +179,16 @@ def released_on_error(run: RunDir) -> Iterator[None]:
         raise
 
 
-def claim_run_dir(opts: TrainOptions, where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> Path:
-    """The run's directory: on several nodes the same one everywhere, made by node 0; a new one, locked for this
-    process, on one machine; only its name for a dry run."""
+def claim_run_dir(opts: TrainOptions, where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> RunDir:
+    """The run's directory, made once here and passed down: on several nodes the same one everywhere, made by node 0;
+    a new one, locked for this process, on one machine; only its name for a dry run."""
     project = Path(opts.project)
     if where.multi:
         return multicli.claim(project, opts, opts.named, where, p, dry_run)
     if dry_run:
-        return rundir.next_run_dir(project, opts.name)
+        return RunDir(rundir.next_run_dir(project, opts.name))
     try:
-        return rundir.claim_new_run_dir(project, opts.name, refuse_live=opts.named)
+        return RunDir(rundir.claim_new_run_dir(project, opts.name, refuse_live=opts.named))
     except rundir.RunLocked as exc:
         raise InputError(f"--name {opts.name}: {exc}") from None
     except OSError as exc:  # /proc, a file system that refuses folders: nothing was created

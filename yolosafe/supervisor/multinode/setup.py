@@ -57,18 +57,19 @@ def check_plan(p: TrainPlan, where: nodes.Nodes) -> None:
 
 
 def claim(project: Path, options: TrainOptions, named: bool, where: nodes.Nodes, p: TrainPlan,
-          dry_run: bool) -> Path:
-    """The run directory, the same on every node: node 0 makes it, the others find it (a dry run only names it)."""
+          dry_run: bool) -> RunDir:
+    """The run directory, the same on every node, as this node names its files: node 0 makes it, the others find it
+    (a dry run only names it)."""
     try:
-        run_dir = project / nodes.run_name(str(options.name), named, where)
+        run = RunDir(project / nodes.run_name(str(options.name), named, where), where.node_rank)
         if dry_run:
-            return run_dir
+            return run
         if where.node_rank == 0:
-            return cluster.create(run_dir, where, p.summary())
-        if RunDir(run_dir, where.node_rank).story.exists():
-            raise cluster.ClusterError(f"{run_dir} already has node {where.node_rank}'s story: it is an earlier run; "
-                                       f"give another --name, or --resume {run_dir}")
-        return cluster.join(run_dir, where, p.summary(), 1, say)
+            return cluster.create(run, where, p.summary())
+        if run.story.exists():
+            raise cluster.ClusterError(f"{run.path} already has node {where.node_rank}'s story: it is an earlier run; "
+                                       f"give another --name, or --resume {run.path}")
+        return cluster.join(run, where, p.summary(), 1, say)
     except (nodes.NodesError, cluster.ClusterError) as exc:
         raise validate.InputError(str(exc)) from None
 
@@ -79,9 +80,9 @@ def rejoin(run: RunDir, where: nodes.Nodes, p: TrainPlan, attempt: int, story: r
     story.nodes = where.summary()
     try:
         if where.node_rank == 0:
-            cluster.announce(run.path, where, p.summary(), attempt)
+            cluster.announce(run, where, p.summary(), attempt)
         else:
-            cluster.join(run.path, where, p.summary(), attempt, say, lock=False)  # resume.prepare holds the lock
+            cluster.join(run, where, p.summary(), attempt, say, lock=False)  # resume.prepare holds the lock
     except cluster.ClusterError as exc:
         raise validate.InputError(str(exc)) from None
 
