@@ -95,3 +95,20 @@ def run_dir_of(tmp_path: Path, name: str = "train") -> Path:
 
 def story(run_dir: Path) -> dict:
     return json.loads((run_dir / "yolosafe.json").read_text())
+
+
+FAIL_IN_EPOCH_2 = {"YOLOSAFE_INJECT_OOM": "phase=train,epoch=1,error=runtime"}
+
+
+def failed_in_epoch_2(home: Path, shared_cache: Path, *args: str) -> Path:
+    """A 2-epoch run in ``home`` that failed (not an OOM) in epoch 2, so weights/last.pt holds epoch 1: its run
+    directory, once its end is checked (one line for the failure, the traceback in train.log only)."""
+    result = subprocess.run([YOLOSAFE, "train", "--epochs", "2", *TINY, *args], cwd=home, capture_output=True,
+                            text=True, env=cli_env(shared_cache, FAIL_IN_EPOCH_2), timeout=300)
+    assert result.returncode == 1, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if "training failed" in ln]
+    assert len(lines) == 1 and "RuntimeError: yolosafe injected" in lines[0] and "at epoch 2" in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    run = run_dir_of(home)
+    assert "Traceback" in (run / "train.log").read_text()
+    return run

@@ -3,6 +3,7 @@ asks for, in the style of accelerate's ``find_executable_batch_size`` tests. Mil
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,31 @@ def test_every_attempt_is_on_disk_with_its_plan_and_outcome(tmp_path):
     assert first.resumed_from == str(tmp_path / "weights" / "last-before-attempt1.pt")
     assert (tmp_path / "weights" / "last-before-attempt1.pt").read_bytes() == b"before"  # nothing lost
     assert saved.weights == {"last": str(tmp_path / "weights" / "last.pt")}
+
+
+HUNG = AttemptEnd(Outcome.HUNG, "train", epoch=1, rank=0, gpu=0)
+
+
+@pytest.mark.parametrize("ends", [
+    [OOM_TRAIN, OOM_VAL, DONE], [OOM_TRAIN] * 3, [OOM_TRAIN, KeyboardInterrupt()], [HUNG, DONE], [HUNG, HUNG],
+    [AttemptEnd(Outcome.KILLED, message="killed")], [AttemptEnd(Outcome.FAILED, message="boom")],
+    [AttemptEnd(Outcome.INTERRUPTED, message="SIGTERM")],
+])
+def test_the_run_moves_only_along_the_states_transitions_and_exits_with_its_last_states_status(tmp_path, ends):
+    """One state machine (``rundir.outcome``): every outcome the loop writes to ``yolosafe.json`` follows from the one
+    before it, and the exit status is the last state's."""
+    written: list[Outcome] = []
+
+    class Watched(AttemptLoop):
+        def save(self) -> None:
+            if not written or written[-1] != self.story.outcome:
+                written.append(self.story.outcome)
+            super().save()
+
+    loop = Watched(tmp_path, Story(), StubChild(tmp_path, ends), Limits(2, 1, max_hang_restarts=1), lambda: {},
+                   lambda _: None)
+    code = loop.run(plan4())
+    assert written[0] == Outcome.RUNNING
+    assert all(before.may_become(after) for before, after in itertools.pairwise(written)), written
+    assert code == Outcome(written[-1]).exit_status
+    assert all(a.outcome != Outcome.RUNNING for a in loop.story.attempts)

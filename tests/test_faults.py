@@ -16,11 +16,10 @@ import pytest
 import yaml
 
 from tests import drills
-from tests.conftest import TINY, YOLOSAFE, cli_env, run_dir_of, story
+from tests.conftest import TINY, YOLOSAFE, cli_env, failed_in_epoch_2, run_dir_of, story
 from tests.test_cli import assert_usage_error
 
 pytestmark = pytest.mark.slow
-FAIL_IN_EPOCH_2 = {"YOLOSAFE_INJECT_OOM": "phase=train,epoch=1,error=runtime"}
 FAST = [*TINY, "--imgsz", "32"]  # the last --imgsz wins
 
 
@@ -51,10 +50,7 @@ def slow_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def failed_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
     """A 2-epoch run that failed (not an OOM) in epoch 2: weights/last.pt holds epoch 1. Copied by each test."""
-    home = tmp_path_factory.mktemp("failed")
-    result = train(home, shared_cache, "--epochs", "2", *FAST, env=FAIL_IN_EPOCH_2)
-    assert result.returncode == 1, result.stderr
-    return run_dir_of(home)
+    return failed_in_epoch_2(tmp_path_factory.mktemp("failed"), shared_cache, "--imgsz", "32")
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:

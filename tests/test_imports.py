@@ -44,3 +44,29 @@ def test_every_exception_class_of_the_package_is_a_yolosafe_error():
                     cls, (YolosafeError, KeyboardInterrupt)):
                 outside.append(f"{module}.{node.name}")
     assert outside == []
+
+
+def test_the_design_states_the_import_rules_that_pyproject_enforces():
+    """docs/design.md's list of import rules is pyproject's: the layers in their order, every other contract by its
+    name; and the rules meant for every package but one ("torch only under training", "click only under cli") name
+    every other package as a source, so a new package is not left outside them."""
+    import re
+
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    design = " ".join((ROOT / "docs" / "design.md").read_text().split())
+    layers = next(c for c in contracts if c["type"] == "layers")["layers"]
+    stated = re.search(r"\*\*layers\*\*, top to bottom: (.*?)\. A module", design)
+    assert stated, "docs/design.md has no layers rule"
+    names = [layer.replace("yolosafe.", "") for layer in layers]
+    assert stated.group(1).replace("`", "").replace(" (independent)", "").split(" > ") == names
+    section = (ROOT / "docs" / "design.md").read_text().split("## The import rules", 1)[1].split("\n## ", 1)[0]
+    rules = re.findall(r"^- \*\*(.+?)\*\*", section, re.MULTILINE)
+    assert [c["name"] for c in contracts if c["type"] != "layers"] == [r for r in rules if r != "layers"]
+    every = {p.stem for p in (ROOT / "yolosafe").iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    every -= {"__init__", "__main__"}
+    only_in = {"torch and Ultralytics only on the training side": "training", "click only in the CLI": "cli"}
+    for name, only in only_in.items():
+        rule = next(c for c in contracts if c["name"] == name)
+        assert {m.removeprefix("yolosafe.") for m in rule["source_modules"]} == every - {only}, name

@@ -16,6 +16,7 @@ from yolosafe.planning.memory import history, hostram, objects, planner, valshap
 from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import table as memtable
 from yolosafe.planning.trainoptions import TrainOptions
+from yolosafe.rundir.layout import RunDir
 
 FAMILIES = [[f"yolov8{s}" for s in "nsmlx"], [f"yolo11{s}" for s in "nsmlx"]]
 OPTIONS = TrainOptions.of({"imgsz": 640, "args": [], "memory_fraction": 0.85})
@@ -173,12 +174,12 @@ def test_a_finished_run_is_appended_to_the_history(tmp_path):
     rundir.write_json(run / rundir.MEMORY_SUMMARY, {"gpus": {"2": {"phases": {
         "train": {"peak_ours_mib": 3000.0}, "val": {"peak_ours_mib": 1500.0}, "final": {"peak_ours_mib": 1700.0}}}}})
     path = tmp_path / "h.jsonl"
-    assert history.record(run, story, path) == 2
+    assert history.record(RunDir(run), story, path) == 2
     lines = history.read(path)
     assert [(x["phase"], x["measured_peak_mib"], x["gpu_name"]) for x in lines] == [
         ("train", 3000.0, "Fake GPU"), ("val", 1700.0, "Fake GPU")]
     assert lines[0]["torch"] == "2.x" and lines[0]["predicted_required_mib"] == train["required_mib"]
-    assert history.record(tmp_path / "missing", story, path) == 0  # never raises
+    assert history.record(RunDir(tmp_path / "missing"), story, path) == 0  # never raises
 
 
 def test_host_ram_cache_per_rank_and_workers():

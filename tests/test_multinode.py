@@ -135,7 +135,7 @@ def test_a_node_stops_its_own_ranks_when_another_nodes_attempt_failed(tmp_path, 
 
     monkeypatch.setattr(agree, "PEER_GRACE_S", 0.5)
     said: list[str] = []
-    multi = agree.MultiNode(tmp_path, nodes.Nodes(2, 0, "127.0.0.1:29500"), (0, 1), said.append, "s")
+    multi = agree.MultiNode(RunDir(tmp_path), nodes.Nodes(2, 0, "127.0.0.1:29500"), (0, 1), said.append, "s")
     ranks = subprocess.Popen(["sleep", "60"])
     try:
         rundir.write_json(rundir.node_end_path(tmp_path, 1, 1), {"node": 1, "exit_code": 0})
@@ -157,30 +157,31 @@ def test_a_node_that_never_sees_node_0s_marker_is_not_on_shared_storage(tmp_path
     said = []
     started = time.monotonic()
     with pytest.raises(cluster.ClusterError, match="storage every node shares"):
-        cluster.join(tmp_path / "run", where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
+        cluster.join(RunDir(tmp_path / "run", 1), where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
     assert time.monotonic() - started < 3 and "waiting for node 0's run directory" in said[0]
     run = tmp_path / "run"
-    cluster.create(run, nodes.Nodes(2, 0, "127.0.0.1:29500", None, "flags"), {"batch": 16, "gpus": [0, 1]})
+    cluster.create(RunDir(run), nodes.Nodes(2, 0, "127.0.0.1:29500", None, "flags"), {"batch": 16, "gpus": [0, 1]})
     with pytest.raises(cluster.ClusterError, match="no run directory from node 0"):  # a marker, but nobody alive
-        cluster.join(run, where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
+        cluster.join(RunDir(run, 1), where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
     beat = cluster.Heartbeat(RunDir(run.resolve(), 0), {"session": "earlier"})
     beat.start(state="joined")  # a heartbeat, but of another session than the marker's
     with pytest.raises(cluster.ClusterError, match="no run directory from node 0"):
-        cluster.join(run, where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
+        cluster.join(RunDir(run, 1), where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
     beat.stop(state="done")
     beat = cluster.Heartbeat(RunDir(run.resolve(), 0), {"session": cluster.read(run / rundir.NODES_MARKER)["session"]})
     beat.start(state="joined")  # node 0 alive: its heartbeat moves
     where = nodes.Nodes(2, 1, "127.0.0.1:29500", None, "flags", timeout=10)
     with pytest.raises(cluster.ClusterError, match=r"plan differs from node 0's: batch 32 \(node 0: 16\)"):
-        cluster.join(run, where, {"batch": 32, "gpus": [0, 1]}, 1, said.append)
+        cluster.join(RunDir(run, 1), where, {"batch": 32, "gpus": [0, 1]}, 1, said.append)
     with pytest.raises(cluster.ClusterError, match="node 0 goes on with attempt 1, node 1 with attempt 3"):
-        cluster.join(run, where, {"batch": 16, "gpus": [0, 1]}, 3, said.append)
-    assert cluster.join(run, where, {"batch": 16, "gpus": [0, 1]}, 1, said.append) == run.resolve()
+        cluster.join(RunDir(run, 1), where, {"batch": 16, "gpus": [0, 1]}, 3, said.append)
+    joined = cluster.join(RunDir(run, 1), where, {"batch": 16, "gpus": [0, 1]}, 1, said.append)
+    assert joined == RunDir(run.resolve(), 1)
     beat.stop(state="done")
     with pytest.raises(cluster.ClusterError, match="belongs to another multi-node run"):
-        cluster.join(run, nodes.Nodes(2, 1, "10.0.0.1:29500", None, "flags", timeout=1), {}, 1, said.append)
+        cluster.join(RunDir(run, 1), nodes.Nodes(2, 1, "10.0.0.1:29500", None, "flags", timeout=1), {}, 1, said.append)
     with pytest.raises(cluster.ClusterError, match="exists: a multi-node run starts in a new directory"):
-        cluster.create(run, nodes.Nodes(2, 0, "127.0.0.1:29500"), {})
+        cluster.create(RunDir(run), nodes.Nodes(2, 0, "127.0.0.1:29500"), {})
 
 
 def test_report_merges_every_node_each_with_its_own_gpus(tmp_path):

@@ -14,26 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, YOLOSAFE, cli_env, run_dir_of, story, wait_until
+from tests.conftest import TINY, YOLOSAFE, cli_env, failed_in_epoch_2, run_dir_of, story, wait_until
 from tests.test_cli import assert_usage_error
 
 pytestmark = pytest.mark.slow
-FAIL_IN_EPOCH_2 = {"YOLOSAFE_INJECT_OOM": "phase=train,epoch=1,error=runtime"}
 
 
 @pytest.fixture
 def failed_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
     """A 2-epoch run that failed (not an OOM) in epoch 2: weights/last.pt holds epoch 1."""
-    home = tmp_path_factory.mktemp("failed")
-    result = subprocess.run([YOLOSAFE, "train", "--epochs", "2", *TINY], cwd=home, capture_output=True, text=True,
-                            env=cli_env(shared_cache, FAIL_IN_EPOCH_2), timeout=300)
-    assert result.returncode == 1, result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if "training failed" in ln]
-    assert len(lines) == 1 and "RuntimeError: yolosafe injected" in lines[0] and "at epoch 2" in lines[0]
-    assert "Traceback" not in result.stdout + result.stderr  # the traceback is in train.log only
-    run = run_dir_of(home)
-    assert "Traceback" in (run / "train.log").read_text()
-    return run
+    return failed_in_epoch_2(tmp_path_factory.mktemp("failed"), shared_cache)
 
 
 def digest(run: Path) -> dict[str, str]:

@@ -17,6 +17,7 @@ from yolosafe.planning.options import DEFAULTS
 from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.proc import run_child
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Story
 from yolosafe.supervisor import watch
 from yolosafe.supervisor.child import RunOptions, Supervisor
@@ -133,7 +134,7 @@ def run_options(env: dict, **given) -> RunOptions:
 def test_watch_runs_while_the_worker_lives_and_stops_with_it(tmp_path):
     phase_file = tmp_path / rundir.FAKE_PHASE
     env = {**os.environ, gpus.FAKE_ENV: SPEC, gpus.PHASE_FILE_ENV: str(phase_file)}
-    supervisor = Supervisor(tmp_path, run_options(env, watch_interval=0.01), Story())
+    supervisor = Supervisor(RunDir(tmp_path), run_options(env, watch_interval=0.01), Story())
     child = ("import json, os, sys, time\n"
              "json.dump({'phase': 'train', 'pid': os.getpid()}, open(sys.argv[1], 'w'))\n"
              "time.sleep(1.0)\n")
@@ -147,7 +148,7 @@ def test_watch_runs_while_the_worker_lives_and_stops_with_it(tmp_path):
     assert supervisor.story.memory_watch["samples"] > 10
     assert any(r["gpu"] == "0" and r["ours_mib"] == "2000.0" for r in rows(tmp_path))  # the child, via its pid
 
-    off = Supervisor(tmp_path, run_options(env, watch_interval=0), Story())
+    off = Supervisor(RunDir(tmp_path), run_options(env, watch_interval=0), Story())
     with off.memory_watch(spec) as on_start:
         assert on_start is None and off.watch is None
 
@@ -158,5 +159,5 @@ def test_spec_carries_clear_before_val(tmp_path):
     plan = build_plan(model="yolov8n.yaml", data="d.yaml", gpus=(0, 1), batch=8, effective_batch=16, val_batch=None,
                       imgsz=64, epochs=1, extra={})
     for flag in (True, False):
-        spec = Supervisor(tmp_path, run_options({}, clear_before_val=flag), Story()).spec(plan, 1, None, False)
+        spec = Supervisor(RunDir(tmp_path), run_options({}, clear_before_val=flag), Story()).spec(plan, 1, None, False)
         assert spec.clear_before_val is flag

@@ -12,6 +12,7 @@ import signal
 from dataclasses import dataclass
 
 from yolosafe.errors import UsageError
+from yolosafe.injection import check_place
 
 INJECT_ENV = "YOLOSAFE_INJECT_HANG"
 # A real-time signal: SLURM and torch.distributed.run may use SIGUSR1/SIGUSR2 for their own ends, nobody uses this
@@ -81,13 +82,7 @@ def check_injections(text: str | None, world_size: int, epochs: int, nnodes: int
     """A usage error (:class:`HangInjectionError`, one line) for an injection that cannot fire in this plan: a rank
     or node it does not have, an epoch past the run's, a save on a rank that does not save."""
     for injection in parse_injections(text):
-        if injection.node is not None and injection.node >= nnodes:
-            nodes = "node 0" if nnodes == 1 else f"nodes 0-{nnodes - 1}"
-            raise HangInjectionError(f"{INJECT_ENV}: node={injection.node} does not exist: this run has {nodes}")
-        ranks_here = world_size // max(nnodes, 1) if injection.node is not None else world_size
-        if injection.rank >= ranks_here:
-            ranks = "rank 0" if ranks_here == 1 else f"ranks 0-{ranks_here - 1}"
-            raise HangInjectionError(f"{INJECT_ENV}: rank={injection.rank} does not exist: this run has {ranks}")
+        check_place(INJECT_ENV, injection.rank, injection.node, world_size, nnodes, HangInjectionError)
         if injection.epoch >= epochs:
             raise HangInjectionError(f"{INJECT_ENV}: epoch={injection.epoch} never comes: this run has epochs "
                                      f"0-{epochs - 1} (0-based)")

@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 from yolosafe.errors import UsageError
+from yolosafe.injection import check_place
 
 INJECT_ENV = "YOLOSAFE_INJECT_OOM"
 INJECTED = " [injected by yolosafe]"  # the end of every injected message
@@ -210,11 +211,4 @@ def check_injection(text: str | None, world_size: int, nnodes: int = 1) -> None:
     injection = parse_injection(text)
     if injection is None:
         return
-    if injection.node is not None and injection.node >= nnodes:
-        nodes = "node 0" if nnodes == 1 else f"nodes 0-{nnodes - 1}"
-        raise InjectionError(f"{INJECT_ENV}: node={injection.node} does not exist: this run has {nodes}")
-    ranks_here = world_size // max(nnodes, 1) if injection.node is not None else world_size
-    if injection.rank >= ranks_here:
-        ranks = "rank 0" if ranks_here == 1 else f"ranks 0-{ranks_here - 1}"
-        per_node = " on each node" if injection.node is not None else ""
-        raise InjectionError(f"{INJECT_ENV}: rank={injection.rank} does not exist: this run has {ranks}{per_node}")
+    check_place(INJECT_ENV, injection.rank, injection.node, world_size, nnodes, InjectionError)

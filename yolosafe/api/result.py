@@ -17,9 +17,6 @@ from yolosafe.rundir import records
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Attempt, Outcome
 
-EXIT_OF = MappingProxyType({Outcome.COMPLETED: Exit.OK, Outcome.OOM_EXHAUSTED: Exit.OOM_EXHAUSTED,
-                            Outcome.INTERRUPTED: Exit.INTERRUPTED})  # any other end of a run: Exit.FAILED
-
 
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping or {}))
@@ -75,7 +72,8 @@ class Run:
         except ValueError:
             outcome = story.outcome
         weights = {name: Path(p) for name, p in (story.weights or {}).items()}
-        return cls(run_dir=run_dir, outcome=outcome, exit_code=EXIT_OF.get(outcome, Exit.FAILED),  # type: ignore[arg-type]
+        exit_code = outcome.exit_status if isinstance(outcome, Outcome) else Exit.FAILED  # a value of a newer yolosafe
+        return cls(run_dir=run_dir, outcome=outcome, exit_code=exit_code,
                    attempts=tuple(story.attempts), metrics=_frozen(story.final_metrics), weights=_frozen(weights),
                    story=_frozen(story.to_dict()))
 

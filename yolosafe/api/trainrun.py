@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import click
 
 from yolosafe import __version__, gpus, hang, oom
 from yolosafe.api import dryrun
@@ -153,20 +152,19 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
         opts = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)
     p = p if opts.train_images is None else dataclasses.replace(p, train_images=opts.train_images)
     simulated = inventory.backend == "fake" and bool(p.gpus)
-    run_dir = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
-    run = RunDir(run_dir, where.node_rank)
+    run = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
     for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
     if dry_run:
-        dryrun.print_dry_run(p, env, run_dir, simulated, where=where)
+        dryrun.print_dry_run(p, env, run, simulated, where=where)
         return Ended(Exit.OK, run, dry_run=True)
     with released_on_error(run):
-        story = new_story(run_dir, p, env, opts, inventory, simulated, auto)
+        story = new_story(run, p, env, opts, inventory, simulated, auto)
         story.nodes = where.summary() if where.multi else None
         for note in planner.warnings(story.memory_plan):
             terminal.say(f"warning: {note}")
-        terminal.say(f"run directory {run_dir}")
-        code = run_supervised(run_dir, p, env, opts, simulated, story, where=where)
+        terminal.say(f"run directory {run.path}")
+        code = run_supervised(run, p, env, opts, simulated, story, where=where)
         return Ended(code, run)
 
 
@@ -181,16 +179,16 @@ def released_on_error(run: RunDir) -> Iterator[None]:
         raise
 
 
-def claim_run_dir(opts: TrainOptions, where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> Path:
-    """The run's directory: on several nodes the same one everywhere, made by node 0; a new one, locked for this
-    process, on one machine; only its name for a dry run."""
+def claim_run_dir(opts: TrainOptions, where: nodes.Nodes, p: plan.TrainPlan, dry_run: bool) -> RunDir:
+    """The run's directory, made once here and passed down: on several nodes the same one everywhere, made by node 0;
+    a new one, locked for this process, on one machine; only its name for a dry run."""
     project = Path(opts.project)
     if where.multi:
         return multicli.claim(project, opts, opts.named, where, p, dry_run)
     if dry_run:
-        return next_run_name(project, opts.name)
+        return RunDir(rundir.next_run_dir(project, opts.name))
     try:
-        return rundir.claim_new_run_dir(project, opts.name, refuse_live=opts.named)
+        return RunDir(rundir.claim_new_run_dir(project, opts.name, refuse_live=opts.named))
     except rundir.RunLocked as exc:
         raise InputError(f"--name {opts.name}: {exc}") from None
     except OSError as exc:  # /proc, a file system that refuses folders: nothing was created
@@ -198,12 +196,12 @@ def claim_run_dir(opts: TrainOptions, where: nodes.Nodes, p: plan.TrainPlan, dry
                          f"({exc.strerror or exc})") from None
 
 
-def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: TrainOptions,
+def new_story(run: RunDir, p: plan.TrainPlan, env: Mapping[str, str], opts: TrainOptions,
               inventory: gpus.Inventory, simulated: bool, auto: dict[str, Any] | None) -> records.Story:
     """``yolosafe.json`` as a run starts: the plan, its GPUs, the versions, the options that shape its attempts."""
     return records.Story.new(
         yolosafe=__version__,
-        run_dir=str(run_dir),
+        run_dir=str(run.path),
         plan=p.summary(),
         allocator={k: env[k] for k in allocator.ENV_VARS},
         versions={**supervise.versions(), "driver": inventory.driver, "cuda_driver": inventory.cuda},
@@ -216,43 +214,43 @@ def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Tr
     )
 
 
-def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
-    """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
-    r = resume.prepare(RunDir(run_dir, where.node_rank), given, dry_run, where.nnodes)
+def resume_run(path: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
+    """``--resume RUN_DIR`` (``path``, as given): the run where it is now, opened once for this node; the last
+    attempt's plan with the GPUs and batches given."""
+    r = resume.prepare(RunDir(path, where.node_rank), given, dry_run, where.nnodes)
     attempt = len(r.story.attempts) + 1
     for note in r.notes:  # after every check: the run is there, and resumes
         terminal.say(f"note: {note}")
     if dry_run:
-        dryrun.print_dry_run(r.plan, r.env, r.run_dir, r.simulated, r.last, attempt, where)
+        dryrun.print_dry_run(r.plan, r.env, r.run, r.simulated, r.last, attempt, where)
         return Ended(Exit.OK, r.run, dry_run=True)
     with released_on_error(r.run):
         if where.multi:  # every node resumes the same attempt of the same run
-            multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
+            multicli.rejoin(r.run, where, r.plan, attempt, r.story)
         resume.record(r, given)
         terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}")
-        code = run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
+        code = run_supervised(r.run, r.plan, r.env, r.options, r.simulated, r.story,
                               resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
                               final_val_only=r.final_val_only)
         return Ended(code, r.run)
 
 
-def run_supervised(run_dir: Path, p: plan.TrainPlan, env: dict[str, str], opts: TrainOptions,
+def run_supervised(run: RunDir, p: plan.TrainPlan, env: dict[str, str], opts: TrainOptions,
                    simulated: bool, story: records.Story, resume_from: Path | None = None,
                    where: nodes.Nodes | None = None, final_val_only: bool = False) -> Exit:
     """The attempts, then the memory table, the history line and where the weights are."""
-    run = RunDir(run_dir, where.node_rank if where else 0)
     if simulated:  # the watch's fake NVML backend follows the phases the ranks write there (docs/fake-gpus.md)
         env = {**env, gpus.PHASE_FILE_ENV: str(run.fake_phase)}
     for line in terminal.start_lines(p, env, simulated):
         terminal.say(line)
-    run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run_dir, where, p))
-    supervisor = supervise.Supervisor(run_dir, run_options, story)
+    run_options = supervise.RunOptions.of(env, opts, simulated, multicli.multinode(run, where, p))
+    supervisor = supervise.Supervisor(run, run_options, story)
     code = supervisor.run(p, resume=resume_from, final_val_only=final_val_only)
     if supervisor.watch is not None:
         print_memory_table(run)
         if run.node == 0:  # predicted vs measured peaks: the next plan learns from this machine (node 0's, over nodes)
-            history.record(run_dir, story.to_dict())
-    terminal.say(f"run directory: {run_dir}")
+            history.record(run, story.to_dict())
+    terminal.say(f"run directory: {run.path}")
     for name, path in (story.weights or {}).items():
         terminal.say(f"{name} weights: {path}")
     return code
@@ -272,12 +270,4 @@ def print_memory_table(run: RunDir) -> None:
     terminal.say(f"memory per GPU (NVML peaks; {run.memory_summary.name}, "
                  f"{run.memory_plot.name} in the run directory):")
     for line in report.table(summary):
-        click.echo(f"  {line}", err=True)
-
-
-def next_run_name(project: Path, name: str) -> Path:
-    """Where ``new_run_dir`` would put the run, without creating it (for the dry run)."""
-    n = 1
-    while (project / (name if n == 1 else f"{name}{n}")).exists():
-        n += 1
-    return project / (name if n == 1 else f"{name}{n}")
+        print(f"  {line}", file=sys.stderr, flush=True)

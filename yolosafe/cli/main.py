@@ -18,7 +18,7 @@ import click
 from yolosafe import __version__, gpus, proc
 from yolosafe.api import calls, trainrun
 from yolosafe.cli import planview
-from yolosafe.cli.params import BatchOrAuto
+from yolosafe.cli.params import BatchOrAuto, node_options
 from yolosafe.errors import TrainingError, UsageError, YolosafeError
 from yolosafe.exits import Exit
 from yolosafe.planning import datasets, inputs, options
@@ -86,7 +86,7 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
 @click.option("--download", is_flag=True, default=None,
               help="Let Ultralytics download a missing dataset or weights (once, before training). Default off.")
-@multicli.node_options
+@node_options
 @click.argument("args", nargs=-1)
 @click.pass_context
 def train(ctx: click.Context, resume_dir: str | None, dry_run: bool, **_: Any) -> None:

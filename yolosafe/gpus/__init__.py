@@ -36,6 +36,7 @@ from yolosafe.gpus.inventory import (
     GPUReadError,
     Inventory,
     MemoryReading,
+    event_gpus,
     nvml_index,
 )
 from yolosafe.gpus.nvml import NvmlBackend
@@ -68,6 +69,7 @@ __all__ = (  # a tuple: no module-level mutable state
     "NvmlBackend",
     "blocking_collectives",
     "cuda_problem",
+    "event_gpus",
     "fake_phase_file",
     "foreign_pids",
     "mig_problem",

@@ -6,7 +6,7 @@ is ``None`` (not zero, not an exception), so a planner, the watch or the doctor 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -113,3 +113,13 @@ def nvml_index(plan_gpus: Sequence[int], device_index: int | None) -> int | None
     if device_index is None or not 0 <= device_index < len(plan_gpus):
         return None
     return plan_gpus[device_index]
+
+
+def event_gpus(event: Mapping[str, Any], plan_gpus: Sequence[int]) -> tuple[int, ...]:
+    """The GPUs (NVML indices) an event speaks for: the plan's GPU at the rank's CUDA device index, or every GPU of
+    the plan for a process on the CPU (fake GPUs: the one simulated process stands for all ranks)."""
+    index = event.get("gpu")
+    if index is None:
+        return tuple(plan_gpus)
+    gpu = nvml_index(plan_gpus, index)
+    return () if gpu is None else (gpu,)

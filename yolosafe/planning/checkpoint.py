@@ -48,14 +48,23 @@ def _first_int_after(ops: list[tuple[str, object]], key: str) -> int | None:
     return None
 
 
+UNREADABLE = (zipfile.BadZipFile, OSError, KeyError, zipfile.LargeZipFile)  # what reading a file as a zip may raise
+
+
+def pickle_of(path: Path) -> bytes | None:
+    """The bytes of the checkpoint's ``data.pkl``; None when the zip has none; one of :data:`UNREADABLE` when the file
+    is no readable zip."""
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        return archive.read(pickles[0]) if pickles else None
+
+
 def progress(path: Path) -> Progress | None:
     """The checkpoint's progress; None when the file is not a checkpoint this can read (checked elsewhere)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            data = archive.read(pickles[0]) if pickles else b""
+        data = pickle_of(path) or b""
         ops = [(op.name, arg) for op, arg, _ in pickletools.genops(io.BytesIO(data))]
-    except (zipfile.BadZipFile, OSError, KeyError, ValueError, EOFError, zipfile.LargeZipFile):
+    except (*UNREADABLE, ValueError, EOFError):
         return None
     epoch = _first_int_after(ops, "epoch")
     return None if epoch is None else Progress(epoch, _first_int_after(ops, "epochs"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -21,7 +20,7 @@ from typing import Any
 
 from yolosafe import hang, oom, proc
 from yolosafe.errors import UsageError
-from yolosafe.planning import checkcache, trainplan
+from yolosafe.planning import checkcache, checkpoint, trainplan
 
 INPUT_CHECK = "yolosafe.training.inputcheck"
 ULTRALYTICS_PROJECT = "runs/<task>"  # --project not given: the folder Ultralytics' get_save_dir gives the task
@@ -91,12 +90,10 @@ def check_injection(environ: Mapping[str, str]) -> None:
 def check_checkpoint(path: Path, what: str) -> None:
     """A PyTorch zip checkpoint whose pickle refers to Ultralytics' classes (read without torch)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            text = archive.read(pickles[0]) if pickles else b""
-    except (zipfile.BadZipFile, OSError, KeyError, zipfile.LargeZipFile) as exc:
+        text = checkpoint.pickle_of(path)
+    except checkpoint.UNREADABLE as exc:
         raise InputError(f"{what}: not a readable PyTorch checkpoint ({exc or type(exc).__name__})") from None
-    if not pickles:
+    if text is None:
         raise InputError(f"{what}: not a PyTorch checkpoint (no data.pkl inside)")
     if b"ultralytics" not in text:
         raise InputError(f"{what}: a PyTorch file, but not an Ultralytics checkpoint")

@@ -29,6 +29,7 @@ import psutil
 from yolosafe.gpus import GPU, foreign_pids
 from yolosafe.readers import stale
 from yolosafe.rundir import files as rundir
+from yolosafe.rundir.layout import RunDir
 
 NEVER, PROVEN, ASK = "never", "proven stale", "ask"
 PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread
@@ -115,7 +116,7 @@ def _run_marker(proc: psutil.Process) -> str | None:
 def _writes_log(proc: psutil.Process, run_dir: str) -> bool:
     """Whether ``proc`` has a log of the run open (``train.log``, or node R's ``train-nodeR.log``): the supervisor
     does while an attempt runs."""
-    return stale.writes_a_log(proc, Path(run_dir))
+    return stale.writes_a_log(proc, RunDir(Path(run_dir)))
 
 
 def supervisor_gone(proc: psutil.Process, run_dir: str) -> tuple[bool, str]:
@@ -132,7 +133,7 @@ def supervisor_gone(proc: psutil.Process, run_dir: str) -> tuple[bool, str]:
             parent = None
         if parent is None or parent.pid <= 1 or _run_marker(parent) != run_dir:
             break
-        if stale.of_run(parent, Path(run_dir)) is None:
+        if stale.of_run(parent, RunDir(Path(run_dir))) is None:
             break
         top = parent
     if parent is None:

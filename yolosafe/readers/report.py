@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from yolosafe.errors import YolosafeError
-from yolosafe.gpus import nvml_index
+from yolosafe.gpus import event_gpus, nvml_index
 from yolosafe.readers import memplot
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
-from yolosafe.rundir.events import event_gpus, phase_after
+from yolosafe.rundir.events import phase_after
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import VAL_PHASES
 

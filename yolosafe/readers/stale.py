@@ -34,18 +34,18 @@ TAKES_VALUE = "WX"  # Python's one-letter options that take the next word (or th
 SPEC_SLACK_S = 2.0  # the run spec is written right before its process starts; clocks of a shared disk differ a bit
 
 
-def lock_holder(run_dir: Path) -> str | None:
+def lock_holder(run: RunDir) -> str | None:
     """The pid holding the lock of any node of the run, or None when every lock is free."""
-    for node in RunDir(run_dir).locked_nodes():
+    for node in run.locked_nodes():
         pid = node.holder()
         if pid is not None:
             return pid
     return None
 
 
-def writes_a_log(proc: psutil.Process, run_dir: Path) -> bool:
+def writes_a_log(proc: psutil.Process, run: RunDir) -> bool:
     """Whether ``proc`` has any node's log of the run open (as a live supervisor does)."""
-    logs = {os.path.realpath(p) for p in RunDir(run_dir).copies(rundir.LOG)}
+    logs = {os.path.realpath(p) for p in run.copies(rundir.LOG)}
     try:
         return any(os.path.realpath(f.path) in logs for f in proc.open_files())
     except psutil.Error:
@@ -82,8 +82,8 @@ def python_module(argv: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
-def _spec_of(cmdline: list[str], run_dir: Path, cwd: str | None = None) -> Path | None:
-    """The run spec of ``run_dir`` a worker, launcher or rank command line runs with, else None: the worker's only
+def _spec_of(cmdline: list[str], run: RunDir, cwd: str | None = None) -> Path | None:
+    """The run spec of ``run`` a worker, launcher or rank command line runs with, else None: the worker's only
     argument, or the launcher's last, after ``-m yolosafe.training.worker`` (what torch.distributed.run starts)."""
     found = python_module(cmdline)
     if found is None:
@@ -96,27 +96,27 @@ def _spec_of(cmdline: list[str], run_dir: Path, cwd: str | None = None) -> Path 
     else:
         return None
     path = Path(named) if os.path.isabs(named) or cwd is None else Path(cwd) / named
-    return path if RunDir(run_dir).is_spec(path) else None
+    return path if run.is_spec(path) else None
 
 
-def of_run(proc: psutil.Process, run_dir: Path) -> Path | None:
-    """The run spec ``proc`` runs with, when it is a worker, launcher or rank of ``run_dir`` by its ``argv``."""
+def of_run(proc: psutil.Process, run: RunDir) -> Path | None:
+    """The run spec ``proc`` runs with, when it is a worker, launcher or rank of ``run`` by its ``argv``."""
     try:
         cmdline = proc.cmdline()
         cwd = proc.cwd()
     except psutil.Error:
         return None
-    return _spec_of(cmdline, run_dir, cwd)
+    return _spec_of(cmdline, run, cwd)
 
 
-def _names_an_attempt(spec: Path, run_dir: Path) -> str | None:
-    """Why ``spec`` is not a run spec of an attempt of ``run_dir``'s story, or None when it is."""
+def _names_an_attempt(spec: Path, run: RunDir) -> str | None:
+    """Why ``spec`` is not a run spec of an attempt of ``run``'s story, or None when it is."""
     try:
-        story = records.load_story(RunDir(run_dir))
+        story = records.load_story(run)
         loaded = RunSpec.load(spec)
     except (OSError, ValueError, TypeError, KeyError, records.RecordError) as exc:
         return f"its story or run spec {spec.name} does not parse ({type(exc).__name__})"
-    if os.path.realpath(loaded.run_dir) != os.path.realpath(run_dir):
+    if os.path.realpath(loaded.run_dir) != os.path.realpath(run.path):
         return f"its run spec {spec.name} names another run ({loaded.run_dir})"
     if loaded.attempt not in {a.attempt for a in story.attempts}:
         return f"its run spec {spec.name} names attempt {loaded.attempt}, which the run's story does not record"
@@ -126,19 +126,19 @@ def _names_an_attempt(spec: Path, run_dir: Path) -> str | None:
 def prove(proc: psutil.Process, run: str) -> tuple[bool, str]:
     """(proven, why): whether ``proc`` is provably a stale process of the run ``run``; ``why`` says what failed
     otherwise (the supervisor's own liveness is judged by the caller, which walks the process tree)."""
-    run_dir = Path(run)
-    if not run_dir.is_dir():
+    opened = RunDir(Path(run))  # the run marker's path, opened once
+    if not opened.path.is_dir():
         return False, f"its run directory {run} does not exist"
-    if not RunDir(run_dir).is_run():
+    if not opened.is_run():
         return False, f"{run} is not a yolosafe run (no {rundir.STORY})"
     try:
         cmdline, started, cwd = proc.cmdline(), proc.create_time(), proc.cwd()
     except psutil.Error:
         return False, "its command line cannot be read"
-    spec = _spec_of(cmdline, run_dir, cwd)
+    spec = _spec_of(cmdline, opened, cwd)
     if spec is None:
         return False, f"it carries the marker of {run} but is not one of its workers, launchers or ranks"
-    wrong = _names_an_attempt(spec, run_dir)
+    wrong = _names_an_attempt(spec, opened)
     if wrong:
         return False, wrong
     try:
@@ -153,12 +153,12 @@ def prove(proc: psutil.Process, run: str) -> tuple[bool, str]:
 
 def live_supervisor(run: str) -> str | None:
     """Why the run has a live supervisor on this machine (its lock held, pid 1 writing one of its logs), or None."""
-    run_dir = Path(run)
-    pid = lock_holder(run_dir) if run_dir.is_dir() else None
+    opened = RunDir(Path(run))
+    pid = lock_holder(opened) if opened.path.is_dir() else None
     if pid is not None:
         return f"its lock is held by pid {pid}"
     try:
         init = psutil.Process(1)
     except psutil.Error:
         return None
-    return "pid 1 writes its log" if writes_a_log(init, run_dir) else None
+    return "pid 1 writes its log" if writes_a_log(init, opened) else None

@@ -158,11 +158,22 @@ def failure_path(run_dir: Path, attempt: int, rank: int) -> Path:
     return run_dir / f"failure-{attempt}-rank{max(rank, 0)}.json"
 
 
+def run_names(project: Path, name: str) -> Iterator[Path]:
+    """``project/name``, then ``name2``, ``name3``...: the names a new run may take, in order, as Ultralytics numbers
+    its runs."""
+    for n in range(1, 10_000):
+        yield project / (name if n == 1 else f"{name}{n}")
+
+
+def next_run_dir(project: Path, name: str) -> Path:
+    """Where :func:`new_run_dir` would put the run now, without creating it (for the dry run)."""
+    return next((candidate for candidate in run_names(project, name) if not candidate.exists()), project / name)
+
+
 def new_run_dir(project: Path, name: str) -> Path:
     """Create ``project/name``, or ``name2``, ``name3``... as Ultralytics does: an earlier run is never reused."""
     project.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        candidate = project / (name if n == 1 else f"{name}{n}")
+    for candidate in run_names(project, name):
         try:
             candidate.mkdir()
             return candidate.resolve()
@@ -177,17 +188,22 @@ def latest_run(project: Path) -> Path | None:
     return stories[-1].parent if stories else None
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write atomically (temp file + rename) so a reader or a crash never sees half a file; a write that fails (a
-    full disk) leaves no temp file behind."""
+def write_text(path: Path, text: str) -> None:
+    """Write atomically (beside, then renamed) so a reader or a crash never sees half a file; a write that fails (a
+    full disk) leaves no temp file behind and raises."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """:func:`write_text` of the data as indented JSON."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:

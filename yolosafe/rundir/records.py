@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir.layout import RunDir
+from yolosafe.rundir.outcome import Outcome
 from yolosafe.rundir.typed import Record, RecordError, _read, _typed
 
 __all__ = (  # RecordError: what every loader here raises, so readers catch it as records.RecordError
@@ -41,23 +41,6 @@ __all__ = (  # RecordError: what every loader here raises, so readers catch it a
 )
 
 _FAILURE_NAME = re.compile(r"failure-(\d+)-rank(\d+)\.json$")
-
-
-class Outcome(str, Enum):
-    """How an attempt, or the whole run, ended (``outcome`` in ``yolosafe.json``); the values are the file's."""
-
-    RUNNING = "running"  # the run's outcome while its supervisor lives
-    COMPLETED = "completed"
-    OOM = "oom"  # an attempt that ran out of GPU memory (the run goes on with a smaller batch)
-    FAILED = "failed"  # not an OOM: not retried
-    KILLED = "killed"  # a rank or the worker was killed by a signal (kill -9, the kernel's OOM killer)
-    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM to yolosafe
-    HUNG = "hung"  # a rank made no progress within its timeout: stacks kept, every rank stopped (relaunched)
-    OOM_EXHAUSTED = "oom_exhausted"  # the run's outcome when the retries or the minimum batch ran out
-    ABANDONED = rundir.ORPHANED  # the run's supervisor died while it said "running" (marked by the next reader)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def epoch_label(epoch: int | None, epochs: int | None = None) -> str:

@@ -7,10 +7,9 @@ past the checkpoint's epochs are taken out (written beside and renamed: all or n
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
+from yolosafe.rundir import files
 from yolosafe.rundir.files import RESULTS_CSV as RESULTS
 
 
@@ -41,12 +40,8 @@ def trim(run_dir: Path, epochs_saved: int) -> int:
         kept.append(row)
     dropped = len(lines) - len(kept)
     if dropped:
-        tmp = path.with_name(f".{RESULTS}.{os.getpid()}.tmp")
         try:
-            tmp.write_text("".join(kept), encoding="utf-8")
-            tmp.replace(path)
+            files.write_text(path, "".join(kept))
         except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             return 0
     return dropped

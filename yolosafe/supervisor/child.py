@@ -141,12 +141,12 @@ def versions() -> dict[str, str | None]:
 class Supervisor:
     """One run: each attempt's child process, its environment, output and memory watch."""
 
-    def __init__(self, run_dir: Path, options: RunOptions, story: Story) -> None:
+    def __init__(self, run: RunDir, options: RunOptions, story: Story) -> None:
         self.options = options
         self.story = story
         self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
-        self.machines: Machines = options.multinode or OneMachine(RunDir(run_dir))
-        self.files = RunDir(run_dir, self.machines.node)  # the run directory as this node names its files
+        self.machines: Machines = options.multinode or OneMachine(run)
+        self.files = run  # the run directory as this node names its files
         timeout = options.hang_timeout
         epochs = story.plan.get("epochs") if isinstance(story.plan.get("epochs"), int) else None
         self.hangs = None if timeout == 0 else HangWatch(self.files, timeout, terminal.say, epochs,

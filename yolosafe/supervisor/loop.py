@@ -122,7 +122,7 @@ class AttemptLoop:
             self.story.outcome = Outcome.INTERRUPTED
             self.save()
             self.say(f"stopped{self.stops.by()}; resume with: {self.resume_hint}")
-            return Exit.INTERRUPTED
+            return self.story.outcome.exit_status
 
     def _loop(self, plan: TrainPlan, resume: Path | None, final_val_only: bool) -> Exit:
         retries, val_ooms, hangs = 0, 0, 0
@@ -183,7 +183,7 @@ class AttemptLoop:
                  f"{self.limits.max_hang_restarts}); the stacks are in "
                  f"{self.files.stack(len(self.story.attempts), 0).parent}; resume with: "
                  f"{self.resume_hint}")
-        return Exit.FAILED
+        return self.story.outcome.exit_status
 
     def _start(self, request: Request) -> Attempt:
         """The attempt's record in ``yolosafe.json`` as it starts; the run says "running" until it ends."""
@@ -222,19 +222,22 @@ class AttemptLoop:
         self.save()
 
     def _ended(self, end: AttemptEnd, plan: TrainPlan) -> Exit | None:
-        """The exit status of an attempt that ends the run (anything but an OOM), said in one line; None for an OOM."""
+        """The exit status of an attempt that ends the run, said in one line; None for an end the loop acts on (an OOM,
+        a hang: :attr:`Outcome.retried`)."""
         resume_hint = f"resume with: {self.resume_hint}"
+        if end.outcome.retried:
+            return None
         if end.outcome == Outcome.COMPLETED:
-            return Exit.OK
+            return end.outcome.exit_status
         if end.outcome == Outcome.INTERRUPTED:
             self.say(f"stopped by {end.message}; {resume_hint}")
-            return Exit.INTERRUPTED
+            return end.outcome.exit_status
         if end.outcome == Outcome.KILLED:
             gpu = end.nvml_gpu(plan)
             on_gpu = f" on GPU {gpu}" if gpu is not None else ""
             on_gpu += f" of node {end.node}" if end.node is not None else ""
             self.say(f"{end.message}{on_gpu} (the kernel's OOM killer if host RAM ran out, or kill -9); {resume_hint}")
-            return Exit.FAILED
+            return end.outcome.exit_status
         if end.outcome == Outcome.FAILED:
             place = f" in {end.phase} at {epoch_text(end.epoch, plan.epochs)}" if end.phase else ""
             log = self.files.log
@@ -242,8 +245,7 @@ class AttemptLoop:
             then = f"; free some disk space, then {resume_hint}" if full else ""
             self.say(f"training failed{place}{where(plan, end)}, not an OOM, not retried: "
                      f"{end.message or 'no message'} (traceback: {log}){then}")
-            return Exit.FAILED
-        return None
+        return end.outcome.exit_status
 
     def _give_up(self, end: AttemptEnd, plan: TrainPlan, retries: int, allowed: bool) -> Exit:
         """No smaller step is allowed (retries or the minimum batch ran out): the next steps, fitted to the case."""
@@ -252,7 +254,7 @@ class AttemptLoop:
         self.say(f"giving up after {retries} retr{'y' if retries == 1 else 'ies'}; next steps:")
         for tip in advice(end, plan, self.others_mib(), self.limits.min_batch if allowed else None):
             self.say(f"  - {tip}")
-        return Exit.OOM_EXHAUSTED
+        return self.story.outcome.exit_status
 
     def _record_results(self) -> None:
         found = {"last": self.files.last_checkpoint, "best": self.files.best_checkpoint}

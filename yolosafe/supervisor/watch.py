@@ -30,8 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from yolosafe.gpus import GPUBackend, GPUReadError, MemoryReading
-from yolosafe.rundir.events import event_gpus, phase_after
+from yolosafe.gpus import GPUBackend, GPUReadError, MemoryReading, event_gpus
+from yolosafe.rundir.events import phase_after
 from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor.attribution import UNKNOWN_SPLIT, Namespace
 

@@ -57,22 +57,22 @@ def near_misses(run_dir: RunDir | Path, plan_gpus: list[Any]) -> dict[tuple[int,
     return found
 
 
-def entries_for_run(run_dir: Path, story: dict[str, Any]) -> list[dict[str, Any]]:
+def entries_for_run(run: RunDir, story: dict[str, Any]) -> list[dict[str, Any]]:
     """The history lines of a finished run: one per GPU and phase with both a prediction and a measurement."""
     memory_plan = story.get("memory_plan")
-    summary_file = RunDir(run_dir).memory_summary
+    summary_file = run.memory_summary
     if not memory_plan or not summary_file.is_file():
         return []
     summary = rundir.read_json(summary_file)
     versions = story.get("versions", {})
     names = {str(g["index"]): g.get("name") for g in story.get("gpus", [])}
-    lines, missed = [], near_misses(run_dir, list((story.get("plan") or {}).get("gpus") or []))
+    lines, missed = [], near_misses(run, list((story.get("plan") or {}).get("gpus") or []))
     for gpu, name in names.items():
         for phase, measured in measured_peaks(summary, gpu).items():
             predicted = memory_plan["predicted"][phase]
             required = predicted.get("required_mib", predicted.get("peak_mib"))
             lines.append({
-                "t": round(time.time(), 3), "run_dir": str(run_dir.resolve()), "gpu": int(gpu), "gpu_name": name,
+                "t": round(time.time(), 3), "run_dir": str(run.path.resolve()), "gpu": int(gpu), "gpu_name": name,
                 "model": memory_plan["model"], "imgsz": memory_plan["imgsz"], "amp": memory_plan["amp"],
                 "batch": predicted["batch"], "phase": phase, "world_size": memory_plan["world_size"],
                 "torch": versions.get("torch"), "driver": versions.get("driver"),
@@ -84,10 +84,10 @@ def entries_for_run(run_dir: Path, story: dict[str, Any]) -> list[dict[str, Any]
     return lines
 
 
-def record(run_dir: Path, story: dict[str, Any], path: Path | None = None) -> int:
+def record(run: RunDir, story: dict[str, Any], path: Path | None = None) -> int:
     """Append the run's lines to the history; returns how many. Never raises: the run is over whatever happens."""
     try:
-        lines = entries_for_run(run_dir, story)
+        lines = entries_for_run(run, story)
         if lines:
             target = path or history_path()
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -11,34 +11,17 @@ COCO-sized set is read once and then answered from its file listing.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from yolosafe.planning import datasets
+from yolosafe.planning.memory import filestamps, valshapes
 from yolosafe.planning.memory import model as memmodel
-from yolosafe.planning.memory import valshapes
 
 CACHE = "objects"
 
 
-def _listing(label_files: list[str]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every image's label file, a missing one (a background image) as empty: what the
-    cache's fingerprint covers."""
-    found = []
-    for path in label_files:
-        try:
-            stat = os.stat(path)
-            found.append((str(path), stat.st_size, stat.st_mtime_ns))
-        except OSError:
-            found.append((str(path), 0, 0))
-    return sorted(found)
-
-
-def _count(listing: list[tuple[str, int, int]]) -> dict[str, float]:
+def _count(listing: filestamps.Listing) -> dict[str, float]:
     counts = []
     for path, size, _ in listing:
         if size == 0:
@@ -56,17 +39,8 @@ def _count(listing: list[tuple[str, int, int]]) -> dict[str, float]:
 def label_counts(label_files: list[str], cache_dir: Path | None = None) -> dict[str, float]:
     """``{"images", "max", "p99", "mean"}`` objects per image over these label files (one per image of a split, as
     Ultralytics pairs them); {} without any. Cached under a fingerprint of the files' names, sizes and mtimes."""
-    listing = _listing(label_files)
-    if not listing:
-        return {}
-    fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:24]
-    cache = (cache_dir or datasets.cache_dir()) / CACHE / f"{fingerprint}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    counts = _count(listing)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(counts))
-    return counts
+    stamps = filestamps.listing(label_files, missing_as_empty=True)
+    return filestamps.cached(CACHE, stamps, _count, cache_dir) if stamps else {}
 
 
 def apply(setup: memmodel.Setup, figures: dict[str, Any] | None) -> memmodel.Setup:

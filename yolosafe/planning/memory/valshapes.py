@@ -11,13 +11,10 @@ Ultralytics lists for the validation split (the input check asks it); their size
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from pathlib import Path
 
-from yolosafe.planning import datasets
+from yolosafe.planning.memory import filestamps
 
 CACHE = "valshapes"
 STRIDE = 32  # the largest stride of the detection models: Ultralytics' gs
@@ -46,18 +43,7 @@ def largest_area(ratios: list[float], imgsz: int) -> float:
     return square_area(imgsz)
 
 
-def _listing(image_files: list[str]) -> list[tuple[str, int, int]]:
-    found = []
-    for path in image_files:
-        try:
-            stat = os.stat(path)
-        except OSError:
-            continue
-        found.append((str(path), stat.st_size, stat.st_mtime_ns))
-    return sorted(found)
-
-
-def _ratios(listing: list[tuple[str, int, int]]) -> list[float]:
+def _ratios(listing: filestamps.Listing) -> list[float]:
     from PIL import Image  # header only: PIL reads the size without decoding
 
     ratios = []
@@ -74,14 +60,5 @@ def _ratios(listing: list[tuple[str, int, int]]) -> list[float]:
 def image_ratios(image_files: list[str], cache_dir: Path | None = None) -> list[float]:
     """The distinct h/w ratios of these images (the validation split, as Ultralytics lists it); [] when unknown.
     Cached under a fingerprint of the files' names, sizes and mtimes."""
-    listing = _listing(image_files)
-    if not listing:
-        return []
-    fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:24]
-    cache = (cache_dir or datasets.cache_dir()) / CACHE / f"{fingerprint}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    ratios = sorted(set(_ratios(listing)))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(ratios))
-    return ratios
+    stamps = filestamps.listing(image_files, missing_as_empty=False)
+    return filestamps.cached(CACHE, stamps, lambda found: sorted(set(_ratios(found))), cache_dir) if stamps else []

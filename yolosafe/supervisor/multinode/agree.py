@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from yolosafe.planning import nodes
@@ -83,7 +82,7 @@ def own_records(run: RunDir, attempt: int, nproc: int) -> list[dict[str, Any]]:
 class MultiNode:
     """A supervisor's handle on the other nodes: join, heartbeat, the watch during an attempt, the agreement after."""
 
-    run_dir: Path
+    run: RunDir  # the run directory, as this node names its files
     nodes: nodes.Nodes
     gpus: tuple[int, ...]  # this node's plan GPUs (NVML numbering)
     say: Callable[[str], None]
@@ -98,11 +97,6 @@ class MultiNode:
     @property
     def node(self) -> int:
         return self.nodes.node_rank
-
-    @property
-    def run(self) -> RunDir:
-        """The run directory, as this node names its files."""
-        return RunDir(self.run_dir, self.node)
 
     @property
     def timeout(self) -> float:

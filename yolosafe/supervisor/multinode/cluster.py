@@ -64,35 +64,36 @@ def marker(nodes: Nodes, plan: dict[str, Any], attempt: int) -> dict[str, Any]:
             "pid": os.getpid(), "t": time.time()}
 
 
-def create(run_dir: Path, nodes: Nodes, plan: dict[str, Any]) -> Path:
-    """Node 0 of a new run: make the run directory (never an existing one), lock it, write the marker."""
+def create(run: RunDir, nodes: Nodes, plan: dict[str, Any]) -> RunDir:
+    """Node 0 of a new run: make the run directory (never an existing one), lock it, write the marker; the run
+    directory, resolved."""
     try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        run_dir.mkdir()
+        run.path.parent.mkdir(parents=True, exist_ok=True)
+        run.path.mkdir()
     except FileExistsError:
-        raise ClusterError(f"{run_dir} exists: a multi-node run starts in a new directory (another --name or "
-                           f"--rdzv-id), or continues with --resume {run_dir}") from None
+        raise ClusterError(f"{run.path} exists: a multi-node run starts in a new directory (another --name or "
+                           f"--rdzv-id), or continues with --resume {run.path}") from None
     except OSError as exc:
-        raise ClusterError(f"cannot create {run_dir}: {exc.strerror}") from None
-    run_dir = run_dir.resolve()
-    RunDir(run_dir).lock()  # held until this process exits
-    announce(run_dir, nodes, plan, 1)
-    return run_dir
+        raise ClusterError(f"cannot create {run.path}: {exc.strerror}") from None
+    run = run.resolve()
+    run.lock()  # held until this process exits
+    announce(run, nodes, plan, 1)
+    return run
 
 
-def announce(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int) -> None:
+def announce(run: RunDir, nodes: Nodes, plan: dict[str, Any], attempt: int) -> None:
     """Node 0 (which holds its lock): the run goes on with ``attempt``; the others may join."""
-    rundir.write_json(RunDir(run_dir).nodes_marker, marker(nodes, plan, attempt))
+    rundir.write_json(run.nodes_marker, marker(nodes, plan, attempt))
 
 
-def join(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int, say: Callable[[str], None],
-         lock: bool = True) -> Path:
+def join(run: RunDir, nodes: Nodes, plan: dict[str, Any], attempt: int, say: Callable[[str], None],
+         lock: bool = True) -> RunDir:
     """Node R > 0: wait (at most the nodes' timeout) for node 0's marker of this run, live, at ``attempt``; check this
     node's plan against it; take this node's lock. Raises :class:`ClusterError` with one line."""
     timeout = nodes.timeout or DEFAULT_TIMEOUT_S
-    found = _wait_marker(run_dir, nodes, attempt, timeout, say)
+    found = _wait_marker(run, nodes, attempt, timeout, say)
     if found is None:
-        raise ClusterError(f"node {nodes.node_rank}: no run directory from node 0 at {run_dir.resolve()} after "
+        raise ClusterError(f"node {nodes.node_rank}: no run directory from node 0 at {run.path.resolve()} after "
                            f"{timeout:g} s: the project must be on storage every node shares, at the same path "
                            "(e.g. --project /shared/runs), and node 0 started with the same --name/--rdzv-id")
     mine = _plan_key(plan)
@@ -100,22 +101,23 @@ def join(run_dir: Path, nodes: Nodes, plan: dict[str, Any], attempt: int, say: C
     if differ:
         raise ClusterError(f"node {nodes.node_rank}: this node's plan differs from node 0's: {', '.join(differ)}; "
                            "run every node with the same options")
-    run_dir = run_dir.resolve()
+    run = run.resolve()
     try:
         if lock:
-            RunDir(run_dir, nodes.node_rank).lock()
+            run.lock()
     except rundir.RunLocked as exc:
-        raise ClusterError(f"node {nodes.node_rank} of {run_dir} is already running (yolosafe pid {exc.pid})") from None
-    return run_dir
+        raise ClusterError(f"node {nodes.node_rank} of {run.path} is already running "
+                           f"(yolosafe pid {exc.pid})") from None
+    return run
 
 
-def _wait_marker(run_dir: Path, nodes: Nodes, attempt: int, timeout: float,
+def _wait_marker(run: RunDir, nodes: Nodes, attempt: int, timeout: float,
                  say: Callable[[str], None]) -> dict[str, Any] | None:
     """Node 0's marker for this job, written by a node 0 that is alive now (its heartbeat moves: a marker left by an
     earlier session is not taken), at ``attempt``; None after ``timeout``."""
     deadline, told, beats = time.monotonic() + timeout, False, set()
     while True:
-        found = _live_marker(run_dir, nodes, beats)
+        found = _live_marker(run, nodes, beats)
         if found is not None and found.get("attempt") != attempt:
             raise ClusterError(f"node 0 goes on with attempt {found.get('attempt')}, node {nodes.node_rank} with "
                                f"attempt {attempt}: this node did not take part in the same attempts")
@@ -124,22 +126,22 @@ def _wait_marker(run_dir: Path, nodes: Nodes, attempt: int, timeout: float,
         if time.monotonic() >= deadline:
             return None
         if not told:
-            say(f"node {nodes.node_rank}: waiting for node 0's run directory {run_dir} (up to {timeout:g} s)")
+            say(f"node {nodes.node_rank}: waiting for node 0's run directory {run.path} (up to {timeout:g} s)")
             told = True
         time.sleep(POLL_S)
 
 
-def _live_marker(run_dir: Path, nodes: Nodes, beats: set[Any]) -> dict[str, Any] | None:
+def _live_marker(run: RunDir, nodes: Nodes, beats: set[Any]) -> dict[str, Any] | None:
     """The marker once node 0's heartbeat (same session) was seen to move (``beats``: the counters seen so far). A
     marker of another job (other endpoint, rendezvous id or node count) is an error: the name is another run's."""
-    found = read(RunDir(run_dir).nodes_marker)
+    found = read(run.nodes_marker)
     if found is None:
         return None
     if (found.get("rdzv_id"), found.get("endpoint"), found.get("nnodes")) != (nodes.rdzv_id, nodes.endpoint,
                                                                                nodes.nnodes):
-        raise ClusterError(f"{run_dir} belongs to another multi-node run (endpoint {found.get('endpoint')}, rdzv id "
+        raise ClusterError(f"{run.path} belongs to another multi-node run (endpoint {found.get('endpoint')}, rdzv id "
                            f"{found.get('rdzv_id')}, {found.get('nnodes')} nodes); give another --name")
-    state = read(RunDir(run_dir).node_state(0)) or {}
+    state = read(run.node_state(0)) or {}
     live = found.get("state") == "running" and state.get("state") != "done"
     if live and state.get("session") == found.get("session"):
         beats.add(state.get("beat"))

@@ -9,12 +9,9 @@ node and ends in one line and exit status 2 when something is wrong; no torch is
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import click
 
 from yolosafe.planning import nodes, validate
 from yolosafe.planning.trainoptions import TrainOptions
@@ -27,21 +24,7 @@ from yolosafe.supervisor.terminal import say
 if TYPE_CHECKING:
     from yolosafe.supervisor.multinode.agree import MultiNode
 
-OPTIONS = (
-    click.option("--nnodes", type=int, help="Machines in the run; run yolosafe train on each. Default 1 (SLURM: its)."),
-    click.option("--node-rank", type=int, help="This machine: 0..nnodes-1; node 0 holds rank 0 and the rendezvous."),
-    click.option("--rdzv-endpoint", help="HOST:PORT of node 0 (the same on every node); attempts use PORT, PORT+1..."),
-    click.option("--rdzv-id", help="The job's id; names the run directory NAME-ID on every node. SLURM: the job id."),
-    click.option("--rdzv-timeout", type=int, help="Seconds a node waits for the others to join. Default 300."),
-)
 NODE_KEYS = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_timeout")
-
-
-def node_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The multi-node options of ``train`` (and so of ``plan``, which takes train's options)."""
-    for option in reversed(OPTIONS):
-        command = option(command)
-    return command
 
 
 def resolve(params: dict[str, Any]) -> nodes.Nodes:
@@ -74,42 +57,43 @@ def check_plan(p: TrainPlan, where: nodes.Nodes) -> None:
 
 
 def claim(project: Path, options: TrainOptions, named: bool, where: nodes.Nodes, p: TrainPlan,
-          dry_run: bool) -> Path:
-    """The run directory, the same on every node: node 0 makes it, the others find it (a dry run only names it)."""
+          dry_run: bool) -> RunDir:
+    """The run directory, the same on every node, as this node names its files: node 0 makes it, the others find it
+    (a dry run only names it)."""
     try:
-        run_dir = project / nodes.run_name(str(options.name), named, where)
+        run = RunDir(project / nodes.run_name(str(options.name), named, where), where.node_rank)
         if dry_run:
-            return run_dir
+            return run
         if where.node_rank == 0:
-            return cluster.create(run_dir, where, p.summary())
-        if RunDir(run_dir, where.node_rank).story.exists():
-            raise cluster.ClusterError(f"{run_dir} already has node {where.node_rank}'s story: it is an earlier run; "
-                                       f"give another --name, or --resume {run_dir}")
-        return cluster.join(run_dir, where, p.summary(), 1, say)
+            return cluster.create(run, where, p.summary())
+        if run.story.exists():
+            raise cluster.ClusterError(f"{run.path} already has node {where.node_rank}'s story: it is an earlier run; "
+                                       f"give another --name, or --resume {run.path}")
+        return cluster.join(run, where, p.summary(), 1, say)
     except (nodes.NodesError, cluster.ClusterError) as exc:
         raise validate.InputError(str(exc)) from None
 
 
-def rejoin(run_dir: Path, where: nodes.Nodes, p: TrainPlan, attempt: int, story: records.Story) -> None:
+def rejoin(run: RunDir, where: nodes.Nodes, p: TrainPlan, attempt: int, story: records.Story) -> None:
     """A resume over several nodes: node 0 announces the attempt the run goes on with, the others find it (their
     own story must be at the same attempt) and check their plan against it."""
     story.nodes = where.summary()
     try:
         if where.node_rank == 0:
-            cluster.announce(run_dir, where, p.summary(), attempt)
+            cluster.announce(run, where, p.summary(), attempt)
         else:
-            cluster.join(run_dir, where, p.summary(), attempt, say, lock=False)  # resume.prepare holds the lock
+            cluster.join(run, where, p.summary(), attempt, say, lock=False)  # resume.prepare holds the lock
     except cluster.ClusterError as exc:
         raise validate.InputError(str(exc)) from None
 
 
-def multinode(run_dir: Path, where: nodes.Nodes | None, p: TrainPlan) -> MultiNode | None:
+def multinode(run: RunDir, where: nodes.Nodes | None, p: TrainPlan) -> MultiNode | None:
     """The supervisor's handle on the other nodes; None on one machine."""
     if where is None or not where.multi:
         return None
     from yolosafe.supervisor.multinode.agree import MultiNode
-    session = (cluster.read(RunDir(run_dir).nodes_marker) or {}).get("session")
-    return MultiNode(run_dir, where, tuple(p.gpus), say, session)
+    session = (cluster.read(run.nodes_marker) or {}).get("session")
+    return MultiNode(run, where, tuple(p.gpus), say, session)
 
 
 def dry_run_lines(p: TrainPlan, where: nodes.Nodes) -> list[tuple[str, str]]:
