@@ -28,7 +28,7 @@ from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir import records
+from yolosafe.rundir import records, steps
 from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor import child as supervise
 from yolosafe.supervisor import terminal
@@ -221,7 +221,8 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
         if where.multi:  # every node resumes the same attempt of the same run
             multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
         resume.record(r, given)
-        terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}")
+        at = steps.words(steps.resume_point(r.run, r.last))
+        terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}{' ' + at if at else ''}")
         code = run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
                               resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
                               final_val_only=r.final_val_only)

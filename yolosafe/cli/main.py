@@ -74,6 +74,9 @@ def cli() -> None:
 @click.option("--val-oom", type=click.Choice(["in-place", "relaunch"]),
               help="A validation OOM: the rank halves its own validation batch and validates again in place, or "
                    f"every rank is relaunched with half the validation batch. Default {D['val_oom']}.")
+@click.option("--save-every",
+              help="A step checkpoint inside the epoch every duration (10m) or iterations (500it), that any resume "
+                   f"continues from; 0 = only the per-epoch saves. Default {D['save_every']} (under 1 % of the time).")
 @click.option("--memory-fraction", type=float,
               help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")

@@ -19,7 +19,8 @@ from yolosafe.planning.options import DEFAULTS, WATCH_KEYS
 from yolosafe.planning.validate import InputError
 from yolosafe.rundir import records
 
-RUN_KEYS = ("max_retries", "min_batch", *WATCH_KEYS)  # the options that shape the attempts, kept in the story
+# the options that shape the attempts, kept in the story
+RUN_KEYS = ("max_retries", "min_batch", *WATCH_KEYS, "save_every")
 
 
 def _default(key: str) -> Any:
@@ -49,6 +50,7 @@ class TrainOptions:
     watch_interval: float = _default("watch_interval")  # seconds between memory samples; 0 turns the watch off
     warn_at: float = _default("warn_at")  # the share of a GPU's memory that prints a warning
     clear_before_val: bool = _default("clear_before_val")  # empty the CUDA cache on every rank before validation
+    save_every: str = _default("save_every")  # the step checkpoint inside the epoch (planning/saveevery.py)
     val_oom: str = _default("val_oom")  # a validation OOM: 'in-place' or 'relaunch'
     memory_fraction: float = _default("memory_fraction")  # --batch auto: the share of free GPU memory to fill
     args: Sequence[str] = _default("args")  # Ultralytics key=value train arguments

@@ -62,6 +62,7 @@ WEIGHTS = "weights"
 LAST = "last.pt"
 BEST = "best.pt"
 UNVALIDATED = "unvalidated.pt"  # an epoch trained, not yet validated (yolosafe.training.valretry)
+STEP = "step.pt"  # the step checkpoint inside an epoch, at most one (yolosafe.training.stepckpt)
 ARGS = "args.yaml"
 RESULTS_CSV = "results.csv"
 # Set by the supervisor in the environment of every process of an attempt (worker, launcher, ranks), read by nobody but

@@ -153,6 +153,11 @@ class RunDir:
         """``weights/unvalidated.pt``: an epoch trained, not yet validated."""
         return self.weights / files.UNVALIDATED
 
+    @property
+    def step_checkpoint(self) -> Path:
+        """``weights/step.pt``: the step checkpoint inside an epoch (newer than last.pt while it exists)."""
+        return self.weights / files.STEP
+
     def checkpoints(self) -> list[Path]:
         """Every ``*.pt`` file in ``weights/``."""
         return [p for p in self.weights.glob("*.pt") if p.is_file()]

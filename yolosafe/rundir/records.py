@@ -91,6 +91,8 @@ class Attempt(Record):
     gpu: int | None = None
     node: int | None = None  # multi-node: the node of the rank that ended the attempt
     resumed_from_epoch: int | None = None
+    resumed_at: dict[str, Any] | None = None  # a resume inside the epoch: {"epoch", "iteration", "of"} (rundir.steps)
+    redone: dict[str, Any] | None = None  # what this attempt trains again of the one before: {"iterations", "seconds"}
     next: str | None = None  # what the next attempt changed
 
 
@@ -114,6 +116,7 @@ class Story(Record):
     watch_interval: float | None = None
     warn_at: float | None = None
     clear_before_val: bool | None = None
+    save_every: str | None = None  # the step checkpoint inside the epoch (yolosafe.planning.saveevery)
     batch_auto: dict[str, Any] | None = None  # --batch auto: the choice and its reasons
     memory_plan: dict[str, Any] | None = None  # the memory model's prediction for the plan
     nodes: dict[str, Any] | None = None  # a multi-node run: nodes.Nodes.summary() of this node
@@ -194,6 +197,9 @@ class Event(Record):
     gpu: int | None = None
     pid: int | None = None
     attempt: int | None = None
+    iteration: int | None = None  # step_saved / step_resume: the iterations of the epoch done; of: the epoch's
+    of: int | None = None
+    seconds: float | None = None  # step_saved: how long the save took
 
 
 def story_path(run: RunDir | Path) -> Path:

@@ -99,6 +99,7 @@ class RunOptions:
     clear_before_val: bool  # gc + empty_cache on every rank right before validation
     multinode: MultiNode | None = None  # several machines: the other nodes (yolosafe.supervisor.multinode.agree);
                                         # None on one machine
+    save_every: str = DEFAULTS["save_every"]  # the step checkpoint inside the epoch (planning.saveevery)
     val_oom: str = DEFAULTS["val_oom"]  # in-place or relaunch (yolosafe.training.valretry)
 
     @classmethod
@@ -107,7 +108,8 @@ class RunOptions:
         return cls(env=env, max_retries=int(options.max_retries), min_batch=int(options.min_batch),
                    simulate_on_cpu=simulated, watch_interval=float(options.watch_interval),
                    warn_at=float(options.warn_at), clear_before_val=bool(options.clear_before_val),
-                   multinode=multinode, val_oom=str(options.val_oom or DEFAULTS["val_oom"]))
+                   multinode=multinode, val_oom=str(options.val_oom or DEFAULTS["val_oom"]),
+                   save_every=str(options.save_every if options.save_every is not None else DEFAULTS["save_every"]))
 
 
 def versions() -> dict[str, str | None]:
@@ -175,6 +177,7 @@ class Supervisor:
             plan=plan.summary(),
             train_kwargs=kwargs,
             val_oom=self.options.val_oom,
+            save_every=self.options.save_every,
         )
 
     def command(self, spec: RunSpec, path: Path) -> list[str]:

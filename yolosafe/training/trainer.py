@@ -17,7 +17,8 @@ from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.model import YOLO
 
 from yolosafe import bench
-from yolosafe.training import callbacks, peakmetrics, valretry
+from yolosafe.rundir import files as rundir
+from yolosafe.training import callbacks, peakmetrics, stepckpt, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 from yolosafe.training.fake import cpuranks
@@ -197,7 +198,7 @@ class ValidateFirst(_InContext):
 
     def save_model(self) -> bool:
         saved = super().save_model()
-        if self.last.name != valretry.UNVALIDATED:  # this epoch is validated and kept: the unvalidated state is old
+        if self.last.name == rundir.LAST:  # this epoch is validated and kept: the unvalidated state is old
             (self.wdir / valretry.UNVALIDATED).unlink(missing_ok=True)
         return saved
 
@@ -226,8 +227,8 @@ class ValidateFirst(_InContext):
             valretry.finish(self)
 
 
-MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, FailureRecord, ValidateFirst,
-          AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
+MIXINS = (LauncherWorldSize, stepckpt.StepCheckpoints, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint,
+          FailureRecord, ValidateFirst, AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
 
 
 def trainer_class(task: str, context: RunContext, base: type[BaseTrainer] | None = None) -> type[BaseTrainer]:

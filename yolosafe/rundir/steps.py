@@ -1,0 +1,73 @@
+"""Where a resume continues inside an epoch and the work it trains again, read from the ranks' events (no torch).
+
+Rank 0 records each step checkpoint it writes (``step_saved``: the epoch, the iterations of it done, of how many,
+the save's seconds; :mod:`yolosafe.training.stepckpt`). The supervisor, which never reads a checkpoint with torch,
+says from these where the next attempt resumes and how much of the failed attempt it trains again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from yolosafe.rundir import files
+from yolosafe.rundir.layout import RunDir
+from yolosafe.rundir.records import Event, load_events
+
+
+def _leads(e: Event) -> bool:
+    return e.rank in (-1, 0)
+
+
+def newest_save(events: list[Event]) -> Event | None:
+    """The newest step checkpoint written (the one ``weights/step.pt`` holds while it exists)."""
+    return next((e for e in reversed(events) if e.event == "step_saved" and _leads(e)), None)
+
+
+def resume_point(run: RunDir | Path, checkpoint: Path | None) -> dict[str, Any] | None:
+    """``{"epoch", "iteration", "of"}`` when ``checkpoint`` is the step checkpoint; None for an epoch checkpoint."""
+    if checkpoint is None or checkpoint.name != files.STEP:
+        return None
+    saved = newest_save(load_events(run))
+    if saved is None or saved.iteration is None:
+        return None
+    return {"epoch": saved.epoch, "iteration": saved.iteration, "of": saved.of}
+
+
+def words(point: dict[str, Any] | None) -> str:
+    """``from epoch 7, iteration 812 of 1849`` (1-based epoch and iteration, as Ultralytics prints them)."""
+    if not point:
+        return ""
+    return f"from epoch {point['epoch'] + 1}, iteration {point['iteration'] + 1} of {point['of']}"
+
+
+def redone(run: RunDir | Path, attempt: int, point: dict[str, Any] | None, ended_at: float | None,
+           iteration: int | None) -> dict[str, Any] | None:
+    """What the next attempt trains again of ``attempt``: its iterations and seconds after the checkpoint resumed
+    from (``point``: a step checkpoint; None: the epoch's start, last.pt). ``iteration``: where it failed, as its
+    failure record says; None when unknown (a kill): the seconds alone. ``ended_at`` None: its last event's time."""
+    every = [e for e in load_events(run) if e.attempt == attempt]
+    events = [e for e in every if _leads(e)]
+    if ended_at is None:
+        ended_at = max((e.t for e in every if e.t is not None), default=None)
+        if ended_at is None:
+            return None
+    started = [e for e in events if e.event == "train_start"]
+    if not started:
+        return None
+    epoch = started[-1].epoch
+    if point is not None and point.get("epoch") == epoch:
+        saved = next((e for e in reversed(events) if e.event == "step_saved" and e.epoch == epoch
+                      and e.iteration == point["iteration"]), None)
+        since, done = (saved.t if saved else None), point["iteration"]
+    else:
+        since, done = started[-1].t, 0
+    if since is None:
+        return None
+    return {"epoch": epoch, "iterations": None if iteration is None else max(iteration - done, 0),
+            "seconds": round(max(ended_at - since, 0.0), 2)}
+
+
+def save_seconds(run: RunDir | Path) -> list[float]:
+    """The seconds of every step checkpoint rank 0 wrote (the share of training time they cost: ``report``)."""
+    return [e.seconds for e in load_events(run) if e.event == "step_saved" and _leads(e) and e.seconds is not None]
