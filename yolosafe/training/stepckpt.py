@@ -163,6 +163,7 @@ class StepCheckpoints:
         self._preempt_at: float | None = None
         self._files: dict[str, int] | None = None
         self._record = os.environ.get(RECORD_SAMPLES_ENV) == "1"
+        self._samples: list[int] | None = None
         self.add_callback("on_train_epoch_start", self._epoch_start)
         self.add_callback("on_train_batch_start", self._batch_start)
         self.add_callback("on_train_batch_end", self._batch_end)
@@ -323,14 +324,16 @@ class StepCheckpoints:
             start = self._i * size
             self._order = next((d for d in reversed(self._recording.draws) if d[start:start + len(indices)] == indices),
                                None)
-        if self._record:
-            callbacks.append_event(self.run_context, "batch_trained", self, iteration=self._i, samples=indices)
+        self._samples = indices if self._record else None  # recorded once the step's backward is done
 
     # --- the save -------------------------------------------------------------------------------------------------
 
     def _batch_end(self, trainer: Any) -> None:
         if isinstance(self.model, _NoForward):  # a batch trained before the resume: already saved
             return
+        if self._samples is not None:
+            callbacks.append_event(self.run_context, "batch_trained", self, iteration=self._i, samples=self._samples)
+            self._samples = None
         self._since_save += 1
         done = self._i + 1
         if self._recording is None or (self._every.off and self._preempt_at is None) or done >= self._nb:

@@ -1,0 +1,197 @@
+"""Step checkpoints inside the epoch and the resume from that iteration.
+
+The arithmetic over the real samplers (torch's DistributedSampler and BatchSampler, Ultralytics' loader), then
+drills with the real trainer: a training OOM injected in the middle of epoch 2 (of 3), with a step checkpoint every
+3 iterations, on a training set of 21 images (odd: uneven shards over 2 ranks), in one process and over 2 CPU ranks.
+The relaunch must train only the rest of that epoch: from the ranks' own events, each sample of the epoch is trained
+once over both attempts, per rank; results.csv has each epoch once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests import tinysets
+from tests.conftest import YOLOSAFE, cli_env, story, wait_until
+from yolosafe.planning import saveevery
+from yolosafe.training import stepckpt
+
+TRAIN_IMAGES = 21  # odd: 2 ranks get uneven shards (DistributedSampler pads one index)
+DRILL = ["--epochs", "3", "--imgsz", "64", "--batch", "4", "--effective-batch", "8", "--save-every", "3it",
+         "workers=0", "plots=False", "--model", "yolov8n.yaml"]
+
+
+@pytest.mark.parametrize(("word", "expected"), [
+    ("10m", saveevery.SaveEvery(seconds=600.0)), ("90s", saveevery.SaveEvery(seconds=90.0)),
+    ("500it", saveevery.SaveEvery(iterations=500)), ("0", saveevery.SaveEvery()),
+    ("auto", saveevery.SaveEvery(auto=True)),
+    (None, saveevery.SaveEvery(auto=True)), ("1.5h", saveevery.SaveEvery(seconds=5400.0)),
+])
+def test_save_every_words(word, expected):
+    assert saveevery.parse(word) == expected
+
+
+@pytest.mark.parametrize("word", ["10", "it", "-3it", "2.5it", "0it5", "ten minutes"])
+def test_save_every_refuses_other_words(word):
+    with pytest.raises(saveevery.SaveEveryError):
+        saveevery.parse(word)
+
+
+def test_auto_keeps_the_cost_under_one_percent():
+    auto = saveevery.parse("auto")
+    assert auto.interval_s(None) == saveevery.AUTO_FLOOR_S
+    for save_s in (0.1, 3.0, 12.0, 60.0):
+        assert save_s / auto.interval_s(save_s) < 0.01
+
+
+def test_bad_save_every_is_one_line_before_any_run(run_cli, tmp_path):
+    result = run_cli("train", "--save-every", "often", "--epochs", "1")
+    assert result.returncode == 2 and "--save-every 'often'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@settings(max_examples=150, deadline=None)
+@given(images=st.integers(2, 60), world=st.integers(1, 4), batch=st.integers(1, 9), halve=st.booleans(),
+       epoch=st.integers(0, 5), data=st.data())
+def test_skip_over_the_real_samplers(images, world, batch, halve, epoch, data):
+    """Each rank's epoch, cut after the iterations done and drawn again (the rest) at the new batch, keeps the
+    loader's length and trains each sample of the rank's order once."""
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    new_batch = max(batch // 2, 1) if halve else batch
+    for rank in range(world):
+        sampler = DistributedSampler(range(images), num_replicas=world, rank=rank, shuffle=True, seed=7)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        nb = math.ceil(len(order) / batch)
+        done = data.draw(st.integers(1, nb - 1)) if nb > 1 else 0
+        done_samples = min(done * batch, len(order))
+        recording = stepckpt.RecordingSampler(sampler)
+        recording.given = order[done_samples:]
+        rest = list(BatchSampler(recording, new_batch, drop_last=False))
+        skip = stepckpt.skipped_iterations(len(order), done_samples, new_batch)
+        assert skip + len(rest) == len(BatchSampler(recording, new_batch, drop_last=False))  # the loader's length
+        trained = [i for b in list(BatchSampler(order[:done_samples], batch, False))[:done] for i in b]
+        trained += [i for b in rest for i in b]
+        assert trained == order and recording.draws[-1] == order[done_samples:]
+        assert list(recording) == order  # given once: the next epoch draws the sampler's own order
+
+
+def test_rescaled_accumulation_state():
+    assert stepckpt._rescale(40, 3, 12, 12, 5, 5) == 40  # the same batch: the same iteration
+    # batch halved: 12 -> 24 iterations per epoch; 2 iterations since the last step at 12 are 4 at 24
+    assert stepckpt._rescale(38, 3, 12, 24, 10, 5) == 3 * 24 + 10 - 1 - 4
+
+
+# --- drills with the real trainer ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("odd")
+    tinysets.split(root / "images" / "train", root / "labels" / "train", TRAIN_IMAGES, "detect", 3)
+    tinysets.split(root / "images" / "val", root / "labels" / "val", 4, "detect", 4)
+    return tinysets.data_yaml(root / "data.yaml", {"path": str(root), "train": "images/train", "val": "images/val",
+                                                  "nc": 1, "names": {0: "thing"}}, "detect")
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+
+def trained(run: Path, epoch: int) -> dict[int, dict[int, list[int]]]:
+    """``{rank: {attempt: [sample indices trained in epoch, in order]}}``, from the ranks' own events."""
+    found: dict[int, dict[int, list[int]]] = {}
+    for e in _events(run):
+        if e["event"] == "batch_trained" and e["epoch"] == epoch:
+            found.setdefault(e["rank"], {}).setdefault(e["attempt"], []).extend(e["samples"])
+    return found
+
+
+def epochs_in_results(run: Path) -> list[int]:
+    with (run / "results.csv").open() as f:
+        return [int(float(row["epoch"])) for row in csv.DictReader(f, skipinitialspace=True)]
+
+
+def assert_only_the_rest(run: Path, ranks: int, shard: int) -> dict[int, dict[int, list[int]]]:
+    epoch2 = trained(run, 1)
+    assert sorted(epoch2) == ([-1] if ranks == 1 else list(range(ranks)))
+    for rank, attempts in epoch2.items():
+        assert sorted(attempts) == [1, 2], attempts
+        both = attempts[1] + attempts[2]
+        assert len(both) == shard and max(Counter(both).values()) == 1, (rank, attempts)  # each sample once
+    covered = {i for attempts in epoch2.values() for samples in attempts.values() for i in samples}
+    assert covered == set(range(TRAIN_IMAGES))
+    resumed = [e for e in _events(run) if e["event"] == "step_resume"]
+    assert [(e["attempt"], e["epoch"], e["saved_iteration"]) for e in resumed] == [(2, 1, 3)]
+    assert epochs_in_results(run) == [1, 2, 3]  # each epoch once
+    s = story(run)
+    assert s["outcome"] == "completed" and s["attempts"][1]["resumed_at"] == {"epoch": 1, "iteration": 3, "of": 6}
+    redone = s["attempts"][1]["redone"]
+    assert redone["epoch"] == 1 and redone["iterations"] == 0  # the OOM hit the iteration right after the save
+    assert not (run / "weights" / "step.pt").exists()  # removed once the epoch's last.pt was written
+    return epoch2
+
+
+@pytest.mark.slow
+def test_oom_mid_epoch_relaunch_trains_only_the_rest_one_process(run_cli, tmp_path, odd_data):
+    env = {"YOLOSAFE_INJECT_OOM": "phase=train,epoch=1,iteration=3", stepckpt.RECORD_SAMPLES_ENV: "1"}
+    result = run_cli("train", "--data", str(odd_data), *DRILL, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "detect" / "train"
+    assert "resuming from " in result.stderr and "step.pt from epoch 2, iteration 4 of 6" in result.stderr
+    epoch2 = assert_only_the_rest(run, 1, TRAIN_IMAGES)
+    assert len(epoch2[-1][1]) == 3 * 4  # attempt 1: 3 iterations at batch 4, all saved; attempt 2 the rest at 2
+
+
+@pytest.mark.slow
+def test_oom_mid_epoch_relaunch_trains_only_the_rest_two_ranks(run_cli, tmp_path, odd_data):
+    env = {"YOLOSAFE_FAKE_GPUS": "2x24GB", "YOLOSAFE_INJECT_OOM": "phase=train,epoch=1,iteration=3,rank=1",
+           stepckpt.RECORD_SAMPLES_ENV: "1"}
+    result = run_cli("train", "--data", str(odd_data), "--gpus", "0,1", *DRILL, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "detect" / "train"
+    epoch2 = assert_only_the_rest(run, 2, math.ceil(TRAIN_IMAGES / 2))
+    assert all(len(a[1]) == 3 * 2 for a in epoch2.values())  # 3 iterations at 2 per rank before the OOM
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_continues_from_the_step(tmp_path, shared_cache, odd_data):
+    """A stop in the middle of epoch 2 (after its step checkpoint at iteration 3), then ``--resume``: it continues
+    from that iteration, said in its terminal line; each sample of the epoch trained once."""
+    import subprocess
+
+    env = cli_env(shared_cache, {stepckpt.RECORD_SAMPLES_ENV: "1"})
+    proc = subprocess.Popen([YOLOSAFE, "train", "--data", str(odd_data), *DRILL], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = tmp_path / "runs" / "detect" / "train"
+
+    def saved() -> bool:
+        return (run / "events.jsonl").is_file() and any(
+            e["event"] == "step_saved" and e["epoch"] == 1 for e in _events(run))
+
+    wait_until(saved, proc, "the step checkpoint of epoch 2", 300)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and (run / "weights" / "step.pt").is_file(), err[-2000:]
+    resumed = subprocess.run([YOLOSAFE, "train", "--resume", str(run)], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step.pt from epoch 2, iteration 4 of 6" in resumed.stderr
+    epoch2 = trained(run, 1)[-1]
+    both = [i for samples in epoch2.values() for i in samples]
+    first_attempt = len(epoch2[1])
+    assert first_attempt >= 3 * 4  # at least what the step checkpoint holds
+    redone = first_attempt - 3 * 4  # trained after the step checkpoint, before the stop: trained again
+    assert len(both) == TRAIN_IMAGES + redone and set(both) == set(range(TRAIN_IMAGES))
+    assert epochs_in_results(run) == [1, 2, 3]
