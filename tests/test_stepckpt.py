@@ -144,23 +144,13 @@ def assert_only_the_rest(run: Path, ranks: int, shard: int) -> dict[int, dict[in
 
 
 @pytest.mark.slow
-def test_oom_mid_epoch_relaunch_trains_only_the_rest_one_process(run_cli, tmp_path, odd_data):
-    env = {"YOLOSAFE_INJECT_OOM": "phase=train,epoch=1,iteration=3", stepckpt.RECORD_SAMPLES_ENV: "1"}
-    result = run_cli("train", "--data", str(odd_data), *DRILL, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "runs" / "detect" / "train"
-    assert "resuming from " in result.stderr and "step.pt from epoch 2, iteration 4 of 6" in result.stderr
-    epoch2 = assert_only_the_rest(run, 1, TRAIN_IMAGES)
-    assert len(epoch2[-1][1]) == 3 * 4  # attempt 1: 3 iterations at batch 4, all saved; attempt 2 the rest at 2
-
-
-@pytest.mark.slow
 def test_oom_mid_epoch_relaunch_trains_only_the_rest_two_ranks(run_cli, tmp_path, odd_data):
     env = {"YOLOSAFE_FAKE_GPUS": "2x24GB", "YOLOSAFE_INJECT_OOM": "phase=train,epoch=1,iteration=3,rank=1",
            stepckpt.RECORD_SAMPLES_ENV: "1"}
     result = run_cli("train", "--data", str(odd_data), "--gpus", "0,1", *DRILL, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "detect" / "train"
+    assert "step.pt from epoch 2, iteration 4 of 6" in result.stderr  # the relaunch line: where it continues
     epoch2 = assert_only_the_rest(run, 2, math.ceil(TRAIN_IMAGES / 2))
     assert all(len(a[1]) == 3 * 2 for a in epoch2.values())  # 3 iterations at 2 per rank before the OOM
 

@@ -81,7 +81,7 @@ class HangPoints(_InContext):
 
     def save_model(self) -> bool:
         heartbeat.beat(self.run_context, "save")
-        if self.last.name != valretry.UNVALIDATED:
+        if self.last.name == rundir.LAST:  # the epoch's save: not unvalidated.pt's, not a step checkpoint's
             heartbeat.maybe_hang(self.run_context, "save")
         return super().save_model()
 
