@@ -2,9 +2,10 @@
 
 The arithmetic over the real samplers (torch's DistributedSampler and BatchSampler, Ultralytics' loader), then
 drills with the real trainer: a training OOM injected in the middle of epoch 2 (of 3), with a step checkpoint every
-3 iterations, on a training set of 21 images (odd: uneven shards over 2 ranks), in one process and over 2 CPU ranks.
-The relaunch must train only the rest of that epoch: from the ranks' own events, each sample of the epoch is trained
-once over both attempts, per rank; results.csv has each epoch once.
+3 iterations, on a training set of 21 images (odd: uneven shards over 2 ranks), over 2 CPU ranks; a SIGTERM
+mid-epoch (a preemption) then --resume, in one process. The relaunch must train only the rest of that epoch: from
+the ranks' own events, each sample of the epoch is trained once over both attempts, per rank; results.csv has each
+epoch once.
 """
 
 from __future__ import annotations
@@ -156,9 +157,10 @@ def test_oom_mid_epoch_relaunch_trains_only_the_rest_two_ranks(run_cli, tmp_path
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume_continues_from_the_step(tmp_path, shared_cache, odd_data):
-    """A stop in the middle of epoch 2 (after its step checkpoint at iteration 3), then ``--resume``: it continues
-    from that iteration, said in its terminal line; each sample of the epoch trained once."""
+def test_sigterm_mid_epoch_writes_a_step_checkpoint_and_resume_continues_there(tmp_path, shared_cache, odd_data):
+    """A preemption: SIGTERM in the middle of epoch 2 (right after its step checkpoint at iteration 3). The rank
+    writes a step checkpoint at its next step boundary, the run stops resumable; ``--resume`` continues from that
+    iteration, said in its terminal line; each sample of the epoch trained once over both attempts, nothing redone."""
     import subprocess
 
     env = cli_env(shared_cache, {stepckpt.RECORD_SAMPLES_ENV: "1"})
@@ -172,16 +174,18 @@ def test_sigterm_mid_epoch_then_resume_continues_from_the_step(tmp_path, shared_
 
     wait_until(saved, proc, "the step checkpoint of epoch 2", 300)
     os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and (run / "weights" / "step.pt").is_file(), err[-2000:]
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "stopped by SIGTERM" in err, err[-2000:]
+    preempted = [e for e in _events(run) if e["event"] == "step_saved" and e.get("preempted")]
+    assert len(preempted) == 1 and (run / "weights" / "step.pt").is_file(), err[-2000:]
+    assert not (run / ".preempt").exists()
+    epoch, at = preempted[0]["epoch"], preempted[0]["iteration"]
     resumed = subprocess.run([YOLOSAFE, "train", "--resume", str(run)], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "step.pt from epoch 2, iteration 4 of 6" in resumed.stderr
-    epoch2 = trained(run, 1)[-1]
-    both = [i for samples in epoch2.values() for i in samples]
-    first_attempt = len(epoch2[1])
-    assert first_attempt >= 3 * 4  # at least what the step checkpoint holds
-    redone = first_attempt - 3 * 4  # trained after the step checkpoint, before the stop: trained again
-    assert len(both) == TRAIN_IMAGES + redone and set(both) == set(range(TRAIN_IMAGES))
+    assert f"step.pt from epoch {epoch + 1}, iteration {at + 1} of 6" in resumed.stderr
+    attempts = trained(run, epoch)[-1]
+    assert sorted(attempts) == [1, 2] and len(attempts[1]) == at * 4  # the stop lost nothing trained
+    both = attempts[1] + attempts[2]
+    assert sorted(both) == list(range(TRAIN_IMAGES))  # each sample once
     assert epochs_in_results(run) == [1, 2, 3]

@@ -232,6 +232,7 @@ class Event(Record):
     iteration: int | None = None  # step_saved / step_resume: the iterations of the epoch done; of: the epoch's
     of: int | None = None
     seconds: float | None = None  # step_saved: how long the save took
+    preempted: bool | None = None  # step_saved: written because a stop (SIGTERM, SIGUSR1) asked for it
 
 
 def story_path(run: RunDir | Path) -> Path:

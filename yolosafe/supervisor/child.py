@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,7 +230,8 @@ class Supervisor:
                 else:  # multi-node: also stop this node's ranks when another node's attempt failed
                     on_start = self.machines.watch(spec.attempt, on_start)
                     with self.hang_watch(spec, on_start) as on_start:
-                        result = run_child(cmd, env, log, on_start=on_start, out=self.terminal(spec))
+                        result = run_child(cmd, env, log, on_start=on_start, out=self.terminal(spec),
+                                           preempt=lambda: preempt(self.files, spec))
         # multi-node: the outcome every node derives from every node's end record
         return result, self.machines.agree(spec.attempt, result, tail(log_path, start))
 
@@ -288,3 +290,21 @@ class Supervisor:
         for gpu, mib in (self.watch.peak_others if self.watch else {}).items():
             found[gpu] = max(found.get(gpu, 0.0), mib)
         return found
+
+
+PREEMPT_GRACE_S = 30.0  # a preemption: the most the ranks get to write their step checkpoint before the stop
+
+
+def preempt(files: RunDir, spec: RunSpec, grace_s: float = PREEMPT_GRACE_S) -> None:
+    """A preemption (SIGTERM, SIGUSR1): ask the ranks for a step checkpoint at their next step boundary
+    (:mod:`yolosafe.training.stepckpt`: rank 0 removes the request once written) and wait for it, at most
+    ``grace_s``; then the attempt is stopped as any stop is, resumable from the newest checkpoint."""
+    request = files.preempt_request
+    if spec.mode != "train":
+        return
+    rundir.write_json(request, {"t": time.time()})
+    deadline = time.monotonic() + grace_s
+    while request.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    request.unlink(missing_ok=True)
+

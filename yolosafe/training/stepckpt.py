@@ -34,7 +34,8 @@ from yolosafe.training.context import RunContext
 
 STATE = "yolosafe/step"  # in the step checkpoint's train_metrics
 RECORD_SAMPLES_ENV = "YOLOSAFE_RECORD_SAMPLES"  # drills: each rank records the dataset indices of every batch
-PREEMPT_GRACE_S = 60.0  # after SIGTERM/SIGUSR1, the most a rank waits for the next step boundary
+PREEMPT_GRACE_S = 60.0  # after the step checkpoint a stop asked for, the most a rank waits for the stop itself
+SYNC_EVERY = 8  # DDP: rank 0's clock and a stop's request reach every rank every this many iterations
 
 
 class Skipped(dict):
@@ -160,7 +161,6 @@ class StepCheckpoints:
         self._saved_at = time.monotonic()
         self._since_save = 0
         self._save_s: float | None = None
-        self._preempt_at: float | None = None
         self._files: dict[str, int] | None = None
         self._record = os.environ.get(RECORD_SAMPLES_ENV) == "1"
         self._samples: list[int] | None = None
@@ -336,31 +336,49 @@ class StepCheckpoints:
             self._samples = None
         self._since_save += 1
         done = self._i + 1
-        if self._recording is None or (self._every.off and self._preempt_at is None) or done >= self._nb:
+        if self._recording is None or done >= self._nb:  # the epoch's own save comes next
             return
-        if not self._due():
-            return
-        self.save_step(done)
+        due, preempted = self._decide(done)
+        if due or preempted:
+            self.save_step(done, preempted)
+        if preempted:
+            self._await_stop()
 
-    def _due(self) -> bool:
-        """Every rank the same answer: iterations count alike; time and a stop signal are rank 0's, shared."""
-        if self._every.iterations:
-            due = self._since_save >= self._every.iterations
-            return due or self._preempt_at is not None if self.world_size <= 1 else self._shared(due)
-        interval = self._every.interval_s(self._save_s)
-        due = interval is not None and time.monotonic() - self._saved_at >= interval
-        return due or self._preempt_at is not None if self.world_size <= 1 else self._shared(due)
+    def _decide(self, done: int) -> tuple[bool, bool]:
+        """(a save is due, a stop asked for one): every rank the same answer. Iterations count alike on every rank;
+        the clock and the stop's request are rank 0's, shared every :data:`SYNC_EVERY` iterations (one small
+        all_reduce), so a save by time or a preemption comes at most that many iterations late."""
+        counted = bool(self._every.iterations) and self._since_save >= self._every.iterations
+        if self.world_size > 1 and not counted and done % SYNC_EVERY:
+            return False, False
+        timed = preempted = False
+        if self.run_context.rank.leads:
+            interval = None if self._every.iterations else self._every.interval_s(self._save_s)
+            timed = interval is not None and time.monotonic() - self._saved_at >= interval
+            preempted = self.run_context.run.preempt_request.exists()
+        if self.world_size > 1:
+            timed, preempted = self._shared(timed, preempted)
+        return counted or timed, preempted
 
-    def _shared(self, due: bool) -> bool:
+    def _shared(self, *flags: bool) -> tuple[bool, ...]:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([int(due or self._preempt_at is not None)], device=_collective_device(self))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        tensor = torch.tensor([int(f) for f in flags], device=_collective_device(self))
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in tensor.tolist())
 
-    def save_step(self, done: int) -> None:
-        """Every rank: its RNG states and its epoch's order gathered on rank 0, which writes step.pt."""
+    def _await_stop(self) -> None:
+        """After the step checkpoint a stop asked for: wait for the stop (the supervisor's SIGINT, a
+        KeyboardInterrupt here), at most :data:`PREEMPT_GRACE_S`; then stop as it would."""
+        deadline = time.monotonic() + PREEMPT_GRACE_S
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        raise KeyboardInterrupt("preempted: the step checkpoint is written")
+
+    def save_step(self, done: int, preempted: bool = False) -> None:
+        """Every rank: its RNG states and its epoch's order gathered on rank 0, which writes step.pt (and, after a
+        stop's request, removes the request: the supervisor then stops the ranks)."""
         started = time.monotonic()
         size = self.train_loader.batch_size
         mine = {"rng": rng_states(), "order": self._order, "done_samples": min(done * size, len(self._order or []))}
@@ -371,13 +389,14 @@ class StepCheckpoints:
             dist.all_gather_object(every, mine)
         else:
             every = [mine]
-        if self.run_context.rank.leads and not bench.bench_off("step"):
-            if any(r["order"] is None for r in every):
-                return  # an order not found: no exact continuation, the epoch checkpoint stays the newest
+        # an order not found: no exact continuation, the epoch checkpoint stays the newest
+        if self.run_context.rank.leads and not bench.bench_off("step") and all(r["order"] is not None for r in every):
             self._write(done, every)
             self._save_s = time.monotonic() - started
             callbacks.append_event(self.run_context, "step_saved", self, iteration=done, of=self._nb,
-                                   seconds=round(self._save_s, 4))
+                                   seconds=round(self._save_s, 4), preempted=preempted)
+        if preempted and self.run_context.rank.leads:
+            self.run_context.run.preempt_request.unlink(missing_ok=True)
         self._saved_at, self._since_save = time.monotonic(), 0
 
     def _write(self, done: int, every: list[dict[str, Any]]) -> None:
