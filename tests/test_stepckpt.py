@@ -94,6 +94,34 @@ def test_rescaled_accumulation_state():
     assert stepckpt._rescale(38, 3, 12, 24, 10, 5) == 3 * 24 + 10 - 1 - 4
 
 
+def _saved_run(tmp_path: Path, **saved) -> Path:
+    from yolosafe.rundir import files
+
+    (tmp_path / "weights").mkdir()
+    step = tmp_path / "weights" / files.STEP
+    step.write_bytes(b"")
+    files.append_jsonl(tmp_path / "events.jsonl", {"event": "step_saved", "rank": 0, "attempt": 1, "t": 1.0,
+                                                   "epoch": 6, **saved})
+    return step
+
+
+def test_where_a_resume_continues_in_the_next_attempts_iterations(tmp_path):
+    """A save at 812 of 1849 iterations at batch 8 (14789 samples per rank, 6496 done): at batch 8 the same
+    place, at batch 4 the same samples done; on another number of ranks, the epoch restarts, said in one line."""
+    from yolosafe.rundir import steps
+
+    step = _saved_run(tmp_path, iteration=812, of=1849, world=4, shard=14789, done_samples=812 * 8)
+    same = steps.resume_point(tmp_path, step, 4, 8)
+    assert steps.words(same) == "from epoch 7, iteration 813 of 1849"
+    halved = steps.resume_point(tmp_path, step, 4, 4)
+    assert (halved["iteration"], halved["of"]) == (3698 - math.ceil((14789 - 6496) / 4), 3698)
+    assert steps.words(steps.resume_point(tmp_path, step)) == "from epoch 7, iteration 813 of 1849"
+    other = steps.words(steps.resume_point(tmp_path, step, 2, 8), 2)
+    assert "\n" not in other and "saved by 4 ranks at iteration 812 of 1849" in other
+    assert "epoch 7 restarts from its first iteration" in other
+    assert steps.resume_point(tmp_path, tmp_path / "weights" / "last.pt", 4, 8) is None
+
+
 # --- drills with the real trainer ------------------------------------------------------------------------------------
 
 
@@ -134,10 +162,14 @@ def assert_only_the_rest(run: Path, ranks: int, shard: int) -> dict[int, dict[in
     covered = {i for attempts in epoch2.values() for samples in attempts.values() for i in samples}
     assert covered == set(range(TRAIN_IMAGES))
     resumed = [e for e in _events(run) if e["event"] == "step_resume"]
-    assert [(e["attempt"], e["epoch"], e["saved_iteration"]) for e in resumed] == [(2, 1, 3)]
+    assert [(e["attempt"], e["epoch"], e["saved_iteration"], e["iteration"], e["of"]) for e in resumed] == [
+        (2, 1, 3, 6, 11)]
     assert epochs_in_results(run) == [1, 2, 3]  # each epoch once
     s = story(run)
-    assert s["outcome"] == "completed" and s["attempts"][1]["resumed_at"] == {"epoch": 1, "iteration": 3, "of": 6}
+    assert s["outcome"] == "completed"
+    # the relaunch at half the batch: the 3 of 6 iterations saved are 6 of 11 (the rank's own step_resume says so)
+    assert s["attempts"][1]["resumed_at"] == {"epoch": 1, "iteration": 6, "of": 11,
+                                              "saved": {"iteration": 3, "of": 6, "world": ranks}}
     redone = s["attempts"][1]["redone"]
     assert redone["epoch"] == 1 and redone["iterations"] == 0  # the OOM hit the iteration right after the save
     assert not (run / "weights" / "step.pt").exists()  # removed once the epoch's last.pt was written
@@ -151,7 +183,7 @@ def test_oom_mid_epoch_relaunch_trains_only_the_rest_two_ranks(run_cli, tmp_path
     result = run_cli("train", "--data", str(odd_data), "--gpus", "0,1", *DRILL, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "detect" / "train"
-    assert "step.pt from epoch 2, iteration 4 of 6" in result.stderr  # the relaunch line: where it continues
+    assert "step.pt from epoch 2, iteration 7 of 11" in result.stderr  # the relaunch line: where it continues
     epoch2 = assert_only_the_rest(run, 2, math.ceil(TRAIN_IMAGES / 2))
     assert all(len(a[1]) == 3 * 2 for a in epoch2.values())  # 3 iterations at 2 per rank before the OOM
 

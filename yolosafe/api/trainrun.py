@@ -229,7 +229,7 @@ def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes
         if where.multi:  # every node resumes the same attempt of the same run
             multicli.rejoin(r.run_dir, where, r.plan, attempt, r.story)
         resume.record(r, given)
-        at = steps.words(steps.resume_point(r.run, r.last))
+        at = steps.words(steps.resume_point(r.run, r.last, r.plan.world_size, r.plan.per_gpu_batch), r.plan.world_size)
         terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}{' ' + at if at else ''}")
         code = run_supervised(r.run_dir, r.plan, r.env, r.options, r.simulated, r.story,
                               resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start

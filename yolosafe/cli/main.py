@@ -167,7 +167,7 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     hangs = report.hangs(run)
     for found in [] if as_json else hangs:  # said first: a hang has no memory figures of its own
         click.echo(f"{path}: {report.hang_line(found, report.epochs(run))}")
-    for line in [] if as_json else report.stragglers(run):
+    for line in [] if as_json else [*report.stragglers(run), *report.redone(run)]:
         click.echo(f"{path}: {line}")
     try:
         summary = report.write(path)

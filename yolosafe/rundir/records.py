@@ -95,7 +95,7 @@ class Attempt(Record):
     gpu: int | None = None
     node: int | None = None  # multi-node: the node of the rank that ended the attempt
     resumed_from_epoch: int | None = None
-    resumed_at: dict[str, Any] | None = None  # a resume inside the epoch: {"epoch", "iteration", "of"} (rundir.steps)
+    resumed_at: dict[str, Any] | None = None  # a resume inside the epoch: rundir.steps.resume_point
     redone: dict[str, Any] | None = None  # what this attempt trains again of the one before: {"iterations", "seconds"}
     next: str | None = None  # what the next attempt changed
 
@@ -233,6 +233,9 @@ class Event(Record):
     of: int | None = None
     seconds: float | None = None  # step_saved: how long the save took
     preempted: bool | None = None  # step_saved: written because a stop (SIGTERM, SIGUSR1) asked for it
+    world: int | None = None  # step_saved: the ranks that wrote it
+    shard: int | None = None  # step_saved: the samples of the epoch per rank (every rank's order is as long)
+    done_samples: int | None = None  # step_saved: of them, trained (rank 0's; every rank's but the last batch's)
 
 
 def story_path(run: RunDir | Path) -> Path:

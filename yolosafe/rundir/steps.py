@@ -7,6 +7,7 @@ says from these where the next attempt resumes and how much of the failed attemp
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,39 @@ def newest_save(events: list[Event]) -> Event | None:
     return next((e for e in reversed(events) if e.event == "step_saved" and _leads(e)), None)
 
 
-def resume_point(run: RunDir | Path, checkpoint: Path | None) -> dict[str, Any] | None:
-    """``{"epoch", "iteration", "of"}`` when ``checkpoint`` is the step checkpoint; None for an epoch checkpoint."""
+def resume_point(run: RunDir | Path, checkpoint: Path | None, world: int | None = None,
+                 batch: int | None = None) -> dict[str, Any] | None:
+    """Where an attempt of ``world`` ranks at ``batch`` per rank continues from ``checkpoint``, when it is the step
+    checkpoint: ``{"epoch", "iteration", "of"}`` in that attempt's iterations (0-based iteration, the first one it
+    trains; at another batch the epoch keeps its samples, so its iterations are counted again:
+    :func:`yolosafe.training.stepckpt.skipped_iterations`), with ``saved`` (the iteration and ``of`` as written);
+    ``restart: True`` when it has another number of ranks than the save (the epoch restarts). None for an epoch
+    checkpoint, or a save of unknown shape."""
     if checkpoint is None or checkpoint.name != files.STEP:
         return None
     saved = newest_save(load_events(run))
-    if saved is None or saved.iteration is None:
+    if saved is None or saved.iteration is None or saved.of is None:
         return None
-    return {"epoch": saved.epoch, "iteration": saved.iteration, "of": saved.of}
+    point: dict[str, Any] = {"epoch": saved.epoch, "iteration": saved.iteration, "of": saved.of,
+                             "saved": {"iteration": saved.iteration, "of": saved.of, "world": saved.world}}
+    if world is not None and saved.world is not None and world != saved.world:
+        return {**point, "iteration": 0, "restart": True}
+    if batch and saved.shard and saved.done_samples is not None:
+        of = math.ceil(saved.shard / batch)
+        point.update(iteration=of - math.ceil((saved.shard - saved.done_samples) / batch), of=of)
+    return point
 
 
-def words(point: dict[str, Any] | None) -> str:
-    """``from epoch 7, iteration 812 of 1849`` (1-based epoch and iteration, as Ultralytics prints them)."""
+def words(point: dict[str, Any] | None, world: int | None = None) -> str:
+    """``from epoch 7, iteration 812 of 1849`` (1-based epoch and iteration, as Ultralytics prints them), or the
+    one line of an epoch that restarts on another number of ranks."""
     if not point:
         return ""
+    if point.get("restart"):
+        was = point["saved"]["world"]
+        return (f"(saved by {was} rank{'s' if was != 1 else ''} at iteration {point['saved']['iteration']} of "
+                f"{point['saved']['of']}; which samples each of {world} ranks has left cannot be known: epoch "
+                f"{point['epoch'] + 1} restarts from its first iteration, from last.pt)")
     return f"from epoch {point['epoch'] + 1}, iteration {point['iteration'] + 1} of {point['of']}"
 
 
@@ -56,10 +76,13 @@ def redone(run: RunDir | Path, attempt: int, point: dict[str, Any] | None, ended
     if not started:
         return None
     epoch = started[-1].epoch
-    if point is not None and point.get("epoch") == epoch:
+    if point is not None and point.get("epoch") == epoch and not point.get("restart"):
+        at = point["saved"]["iteration"]
         saved = next((e for e in reversed(events) if e.event == "step_saved" and e.epoch == epoch
-                      and e.iteration == point["iteration"]), None)
-        since, done = (saved.t if saved else None), point["iteration"]
+                      and e.iteration == at), None)
+        since, done = (saved.t if saved else None), at
+        if iteration is None and saved is not None and saved.preempted:  # saved at the stop: nothing after it
+            iteration = at
     else:
         since, done = started[-1].t, 0
     if since is None:
@@ -71,3 +94,16 @@ def redone(run: RunDir | Path, attempt: int, point: dict[str, Any] | None, ended
 def save_seconds(run: RunDir | Path) -> list[float]:
     """The seconds of every step checkpoint rank 0 wrote (the share of training time they cost: ``report``)."""
     return [e.seconds for e in load_events(run) if e.event == "step_saved" and _leads(e) and e.seconds is not None]
+
+
+def train_seconds(run: RunDir | Path) -> float:
+    """The seconds rank 0 spent in training epochs (each train_start to its train_end), every attempt."""
+    total, started = 0.0, None
+    for e in load_events(run):
+        if not _leads(e) or e.t is None:
+            continue
+        if e.event == "train_start":
+            started = e.t
+        elif e.event == "train_end" and started is not None:
+            total, started = total + e.t - started, None
+    return total

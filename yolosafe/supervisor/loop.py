@@ -129,7 +129,7 @@ class AttemptLoop:
         retries, val_ooms, hangs = 0, 0, 0
         while True:
             number = len(self.story.attempts) + 1
-            point = steps.resume_point(self.files, resume)
+            point = steps.resume_point(self.files, resume, plan.world_size, plan.per_gpu_batch)
             failed_at = self._failed_at.pop(number - 1, None)
             redone = steps.redone(self.files, number - 1, point, *(failed_at or (None, None))) if number > 1 else None
             if resume is not None:
@@ -148,7 +148,7 @@ class AttemptLoop:
                     return self._hung_out(hangs)
                 hangs += 1
                 self._failed_at[number] = (time.time(), None)
-                resume = self._relaunch(entry, hangs, final_val_only)
+                resume = self._relaunch(entry, hangs, final_val_only, plan)
                 continue
             failing = next((r for r in end.records if r.rank == end.rank), None)
             iteration = getattr(failing, "iteration", None) if end.phase == "train" else None
@@ -168,11 +168,11 @@ class AttemptLoop:
             entry.extra["next_plan"] = {"batch": plan.batch, "val_batch": plan.val_batch,
                                         "final_val_only": final_val_only}  # what a resume runs after a stop here
             self.save()
-            how = self._how(last, resume, final_val_only)
+            how = self._how(last, resume, final_val_only, plan)
             self.say(f"retry {retries}/{self.limits.max_retries}: {step.change}; {how}")
             self.stops.release()
 
-    def _relaunch(self, entry: Attempt, hangs: int, final_val_only: bool) -> Path | None:
+    def _relaunch(self, entry: Attempt, hangs: int, final_val_only: bool, plan: TrainPlan) -> Path | None:
         """After a hang: the same plan again, from the last checkpoint (the ranks were stopped, nothing is wrong with
         the plan); returns what the next attempt resumes from."""
         last = resume_checkpoint(self.files)
@@ -180,17 +180,17 @@ class AttemptLoop:
         entry.next = "relaunch after a hang"
         self.save()
         self.say(f"relaunch {hangs}/{self.limits.max_hang_restarts} after the hang; "
-                 f"{self._how(last, resume, final_val_only)}")
+                 f"{self._how(last, resume, final_val_only, plan)}")
         self.stops.release()
         return resume
 
-    def _how(self, last: Path, resume: Path | None, final_val_only: bool) -> str:
+    def _how(self, last: Path, resume: Path | None, final_val_only: bool, plan: TrainPlan) -> str:
         """Where the next attempt starts: ``resuming from …/step.pt from epoch 2, iteration 4 of 6``."""
         if final_val_only:
             return "final validation only"
         if resume is None:
             return "from scratch"
-        at = steps.words(steps.resume_point(self.files, resume))
+        at = steps.words(steps.resume_point(self.files, resume, plan.world_size, plan.per_gpu_batch), plan.world_size)
         return f"resuming from {last}{' ' + at if at else ''}"
 
     def _hung_out(self, hangs: int) -> Exit:

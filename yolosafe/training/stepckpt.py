@@ -135,11 +135,6 @@ def skipped_iterations(order_len: int, done_samples: int, batch: int) -> int:
     return math.ceil(order_len / batch) - math.ceil((order_len - done_samples) / batch)
 
 
-def where(state: dict[str, Any]) -> str:
-    """``epoch 7, iteration 812 of 1849`` (1-based epoch, as Ultralytics prints it)."""
-    return f"epoch {state['epoch'] + 1}, iteration {state['iteration']} of {state['nb']}"
-
-
 class StepCheckpoints:
     """``__init__``, ``resume_training``, ``_setup_train``, ``preprocess_batch``, ``optimizer_step``,
     ``_handle_nan_recovery``, ``plot_training_samples``, ``save_model``: the step checkpoint and the resume from it
@@ -203,10 +198,9 @@ class StepCheckpoints:
         from ultralytics.utils.torch_utils import unwrap_model
 
         last = self.wdir / rundir.LAST
-        if self.run_context.rank.leads:
-            print(f"yolosafe: {state['world']} rank(s) saved {where(state)}, this attempt has "
-                  f"{max(self.world_size, 1)}: epoch {state['epoch'] + 1} restarts from its first iteration",
-                  file=sys.stderr, flush=True)
+        if self.run_context.rank.leads:  # the supervisor said it in its line (rundir.steps.words)
+            callbacks.append_event(self.run_context, "step_restart", self, epoch=int(state["epoch"]),
+                                   saved_world=int(state["world"]), world=max(self.world_size, 1))
         if not last.is_file():
             raise FileNotFoundError(f"{last}: no epoch checkpoint to restart epoch {state['epoch'] + 1} from")
         _, ckpt = load_checkpoint(last)
@@ -394,7 +388,8 @@ class StepCheckpoints:
             self._write(done, every)
             self._save_s = time.monotonic() - started
             callbacks.append_event(self.run_context, "step_saved", self, iteration=done, of=self._nb,
-                                   seconds=round(self._save_s, 4), preempted=preempted)
+                                   seconds=round(self._save_s, 4), preempted=preempted, world=max(self.world_size, 1),
+                                   shard=len(every[0]["order"]), done_samples=every[0]["done_samples"])
         if preempted and self.run_context.rank.leads:
             self.run_context.run.preempt_request.unlink(missing_ok=True)
         self._saved_at, self._since_save = time.monotonic(), 0
