@@ -61,31 +61,67 @@ def test_bad_save_every_is_one_line_before_any_run(run_cli, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@settings(max_examples=150, deadline=None)
+def _loader(images: int, batch: int, sampler) -> tuple:
+    """Ultralytics' own train loader (build_dataloader: InfiniteDataLoader over _RepeatSampler over BatchSampler)
+    with ``sampler`` as its train sampler, recorded the way a rank's trainer records it."""
+    from ultralytics.data import build
+
+    loader = build.build_dataloader(list(range(images)), batch, 0, shuffle=True, rank=-1, device="cpu")
+    recording = stepckpt.RecordingSampler(sampler)
+    loader.batch_sampler.sampler.sampler = recording  # where StepCheckpoints._install_recording puts it
+    return loader, recording
+
+
+@settings(max_examples=120, deadline=None)
 @given(images=st.integers(2, 60), world=st.integers(1, 4), batch=st.integers(1, 9), halve=st.booleans(),
        epoch=st.integers(0, 5), data=st.data())
-def test_skip_over_the_real_samplers(images, world, batch, halve, epoch, data):
-    """Each rank's epoch, cut after the iterations done and drawn again (the rest) at the new batch, keeps the
-    loader's length and trains each sample of the rank's order once."""
-    from torch.utils.data import BatchSampler, DistributedSampler
+def test_skip_over_the_real_samplers_and_loader(images, world, batch, halve, epoch, data):
+    """Each rank's epoch (torch's DistributedSampler, Ultralytics' loader), cut after the iterations done and drawn
+    again at the new batch through the skipping loader: the epoch keeps the loader's length, each sample of the
+    rank's order is trained once, the skipped iterations load nothing, and the next epoch is the sampler's own."""
+    from torch.utils.data import DistributedSampler
 
     new_batch = max(batch // 2, 1) if halve else batch
     for rank in range(world):
         sampler = DistributedSampler(range(images), num_replicas=world, rank=rank, shuffle=True, seed=7)
         sampler.set_epoch(epoch)
-        order = list(sampler)
-        nb = math.ceil(len(order) / batch)
+        first, recorded = _loader(images, batch, sampler)
+        nb = len(first)
         done = data.draw(st.integers(1, nb - 1)) if nb > 1 else 0
-        done_samples = min(done * batch, len(order))
-        recording = stepckpt.RecordingSampler(sampler)
-        recording.given = order[done_samples:]
-        rest = list(BatchSampler(recording, new_batch, drop_last=False))
-        skip = stepckpt.skipped_iterations(len(order), done_samples, new_batch)
-        assert skip + len(rest) == len(BatchSampler(recording, new_batch, drop_last=False))  # the loader's length
-        trained = [i for b in list(BatchSampler(order[:done_samples], batch, False))[:done] for i in b]
-        trained += [i for b in rest for i in b]
-        assert trained == order and recording.draws[-1] == order[done_samples:]
-        assert list(recording) == order  # given once: the next epoch draws the sampler's own order
+        batches = iter(first)
+        trained = [int(i) for _ in range(done) for i in next(batches)]  # attempt 1, up to its step checkpoint
+        order = recorded.draws[-1] if recorded.draws else list(sampler)  # nothing drawn yet: the epoch's order
+        assert trained == order[:len(trained)]
+        again, recording = _loader(images, new_batch, sampler)  # attempt 2, at its batch
+        recording.given = order[len(trained):]
+        skip = stepckpt.skipped_iterations(len(order), len(trained), again.batch_size)
+        sentinel = stepckpt.Skipped()
+        epoch_batches = list(stepckpt.SkippingLoader(again, skip, sentinel, lambda: None))
+        assert len(epoch_batches) == len(again) and epoch_batches[:skip] == [sentinel] * skip
+        trained += [int(i) for b in epoch_batches[skip:] for i in b]
+        assert trained == order  # each sample of the rank's epoch once, in the sampler's order
+        sampler.set_epoch(epoch + 1)
+        expected = list(sampler)
+        assert [int(i) for _ in range(len(again)) for i in next(again.iterator)] == expected  # the next epoch
+
+
+@settings(max_examples=60, deadline=None)
+@given(shard=st.integers(1, 400), batch=st.integers(1, 16), new_batch=st.integers(1, 16), data=st.data())
+def test_the_supervisors_words_count_as_the_ranks_skip(tmp_path_factory, shard, batch, new_batch, data):
+    """The supervisor (no torch) says where the next attempt continues with the arithmetic the ranks skip by, and
+    ``of`` is the length of the real BatchSampler of the rank's shard at the new batch."""
+    from torch.utils.data import BatchSampler
+
+    from yolosafe.rundir import steps
+
+    of = math.ceil(shard / batch)
+    done = data.draw(st.integers(1, of - 1)) if of > 1 else 0
+    done_samples = min(done * batch, shard)
+    step = _saved_run(tmp_path_factory.mktemp("w"), iteration=done, of=of, world=2, shard=shard,
+                      done_samples=done_samples)
+    point = steps.resume_point(step.parent.parent, step, 2, new_batch)
+    assert point["of"] == len(BatchSampler(range(shard), new_batch, drop_last=False))
+    assert point["iteration"] == stepckpt.skipped_iterations(shard, done_samples, new_batch)
 
 
 def test_rescaled_accumulation_state():

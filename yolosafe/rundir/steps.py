@@ -97,13 +97,19 @@ def save_seconds(run: RunDir | Path) -> list[float]:
 
 
 def train_seconds(run: RunDir | Path) -> float:
-    """The seconds rank 0 spent in training epochs (each train_start to its train_end), every attempt."""
-    total, started = 0.0, None
+    """The seconds rank 0 spent in training epochs (each train_start to its train_end, or to the attempt's last
+    event for the epoch an attempt did not finish), every attempt."""
+    total, started, last = 0.0, None, None
     for e in load_events(run):
         if not _leads(e) or e.t is None:
             continue
+        if started is not None and e.attempt != started.attempt:  # an attempt ended inside an epoch
+            total, started = total + (last or started.t) - started.t, None
         if e.event == "train_start":
-            started = e.t
+            started = e
         elif e.event == "train_end" and started is not None:
-            total, started = total + e.t - started, None
+            total, started = total + e.t - started.t, None
+        last = e.t
+    if started is not None:
+        total += (last or started.t) - started.t
     return total

@@ -152,7 +152,7 @@ class AttemptLoop:
                 continue
             failing = next((r for r in end.records if r.rank == end.rank), None)
             iteration = getattr(failing, "iteration", None) if end.phase == "train" else None
-            self._failed_at[number] = (time.time(), iteration)
+            self._failed_at[number] = (getattr(failing, "t", None) or time.time(), iteration)  # the OOM's time
             self.say(f"OOM in {end.phase} at {epoch_text(end.epoch, plan.epochs)}{where(plan, end)} "
                      f"(batch {plan.per_gpu_batch}/GPU, val batch {plan.val_batch}/GPU)")
             val_ooms += end.phase == "val"
