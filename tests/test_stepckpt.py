@@ -227,14 +227,16 @@ def test_oom_mid_epoch_relaunch_trains_only_the_rest_two_ranks(run_cli, tmp_path
 @pytest.mark.slow
 def test_sigterm_mid_epoch_writes_a_step_checkpoint_and_resume_continues_there(tmp_path, shared_cache, odd_data):
     """A preemption: SIGTERM in the middle of epoch 2 (right after its step checkpoint at iteration 3). The rank
-    writes a step checkpoint at its next step boundary, the run stops resumable; ``--resume`` continues from that
-    iteration, said in its terminal line; each sample of the epoch trained once over both attempts, nothing redone."""
+    writes a step checkpoint at its next step boundary, the run stops resumable; the same command again (a requeued
+    job: ``--resume auto --name job``) continues from that iteration, said in its terminal line; each sample of the
+    epoch trained once over both attempts, nothing redone."""
     import subprocess
 
     env = cli_env(shared_cache, {stepckpt.RECORD_SAMPLES_ENV: "1"})
-    proc = subprocess.Popen([YOLOSAFE, "train", "--data", str(odd_data), *DRILL], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    run = tmp_path / "runs" / "detect" / "train"
+    job = [YOLOSAFE, "train", "--resume", "auto", "--name", "job", "--data", str(odd_data), *DRILL]  # a job's line
+    proc = subprocess.Popen(job, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    run = tmp_path / "runs" / "detect" / "job"
 
     def saved() -> bool:
         return (run / "events.jsonl").is_file() and any(
@@ -248,8 +250,7 @@ def test_sigterm_mid_epoch_writes_a_step_checkpoint_and_resume_continues_there(t
     assert len(preempted) == 1 and (run / "weights" / "step.pt").is_file(), err[-2000:]
     assert not (run / ".preempt").exists()
     epoch, at = preempted[0]["epoch"], preempted[0]["iteration"]
-    resumed = subprocess.run([YOLOSAFE, "train", "--resume", str(run)], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(job, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # requeued
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step.pt from epoch {epoch + 1}, iteration {at + 1} of 6" in resumed.stderr
     attempts = trained(run, epoch)[-1]

@@ -96,6 +96,8 @@ def run_training(given: dict[str, Any], resume: str | Path | None, node_params: 
         if resume is not None:
             if not str(resume).strip():  # an unset variable ($RUN): never a new training instead
                 raise UsageError(f"--resume {str(resume)!r}: empty; give the run directory to resume")
+            if str(resume).strip() == trainrun.RESUME_AUTO:
+                return trainrun.resume_auto(given, dry_run, where)
             return trainrun.resume_run(Path(resume), given, dry_run, where)
         opts = trainrun.resolve(given, given.get("config_file"), given.get("datasets_file"))
         if command:

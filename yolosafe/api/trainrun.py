@@ -216,6 +216,27 @@ def new_story(run_dir: Path, p: plan.TrainPlan, env: Mapping[str, str], opts: Tr
     )
 
 
+RESUME_AUTO = "auto"  # --resume auto: the run the same command made, if there is one; else a new run
+
+
+def resume_auto(given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
+    """``--resume auto`` (a requeued job running its command again): the run this command names (``--name``, in the
+    project Ultralytics gives the task) continues where it stopped, a completed one is left as it is, and without
+    one the command starts it. The options of a new run (model, data, epochs...) are the run's own, not applied."""
+    opts = resolve(given, given.get("config_file"), given.get("datasets_file"))
+    if not opts.named:
+        raise InputError("--resume auto: give the run's --name (the same in every requeue of the job)")
+    opts = ultralytics_accepts(opts, dry_run)  # the project Ultralytics gives the task (a checked verdict is kept)
+    run = RunDir(Path(opts.project) / opts.name, where.node_rank)
+    if not RunDir(run.path).is_run():
+        terminal.say(f"--resume auto: no run at {run.path} yet: a new run")
+        return new_run(opts, dry_run, where)
+    if records.load_story(RunDir(run.path)).outcome == records.Outcome.COMPLETED:
+        terminal.say(f"--resume auto: {run.path} completed already; nothing to train")
+        return Ended(Exit.OK, run, dry_run=dry_run)
+    return resume_run(run.path, {k: v for k, v in given.items() if k not in resume.REFUSED}, dry_run, where)
+
+
 def resume_run(run_dir: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     """``--resume RUN_DIR``: the run where it is now, the last attempt's plan with the GPUs and batches given."""
     r = resume.prepare(RunDir(run_dir, where.node_rank), given, dry_run, where.nnodes)

@@ -85,7 +85,9 @@ def cli() -> None:
                    f"continues from; 0 = only the per-epoch saves. Default {D['save_every']} (under 1 % of the time).")
 @click.option("--memory-fraction", type=float,
               help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
-@click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
+@click.option("--resume", "resume_dir",
+              help="Continue the run in RUN_DIR from its newest checkpoint; 'auto': the run --name names if there "
+                   "is one (a requeued job's same command), else a new run.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
 @click.option("--download", is_flag=True, default=None,
               help="Let Ultralytics download a missing dataset or weights (once, before training). Default off.")
