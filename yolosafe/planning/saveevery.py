@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from yolosafe.errors import UsageError
+
 AUTO = "auto"
 AUTO_SHARE = 0.005  # auto: the interval is at least the last save's seconds / AUTO_SHARE (0.5 % of training time)
 AUTO_FLOOR_S = 600.0  # auto: at most one step checkpoint every 10 minutes
@@ -18,8 +20,8 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _WORD = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(it|s|m|h)\s*$")
 
 
-class SaveEveryError(ValueError):
-    pass
+class SaveEveryError(UsageError):
+    """A ``--save-every`` word that is none of the forms; ``str()`` says which forms are."""
 
 
 @dataclass(frozen=True)
