@@ -29,6 +29,8 @@ from yolosafe.exits import Exit
 PARENT_ENV = "YOLOSAFE_PARENT_PID"  # the pid a started process must have as its parent (set by whoever starts it)
 STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 STOP_GRACE_S = 8.0  # after a Ctrl-C, the tree gets this long to end on its own before SIGKILL
+# A preemption (a cluster's SIGTERM, SLURM's --signal=USR1): the ranks first get the chance to save where they are
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PARENT_POLL_S = 0.25
 
 
@@ -45,7 +47,7 @@ def stop_signals() -> tuple[int, ...]:
     """The signals that stop yolosafe: Ctrl-C, SIGTERM and a closed terminal's SIGHUP, unless the user asked for the
     hang-up to be ignored (``nohup`` sets SIGHUP to "ignore": the run goes on)."""
     hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
-    return (signal.SIGINT, signal.SIGTERM, *hangup)
+    return (signal.SIGINT, signal.SIGTERM, *hangup, *PREEMPT_SIGNALS[1:])
 
 
 def stop_name(exc: BaseException) -> str:
@@ -170,11 +172,14 @@ def run_child(
     log: IO[bytes],
     on_start: Callable[[ProcessTree], None] | None = None,
     out: IO[bytes] | None = None,
+    preempt: Callable[[], None] | None = None,
 ) -> AttemptResult:
     """Run ``cmd`` in its own session, tee its output, and stop its whole tree on SIGINT/SIGTERM/SIGHUP
     (:func:`stop_signals`), or on a KeyboardInterrupt raised in this thread (a notebook kernel's interrupt, a handler
     that is not ours). A stream that cannot be written (a full disk under ``log``, a closed terminal under ``out``)
-    is dropped, once, with a line on the other: the child and its story go on."""
+    is dropped, once, with a line on the other: the child and its story go on. ``preempt``: on a first
+    :data:`PREEMPT_SIGNALS`, called in a thread before the stop (it returns once the ranks saved, or its bounded grace
+    ran out)."""
     out = out or byte_stream(sys.stdout)
     started = time.monotonic()
     piped = not bench.bench_off("tee")  # switched off: the child writes to this process's stdout itself, no log
@@ -189,8 +194,17 @@ def run_child(
             tree.signal_all(signal.SIGKILL)  # second Ctrl-C: no more waiting
             return
         received.append(signum)
-        tree.signal_all(signal.SIGINT)  # every rank, the launcher and the worker: each stops cleanly
-        killer.start()
+
+        def then_stop() -> None:
+            if preempt is not None and signum in PREEMPT_SIGNALS:
+                preempt()
+            tree.signal_all(signal.SIGINT)  # every rank, the launcher and the worker: each stops cleanly
+            killer.start()
+
+        if preempt is not None and signum in PREEMPT_SIGNALS:
+            threading.Thread(target=then_stop, name="yolosafe-preempt", daemon=True).start()
+        else:
+            then_stop()
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, stop) for s in stop_signals()} if in_main else {}

@@ -44,7 +44,7 @@ def train(model: str | Path | None = None, data: str | Path | None = None, *, de
     (``"0,1"``, ``"all"``, ``"auto:2"``, ``"cpu"``); ``batch`` is the total over every GPU, ``"auto"``, ``-1``
     (auto) or a fraction (auto, filling that share of the free memory). Further keywords: ``min_batch``,
     ``alloc_conf``, ``project``, ``name``, ``watch_interval``, ``warn_at``, ``clear_before_val``,
-    ``hang_timeout``, ``max_hang_restarts``,
+    ``hang_timeout``, ``max_hang_restarts``, ``save_every``,
     ``memory_fraction``, ``config`` (a ``--config`` YAML), ``datasets`` (a registry), the node options
     (``nnodes``, ``node_rank``, ``rdzv_endpoint``, ``rdzv_id``, ``rdzv_timeout``), and Ultralytics train arguments.
     ``resume=RUN_DIR`` continues that run (with the GPUs, batches and retries given, if any).
@@ -96,6 +96,8 @@ def run_training(given: dict[str, Any], resume: str | Path | None, node_params: 
         if resume is not None:
             if not str(resume).strip():  # an unset variable ($RUN): never a new training instead
                 raise UsageError(f"--resume {str(resume)!r}: empty; give the run directory to resume")
+            if str(resume).strip() == trainrun.RESUME_AUTO:
+                return trainrun.resume_auto(given, dry_run, where)
             return trainrun.resume_run(Path(resume), given, dry_run, where)
         opts = trainrun.resolve(given, given.get("config_file"), given.get("datasets_file"))
         if command:

@@ -27,7 +27,7 @@ from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir import records
+from yolosafe.rundir import records, steps
 from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor import child as supervise
 from yolosafe.supervisor import terminal
@@ -214,6 +214,27 @@ def new_story(run: RunDir, p: plan.TrainPlan, env: Mapping[str, str], opts: Trai
     )
 
 
+RESUME_AUTO = "auto"  # --resume auto: the run the same command made, if there is one; else a new run
+
+
+def resume_auto(given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
+    """``--resume auto`` (a requeued job running its command again): the run this command names (``--name``, in the
+    project Ultralytics gives the task) continues where it stopped, a completed one is left as it is, and without
+    one the command starts it. The options of a new run (model, data, epochs...) are the run's own, not applied."""
+    opts = resolve(given, given.get("config_file"), given.get("datasets_file"))
+    if not opts.named:
+        raise InputError("--resume auto: give the run's --name (the same in every requeue of the job)")
+    opts = ultralytics_accepts(opts, dry_run)  # the project Ultralytics gives the task (a checked verdict is kept)
+    run = RunDir(Path(opts.project) / opts.name, where.node_rank)
+    if not RunDir(run.path).is_run():
+        terminal.say(f"--resume auto: no run at {run.path} yet: a new run")
+        return new_run(opts, dry_run, where)
+    if records.load_story(RunDir(run.path)).outcome == records.Outcome.COMPLETED:
+        terminal.say(f"--resume auto: {run.path} completed already; nothing to train")
+        return Ended(Exit.OK, run, dry_run=dry_run)
+    return resume_run(run.path, {k: v for k, v in given.items() if k not in resume.REFUSED}, dry_run, where)
+
+
 def resume_run(path: Path, given: dict[str, Any], dry_run: bool, where: nodes.Nodes) -> Ended:
     """``--resume RUN_DIR`` (``path``, as given): the run where it is now, opened once for this node; the last
     attempt's plan with the GPUs and batches given."""
@@ -228,7 +249,8 @@ def resume_run(path: Path, given: dict[str, Any], dry_run: bool, where: nodes.No
         if where.multi:  # every node resumes the same attempt of the same run
             multicli.rejoin(r.run, where, r.plan, attempt, r.story)
         resume.record(r, given)
-        terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}")
+        at = steps.words(steps.resume_point(r.run, r.last, r.plan.world_size, r.plan.per_gpu_batch), r.plan.world_size)
+        terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}{' ' + at if at else ''}")
         code = run_supervised(r.run, r.plan, r.env, r.options, r.simulated, r.story,
                               resume_from=None if r.final_val_only else r.last, where=where,  # None: from the start
                               final_val_only=r.final_val_only)

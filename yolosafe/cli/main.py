@@ -80,9 +80,14 @@ def cli() -> None:
                    "(docs/hangs.md).")
 @click.option("--max-hang-restarts", type=int,
               help=f"Relaunches after a hang. Default {D['max_hang_restarts']}.")
+@click.option("--save-every",
+              help="A step checkpoint inside the epoch every duration (10m) or iterations (500it), that any resume "
+                   f"continues from; 0 = only the per-epoch saves. Default {D['save_every']} (under 1 % of the time).")
 @click.option("--memory-fraction", type=float,
               help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
-@click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
+@click.option("--resume", "resume_dir",
+              help="Continue the run in RUN_DIR from its newest checkpoint; 'auto': the run --name names if there "
+                   "is one (a requeued job's same command), else a new run.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan, environment and command; train nothing.")
 @click.option("--download", is_flag=True, default=None,
               help="Let Ultralytics download a missing dataset or weights (once, before training). Default off.")
@@ -164,7 +169,7 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     hangs = report.hangs(run)
     for found in [] if as_json else hangs:  # said first: a hang has no memory figures of its own
         click.echo(f"{path}: {report.hang_line(found, report.epochs(run))}")
-    for line in [] if as_json else report.stragglers(run):
+    for line in [] if as_json else [*report.stragglers(run), *report.redone(run)]:
         click.echo(f"{path}: {line}")
     try:
         summary = report.write(path)

@@ -36,6 +36,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "watch_interval": 0.1,
     "warn_at": 0.9,
     "clear_before_val": True,
+    "save_every": "auto",  # the step checkpoint inside the epoch: 10m, 500it, 0 (off), auto (planning/saveevery.py)
     "val_oom": "in-place",  # a validation OOM: the rank halves its own val batch in place, or "relaunch" every rank
     "hang_timeout": None,  # seconds without progress that make a rank hung; None: learnt from the run; 0: off
     "max_hang_restarts": 1,  # relaunches after a hang

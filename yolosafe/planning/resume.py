@@ -27,12 +27,12 @@ from yolosafe.rundir.layout import RunDir
 
 # Options a resume applies (and records); every other option given with --resume is refused.
 APPLIED = ("gpus", "batch", "effective_batch", "val_batch", "max_retries", "min_batch", "alloc_conf",
-           "watch_interval", "warn_at", "clear_before_val", "hang_timeout", "max_hang_restarts")
+           "watch_interval", "warn_at", "clear_before_val", "hang_timeout", "max_hang_restarts", "save_every")
 REFUSED = MappingProxyType({"model": "--model", "data": "--data", "datasets_file": "--datasets", "imgsz": "--imgsz",
            "epochs": "--epochs", "config_file": "--config", "project": "--project", "name": "--name",
            "args": "Ultralytics key=value arguments", "memory_fraction": "--memory-fraction"})
 RUN_OPTIONS = ("max_retries", "min_batch", "watch_interval", "warn_at", "clear_before_val", "hang_timeout",
-               "max_hang_restarts")  # kept in the story
+               "max_hang_restarts", "save_every")  # kept in the story
 
 
 @dataclass
@@ -112,6 +112,16 @@ def pending_validation(run: RunDir) -> Path | None:
     return pending
 
 
+def pending_step(run: RunDir) -> Path | None:
+    """The step checkpoint inside the epoch after last.pt's (rank 0 removes it once that epoch's last.pt is
+    written), the checkpoint the resume continues from; None when there is none."""
+    step = run.step_checkpoint
+    if not step.is_file():
+        return None
+    validate.check_checkpoint(step, f"--resume {run.path}: {_within(run, step)}")
+    return step
+
+
 def never_saved(run: RunDir, story: records.Story) -> bool:
     """A run stopped before its first checkpoint: no weights at all, attempts that did not complete."""
     saved = run.weights.is_dir() and any(run.weights.glob("*.pt"))
@@ -168,7 +178,7 @@ def prepare(where: RunDir | Path, given: dict[str, Any], dry_run: bool, nnodes: 
         last, final_val_only = None, False
         notes = (*notes, "no checkpoint was saved before the run stopped: training again from the first epoch")
     else:
-        last = pending_validation(run) or check_last(run, story)
+        last = pending_validation(run) or pending_step(run) or check_last(run, story)
         progress = checkpoint.progress(last) if last.name != UNVALIDATED else None  # its trainer validates first
         final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
     options = TrainOptions.from_story(story).replace(**{k: given[k] for k in RUN_OPTIONS if given.get(k) is not None})

@@ -19,7 +19,7 @@ from yolosafe.planning.options import DEFAULTS, HANG_KEYS, WATCH_KEYS
 from yolosafe.planning.validate import InputError
 from yolosafe.rundir import records
 
-RUN_KEYS = ("max_retries", "min_batch", *WATCH_KEYS, *HANG_KEYS)  # what shapes the attempts, kept in the story
+RUN_KEYS = ("max_retries", "min_batch", *WATCH_KEYS, *HANG_KEYS, "save_every")  # shapes the attempts, in the story
 
 
 def _default(key: str) -> Any:
@@ -49,6 +49,7 @@ class TrainOptions:
     watch_interval: float = _default("watch_interval")  # seconds between memory samples; 0 turns the watch off
     warn_at: float = _default("warn_at")  # the share of a GPU's memory that prints a warning
     clear_before_val: bool = _default("clear_before_val")  # empty the CUDA cache on every rank before validation
+    save_every: str = _default("save_every")  # the step checkpoint inside the epoch (planning/saveevery.py)
     val_oom: str = _default("val_oom")  # a validation OOM: 'in-place' or 'relaunch'
     hang_timeout: float | None = _default("hang_timeout")  # None: learnt; 0: no hang watch
     max_hang_restarts: int = _default("max_hang_restarts")  # relaunches after a hang

@@ -20,7 +20,7 @@ from typing import Any
 
 from yolosafe import hang, oom, proc
 from yolosafe.errors import UsageError
-from yolosafe.planning import checkcache, checkpoint, trainplan
+from yolosafe.planning import checkcache, checkpoint, saveevery, trainplan
 
 INPUT_CHECK = "yolosafe.training.inputcheck"
 ULTRALYTICS_PROJECT = "runs/<task>"  # --project not given: the folder Ultralytics' get_save_dir gives the task
@@ -58,6 +58,10 @@ def check_options(options: Any) -> None:
             raise InputError(f"--{key.replace('_', '-')} {value!r}: must be text")
     if options.val_oom not in VAL_OOM:
         raise InputError(f"val_oom {options.val_oom!r}: must be one of {', '.join(VAL_OOM)}")
+    try:
+        saveevery.parse(options.save_every)
+    except saveevery.SaveEveryError as exc:
+        raise InputError(f"--save-every {options.save_every!r}: {exc}") from None
     if not isinstance(options.clear_before_val, bool):
         raise InputError(f"clear_before_val {options.clear_before_val!r}: must be true or false")
     if options.project is not None:

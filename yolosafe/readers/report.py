@@ -28,7 +28,7 @@ from yolosafe.errors import YolosafeError
 from yolosafe.gpus import event_gpus, nvml_index
 from yolosafe.readers import memplot
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir import records
+from yolosafe.rundir import records, steps
 from yolosafe.rundir.events import phase_after
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import VAL_PHASES
@@ -92,6 +92,29 @@ def stragglers(run: RunDir | Path) -> list[str]:
     """The straggler warnings of the run, as the supervisor said them."""
     found = _story(RunDir.of(run)).get("stragglers") or []
     return [str(s.get("message")) for s in found if isinstance(s, dict) and s.get("message")]
+
+
+def redone(run: RunDir | Path) -> list[str]:
+    """Per attempt that resumed another: where it continued and the work it trained again (iterations and seconds
+    of the attempt before, after the checkpoint it resumed from); then what the step checkpoints cost."""
+    run = RunDir.of(run)
+    lines = []
+    for attempt in _story(run).get("attempts") or []:
+        again = attempt.get("redone") if isinstance(attempt, dict) else None
+        if not isinstance(again, dict):
+            continue
+        where = steps.words(attempt.get("resumed_at")) or "from the epoch's start"
+        its = again.get("iterations")
+        lines.append(f"attempt {attempt.get('attempt')}: resumed {where}; redone of attempt "
+                     f"{attempt.get('attempt', 1) - 1}: {'?' if its is None else its} iterations, "
+                     f"{again.get('seconds')} s of epoch {(again.get('epoch') or 0) + 1}")
+    saves = steps.save_seconds(run)
+    if saves:
+        trained = steps.train_seconds(run)
+        share = f", {sum(saves) / trained:.2%} of {trained:.0f} s of training" if trained else ""
+        lines.append(f"step checkpoints: {len(saves)}, {sum(saves):.2f} s in all{share} ({max(saves):.2f} s the "
+                     "longest)")
+    return lines
 
 
 def plan_gpus(run: RunDir) -> list[int]:

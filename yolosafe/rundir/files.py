@@ -61,6 +61,7 @@ MEMORY_PLOT = "memory.png"
 FINAL_METRICS = "final_metrics.json"
 INJECTED = ".injected"
 INJECTED_HANG = ".injected-hang"
+PREEMPT = ".preempt"  # a stop asked the ranks for a step checkpoint first; rank 0 removes it once written
 # the phase file of the fake NVML backend (YOLOSAFE_FAKE_PHASE_FILE), fake GPUs only; ranks write .fake-phase-gpuN.json
 FAKE_PHASE = ".fake-phase.json"
 LOCK = ".lock"
@@ -71,6 +72,7 @@ WEIGHTS = "weights"
 LAST = "last.pt"
 BEST = "best.pt"
 UNVALIDATED = "unvalidated.pt"  # an epoch trained, not yet validated (yolosafe.training.valretry)
+STEP = "step.pt"  # the step checkpoint inside an epoch, at most one (yolosafe.training.stepckpt)
 ARGS = "args.yaml"
 RESULTS_CSV = "results.csv"
 # Set by the supervisor in the environment of every process of an attempt (worker, launcher, ranks), read by nobody but

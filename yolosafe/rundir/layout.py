@@ -152,6 +152,12 @@ class RunDir:
     def injected_hang(self) -> Path:
         return self.path / files.INJECTED_HANG
 
+    @property
+    def preempt_request(self) -> Path:
+        """``.preempt``: a stop (SIGTERM, SIGUSR1) asks the ranks for a step checkpoint; rank 0 removes it once
+        written (:mod:`yolosafe.training.stepckpt`)."""
+        return self.path / files.PREEMPT
+
     def stack(self, attempt: int, rank: int, native: bool = False) -> Path:
         """Rank ``rank``'s stack dump of attempt ``attempt`` (global rank: one name on every node)."""
         return files.stack_path(self.path, attempt, rank, native)
@@ -176,6 +182,11 @@ class RunDir:
     def unvalidated(self) -> Path:
         """``weights/unvalidated.pt``: an epoch trained, not yet validated."""
         return self.weights / files.UNVALIDATED
+
+    @property
+    def step_checkpoint(self) -> Path:
+        """``weights/step.pt``: the step checkpoint inside an epoch (newer than last.pt while it exists)."""
+        return self.weights / files.STEP
 
     def checkpoints(self) -> list[Path]:
         """Every ``*.pt`` file in ``weights/``."""

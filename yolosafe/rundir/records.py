@@ -78,6 +78,8 @@ class Attempt(Record):
     gpu: int | None = None
     node: int | None = None  # multi-node: the node of the rank that ended the attempt
     resumed_from_epoch: int | None = None
+    resumed_at: dict[str, Any] | None = None  # a resume inside the epoch: rundir.steps.resume_point
+    redone: dict[str, Any] | None = None  # what this attempt trains again of the one before: {"iterations", "seconds"}
     next: str | None = None  # what the next attempt changed
 
 
@@ -103,6 +105,7 @@ class Story(Record):
     clear_before_val: bool | None = None
     hang_timeout: float | None = None  # None in the story: learnt (the run's option), or never recorded
     max_hang_restarts: int | None = None
+    save_every: str | None = None  # the step checkpoint inside the epoch (yolosafe.planning.saveevery)
     batch_auto: dict[str, Any] | None = None  # --batch auto: the choice and its reasons
     memory_plan: dict[str, Any] | None = None  # the memory model's prediction for the plan
     nodes: dict[str, Any] | None = None  # a multi-node run: nodes.Nodes.summary() of this node
@@ -209,6 +212,13 @@ class Event(Record):
     gpu: int | None = None
     pid: int | None = None
     attempt: int | None = None
+    iteration: int | None = None  # step_saved / step_resume: the iterations of the epoch done; of: the epoch's
+    of: int | None = None
+    seconds: float | None = None  # step_saved: how long the save took
+    preempted: bool | None = None  # step_saved: written because a stop (SIGTERM, SIGUSR1) asked for it
+    world: int | None = None  # step_saved: the ranks that wrote it
+    shard: int | None = None  # step_saved: the samples of the epoch per rank (every rank's order is as long)
+    done_samples: int | None = None  # step_saved: of them, trained (rank 0's; every rank's but the last batch's)
 
 
 def story_path(run: RunDir | Path) -> Path:

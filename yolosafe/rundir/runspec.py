@@ -37,6 +37,7 @@ class RunSpec:
     node_rank: int = 0  # this node's place in a multi-node run (0 on one machine): its files carry it
     plan: dict[str, Any] = field(default_factory=dict)
     train_kwargs: dict[str, Any] = field(default_factory=dict)  # model.train(**train_kwargs)
+    save_every: str = "0"  # the step checkpoint inside the epoch (yolosafe.planning.saveevery, training.stepckpt)
     val_oom: str = "in-place"  # a validation OOM: recovered in place by the rank (yolosafe.training.valretry), or
                                # "relaunch": the attempt ends and every rank is relaunched
 

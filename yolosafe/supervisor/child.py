@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,7 @@ class RunOptions:
     clear_before_val: bool  # gc + empty_cache on every rank right before validation
     multinode: MultiNode | None = None  # several machines: the other nodes (yolosafe.supervisor.multinode.agree);
                                         # None on one machine
+    save_every: str = DEFAULTS["save_every"]  # the step checkpoint inside the epoch (planning.saveevery)
     val_oom: str = DEFAULTS["val_oom"]  # in-place or relaunch (yolosafe.training.valretry)
     hang_timeout: float | None = DEFAULTS["hang_timeout"]  # None: learnt; 0: no hang watch
     max_hang_restarts: int = DEFAULTS["max_hang_restarts"]
@@ -122,7 +124,8 @@ class RunOptions:
                    warn_at=float(options.warn_at), clear_before_val=bool(options.clear_before_val),
                    multinode=multinode, val_oom=str(options.val_oom or DEFAULTS["val_oom"]),
                    hang_timeout=None if options.hang_timeout is None else float(options.hang_timeout),
-                   max_hang_restarts=int(options.max_hang_restarts))
+                   max_hang_restarts=int(options.max_hang_restarts),
+                   save_every=str(options.save_every if options.save_every is not None else DEFAULTS["save_every"]))
 
 
 def versions() -> dict[str, str | None]:
@@ -194,6 +197,7 @@ class Supervisor:
             plan=plan.summary(),
             train_kwargs=kwargs,
             val_oom=self.options.val_oom,
+            save_every=self.options.save_every,
         )
 
     def command(self, spec: RunSpec, path: Path) -> list[str]:
@@ -226,7 +230,8 @@ class Supervisor:
                 else:  # multi-node: also stop this node's ranks when another node's attempt failed
                     on_start = self.machines.watch(spec.attempt, on_start)
                     with self.hang_watch(spec, on_start) as on_start:
-                        result = run_child(cmd, env, log, on_start=on_start, out=self.terminal(spec))
+                        result = run_child(cmd, env, log, on_start=on_start, out=self.terminal(spec),
+                                           preempt=lambda: preempt(self.files, spec))
         # multi-node: the outcome every node derives from every node's end record
         return result, self.machines.agree(spec.attempt, result, tail(log_path, start))
 
@@ -285,3 +290,21 @@ class Supervisor:
         for gpu, mib in (self.watch.peak_others if self.watch else {}).items():
             found[gpu] = max(found.get(gpu, 0.0), mib)
         return found
+
+
+PREEMPT_GRACE_S = 30.0  # a preemption: the most the ranks get to write their step checkpoint before the stop
+
+
+def preempt(files: RunDir, spec: RunSpec, grace_s: float = PREEMPT_GRACE_S) -> None:
+    """A preemption (SIGTERM, SIGUSR1): ask the ranks for a step checkpoint at their next step boundary
+    (:mod:`yolosafe.training.stepckpt`: rank 0 removes the request once written) and wait for it, at most
+    ``grace_s``; then the attempt is stopped as any stop is, resumable from the newest checkpoint."""
+    request = files.preempt_request
+    if spec.mode != "train":
+        return
+    rundir.write_json(request, {"t": time.time()})
+    deadline = time.monotonic() + grace_s
+    while request.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    request.unlink(missing_ok=True)
+

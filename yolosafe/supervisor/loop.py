@@ -23,7 +23,7 @@ from yolosafe.exits import Exit
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult, stop_signals
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir import records
+from yolosafe.rundir import records, steps
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Attempt, Outcome, Story
 from yolosafe.supervisor import terminal
@@ -104,6 +104,7 @@ class AttemptLoop:
         self.say = say
         self.resume_hint = resume_hint or f"yolosafe train --resume {self.files.path}"
         self.stops = Stops()
+        self._failed_at: dict[int, tuple[float, int | None]] = {}  # attempt -> when it failed, at which iteration
 
     def save(self) -> None:
         records.save_story(self.files, self.story)
@@ -128,10 +129,14 @@ class AttemptLoop:
         retries, val_ooms, hangs = 0, 0, 0
         while True:
             number = len(self.story.attempts) + 1
+            point = steps.resume_point(self.files, resume, plan.world_size, plan.per_gpu_batch)
+            failed_at = self._failed_at.pop(number - 1, None)
+            redone = steps.redone(self.files, number - 1, point, *(failed_at or (None, None))) if number > 1 else None
             if resume is not None:
                 resume = keep_checkpoint(self.files, resume, number, writer=self.files.node == 0)
             request = Request(number, plan, resume, final_val_only)
             entry = self._start(request)
+            entry.resumed_at, entry.redone = point, redone
             result, end = self.run_child(request)
             self.stops.held = True  # until what happens next is in the story
             self._finish(entry, request, result, end)
@@ -142,8 +147,12 @@ class AttemptLoop:
                 if hangs >= self.limits.max_hang_restarts:
                     return self._hung_out(hangs)
                 hangs += 1
-                resume = self._relaunch(entry, hangs, final_val_only)
+                self._failed_at[number] = (time.time(), None)
+                resume = self._relaunch(entry, hangs, final_val_only, plan)
                 continue
+            failing = next((r for r in end.records if r.rank == end.rank), None)
+            iteration = getattr(failing, "iteration", None) if end.phase == "train" else None
+            self._failed_at[number] = (getattr(failing, "t", None) or time.time(), iteration)  # the OOM's time
             self.say(f"OOM in {end.phase} at {epoch_text(end.epoch, plan.epochs)}{where(plan, end)} "
                      f"(batch {plan.per_gpu_batch}/GPU, val batch {plan.val_batch}/GPU)")
             val_ooms += end.phase == "val"
@@ -159,21 +168,30 @@ class AttemptLoop:
             entry.extra["next_plan"] = {"batch": plan.batch, "val_batch": plan.val_batch,
                                         "final_val_only": final_val_only}  # what a resume runs after a stop here
             self.save()
-            how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
+            how = self._how(last, resume, final_val_only, plan)
             self.say(f"retry {retries}/{self.limits.max_retries}: {step.change}; {how}")
             self.stops.release()
 
-    def _relaunch(self, entry: Attempt, hangs: int, final_val_only: bool) -> Path | None:
+    def _relaunch(self, entry: Attempt, hangs: int, final_val_only: bool, plan: TrainPlan) -> Path | None:
         """After a hang: the same plan again, from the last checkpoint (the ranks were stopped, nothing is wrong with
         the plan); returns what the next attempt resumes from."""
         last = resume_checkpoint(self.files)
         resume = last if last.is_file() and not final_val_only else None
         entry.next = "relaunch after a hang"
         self.save()
-        how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
-        self.say(f"relaunch {hangs}/{self.limits.max_hang_restarts} after the hang; {how}")
+        self.say(f"relaunch {hangs}/{self.limits.max_hang_restarts} after the hang; "
+                 f"{self._how(last, resume, final_val_only, plan)}")
         self.stops.release()
         return resume
+
+    def _how(self, last: Path, resume: Path | None, final_val_only: bool, plan: TrainPlan) -> str:
+        """Where the next attempt starts: ``resuming from …/step.pt from epoch 2, iteration 4 of 6``."""
+        if final_val_only:
+            return "final validation only"
+        if resume is None:
+            return "from scratch"
+        at = steps.words(steps.resume_point(self.files, resume, plan.world_size, plan.per_gpu_batch), plan.world_size)
+        return f"resuming from {last}{' ' + at if at else ''}"
 
     def _hung_out(self, hangs: int) -> Exit:
         """A hang with no relaunch left: the run ends, resumable."""
@@ -269,9 +287,13 @@ UNVALIDATED = rundir.UNVALIDATED  # an epoch trained, not yet validated (yolosaf
 
 def resume_checkpoint(run: RunDir | Path) -> Path:
     """What the next attempt resumes from: the epoch trained but not validated when a validation failed (rank 0
-    keeps it only until that epoch's last.pt is written, so it is the newer), else ``last.pt``."""
+    keeps it only until that epoch's last.pt is written, so it is the newer), else the step checkpoint inside the
+    epoch after last.pt's (removed once that epoch's last.pt is written), else ``last.pt``."""
     run = RunDir.of(run)
-    return run.unvalidated if run.unvalidated.is_file() else run.last_checkpoint
+    for newer in (run.unvalidated, run.step_checkpoint):
+        if newer.is_file():
+            return newer
+    return run.last_checkpoint
 
 
 def keep_checkpoint(run: RunDir, last: Path, attempt: int, writer: bool = True) -> Path:

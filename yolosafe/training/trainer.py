@@ -17,7 +17,8 @@ from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.model import YOLO
 
 from yolosafe import bench, gpus
-from yolosafe.training import callbacks, heartbeat, offline, peakmetrics, valretry
+from yolosafe.rundir import files as rundir
+from yolosafe.training import callbacks, heartbeat, offline, peakmetrics, stepckpt, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 from yolosafe.training.fake import cpuranks
@@ -81,7 +82,7 @@ class HangPoints(_InContext):
 
     def save_model(self) -> bool:
         heartbeat.beat(self.run_context, "save")
-        if self.last.name != valretry.UNVALIDATED:
+        if self.last.name == rundir.LAST:  # the epoch's save: not unvalidated.pt's, not a step checkpoint's
             heartbeat.maybe_hang(self.run_context, "save")
         return super().save_model()
 
@@ -223,7 +224,7 @@ class ValidateFirst(_InContext):
 
     def save_model(self) -> bool:
         saved = super().save_model()
-        if self.last.name != valretry.UNVALIDATED:  # this epoch is validated and kept: the unvalidated state is old
+        if self.last.name == rundir.LAST:  # this epoch is validated and kept: the unvalidated state is old
             (self.wdir / valretry.UNVALIDATED).unlink(missing_ok=True)
         return saved
 
@@ -268,8 +269,9 @@ class AmpCheckOffline:
         return offline.check_amp(model)
 
 
-MIXINS = (LauncherWorldSize, AmpCheckOffline, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, HangPoints,
-          FailureRecord, ValidateFirst, AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
+MIXINS = (LauncherWorldSize, stepckpt.StepCheckpoints, AmpCheckOffline, ValidationBatch, InPlaceValidationRetry,
+          OomInjectionPoint, HangPoints, FailureRecord, ValidateFirst, AtomicCheckpoints, ResumeNbs, EpochPeakMetrics,
+          FinalValidationMarked)
 
 
 def trainer_class(task: str, context: RunContext, base: type[BaseTrainer] | None = None) -> type[BaseTrainer]:

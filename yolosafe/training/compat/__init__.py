@@ -105,6 +105,19 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("select_device_keeps_visible", "select_device never writes CUDA_VISIBLE_DEVICES: the supervisor's "
                "list of GPU UUIDs stays what every rank sees", "ultralytics.utils.torch_utils.select_device",
                checks.check_select_device_keeps_visible),
+    Assumption("step_loop", "each iteration of _do_train runs on_train_batch_start, ni = i + nb * epoch, the warm-up "
+               "(accumulate set only while ni <= nw), preprocess_batch, loss and loss_items from self.model(batch), "
+               "tloss as the running mean over i, backward, then steps when ni - last_opt_step >= self.accumulate "
+               "through optimizer_step (last_opt_step = ni), on_train_batch_end; last_opt_step is -1 at the start, "
+               "after an in-process OOM retry and after a NaN recovery (stepckpt replays skipped iterations)",
+               "BaseTrainer._do_train", checks.check_step_loop),
+    Assumption("infinite_loader", "InfiniteDataLoader draws len(self) batches per epoch from one persistent iterator "
+               "(created on first use), its batch_sampler a _RepeatSampler over a BatchSampler over the train sampler",
+               "ultralytics.data.build.InfiniteDataLoader/_RepeatSampler", checks.check_infinite_loader),
+    Assumption("step_checkpoint_fields", "save_model saves self.metrics in train_metrics; _load_checkpoint_state loads "
+               "optimizer, scaler, EMA updates; _setup_train builds model, loader, EMA, then resume_training; "
+               "YOLODataset batches carry im_file", "BaseTrainer.save_model/_load_checkpoint_state/_setup_train",
+               checks.check_step_checkpoint_fields),
     Assumption("final_val_current_device", "the validation of a DDP rank builds AutoBackend on the current device "
                "of its backend (the CPU ranks answer device 0 and build it on the CPU)",
                "ultralytics.engine.validator.BaseValidator.__call__", checks.check_final_val_device),

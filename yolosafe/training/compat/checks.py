@@ -279,3 +279,43 @@ def check_font_probe() -> None:  # what training.offline.no_probes answers offli
     in_order(data_utils.check_det_dataset, "check_font(")
     require(list(inspect.signature(downloads.is_url).parameters) == ["url", "check"],
             f"is_url{inspect.signature(downloads.is_url)}")
+
+
+def check_step_loop() -> None:  # what training.stepckpt replays over the iterations already trained
+    in_order(base_trainer()._do_train, "nb = len(self.train_loader)", "last_opt_step = -1",
+              'self.run_callbacks("on_train_epoch_start")', "pbar = enumerate(self.train_loader)",
+              "for i, batch in pbar:",
+              'self.run_callbacks("on_train_batch_start")', "ni = i + nb * epoch", "if nw and ni <= nw:",
+              "self.accumulate = max(1,", "batch = self.preprocess_batch(batch)",
+              "loss, self.loss_items = self.model(batch)",
+              "else {k: (self.tloss[k] * i + v) / (i + 1) for k, v in self.loss_items.items()}",
+              "self.scaler.scale(self.loss).backward()", "if ni - last_opt_step >= self.accumulate:",
+              "self.optimizer_step()", "last_opt_step = ni", 'self.run_callbacks("on_train_batch_end")',
+              'self.run_callbacks("on_train_epoch_end")')
+    text = collapsed_source(base_trainer()._do_train)
+    resets = text.count("last_opt_step = -1")
+    require(resets == 3, f"last_opt_step reset {resets} times, not at the start, the OOM retry and the NaN recovery")
+    in_order(base_trainer()._do_train, "if self._handle_nan_recovery(epoch):", "last_opt_step = -1")
+
+
+def check_infinite_loader() -> None:  # the loader stepckpt draws the rest of an epoch from
+    from ultralytics.data import build
+
+    in_order(build.InfiniteDataLoader.__init__, '"batch_sampler", _RepeatSampler(self.batch_sampler)')
+    in_order(build.InfiniteDataLoader.__iter__, "if self.iterator is None:", "self.iterator = self._get_iterator()",
+              "for _ in range(len(self)):", "yield next(self.iterator)")
+    in_order(build._RepeatSampler.__iter__, "while True:", "yield from iter(self.sampler)")
+    loader = build.build_dataloader(list(range(7)), 2, 0, shuffle=True, rank=-1, device="cpu")
+    inner = loader.batch_sampler.sampler.sampler
+    require(sorted(inner) == list(range(7)) and len(loader) == 4, "the loader's batch_sampler.sampler.sampler")
+
+
+def check_step_checkpoint_fields() -> None:  # what the step checkpoint rides in and resumes through
+    from ultralytics.data.dataset import YOLODataset
+
+    in_order(base_trainer().save_model, '"train_metrics": {**self.metrics, "fitness": self.fitness}')
+    in_order(base_trainer()._load_checkpoint_state, 'self.optimizer.load_state_dict(ckpt["optimizer"])',
+              'self.scaler.load_state_dict(ckpt["scaler"])', 'self.ema.updates = ckpt["updates"]')
+    in_order(base_trainer()._setup_train, "ckpt = self.setup_model()", "self._build_train_pipeline()",
+              "self.ema = ModelEMA(self.model)", "self.resume_training(ckpt)")
+    require("im_file" in inspect.getsource(YOLODataset), "YOLODataset's batches no longer name their image files")
