@@ -21,7 +21,7 @@ from yolosafe.cli import planview
 from yolosafe.cli.params import BatchOrAuto
 from yolosafe.errors import TrainingError, UsageError, YolosafeError
 from yolosafe.exits import Exit
-from yolosafe.planning import datasets, options
+from yolosafe.planning import datasets, options, yolowords
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
@@ -197,16 +197,50 @@ def _num(value: float | None, suffix: str = "") -> str:
     return "?" if value is None else f"{value:.0f}{suffix}"
 
 
+ULTRALYTICS_ENTRY = "import sys; from ultralytics.cfg import entrypoint; sys.exit(entrypoint())"
+
+
+def route(argv: list[str]) -> list[str] | None:
+    """The command line as yolosafe runs it, or None when it is another ``yolo`` command (``val``, ``predict``,
+    ``export``, ``checks``, ``detect val``...), run by Ultralytics' own entry point. ``yolosafe TASK train ...`` and
+    ``yolosafe train TASK ...`` are trainings (the task word is read with the others)."""
+    if not argv:
+        return ["--help"]
+    first = argv[0]
+    if first in cli.commands or first.startswith("-"):
+        return argv
+    if first in yolowords.TASKS:
+        rest = argv[1:]
+        mode = next((w for w in rest if w in yolowords.MODES), None)
+        if mode == "train" or (mode is None and "mode=train" in rest):
+            return ["train", first, *[w for w in rest if w != "train"]]
+        return None
+    if "=" in first and ("train" in argv or "mode=train" in argv):  # yolo model=... mode=train
+        return ["train", *[w for w in argv if w != "train"]]
+    ultralytics = {*yolowords.MODES, *yolowords.SPECIAL, *(w.removesuffix("s") for w in yolowords.SPECIAL)}
+    return None if first.lower() in ultralytics or "=" in first else argv
+
+
+def run_ultralytics(argv: list[str]) -> None:
+    """Ultralytics' own ``yolo`` in this process's place: the same output and exit status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-c", ULTRALYTICS_ENTRY, *argv])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: the library's exceptions as one line and an exit status; click's own usage errors are reduced to
-    one line, like ours; both exit with status 2."""
+    one line, like ours; both exit with status 2. Other ``yolo`` commands are Ultralytics' (:func:`route`)."""
+    words = route(list(sys.argv[1:] if argv is None else argv))
+    if words is None:
+        run_ultralytics(list(sys.argv[1:] if argv is None else argv))
     try:
-        cli.main(args=argv, prog_name="yolosafe", standalone_mode=False)
+        cli.main(args=words, prog_name="yolosafe", standalone_mode=False)
     except UsageError as exc:
-        click.echo(f"yolosafe: error: {exc}", err=True)
+        click.echo(f"yolosafe: error: {_unprefixed(str(exc))}", err=True)
         sys.exit(Exit.USAGE)
     except YolosafeError as exc:
-        click.echo(f"yolosafe: {exc}", err=True)
+        click.echo(f"yolosafe: {_unprefixed(str(exc))}", err=True)
         sys.exit(Exit.FAILED)
     except click.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
@@ -216,6 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(Exit.INTERRUPTED)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+
+
+def _unprefixed(text: str) -> str:
+    """One ``yolosafe:`` prefix: a message that carries its own loses it."""
+    while text.startswith(("yolosafe: error: ", "yolosafe: ")):
+        text = text.removeprefix("yolosafe: ").removeprefix("error: ")
+    return text
 
 
 if __name__ == "__main__":
