@@ -33,6 +33,7 @@ def cli_env(shared_cache: Path, extra: dict[str, str] | None = None) -> dict[str
     env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOSAFE_", "PYTORCH_"))}
     env.update(YOLOSAFE_CACHE=str(shared_cache / "yolosafe"), YOLO_CONFIG_DIR=str(shared_cache / "ultralytics"),
                YOLO_OFFLINE="1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # the suite runs a training per core (pytest-xdist): one thread each
     return env | (extra or {})
 
 

@@ -10,8 +10,8 @@ types, so ctypes rejects a wrapper that passes the wrong structure), their retur
 A GPU is a dict: ``name``, ``uuid``, ``total_mib``, ``used_mib``, ``util`` (percent), ``processes`` and
 ``graphics`` (lists of ``(pid, used_mib)``, ``used_mib`` None for NVML_VALUE_NOT_AVAILABLE), ``spawn`` (processes
 that start between nvidia-ml-py's sizing call and its second call), ``mig`` (MIG mode on), ``mig_devices`` (with MIG
-on: the slots of its MIG devices, each a dict ``name``, ``uuid``, ``total_mib``, ``used_mib``, or None for an empty
-slot; ``nvmlDeviceGetMaxMigDeviceCount`` is their number), ``lost`` (every call
+on: the slots of its MIG devices, each a dict ``name``, ``uuid``, ``total_mib``, ``used_mib``, ``processes``, or None
+for an empty slot; ``nvmlDeviceGetMaxMigDeviceCount`` is their number), ``lost`` (every call
 answers NVML_ERROR_GPU_IS_LOST; may be set mid-run) and ``errors`` (C symbol -> NVML return code for that GPU, e.g.
 ``{"nvmlDeviceGetUtilizationRates": NOT_SUPPORTED}``).
 """
@@ -48,10 +48,13 @@ def gpu(index: int = 0, total_mib: int = 24576, used_mib: int = 0, **extra: Any)
             "mig_devices": [], "lost": False, "errors": {}} | extra
 
 
-def mig_device(parent: int, slot: int, total_mib: int = 9984, used_mib: int = 0, profile: str = "1g.10gb") -> dict:
-    """One MIG device dict (a slice of GPU ``parent``), UUID in the ``MIG-...`` form CUDA_VISIBLE_DEVICES takes."""
+def mig_device(parent: int, slot: int, total_mib: int = 9984, used_mib: int = 0, profile: str = "1g.10gb",
+               processes: list[tuple[int, int | None]] | None = None) -> dict:
+    """One MIG device dict (a slice of GPU ``parent``), UUID in the ``MIG-...`` form CUDA_VISIBLE_DEVICES takes;
+    ``processes`` run on that slice (its own compute list, as NVML gives it for a MIG device handle)."""
     return {"name": f"NVIDIA Fake MIG {profile}", "uuid": f"MIG-fake-{parent:02d}{slot:02d}-0000-0000-000000000000",
-            "total_mib": total_mib, "used_mib": used_mib}
+            "total_mib": total_mib, "used_mib": used_mib, "processes": list(processes or []), "graphics": [],
+            "spawn": []}
 
 
 class Driver:
@@ -59,7 +62,7 @@ class Driver:
     inside a callback (ctypes would print it and return 0, NVML_SUCCESS: tests must check it stays empty)."""
 
     def __init__(self, gpus: Iterable[dict[str, Any]] = (), missing: Iterable[str] = (),
-                 init_error: int = SUCCESS, driver: str = "550.54.15", cuda: int = 12040) -> None:
+                 init_error: int = SUCCESS, driver: str = "580.95.05", cuda: int = 13000) -> None:
         self.gpus, self.missing, self.init_error = list(gpus), set(missing), init_error
         self.driver, self.cuda = driver, cuda
         self.calls: dict[str, int] = {}

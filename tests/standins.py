@@ -108,11 +108,11 @@ class Processes:
     def orphaned_rank(self, run: Path, command: str | None = None) -> int:
         """A DDP rank whose worker and supervisor are gone: started through a shell that exits at once, so the
         rank is re-parented to pid 1. Its run is a yolosafe run whose supervisor ended (its story and run spec are
-        there, nobody holds its lock); ``command`` instead of the rank's own (``-m yolosafe.training.worker
-        RUN/spec-1.json``)."""
+        there, nobody holds its lock); ``command`` instead of the rank's own (``python -m yolosafe.training.worker
+        RUN/spec-1.json``, its argv as a real rank's: :func:`asleep` keeps it from running the worker)."""
         spec = stale_run(run)
-        env = {**os.environ, rundir.RUN_DIR_ENV: str(run)}
-        command = command or f'{sys.executable} -c "{SLEEPER}" -m yolosafe.training.worker {spec}'
+        env = {**asleep(self.tmp), rundir.RUN_DIR_ENV: str(run)}
+        command = command or f"{sys.executable} -m yolosafe.training.worker {spec}"
         out = subprocess.run(["sh", "-c", f"{command} >/dev/null 2>&1 & echo $!"], env=env,
                              capture_output=True, text=True, check=True)
         pid = int(out.stdout)
@@ -134,15 +134,27 @@ class Processes:
 
 
 def stale_run(run: Path, node: int = 0) -> Path:
-    """A run directory as a dead supervisor left it: its story and attempt 1's run spec; returns the spec."""
+    """A run directory as a dead supervisor left it: its story and attempt 1's run spec (a real one, naming the
+    run); returns the spec."""
+    from yolosafe.rundir.runspec import RunSpec
+
     run.mkdir(parents=True, exist_ok=True)
     if not (run / rundir.STORY).exists():
         rundir.write_json(run / rundir.STORY, {"outcome": "running", "attempts": [{"attempt": 1}]})
         day_ago = time.time() - 86400  # an earlier run: never taken for the newest one
         os.utime(run / rundir.STORY, (day_ago, day_ago))
-    spec = rundir.spec_path(run, 1, node)
-    spec.write_text("{}")
-    return spec
+    spec = RunSpec(attempt=1, mode="train", world_size=1, fake_gpus=False, run_dir=str(run), model="yolov8n.yaml",
+                   resume=None, val_batch=1, clear_before_val=False, cuda_visible_devices=None, node_rank=node)
+    return spec.save()
+
+
+def asleep(tmp: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment in which a Python process sleeps before it runs anything (a ``sitecustomize`` on its path):
+    a stand-in whose ``argv`` is exactly a worker's or a rank's (``python -m yolosafe.training.worker SPEC``)."""
+    stub = tmp / "asleep"
+    stub.mkdir(exist_ok=True)
+    (stub / "sitecustomize.py").write_text(SLEEPER + "\n")
+    return {**(os.environ if env is None else env), "PYTHONPATH": str(stub)}
 
 
 def alive(pid: int) -> bool:

@@ -44,9 +44,9 @@ CASES = {
     "refuse-classify-on-detect": ("yolov8n-cls.yaml", "rf/data.yaml", "", "refuse"),
     "refuse-pose-on-detect": ("yolov8n-pose.yaml", "rf/data.yaml", "", "refuse"),
 }
-# args.yaml keys yolosafe owns: the batch split and nbs (--batch, --effective-batch), the device (--gpus), where the
-# run goes (its folder, never reused)
-OWNED = {"batch", "nbs", "device", "save_dir", "project", "name", "exist_ok"}
+# args.yaml keys yolosafe owns: the batch split (--batch), the device (--gpus), where the run goes (its folder, never
+# reused); nbs and weight_decay are yolo train's (yolosafe passes the user's nbs, Ultralytics' 64 by default)
+OWNED = {"batch", "device", "save_dir", "project", "name", "exist_ok"}
 
 ULTRALYTICS_RUNNER = r"""
 import json, os, sys
@@ -192,3 +192,27 @@ def test_one_download_for_all_ranks_and_attempts(sets, tmp_path):
     story = json.loads((tmp_path / "runs" / "segment" / "dl" / "yolosafe.json").read_text())
     assert story["outcome"] == "completed" and [a["batch"] for a in story["attempts"]] == [8, 4]
     assert {a["val_batch"] for a in story["attempts"]} == {1}
+
+
+def test_a_seeded_run_has_yolo_trains_results(sets, tmp_path):
+    """The same seeded one-process training through ``yolo train`` and through ``yolosafe train`` (Ultralytics'
+    validation batch, twice the train batch, given as --val-batch): every results.csv column both write, to 1e-6.
+    yolosafe's own columns (the epoch's memory peaks) are extra; ``time`` is the wall clock."""
+    words = ["train", "model=yolov8n.yaml", "data=rf/data.yaml", *COMMON.split(), "seed=3"]
+    theirs = subprocess.run([sys.executable, "-c", "import sys\nfrom ultralytics.cfg import entrypoint\n"
+                             "entrypoint(' '.join(sys.argv[1:]))", *words, f"project={tmp_path}", "name=yolo"],
+                            cwd=sets, env=environment(sets), capture_output=True, text=True, timeout=600)
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    ours = subprocess.run([YOLOSAFE, *words, f"project={tmp_path}", "name=yolosafe", "--val-batch", "4"], cwd=sets,
+                          env=environment(sets), capture_output=True, text=True, timeout=600)
+    assert ours.returncode == 0, ours.stdout[-2000:] + ours.stderr[-2000:]
+    rows = {}
+    for name in ("yolo", "yolosafe"):
+        header, *lines = (tmp_path / name / "results.csv").read_text().strip().splitlines()
+        rows[name] = [dict(zip(header.split(","), line.split(","), strict=True)) for line in lines]
+    assert len(rows["yolo"]) == len(rows["yolosafe"]) == 1
+    columns = set(rows["yolo"][0]) - {"time"}
+    assert columns <= set(rows["yolosafe"][0]) and any(c.startswith("metrics/") for c in columns)
+    for a, b in zip(rows["yolo"], rows["yolosafe"], strict=True):
+        differ = {c: (a[c], b[c]) for c in columns if abs(float(a[c]) - float(b[c])) > 1e-6}
+        assert not differ, differ

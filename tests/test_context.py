@@ -24,6 +24,7 @@ from yolosafe.training.context import Rank, RunContext
 from yolosafe.training.failure import write_failure
 from yolosafe.training.fake import phases as fakephase
 from yolosafe.training.fake.phases import FakePhaseFile
+from yolosafe.training.heartbeat import HeartbeatCallbacks
 
 RANK_1_OF_2 = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
 CPU = torch.device("cpu")
@@ -77,9 +78,12 @@ def test_fake_phase_callbacks_only_with_fake_gpus_around_yolosafes(tmp_path):
     worker.install_callbacks(fake, run_context(tmp_path / "fake", fake_gpus=True))
     owners = {event: [type(hook.__self__) for hook in hooks] for event, hooks in fake.callbacks.items()}
     assert not any(isinstance(h.__self__, FakePhaseFile) for hooks in real.callbacks.values() for h in hooks)
-    assert owners["on_train_epoch_start"] == owners["on_val_start"] == [TrainingCallbacks, FakePhaseFile]
-    assert owners["on_train_epoch_end"] == owners["on_val_end"] == [FakePhaseFile, TrainingCallbacks]
-    assert set(real.callbacks) == set(TrainingCallbacks(run_context(tmp_path / "x")).hooks())
+    beats = HeartbeatCallbacks  # last: it reads the progress the others keep
+    assert owners["on_train_epoch_start"] == owners["on_val_start"] == [TrainingCallbacks, FakePhaseFile, beats]
+    assert owners["on_train_epoch_end"] == [FakePhaseFile, TrainingCallbacks, beats]
+    assert owners["on_val_end"] == [FakePhaseFile, TrainingCallbacks]
+    context = run_context(tmp_path / "x")
+    assert set(real.callbacks) == set(TrainingCallbacks(context).hooks()) | set(HeartbeatCallbacks(context).hooks())
 
 
 def test_a_ranks_epoch_in_events_progress_and_its_gpus_phase_file(tmp_path):

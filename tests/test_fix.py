@@ -151,8 +151,7 @@ def test_the_configs_own_effective_batch_is_kept_not_the_runs(tmp_path):
            "64; written so it stays 64; the run itself used 32" in out.stdout
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda p: p.mkdir(), "Is a directory"),
+@pytest.mark.parametrize("make, words", [  # a config that is no readable file (a folder): tests/test_adversarial.py
     (lambda p: (p.write_text("batch: 32\n"), p.chmod(0o444)), "is read-only: not changed"),
     (lambda p: p.write_text("batch: [32\n"), "not valid YAML"),
 ])

@@ -161,7 +161,7 @@ class _Releasing:
     def __init__(self, reads: int) -> None:
         self.left, self.calls = reads, 0
 
-    def read_memory(self, index: int) -> gpus.MemoryReading:
+    def read_memory(self, index: int, mig: str | None = None) -> gpus.MemoryReading:
         self.calls += 1
         self.left -= 1
         held = (gpus.GPUProcess(111, 900.0),) if self.left >= 0 else ()
@@ -179,10 +179,51 @@ def test_a_relaunch_waits_bounded_until_the_previous_attempts_pids_left_the_gpus
     assert wait_released(_Releasing(reads=10**6), [0], {111}, timeout=0.05, poll=0.01) == {111}
     said: list[str] = []
     watch = MemoryWatch(tmp_path, [0], 0.1, 0.9, lambda: _Releasing(reads=10**6), said.append)
-    watch.attempt_pids = {111}
+    watch.attempt_pids, watch.namespace.ours = {111}, True  # NVML listed the run's own pids: wait on them
     watch.wait_released(timeout=0.05)
     assert said == ["the previous attempt's processes (pids 111) still hold GPU memory after 0.05 s; starting the "
                     "next attempt anyway"]
+
+
+class _Container:
+    """A container's GPU 0: NVML lists the previous attempt's rank by a host pid, which nothing here has, and its
+    9000 MiB go away after ``reads`` reads; another tenant's 2000 MiB stay."""
+
+    name = "container"
+
+    def __init__(self, reads: int) -> None:
+        self.left, self.calls = reads, 0
+
+    def read_memory(self, index: int, mig: str | None = None) -> gpus.MemoryReading:
+        self.calls += 1
+        self.left -= 1
+        rank = (gpus.GPUProcess(gpus.HOST_PID_OFFSET + 111, 9000.0),) if self.left >= 0 else ()
+        return gpus.MemoryReading(index, 24576, 2000.0 + (9000.0 if rank else 0.0),
+                                  (*rank, gpus.GPUProcess(gpus.HOST_PID_OFFSET + 4242, 2000.0)))
+
+    def close(self) -> None:
+        pass
+
+
+def test_in_a_container_the_relaunch_waits_on_used_memory_not_on_pids(tmp_path):
+    """NVML's pids never match the run's in a container: the relaunch waits until used memory is back at the
+    attempt's floor (other processes' memory, the least the watch saw), bounded, one line if it stays up."""
+    from yolosafe.supervisor.watch import MemoryWatch, wait_memory_released
+
+    backend = _Container(reads=3)
+    assert wait_memory_released(backend, {0: 2000.0}, timeout=5, poll=0.01) == {} and backend.calls == 4
+    assert wait_memory_released(_Container(reads=10**6), {0: 2000.0}, timeout=0.05, poll=0.01) == {0: 9000.0}
+    said: list[str] = []
+    watch = MemoryWatch(tmp_path, [0], 0.1, 0.9, lambda: _Container(reads=10**6), said.append)
+    watch.attempt_pids, watch.floors = {111}, {0: 2000.0}  # the ranks' own pids: never listed by NVML
+    watch.wait_released(timeout=0.05)
+    assert said == ["the GPUs still hold more than before the previous attempt after 0.05 s (GPU 0 8.8 GiB); "
+                    "starting the next attempt anyway"]
+    released = _Container(reads=2)
+    watch = MemoryWatch(tmp_path, [0], 0.1, 0.9, lambda: released, said.append)
+    watch.attempt_pids, watch.floors = {111}, {0: 2000.0}
+    watch.wait_released(timeout=5)
+    assert released.calls == 3 and len(said) == 1
 
 
 def test_the_rank_environment_names_gpus_by_uuid_in_pci_order_always():
@@ -205,3 +246,32 @@ def test_doctor_reads_uuids_like_train():
     found = diagnose(project="/nonexistent", env=env)
     assert found.environment.visible_gpus == [2, 3]
     assert not [c for c in found.verdict if "hides every GPU" in c.finding]
+
+
+# Two fake GPUs whose ranks have NCCL's collectives under Ultralytics' TORCH_NCCL_BLOCKING_WAIT=1: the peer of a failed
+# rank waits in its collective until torchrun's teardown SIGTERMs it, and writes no record of its own.
+BLOCKING = json.dumps({"collectives": "blocking", "gpus": [{"total_mib": 24576} for _ in range(2)]})
+
+
+@pytest.mark.slow
+def test_under_blocking_collectives_a_rank_1_failure_is_rank_1s_oom_or_not(run_cli, tmp_path):
+    """One training: rank 1 runs out of memory (attempt 1, retried at half the batch), then fails with cuDNN's bare
+    internal error, no allocation code and no allocator's message: not an OOM (attempt 2, not retried). Rank 0
+    waits in its collective each time until torchrun SIGTERMs it; each end is reported as rank 1's, with the advice
+    of its kind, never "rank 0 was killed by SIGTERM"."""
+    env = {"YOLOSAFE_FAKE_GPUS": BLOCKING,
+           "YOLOSAFE_INJECT_OOM": "phase=train,epoch=0,rank=1,times=2,error=oom+cudnn-internal"}
+    result = run_cli("train", "--gpus", "0,1", "--epochs", "1", *TINY, "--batch", "16", env=env)
+    assert result.returncode != 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    s = story(run)
+    assert [(a["outcome"], a["rank"]) for a in s["attempts"]] == [("oom", 1), ("failed", 1)], s["attempts"]
+    assert [a["per_gpu_batch"] for a in s["attempts"]] == [8, 4]
+    peers = [f for f in records.load_failures(run) if f.rank == 0]
+    assert [(f.attempt, f.by, f.signal) for f in peers] == [(1, "launcher", "SIGTERM"), (2, "launcher", "SIGTERM")]
+    own = {f.attempt: f for f in records.load_failures(run) if f.rank == 1}
+    assert own[1].oom and own[2].error == "RuntimeError" and not own[2].oom
+    assert own[2].message.startswith("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")
+    said = "\n".join(line for line in result.stderr.splitlines() if line.startswith("yolosafe"))
+    assert "killed by SIGTERM" not in said and "rank 1" in said, said
+    assert "CUDNN_STATUS_INTERNAL_ERROR" in said, said

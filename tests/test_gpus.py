@@ -62,6 +62,25 @@ def test_fake_phase_memory_is_per_rank_gpu_and_ends_with_its_process(tmp_path):
     assert backend.read_memory(1).used_mib == 0 and backend.read_memory(1).processes == ()
 
 
+def test_fake_mig_slice_is_read_as_the_slice_with_the_ranks_memory_on_it(tmp_path):
+    """The watch's reading of a MIG device: the slice's total and used memory plus the phase memory of the rank on
+    it, never the parent GPU's 80 GB; a driver hiding processes lists none; blocking collectives are a layout word."""
+    phase_file = tmp_path / "phase.json"
+    spec = json.dumps({"hidden_pids": True, "collectives": "blocking", "gpus": [
+        {"total_mib": 81920, "used_mib": 30000, "phase_mib": {"train": 3000},
+         "mig": [{"uuid": "MIG-a", "total_mib": 40192, "used_mib": 30000}, {"uuid": "MIG-b", "total_mib": 9984}]}]})
+    backend = gpus.FakeBackend(spec, {gpus.PHASE_FILE_ENV: str(phase_file)})
+    phase_file.write_text(json.dumps({"phase": "train", "pid": os.getpid()}))
+    slice_b = backend.read_memory(0, "MIG-b")
+    assert (slice_b.total_mib, slice_b.used_mib, slice_b.processes) == (9984, 3000, ())
+    assert backend.read_memory(0).total_mib == 81920
+    with pytest.raises(gpus.GPUReadError):
+        backend.read_memory(0, "MIG-elsewhere")
+    assert gpus.blocking_collectives({gpus.FAKE_ENV: spec}) and not gpus.blocking_collectives({gpus.FAKE_ENV: "2x8GB"})
+    with pytest.raises(gpus.FakeGpusError, match="collectives"):
+        gpus.FakeBackend(json.dumps({"collectives": "nccl", "gpus": []}))
+
+
 @pytest.mark.parametrize("spec", ["4x", "lots", "{not json"])
 def test_bad_fake_spec(spec):
     with pytest.raises(gpus.FakeGpusError):

@@ -157,15 +157,14 @@ def test_judge_gpus_reads_the_fake_inventory(procs, monkeypatch):
 
 SUPERVISOR = """
 import os, subprocess, sys, time
+from pathlib import Path
+from tests.standins import asleep, stale_run
 run, node = sys.argv[1], int(sys.argv[3]) if len(sys.argv) > 3 else 0
 name = "train.log" if node == 0 else f"train-node{node}.log"
 log = open(os.path.join(run, name), "ab") if sys.argv[2] == "writes" else None
-spec = os.path.join(run, "spec-1.json" if node == 0 else f"spec-1-node{node}.json")
-open(os.path.join(run, "yolosafe.json"), "w").write("{}")
-open(spec, "w").write("{}")
-env = {**os.environ, "YOLOSAFE_RUN_DIR": run}
-worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "yolosafe.training.worker",
-                           spec], env=env)
+spec = stale_run(Path(run), node)
+env = {**asleep(Path(run)), "YOLOSAFE_RUN_DIR": run}
+worker = subprocess.Popen([sys.executable, "-m", "yolosafe.training.worker", str(spec)], env=env)
 time.sleep(600)
 """
 

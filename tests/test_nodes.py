@@ -16,6 +16,11 @@ from yolosafe.planning.nodes import Nodes, NodesError, first_host, from_slurm, r
         ("a1-[3-4]", "a1-3"),
         ("n[5]", "n5"),
         ("alpha,beta", "alpha"),
+        ("r[1-2]n[01-04]", "r1n01"),  # two ranges: SLURM's order, the last one fastest
+        ("node[001-004]-ib", "node001-ib"),  # a suffix after the range (the InfiniBand names)
+        ("nid[00001-00004,00010]", "nid00001"),  # HPE/Cray
+        ("x1000c[0-1]s0b0n[0-1]", "x1000c0s0b0n0"),  # HPE/Cray EX: cabinet, chassis, slot, board, node
+        (" gpu[3-4] ", "gpu3"),
     ],
 )
 def test_first_host_of_a_slurm_nodelist(nodelist: str, host: str) -> None:
@@ -25,6 +30,8 @@ def test_first_host_of_a_slurm_nodelist(nodelist: str, host: str) -> None:
 def test_first_host_rejects_garbage() -> None:
     with pytest.raises(NodesError, match="SLURM_JOB_NODELIST"):
         first_host("[x-y]")
+    with pytest.raises(NodesError, match="SLURM_JOB_NODELIST"):
+        first_host("gpu[4-2]")
 
 
 SLURM = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}

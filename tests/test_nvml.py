@@ -85,14 +85,15 @@ def test_one_gpu_every_figure_through_nvidia_ml_py(nvml):
     driver = nvml(Driver([gpu(total_mib=40960, used_mib=13000, util=55,
                               processes=[(4242, 12000), (4343, 500)], graphics=[(900, 500), (4343, 500)])]))
     inv = gpus.read_inventory({})
-    assert (inv.backend, inv.driver, inv.cuda, inv.problem, inv.ids) == ("nvml", "550.54.15", "12.4", None, (0,))
+    assert (inv.backend, inv.driver, inv.cuda, inv.problem, inv.ids) == ("nvml", "580.95.05", "13.0", None, (0,))
     g = inv.gpus[0]
     assert (g.name, g.uuid, g.total_mib, g.used_mib, g.free_mib, g.utilization, g.mig, g.valid) == (
         "NVIDIA Fake 0", "GPU-fake-nvml-0000", 40960, 13000, 27960, 55, False, True)
     assert g.processes == (gpus.GPUProcess(4242, 12000), gpus.GPUProcess(4343, 500), gpus.GPUProcess(900, 500))
     backend = gpus.NvmlBackend()
     reading = backend.read_memory(0)
-    assert (reading.total_mib, reading.used_mib, len(reading.processes)) == (40960, 13000, 3)
+    # the watch's reading: CUDA's processes are compute processes; the graphics list (an X server) is the inventory's
+    assert (reading.total_mib, reading.used_mib, len(reading.processes)) == (40960, 13000, 2)
     backend.close()
     assert driver.calls["nvmlDeviceGetComputeRunningProcesses_v3"] >= 2  # nvidia-ml-py picked the newest symbol
     assert "nvmlDeviceGetComputeRunningProcesses_v2" not in driver.calls
@@ -168,7 +169,7 @@ def test_driver_without_v3_process_functions(nvml):
     backend = gpus.NvmlBackend()
     assert backend.inventory().gpus[0].processes == (gpus.GPUProcess(4242, 1500), gpus.GPUProcess(31, 2))
     for _ in range(3):
-        assert backend.read_memory(0).processes == (gpus.GPUProcess(4242, 1500), gpus.GPUProcess(31, 2))
+        assert backend.read_memory(0).processes == (gpus.GPUProcess(4242, 1500),)  # the watch: compute only
     assert driver.calls["nvmlDeviceGetComputeRunningProcesses_v2"] == 8  # 4 reads x (sizing call + fill)
     assert not missing & set(driver.calls)
     backend.close()
@@ -178,10 +179,10 @@ def test_older_driver_without_newer_symbols(nvml):
     """No ``nvmlSystemGetCudaDriverVersion_v2``: the CUDA version comes from the older symbol; no
     ``nvmlDeviceGetCount_v2``: no GPU can be counted, and the inventory says why."""
     nvml(Driver([gpu()], missing={"nvmlSystemGetCudaDriverVersion_v2"}))
-    assert gpus.read_inventory({}).cuda == "12.4"
+    assert gpus.read_inventory({}).cuda == "13.0"
     nvml(Driver([gpu()], missing={"nvmlDeviceGetCount_v2"}))
     inv = gpus.read_inventory({})
-    assert (inv.gpus, inv.driver) == ((), "550.54.15")
+    assert (inv.gpus, inv.driver) == ((), "580.95.05")
     assert inv.problem == "NVML cannot count the GPUs (nvmlDeviceGetCount: Function Not Found)"
 
 
@@ -219,11 +220,11 @@ def test_yolosafe_gpus_and_json_end_to_end(nvml, capsys):
     nvml(Driver([gpu(0, total_mib=40960, used_mib=13000, processes=[(4242, 13000)]), gpu(1, processes=[(7, None)])]))
     code, out, err = run_cli(capsys, "gpus")
     assert (code, err) == (0, "")
-    assert out.splitlines()[0] == "driver 550.54.15, CUDA 12.4 (nvml)"
+    assert out.splitlines()[0] == "driver 580.95.05, CUDA 13.0 (nvml)"
     assert "NVIDIA Fake 0" in out and "4242:13000MiB" in out and out.splitlines()[-1].endswith("  7")
     code, out, err = run_cli(capsys, "gpus", "--json")
     data = json.loads(out)
-    assert (code, data["backend"], data["driver"], data["cuda"], data["problem"]) == (0, "nvml", "550.54.15", "12.4",
+    assert (code, data["backend"], data["driver"], data["cuda"], data["problem"]) == (0, "nvml", "580.95.05", "13.0",
                                                                                     None)
     first, second = data["gpus"]
     assert (first["free_mib"], first["processes"], first["mig"], first["problem"]) == (
@@ -331,3 +332,87 @@ def test_ranks_get_gpu_uuids_and_an_inherited_index_list_counts_the_gpus_this_pr
     nvml(Driver([gpu(0, errors={"nvmlDeviceGetHandleByIndex_v2": fake_nvml.NO_PERMISSION}), gpu(1), gpu(2)]))
     inventory = gpus.read_inventory({})
     assert not inventory.gpus[0].openable and gpus.visible_ids(inventory, "0,1") == (1, 2)
+
+
+def test_the_watch_samples_the_mig_slice_the_run_trains_on_never_its_whole_gpu(nvml, tmp_path):
+    """GPU 0 (80 GB) in MIG mode; the run trains on its second slice (10 GB, CUDA_VISIBLE_DEVICES names it), another
+    tenant fills the first. memory.csv's total is the slice's and its memory and processes are the slice's own
+    (nvmlDeviceGetMigDeviceHandleByIndex, matched by UUID once, then cached); a full slice warns. The watch asks the
+    compute process list only: no graphics-process call for a CUDA job."""
+    from yolosafe.supervisor.child import watched_slices
+
+    tenant = fake_nvml.mig_device(0, 0, total_mib=40192, used_mib=38000, processes=[(4242, 38000)])
+    ours = fake_nvml.mig_device(0, 1, total_mib=9984, used_mib=9600, processes=[(os.getpid(), 9600)])
+    driver = nvml(Driver([gpu(0, total_mib=81920, used_mib=47600, mig=True, mig_devices=[tenant, ours],
+                              processes=[(4242, None), (os.getpid(), None)])]))
+    slices = watched_slices((0,), {"CUDA_VISIBLE_DEVICES": ours["uuid"]})
+    assert slices == {0: ours["uuid"]} and watched_slices((0,), {}) == {0: tenant["uuid"]}  # CUDA's first slice
+    driver.calls.clear()
+    said: list[str] = []
+    w = watch.MemoryWatch(tmp_path, [0], 0.01, 0.9, gpus.NvmlBackend, said.append, slices)
+    w.start(1, lambda: {os.getpid()})
+    wait_for(lambda: w.samples >= 5)
+    w.stop()
+    rows = (tmp_path / rundir.MEMORY_CSV).read_text().splitlines()[1:]
+    assert {tuple(r.split(",")[3:7]) for r in rows} == {("9984.0", "9600.0", "9600.0", "0.0")}
+    assert len(said) == 1 and "GPU 0 at 96%" in said[0] and "of 9.8 GiB used" in said[0]
+    assert driver.calls["nvmlDeviceGetMigDeviceHandleByIndex"] == 2  # slots 0 and 1, once: the handle is cached
+    assert not [name for name in driver.calls if "Graphics" in name]
+    assert driver.calls["nvmlDeviceGetMemoryInfo"] == w.samples  # one memory call per sample of the slice
+
+
+def test_a_driver_that_hides_processes_gives_an_unknown_split_never_ours_0(nvml):
+    """A container whose driver lists no process at all while memory is held: the split is unknown; an idle GPU's
+    own few MiB with an empty list stay "ours 0, others 0"."""
+    nvml(Driver([gpu(0, used_mib=9000), gpu(1, used_mib=300)]))
+    backend = gpus.NvmlBackend()
+    try:
+        held, idle = backend.read_memory(0), backend.read_memory(1)
+    finally:
+        backend.close()
+    assert held.processes == () and attribution.split(held, {os.getpid()}) == (None, None)
+    assert attribution.split(idle, {os.getpid()}) == (0.0, 0.0)
+
+
+def test_torchs_cuda_build_is_read_without_importing_torch_as_torch_says_it():
+    """The supervisor's reading of torch/version.py (no torch import) against torch.version.cuda itself."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from yolosafe import gpus; print(json.dumps(gpus.torch_build())); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    import torch
+
+    assert json.loads(out[0]) == [torch.__version__, torch.version.cuda] and out[1] == "False"
+
+
+def test_a_driver_too_old_for_torchs_cuda_build_is_refused_in_one_line_naming_both(nvml, capsys, tmp_path,
+                                                                                    monkeypatch):
+    data = _data(tmp_path, monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(gpus, "torch_build", lambda: ("2.14.1+cu130", "13.0"))
+    nvml(Driver([gpu(0)], driver="550.54.15", cuda=12040))
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--data", data)
+    assert (code, out, err.count("\n")) == (2, "", 1), err
+    assert "supports CUDA 12.4" in err and "torch 2.14.1+cu130 was built for CUDA 13.0" in err
+    assert not (tmp_path / "runs").exists()
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--gpus", "cpu", "--data", data)
+    assert code == 0, err  # the CPU needs no driver
+    assert gpus.cuda_problem("13.2", "2.14.1", "13.0") is None and gpus.cuda_problem("12.8", "x", None) is None
+
+
+@pytest.mark.parametrize("variable", ["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"])
+def test_gpus_asked_for_where_nvml_cannot_be_read_are_refused_never_the_cpu(nvml, capsys, tmp_path, monkeypatch,
+                                                                              variable):
+    """A container without the driver's utility capability: no libnvidia-ml, the scheduler gave GPU 0."""
+    data = _data(tmp_path, monkeypatch)
+    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    nvml(None)
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--data", data)
+    assert code == 0 and "cpu" in out  # nothing asked for GPUs: the CPU, as planned
+    monkeypatch.setenv(variable, "0")
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--data", data)
+    assert (code, out, err.count("\n")) == (2, "", 1), err
+    assert f"{variable}=0 asks for GPUs" in err and "NVML" in err and "--gpus cpu" in err

@@ -85,6 +85,25 @@ def test_classify_oom_on_one_rank_beats_nccl_errors_on_others():
     assert (failure.outcome, failure.phase, failure.epoch, failure.rank, failure.gpu) == ("oom", "val", 134, 3, 3)
 
 
+def test_classify_a_ranks_own_failure_beats_the_teardown_of_its_peers():
+    """Under NCCL's blocking wait the peers of a failed rank wait in their collective until torchrun SIGTERMs them:
+    the launcher's records of those signals (whole-second timestamps) never outrank the failed rank's own record."""
+    peer = FailureRecord.new(t=7.0, rank=0, gpu=0, signal="SIGTERM", error="SIGTERM", exit_code=-15, by="launcher",
+                             message="rank 0 was killed by SIGTERM")
+    own = FailureRecord.new(t=7.4, rank=1, gpu=1, error="ValueError", message="boom", phase="train", epoch=0,
+                            by="rank")
+    failed = classify(ok(), [peer, own], "")
+    assert (failed.outcome, failed.rank, failed.gpu, failed.message) == ("failed", 1, 1, "ValueError: boom")
+    out = FailureRecord.new(t=7.4, rank=1, gpu=1, oom=True, message=SEED_003, phase="train", epoch=0, by="rank")
+    assert (classify(ok(), [peer, out], "").outcome, classify(ok(), [peer, out], "").rank) == ("oom", 1)
+    assert classify(ok(), [peer], "").message == "rank 0 was killed by SIGTERM"  # nothing else: the teardown is all
+    killed = FailureRecord.new(t=6.0, rank=1, gpu=1, signal="SIGKILL", by="launcher", message="rank 1 was killed by "
+                               "SIGKILL")
+    gloo = FailureRecord.new(t=7.6, rank=0, error="RuntimeError", message="Connection closed by peer", by="rank")
+    assert classify(ok(), [gloo, killed, peer], "").message == "rank 1 was killed by SIGKILL"  # a kill still wins
+    assert classify(ok(), [gloo, own], "").rank == 1  # a peer's failed collective comes after the failed rank's own
+
+
 def test_classify_other_outcomes():
     assert classify(ok(0), [], "").outcome == "completed"
     assert classify(ok(1), [], "...\n" + SEED_003).outcome == "oom"  # no record written: the log still tells
@@ -142,11 +161,15 @@ def test_every_library_marker_is_in_the_library_that_says_it(marker):
     if not all(p.is_file() for p in paths):
         pytest.skip(f"{oom.OOM_SOURCES[marker]} is not installed here")
     parts = {"Cuda failure 2 'out of memory'": [b"Cuda failure %d '%s'", b"out of memory"],
-             "CUDA error: out of memory": [b"CUDA error: ", b"out of memory"]}.get(marker, [marker.encode()])
+             "CUDA error: out of memory": [b"CUDA error: ", b"out of memory"],
+             oom.CUBLAS_INIT: [b"CUBLAS_STATUS_NOT_INITIALIZED", b" when calling `cublasCreate(handle)`"],
+             }.get(marker, [marker.encode()])
     for path in paths:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
             found = [part for part in parts if data.find(part) >= 0]
         assert found, f"{marker!r} not in {path}"
+        if marker == oom.CUBLAS_INIT and path.name.startswith("libtorch"):  # torch's check macro says both parts
+            assert found == parts, f"{marker!r} not in {path}"
     assert "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE" not in oom.OOM_MARKERS  # in no shipped library
 
 
@@ -163,7 +186,12 @@ OOM_TABLE = [
     ("RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
     ("RuntimeError: CUDA ran out of memory outside PyTorch's allocator. If this workload uses many dynamic shapes",
      True),
-    ("RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR", True),  # Ultralytics' own list
+    ("RuntimeError: CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`", True),
+    ("RuntimeError: CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasSetStream(handle, stream)`", False),
+    ("torch.OutOfMemoryError: expandable_segments: memory mapping failed with OOM on device 0", True),
+    # cuDNN's bare internal error is an OOM only with an allocator's message beside it (cuDNN 9 has its own code)
+    ("RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR", False),
+    ("RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR\nCUDA out of memory. Tried to allocate 2.00 MiB", True),
     ("RuntimeError: FIND was unable to find an engine to execute this computation", True),
     ("RuntimeError: cusolver error: CUSOLVER_STATUS_ALLOC_FAILED", True),
     ("CUDA out of memory. Allocation was preemptively rejected because it would exceed per_process_memory_fraction "
@@ -181,7 +209,8 @@ OOM_TABLE = [
 @pytest.mark.parametrize(("text", "is_oom"), OOM_TABLE)
 def test_every_real_oom_form_is_an_oom_and_host_ram_is_not(text, is_oom):
     assert oom.is_oom_text(text) is is_oom
-    if not is_oom and "ValueError" not in text and "COMPILATION" not in text:
+    not_memory = ("ValueError", "COMPILATION", "CUBLAS", "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")
+    if not is_oom and not any(w in text for w in not_memory):
         assert oom.is_host_oom(text)
 
 
@@ -192,7 +221,7 @@ def test_sizes_in_bytes_parse():
     assert figures["processes"] == {77: 0.0} and figures["total_mib"] == pytest.approx(79.11 * 1024)
 
 
-@pytest.mark.parametrize("error", ["accelerator", "nccl", "cudnn"])
+@pytest.mark.parametrize("error", ["accelerator", "nccl", "cudnn", "cublas-init", "cudnn-internal"])
 def test_injected_errors_are_the_real_types_with_the_real_texts(error):
     import torch
     import torch.distributed
@@ -201,9 +230,9 @@ def test_injected_errors_are_the_real_types_with_the_real_texts(error):
 
     exc = injected_error(oom.parse_injection(f"error={error}").error, 1)
     expected = {"accelerator": torch.AcceleratorError, "nccl": torch.distributed.DistBackendError,
-                "cudnn": RuntimeError}[error]
+                "cudnn": RuntimeError, "cublas-init": RuntimeError, "cudnn-internal": RuntimeError}[error]
     assert type(exc) is expected and not isinstance(exc, torch.OutOfMemoryError)
-    assert oom.is_oom_text(str(exc)) and str(exc).endswith(oom.INJECTED)
+    assert oom.is_oom_text(str(exc)) is (error != "cudnn-internal") and str(exc).endswith(oom.INJECTED)
 
 
 def test_an_injection_of_several_forms_raises_them_in_turn():

@@ -16,7 +16,8 @@ from yolosafe.planning.validate import InputError
 from yolosafe.rundir.records import Story
 
 RESOLVED = ("data_yaml", "dataset_name", "data_hint", "named", "nnodes", "train_images", "dataset_figures", "command")
-STORY_KEYS = {"command", "dataset", "max_retries", "min_batch", "watch_interval", "warn_at", "clear_before_val"}
+STORY_KEYS = {"command", "dataset", "max_retries", "min_batch", "watch_interval", "warn_at", "clear_before_val",
+              "hang_timeout", "max_hang_restarts"}
 VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
                                                                                   max_size=3), max_leaves=6)

@@ -1,15 +1,18 @@
 """A validation OOM recovered in place: the rank that runs out of memory inside its validation loop halves its own
-validation batch and validates its shard again, inside the running training; and no epoch is trained twice when a
-relaunch is still needed. Drills with real CPU ranks (fake GPUs over gloo) and the real torch.OutOfMemoryError raised
-inside the real Ultralytics validation loop."""
+forward batch and validates its own shard again, inside the running training, with the uninterrupted run's result;
+and no epoch is trained twice when a relaunch is still needed. Drills with real CPU ranks (fake GPUs over gloo) and
+the real torch.OutOfMemoryError raised inside the real Ultralytics validation loop."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import TINY, run_dir_of, story
 from tests.contexts import run_context
@@ -111,6 +114,111 @@ def test_a_wrong_val_oom_is_one_line_before_anything_starts(run_cli, tmp_path):
         assert "sometimes" in result.stderr and "in-place" in result.stderr and not (tmp_path / "runs").exists()
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 8), st.integers(1, 64), st.data())
+def test_every_image_is_validated_once_whatever_ranks_halve(images, ranks, batch, data):
+    """Ultralytics' own shards (the installed ContiguousDistributedSampler, cut as build_dataloader cuts them from
+    the dataset's batch), each rank cut into forward passes at its own number of halvings: every image once."""
+    from ultralytics.data.build import ContiguousDistributedSampler
+
+    class Dataset:  # what the sampler reads of a YOLODataset: its length and the batch it was built for
+        batch_size = batch
+
+        def __len__(self) -> int:
+            return images
+
+    halvings = data.draw(st.lists(st.integers(0, 7), min_size=ranks, max_size=ranks))
+    loader_batch = min(batch, images)  # build_dataloader's
+    seen = []
+    for rank, halved in enumerate(halvings):
+        shard = list(ContiguousDistributedSampler(Dataset(), num_replicas=ranks, rank=rank))
+        forward = max(loader_batch >> halved, 1) if halved else None
+        passes = valretry.shard_batches(shard, loader_batch, forward)
+        assert all(0 < len(p) <= (forward or loader_batch) for p in passes)
+        validated = [i for p in passes for i in p]
+        assert validated == shard  # the rank's own shard, in its order, whatever it halved to
+        seen += validated
+    assert sorted(seen) == list(range(images))
+
+
+@pytest.mark.parametrize("model", ["yolov8n.yaml", "yolov8n-seg.yaml", "yolov8n-cls.yaml", "yolo26n.yaml",
+                                   "yolov8n-pose.yaml", "yolov8n-obb.yaml"])
+def test_a_split_forward_pass_gives_the_whole_batchs_output(model):
+    """The real network of every task, 5 images: in pieces of 2 (the layers before the head), the head once on the
+    joined features: the whole batch's output, every tensor of it; and the class's forward again after."""
+    import torch
+    from ultralytics import YOLO
+
+    network = YOLO(model).model.eval()
+    x = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def flat(out):
+        if isinstance(out, torch.Tensor):
+            return [out]
+        values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+        return [t for v in values for t in flat(v)]
+
+    with torch.inference_mode():
+        whole = flat(network(x))
+        restore = valretry.split_forward(network, 2)
+        split = flat(network(x))
+        restore()
+    assert "forward" not in vars(network)
+    assert [t.shape for t in split] == [t.shape for t in whole] and len(whole) > 1
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(split, whole, strict=True))
+
+
+def test_the_network_is_found_inside_autobackend_and_pieces_join_only_batch_first():
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.nn.autobackend import AutoBackend
+
+    network = YOLO("yolov8n.yaml").model
+    assert valretry.network_of(AutoBackend(model=network, device=torch.device("cpu"), verbose=False)) is network
+    assert valretry.network_of(network) is network and valretry.network_of(torch.nn.Linear(1, 1)) is None
+    shared = torch.zeros(3)
+    joined = valretry.join_pieces([[torch.ones(2, 1), shared, None], [torch.ones(1, 1), shared, None]], [2, 1])
+    assert joined[0].shape == (3, 1) and joined[1] is shared and joined[2] is None
+    with pytest.raises(valretry._CannotJoin):
+        valretry.join_pieces([torch.ones(4, 2), torch.ones(4, 1)], [2, 1])
+
+
+USER_VAL_ARGS = {"classes": [0, 2], "max_det": 50, "iou": 0.6, "conf": 0.01, "single_cls": True, "split": "test",
+                 "save_json": True, "agnostic_nms": True}
+
+
+def test_a_relaunched_final_validation_is_the_trainers_own(tmp_path, monkeypatch):
+    """The validation of best.pt relaunched alone: Ultralytics' model.val with the user's validation arguments, the
+    trainer's precision (FP16 on a GPU with AMP) and yolosafe's halved validation batch, on the first GPU."""
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.engine.model import Model
+
+    from yolosafe.rundir import runspec
+    from yolosafe.training import worker
+
+    kwargs = {"data": "d.yaml", "imgsz": 64, "device": "0,1", "project": str(tmp_path.parent), "name": tmp_path.name,
+              "epochs": 3, "batch": 16, "nbs": 64, "rect": False, "model": "yolov8n.yaml", **USER_VAL_ARGS}
+    context = run_context(tmp_path, mode=runspec.FINAL_VAL, val_batch=2, train_kwargs=kwargs)
+    context.run.best_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    YOLO("yolov8n.yaml").save(context.run.best_checkpoint)
+    calls = []
+    monkeypatch.setattr(Model, "val", lambda self, **kw: calls.append(kw) or {"metrics/mAP50(B)": 0.5})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    worker.final_validation(context)
+    [call] = calls
+    assert {k: call[k] for k in USER_VAL_ARGS} == USER_VAL_ARGS and (call["data"], call["imgsz"]) == ("d.yaml", 64)
+    assert (call["quantize"], call["batch"], call["device"], call["plots"], call["compile"]) == (16, 2, "0", False,
+                                                                                                 False)
+    assert "rect" not in call and "model" not in call  # the validation loader is rectangular, as in training
+    assert json.loads(context.run.final_metrics.read_text()) == {"metrics/mAP50(B)": 0.5}
+    for amp, cuda in ((False, True), ("fp32", True), (True, False)):
+        plain = run_context(tmp_path / f"{amp}{cuda}", train_kwargs={**kwargs, "amp": amp})
+        assert worker.final_validation_args(plain, cuda)["quantize"] is None  # FP32, as the trainer validated
+    assert worker.final_validation_args(run_context(tmp_path / "bf16", train_kwargs={**kwargs, "amp": "bf16"}),
+                                        True)["quantize"] == 16
+
+
 # -- drills: real trainings -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -180,23 +288,70 @@ def test_a_relaunch_after_a_middle_epochs_validation_validates_it_and_trains_on(
     assert second[:3] == [("val_start", "val", 1), ("val_end", "val", 1), ("train_start", "train", 2)]
 
 
+def epoch_row(run: Path) -> dict[str, str]:
+    """results.csv's first epoch: its metrics, validation losses and training losses."""
+    header, row = (line.split(",") for line in (run / "results.csv").read_text().strip().splitlines()[:2])
+    return {k: v for k, v in zip(header, row, strict=True) if k.startswith(("metrics/", "val/", "train/"))}
+
+
 @pytest.mark.slow
-def test_one_process_retry_gives_the_metrics_of_the_smaller_batch_from_the_start(run_cli, tmp_path):
-    """One process: validation at 8 fails on its first batch and runs again at 4; a run validated at 4 from the
-    start (same seed) has the same validation metrics and losses."""
+def test_one_process_retry_gives_the_uninterrupted_runs_metrics(run_cli, tmp_path):
+    """One process: validation at 8 fails on its first batch and runs again with forward passes of 4; the run
+    without the OOM (same seed, same val batch) has the same results.csv row."""
     retried = run_cli("train", "--epochs", "1", "--name", "retried", *TINY, "--val-batch", "8",
                       env={"YOLOSAFE_INJECT_OOM": "phase=val,epoch=0,iteration=0"})
     assert retried.returncode == 0, retried.stderr[-3000:]
-    plain = run_cli("train", "--epochs", "1", "--name", "plain", *TINY, "--val-batch", "4")
+    plain = run_cli("train", "--epochs", "1", "--name", "plain", *TINY, "--val-batch", "8")
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert "OOM in validation at epoch 1/1: val batch 8 -> 4, validated again in place" in retried.stdout
     rows = {}
     for name in ("retried", "plain"):
-        run = run_dir_of(tmp_path, name)
-        finished(run, 1)
-        header, row = (line.split(",") for line in (run / "results.csv").read_text().strip().splitlines()[:2])
-        rows[name] = {k: v for k, v in zip(header, row, strict=True) if k.startswith(("metrics/", "val/", "train/"))}
+        finished(run_dir_of(tmp_path, name), 1)
+        rows[name] = epoch_row(run_dir_of(tmp_path, name))
     assert any(k.startswith("metrics/") for k in rows["plain"]) and rows["retried"] == rows["plain"]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 square validation images: at val batch 4 on 2 ranks, Ultralytics' shards are 8 and 2 images."""
+    from yolosafe.planning import datasets
+
+    return datasets.ensure_shapes(tmp_path_factory.mktemp("uneven"), train=8, val=10, size=64)
+
+
+@pytest.fixture(scope="module")
+def uneven_baseline(uneven: Path, tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
+    """The 2-rank run without an OOM that each drill on the uneven set compares with (one for all of them)."""
+    import subprocess
+
+    from tests.conftest import YOLOSAFE, cli_env
+
+    cwd = tmp_path_factory.mktemp("uneven-baseline")
+    done = subprocess.run([YOLOSAFE, "train", *UNEVEN, "--data", str(uneven)], cwd=cwd, env=cli_env(shared_cache, TWO),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir_of(cwd)
+
+
+UNEVEN = ["--gpus", "0,1", "--epochs", "1", *TINY, "--val-batch", "4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank, iteration", [(1, 0), (0, 1)])
+def test_an_in_place_retry_on_either_rank_leaves_the_epochs_results_as_without_it(run_cli, tmp_path, uneven,
+                                                                                    uneven_baseline, rank, iteration):
+    """2 ranks, 10 validation images at val batch 4 (shards of 8 and 2): an OOM on rank 1's only batch, or on rank
+    0's second one, is recovered in place, and the epoch's results.csv row (metrics, validation and training losses)
+    and the final validation's metrics are those of the run without it; the validator counted all 10 images."""
+    result = run_cli("train", *UNEVEN, "--data", str(uneven),
+                     env={**TWO, "YOLOSAFE_INJECT_OOM": f"phase=val,epoch=0,rank={rank},iteration={iteration}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    finished(run, 1)
+    assert f"on rank {rank}, GPU {rank}: val batch 4 -> 2 on that rank, validated again in place" in result.stdout
+    assert epoch_row(run) == epoch_row(uneven_baseline) and any(k.startswith("val/") for k in epoch_row(run))
+    assert story(run)["final_metrics"] == story(uneven_baseline)["final_metrics"]
+    assert re.search(r"^\s*all\s+10\s", result.stdout + result.stderr, re.M), result.stdout[-3000:]
 
 
 # -- the GPU check's figures, without a GPU ----------------------------------------------------------------------------

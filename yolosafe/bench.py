@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-BENCH_OFF_ENV = "YOLOSAFE_BENCH_OFF"  # comma-separated: tee, filter, tree, events, checkpoint, peaks
+BENCH_OFF_ENV = "YOLOSAFE_BENCH_OFF"  # comma-separated: tee, filter, tree, events, checkpoint, peaks, heartbeat
 BENCH_PROFILE_ENV = "YOLOSAFE_BENCH_PROFILE"  # a folder: the worker writes its cProfile stats there
 
 

@@ -11,8 +11,12 @@
         └── TrainingInterrupted         stopped by Ctrl-C, SIGTERM or a notebook's interrupt; also a
                                         KeyboardInterrupt, so ``except KeyboardInterrupt`` catches it
 
-The input errors of the subpackages (``InputError``, ``PlanError``, ``DatasetError``...) are ``UsageError``
-subclasses. ``UsageError`` is also a ``ValueError``, as they were before.
+The input errors of the subpackages (``InputError``, ``PlanError``, ``DatasetError``, ``InjectionError``, the input
+check's ``Refused``...) are ``UsageError`` subclasses. ``UsageError`` is also a ``ValueError``, as they were before.
+Every other exception class yolosafe defines derives from ``YolosafeError`` too, keeping the built-in base it had
+(``RecordError`` and the ``fix`` errors are ``ValueError`` subclasses, ``GPUReadError`` a ``RuntimeError``,
+``CompatError`` an ``AssertionError``); a stop is no error: ``proc.Stopped`` (SIGTERM, SIGHUP) is a
+``KeyboardInterrupt``, as Ctrl-C is. ``tests/test_imports.py`` checks it for every class in the package.
 """
 
 from __future__ import annotations

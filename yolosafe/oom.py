@@ -11,40 +11,46 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from yolosafe.errors import UsageError
+
 INJECT_ENV = "YOLOSAFE_INJECT_OOM"
 INJECTED = " [injected by yolosafe]"  # the end of every injected message
 
 # What marks a failed attempt as a GPU out-of-memory: (pattern, the text's source). Each literal is in the strings of
 # the libraries torch 2.14 ships (tests/test_oom.py reads them there): the caching allocator's and torch's own
-# messages, CUDA's error string in an ``AcceleratorError`` ("CUDA error: out of memory": a context or memory outside
-# the caching allocator), NCCL's in a ``DistBackendError`` ("Cuda failure 2 'out of memory'"), cuBLAS', cuDNN 9's
-# and cuSOLVER's/cuFFT's allocation failures; then Ultralytics' own list (its trainer's handler): "out of memory" in
-# any case, ``CUDNN_STATUS_INTERNAL_ERROR`` (cuDNN 8 said so for a failed workspace) and "unable to find an engine".
-# cuDNN 8's ``CUDNN_STATUS_ALLOC_FAILED`` is kept for older torch builds. A DDP peer that dies of a NCCL/timeout
-# error after another rank's OOM needs no marker: the OOM rank's own record or traceback is there too.
+# messages (the expandable segments' failed mapping included), CUDA's error string in an ``AcceleratorError`` ("CUDA
+# error: out of memory": a context or memory outside the caching allocator), NCCL's in a ``DistBackendError``
+# ("Cuda failure 2 'out of memory'"), cuBLAS' allocation failure and its failed handle creation (torch's check around
+# ``cublasCreate``, the usual face of an OOM when the first matmul creates the handle on a nearly full GPU), cuDNN 9's
+# and cuSOLVER's/cuFFT's allocation failures; then Ultralytics' words (its trainer's handler): "out of memory" in any
+# case and "unable to find an engine". cuDNN 8's ``CUDNN_STATUS_ALLOC_FAILED`` is kept for older torch builds. A bare
+# ``CUDNN_STATUS_INTERNAL_ERROR`` (in Ultralytics' list: cuDNN 8 said so for a failed workspace) is not one: cuDNN 9
+# gives an allocation failure its own code, so it is an OOM only with that code or an allocator's message beside it.
+# A DDP peer that dies of a NCCL/timeout error after another rank's OOM needs no marker: the OOM rank's own record or
+# traceback is there too.
+CUBLAS_INIT = "CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"
 OOM_SOURCES = MappingProxyType({
     "CUDA out of memory": "torch/lib/libc10_cuda.so",
     "OutOfMemoryError": "torch/lib/libtorch_python.so",
     "CUDA error: out of memory": "torch/lib/libtorch_cuda.so + nvidia/cu13/lib/libcudart.so.13",
     "CUDA ran out of memory outside PyTorch's allocator": "torch/lib/libtorch_cuda.so",
+    "expandable_segments: memory mapping failed": "torch/lib/libc10_cuda.so",
     "Cuda failure 2 'out of memory'": "nvidia/nccl/lib/libnccl.so.2",
     "cudaErrorMemoryAllocation": "nvidia/cu13/lib/libcudart.so.13",
     "CUBLAS_STATUS_ALLOC_FAILED": "nvidia/cu13/lib/libcublasLt.so.13",
+    CUBLAS_INIT: "torch/lib/libtorch_cuda.so + nvidia/cu13/lib/libcublasLt.so.13",
     "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED": "nvidia/cudnn/lib/libcudnn_graph.so.9",
     "CUSOLVER_STATUS_ALLOC_FAILED": "torch/lib/libtorch_cuda.so",
     "CUFFT_ALLOC_FAILED": "torch/lib/libtorch_cuda.so",
     "CUDNN_STATUS_ALLOC_FAILED": "cuDNN 8 (older torch builds)",
-    "CUDNN_STATUS_INTERNAL_ERROR": "Ultralytics' OOM handler",
     "unable to find an engine": "Ultralytics' OOM handler",
     "out of memory": "Ultralytics' OOM handler",
 })
 OOM_MARKERS = tuple(OOM_SOURCES)
-# Ultralytics' wider words, minus what is not GPU memory: cuDNN's other internal errors (a failed compile, a bad
-# launch) and the host's "out of memory" (LLVM's and c10's CPU allocator, see HOST_OOM_MARKERS).
-_WIDE = re.compile(r"CUDNN_STATUS_INTERNAL_ERROR(?!_[A-Z])|CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"
-                   r"|unable to find an engine|(?<!LLVM ERROR: )(?<!C10 )out of memory", re.IGNORECASE)
-_EXACT = tuple(m for m in OOM_MARKERS if m not in {"CUDNN_STATUS_INTERNAL_ERROR", "unable to find an engine",
-                                                   "out of memory"})
+# Ultralytics' wider words, minus what is not GPU memory: the host's "out of memory" (LLVM's and c10's CPU
+# allocator, see HOST_OOM_MARKERS).
+_WIDE = re.compile(r"unable to find an engine|(?<!LLVM ERROR: )(?<!C10 )out of memory", re.IGNORECASE)
+_EXACT = tuple(m for m in OOM_MARKERS if m not in {"unable to find an engine", "out of memory"})
 
 _UNIT = MappingProxyType({"bytes": 1 / 2**20, "B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0,
                           "TiB": 1024.0**2})
@@ -64,7 +70,7 @@ FRAGMENTED_MIB = 1024.0  # reserved but unallocated at an OOM above which the ad
 
 
 
-class InjectionError(ValueError):
+class InjectionError(UsageError):
     """A ``YOLOSAFE_INJECT_OOM`` that cannot be read or cannot fire in this run; ``str()`` is one line."""
 
 def is_oom_text(text: str) -> bool:
@@ -118,6 +124,8 @@ ERROR_TEXTS = MappingProxyType({
              "with NCCL_DEBUG=INFO for details), NCCL version 2.30.7\nncclUnhandledCudaError: Call to CUDA function "
              "failed.\nLast error:\nCuda failure 2 'out of memory'"),
     "cudnn": "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "cublas-init": f"CUDA error: {CUBLAS_INIT}",
+    "cudnn-internal": "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",  # not an OOM: no allocation code, no allocator's
     "runtime": "yolosafe injected a non-OOM failure (YOLOSAFE_INJECT_OOM error=runtime)",
 })
 ERRORS = ("oom", *ERROR_TEXTS)
@@ -136,8 +144,9 @@ class Injection:
     ``epoch`` and ``iteration`` (batch index), the ``rank``; ``times`` matching points raise (0 = every time, across
     retries); ``error`` what is raised (:data:`ERRORS`): oom (the caching allocator's ``torch.OutOfMemoryError``),
     accelerator (``torch.AcceleratorError``, CUDA's own out of memory), nccl (``torch.distributed.DistBackendError``,
-    NCCL's), cudnn (the ``RuntimeError`` of cuDNN 9's failed allocation), or runtime (a plain, non-OOM
-    ``RuntimeError``).
+    NCCL's), cudnn (the ``RuntimeError`` of cuDNN 9's failed allocation), cublas-init (the ``RuntimeError`` of
+    cuBLAS' handle creation on a full GPU), cudnn-internal (cuDNN's bare internal error: not an OOM) or runtime (a
+    plain, non-OOM ``RuntimeError``).
 
     ``rank`` is the global rank; with ``node`` (multi-node runs) it is the local rank on that node instead, so
     ``node=1,rank=0`` is node 1's first GPU whatever the number of GPUs per node."""

@@ -12,6 +12,7 @@ the supervisor is SIGKILLed, nobody is left to stop the tree, so each level ends
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -29,6 +30,43 @@ PARENT_ENV = "YOLOSAFE_PARENT_PID"  # the pid a started process must have as its
 STRAY_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 STOP_GRACE_S = 8.0  # after a Ctrl-C, the tree gets this long to end on its own before SIGKILL
 PARENT_POLL_S = 0.25
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop by SIGTERM or SIGHUP (a closed terminal), raised where Python raises ``KeyboardInterrupt`` for
+    Ctrl-C: whatever catches a Ctrl-C (the check's child ended, one line, exit 130) catches these too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop yolosafe: Ctrl-C, SIGTERM and a closed terminal's SIGHUP, unless the user asked for the
+    hang-up to be ignored (``nohup`` sets SIGHUP to "ignore": the run goes on)."""
+    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
+
+
+def stop_name(exc: BaseException) -> str:
+    """The signal a stop came by: SIGTERM, SIGHUP, or SIGINT for a plain ``KeyboardInterrupt``."""
+    return signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
+
+
+def handle_stops() -> None:
+    """The first thing the ``yolosafe`` command does: a stop at any moment (option resolution, the input check's
+    child) is a :class:`Stopped` (or a ``KeyboardInterrupt``) in the main thread, whatever the parent ignored
+    (``yolosafe train ... &`` in a script inherits SIGINT ignored), instead of a silent death by the default action.
+    From the run's first attempt on, the supervisor's own handlers take over (:func:`run_child`, the attempt loop)."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in stop_signals()[1:]:
+        signal.signal(signum, stop)
 
 
 class ProcessTree:
@@ -133,8 +171,10 @@ def run_child(
     on_start: Callable[[ProcessTree], None] | None = None,
     out: IO[bytes] | None = None,
 ) -> AttemptResult:
-    """Run ``cmd`` in its own session, tee its output, and stop its whole tree on SIGINT/SIGTERM, or on a
-    KeyboardInterrupt raised in this thread (a notebook kernel's interrupt, a handler that is not ours)."""
+    """Run ``cmd`` in its own session, tee its output, and stop its whole tree on SIGINT/SIGTERM/SIGHUP
+    (:func:`stop_signals`), or on a KeyboardInterrupt raised in this thread (a notebook kernel's interrupt, a handler
+    that is not ours). A stream that cannot be written (a full disk under ``log``, a closed terminal under ``out``)
+    is dropped, once, with a line on the other: the child and its story go on."""
     out = out or byte_stream(sys.stdout)
     started = time.monotonic()
     piped = not bench.bench_off("tee")  # switched off: the child writes to this process's stdout itself, no log
@@ -153,7 +193,7 @@ def run_child(
         killer.start()
 
     in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    previous = {s: signal.signal(s, stop) for s in stop_signals()} if in_main else {}
     try:
         if on_start:
             on_start(tree)
@@ -185,10 +225,30 @@ def _tee(proc: subprocess.Popen[bytes], streams: Sequence[IO[bytes]]) -> None:
     if proc.stdout is None:  # not piped (a benchmark's switch): the child writes to the terminal itself
         return
     fd = proc.stdout.fileno()
+    live = list(streams)
     while chunk := os.read(fd, 65536):
-        for stream in streams:
-            stream.write(chunk)
-            stream.flush()
+        for stream in list(live):
+            try:
+                stream.write(chunk)
+                stream.flush()
+            except OSError as exc:  # ENOSPC under the log, EIO of a hung-up terminal: the others go on
+                live.remove(stream)
+                _dropped(stream, exc, live)
+            except ValueError:  # closed by its owner
+                live.remove(stream)
+
+
+def _dropped(stream: IO[bytes], exc: OSError, live: Sequence[IO[bytes]]) -> None:
+    """One line on the streams still written, naming the one that failed and why."""
+    name = getattr(stream, "name", None)
+    what = name if isinstance(name, str) else "the terminal"
+    if not isinstance(name, str):
+        silence(sys.stdout)
+    line = f"\nyolosafe: cannot write to {what} ({exc.strerror or exc}); its output goes on elsewhere\n".encode()
+    for other in live:
+        with contextlib.suppress(OSError, ValueError):
+            other.write(line)
+            other.flush()
 
 
 class TextSink:
@@ -210,6 +270,15 @@ class TextSink:
     def flush(self) -> None:
         with contextlib.suppress(AttributeError, ValueError):
             self.stream.flush()
+
+
+def silence(stream: Any) -> None:
+    """Point a stream whose terminal is gone (a hang-up: EIO; a full device: ENOSPC) at /dev/null, so that later
+    writes and the interpreter's last flush succeed instead of ending the process with a traceback."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
 
 
 def byte_stream(stream: Any) -> IO[bytes]:

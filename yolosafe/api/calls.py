@@ -43,6 +43,7 @@ def train(model: str | Path | None = None, data: str | Path | None = None, *, de
     (``"0,1"``, ``"all"``, ``"auto:2"``, ``"cpu"``); ``batch`` is the total over every GPU, ``"auto"``, ``-1``
     (auto) or a fraction (auto, filling that share of the free memory). Further keywords: ``min_batch``,
     ``alloc_conf``, ``project``, ``name``, ``watch_interval``, ``warn_at``, ``clear_before_val``,
+    ``hang_timeout``, ``max_hang_restarts``,
     ``memory_fraction``, ``config`` (a ``--config`` YAML), ``datasets`` (a registry), the node options
     (``nnodes``, ``node_rank``, ``rdzv_endpoint``, ``rdzv_id``, ``rdzv_timeout``), and Ultralytics train arguments.
     ``resume=RUN_DIR`` continues that run (with the GPUs, batches and retries given, if any).

@@ -36,7 +36,7 @@ def print_dry_run(p: plan.TrainPlan, env: dict[str, str], run_dir: Path, simulat
         ("device", gpus_text),
         *(multicli.dry_run_lines(p, where) if multi else []),
         ("batch", f"{p.batch} total = {p.per_gpu_batch} per GPU"),
-        ("effective batch", f"nbs {p.effective_batch} -> accumulate {p.accumulate} "
+        ("effective batch", f"nbs {p.ultralytics_args()['nbs']} -> accumulate {p.accumulate} "
                             f"(Ultralytics: round(nbs / batch)) = {p.real_effective_batch} per optimizer step"),
         ("accumulation", plan.describe_accumulation(p)),
         ("val batch", f"{p.val_batch} per GPU"),

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from yolosafe import __version__, gpus, oom
+from yolosafe import __version__, gpus, hang, oom
 from yolosafe.api import dryrun
 from yolosafe.exits import Exit
 from yolosafe.planning import allocator, datasets, gpuselect, inputs, nodes, options, resume, trainoptions, validate
@@ -109,11 +109,15 @@ def build(opts: TrainOptions, inventory: gpus.Inventory) -> plan.TrainPlan:
 
 
 def check_visible(inventory: gpus.Inventory, selected: tuple[int, ...], cpu_asked: bool) -> None:
-    """GPUs asked for (``CUDA_VISIBLE_DEVICES``, ``--gpus``) that CUDA would not give: none of this machine's (never a
-    silent fall back to the CPU), or more MIG devices than the one CUDA shows a process."""
+    """GPUs asked for (``CUDA_VISIBLE_DEVICES``, ``--gpus``) that CUDA would not give: none of this machine's, or
+    none that NVML can read (never a silent fall back to the CPU), more MIG devices than the one CUDA shows a
+    process, or a driver too old for the CUDA build of the installed torch."""
     cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    problem = None if cpu_asked else gpus.visible_problem(inventory, cuda_visible)
+    problem = None if cpu_asked else gpus.visible_problem(inventory, cuda_visible) or gpus.nvml_problem(inventory,
+                                                                                                     os.environ)
     problem = problem or gpus.mig_problem(inventory, selected, cuda_visible)
+    if selected and inventory.backend == "nvml":  # fake GPUs train on the CPU: their driver runs no torch
+        problem = problem or gpus.cuda_problem(inventory.cuda, *gpus.torch_build())
     if problem:
         raise InputError(problem)
 
@@ -123,6 +127,8 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     opts = opts.replace(nnodes=where.nnodes)
     multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
     trainoptions.check_watch(opts)
+    trainoptions.check_hangs(opts)
+    trainoptions.check_ranges(opts)
     inputs.check_run_path(str(opts.project), str(opts.name))
     validate.check_options(opts)
     inputs.check_memory_fraction(opts.memory_fraction)
@@ -135,11 +141,13 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
         raise InputError(str(exc)) from None
     p = build(opts, inventory)
+    trainoptions.check_ranges(opts, p.per_gpu_batch)
     inputs.check_injection_reachable(os.environ.get(oom.INJECT_ENV), p.epochs)
     try:
         oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
+        hang.check_injections(os.environ.get(hang.INJECT_ENV), p.world_size, p.epochs, p.nnodes)
         multicli.check_plan(p, where)  # GPUs on every node
-    except (oom.InjectionError, nodes.NodesError) as exc:
+    except (oom.InjectionError, hang.HangInjectionError, nodes.NodesError) as exc:
         raise InputError(str(exc)) from None
     if not early:
         opts = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)

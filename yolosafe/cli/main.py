@@ -15,13 +15,13 @@ from typing import Any
 
 import click
 
-from yolosafe import __version__, gpus
+from yolosafe import __version__, gpus, proc
 from yolosafe.api import calls, trainrun
 from yolosafe.cli import planview
 from yolosafe.cli.params import BatchOrAuto
 from yolosafe.errors import TrainingError, UsageError, YolosafeError
 from yolosafe.exits import Exit
-from yolosafe.planning import datasets, options, yolowords
+from yolosafe.planning import datasets, inputs, options, yolowords
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
@@ -74,6 +74,12 @@ def cli() -> None:
 @click.option("--val-oom", type=click.Choice(["in-place", "relaunch"]),
               help="A validation OOM: the rank halves its own validation batch and validates again in place, or "
                    f"every rank is relaunched with half the validation batch. Default {D['val_oom']}.")
+@click.option("--hang-timeout", type=float,
+              help="Seconds without progress after which a rank is hung: its stacks kept, every rank stopped and "
+                   "relaunched from the last checkpoint; 0 = no hang watch. Default: learnt from the run "
+                   "(docs/hangs.md).")
+@click.option("--max-hang-restarts", type=int,
+              help=f"Relaunches after a hang. Default {D['max_hang_restarts']}.")
 @click.option("--memory-fraction", type=float,
               help=f"--batch auto: share of the free GPU memory to fill. Default {D['memory_fraction']}.")
 @click.option("--resume", "resume_dir", help="Continue the run in RUN_DIR from its weights/last.pt.")
@@ -155,13 +161,18 @@ def report_command(run_dir: str | None, as_json: bool) -> None:
     if run.mark_if_orphaned():
         click.echo(f"yolosafe: {path}: its supervisor died while training; marked '{rundir.ORPHANED}'", err=True)
     state = report.outcome(run)
+    hangs = report.hangs(run)
+    for found in [] if as_json else hangs:  # said first: a hang has no memory figures of its own
+        click.echo(f"{path}: {report.hang_line(found, report.epochs(run))}")
+    for line in [] if as_json else report.stragglers(run):
+        click.echo(f"{path}: {line}")
     try:
         summary = report.write(path)
     except report.NoMemoryData as exc:
         click.echo(f"yolosafe: no memory data in {path} (run {state}): {exc}", err=True)
         sys.exit(Exit.FAILED)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps({**summary, "hangs": [h.to_dict() for h in hangs]}, indent=2))
         return
     click.echo(f"{path}: run {state}; GPU memory, NVML peaks (epochs 1-based); plot: {run.memory_plot}")
     for line in report.table(summary):
@@ -230,24 +241,46 @@ def run_ultralytics(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: the library's exceptions as one line and an exit status; click's own usage errors are reduced to
-    one line, like ours; both exit with status 2. Other ``yolo`` commands are Ultralytics' (:func:`route`)."""
-    words = route(list(sys.argv[1:] if argv is None else argv))
-    if words is None:
-        run_ultralytics(list(sys.argv[1:] if argv is None else argv))
+    one line, like ours; both exit with status 2. A stop (Ctrl-C, SIGTERM, a closed terminal's SIGHUP) before the
+    run's supervisor handles it ends the input check's child and exits 130 with one line. Other ``yolo`` commands are
+    Ultralytics' (:func:`route`)."""
+    proc.handle_stops()  # first: from here on, no stop is ignored or silent
     try:
-        cli.main(args=words, prog_name="yolosafe", standalone_mode=False)
+        _main(argv)
+    except KeyboardInterrupt as exc:  # a stop before the run's supervisor had its own handlers
+        _stopped(exc)
+    except click.exceptions.Abort as exc:  # click's name for a KeyboardInterrupt it saw
+        _stopped(exc.__cause__ or exc)
+    except OSError as exc:  # a deleted working directory, stdout on a full device, a closed terminal
+        _say(f"yolosafe: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        proc.silence(sys.stdout)
+        sys.exit(Exit.FAILED)
+    except SystemExit:
+        _flush_or_fail()
+        raise
+    _flush_or_fail()
+
+
+def _main(argv: list[str] | None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words = route(argv)
+    if words is None:
+        run_ultralytics(argv)
+    argv = words
+    try:
+        _check_cwd(argv)
+        with cli.make_context("yolosafe", list(argv)) as ctx:  # not cli.main: a stop is ours to say, in one line
+            cli.invoke(ctx)
     except UsageError as exc:
-        click.echo(f"yolosafe: error: {_unprefixed(str(exc))}", err=True)
+        _say(f"yolosafe: error: {_unprefixed(str(exc))}")
         sys.exit(Exit.USAGE)
     except YolosafeError as exc:
-        click.echo(f"yolosafe: {_unprefixed(str(exc))}", err=True)
+        _say(f"yolosafe: {_unprefixed(str(exc))}")
         sys.exit(Exit.FAILED)
     except click.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
-        click.echo(f"yolosafe: error: {where}{exc.format_message()}", err=True)
+        _say(f"yolosafe: error: {where}{exc.format_message()}")
         sys.exit(Exit.USAGE)
-    except click.exceptions.Abort:
-        sys.exit(Exit.INTERRUPTED)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
 
@@ -257,6 +290,38 @@ def _unprefixed(text: str) -> str:
     while text.startswith(("yolosafe: error: ", "yolosafe: ")):
         text = text.removeprefix("yolosafe: ").removeprefix("error: ")
     return text
+
+
+def _say(line: str) -> None:
+    """One line on stderr, cut to a readable length (a 20 MB value stays in no message)."""
+    try:
+        click.echo(line if "\n" in line else inputs.shorten(line), err=True)
+    except OSError:
+        proc.silence(sys.stderr)
+
+
+def _stopped(exc: BaseException) -> None:
+    _say(f"yolosafe: stopped by {proc.stop_name(exc)} before the run started; nothing was trained")
+    sys.exit(Exit.INTERRUPTED)
+
+
+def _check_cwd(argv: list[str]) -> None:
+    """A working directory deleted under the shell: every relative path would fail later, each in its own way."""
+    if argv[:1] and argv[0] in ("train", "plan", "report", "doctor", "fix"):
+        try:
+            os.getcwd()
+        except OSError as exc:
+            raise UsageError(f"the working directory is gone ({exc.strerror}); cd to an existing folder") from None
+
+
+def _flush_or_fail() -> None:
+    """What the command printed reaches its stdout, or one line says why not (``> /dev/full``), exit 1."""
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        proc.silence(sys.stdout)
+        _say(f"yolosafe: cannot write the output: {exc.strerror or exc}")
+        sys.exit(Exit.FAILED)
 
 
 if __name__ == "__main__":

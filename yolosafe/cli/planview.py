@@ -93,7 +93,8 @@ def print_plan(p: plan.TrainPlan, memory: dict[str, Any], auto: dict[str, Any] |
     for prediction in memory["predicted"].values():
         print_terms(prediction, seen)
     click.echo(f"  batch {p.batch} total = {p.per_gpu_batch} per GPU; val batch {p.val_batch} per GPU; nbs "
-               f"{p.effective_batch} -> accumulate {p.accumulate} = {p.real_effective_batch} per optimizer step")
+               f"{p.ultralytics_args()['nbs']} -> accumulate {p.accumulate} = {p.real_effective_batch} per optimizer "
+               "step")
     host = memory["host_ram"]
     click.echo(f"  host RAM: about {_gib(host['needed_mib'])} needed, {_gib(host['available_mib'])} available")
     for note in planner.warnings(memory) + plan.plan_warnings(p):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from yolosafe.gpus.cudaversion import cuda_problem, torch_build
 from yolosafe.gpus.fake import (
     FAKE_ENV,
     HOST_PID_OFFSET,
@@ -23,6 +24,7 @@ from yolosafe.gpus.fake import (
     FakeBackend,
     FakeGPU,
     FakeGpusError,
+    blocking_collectives,
     fake_phase_file,
 )
 from yolosafe.gpus.inventory import (
@@ -40,6 +42,7 @@ from yolosafe.gpus.nvml import NvmlBackend
 from yolosafe.gpus.pidns import foreign_pids
 from yolosafe.gpus.visible import (
     mig_problem,
+    mig_slices,
     planning_inventory,
     rank_visible_devices,
     visible_devices,
@@ -63,18 +66,38 @@ __all__ = (  # a tuple: no module-level mutable state
     "Inventory",
     "MemoryReading",
     "NvmlBackend",
+    "blocking_collectives",
+    "cuda_problem",
     "fake_phase_file",
     "foreign_pids",
     "mig_problem",
+    "mig_slices",
     "nvml_index",
+    "nvml_problem",
     "open_backend",
     "planning_inventory",
     "rank_visible_devices",
     "read_inventory",
+    "torch_build",
     "visible_devices",
     "visible_ids",
     "visible_problem",
 )
+
+
+def nvml_problem(inventory: Inventory, env: Mapping[str, str]) -> str | None:
+    """One line when GPUs are asked for (``CUDA_VISIBLE_DEVICES``, or a container's ``NVIDIA_VISIBLE_DEVICES``) but
+    NVML cannot be read here, so yolosafe sees no GPU: never a silent run on the CPU."""
+    if inventory.gpus or inventory.backend != "nvml":
+        return None
+    asked = [(name, env[name]) for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+             if env.get(name, "").strip() not in {"", "-1", "void", "none", "NoDevFiles"}]
+    if not asked:
+        return None
+    name, value = asked[0]
+    return (f"{name}={value} asks for GPUs, but yolosafe cannot read them through NVML ({inventory.problem}); in a "
+            "container, give it the driver's utility capability (NVIDIA_DRIVER_CAPABILITIES=compute,utility), or "
+            "use --gpus cpu")
 
 
 def open_backend(env: Mapping[str, str] | None = None) -> GPUBackend:

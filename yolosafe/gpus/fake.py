@@ -20,7 +20,13 @@ Accepted layouts (see docs/fake-gpus.md):
   Optional per-GPU ``"mig": [{"uuid": "MIG-...", "total_mib": 9984}]`` puts that GPU in MIG mode with those MIG
   devices; optional per-GPU ``"uuid"`` (default ``GPU-fake-0000``... by index); optional top-level
   ``"host_pids": true`` reports every pid as NVML does inside a container: a pid of the host's PID namespace, which
-  no process here has (:data:`HOST_PID_OFFSET` added).
+  no process here has (:data:`HOST_PID_OFFSET` added); optional top-level ``"hidden_pids": true`` lists no process
+  at all, as a driver that hides other namespaces' processes does (used memory is still reported); optional
+  top-level ``"collectives": "blocking"`` gives the CPU ranks NCCL's semantics under Ultralytics'
+  ``TORCH_NCCL_BLOCKING_WAIT=1``: the peers of a failed rank wait in their collective until torchrun tears them down
+  (SIGTERM) instead of failing by themselves as gloo's do (``"gloo"``, the default;
+  :mod:`yolosafe.training.fake.cpuranks`). With ``"mig"``, :meth:`FakeBackend.read_memory` of a MIG device's UUID
+  reads that slice: its total, its ``used_mib`` plus the phase memory of the rank training on it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ PHASE_FILE_ENV = "YOLOSAFE_FAKE_PHASE_FILE"
 Phase = tuple[str | None, int | None, int, int]
 _NO_PHASE: Phase = (None, None, 0, 0)
 HOST_PID_OFFSET = 1 << 23  # above the kernel's largest pid_max (2**22): no process of this namespace has such a pid
+COLLECTIVES = ("gloo", "blocking")  # a layout's "collectives": what the peers of a failed rank do
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(GB|GIB|MB|MIB)\s*$", re.IGNORECASE)
 
 
@@ -64,6 +71,7 @@ class FakeGPU:
     per_image_mib: dict[str, float] = field(default_factory=dict)
     mig: tuple[GPU, ...] = ()  # MIG devices (MIG mode on when any)
     host_pids: bool = False  # pids as NVML gives them inside a container (the host's namespace)
+    hidden_pids: bool = False  # no process listed, as by a driver that hides other namespaces' processes
     uuid: str | None = None  # default GPU-fake-NNNN (its index)
 
 
@@ -166,12 +174,31 @@ def _parse_json(data: Any) -> tuple[list[FakeGPU], str, str]:
     return [_gpu(g, i) for i, g in enumerate(entries)], str(data.get("driver", "fake")), str(data.get("cuda", "fake"))
 
 
-def parse_layout(layout: str) -> tuple[list[FakeGPU], str | None, str | None, str | None]:
-    """The GPUs, driver version, CUDA version and "no driver" problem a ``YOLOSAFE_FAKE_GPUS`` value describes.
-    Raises :class:`FakeGpusError` (each command turns it into one line) for a value it cannot read."""
+@dataclass(frozen=True)
+class FakeLayout:
+    """What a ``YOLOSAFE_FAKE_GPUS`` value describes: the GPUs, driver and CUDA version, the "no driver" problem, and
+    the collectives' semantics (:data:`COLLECTIVES`)."""
+
+    gpus: list[FakeGPU]
+    driver: str | None
+    cuda: str | None
+    problem: str | None = None
+    collectives: str = "gloo"
+
+
+def _collectives(data: Mapping[str, Any]) -> str:
+    value = data.get("collectives", "gloo")
+    if value not in COLLECTIVES:
+        raise FakeGpusError(f"{FAKE_ENV}: collectives is {value!r}; expected one of {', '.join(COLLECTIVES)}")
+    return str(value)
+
+
+def read_layout(layout: str) -> FakeLayout:
+    """The :class:`FakeLayout` of a ``YOLOSAFE_FAKE_GPUS`` value. Raises :class:`FakeGpusError` (each command turns
+    it into one line) for a value it cannot read."""
     text = layout.strip()
     if text.lower() == "none":
-        return [], None, None, "no NVIDIA driver (fake: YOLOSAFE_FAKE_GPUS=none)"
+        return FakeLayout([], None, None, "no NVIDIA driver (fake: YOLOSAFE_FAKE_GPUS=none)")
     if text.startswith(("{", "@")):
         try:
             raw = Path(text[1:]).read_text(encoding="utf-8") if text.startswith("@") else text
@@ -180,12 +207,21 @@ def parse_layout(layout: str) -> tuple[list[FakeGPU], str | None, str | None, st
             reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else " ".join(str(exc).split())[:200]
             raise FakeGpusError(f"{FAKE_ENV}: cannot read its JSON layout ({reason})") from None
         gpus, driver, cuda = _parse_json(data)
+        for gpu in gpus if data.get("hidden_pids") else ():
+            gpu.hidden_pids = True
         if data.get("host_pids"):
             for gpu in gpus:
                 gpu.host_pids = True
                 gpu.processes = tuple(GPUProcess(p.pid + HOST_PID_OFFSET, p.used_mib) for p in gpu.processes)
-        return gpus, driver, cuda, None
-    return _parse_sizes(text), "fake", "fake", None
+        return FakeLayout(gpus, driver, cuda, None, _collectives(data))
+    return FakeLayout(_parse_sizes(text), "fake", "fake")
+
+
+def blocking_collectives(env: Mapping[str, str]) -> bool:
+    """Whether the fake GPUs of ``env`` give the ranks NCCL's blocking collectives (a layout's
+    ``"collectives": "blocking"``)."""
+    layout = env.get(FAKE_ENV)
+    return bool(layout) and read_layout(layout).collectives == "blocking"
 
 
 def fake_phase_file(base: str | Path, gpu: int | None) -> Path:
@@ -219,7 +255,8 @@ class FakeBackend:
         self.layout = layout
         self._phase_file = env.get(PHASE_FILE_ENV)
         self._phase_seen: dict[Path, tuple[tuple[int, int, int], Phase]] = {}
-        self.gpus, self.driver, self.cuda, self.problem = parse_layout(layout)
+        read = read_layout(layout)
+        self.gpus, self.driver, self.cuda, self.problem = read.gpus, read.driver, read.cuda, read.problem
 
     def _phase(self, index: int) -> Phase:
         """The ``(phase, pid, epoch, batch)`` of GPU ``index`` from a live writer: the rank on it, else a single
@@ -241,10 +278,16 @@ class FakeBackend:
                 return self._phase_seen[path][1]
         return _NO_PHASE
 
-    def _reading(self, index: int) -> MemoryReading:
-        """GPU ``index``'s memory now: the layout's, plus the phase's memory held by the phase file's live writer."""
+    def _reading(self, index: int, mig: str | None = None) -> MemoryReading:
+        """GPU ``index``'s memory now: the layout's, plus the phase's memory held by the phase file's live writer; of
+        its MIG device ``mig`` (the slice the run trains on, where that memory lands), that device's."""
         gpu = self.gpus[index]
-        used, processes = gpu.used_mib, gpu.processes
+        used, processes, total = gpu.used_mib, gpu.processes, gpu.total_mib
+        if mig is not None:
+            device = next((m for m in gpu.mig if m.uuid == mig), None)
+            if device is None:
+                raise GPUReadError(f"GPU {index} has no MIG device {mig}")
+            used, processes, total = device.used_mib or 0.0, (), device.total_mib or 0.0
         phase, pid, epoch, batch = self._phase(index)
         extra = gpu.phase_mib.get(phase, 0.0) + epoch * gpu.epoch_mib.get(phase, 0.0) if phase else 0.0
         if phase and gpu.per_image_mib.get(phase):
@@ -253,7 +296,7 @@ class FakeBackend:
             used += extra
             own = int(pid or 0) + (HOST_PID_OFFSET if gpu.host_pids else 0)  # as NVML names it from a container
             processes = (*processes, GPUProcess(own, extra))
-        return MemoryReading(index, gpu.total_mib, min(used, gpu.total_mib), processes)
+        return MemoryReading(index, total, min(used, total), () if gpu.hidden_pids else processes)
 
     def inventory(self) -> Inventory:
         """Every fake GPU, as NVML would list it (UUIDs ``GPU-fake-0000``...), its memory as of now."""
@@ -266,11 +309,12 @@ class FakeBackend:
             )
         return Inventory(self.name, tuple(gpus), self.driver, self.cuda, self.problem)
 
-    def read_memory(self, index: int) -> MemoryReading:
-        """One GPU's memory, for the watch; an index beyond the layout fails as a lost GPU would."""
+    def read_memory(self, index: int, mig: str | None = None) -> MemoryReading:
+        """One GPU's memory (``mig``: its MIG device's), for the watch; an index beyond the layout fails as a lost
+        GPU would."""
         if not 0 <= index < len(self.gpus):
             raise GPUReadError(f"GPU {index}: no such fake GPU")
-        return self._reading(index)
+        return self._reading(index, mig)
 
     def close(self) -> None:
         """Nothing to release."""

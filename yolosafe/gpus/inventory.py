@@ -10,13 +10,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from yolosafe.errors import YolosafeError
+
 MIB = 1024**2
 
 
 BUSY_MIB = 1024.0  # other processes' memory on a GPU above which it counts as busy: left out, named, advised against
 
 
-class GPUReadError(RuntimeError):
+class GPUReadError(YolosafeError, RuntimeError):
     """NVML failed while reading a GPU that the inventory listed (the driver went away, a GPU fell off the bus)."""
 
 
@@ -97,8 +99,9 @@ class GPUBackend(Protocol):
     def inventory(self) -> Inventory:
         """Every GPU with all its figures; never raises for a missing driver (``Inventory.problem`` says it)."""
 
-    def read_memory(self, index: int) -> MemoryReading:
-        """One GPU's memory, cheaply; raises :class:`GPUReadError` when it cannot be read (the watch goes on)."""
+    def read_memory(self, index: int, mig: str | None = None) -> MemoryReading:
+        """One GPU's memory, cheaply; raises :class:`GPUReadError` when it cannot be read (the watch goes on).
+        ``mig``: the UUID of the MIG device of GPU ``index`` to read instead (its own memory and processes)."""
 
     def close(self) -> None:
         """Release what the backend opened; a later call opens it again."""

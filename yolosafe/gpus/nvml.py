@@ -51,7 +51,7 @@ class NvmlBackend:
     def __init__(self) -> None:
         self._ready: bool | None = None
         self._problem: str | None = None
-        self._handles: dict[int, Any] = {}
+        self._handles: dict[Any, Any] = {}  # NVML index, or (index, MIG UUID)
         self._missing: set[str] = set()  # functions this nvidia-ml-py or driver lacks: not asked again
         self._logged: set[tuple[str, str]] = set()
         self.failure = ""  # "function: error" of the latest failed query, for the messages that need it
@@ -111,10 +111,11 @@ class NvmlBackend:
             self._handles[index] = handle
         return self._handles[index]
 
-    def _processes(self, handle: Any) -> tuple[GPUProcess, ...] | None:
-        """Compute and graphics processes (a pid once); None when NVML cannot list them (some drivers, MIG)."""
+    def _processes(self, handle: Any, graphics: bool = True) -> tuple[GPUProcess, ...] | None:
+        """Compute and (``graphics``) graphics processes (a pid once); None when NVML cannot list them (some drivers,
+        MIG). The watch asks the compute list alone: CUDA's processes, training's included, are compute processes."""
         found: dict[int, GPUProcess] = {}
-        for kind in ("Compute", "Graphics"):
+        for kind in ("Compute", "Graphics") if graphics else ("Compute",):
             name = f"nvmlDeviceGet{kind}RunningProcesses"
             procs = self._first((name, f"{name}_v2"), handle)
             if procs is None:
@@ -185,16 +186,34 @@ class NvmlBackend:
             problem=None if gpus else problem,
         )
 
-    def read_memory(self, index: int) -> MemoryReading:
-        """Memory and processes of one GPU, for the watch's samples: only the calls a sample needs. Raises
-        :class:`GPUReadError` (the watch reports it and goes on with the other GPUs) when the memory is unreadable."""
+    def _mig_handle(self, index: int, uuid: str) -> Any:
+        """The handle of GPU ``index``'s MIG device ``uuid``, found among its slots and cached; None when NVML cannot
+        open it (a failure is not cached)."""
+        if (index, uuid) not in self._handles:
+            parent = self._handle(index)
+            slots = 0 if parent is None else self._query("nvmlDeviceGetMaxMigDeviceCount", parent) or 0
+            for slot in range(slots):
+                mig = self._query("nvmlDeviceGetMigDeviceHandleByIndex", parent, slot)
+                if mig is not None and _text(self._query("nvmlDeviceGetUUID", mig)) == uuid:
+                    self._handles[(index, uuid)] = mig
+                    break
+            else:
+                if parent is not None:
+                    self.failure = f"GPU {index} has no MIG device {uuid}"
+                return None
+        return self._handles[(index, uuid)]
+
+    def read_memory(self, index: int, mig: str | None = None) -> MemoryReading:
+        """Memory and compute processes of one GPU (``mig``: of its MIG device of that UUID, the slice the run trains
+        on), for the watch's samples: only the calls a sample needs, two per device. Raises :class:`GPUReadError`
+        (the watch reports it and goes on with the other GPUs) when the memory is unreadable."""
         if not self._init():
             raise GPUReadError(self._problem or "NVML unavailable")
-        handle = self._handle(index)
+        handle = self._handle(index) if mig is None else self._mig_handle(index, mig)
         memory = None if handle is None else self._query("nvmlDeviceGetMemoryInfo", handle)
         if memory is None:
-            raise GPUReadError(f"GPU {index}: {self.failure}")
-        return MemoryReading(index, _mib(memory.total), _mib(memory.used), self._processes(handle))
+            raise GPUReadError(f"GPU {index}{'' if mig is None else f' ({mig})'}: {self.failure}")
+        return MemoryReading(index, _mib(memory.total), _mib(memory.used), self._processes(handle, graphics=False))
 
     def close(self) -> None:
         """Shut NVML down if it was initialised; the next use initialises it again (and opens handles afresh)."""

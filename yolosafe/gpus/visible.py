@@ -45,7 +45,7 @@ def visible_devices(inventory: Inventory, cuda_visible: str | None) -> tuple[GPU
     by_mig = {m.uuid: g for g in inventory.gpus for m in g.mig_devices if m.uuid}
     devices: list[GPU] = []
     for item in _entries(cuda_visible):
-        if item.isdigit():
+        if (item.isascii() and item.isdecimal()):
             gpu = openable[int(item)] if int(item) < len(openable) else None
             device = None if gpu is None else _device_of(gpu)
         elif item in by_mig:
@@ -84,6 +84,13 @@ def rank_visible_devices(inventory: Inventory, plan_gpus: tuple[int, ...], cuda_
     return ",".join(u for u in uuids if u) if uuids and all(uuids) else None
 
 
+def mig_slices(inventory: Inventory, plan_gpus: tuple[int, ...], cuda_visible: str | None) -> dict[int, str]:
+    """The MIG device each GPU of a plan in MIG mode stands for (NVML index to its UUID): what the memory watch reads
+    instead of the whole GPU, whose total and other tenants are not the run's."""
+    return {d.index: d.uuid for d in reversed(visible_devices(inventory, cuda_visible))
+            if d.mig_of is not None and d.index in plan_gpus and d.uuid}
+
+
 def mig_problem(inventory: Inventory, plan_gpus: tuple[int, ...], cuda_visible: str | None) -> str | None:
     """One line when a plan needs more MIG devices than CUDA shows a process (one), else None."""
     visible = visible_devices(inventory, cuda_visible)
@@ -104,6 +111,10 @@ def visible_problem(inventory: Inventory, cuda_visible: str | None) -> str | Non
     machine, a GPU in MIG mode without a MIG device, a stale UUID): never a silent fall back to the CPU."""
     if cuda_visible is None or cuda_visible.strip() in HIDE_ALL or not inventory.gpus:
         return None
+    entries = [e for e in _entries(cuda_visible) if e]
+    twice = next((e for i, e in enumerate(entries) if e in entries[:i]), None)
+    if twice is not None:  # CUDA would give fewer devices than the list names, or none
+        return f"CUDA_VISIBLE_DEVICES={cuda_visible}: names {twice} twice; name each GPU once"
     if visible_devices(inventory, cuda_visible):
         return None
     first = _entries(cuda_visible)[0]

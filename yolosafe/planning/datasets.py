@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from yolosafe.errors import UsageError
+from yolosafe.planning import bounded
 
 REGISTRY_ENV = "YOLOSAFE_DATASETS"
 CACHE_ENV = "YOLOSAFE_CACHE"
@@ -25,6 +26,7 @@ SHAPES = "shapes"
 SHAPES_VERSION = 1
 SHAPES_CLASSES = ("square", "circle", "triangle")
 SHAPES_DEFAULTS = MappingProxyType({"imgsz": 128, "epochs": 3, "batch": 16})
+KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")  # no images there, and listing them may never end
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".xz", ".bz2", ".txz", ".tbz2")  # Ultralytics unpacks these itself
 
 
@@ -50,6 +52,10 @@ def registry_path(explicit: str | None = None) -> Path | None:
         if candidate:
             path = Path(candidate)
             if not path.is_file():
+                try:
+                    bounded.check_file(path, "--datasets")  # a FIFO, a device: said as what it is
+                except bounded.ReadError as exc:
+                    raise DatasetError(str(exc)) from None
                 raise DatasetError(f"dataset registry {path} not found")
             return path
     local = Path("datasets.yaml")
@@ -60,12 +66,16 @@ def load_registry(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return {}
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DatasetError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        data = bounded.yaml_file(path, "--datasets") or {}
+    except bounded.ReadError as exc:
+        raise DatasetError(str(exc)) from None
     entries = data.get("datasets", {}) if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
         raise DatasetError(f"{path}: expected 'datasets:' mapping names to entries with 'path:' or 'builtin:'")
+    for name, entry in entries.items():
+        if "path" in entry and not isinstance(entry["path"], str):
+            raise DatasetError(f"{path}: dataset '{name}': path: {str(entry['path'])[:80]!r} is not a path; give "
+                               "the data YAML's path as text")
     return entries
 
 
@@ -73,11 +83,16 @@ def resolve(name_or_path: str, registry: Path | None = None) -> Dataset:
     """A ``--data`` value to a dataset: a name in the registry, the built-in ``shapes``, or what Ultralytics resolves
     (a data YAML, a classification directory, a name from its own datasets; the input check asks it)."""
     path = Path(name_or_path)
+    try:
+        bounded.check_file(path, "--data")  # a FIFO would block the input check forever, /dev/zero never end
+    except bounded.ReadError as exc:
+        raise DatasetError(str(exc)) from None
     if path.is_dir():
         return Dataset(path.name, path.resolve())  # an ImageFolder (classification), or a folder with its data YAML
     if path.is_file():
         if not name_or_path.endswith((".yaml", ".yml", *ARCHIVE_SUFFIXES)):
             raise DatasetError(f"--data {name_or_path}: a file, but not a data YAML (.yaml) with train:, val:, names:")
+        check_data_yaml(path)
         return Dataset(path.stem, path.resolve())
     if os.sep in name_or_path or "://" in name_or_path:
         if "://" in name_or_path:
@@ -103,6 +118,30 @@ def resolve(name_or_path: str, registry: Path | None = None) -> Dataset:
     if not path.exists():
         raise DatasetError(f"{registry}: dataset '{name_or_path}' points to {path}, which does not exist")
     return Dataset(name_or_path, path.resolve(), defaults)
+
+
+def check_data_yaml(path: Path) -> None:
+    """A data YAML read within bounds (no billion laughs for Ultralytics to expand), whose image folders are not in
+    the kernel's file systems (``path: /`` with ``train: proc`` would list ``/proc`` without end)."""
+    if not str(path).endswith((".yaml", ".yml")):
+        return  # an archive: Ultralytics unpacks it
+    try:
+        data = bounded.yaml_file(path, "--data")
+    except bounded.ReadError as exc:
+        raise DatasetError(str(exc)) from None
+    if not isinstance(data, dict):
+        return  # Ultralytics names what is missing
+    root = data.get("path")
+    base = Path(root) if isinstance(root, str) and root else path.parent
+    base = base if base.is_absolute() else path.parent / base
+    for key in ("train", "val", "test"):
+        for split in data.get(key) if isinstance(data.get(key), list) else [data.get(key)]:
+            if not isinstance(split, str):
+                continue
+            where = os.path.realpath(base / split)
+            if any(where == top or where.startswith(f"{top}/") for top in KERNEL_FILE_SYSTEMS):
+                raise DatasetError(f"--data {path}: {key}: {where} is in the kernel's file system {where[:5]}, not "
+                                   "a folder of images")
 
 
 def ensure_shapes(root: Path | None = None, train: int = 32, val: int = 16, size: int = 128) -> Path:

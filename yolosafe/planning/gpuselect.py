@@ -23,7 +23,7 @@ def parse_gpus(text: str | None, available: Sequence[int], problem: str | None =
     ids: list[int] = []
     for word in text.split(","):
         word = word.strip()
-        if not word.isdigit():
+        if not (word.isascii() and word.isdecimal()):
             raise PlanError(f"--gpus {text}: {word!r} is not a GPU id (use e.g. --gpus 0,1 or --gpus cpu)")
         gpu = int(word)
         if gpu in ids:

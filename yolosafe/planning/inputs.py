@@ -16,11 +16,22 @@ from typing import Any
 import yaml
 
 from yolosafe import oom
+from yolosafe.errors import UsageError
+from yolosafe.planning import bounded
 from yolosafe.planning.validate import InputError
 
 KERNEL_FILE_SYSTEMS = ("/proc", "/sys")
 NAME_MAX = 255  # bytes of one path component (Linux's NAME_MAX)
 PATH_MAX = 4000  # bytes of a whole path, under Linux's PATH_MAX with room for the run's own files
+LINE_MAX = 500  # characters of one line for the user: a 20 MB value is named by its start and its size
+
+
+def shorten(line: str, limit: int = LINE_MAX) -> str:
+    """``line`` cut to a readable length: its start and end, and how much was left out."""
+    if len(line) <= limit:
+        return line
+    keep = limit - 60
+    return f"{line[:keep - 80]} ...[{len(line) - keep} characters left out]... {line[-80:]}"
 
 
 def _utf8(text: str, what: str) -> bytes:
@@ -32,11 +43,9 @@ def _utf8(text: str, what: str) -> bytes:
 
 
 def text_file(path: str | Path, what: str) -> str:
-    """The file's text; one line when it cannot be read or is not UTF-8."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InputError(f"{what} {path}: {exc.strerror or exc}") from None
+    """The file's text; one line when it cannot be read, is not a regular file of a bounded size
+    (:mod:`yolosafe.planning.bounded`: a FIFO, ``/dev/zero``) or is not UTF-8."""
+    data = bounded.read_bytes(path, what)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -45,16 +54,17 @@ def text_file(path: str | Path, what: str) -> str:
 
 
 def yaml_mapping(path: str | Path, what: str, holds: str) -> dict[str, Any]:
-    """A YAML file of the user's that holds a mapping (``--config``, ``cfg=``): UTF-8, valid YAML, a mapping of
-    ``holds`` (or empty); one line naming ``what`` otherwise."""
+    """A YAML file of the user's that holds a mapping (``--config``, ``cfg=``): UTF-8, valid YAML within the bounds
+    of :func:`yolosafe.planning.bounded.load_yaml`, a mapping of ``holds`` (or empty); one line naming ``what``
+    otherwise."""
     _utf8(str(path), what)
     shown = f"{what}{path}" if what.endswith("=") else f"{what} {path}"
     try:
         text = text_file(path, what)
-        data = yaml.safe_load(text)
+        data = bounded.load_yaml(text)
     except yaml.YAMLError as exc:
-        raise InputError(f"{shown}: not valid YAML ({' '.join(str(exc).split())})") from None
-    except InputError as exc:
+        raise InputError(f"{shown}: not valid YAML ({' '.join(str(exc).split())[:300]})") from None
+    except UsageError as exc:
         raise InputError(str(exc).replace(f"{what} {path}", shown, 1)) from None
     if data is None:
         return {}

@@ -55,18 +55,18 @@ class Nodes:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: ``gpu[07-10,12],cpu3`` -> ``gpu07``; ``a1-[3-4]`` -> ``a1-3``."""
-    text = nodelist.strip()
-    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", text)
-    if not match or not (match[1] or match[2]):
+    """The first host of a SLURM node list, as SLURM expands it (python-hostlist, the hostlist library of SLURM's
+    own syntax): ``gpu[07-10,12],cpu3`` -> ``gpu07``, ``r[1-2]n[01-04]`` -> ``r1n01``, ``node[001-004]-ib`` ->
+    ``node001-ib``, HPE/Cray's ``x1000c[0-1]s0b0n0`` -> ``x1000c0s0b0n0``."""
+    import hostlist
+
+    try:
+        hosts = hostlist.expand_hostlist(nodelist.strip())
+    except hostlist.BadHostlist as exc:
+        raise NodesError(f"SLURM_JOB_NODELIST {nodelist!r}: cannot read the first host ({exc})") from None
+    if not hosts or not hosts[0]:
         raise NodesError(f"SLURM_JOB_NODELIST {nodelist!r}: cannot read the first host")
-    prefix, ranges = match[1], match[2]
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0].strip()
-    if not first.isdigit():
-        raise NodesError(f"SLURM_JOB_NODELIST {nodelist!r}: cannot read the first host")
-    return prefix + first
+    return str(hosts[0])
 
 
 def _endpoint(text: str, option: str = "--rdzv-endpoint") -> str:
@@ -74,7 +74,7 @@ def _endpoint(text: str, option: str = "--rdzv-endpoint") -> str:
     if not sep:
         host, port = text.strip(), str(DEFAULT_PORT)
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdecimal()) or not 0 < int(port) < 65536:
         raise NodesError(f"{option} {text!r}: expected HOST:PORT, e.g. node0:29500")
     return f"{host}:{int(port)}"
 
@@ -92,7 +92,8 @@ def from_slurm(env: Mapping[str, str]) -> Nodes | None:
         raise NodesError("SLURM_NNODES > 1 but SLURM_JOB_NODELIST/SLURM_NODEID are missing: run under srun, "
                          "or give --nnodes/--node-rank/--rdzv-endpoint")
     job = env.get("SLURM_JOB_ID", "")
-    port = env.get("MASTER_PORT") or str(DEFAULT_PORT + (int(job) % SLURM_PORT_SPAN if job.isdigit() else 0))
+    offset = int(job) % SLURM_PORT_SPAN if job.isascii() and job.isdecimal() else 0
+    port = env.get("MASTER_PORT") or str(DEFAULT_PORT + offset)
     node_id = _slurm_count("SLURM_NODEID", env["SLURM_NODEID"])
     if not 0 <= node_id < nnodes:
         raise NodesError(f"SLURM_NODEID {node_id}: must be 0..{nnodes - 1} for SLURM_NNODES {nnodes}")
@@ -103,7 +104,7 @@ def from_slurm(env: Mapping[str, str]) -> Nodes | None:
 def _slurm_count(name: str, value: str) -> int:
     """A whole number SLURM set (``SLURM_NNODES``, ``SLURM_NODEID``); one line when it is not one."""
     text = value.strip()
-    if not text.lstrip("-").isdigit() or len(text) > 9:
+    if not (text.lstrip("-").isascii() and text.lstrip("-").isdecimal()) or len(text) > 9:
         raise NodesError(f"{name} {value!r}: not a whole number (SLURM sets it; is the job's environment damaged?)")
     return int(text)
 

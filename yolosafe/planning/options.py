@@ -36,6 +36,8 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "warn_at": 0.9,
     "clear_before_val": True,
     "val_oom": "in-place",  # a validation OOM: the rank halves its own val batch in place, or "relaunch" every rank
+    "hang_timeout": None,  # seconds without progress that make a rank hung; None: learnt from the run; 0: off
+    "max_hang_restarts": 1,  # relaunches after a hang
     "memory_fraction": 0.95,  # --batch auto: the share of the smallest free GPU memory the required figures may fill
     "args": [],
 })
@@ -46,6 +48,7 @@ YOLO_KEYS: Mapping[str, str] = MappingProxyType({
     "task": "task", "mode": "mode", "download": "download",
 })
 WATCH_KEYS = ("watch_interval", "warn_at", "clear_before_val")  # the memory watch's options, kept in the story
+HANG_KEYS = ("hang_timeout", "max_hang_restarts")  # the hang watch's options, kept in the story
 DEFAULT_MODELS = ("yolov8n.pt", "yolov8n.yaml")  # the weights if present here, else the YAML
 
 

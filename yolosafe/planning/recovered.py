@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
+from yolosafe.planning import bounded
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.rundir.layout import RunDir
@@ -25,8 +24,8 @@ def can_recover(run: RunDir) -> bool:
 
 def _args(run: RunDir) -> dict[str, Any] | None:
     try:
-        data = yaml.safe_load(run.args.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = bounded.yaml_file(run.args, "args.yaml")
+    except bounded.ReadError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -34,7 +33,7 @@ def _args(run: RunDir) -> dict[str, Any] | None:
 def _gpus(device: Any) -> list[int]:
     text = str(device if device is not None else "").replace(" ", "")
     parts = text.split(",") if text else []
-    return [int(p) for p in parts] if parts and all(p.isdigit() for p in parts) else []
+    return [int(p) for p in parts] if parts and all((p.isascii() and p.isdecimal()) for p in parts) else []
 
 
 def _int(value: Any) -> int | None:

@@ -20,18 +20,19 @@ from typing import Any
 from yolosafe import gpus
 from yolosafe.planning import allocator, checkpoint, gpuselect, inputs, recovered, validate
 from yolosafe.planning import trainplan as plan
-from yolosafe.planning.trainoptions import TrainOptions, check_watch
+from yolosafe.planning.trainoptions import TrainOptions, check_hangs, check_ranges, check_watch
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.rundir.layout import RunDir
 
 # Options a resume applies (and records); every other option given with --resume is refused.
 APPLIED = ("gpus", "batch", "effective_batch", "val_batch", "max_retries", "min_batch", "alloc_conf",
-           "watch_interval", "warn_at", "clear_before_val")
+           "watch_interval", "warn_at", "clear_before_val", "hang_timeout", "max_hang_restarts")
 REFUSED = MappingProxyType({"model": "--model", "data": "--data", "datasets_file": "--datasets", "imgsz": "--imgsz",
            "epochs": "--epochs", "config_file": "--config", "project": "--project", "name": "--name",
            "args": "Ultralytics key=value arguments", "memory_fraction": "--memory-fraction"})
-RUN_OPTIONS = ("max_retries", "min_batch", "watch_interval", "warn_at", "clear_before_val")  # kept in the story
+RUN_OPTIONS = ("max_retries", "min_batch", "watch_interval", "warn_at", "clear_before_val", "hang_timeout",
+               "max_hang_restarts")  # kept in the story
 
 
 @dataclass
@@ -173,8 +174,10 @@ def prepare(where: RunDir | Path, given: dict[str, Any], dry_run: bool, nnodes: 
     options = TrainOptions.from_story(story).replace(**{k: given[k] for k in RUN_OPTIONS if given.get(k) is not None})
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
     check_watch(options.replace(**applied))  # the same checks as a new run's
+    check_hangs(options.replace(**applied))
     validate.check_options(options.replace(**applied, project=str(run_dir.parent), name=run_dir.name))
     p, simulated = _plan(story, given, nnodes)
+    check_ranges(options.replace(**applied), p.per_gpu_batch)
     try:
         env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))
     except allocator.AllocConfError as exc:
@@ -215,6 +218,9 @@ def _plan(story: records.Story, given: dict[str, Any], nnodes: int = 1) -> tuple
     planned = _next(story)
     chosen = tuple(summary.get("gpus", ()))
     simulated = bool(story.simulated_on_cpu)
+    if given.get("batch") == "auto":
+        raise validate.InputError(f"--resume with --batch auto: a resume keeps the run's batch (the last attempt's "
+                                  f"{last.batch or summary.get('batch')}); give a number, or leave --batch out")
     try:
         if given.get("gpus") is not None:
             inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))

@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from yolosafe.planning.options import DEFAULTS, WATCH_KEYS
+from yolosafe.planning.options import DEFAULTS, HANG_KEYS, WATCH_KEYS
 from yolosafe.planning.validate import InputError
 from yolosafe.rundir import records
 
-RUN_KEYS = ("max_retries", "min_batch", *WATCH_KEYS)  # the options that shape the attempts, kept in the story
+RUN_KEYS = ("max_retries", "min_batch", *WATCH_KEYS, *HANG_KEYS)  # what shapes the attempts, kept in the story
 
 
 def _default(key: str) -> Any:
@@ -50,6 +50,8 @@ class TrainOptions:
     warn_at: float = _default("warn_at")  # the share of a GPU's memory that prints a warning
     clear_before_val: bool = _default("clear_before_val")  # empty the CUDA cache on every rank before validation
     val_oom: str = _default("val_oom")  # a validation OOM: 'in-place' or 'relaunch'
+    hang_timeout: float | None = _default("hang_timeout")  # None: learnt; 0: no hang watch
+    max_hang_restarts: int = _default("max_hang_restarts")  # relaunches after a hang
     memory_fraction: float = _default("memory_fraction")  # --batch auto: the share of free GPU memory to fill
     args: Sequence[str] = _default("args")  # Ultralytics key=value train arguments
     data_yaml: str | None = None  # the dataset's YAML (datasets.resolve)
@@ -115,3 +117,34 @@ def check_watch(options: TrainOptions) -> None:
                          "watch off")
     if not 0 < warn_at <= 1:
         raise InputError(f"--warn-at {warn_at:g}: give a share of GPU memory above 0 and at most 1 (e.g. 0.9)")
+
+
+def check_hangs(options: TrainOptions) -> None:
+    """--hang-timeout: seconds (0 = no hang watch); --max-hang-restarts: a count."""
+    timeout, restarts = options.hang_timeout, options.max_hang_restarts
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+        raise InputError(f"--hang-timeout {timeout!r}: give seconds without progress (e.g. 600), or 0 to turn the "
+                         "hang watch off")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+        raise InputError(f"--max-hang-restarts {restarts!r}: give a whole number >= 0")
+
+
+IMGSZ_MAX = 16384  # pixels a side: one 16384x16384 image is 3 GiB as a float tensor; past it nothing trains
+COUNT_MAX = 1 << 24  # batches, epochs, retries: a number past this is a typo (10**30 overflows a C integer)
+
+
+def check_ranges(options: TrainOptions, per_gpu_batch: int | None = None) -> None:
+    """The upper bounds of yolosafe's whole-number options (their lower bounds and types: ``validate.check_options``),
+    and ``--min-batch`` within the per-GPU batch it may never be halved below, before a run directory exists."""
+    for key in ("batch", "effective_batch", "val_batch", "imgsz", "epochs", "max_retries", "min_batch"):
+        value = getattr(options, key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue  # "auto", or a wrong type: said by the type checks
+        limit = IMGSZ_MAX if key == "imgsz" else COUNT_MAX
+        if value > limit:
+            shown = str(value) if len(str(value)) <= 20 else f"{str(value)[:12]}... ({len(str(value))} digits)"
+            raise InputError(f"--{key.replace('_', '-')} {shown}: at most {limit}")
+    min_batch = options.min_batch
+    if per_gpu_batch is not None and isinstance(min_batch, int) and min_batch > per_gpu_batch:
+        raise InputError(f"--min-batch {min_batch}: more than the per-GPU batch {per_gpu_batch}, which it is a floor "
+                         f"of; give at most {per_gpu_batch}")

@@ -4,8 +4,13 @@ Pure functions, no torch: the numbers that decide whether a run fits in memory a
 before any process touches a GPU.
 
 Ultralytics has no ``accumulate`` argument: it accumulates ``round(nbs / batch)`` steps, where ``batch`` is the total
-batch over all GPUs. So yolosafe sets ``nbs`` to the effective batch the user wants; when a retry halves the batch,
-keeping ``nbs`` doubles the accumulation and the effective batch (and Ultralytics' weight-decay scaling) survives.
+batch over all GPUs, and scales the weight decay by ``batch × accumulate / nbs``. The first attempt passes the
+``nbs`` of the user's command (``--effective-batch``/``nbs=``, else Ultralytics' own default): the optimizer, the
+accumulation and ``args.yaml`` are those of ``yolo train`` with the same arguments. When a retry halves the batch,
+that ``nbs`` would give another step (``round(nbs / batch)`` rounds differently) and another weight decay; the halved
+attempt passes instead, as Ultralytics' own arguments, ``nbs`` = the first attempt's images per optimizer step
+(the accumulation doubles) and the ``weight_decay`` that Ultralytics' scaling turns into the first attempt's
+(:meth:`TrainPlan.ultralytics_args`).
 Ultralytics also caps that at the run's iterations and ramps it up from 1 during warm-up:
 :mod:`yolosafe.planning.accumulation`
 has its formula (guarded against its source by ``yolosafe.training.compat``), so the dry run shows what really runs.
@@ -63,13 +68,15 @@ class TrainPlan:
     data: str
     gpus: tuple[int, ...]  # () means CPU
     batch: int  # total over all GPUs, Ultralytics' ``batch``
-    effective_batch: int  # Ultralytics' ``nbs``
+    effective_batch: int  # images per optimizer step asked for (``--effective-batch``; default what nbs=64 gives)
     val_batch: int  # per GPU, the batch of every validation forward pass
     imgsz: int
     epochs: int
     extra: dict[str, Any] = field(default_factory=dict)  # checked Ultralytics pass-through args
     train_images: int | None = None  # the training split's size, when known: it caps and times the accumulation
     nnodes: int = 1  # machines, each with these GPUs (--nnodes); ``batch`` is the total over all of them
+    nbs: int | None = None  # the ``nbs`` of the user's command (None: ``effective_batch``)
+    first_batch: int | None = None  # the first attempt's ``batch``, kept by :meth:`halved` (None: ``batch``)
 
     @property
     def device(self) -> str:
@@ -101,7 +108,32 @@ class TrainPlan:
         """The accumulation after warm-up, capped like Ultralytics caps it (when the dataset size is known)."""
         nb = self.batches_per_epoch
         iterations = None if nb is None or self.extra.get("time") else nb * self.epochs
-        return nominal_accumulate(self.effective_batch, self.batch, iterations)
+        return nominal_accumulate(self.ultralytics_args()["nbs"], self.batch, iterations)
+
+    @property
+    def user_nbs(self) -> int:
+        """Ultralytics' ``nbs`` for the user's command."""
+        return self.nbs or self.effective_batch
+
+    @property
+    def first_step(self) -> int:
+        """Images per optimizer step of the first attempt, as Ultralytics computes it (before the cap at the run's
+        iterations, as its weight-decay scaling is): ``first_batch × round(nbs / first_batch)``."""
+        first = self.first_batch or self.batch
+        return first * nominal_accumulate(self.user_nbs, first)
+
+    def ultralytics_args(self) -> dict[str, Any]:
+        """``nbs`` (and, after a halving, ``weight_decay``) for ``model.train()``: the user's ``nbs`` while it gives
+        the first attempt's step at this batch; else the first attempt's step as ``nbs``, and the weight decay that
+        Ultralytics' ``weight_decay × batch × accumulate / nbs`` turns into the first attempt's
+        ``weight_decay × first_step / user_nbs``."""
+        nbs = self.user_nbs
+        if self.batch * nominal_accumulate(nbs, self.batch) == self.first_step:
+            return {"nbs": nbs}
+        step = self.first_step
+        decay = float(self.extra.get("weight_decay", ultralytics_default("weight_decay")))
+        scale = step / (self.batch * nominal_accumulate(step, self.batch))
+        return {"nbs": step, "weight_decay": decay * step / nbs * scale}
 
     @property
     def warmup_iterations(self) -> int | None:
@@ -123,7 +155,7 @@ class TrainPlan:
             "epochs": self.epochs,
             "imgsz": self.imgsz,
             "batch": self.batch,
-            "nbs": self.effective_batch,
+            **self.ultralytics_args(),
             "device": self.device,
         }
 
@@ -132,7 +164,7 @@ class TrainPlan:
         per_gpu = self.per_gpu_batch // 2
         if per_gpu < max(min_per_gpu, 1):
             return None
-        return replace(self, batch=per_gpu * self.world_size)
+        return replace(self, batch=per_gpu * self.world_size, first_batch=self.first_batch or self.batch)
 
     def with_val_batch(self, val_batch: int) -> TrainPlan:
         return replace(self, val_batch=val_batch)
@@ -151,19 +183,23 @@ class TrainPlan:
 
 
 @functools.cache
-def ultralytics_train_keys() -> frozenset[str]:
-    """The argument names of Ultralytics' own default config, read from its YAML without importing ultralytics."""
-    return frozenset(ultralytics_defaults())
-
-
-@functools.cache
-def ultralytics_defaults() -> Mapping[str, Any]:
-    """Ultralytics' default config (``DEFAULT_CFG_DICT``), read from its YAML without importing ultralytics."""
+def ultralytics_defaults() -> MappingProxyType[str, Any]:
+    """Ultralytics' own default config (``DEFAULT_CFG_DICT``), read from its YAML without importing ultralytics."""
     spec = importlib.util.find_spec("ultralytics")
     if spec is None or not spec.submodule_search_locations:
         raise PlanError("ultralytics is not installed: pip install -c constraints.txt -e .")
     path = Path(next(iter(spec.submodule_search_locations))) / "cfg" / "default.yaml"
     return MappingProxyType(yaml.safe_load(path.read_text()))
+
+
+def ultralytics_train_keys() -> frozenset[str]:
+    """The argument names of Ultralytics' own default config."""
+    return frozenset(ultralytics_defaults())
+
+
+def ultralytics_default(key: str) -> Any:
+    """Ultralytics' default value of one train argument (``weight_decay``: 0.0005)."""
+    return ultralytics_defaults()[key]
 
 
 def read_words(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -226,14 +262,17 @@ def build_plan(
     extra: Mapping[str, Any] | None = None,
     train_images: int | None = None,
     nnodes: int = 1,
+    first_batch: int | None = None,
 ) -> TrainPlan:
     """Resolve and check a training request. Raises :class:`PlanError` with one line for the user.
 
-    ``batch`` is the total over every GPU of every node (``nnodes`` machines with ``gpus`` each)."""
+    ``batch`` is the total over every GPU of every node (``nnodes`` machines with ``gpus`` each);
+    ``first_batch``, a halved plan's first attempt's batch."""
     for name, value in (("--batch", batch), ("--imgsz", imgsz), ("--epochs", epochs)):
         if value < 1:
             raise PlanError(f"{name} {value}: must be at least 1")
     world = _check_split(batch, len(gpus), nnodes)
+    nbs = effective_batch or ULTRALYTICS_DEFAULT_NBS  # the user's nbs, else Ultralytics' default (64)
     if effective_batch is None:
         effective_batch = default_effective_batch(batch)
     if effective_batch < batch:
@@ -258,6 +297,8 @@ def build_plan(
         extra=check_passthrough(extra or {}),
         train_images=train_images,
         nnodes=nnodes,
+        nbs=nbs,
+        first_batch=first_batch if first_batch not in (None, batch) else None,
     )
 
 
@@ -277,8 +318,14 @@ def replan(summary: Mapping[str, Any], **changes: Any) -> TrainPlan:
     ``fix`` and ``doctor`` get the same plan, dataset size included, as the new run they continue. Raises
     :class:`PlanError`, ``KeyError`` or ``TypeError`` for a recorded plan that is not one."""
     names = ("model", "data", "gpus", "batch", "effective_batch", "val_batch", "imgsz", "epochs", "extra",
-             "train_images", "nnodes")
+             "train_images", "nnodes", "first_batch")
     values = {name: summary.get(name) for name in names} | changes
+    if "batch" in changes:  # a new batch is a new first attempt
+        values["first_batch"] = None
+    first = summary.get("first_batch") or summary.get("batch")
+    if ("effective_batch" not in changes and summary.get("nbs") == ULTRALYTICS_DEFAULT_NBS and isinstance(first, int)
+            and summary.get("effective_batch") == default_effective_batch(first)):
+        values["effective_batch"] = None  # the default, worked out again for the (new) batch
     values["gpus"] = tuple(values["gpus"] or ())
     values["extra"] = dict(values["extra"] or {})
     values["nnodes"] = int(values["nnodes"] or 1)

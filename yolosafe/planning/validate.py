@@ -19,9 +19,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from yolosafe import oom, proc
+from yolosafe import hang, oom, proc
 from yolosafe.errors import UsageError
-from yolosafe.planning import trainplan
+from yolosafe.planning import checkcache, trainplan
 
 INPUT_CHECK = "yolosafe.training.inputcheck"
 ULTRALYTICS_PROJECT = "runs/<task>"  # --project not given: the folder Ultralytics' get_save_dir gives the task
@@ -76,10 +76,12 @@ def check_run_location(project: str, name: str) -> None:
 
 
 def check_injection(environ: Mapping[str, str]) -> None:
-    """``YOLOSAFE_INJECT_OOM`` is read by the trainer in every rank: a typo there would be a silent no-op."""
+    """``YOLOSAFE_INJECT_OOM`` and ``YOLOSAFE_INJECT_HANG`` are read by the trainer in every rank: a typo there would
+    be a silent no-op."""
     try:
         oom.parse_injection(environ.get(oom.INJECT_ENV))
-    except oom.InjectionError as exc:
+        hang.parse_injections(environ.get(hang.INJECT_ENV))
+    except (oom.InjectionError, hang.HangInjectionError) as exc:
         raise InputError(str(exc)) from None
 
 
@@ -125,6 +127,16 @@ def ultralytics_check(opts: Any, dry_run: bool = False) -> dict[str, Any]:
     and the training images, or raises :class:`InputError` with Ultralytics' reason. With ``download`` set, the data
     and the weights are fetched there, once, before any rank starts."""
     request = ultralytics_request(opts, dry_run)
+    result = checkcache.lookup(request) or _ask(request)
+    if "error" in result:
+        hint = opts.data_hint
+        known = "--data" not in result["error"] or "images not found" in result["error"]  # Ultralytics knows it
+        raise InputError(result["error"] if known or not hint else f"{hint}; Ultralytics: {result['error']}")
+    return result
+
+
+def _ask(request: dict[str, Any]) -> dict[str, Any]:
+    """The input check's child, asked once; its acceptance kept for the next identical request."""
     with tempfile.TemporaryDirectory(prefix="yolosafe-check-") as tmp:
         asked, answer = Path(tmp) / "request.json", Path(tmp) / "result.json"
         asked.write_text(json.dumps(request))
@@ -137,8 +149,5 @@ def ultralytics_check(opts: Any, dry_run: bool = False) -> dict[str, Any]:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise InputError(f"Ultralytics' input check failed: {last}")
         result = json.loads(answer.read_text())
-    if "error" in result:
-        hint = opts.data_hint
-        known = "--data" not in result["error"] or "images not found" in result["error"]  # Ultralytics knows it
-        raise InputError(result["error"] if known or not hint else f"{hint}; Ultralytics: {result['error']}")
-    return result
+    checkcache.store(request, result)
+    return {k: v for k, v in result.items() if k != "reads"}

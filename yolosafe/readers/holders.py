@@ -119,9 +119,11 @@ def _writes_log(proc: psutil.Process, run_dir: str) -> bool:
 
 
 def supervisor_gone(proc: psutil.Process, run_dir: str) -> tuple[bool, str]:
-    """Walk up through the processes of the same run (same run marker) to the worker; its parent is the
-    supervisor. Gone when the worker has no parent, or was adopted by pid 1 or a reaper that is not itself the
-    supervisor (a supervisor running as a container's pid 1 has the run's train.log open)."""
+    """Walk up through the processes of the same run (same run marker, and a worker, launcher or rank of it by its
+    own ``argv``: :func:`yolosafe.readers.stale.of_run`) to the worker; its parent, the first ancestor that is none
+    of these, is the supervisor (a marked process that is no worker, a supervisor whose lock was deleted, counts as
+    one). Gone when the worker has no parent, or was adopted by pid 1 or a reaper that is not itself the supervisor
+    (a supervisor running as a container's pid 1 has the run's train.log open)."""
     top = proc
     while True:
         try:
@@ -129,6 +131,8 @@ def supervisor_gone(proc: psutil.Process, run_dir: str) -> tuple[bool, str]:
         except psutil.Error:
             parent = None
         if parent is None or parent.pid <= 1 or _run_marker(parent) != run_dir:
+            break
+        if stale.of_run(parent, Path(run_dir)) is None:
             break
         top = parent
     if parent is None:

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from yolosafe.errors import YolosafeError
 from yolosafe.gpus import nvml_index
 from yolosafe.readers import memplot
 from yolosafe.rundir import files as rundir
@@ -35,7 +36,7 @@ from yolosafe.rundir.records import VAL_PHASES
 if TYPE_CHECKING:
     import pandas as pd
 
-class NoMemoryData(Exception):
+class NoMemoryData(YolosafeError):
     """The run has no memory samples; the message says why, in one line."""
 
 
@@ -52,6 +53,45 @@ def outcome(run: RunDir | Path) -> str:
     """The run's outcome as its story says; "unknown" when the story is damaged."""
     value = _story(RunDir.of(run)).get("outcome")
     return value if isinstance(value, str) else "unknown"
+
+
+def epochs(run: RunDir | Path) -> int | None:
+    """The run's epochs as its story's plan says (None when unknown)."""
+    value = (_story(RunDir.of(run)).get("plan") or {}).get("epochs")
+    return value if isinstance(value, int) else None
+
+
+def hangs(run: RunDir | Path) -> list[records.Hang]:
+    """Every hang the supervisors' hang watches recorded (every node, every attempt); a damaged record is skipped."""
+    found = []
+    for path in RunDir.of(run).hangs():
+        try:
+            record = records.load_hang(path)
+        except records.RecordError:
+            continue
+        record.extra["file"] = str(path)
+        found.append(record)
+    return sorted(found, key=lambda h: (h.attempt or 0, h.node or 0))
+
+
+def hang_line(hang: records.Hang, epochs: int | None = None) -> str:
+    """One hang as report and doctor show it: attempt, stuck rank, phase, for how long, frame, and the stacks."""
+    who = "the worker" if (hang.rank or 0) < 0 else f"rank {hang.rank}"
+    node = f" of node {hang.node}" if hang.node else ""
+    how = "stopped (SIGSTOP)" if hang.stopped else "stuck"
+    batch = f", batch {hang.iteration}" if hang.iteration is not None else ""
+    frame = f" in {hang.frame}" if hang.frame else ""
+    waiting = f"; waiting for it in a collective: ranks {', '.join(map(str, hang.waiting))}" if hang.waiting else ""
+    stacks = ", ".join([*(hang.stacks or []), *(hang.native or [])]) or "none written"
+    return (f"attempt {hang.attempt}: hang: {who}{node} {how} in {hang.phase} at "
+            f"{records.epoch_label(hang.epoch, epochs)}{batch}, for {hang.stuck_s:g} s (timeout {hang.timeout_s:g} s, "
+            f"{hang.timeout_source}){frame}{waiting}; stacks: {stacks}")
+
+
+def stragglers(run: RunDir | Path) -> list[str]:
+    """The straggler warnings of the run, as the supervisor said them."""
+    found = _story(RunDir.of(run)).get("stragglers") or []
+    return [str(s.get("message")) for s in found if isinstance(s, dict) and s.get("message")]
 
 
 def plan_gpus(run: RunDir) -> list[int]:
@@ -80,9 +120,15 @@ def load(run: RunDir) -> pd.DataFrame:
         samples = pd.read_csv(path, on_bad_lines="skip")
     except pd.errors.EmptyDataError:
         samples = pd.DataFrame()
+    except (UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:  # binary, or not a table
+        raise NoMemoryData(f"{path.name} is not the memory watch's table ({type(exc).__name__})") from None
     if not samples.empty:  # a last line cut short by a killed supervisor has missing fields: drop it
-        samples = samples.dropna(subset=["t", "attempt", "gpu", "used_mib"])
-        samples = samples.astype({"t": float, "attempt": "int64", "gpu": "int64"})
+        try:
+            samples = samples.dropna(subset=["t", "attempt", "gpu", "used_mib"])
+            samples = samples.astype({"t": float, "attempt": "int64", "gpu": "int64"})
+        except (KeyError, ValueError, TypeError) as exc:  # columns missing or not numbers
+            raise NoMemoryData(f"{path.name} is not the memory watch's table ({type(exc).__name__}: "
+                               f"{str(exc)[:120]})") from None
         samples = samples.drop(columns=["phase", "epoch"], errors="ignore")  # joined again below, from all events
     if samples.empty:
         raise NoMemoryData(f"{path.name} has no samples: the worker ended before the first one")

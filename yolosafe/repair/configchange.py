@@ -12,12 +12,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from yolosafe.errors import YolosafeError
 from yolosafe.planning import gpuselect
 from yolosafe.planning import trainplan as plan
 from yolosafe.rundir.records import VAL_PHASES, Failure, Story, epoch_label
 
 
-class ConfigFixError(ValueError):
+class ConfigFixError(YolosafeError, ValueError):
     """The config cannot be adapted (unreadable, invalid, made for another run); one line."""
 
 

@@ -21,7 +21,7 @@ from typing import IO
 
 from yolosafe import gpus
 from yolosafe.errors import UsageError
-from yolosafe.planning import allocator
+from yolosafe.planning import allocator, inputs
 from yolosafe.readers.doctor import diagnosis as doctor
 from yolosafe.readers.holders import NEVER, PROVEN, Holder, judge_gpus, stop
 from yolosafe.repair import configchange as configfix
@@ -208,6 +208,8 @@ def main(config_file: str | None, run_dir: str | None, yes: bool, env: Mapping[s
     config = Path(config_file) if config_file else None
     if config is not None and not config.exists():
         raise FixUsageError(f"--config {config}: no such file")
+    if config is not None:
+        inputs.text_file(config, "--config")  # a regular UTF-8 file of a bounded size: one line and exit 2 otherwise
     try:
         run = doctor.find_run(run_dir, None)
         inventory = gpus.read_inventory(env)

@@ -18,12 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from yolosafe.errors import YolosafeError
+
 EOL_CRLF = "\r\n"
 _PLAIN = re.compile(r"""("(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^\s,\]}#]+)""")
 _END_MARKER = re.compile(r"^\.\.\.[ \t]*$", re.MULTILINE)
 
 
-class EditError(ValueError):
+class EditError(YolosafeError, ValueError):
     """The file cannot be edited safely; ``str()`` is one line."""
 
 
@@ -145,7 +147,9 @@ def backup(path: Path) -> Path:
 
 def replace_atomically(path: Path, data: bytes, check: Callable[[Path], None] | None = None) -> None:
     """Write a temporary file beside ``path`` with its mode, ``check`` it (it raises to stop), rename it over
-    ``path``. The temporary file never outlives the call."""
+    ``path``. The temporary file never outlives the call. A symlink is followed: the file it points to is replaced,
+    the link stays (a dotfile manager's ``~/.bashrc -> dotfiles/bashrc``)."""
+    path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)

@@ -16,12 +16,18 @@ Layout (Ultralytics' own files, ``weights/``, ``results.csv``, ``args.yaml``, si
     weights/last-before-attemptN.pt   the checkpoint attempt N resumed from, kept (last.pt moves on every epoch)
     ranks/attempt-N/       torch.distributed.run's per-rank logs and error files of attempt N (several GPUs)
     .injected              how many injected faults (YOLOSAFE_INJECT_OOM) have fired, across attempts
+    .injected-hang         which injected hangs (YOLOSAFE_INJECT_HANG) have fired, across attempts
+    heartbeat/attempt-N/rank-R   rank R's progress (phase, epoch, iteration, time), overwritten in place at each beat
+    stacks/attempt-N/rank-R.txt  rank R's Python stacks, written when the hang watch found a rank stuck (faulthandler;
+                           rank-R.py-spy.txt: py-spy's native frames where it is installed)
+    hang-N.json            the hang the supervisor's watch found in attempt N: the stuck rank, phase, frame, stacks
     .lock                  held (flock) by the supervisor that runs in it, for its whole life; holds its pid
 
 A run over several machines (``--nnodes``) lives in one directory on storage every node shares: rank 0 (on node 0)
 writes the checkpoints and Ultralytics' files; node 0's supervisor keeps the names above; the supervisor of node R > 0
 writes its own files with the node in the name (:func:`node_file`: ``yolosafe-node1.json``, ``train-node1.log``,
-``spec-N-node1.json``, ``events-node1.jsonl``, ``memory-node1.csv``, ``ranks/node1/attempt-N/``, ``.lock-node1``).
+``spec-N-node1.json``, ``events-node1.jsonl``, ``memory-node1.csv``, ``ranks/node1/attempt-N/``,
+``heartbeat/node1/attempt-N/``, ``hang-N-node1.json``, ``.lock-node1``).
 Failure records are named by global rank, so they never collide. The files the nodes use to agree
 (:mod:`yolosafe.supervisor.multinode.cluster`)::
 
@@ -44,6 +50,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from yolosafe.errors import YolosafeError
+
 STORY = "yolosafe.json"
 LOG = "train.log"
 EVENTS = "events.jsonl"
@@ -52,6 +60,7 @@ MEMORY_SUMMARY = "memory_summary.json"
 MEMORY_PLOT = "memory.png"
 FINAL_METRICS = "final_metrics.json"
 INJECTED = ".injected"
+INJECTED_HANG = ".injected-hang"
 # the phase file of the fake NVML backend (YOLOSAFE_FAKE_PHASE_FILE), fake GPUs only; ranks write .fake-phase-gpuN.json
 FAKE_PHASE = ".fake-phase.json"
 LOCK = ".lock"
@@ -87,7 +96,7 @@ def node_ranks(run_dir: Path) -> list[int]:
     found = {0}
     for path in run_dir.glob(f"{stem}-node*.{suffix}"):
         digits = path.stem.rpartition("-node")[2]
-        if digits.isdigit():
+        if (digits.isascii() and digits.isdecimal()):
             found.add(int(digits))
     return sorted(found)
 
@@ -113,6 +122,22 @@ def worker_path(run_dir: Path, attempt: int) -> Path:
 
 def ranks_log_dir(run_dir: Path, attempt: int, node: int = 0) -> Path:
     return run_dir / "ranks" / (f"node{node}" if node > 0 else "") / f"attempt-{attempt}"
+
+
+def heartbeat_path(run_dir: Path, attempt: int, rank: int, node: int = 0) -> Path:
+    """Rank ``rank``'s heartbeat file in attempt ``attempt`` (a single process is rank 0); by node, so each node's
+    hang watch lists only its own ranks."""
+    return run_dir / "heartbeat" / (f"node{node}" if node > 0 else "") / f"attempt-{attempt}" / f"rank-{max(rank, 0)}"
+
+
+def stack_path(run_dir: Path, attempt: int, rank: int, native: bool = False) -> Path:
+    """Where rank ``rank``'s Python stacks (``native``: py-spy's dump) of attempt ``attempt`` go."""
+    name = f"rank-{max(rank, 0)}.py-spy.txt" if native else f"rank-{max(rank, 0)}.txt"
+    return run_dir / "stacks" / f"attempt-{attempt}" / name
+
+
+def hang_path(run_dir: Path, attempt: int, node: int = 0) -> Path:
+    return run_dir / node_file(f"hang-{attempt}.json", node)
 
 
 def weights_dir(run_dir: Path) -> Path:
@@ -189,7 +214,7 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             continue  # a line cut short by a killed rank
 
 
-class RunLocked(Exception):
+class RunLocked(YolosafeError):
     """Another live process holds the run directory; ``pid`` is the holder's."""
 
     def __init__(self, run_dir: Path, pid: str) -> None:

@@ -54,7 +54,7 @@ class RunDir:
         found = []
         for path in self.copies(files.LOCK):
             digits = "0" if path.name == files.LOCK else path.name.rpartition("-node")[2]
-            if digits.isdigit() and path.is_file():
+            if (digits.isascii() and digits.isdecimal()) and path.is_file():
                 found.append(self.on_node(int(digits)))
         return found
 
@@ -104,6 +104,22 @@ class RunDir:
     def ranks_log_dir(self, attempt: int) -> Path:
         return files.ranks_log_dir(self.path, attempt, self.node)
 
+    def heartbeat(self, attempt: int, rank: int) -> Path:
+        """Rank ``rank``'s heartbeat file (a rank of this node)."""
+        return files.heartbeat_path(self.path, attempt, rank, self.node)
+
+    def heartbeats(self, attempt: int) -> list[Path]:
+        """The heartbeat files of this node's ranks in ``attempt``."""
+        return sorted(self.heartbeat(attempt, 0).parent.glob("rank-*"))
+
+    def hang(self, attempt: int) -> Path:
+        """``hang-N.json``: the hang this node's watch found in attempt N."""
+        return files.hang_path(self.path, attempt, self.node)
+
+    def hangs(self) -> list[Path]:
+        """Every hang record of every node and attempt."""
+        return sorted(self.path.glob("hang-*.json"))
+
     # files every node shares
     @property
     def final_metrics(self) -> Path:
@@ -131,6 +147,14 @@ class RunDir:
     @property
     def injected(self) -> Path:
         return self.path / files.INJECTED
+
+    @property
+    def injected_hang(self) -> Path:
+        return self.path / files.INJECTED_HANG
+
+    def stack(self, attempt: int, rank: int, native: bool = False) -> Path:
+        """Rank ``rank``'s stack dump of attempt ``attempt`` (global rank: one name on every node)."""
+        return files.stack_path(self.path, attempt, rank, native)
 
     @property
     def nodes_marker(self) -> Path:

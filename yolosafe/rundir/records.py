@@ -24,6 +24,7 @@ __all__ = (  # RecordError: what every loader here raises, so readers catch it a
     "Attempt",
     "Event",
     "Failure",
+    "Hang",
     "Outcome",
     "RecordError",
     "Story",
@@ -31,8 +32,10 @@ __all__ = (  # RecordError: what every loader here raises, so readers catch it a
     "failures_from",
     "load_events",
     "load_failures",
+    "load_hang",
     "load_story",
     "save_failure",
+    "save_hang",
     "save_story",
     "story_path",
 )
@@ -49,6 +52,7 @@ class Outcome(str, Enum):
     FAILED = "failed"  # not an OOM: not retried
     KILLED = "killed"  # a rank or the worker was killed by a signal (kill -9, the kernel's OOM killer)
     INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM to yolosafe
+    HUNG = "hung"  # a rank made no progress within its timeout: stacks kept, every rank stopped (relaunched)
     OOM_EXHAUSTED = "oom_exhausted"  # the run's outcome when the retries or the minimum batch ran out
     ABANDONED = rundir.ORPHANED  # the run's supervisor died while it said "running" (marked by the next reader)
 
@@ -114,6 +118,8 @@ class Story(Record):
     watch_interval: float | None = None
     warn_at: float | None = None
     clear_before_val: bool | None = None
+    hang_timeout: float | None = None  # None in the story: learnt (the run's option), or never recorded
+    max_hang_restarts: int | None = None
     batch_auto: dict[str, Any] | None = None  # --batch auto: the choice and its reasons
     memory_plan: dict[str, Any] | None = None  # the memory model's prediction for the plan
     nodes: dict[str, Any] | None = None  # a multi-node run: nodes.Nodes.summary() of this node
@@ -121,6 +127,7 @@ class Story(Record):
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str | None = None  # an Outcome
     memory_watch: dict[str, Any] | None = None
+    stragglers: list[dict[str, Any]] | None = None  # ranks named slower than the others (supervisor.stragglers)
     weights: dict[str, str] | None = None
     final_metrics: dict[str, Any] | None = None
     resumes: list[dict[str, Any]] | None = None
@@ -183,6 +190,31 @@ class Failure(Record):
 
 
 @dataclass
+class Hang(Record):
+    """``hang-N.json``: the rank the supervisor's hang watch found stuck in attempt N on its node, written by the
+    watch (:mod:`yolosafe.supervisor.hangwatch`) before it stopped every rank; read by the attempt loop, the
+    multi-node agreement, report and doctor."""
+
+    attempt: int | None = None
+    node: int | None = None
+    rank: int | None = None  # the stuck rank (global; a single process is -1)
+    pid: int | None = None
+    phase: str | None = None  # the state of its last beat: setup, train, val, save, sync, final
+    epoch: int | None = None  # 0-based
+    iteration: int | None = None  # 0-based: the batch it was in (the one after its last beat's)
+    stuck_s: float | None = None  # seconds since its last beat when it was found
+    timeout_s: float | None = None  # the timeout of its phase then
+    timeout_source: str | None = None  # "--hang-timeout", "learnt" (safety factor x the longest seen) or "floor"
+    frame: str | None = None  # the innermost frame of its main thread ('File "...", line N in f')
+    stopped: bool | None = None  # it was stopped (SIGSTOP, state T): it was continued to write its stack
+    waiting: list[int] | None = None  # the ranks found waiting in a collective (for the stuck one)
+    stacks: list[str] | None = None  # the stack files written, one per rank
+    native: list[str] | None = None  # py-spy's dumps, where py-spy is installed
+    message: str | None = None  # the line the supervisor said
+    t: float | None = None
+
+
+@dataclass
 class Event(Record):
     """One line of ``events.jsonl``: a phase start or end on one rank."""
 
@@ -232,6 +264,16 @@ def save_failure(run: RunDir | Path, record: Failure) -> Path:
     path = RunDir.of(run).failure(record.attempt or 0, record.rank or 0)
     rundir.write_json(path, record.to_dict())
     return path
+
+
+def save_hang(run: RunDir | Path, record: Hang) -> Path:
+    path = RunDir.of(run).hang(record.attempt or 0)
+    rundir.write_json(path, record.to_dict())
+    return path
+
+
+def load_hang(path: Path) -> Hang:
+    return _typed(Hang, path, _read(path))
 
 
 def failures_from(data: list[Any]) -> list[Failure]:

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from yolosafe.errors import YolosafeError
+
 R = TypeVar("R", bound="Record")
 
 
@@ -32,7 +34,7 @@ def _default(f: Field[Any]) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else MISSING
 
 
-class RecordError(ValueError):
+class RecordError(YolosafeError, ValueError):
     """A run file that cannot be read; ``str()`` is one line naming the file and what is wrong."""
 
 

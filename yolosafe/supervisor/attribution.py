@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from yolosafe.gpus import MemoryReading, foreign_pids
 
+HIDDEN_MIB = 1024.0  # used memory with no process listed above which the driver hides them (an idle GPU: its own)
 FOREIGN_ROUNDS = 10  # foreign-looking readings, never one of the run's own pids: NVML's pids are another namespace's
 
 UNKNOWN_SPLIT = ("NVML names the GPUs' processes by pids of another PID namespace (a container): this run's and "
@@ -23,6 +24,8 @@ def split(reading: MemoryReading, ours: set[int], absent_is_foreign: bool = True
     processes; a fake layout's other processes are made-up pids)."""
     if reading.processes is None:  # NVML cannot list this GPU's processes (some drivers, MIG)
         return None, None
+    if not reading.processes and (reading.used_mib or 0) > HIDDEN_MIB:  # held, and nobody listed: a driver that
+        return None, None  # hides the processes of other namespaces (a container's): unknown, never "ours 0"
     if absent_is_foreign and not any(p.pid in ours for p in reading.processes) and foreign_pids(
             p.pid for p in reading.processes):
         return None, None

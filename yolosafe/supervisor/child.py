@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from yolosafe import bench, proc
 from yolosafe.exits import Exit
-from yolosafe.gpus import FakeGpusError, open_backend, rank_visible_devices, read_inventory
+from yolosafe.gpus import FakeGpusError, mig_slices, open_backend, rank_visible_devices, read_inventory
 from yolosafe.planning.options import DEFAULTS
 from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.planning.trainplan import TrainPlan
@@ -35,8 +35,9 @@ from yolosafe.rundir.records import Outcome, Story
 from yolosafe.rundir.runspec import RunSpec
 from yolosafe.supervisor import launchcmd as launch
 from yolosafe.supervisor import terminal
+from yolosafe.supervisor.hangwatch import HangWatch
 from yolosafe.supervisor.loop import AttemptLoop, Limits, Request
-from yolosafe.supervisor.onenode import Machines, OneMachine
+from yolosafe.supervisor.onenode import Machines, OneMachine, OnStart
 from yolosafe.supervisor.policy import AttemptEnd
 from yolosafe.supervisor.watch import MemoryWatch
 
@@ -85,6 +86,16 @@ def launch_device(plan: TrainPlan, simulate_on_cpu: bool,
     return ",".join(str(i) for i in range(len(plan.gpus))), uuids or plan.device
 
 
+def watched_slices(plan_gpus: tuple[int, ...], env: Mapping[str, str]) -> dict[int, str]:
+    """The MIG device each plan GPU in MIG mode stands for (``CUDA_VISIBLE_DEVICES`` of ``env``), which the memory
+    watch samples instead of the whole GPU; empty without MIG (or when the GPUs cannot be read: the watch says so)."""
+    try:
+        inventory = read_inventory(env)
+    except FakeGpusError:
+        return {}
+    return mig_slices(inventory, plan_gpus, env.get("CUDA_VISIBLE_DEVICES"))
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How the supervisor runs attempts (everything but the plan). Its values come from the resolved options
@@ -100,6 +111,8 @@ class RunOptions:
     multinode: MultiNode | None = None  # several machines: the other nodes (yolosafe.supervisor.multinode.agree);
                                         # None on one machine
     val_oom: str = DEFAULTS["val_oom"]  # in-place or relaunch (yolosafe.training.valretry)
+    hang_timeout: float | None = DEFAULTS["hang_timeout"]  # None: learnt; 0: no hang watch
+    max_hang_restarts: int = DEFAULTS["max_hang_restarts"]
 
     @classmethod
     def of(cls, env: dict[str, str], options: TrainOptions, simulated: bool,
@@ -107,7 +120,9 @@ class RunOptions:
         return cls(env=env, max_retries=int(options.max_retries), min_batch=int(options.min_batch),
                    simulate_on_cpu=simulated, watch_interval=float(options.watch_interval),
                    warn_at=float(options.warn_at), clear_before_val=bool(options.clear_before_val),
-                   multinode=multinode, val_oom=str(options.val_oom or DEFAULTS["val_oom"]))
+                   multinode=multinode, val_oom=str(options.val_oom or DEFAULTS["val_oom"]),
+                   hang_timeout=None if options.hang_timeout is None else float(options.hang_timeout),
+                   max_hang_restarts=int(options.max_hang_restarts))
 
 
 def versions() -> dict[str, str | None]:
@@ -132,11 +147,15 @@ class Supervisor:
         self.watch: MemoryWatch | None = None  # made at the first attempt, kept for the run (warn once per run)
         self.machines: Machines = options.multinode or OneMachine(RunDir(run_dir))
         self.files = RunDir(run_dir, self.machines.node)  # the run directory as this node names its files
+        timeout = options.hang_timeout
+        epochs = story.plan.get("epochs") if isinstance(story.plan.get("epochs"), int) else None
+        self.hangs = None if timeout == 0 else HangWatch(self.files, timeout, terminal.say, epochs,
+                                                         other_nodes=options.multinode is not None)  # for the run
 
     def run(self, plan: TrainPlan, resume: Path | None = None, final_val_only: bool = False) -> Exit:
         """Attempts until done (:class:`yolosafe.supervisor.loop.AttemptLoop`); returns the exit status."""
         self.story.supervisor = proc.identity(os.getpid())  # lets a later reader tell a dead run from a live one
-        limits = Limits(self.options.max_retries, self.options.min_batch)
+        limits = Limits(self.options.max_retries, self.options.min_batch, self.options.max_hang_restarts)
         hint = f"yolosafe train --resume {self.files.path}{self.machines.resume_flags()}"
         loop = AttemptLoop(self.files, self.story, self.run_attempt, limits, self.others_mib, resume_hint=hint)
         try:
@@ -206,8 +225,8 @@ class Supervisor:
                     result = AttemptResult(0, 0.0)
                 else:  # multi-node: also stop this node's ranks when another node's attempt failed
                     on_start = self.machines.watch(spec.attempt, on_start)
-                    result = run_child(cmd, env, log, on_start=on_start,
-                                       out=self.terminal(spec))
+                    with self.hang_watch(spec, on_start) as on_start:
+                        result = run_child(cmd, env, log, on_start=on_start, out=self.terminal(spec))
         # multi-node: the outcome every node derives from every node's end record
         return result, self.machines.agree(spec.attempt, result, tail(log_path, start))
 
@@ -231,13 +250,33 @@ class Supervisor:
             return
         if self.watch is None:
             self.watch = MemoryWatch(self.files, gpu_ids, self.options.watch_interval, self.options.warn_at,
-                                     lambda: open_backend(self.options.env), terminal.say)
+                                     lambda: open_backend(self.options.env), terminal.say,
+                                     watched_slices(tuple(gpu_ids), self.options.env))
         watch = self.watch
         try:
             yield lambda tree: watch.start(spec.attempt, tree.pids)
         finally:
             watch.stop()
             self.story.memory_watch = watch.status()
+
+    @contextlib.contextmanager
+    def hang_watch(self, spec: RunSpec, then: OnStart | None) -> Iterator[OnStart | None]:
+        """Watch the ranks' heartbeats from the moment the child starts until it has exited (off: ``then``)."""
+        watch = self.hangs
+        if watch is None:
+            yield then
+            return
+
+        def on_start(tree: ProcessTree) -> None:
+            if then is not None:
+                then(tree)
+            watch.start(spec.attempt, tree)
+
+        try:
+            yield on_start
+        finally:
+            watch.stop()
+            self.story.stragglers = list(watch.stragglers) or None
 
     def others_mib(self) -> dict[int, float]:
         """The most memory other processes (a stale kernel, a colleague) held on each GPU of the run: at launch, and

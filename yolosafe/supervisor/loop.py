@@ -21,7 +21,7 @@ from types import FrameType
 
 from yolosafe.exits import Exit
 from yolosafe.planning.trainplan import TrainPlan
-from yolosafe.proc import AttemptResult
+from yolosafe.proc import AttemptResult, stop_signals
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records
 from yolosafe.rundir.layout import RunDir
@@ -48,12 +48,13 @@ ChildRunner = Callable[[Request], tuple[AttemptResult, AttemptEnd]]  # runs one 
 class Limits:
     max_retries: int = 3  # relaunches after an OOM
     min_batch: int = 1  # the per-GPU batch is never halved below this
+    max_hang_restarts: int = 1  # relaunches after a hang (yolosafe.supervisor.hangwatch)
 
 
 @dataclass
 class Stops:
-    """SIGINT and SIGTERM between attempts (during one, the child runner has its own handler): a stop, one line and
-    a resumable story, never a silent death. While the loop records how an attempt ended and what runs next
+    """SIGINT, SIGTERM and SIGHUP between attempts (during one, the child runner has its own handler): a stop, one
+    line and a resumable story, never a silent death. While the loop records how an attempt ended and what runs next
     (``held``), a stop waits until that record is saved."""
 
     held: bool = False
@@ -69,7 +70,7 @@ class Stops:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self.handle) for s in stop_signals()}
         try:
             yield
         finally:
@@ -124,7 +125,7 @@ class AttemptLoop:
             return Exit.INTERRUPTED
 
     def _loop(self, plan: TrainPlan, resume: Path | None, final_val_only: bool) -> Exit:
-        retries, val_ooms = 0, 0
+        retries, val_ooms, hangs = 0, 0, 0
         while True:
             number = len(self.story.attempts) + 1
             if resume is not None:
@@ -137,6 +138,12 @@ class AttemptLoop:
             ended = self._ended(end, plan)
             if ended is not None:
                 return ended
+            if end.outcome == Outcome.HUNG:
+                if hangs >= self.limits.max_hang_restarts:
+                    return self._hung_out(hangs)
+                hangs += 1
+                resume = self._relaunch(entry, hangs, final_val_only)
+                continue
             self.say(f"OOM in {end.phase} at {epoch_text(end.epoch, plan.epochs)}{where(plan, end)} "
                      f"(batch {plan.per_gpu_batch}/GPU, val batch {plan.val_batch}/GPU)")
             val_ooms += end.phase == "val"
@@ -156,6 +163,28 @@ class AttemptLoop:
             self.say(f"retry {retries}/{self.limits.max_retries}: {step.change}; {how}")
             self.stops.release()
 
+    def _relaunch(self, entry: Attempt, hangs: int, final_val_only: bool) -> Path | None:
+        """After a hang: the same plan again, from the last checkpoint (the ranks were stopped, nothing is wrong with
+        the plan); returns what the next attempt resumes from."""
+        last = resume_checkpoint(self.files)
+        resume = last if last.is_file() and not final_val_only else None
+        entry.next = "relaunch after a hang"
+        self.save()
+        how = "final validation only" if final_val_only else (f"resuming from {last}" if resume else "from scratch")
+        self.say(f"relaunch {hangs}/{self.limits.max_hang_restarts} after the hang; {how}")
+        self.stops.release()
+        return resume
+
+    def _hung_out(self, hangs: int) -> Exit:
+        """A hang with no relaunch left: the run ends, resumable."""
+        self.story.outcome = Outcome.HUNG
+        self.save()
+        self.say(f"giving up after {hangs} relaunch{'' if hangs == 1 else 'es'} after hangs (--max-hang-restarts "
+                 f"{self.limits.max_hang_restarts}); the stacks are in "
+                 f"{self.files.stack(len(self.story.attempts), 0).parent}; resume with: "
+                 f"{self.resume_hint}")
+        return Exit.FAILED
+
     def _start(self, request: Request) -> Attempt:
         """The attempt's record in ``yolosafe.json`` as it starts; the run says "running" until it ends."""
         plan = request.plan
@@ -166,7 +195,7 @@ class AttemptLoop:
             batch=plan.batch,
             per_gpu_batch=plan.per_gpu_batch,
             val_batch=plan.val_batch,
-            nbs=plan.effective_batch,
+            nbs=plan.ultralytics_args()["nbs"],
             accumulate=plan.accumulate,
             resumed_from=str(request.resume) if request.resume else None,
         )

@@ -13,6 +13,7 @@ from yolosafe.proc import AttemptResult, ProcessTree
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import load_failures
 from yolosafe.rundir.runspec import RunSpec
+from yolosafe.supervisor.hangwatch import found_in, hung_end
 from yolosafe.supervisor.policy import AttemptEnd, classify
 
 OnStart = Callable[[ProcessTree], None]
@@ -70,4 +71,6 @@ class OneMachine:
         return then
 
     def agree(self, attempt: int, result: AttemptResult, log_tail: str) -> AttemptEnd:
-        return classify(result, load_failures(self.run, attempt), log_tail)
+        """A hang the watch recorded (it stopped the ranks: their errors follow from it), else the classifier's."""
+        hang = found_in(self.run, attempt) if result.exit_code != 0 and not result.interrupted else None
+        return hung_end(hang) if hang else classify(result, load_failures(self.run, attempt), log_tail)

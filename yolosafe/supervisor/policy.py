@@ -57,11 +57,15 @@ def classify(result: AttemptResult, records: Sequence[Failure], log_tail: str) -
         first = min(ooms, key=lambda r: r.t or 0)
         return AttemptEnd(Outcome.OOM, first.phase or "train", first.epoch, first.rank, first.gpu, first.message or "",
                           ooms)
-    killed = [r for r in records if r.signal]
-    if killed:  # a rank killed by a signal (kill -9, the kernel's OOM killer): the others' errors follow from it
-        # The launcher SIGTERMs the surviving ranks after the first death, and its timestamps are whole seconds:
-        # a SIGTERM is the cause only when nothing else killed a rank.
-        first = min(killed, key=lambda r: (r.signal in TEARDOWN_SIGNALS, r.t or 0))
+    # A rank killed by a signal (kill -9, the kernel's OOM killer): the others' errors follow from it. The launcher
+    # SIGTERMs the surviving ranks after the first death (under NCCL's blocking wait they are still waiting in their
+    # collective), so a teardown signal is the cause only when no rank failed by itself: a rank's own record, its
+    # exception, ranks above it (its timestamps are whole seconds: never compared with a rank's).
+    killed = [r for r in records if r.signal and r.signal not in TEARDOWN_SIGNALS]
+    torn_down = [r for r in records if r.signal in TEARDOWN_SIGNALS]
+    own = [r for r in records if not r.signal]
+    if killed or (torn_down and not own):
+        first = min(killed or torn_down, key=lambda r: r.t or 0)
         return AttemptEnd(Outcome.KILLED, rank=first.rank, gpu=first.gpu, message=first.message or "",
                           records=records)
     if oom.is_oom_text(log_tail):  # an OOM where no record could be written (e.g. while building the model)
@@ -69,17 +73,18 @@ def classify(result: AttemptResult, records: Sequence[Failure], log_tail: str) -
         return AttemptEnd(Outcome.OOM, "train", message=line.strip())
     if result.exit_code < 0:
         return AttemptEnd(Outcome.KILLED, message=f"the worker was killed by {signal.Signals(-result.exit_code).name}")
-    return _failed(records, log_tail)
+    return _failed(own, log_tail, records)
 
 
-def _failed(records: list[Failure], log_tail: str) -> AttemptEnd:
-    """Not an OOM, not a signal: the first rank's record, else the exception (or last line) in the log."""
-    first = records[0] if records else Failure()
+def _failed(own: list[Failure], log_tail: str, records: list[Failure]) -> AttemptEnd:
+    """Not an OOM, not a signal: the first failure of a rank by itself (its peers' failed collectives come after it),
+    else the exception (or last line) in the log. ``own``: the records that are not a signal's."""
+    first = min(own, key=lambda r: r.t or 0) if own else Failure()
     last_line = next((ln for ln in reversed(log_tail.splitlines()) if ln.strip()), "")
     message = first.message or terminal.exception_line(log_tail) or last_line
     if first.error and first.message:
         message = f"{first.error}: {message}"
-    return AttemptEnd(Outcome.FAILED, first.phase, first.epoch, first.rank, message=terminal.plain(message),
+    return AttemptEnd(Outcome.FAILED, first.phase, first.epoch, first.rank, first.gpu, terminal.plain(message),
                       records=records)
 
 

@@ -12,6 +12,7 @@ import re
 import sys
 from typing import IO
 
+from yolosafe import proc
 from yolosafe.planning import allocator
 from yolosafe.planning.trainplan import TrainPlan
 
@@ -25,7 +26,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours and cursor moves (Ultraly
 
 def say(message: str) -> None:
     """One line of yolosafe's own on stderr, prefixed so it stands out from Ultralytics' output."""
-    print(f"yolosafe: {message}", file=sys.stderr, flush=True)
+    try:
+        print(f"yolosafe: {message}", file=sys.stderr, flush=True)
+    except OSError:  # the terminal was closed (EIO) or stderr is a full device: the story says it all
+        proc.silence(sys.stderr)
 
 
 def start_lines(plan: TrainPlan, env: dict[str, str], simulated: bool) -> list[str]:
@@ -43,7 +47,7 @@ def start_lines(plan: TrainPlan, env: dict[str, str], simulated: bool) -> list[s
     return [
         where,
         f"effective batch {plan.real_effective_batch} = batch {plan.batch} x accumulate {plan.accumulate} "
-        f"(nbs {plan.effective_batch})",
+        f"(nbs {plan.ultralytics_args()['nbs']})",
         f"validation batch {plan.val_batch}{' per GPU' if plan.gpus else ''}",
         f"allocator {allocator.ENV_VARS[0]}={env.get(allocator.ENV_VARS[0], '')}",
     ]

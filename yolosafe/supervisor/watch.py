@@ -26,7 +26,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,6 +43,7 @@ PIDS_S = 0.5  # how often the run's pids are asked again (the process tree itsel
 JOIN_S = 5.0
 RELEASE_WAIT_S = 60.0  # before a relaunch: at most this long for the previous attempt's processes to leave the GPUs
 RELEASE_POLL_S = 0.2
+RELEASE_SLACK_MIB = 256.0  # used memory within this of the attempt's floor counts as released (the driver's own)
 
 
 class PhaseTracker:
@@ -85,8 +86,14 @@ class PhaseTracker:
         return self._state.get(gpu, ("other", None))
 
 
+def _read_one(backend: GPUBackend, gpu: int, slices: Mapping[int, str] | None) -> MemoryReading:
+    """GPU ``gpu``'s reading: of its MIG device when ``slices`` names one (the slice the run trains on)."""
+    mig = (slices or {}).get(gpu)
+    return backend.read_memory(gpu) if mig is None else backend.read_memory(gpu, mig)
+
+
 def wait_released(backend: GPUBackend, gpus: Sequence[int], pids: set[int], timeout: float = RELEASE_WAIT_S,
-                  poll: float = RELEASE_POLL_S) -> set[int]:
+                  poll: float = RELEASE_POLL_S, slices: Mapping[int, str] | None = None) -> set[int]:
     """Wait until NVML lists none of ``pids`` on ``gpus`` (a killed rank's memory is freed by the driver after it
     exits, and its dataloader workers share its device handles); the pids still listed when ``timeout`` ran out,
     empty once released. A GPU that cannot be read is not waited for."""
@@ -95,12 +102,34 @@ def wait_released(backend: GPUBackend, gpus: Sequence[int], pids: set[int], time
         held: set[int] = set()
         for gpu in gpus:
             try:
-                reading = backend.read_memory(gpu)
+                reading = _read_one(backend, gpu, slices)
             except GPUReadError:
                 continue
             held |= {p.pid for p in reading.processes or () if p.pid in pids}
         if not held or time.monotonic() >= deadline:
             return held
+        time.sleep(poll)
+
+
+def wait_memory_released(backend: GPUBackend, floors: Mapping[int, float], slices: Mapping[int, str] | None = None,
+                         timeout: float = RELEASE_WAIT_S, poll: float = RELEASE_POLL_S) -> dict[int, float]:
+    """Wait until each GPU of ``floors`` uses no more than its floor (the least it used while the previous attempt
+    ran: other processes' memory) plus :data:`RELEASE_SLACK_MIB`: the wait where NVML's pids cannot be matched to the
+    attempt's processes (a container's, a driver that hides them). The MiB still above each floor when ``timeout``
+    ran out, empty once released. A GPU that cannot be read is not waited for."""
+    deadline = time.monotonic() + timeout
+    slices = slices or {}
+    while True:
+        above: dict[int, float] = {}
+        for gpu, floor in floors.items():
+            try:
+                reading = _read_one(backend, gpu, slices)
+            except GPUReadError:
+                continue
+            if reading.used_mib is not None and reading.used_mib > floor + RELEASE_SLACK_MIB:
+                above[gpu] = reading.used_mib - floor
+        if not above or time.monotonic() >= deadline:
+            return above
         time.sleep(poll)
 
 
@@ -113,13 +142,18 @@ class MemoryWatch:
 
     ``pids`` (given to ``start``) returns the live pids of the attempt's process tree. ``say`` prints one line for
     the user. ``open_backend`` is called at each start; the backend is closed at each stop. On the node of ``run`` in a
-    multi-node run it samples that node's GPUs into the node's own CSV, following its own ranks' events.
+    multi-node run it samples that node's GPUs into the node's own CSV, following its own ranks' events. ``slices``:
+    the MIG device (UUID) a GPU in MIG mode stands for, sampled instead of the whole GPU (its total is the slice's,
+    its processes the slice's).
     """
 
     def __init__(self, run: RunDir | Path, gpus: Sequence[int], interval: float, warn_at: float,
-                 open_backend: Callable[[], GPUBackend], say: Callable[[str], None]) -> None:
+                 open_backend: Callable[[], GPUBackend], say: Callable[[str], None],
+                 slices: Mapping[int, str] | None = None) -> None:
         self.run = RunDir.of(run)  # a plain path: node 0's files
         self.gpus, self.interval, self.warn_at = tuple(gpus), interval, warn_at
+        self.slices = dict(slices or {})
+        self.floors: dict[int, float] = {}  # per GPU: the least used memory of the latest attempt (others' memory)
         self._open_backend, self._say = open_backend, say
         self.csv_path = self.run.memory_csv
         self.tracker = PhaseTracker(self.run.events, self.gpus)
@@ -142,7 +176,7 @@ class MemoryWatch:
 
     def start(self, attempt: int, pids: Callable[[], set[int]]) -> None:
         self.tracker.begin(attempt)
-        self.attempt_pids = set()
+        self.attempt_pids, self.floors = set(), {}
         self._stop.clear()
         self.stopped = None
         self._thread = threading.Thread(target=self._run, args=(attempt, pids), name="yolosafe-watch", daemon=True)
@@ -157,18 +191,26 @@ class MemoryWatch:
     def wait_released(self, timeout: float = RELEASE_WAIT_S) -> None:
         """Before a relaunch: wait (bounded) until NVML lists none of the previous attempt's processes on the run's
         GPUs, so the new attempt does not start on memory that is still being freed; one line if they stay."""
-        if not self.attempt_pids:
+        by_memory = not self.namespace.ours  # NVML never listed a pid of the run's: a container, hidden processes
+        if not (self.floors if by_memory else self.attempt_pids):
             return
         try:
             backend = self._open_backend()
             try:
-                held = wait_released(backend, self.gpus, self.attempt_pids, timeout)
+                if by_memory:
+                    above = wait_memory_released(backend, self.floors, self.slices, timeout)
+                else:
+                    held = wait_released(backend, self.gpus, self.attempt_pids, timeout, slices=self.slices)
             finally:
                 backend.close()
         except Exception as exc:  # like sampling: never stop the run over it
             self._say(f"memory watch: cannot check that the GPUs were released ({type(exc).__name__}: {exc})")
             return
-        if held:
+        if by_memory and above:
+            gib = ", ".join(f"GPU {gpu} {_gib(mib)} GiB" for gpu, mib in sorted(above.items()))
+            self._say(f"the GPUs still hold more than before the previous attempt after {timeout:g} s ({gib}); "
+                      "starting the next attempt anyway")
+        elif not by_memory and held:
             self._say(f"the previous attempt's processes (pids {', '.join(map(str, sorted(held)))}) still hold GPU "
                       f"memory after {timeout:g} s; starting the next attempt anyway")
 
@@ -231,7 +273,7 @@ class MemoryWatch:
         readings = []
         for gpu in list(active):
             try:
-                readings.append(backend.read_memory(gpu))
+                reading = _read_one(backend, gpu, self.slices)
             except GPUReadError as exc:
                 self._failed(exc)
                 active[gpu] += 1
@@ -239,6 +281,9 @@ class MemoryWatch:
                     del active[gpu]
                 continue
             active[gpu] = 0
+            readings.append(reading)
+            if reading.used_mib is not None:
+                self.floors[gpu] = min(self.floors.get(gpu, reading.used_mib), reading.used_mib)
         return readings
 
     def _split(self, reading: MemoryReading, ours: set[int], foreign: bool) -> tuple[float | None, float | None]:

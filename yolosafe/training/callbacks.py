@@ -56,7 +56,8 @@ def injected_error(error: str, gpu: int) -> BaseException:
     import torch.distributed
 
     kinds = {"oom": torch.OutOfMemoryError, "accelerator": torch.AcceleratorError,
-             "nccl": torch.distributed.DistBackendError, "cudnn": RuntimeError, "runtime": RuntimeError}
+             "nccl": torch.distributed.DistBackendError, "cudnn": RuntimeError, "cublas-init": RuntimeError,
+             "cudnn-internal": RuntimeError, "runtime": RuntimeError}
     return kinds[error](oom.injected_text(error, gpu))
 
 
@@ -170,7 +171,8 @@ class TrainingCallbacks:
         cleared = torchmem.clear_cache(_device(validator)) if self.context.spec.clear_before_val else None
         torchmem.reset_peaks(_device(validator))
         loader = getattr(validator, "dataloader", None)
-        self._record("val_start", validator, batch=getattr(loader, "batch_size", None), cleared_mib=cleared)
+        batch = getattr(validator, "forward_batch", None) or getattr(loader, "batch_size", None)  # after a retry: its
+        self._record("val_start", validator, batch=batch, cleared_mib=cleared)
 
     def on_val_batch_start(self, validator: Any) -> None:
         # Counted here: Ultralytics sets validator.batch_i after this callback (None on the first batch, then the last).

@@ -13,9 +13,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from yolosafe import oom
+from yolosafe import hang, oom
+from yolosafe.rundir import heartbeat as beats
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.runspec import RunSpec
 
@@ -56,6 +57,17 @@ class Progress:
     train_peaks: dict[str, float | None] = field(default_factory=dict)  # torch's peaks of this epoch's training
 
 
+@dataclass
+class HeartbeatFiles:
+    """This process's heartbeat writer and the stack file its dump goes to, opened at its first beat
+    (:mod:`yolosafe.training.heartbeat`)."""
+
+    writer: beats.Writer | None = None
+    stacks: IO[str] | None = None
+    step_from: float | None = None  # where the rank's own part of this training step began (the last step's end)
+    forward_end: float | None = None  # when the model's forward of this step returned (a forward hook)
+
+
 @dataclass(frozen=True)
 class RunContext:
     """The run spec of this attempt, this process's rank, the injection (``YOLOSAFE_INJECT_OOM``, parsed once) and
@@ -65,6 +77,8 @@ class RunContext:
     rank: Rank = field(default_factory=Rank)
     injection: oom.Injection | None = None
     progress: Progress = field(default_factory=Progress)
+    hangs: tuple[hang.HangInjection, ...] = ()  # YOLOSAFE_INJECT_HANG, parsed once
+    heartbeat: HeartbeatFiles = field(default_factory=HeartbeatFiles)
 
     @classmethod
     def load(cls, spec_path: Path, rank: Rank | None = None,
@@ -72,7 +86,8 @@ class RunContext:
         """The context of a process started with ``spec_path``; ``environ`` (default: this process's) gives the rank
         when ``rank`` is None, and the injection, which the CLI validated before the run began."""
         env = os.environ if environ is None else environ
-        return cls(RunSpec.load(spec_path), rank or Rank.from_env(env), oom.parse_injection(env.get(oom.INJECT_ENV)))
+        return cls(RunSpec.load(spec_path), rank or Rank.from_env(env), oom.parse_injection(env.get(oom.INJECT_ENV)),
+                   hangs=hang.parse_injections(env.get(hang.INJECT_ENV)))
 
     @property
     def run_dir(self) -> Path:

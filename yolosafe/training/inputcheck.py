@@ -22,10 +22,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from yolosafe.errors import UsageError
+
 TRAINABLE_SUFFIXES = (".pt", ".yaml", ".yml")  # what Ultralytics' Model.train accepts (_check_is_pytorch_model)
 
 
-class Refused(Exception):
+class Refused(UsageError):
     """Ultralytics (or the check) refuses the training; ``str()`` is one line for the user."""
 
 
@@ -180,13 +182,52 @@ def check_optimizer(trainer: Any, args: Any) -> None:
         pass
 
 
-def project_dir(request: dict[str, Any], task: str) -> str:
-    """The folder Ultralytics puts this task's runs in (``runs/<task>``, its ``runs_dir`` setting, ``project=``)."""
+def project_dir(request: dict[str, Any], task: str) -> dict[str, Any]:
+    """The folder Ultralytics puts this task's runs in (``runs/<task>``, its ``runs_dir`` setting, ``project=``), and
+    how it came from what was asked, for a kept verdict (``planning.checkcache``) to give another directory or
+    another ``project=`` its own: relative to the working directory when Ultralytics derived it from there (a relative
+    ``runs_dir`` or ``project=``, which it resolves), or the absolute ``project=`` itself."""
     from ultralytics.cfg import get_save_dir
+    from ultralytics.utils import SETTINGS
 
     where = SimpleNamespace(project=request.get("project"), name=request["name"], task=task, mode="train",
                             exist_ok=True, save_dir=None)
-    return str(get_save_dir(where).parent)
+    folder = str(get_save_dir(where).parent)
+    asked = request.get("project") or ""
+    from_cwd = not Path(asked).is_absolute() and (bool(asked) or not Path(SETTINGS["runs_dir"]).is_absolute())
+    return {"project": folder, "project_in_cwd": os.path.relpath(folder) if from_cwd else None,
+            "project_is_asked": bool(asked) and Path(asked).is_absolute() and folder == str(Path(asked).resolve())}
+
+
+def reads(request: dict[str, Any], data: dict[str, Any] | None, files: dict[str, list[str]]) -> list[str]:
+    """What this answer was read from, for the verdict cache (``planning.checkcache``): Ultralytics' settings (its
+    runs' and datasets' folders), the model file, the data
+    YAML, each split's list file or folder (a classification split's class folders too), and every folder of the
+    images listed and of the labels Ultralytics pairs with them (a folder's time changes when a file in it is added,
+    removed or replaced)."""
+    from ultralytics.data.utils import img2label_paths
+    from ultralytics.utils import SETTINGS
+
+    found = [str(Path(SETTINGS.file).resolve())]
+    if Path(request["model"]).is_file():
+        found.append(str(Path(request["model"]).resolve()))
+    if not data:
+        return found
+    if data.get("yaml_file"):
+        found.append(str(Path(data["yaml_file"]).resolve()))
+    for split in ("train", "val", "test"):
+        entries = data.get(split)
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if not entry:
+                continue
+            found.append(str(Path(entry).resolve()))
+            if not files and Path(entry).is_dir():  # classification: one folder per class
+                found += [str(p.resolve()) for p in Path(entry).iterdir() if p.is_dir()]
+    for images in files.values():
+        one_per_folder = {str(Path(f).parent): f for f in images}
+        found += list(one_per_folder)
+        found += [str(Path(label).parent) for label in img2label_paths(list(one_per_folder.values()))]
+    return found
 
 
 def check(request: dict[str, Any]) -> dict[str, Any]:
@@ -197,14 +238,14 @@ def check(request: dict[str, Any]) -> dict[str, Any]:
     trainer_cls = model.task_map[task]["trainer"]
     args = train_args(request, task)
     notes: list[str] = []
-    images, figures = None, {}
+    images, figures, data, files = None, {}, None, {}
     if offline_dataset(request, task, notes):
         data, trainer = dataset(trainer_cls, args)
         files = image_files(data, args, task)
         images, figures = (len(files["train"]) if files else None), dataset_figures(files)
         check_optimizer(trainer, args)
-    return {"task": task, "project": project_dir(request, task), "train_images": images, "dataset": figures,
-            "notes": notes}
+    return {"task": task, **project_dir(request, task), "train_images": images, "dataset": figures, "notes": notes,
+            "reads": reads(request, data, files)}
 
 
 def main(argv: list[str] | None = None) -> None:

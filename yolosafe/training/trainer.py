@@ -16,8 +16,8 @@ from typing import Any
 from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.model import YOLO
 
-from yolosafe import bench
-from yolosafe.training import callbacks, peakmetrics, valretry
+from yolosafe import bench, gpus
+from yolosafe.training import callbacks, heartbeat, peakmetrics, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 from yolosafe.training.fake import cpuranks
@@ -49,14 +49,12 @@ class LauncherWorldSize(_InContext):
 class ValidationBatch(_InContext):
     """``get_dataloader(mode="val")``: ``--val-batch`` really sets the validation batch. Ultralytics builds the
     validation loader with twice the per-GPU train batch, and the final validation of best.pt reuses that loader;
-    this is the one place both come from. After a validation OOM recovered in place, the batch that worked
-    (``val_batch_in_place``, :mod:`yolosafe.training.valretry`)."""
-
-    val_batch_in_place: int | None = None
+    this is the one place both come from (a validation OOM recovered in place keeps this loader, and its shards:
+    :mod:`yolosafe.training.valretry`)."""
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train") -> Any:
         if mode == "val":
-            batch_size = self.val_batch_in_place or self.run_context.spec.val_batch
+            batch_size = self.run_context.spec.val_batch
         return super().get_dataloader(dataset_path, batch_size=batch_size, rank=rank, mode=mode)
 
 
@@ -67,6 +65,28 @@ class OomInjectionPoint(_InContext):
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         callbacks.maybe_inject(self.run_context, "train")
         return super().preprocess_batch(batch)
+
+
+class HangPoints(_InContext):
+    """``preprocess_batch``, ``save_model``: where a hang is injected in a training step and in the epoch's
+    checkpoint save (``YOLOSAFE_INJECT_HANG``, :mod:`yolosafe.training.heartbeat`; not in the save of the state kept
+    before validation, ``weights/unvalidated.pt``), and the beat that says rank 0 is writing checkpoints (a save has
+    no callback before it; the next beat is ``on_fit_epoch_end``'s or the validation's); ``final_eval``: the end of
+    training (what follows, rank 0's plots, beats nothing)."""
+
+    def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        heartbeat.maybe_hang(self.run_context, "train")
+        return super().preprocess_batch(batch)
+
+    def save_model(self) -> bool:
+        heartbeat.beat(self.run_context, "save")
+        if self.last.name != valretry.UNVALIDATED:
+            heartbeat.maybe_hang(self.run_context, "save")
+        return super().save_model()
+
+    def final_eval(self) -> None:
+        super().final_eval()
+        heartbeat.beat(self.run_context, "end")  # rank 0's plots and the loaders' teardown beat nothing
 
 
 class FailureRecord(_InContext):
@@ -135,14 +155,19 @@ def _fsync(path: Path) -> None:
 
 
 class ResumeNbs:
-    """``check_resume``: Ultralytics resumes with the checkpoint's ``nbs``; a resume with another
-    ``--effective-batch`` passes its own, which must win."""
+    """``check_resume``: Ultralytics resumes with the checkpoint's ``nbs`` and ``weight_decay``; a retry at half the
+    batch passes the ones that keep the first attempt's step and weight decay
+    (:meth:`yolosafe.planning.trainplan.TrainPlan.ultralytics_args`), a resume with another ``--effective-batch``
+    its own: they must win."""
+
+    OWN = ("nbs", "weight_decay")
 
     def check_resume(self, overrides: dict[str, Any]) -> None:
-        nbs = overrides.get("nbs")
-        super().check_resume({k: v for k, v in overrides.items() if k != "nbs"})
-        if self.resume and nbs is not None:
-            self.args.nbs = nbs
+        own = {k: overrides[k] for k in self.OWN if overrides.get(k) is not None}
+        super().check_resume({k: v for k, v in overrides.items() if k not in self.OWN})
+        if self.resume:
+            for key, value in own.items():
+                setattr(self.args, key, value)
 
 
 class EpochPeakMetrics(_InContext):
@@ -226,8 +251,8 @@ class ValidateFirst(_InContext):
             valretry.finish(self)
 
 
-MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, FailureRecord, ValidateFirst,
-          AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
+MIXINS = (LauncherWorldSize, ValidationBatch, InPlaceValidationRetry, OomInjectionPoint, HangPoints, FailureRecord,
+          ValidateFirst, AtomicCheckpoints, ResumeNbs, EpochPeakMetrics, FinalValidationMarked)
 
 
 def trainer_class(task: str, context: RunContext, base: type[BaseTrainer] | None = None) -> type[BaseTrainer]:
@@ -237,7 +262,8 @@ def trainer_class(task: str, context: RunContext, base: type[BaseTrainer] | None
     (:mod:`yolosafe.training.fake.cpuranks`). ``base``: the loaded model's own trainer (its task map: RT-DETR's,
     YOLO-World's), else :data:`TRAINERS`'s."""
     base = base or TRAINERS[task]
+    cpu_ranks = context.spec.fake_gpus and context.rank.distributed
+    if cpu_ranks and gpus.blocking_collectives(os.environ):  # inside the failure record: a waiting peer writes none
+        base = cpuranks.blocking(base)
     trainer = type(f"Safe{base.__name__}", (*MIXINS, base), {"run_context": context})
-    if context.spec.fake_gpus and context.rank.distributed:
-        return cpuranks.on_cpu(trainer)
-    return trainer
+    return cpuranks.on_cpu(trainer) if cpu_ranks else trainer

@@ -32,7 +32,7 @@ from yolosafe.planning import allocator
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import results, runspec
 from yolosafe.rundir.layout import RunDir
-from yolosafe.training import callbacks
+from yolosafe.training import callbacks, heartbeat
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import Rank, RunContext
 from yolosafe.training.fake import phases as fakephase
@@ -74,12 +74,14 @@ def _load(model_path: str) -> Any:
 
 
 def install_callbacks(model: Any, context: RunContext) -> None:
-    """yolosafe's callbacks on ``model``; with fake GPUs, the fake phase file's around them."""
+    """yolosafe's callbacks on ``model``; with fake GPUs, the fake phase file's around them; the heartbeat's last
+    (it reads the progress the others keep)."""
     own = callbacks.TrainingCallbacks(context).register
     if context.spec.fake_gpus:
         fakephase.FakePhaseFile(context).register_around(model, own)
     else:
         own(model)
+    callbacks.add_callbacks(model, heartbeat.HeartbeatCallbacks(context).hooks())
 
 
 def _save_metrics(run: RunDir, metrics: Any) -> None:
@@ -117,25 +119,48 @@ def train(context: RunContext) -> None:
         _save_metrics(context.run, metrics)
 
 
+# What the trainer's validator gets that the training's arguments do not say, or say otherwise: the validation set's
+# loader is rectangular (``build_dataset(mode="val")``, and ``YOLO.val``'s own default), final_eval turns compile off,
+# and yolosafe's own batch, device and run folder.
+NOT_FOR_VALIDATION = frozenset({"rect", "compile", "resume", "model", "batch", "device", "project", "name", "exist_ok",
+                                "plots", "save_dir", "mode"})
+
+
+def final_validation_args(context: RunContext, cuda: bool) -> dict[str, Any]:
+    """``model.val()``'s arguments for the validation of best.pt alone: what the trainer's validator had (the
+    user's training arguments: ``classes``, ``max_det``, ``iou``, ``conf``, ``single_cls``, ``split`` ...) and its
+    precision: ``BaseValidator`` validates in FP16 on a GPU when the trainer used AMP (``quantize=16``), which
+    ``final_eval`` keeps for best.pt."""
+    kwargs = context.spec.train_kwargs
+    amp = kwargs.get("amp", True) not in {False, "fp32"}
+    return {
+        **{k: v for k, v in kwargs.items() if k not in NOT_FOR_VALIDATION},
+        "batch": context.spec.val_batch,
+        "device": str(kwargs["device"]).split(",")[0],
+        "project": kwargs["project"],
+        "name": kwargs["name"],
+        "exist_ok": True,
+        "plots": False,
+        "compile": False,
+        "quantize": 16 if cuda and amp else None,
+    }
+
+
 def final_validation(context: RunContext) -> None:
-    """Validate best.pt once more, alone on one device with a smaller batch: training itself is finished."""
-    run, kwargs = context.run, context.spec.train_kwargs
+    """Validate best.pt once more, alone on one device with a smaller batch, as the trainer's validator would have
+    (:func:`final_validation_args`): training itself is finished."""
+    import torch
+
+    run = context.run
     best = run.best_checkpoint
     model = _load(str(best if best.is_file() else run.last_checkpoint))
     rundir.write_json(run.worker(context.attempt), _observed(context, None))
     context.progress.final = True
     install_callbacks(model, context)
+    device = str(context.spec.train_kwargs["device"]).split(",")[0]
+    cuda = device not in {"cpu", "mps"} and torch.cuda.is_available()
     try:
-        metrics = model.val(
-            data=kwargs["data"],
-            imgsz=kwargs["imgsz"],
-            batch=context.spec.val_batch,
-            device=kwargs["device"].split(",")[0],
-            project=kwargs["project"],
-            name=kwargs["name"],
-            exist_ok=True,
-            plots=False,
-        )
+        metrics = model.val(**final_validation_args(context, cuda))
     except BaseException as exc:
         failurerecord.write_failure(context, exc, None, getattr(model, "device", None))
         raise
@@ -157,10 +182,12 @@ def run(spec_path: Path, rank: Rank) -> None:
     """Load this process's context (inside ``@record`` in a rank: a spec that cannot be read is in its error file)
     and do what the run spec asks."""
     context = RunContext.load(spec_path, rank)
+    heartbeat.beat(context, "setup")  # from here on the supervisor's hang watch sees this process
     if context.spec.mode == runspec.FINAL_VAL:
         final_validation(context)
     else:
         train(context)
+    heartbeat.beat(context, "done")
 
 
 def _stopped(rank: Rank) -> NoReturn:

@@ -93,7 +93,7 @@ def choose_gpus(text: str, inventory: gpus.Inventory, visible: tuple[int, ...],
                 busy_mib: float = gpus.BUSY_MIB) -> tuple[tuple[int, ...], list[str]]:
     """``auto`` (every idle GPU) or ``auto:N`` (the N with the most free memory), leaving out busy GPUs."""
     _, _, count_text = text.partition(":")
-    if count_text and not (count_text.isdigit() and int(count_text) > 0):
+    if count_text and not ((count_text.isascii() and count_text.isdecimal()) and int(count_text) > 0):
         raise plan.PlanError(f"--gpus {text}: expected 'auto' or 'auto:N' with N a positive number of GPUs")
     candidates = [g for g in inventory.gpus if g.index in visible]
     if not candidates:

@@ -10,6 +10,7 @@ import shlex
 from yolosafe import gpus, oom
 from yolosafe.gpus import nvml_index
 from yolosafe.planning import trainplan as plan
+from yolosafe.readers import report
 from yolosafe.readers.doctor.diagnosis import Cause, Environment, GPUView, Machine, RunView
 from yolosafe.readers.holders import ASK, PROVEN, Holder
 from yolosafe.rundir.records import VAL_PHASES, Failure, Story, epoch_label
@@ -89,7 +90,28 @@ def run_causes(view: RunView | None) -> list[Cause]:
                       f"{last.batch} ({last.per_gpu_batch} per GPU), val batch {last.val_batch} per GPU",
                       f"--batch {last.batch} --effective-batch {nbs} --val-batch {last.val_batch}")]
     found = [_val_cause(ooms, story), _train_cause(ooms, story), _fragmentation(ooms, story)]
-    return [*damaged, *(c for c in found if c is not None), *_near_misses(view)]
+    slow = [Cause(line, "check that GPU's clocks and temperature (nvidia-smi -q -d PERFORMANCE,TEMPERATURE), "
+                  "what else runs on it or on its CPU cores, and the disk the data is read from")
+            for line in report.stragglers(view.path)]
+    return [*damaged, *_hang_causes(view), *(c for c in found if c is not None), *_near_misses(view), *slow]
+
+
+def _hang_causes(view: RunView) -> list[Cause]:
+    """Each hang the watch found: where the stuck rank was, and where its stack is."""
+    found = []
+    epochs = view.story.plan.get("epochs") if view.story else None
+    for hang in view.hangs:
+        who = "the worker" if (hang.rank or 0) < 0 else f"rank {hang.rank}"
+        how = "was stopped (SIGSTOP: a debugger, a job control stop, a scheduler's suspend)" if hang.stopped else \
+            f"made no progress for {hang.stuck_s:g} s"
+        frame = f", in {hang.frame}" if hang.frame else ""
+        stack = next((s for s in hang.stacks or [] if s.endswith(f"rank-{max(hang.rank or 0, 0)}.txt")), None)
+        found.append(Cause(f"attempt {hang.attempt} hung: {who} {how} in {hang.phase} at "
+                           f"{epoch_label(hang.epoch, epochs)}{frame}",
+                           f"read its stack: {stack or 'not written'} (every rank's beside it); if the pause was "
+                           f"legitimate, a longer --hang-timeout (this one: {hang.timeout_s:g} s, "
+                           f"{hang.timeout_source})"))
+    return found
 
 
 def _near_misses(view: RunView) -> list[Cause]:

@@ -78,12 +78,14 @@ class RunView:
     problem: str | None = None  # a damaged file: one line
     story: records.Story | None = None
     failures: list[records.Failure] = field(default_factory=list)
+    hangs: list[records.Hang] = field(default_factory=list)  # what the hang watch found (report.hangs)
     memory: dict[str, Any] | None = None  # report's summary (memory_summary.json, or computed read-only)
     memory_note: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "problem": self.problem, "story": self.story.to_dict() if self.story else None,
                 "failures": [f.to_dict() | {"file": f.name} for f in self.failures],
+                "hangs": [h.to_dict() for h in self.hangs],
                 "memory": self.memory, "memory_note": self.memory_note}
 
 
@@ -194,5 +196,6 @@ def run_view(path: Path) -> RunView:
         view.failures = records.load_failures(path)
     except records.RecordError as exc:  # the story still tells most of it
         view.problem = str(exc)
+    view.hangs = report.hangs(path)
     view.memory, view.memory_note = memory(path)
     return view

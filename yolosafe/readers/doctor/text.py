@@ -88,6 +88,7 @@ def run_lines(view: RunView | None) -> list[str]:
                  f"GPU, val batch {p.get('val_batch')} per GPU, effective batch {p.get('effective_batch')} "
                  f"(accumulate {p.get('accumulate')}), imgsz {p.get('imgsz')}")
     lines += [*_attempt_lines(view), *_failure_lines(view)]
+    lines += [f"  {report.hang_line(h, p.get('epochs'))}" for h in view.hangs]
     if view.problem:
         lines.append(f"cannot read: {view.problem}")
     if view.memory:

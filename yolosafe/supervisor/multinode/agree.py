@@ -33,8 +33,9 @@ from yolosafe.planning import nodes
 from yolosafe.proc import AttemptResult, ProcessTree
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir.layout import RunDir
-from yolosafe.rundir.records import Outcome, failures_from, load_failures
+from yolosafe.rundir.records import Hang, Outcome, failures_from, load_failures
 from yolosafe.rundir.runspec import FINAL_VAL, RunSpec
+from yolosafe.supervisor.hangwatch import found_in, hung_end
 from yolosafe.supervisor.multinode import cluster
 from yolosafe.supervisor.policy import AttemptEnd, classify
 
@@ -53,6 +54,9 @@ def decide(ends: list[dict[str, Any]], nproc: int) -> AttemptEnd:
     for end in ends:
         if end.get("stopped"):  # a node whose yolosafe ended interrupted (its own Ctrl-C, or another node's)
             return AttemptEnd(Outcome.INTERRUPTED, message=end["stopped"], node=end["node"])
+    for end in ends:  # a node's hang watch stopped its ranks: the other nodes' errors follow from it
+        if isinstance(end.get("hang"), dict):
+            return hung_end(Hang.from_dict(end["hang"]))
     for end in ends:
         if end.get("gone"):
             return AttemptEnd(Outcome.FAILED, message=f"{end['gone']}; the other nodes cannot train without it",
@@ -186,7 +190,8 @@ class MultiNode:
         mine = {"node": self.node, "attempt": attempt, "exit_code": result.exit_code, "interrupted": interrupted,
                 "stopped_for": self.stopped_for, "duration_s": round(result.duration_s, 2), "gpus": list(self.gpus),
                 "records": own_records(self.run, attempt, self.nproc), "log_tail": log_tail[-LOG_TAIL:],
-                "checkpoint": self._checkpoint() if self.node == 0 else None, "t": time.time()}
+                "checkpoint": self._checkpoint() if self.node == 0 else None, "t": time.time(),
+                "hang": hang.to_dict() if (hang := found_in(self.run, attempt)) else None}
         rundir.write_json(self.run.node_end(attempt, self.node), mine)
         if interrupted:  # the user wants this node out now; the others read it from the end record
             self.stopped_by = f"{interrupted} on node {self.node}"
@@ -196,7 +201,7 @@ class MultiNode:
         failure = decide(ends, self.nproc)
         if failure.outcome == Outcome.INTERRUPTED:
             self.stopped_by = failure.message
-        retried = failure.outcome == Outcome.OOM and self.node != 0  # resumes from node 0's checkpoint
+        retried = failure.outcome in (Outcome.OOM, Outcome.HUNG) and self.node != 0  # resumes from node 0's checkpoint
         if retried and not self._checkpoint_visible(ends[0].get("checkpoint")):
             last = self.run.last_checkpoint.relative_to(self.run.path).as_posix()
             return AttemptEnd(Outcome.FAILED, message=f"{last} written by node 0 is not visible here after "

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yolosafe.errors import YolosafeError
 from yolosafe.planning.nodes import Nodes
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir.layout import RunDir
@@ -38,7 +39,7 @@ DEFAULT_TIMEOUT_S = 300  # --rdzv-timeout: the wait for the other nodes at start
 PLAN_KEYS = ("nnodes", "batch", "effective_batch", "val_batch", "imgsz", "epochs")  # must be the same on every node
 
 
-class ClusterError(Exception):
+class ClusterError(YolosafeError):
     """The nodes cannot form the run; ``str()`` is one line that says what to do."""
 
 

@@ -61,9 +61,10 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "BaseTrainer._do_train/final_eval", checks.check_callback_order),
     Assumption("val_loop_without_collective", "BaseValidator.__call__ resets the loss and metrics, then loops over "
                "its own loader with no collective until gather_stats, so one rank can catch an OOM there and validate "
-               "its shard again while the others wait at the gather (InPlaceValRetry); the task trainer's "
-               "get_dataloader rebuilds the loader, its torch_distributed_zero_first being only the cache barrier",
-               "BaseValidator.__call__, DetectionTrainer.get_dataloader", checks.check_val_loop_alone),
+               "its shard again while the others wait at the gather (InPlaceValRetry); the loop's forward pass comes "
+               "before the loss, postprocess and metrics, and every network's predict returns its head's output "
+               "(the retry splits the layers before the head)",
+               "BaseValidator.__call__, ultralytics.nn.tasks predict", checks.check_val_loop_alone),
     Assumption("assigner_oom_warning", "TaskAlignedAssigner catches a CUDA OOM, logs 'CUDA out of memory in "
                "TaskAlignedAssigner with batch_size=B and max_num_obj=N' on Ultralytics' logger and assigns one image "
                "at a time (callbacks.AssignerNearMiss records it)", "ultralytics.utils.tal.TaskAlignedAssigner.forward",
@@ -74,6 +75,10 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("callback_ranks", "train epoch/batch callbacks, on_fit_epoch_end, on_val_start and on_val_batch_start "
                "run on every rank, on_val_end on rank 0 only; every rank has a validator",
                "BaseTrainer._do_train/_setup_train, BaseValidator.__call__", checks.check_callback_ranks),
+    Assumption("heartbeat_points", "every rank runs on_pretrain_routine_end, on_train_batch_end after each step and "
+               "on_val_batch_end after each validation batch; after on_fit_epoch_end every rank meets rank 0 in the "
+               "broadcast of its stop flag (the heartbeat's sync state)", "BaseTrainer._do_train/_setup_train, "
+               "BaseValidator.__call__", checks.check_heartbeat_points),
     Assumption("resume_accepts_batch", "resume accepts a new batch/device/workers/plots and starts at the "
                "checkpoint's epoch + 1", "BaseTrainer.check_resume/resume_training", checks.check_resume_batch),
     Assumption("accumulate_formula", "accumulate = max(round(nbs / total batch), 1), capped at len(train_loader) * "

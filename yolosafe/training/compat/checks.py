@@ -64,26 +64,37 @@ def check_callback_order() -> None:
     in_order(base_trainer().final_eval, "self.validator(model=model)", 'self.run_callbacks("on_fit_epoch_end")')
 
 
-def check_val_loop_alone() -> None:
-    """The validation loop runs between init_metrics and gather_stats with no collective (valretry's retry point),
-    and the val loader is rebuilt through the task trainer's get_dataloader, whose only barrier is the cache one."""
+def check_heartbeat_points() -> None:
     from ultralytics.engine.validator import BaseValidator
-    from ultralytics.models.yolo.detect import DetectionTrainer
 
-    from yolosafe.training import valretry
+    in_order(base_trainer()._setup_train, 'self.run_callbacks("on_pretrain_routine_end")')
+    in_order(base_trainer()._do_train, "self.optimizer_step()", 'self.run_callbacks("on_train_batch_end")',
+              'self.run_callbacks("on_fit_epoch_end")', "dist.broadcast_object_list(broadcast_list, 0)")
+    in_order(BaseValidator.__call__, 'self.run_callbacks("on_val_batch_start")',
+             'self.run_callbacks("on_val_batch_end")')
+
+
+def check_val_loop_alone() -> None:
+    """The validation loop runs between init_metrics and gather_stats with no collective (valretry's retry point);
+    in it the network's forward pass (``preds = model(``, which the retry splits) comes before the loss, the
+    postprocess and the metrics, which read the whole batch's preds; every network's predict returns its head's
+    (``model[-1]``) output."""
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.nn import tasks
 
     in_order(BaseValidator.__call__, 'self.loss = {k: torch.zeros_like(v)', "self.init_metrics(",
-              "for batch_i, batch in enumerate(bar):", 'self.run_callbacks("on_val_batch_end")', "self.gather_stats()")
+             "for batch_i, batch in enumerate(bar):", 'self.run_callbacks("on_val_batch_end")', "self.gather_stats()")
     text = collapsed_source(BaseValidator.__call__)
     loop = text[text.find("self.init_metrics("):text.find("self.gather_stats()")]
     require("dist." not in loop, "a collective inside the validation loop")
+    in_order(BaseValidator.__call__, "self.init_metrics(", 'preds = model(batch["img"]', "model.loss(batch, preds)",
+             "preds = self.postprocess(preds)", "self.update_metrics(preds, batch)", "self.gather_stats()")
     import sys
 
     require(hasattr(sys.modules[BaseValidator.__module__], "torch_distributed_zero_first"), "no barrier to lift")
-    module = valretry.loader_module(DetectionTrainer)
-    require(hasattr(module, "torch_distributed_zero_first"), f"{module.__name__}: no torch_distributed_zero_first")
-    in_order(DetectionTrainer.get_dataloader, "with torch_distributed_zero_first(rank):", "self.build_dataset(",
-              "return build_dataloader(", "rank=rank")
+    for cls in (tasks.BaseModel, tasks.RTDETRDetectionModel, tasks.WorldModel, tasks.YOLOEModel):
+        source = collapsed_source(cls.predict if cls is not tasks.BaseModel else cls._predict_once)
+        require(source.rstrip().endswith("return x"), f"{cls.__name__}: predict does not end with the head's output")
 
 
 def check_assigner_warning() -> None:

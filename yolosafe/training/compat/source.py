@@ -7,8 +7,10 @@ import ast
 import inspect
 from typing import Any
 
+from yolosafe.errors import YolosafeError
 
-class CompatError(AssertionError):
+
+class CompatError(YolosafeError, AssertionError):
     """An assumption about Ultralytics does not hold; ``str()`` names it."""
 
 

@@ -10,11 +10,22 @@ and is put in front of yolosafe's trainer only in such ranks (:func:`on_cpu`). T
 2. ``_setup_ddp``: Ultralytics pins a CUDA device and picks nccl; here the CPU device and gloo.
 3. ``DistributedDataParallel(device_ids=[self.device.index])`` gets ``[None]`` on the CPU, which DDP rejects.
 4. The final validation asks ``torch.cuda`` for a rank's device and builds AutoBackend there; here the CPU.
+
+With a layout's ``"collectives": "blocking"`` one more change, inside yolosafe's failure record
+(:class:`BlockingCollectives`): NCCL's semantics instead of gloo's. Ultralytics sets ``TORCH_NCCL_BLOCKING_WAIT=1``
+(no watchdog thread) and a 3-hour timeout, so under NCCL the peers of a failed rank never learn of its death: they
+wait in their collective until torchrun, seeing the failed rank, SIGTERMs them (torch's ``PContext.close``). Gloo's
+peers instead fail at once ("Connection closed by peer") and write failure records of their own. A blocking rank
+whose collective fails that way waits instead, writing nothing, until it is torn down as a NCCL rank would be.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -23,6 +34,35 @@ if TYPE_CHECKING:
     from yolosafe.training.context import RunContext
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# gloo's error in a collective whose peer is gone (its tcp transport, pair.cc): "Connection closed by peer ...",
+# "Connection reset by peer"; what NCCL under blocking wait never raises (it waits for its timeout).
+PEER_LOST = re.compile(r"Connection (?:closed|reset) by peer|gloo/transport/tcp")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is gloo's failed collective after a peer died (a rank of its own, not this rank's fault)."""
+    return isinstance(exc, RuntimeError) and PEER_LOST.search(str(exc)) is not None
+
+
+class BlockingCollectives:
+    """``_do_train``, inside yolosafe's failure record: a collective that failed because a peer died waits, as under
+    NCCL with blocking wait, until torchrun's teardown signal ends the process (the default action: no record)."""
+
+    def _do_train(self) -> None:
+        try:
+            super()._do_train()  # type: ignore[misc]
+        except RuntimeError as exc:
+            if not peer_lost(exc):
+                raise
+            print(f"yolosafe (fake GPUs, blocking collectives): pid {os.getpid()} waits in its collective, as under "
+                  "NCCL, until torchrun stops it", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
+
+
+def blocking(base: type) -> type:
+    """``base`` with :class:`BlockingCollectives` in front of it."""
+    return type(f"Blocking{base.__name__}", (BlockingCollectives, base), {})
 
 
 def _cpu_ddp() -> type:

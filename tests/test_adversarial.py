@@ -1,0 +1,229 @@
+"""What a hostile user and a hostile machine try: a closed terminal, a stop before the run exists, files that block
+or never end, YAML that explodes, values that pass the first checks and fail late. Each ends in one line and its
+exit status: 130 for a stop (the run resumable), 2 for bad input, 1 for an output that cannot be written."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import termios
+import threading
+import time
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests import drills
+from tests.conftest import TINY, YOLOSAFE, alive, cli_env, run_dir_of, story, wait_gone, wait_until
+from yolosafe.planning import bounded
+
+FAST = [*TINY, "--imgsz", "32"]
+LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10))
+LAUGHS = "l0: &l0 lol\n" + LAUGHS
+
+
+def one_line_refusal(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("yolosafe: error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# --- bounded reading -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["--config", "--data", "--datasets"])
+def test_a_fifo_is_refused_without_blocking(run_cli, tmp_path, what):
+    os.mkfifo(tmp_path / "f.yaml")
+    result = run_cli("train", what, "f.yaml", "--dry-run", timeout=60)
+    one_line_refusal(result, "f.yaml", "FIFO")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_device_and_an_oversized_file_are_refused(run_cli, tmp_path):
+    one_line_refusal(run_cli("train", "--config", "/dev/zero", "--dry-run", timeout=60), "character device")
+    with open(tmp_path / "big.yaml", "wb") as fh:
+        fh.truncate(bounded.FILE_MAX + 1)  # sparse: no disk used
+    one_line_refusal(run_cli("train", "--config", "big.yaml", "--dry-run", timeout=60), "bytes, more than")
+
+
+@pytest.mark.parametrize("where", ["config", "registry", "data"])
+@pytest.mark.parametrize("doc", ["laughs", "cycle"])
+def test_exploding_and_cyclic_yaml_is_refused_at_once(run_cli, tmp_path, where, doc):
+    text = LAUGHS if doc == "laughs" else "classes: &a [*a]\n"
+    if where == "registry":
+        text = "datasets:\n  x:\n    path: x.yaml\n" + text.replace("classes:", "more:")
+    if where == "data":
+        text = "train: images\nval: images\nnames: [a]\n" + text.replace("classes:", "more:")
+    (tmp_path / "d.yaml").write_text(text)
+    args = {"config": ["--config", "d.yaml"], "registry": ["--datasets", "d.yaml", "--data", "x"],
+            "data": ["--data", "d.yaml"]}[where]
+    started = time.monotonic()
+    result = run_cli("train", *args, "--dry-run", timeout=60)
+    one_line_refusal(result, "d.yaml", "billion laughs" if doc == "laughs" else "a cycle")
+    assert time.monotonic() - started < 30  # not the 44-65 s of expanding it
+
+
+def test_a_dataset_under_proc_is_refused_before_listing(run_cli, tmp_path):
+    (tmp_path / "d.yaml").write_text("path: /\ntrain: proc\nval: proc\nnames: [a]\n")
+    one_line_refusal(run_cli("train", "--data", "d.yaml", "--dry-run", timeout=60), "/proc", "kernel")
+
+
+def test_a_registry_path_that_is_not_text_is_refused(run_cli, tmp_path):
+    (tmp_path / "datasets.yaml").write_text("datasets:\n  five:\n    path: 5\n")
+    one_line_refusal(run_cli("train", "--data", "five", "--dry-run", timeout=60), "five", "not a path")
+
+
+def test_a_huge_value_makes_a_readable_line(run_cli, tmp_path):
+    (tmp_path / "c.yaml").write_text(f"name: {'x' * 20_000_000}\n")
+    line = one_line_refusal(run_cli("train", "--config", "c.yaml", "--dry-run", timeout=120))
+    assert len(line) <= 600
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+                    max_leaves=30))
+def test_the_bounded_loader_reads_what_yaml_reads(document):
+    """Delegation pinned: on documents within the bounds the bounded loader is PyYAML's safe loader."""
+    text = yaml.safe_dump(document)
+    assert bounded.load_yaml(text) == yaml.safe_load(text)
+    anchored = f"a: &x {json.dumps(document)}\nb: *x\nc: *x\n"
+    assert bounded.load_yaml(anchored) == yaml.safe_load(anchored)
+
+
+# --- numbers and names that passed the first checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "env", "needle"), [
+    (["--imgsz", str(10**30)], {}, "at most 16384"),
+    (["--min-batch", "64", "--batch", "8"], {}, "more than the per-GPU batch 8"),
+    (["--gpus", "\u00b2"], {"YOLOSAFE_FAKE_GPUS": "4x16GB"}, "is not a GPU id"),
+    (["--gpus", "\u0661"], {"YOLOSAFE_FAKE_GPUS": "4x16GB"}, "is not a GPU id"),  # Arabic-Indic one: isdecimal
+    (["--gpus", "all"], {"YOLOSAFE_FAKE_GPUS": "4x16GB", "CUDA_VISIBLE_DEVICES": "1,1"}, "names 1 twice"),
+])
+def test_values_out_of_range_are_refused_before_a_run_exists(run_cli, tmp_path, args, env, needle):
+    one_line_refusal(run_cli("train", "--data", "shapes", *args, "--dry-run", env=env, timeout=120), needle)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("config", ["bad.yaml", "/dev/zero", "fifo.yaml", "folder.yaml"])
+def test_fix_refuses_a_config_it_cannot_read_in_one_line(run_cli, tmp_path, config):
+    (tmp_path / "bad.yaml").write_bytes(b"batch: \xff\xfe\n")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "folder.yaml").mkdir()
+    result = run_cli("fix", "--config", config, "--yes", timeout=60)
+    one_line_refusal(result, config)
+    assert result.stdout == ""
+
+
+# --- the process's surroundings --------------------------------------------------------------------------------------
+
+
+def test_a_deleted_working_directory_and_a_full_stdout(tmp_path, shared_cache):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f"import os, sys; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); os.execv({YOLOSAFE!r}, " \
+             "[sys.argv[1], 'report'])"
+    result = subprocess.run([os.sys.executable, "-c", script, YOLOSAFE], capture_output=True, text=True,
+                            env=cli_env(shared_cache), timeout=60)
+    one_line_refusal(result, "working directory is gone")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([YOLOSAFE, "gpus", "--json"], stdout=full, stderr=subprocess.PIPE, text=True,
+                                env=cli_env(shared_cache), timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert [ln for ln in result.stderr.splitlines() if ln] == ["yolosafe: No space left on device"]
+
+
+# --- stops -----------------------------------------------------------------------------------------------------------
+
+
+def _check_child(pid: int) -> int | None:
+    import psutil
+
+    try:
+        return next((c.pid for c in psutil.Process(pid).children() if "inputcheck" in " ".join(c.cmdline())), None)
+    except psutil.Error:
+        return None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_during_the_input_check_ends_its_child_in_one_line(tmp_path, shared_cache, signum):
+    """Started as a script's ``cmd &`` starts it (SIGINT ignored): the stop still lands, in one line, exit 130."""
+    # A verdict cache of its own: the check's child must run (a kept verdict answers without one).
+    proc = drills.start(tmp_path, shared_cache, "train", *FAST, env={"YOLOSAFE_CACHE": str(tmp_path / "cache")},
+                        ignore_sigint=True)
+    found: list[int] = []
+    wait_until(lambda: bool(found.append(_check_child(proc.pid)) or found[-1]), proc, "the input check", 120)
+    proc.send_signal(signum)
+    code, err = drills.finish(proc)
+    assert code == 130, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == \
+        [f"yolosafe: stopped by {signal.Signals(signum).name} before the run started; nothing was trained"]
+    assert not wait_gone({found[-1]}, 30)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_the_run_and_it_resumes(tmp_path, shared_cache):
+    """A real pty hang-up: the supervisor is the session leader of a terminal whose master side closes mid-epoch.
+    Every rank stops, the story says ``interrupted``, exit 130; the resume completes each epoch once."""
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([YOLOSAFE, "train", "--epochs", "2", *FAST], cwd=tmp_path, env=cli_env(shared_cache),
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                            preexec_fn=controlling_terminal)
+    os.close(slave)
+    hang_up = threading.Event()
+    drained = threading.Thread(target=_drain, args=(master, hang_up), daemon=True)
+    drained.start()
+    run = run_dir_of(tmp_path)
+    wait_until(lambda: any(e.get("event") == "train_start" for e in drills.events(run)), proc, "epoch 1", 240)
+    tree = {e["pid"] for e in drills.events(run) if "pid" in e}
+    hang_up.set()
+    drained.join(10)
+    os.close(master)  # the terminal is gone: the kernel sends SIGHUP to its session leader
+    assert proc.wait(timeout=120) == 130
+    assert story(run)["outcome"] == "interrupted"
+    assert story(run)["attempts"][-1]["outcome"] == "interrupted"
+    assert not wait_gone(tree, 30) and not alive({proc.pid})
+    auto = subprocess.run([YOLOSAFE, "train", "--resume", str(run), "--batch", "auto", "--dry-run"], cwd=tmp_path,
+                          env=cli_env(shared_cache), capture_output=True, text=True, timeout=120)
+    one_line_refusal(auto, "--batch auto", "give a number")
+    resumed = subprocess.run([YOLOSAFE, "train", "--resume", str(run)], cwd=tmp_path, env=cli_env(shared_cache),
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = (run / "results.csv").read_text().splitlines()[1:]
+    assert [int(float(r.split(",")[0])) for r in rows] == [1, 2]
+    (run / "memory.csv").write_bytes(bytes(range(256)) * 64)  # a binary memory.csv: one line, no traceback
+    report = subprocess.run([YOLOSAFE, "report", str(run)], cwd=tmp_path, env=cli_env(shared_cache),
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr
+    assert "memory.csv is not the memory watch's table" in report.stderr
+
+
+def _drain(fd: int, done: threading.Event) -> None:
+    """Read the terminal's output (a full pty would block the run) until ``done``; never blocked when it is set (a
+    blocked read would keep the terminal open after its close)."""
+    import select
+
+    while not done.is_set():
+        try:
+            if select.select([fd], [], [], 0.1)[0] and not os.read(fd, 65536):
+                return
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EBADF):
+                return
+            raise
