@@ -127,7 +127,11 @@ def parse(words: Sequence[str], defaults: Mapping[str, Any]) -> tuple[dict[str, 
     default config), deprecated keys mapped; and the notes Ultralytics would warn. ``cfg=`` stays a key."""
     overrides: dict[str, Any] = {}
     notes: list[str] = []
-    for a in merge_equals_args(list(words)):
+    try:
+        merged = merge_equals_args(list(words))
+    except IndexError:  # ['a=[1,', '=']: Ultralytics' own loop fails the same way
+        raise WordError(f"{' '.join(words)!r}: a lone '=' with no argument before it") from None
+    for a in merged:
         if a.startswith("--"):
             notes.append(f"argument '{a}' does not require leading dashes '--', updating to '{a[2:]}'")
             a = a[2:]
@@ -145,6 +149,8 @@ def parse(words: Sequence[str], defaults: Mapping[str, Any]) -> tuple[dict[str, 
             raise WordError(f"'{a}' is a yolo command of its own: run 'yolosafe {a}' alone")
         elif (a in defaults and isinstance(defaults[a], bool)) or a in BARE_TRUE:
             overrides[a] = True
+        elif a in DEPRECATED or a in REMOVED:  # entrypoint checks the bare word alone and keeps nothing of it
+            notes.append(f"'{a}' alone is deprecated and sets nothing; ignored")
         elif a in defaults:
             raise WordError(f"'{a}' is a valid YOLO argument but is missing an '=' sign to set its value, "
                             f"i.e. try '{a}={defaults[a]}'")
