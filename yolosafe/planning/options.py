@@ -170,7 +170,7 @@ def _yolo_value(key: str, value: Any) -> dict[str, Any]:
                              "Ultralytics' own")
         return {}
     if key == "exist_ok":
-        return {}  # yolosafe never writes into an earlier run: the next free name (train2, ...), as exist_ok=False
+        return {"exist_ok": value}  # yolosafe never writes into an earlier run: the next free name (train2, ...)
     if key in {"model", "data", "project", "name", "task"}:
         return {option: None if value is None else str(value)}
     return {option: value}
@@ -218,6 +218,9 @@ def yolo_style(given: Mapping[str, Any]) -> dict[str, Any]:
             flag = "--" + option.replace("_dir", "").replace("_", "-")
             raise InputError(f"{flag} {given[option]} and {origin[option]} disagree: give one of them")
     options.update(mapped)
+    if options.pop("exist_ok", None) is True:  # said in one line when the run starts (TrainOptions.differences)
+        options["differences"] = ("exist_ok=True: yolosafe never writes into an earlier run; this run gets the next "
+                                  "free name",)
     if "args" in given:
         options["args"] = [yolowords.word(k, v) for k, v in rest.items()]
     return options
