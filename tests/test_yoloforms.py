@@ -16,7 +16,8 @@ import pytest
 
 from tests import tinysets
 from tests.conftest import YOLOSAFE, cli_env
-from tests.test_cli import assert_usage_error
+from tests.test_cli import FOUR, assert_usage_error
+from tests.test_misuse import fake_run
 from tests.test_yolowords import entrypoint_reads
 
 YOLO = str(Path(YOLOSAFE).with_name("yolo"))
@@ -41,7 +42,7 @@ FORMS = [  # the words after 'yolosafe', as yolo's docs and tests write them
     "detect train model=yolov8n.yaml data={data} imgsz=32 epochs=1",
     "train detect model=yolov8n.yaml data={data} imgsz=32 epochs=1",
     "train model=yolov8n.yaml data={data} imgsz= 32 epochs =1, cache = disk rect cos_lr",
-    "train model=yolov8n.yaml data={data} imgsz=32 lr0=1e-3 classes=0,1 val=off",
+    "train model=yolov8n.yaml data={data} imgsz=32 lr0=1e-3 classes=0,1",
     "train model=yolov8n.yaml data={data} imgsz=32 boxes=False hide_labels=True label_smoothing=0.1",
     "model=yolov8n.yaml data={data} imgsz=32 mode=train",
     "train model=yolov8n.yaml data={data} imgsz=32 --epochs=1 plots=False",
@@ -95,11 +96,23 @@ def test_differences_from_yolo_are_said(run_cli, data):
     (["model=runs/detect/none/weights/last.pt", "resume=True"], "not a yolosafe run directory"),
     (["resume=runs/detect/none/weights/last.pt"], "not a yolosafe run directory"),
     (["cfg=missing.yaml"], "cfg="),
+    (["val=off"], "must be a bool"),  # yolo train refuses it too (check_cfg)
 ])
 def test_refused_yolo_words_are_one_line(run_cli, data, words, said):
-    result = run_cli("train", f"data={data}", *words, "--dry-run")
+    given = [] if any(w.startswith("resume=") for w in words) else [f"data={data}"]  # a resume keeps its data
+    result = run_cli("train", *given, *words, "--dry-run")
     assert_usage_error(result, said)
     assert result.stderr.count("yolosafe:") == 1
+
+
+@pytest.mark.parametrize("words", [["resume={run}"], ["resume={run}/weights/last.pt"],
+                                   ["model={run}/weights/last.pt", "resume=True"], ["model={run}/weights/last.pt",
+                                                                                    "resume"]])
+def test_every_resume_form_resumes_the_run(run_cli, tmp_path, words):
+    run = fake_run(tmp_path)
+    result = run_cli("train", *(w.format(run=run) for w in words), "--dry-run", env=FOUR)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert f"resumed from {run / 'weights' / 'last.pt'}" in result.stdout and "spec-2.json" in result.stdout
 
 
 def test_copy_cfg_then_cfg_trains_with_its_keys(run_cli, tmp_path, data):
