@@ -21,7 +21,7 @@ from yolosafe.api import trainrun
 from yolosafe.api.result import Plan, Run
 from yolosafe.errors import OutOfMemoryRetriesExhausted, TrainingFailed, TrainingInterrupted, UsageError, YolosafeError
 from yolosafe.exits import Exit
-from yolosafe.planning import options, validate, yolowords
+from yolosafe.planning import options, usercode, validate, yolowords
 from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import planner
 from yolosafe.planning.trainoptions import TrainOptions
@@ -130,6 +130,7 @@ def given_of(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     the node options, and the rest as Ultralytics ``key=value`` words (in ``given["args"]``)."""
     values = {k: v for k, v in kwargs.items() if v is not None and k != "dry_run"}
     node_params = {k: values.pop(k) for k in multicli.NODE_KEYS if k in values}
+    user_code = usercode.refs(values.pop("callbacks", None), values.pop("trainer", None))  # for every rank
     given: dict[str, Any] = {FILE_KEYS.get(k, k): values.pop(k) for k in [*OPTION_KEYS, *FILE_KEYS] if k in values}
     if "device" in values:
         _merge_device(given, values.pop("device"))
@@ -144,6 +145,8 @@ def given_of(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
              for key, value in values.items()]
     if words:
         given["args"] = words
+    if user_code:
+        given["user_code"] = user_code
     return given, node_params
 
 

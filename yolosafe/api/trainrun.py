@@ -60,7 +60,8 @@ def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: st
     except datasets.DatasetError as exc:
         raise InputError(str(exc)) from None
     differences = list(given.get("differences", ()))  # options.yolo_style's
-    given = {k: v for k, v in given.items() if k != "differences"}
+    user_code = given.get("user_code")  # the user's callbacks and trainer (planning.usercode)
+    given = {k: v for k, v in given.items() if k not in ("differences", "user_code")}
     resolved = options.resolve(given, config, dataset.defaults)
     if not resolved["model"]:
         resolved["model"] = options.default_model_of(resolved.get("task"))
@@ -68,7 +69,7 @@ def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: st
                            "pretrained default, which needs a download; give model=... to choose)")
     named = "name" in given or "name" in config  # a run the user named: a live one of that name is a mistake
     resolved.update(data_yaml=str(dataset.yaml_path), dataset_name=dataset.name, named=named, data_hint=dataset.hint,
-                    differences=tuple(differences))
+                    differences=tuple(differences), user_code=user_code)
     return TrainOptions.of(resolved)
 
 

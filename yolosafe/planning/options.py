@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from yolosafe.planning import datasets, inputs, trainplan, validate, yolowords
+from yolosafe.planning import datasets, inputs, trainplan, usercode, validate, yolowords
 from yolosafe.planning.validate import InputError
 
 DEFAULTS: Mapping[str, Any] = MappingProxyType({
@@ -213,6 +213,11 @@ def yolo_style(given: Mapping[str, Any]) -> dict[str, Any]:
         if fraction is not None:
             options.setdefault("memory_fraction", fraction)
     rest, mapped, origin = yolo_words(list(options.get("args") or []))
+    if "callbacks" in rest or "trainer" in rest:  # callbacks=module:function, trainer=module:Class
+        words = usercode.refs(rest.pop("callbacks", None), rest.pop("trainer", None)) or {}
+        api = options.get("user_code") or {"callbacks": [], "trainer": None}
+        options["user_code"] = {"callbacks": [*api["callbacks"], *words["callbacks"]],
+                                "trainer": words["trainer"] or api["trainer"]}
     for option, meant in mapped.items():
         if given.get(option) is not None and options[option] != meant:
             flag = "--" + option.replace("_dir", "").replace("_", "-")

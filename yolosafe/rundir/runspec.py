@@ -39,6 +39,7 @@ class RunSpec:
     train_kwargs: dict[str, Any] = field(default_factory=dict)  # model.train(**train_kwargs)
     val_oom: str = "in-place"  # a validation OOM: recovered in place by the rank (yolosafe.training.valretry), or
                                # "relaunch": the attempt ends and every rank is relaunched
+    user_code: dict[str, Any] | None = None  # the user's callbacks and trainer, by name or pickled by value
 
     @property
     def run(self) -> RunDir:
