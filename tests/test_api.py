@@ -68,7 +68,7 @@ def test_keywords_become_the_command_lines_options():
                                    "effective_batch": 128, "lr0": 0.01, "optimizer": "SGD", "cos_lr": True,
                                    "config": "c.yaml", "nnodes": 1})
     assert given == {"model": "m.yaml", "gpus": "0,1,2,3", "batch": 64, "epochs": 3, "effective_batch": 128,
-                     "config_file": "c.yaml", "args": ["lr0=0.01", 'optimizer="SGD"', "cos_lr=true"]}
+                     "config_file": "c.yaml", "args": ["lr0=0.01", "optimizer=SGD", "cos_lr=True"]}
     assert where == {"nnodes": 1}
     assert trainplan.parse_passthrough(given["args"]) == {"lr0": 0.01, "optimizer": "SGD", "cos_lr": True}
     assert calls.given_of({"device": -1, "batch": -1})[0] == {"gpus": "auto", "batch": "auto"}

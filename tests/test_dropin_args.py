@@ -25,7 +25,9 @@ from yolosafe.planning.validate import InputError
     (["resume=runs/detect/train3/weights/last.pt"], {"resume_dir": "runs/detect/train3"}),
     (["resume=runs/detect/train3"], {"resume_dir": "runs/detect/train3"}),
     (["project=p", "name=exp"], {"project": "p", "name": "exp"}),
-    (["task=segment", "mode=train", "exist_ok=True"], {"task": "segment"}),
+    (["task=segment", "mode=train", "exist_ok=True"],
+     {"task": "segment", "differences": ("exist_ok=True: yolosafe never writes into an earlier run; this run gets the "
+                                         "next free name",)}),
 ])
 def test_yolo_keys_mean_the_yolosafe_options(words, expected):
     mapped = options.yolo_style({"args": (*words, "lr0=0.02")})

@@ -15,7 +15,8 @@ from yolosafe.planning.trainoptions import DERIVED, TrainOptions, field_names
 from yolosafe.planning.validate import InputError
 from yolosafe.rundir.records import Story
 
-RESOLVED = ("data_yaml", "dataset_name", "data_hint", "named", "nnodes", "train_images", "dataset_figures", "command")
+RESOLVED = ("data_yaml", "dataset_name", "data_hint", "named", "differences", "user_code",
+            "nnodes", "train_images", "dataset_figures", "command")
 STORY_KEYS = {"command", "dataset", "max_retries", "min_batch", "watch_interval", "warn_at", "clear_before_val",
               "hang_timeout", "max_hang_restarts", "save_every"}
 VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

@@ -99,7 +99,7 @@ def test_passthrough_checked_against_ultralytics_config():
         check_passthrough({"epoch": 3})
     with pytest.raises(PlanError, match="use --batch"):
         check_passthrough({"batch": 8})
-    with pytest.raises(PlanError, match="key=value"):
+    with pytest.raises(PlanError, match="missing an '=' sign"):  # Ultralytics' own words for it
         parse_passthrough(["lr0"])
 
 

@@ -34,8 +34,7 @@ LAUNCHER_OUTPUT = (
     b"yolosafe: rank launcher stopped by SIGINT\n"
 )
 SHOWN = (
-    b"Ultralytics 8.4.190 CPU\n"
-    b"[W1201 reducer.cpp:1529] Warning: find_unused_parameters=True\n"
+    b"Ultralytics 8.4.190 CPU\n"  # the DDP warning about find_unused_parameters: train.log only
     b"\r\x1b[K  1/2  0G  1.8: 0% 0/4\r\x1b[K  1/2  0G  1.1: 25% 1/4"
     b"\r\x1b[K  1/2  0G  0.7: 50% 2/4 \xe2\x94\x81\xe2\x94\x81\n"
     b"yolosafe: rank launcher stopped by SIGINT\n"
@@ -79,3 +78,18 @@ def test_the_launchers_tee_keeps_redraws_and_names_every_piece(tmp_path):
     shown = io.BytesIO()
     RankStream(shown).write(dst.getvalue().encode())
     assert shown.getvalue() == b"bar 10%\rbar 20%\rbar 30%\n"
+
+
+def test_ddp_warnings_and_torchrun_shutdown_lines_go_to_the_log_only():
+    out = io.BytesIO()
+    stream = TracebackFilter(out)
+    for piece in (b"[W1201 reducer.cpp:1529] Warning: find_unused_parameters=True was specified in DDP constructor, "
+                  b"but did not find any unused parameters in the forward pass. (function operator())\n",
+                  b"  return Variable._execution_engine.run_backward(  # Calls into the C++ engine\n",
+                  b"Epoch 1/2\n", b"\r  1/2  0G  0.7: 75% 3/4",
+                  b"W1201 19:51:02.000000 11480 torch/distributed/elastic/agent/server/api.py:753] Received 2 death "
+                  b"signal, shutting down workers\n",
+                  b"W1201 19:51:02.100000 11480 torch/distributed/elastic/multiprocessing/api.py:1029] Sending "
+                  b"process 4242 closing signal SIGTERM\n", b"done\n"):
+        stream.write(piece)
+    assert out.getvalue() == b"Epoch 1/2\n\r  1/2  0G  0.7: 75% 3/4\ndone\n"

@@ -11,7 +11,6 @@ raises a :class:`yolosafe.errors.TrainingError` carrying its :class:`~yolosafe.a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from yolosafe.api import trainrun
 from yolosafe.api.result import Plan, Run
 from yolosafe.errors import OutOfMemoryRetriesExhausted, TrainingFailed, TrainingInterrupted, UsageError, YolosafeError
 from yolosafe.exits import Exit
-from yolosafe.planning import options, validate
+from yolosafe.planning import options, usercode, validate, yolowords
 from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import planner
 from yolosafe.planning.trainoptions import TrainOptions
@@ -133,6 +132,7 @@ def given_of(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     the node options, and the rest as Ultralytics ``key=value`` words (in ``given["args"]``)."""
     values = {k: v for k, v in kwargs.items() if v is not None and k != "dry_run"}
     node_params = {k: values.pop(k) for k in multicli.NODE_KEYS if k in values}
+    user_code = usercode.refs(values.pop("callbacks", None), values.pop("trainer", None))  # for every rank
     given: dict[str, Any] = {FILE_KEYS.get(k, k): values.pop(k) for k in [*OPTION_KEYS, *FILE_KEYS] if k in values}
     if "device" in values:
         _merge_device(given, values.pop("device"))
@@ -143,15 +143,13 @@ def given_of(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     for key in PATH_KEYS:
         if isinstance(given.get(key), os.PathLike):
             given[key] = os.fspath(given[key])
-    words = [f"{key}={_word(value)}" for key, value in values.items()]
+    words = [yolowords.word(key, os.fspath(value) if isinstance(value, os.PathLike) else value)
+             for key, value in values.items()]
     if words:
         given["args"] = words
+    if user_code:
+        given["user_code"] = user_code
     return given, node_params
-
-
-def _word(value: Any) -> str:
-    """An Ultralytics argument's value as a ``key=value`` word that reads back as the same value."""
-    return json.dumps(os.fspath(value) if isinstance(value, os.PathLike) else value)
 
 
 def _gpu_words(value: Any, name: str) -> str:

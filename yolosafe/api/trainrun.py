@@ -58,10 +58,17 @@ def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: st
                                    datasets.registry_path(datasets_file))
     except datasets.DatasetError as exc:
         raise InputError(str(exc)) from None
+    differences = list(given.get("differences", ()))  # options.yolo_style's
+    user_code = given.get("user_code")  # the user's callbacks and trainer (planning.usercode)
+    given = {k: v for k, v in given.items() if k not in ("differences", "user_code")}
     resolved = options.resolve(given, config, dataset.defaults)
-    resolved["model"] = resolved["model"] or options.default_model()
+    if not resolved["model"]:
+        resolved["model"] = options.default_model_of(resolved.get("task"))
+        differences.append(f"no model given: yolosafe trains {resolved['model']} from scratch (yolo loads its "
+                           "pretrained default, which needs a download; give model=... to choose)")
     named = "name" in given or "name" in config  # a run the user named: a live one of that name is a mistake
-    resolved.update(data_yaml=str(dataset.yaml_path), dataset_name=dataset.name, named=named, data_hint=dataset.hint)
+    resolved.update(data_yaml=str(dataset.yaml_path), dataset_name=dataset.name, named=named, data_hint=dataset.hint,
+                    differences=tuple(differences), user_code=user_code)
     return TrainOptions.of(resolved)
 
 
@@ -153,7 +160,7 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     p = p if opts.train_images is None else dataclasses.replace(p, train_images=opts.train_images)
     simulated = inventory.backend == "fake" and bool(p.gpus)
     run = claim_run_dir(opts, where, p, dry_run)  # the last refusal: notes only after it (one-line refusals)
-    for note in [*(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
+    for note in [*opts.differences, *(auto or {}).get("reasons", []), *plan.plan_warnings(p)]:
         terminal.say(f"note: {note}")
     if dry_run:
         dryrun.print_dry_run(p, env, run, simulated, where=where)

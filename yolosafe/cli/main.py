@@ -21,7 +21,7 @@ from yolosafe.cli import planview
 from yolosafe.cli.params import BatchOrAuto, node_options
 from yolosafe.errors import TrainingError, UsageError, YolosafeError
 from yolosafe.exits import Exit
-from yolosafe.planning import datasets, inputs, options
+from yolosafe.planning import datasets, inputs, options, yolowords
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
 from yolosafe.rundir import files as rundir
@@ -213,10 +213,42 @@ def _num(value: float | None, suffix: str = "") -> str:
     return "?" if value is None else f"{value:.0f}{suffix}"
 
 
+ULTRALYTICS_ENTRY = "import sys; from ultralytics.cfg import entrypoint; sys.exit(entrypoint())"
+
+
+def route(argv: list[str]) -> list[str] | None:
+    """The command line as yolosafe runs it, or None when it is another ``yolo`` command (``val``, ``predict``,
+    ``export``, ``checks``, ``detect val``...), run by Ultralytics' own entry point. ``yolosafe TASK train ...`` and
+    ``yolosafe train TASK ...`` are trainings (the task word is read with the others)."""
+    if not argv:
+        return ["--help"]
+    first = argv[0]
+    if first in cli.commands or first.startswith("-"):
+        return argv
+    if first in yolowords.TASKS:
+        rest = argv[1:]
+        mode = next((w for w in rest if w in yolowords.MODES), None)
+        if mode == "train" or (mode is None and "mode=train" in rest):
+            return ["train", first, *[w for w in rest if w != "train"]]
+        return None
+    if "=" in first and ("train" in argv or "mode=train" in argv):  # yolo model=... mode=train
+        return ["train", *[w for w in argv if w != "train"]]
+    ultralytics = {*yolowords.MODES, *yolowords.SPECIAL, *(w.removesuffix("s") for w in yolowords.SPECIAL)}
+    return None if first.lower() in ultralytics or "=" in first else argv
+
+
+def run_ultralytics(argv: list[str]) -> None:
+    """Ultralytics' own ``yolo`` in this process's place: the same output and exit status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-c", ULTRALYTICS_ENTRY, *argv])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: the library's exceptions as one line and an exit status; click's own usage errors are reduced to
     one line, like ours; both exit with status 2. A stop (Ctrl-C, SIGTERM, a closed terminal's SIGHUP) before the
-    run's supervisor handles it ends the input check's child and exits 130 with one line."""
+    run's supervisor handles it ends the input check's child and exits 130 with one line. Other ``yolo`` commands are
+    Ultralytics' (:func:`route`)."""
     proc.handle_stops()  # first: from here on, no stop is ignored or silent
     try:
         _main(argv)
@@ -235,16 +267,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words = route(argv)
+    if words is None:
+        run_ultralytics(argv)
+    argv = words
     try:
         _check_cwd(argv)
         with cli.make_context("yolosafe", list(argv)) as ctx:  # not cli.main: a stop is ours to say, in one line
             cli.invoke(ctx)
     except UsageError as exc:
-        _say(f"yolosafe: error: {exc}")
+        _say(f"yolosafe: error: {_unprefixed(str(exc))}")
         sys.exit(Exit.USAGE)
     except YolosafeError as exc:
-        _say(f"yolosafe: {exc}")
+        _say(f"yolosafe: {_unprefixed(str(exc))}")
         sys.exit(Exit.FAILED)
     except click.UsageError as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
@@ -252,6 +288,13 @@ def _main(argv: list[str] | None) -> None:
         sys.exit(Exit.USAGE)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+
+
+def _unprefixed(text: str) -> str:
+    """One ``yolosafe:`` prefix: a message that carries its own loses it."""
+    while text.startswith(("yolosafe: error: ", "yolosafe: ")):
+        text = text.removeprefix("yolosafe: ").removeprefix("error: ")
+    return text
 
 
 def _say(line: str) -> None:

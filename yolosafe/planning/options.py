@@ -8,13 +8,12 @@ options are one :class:`yolosafe.planning.trainoptions.TrainOptions`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from yolosafe.planning import datasets, inputs, trainplan, validate
+from yolosafe.planning import datasets, inputs, trainplan, usercode, validate, yolowords
 from yolosafe.planning.validate import InputError
 
 DEFAULTS: Mapping[str, Any] = MappingProxyType({
@@ -72,7 +71,7 @@ def load_config(path: str | None) -> dict[str, Any]:
         gpu_list = config["gpus"] if isinstance(config["gpus"], (list, tuple)) else [config["gpus"]]
         config["gpus"] = ",".join(map(str, gpu_list))
     if isinstance(config.get("args"), dict):
-        config["args"] = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in config["args"].items()]
+        config["args"] = [yolowords.word(str(k), v) for k, v in config["args"].items()]
     return config
 
 
@@ -112,21 +111,50 @@ def yolo_batch(value: Any) -> tuple[Any, float | None]:
 
 
 def yolo_device(value: Any) -> str | None:
-    """``device=`` as ``yolo`` reads it, as ``--gpus``: ``0,1,2,3``, ``[0, 1]``, ``cpu``; ``-1`` is ``auto`` (the idle
-    GPUs), ``-1,-1`` two of them (``auto:2``)."""
+    """``device=`` as ``yolo`` reads it (``select_device``'s forms), as ``--gpus``: ``0,1,2,3``, ``[0, 1]``, ``(0,1)``,
+    ``cuda:0``, ``cpu``; ``-1`` is ``auto`` (the idle GPUs), ``-1,-1`` two of them (``auto:2``)."""
     if value is None or value == "":
         return None
-    words = [str(v).strip() for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
-    words = [w for w in (w.strip().strip("[]").strip() for w in words) if w]
+    if isinstance(value, (list, tuple)):
+        words = [str(v) for v in value]
+    else:
+        text = str(value).lower().replace("cuda:", "")
+        words = text.split(",")
+    words = [w for w in (w.strip().strip("[]()'\" ").strip() for w in words) if w]
     if words and all(w == "-1" for w in words):
         return "auto" if len(words) == 1 else f"auto:{len(words)}"
     return ",".join(words)
 
 
-def _read_cfg(path: Any) -> list[str]:
-    """``cfg=FILE.yaml``: its keys, as key=value words before the command line's (``yolo``'s own ``cfg=``)."""
+TASK_MODEL_SUFFIX = MappingProxyType({"segment": "-seg", "pose": "-pose", "obb": "-obb", "classify": "-cls"})
+
+
+def default_model_of(task: str | None) -> str:
+    """yolosafe's model when none is given: :func:`default_model`, of the task's kind (``yolov8n-seg.yaml``)."""
+    model = default_model()
+    suffix = TASK_MODEL_SUFFIX.get(task or "")
+    return model if suffix is None else model.replace("yolov8n", f"yolov8n{suffix}")
+
+
+def _read_cfg(path: Any) -> dict[str, Any]:
+    """``cfg=FILE.yaml`` (``yolo``'s own; ``yolo copy-cfg`` writes one): its keys under the command line's; keys left
+    at Ultralytics' default (a copied default config holds them all) are as if not given."""
     data = inputs.yaml_mapping(str(path), "cfg=", "Ultralytics argument names to values")
-    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in data.items() if k != "cfg"]
+    defaults = trainplan.ultralytics_defaults()
+    data, _ = yolowords.handle_deprecation({str(k): v for k, v in data.items() if k != "cfg"})
+    return {k: v for k, v in data.items() if k not in defaults or v != defaults[k]}
+
+
+def _resume_dir(value: Any, model: Any) -> str | None:
+    """``resume=RUN``, ``resume=RUN/weights/last.pt``, ``resume=True`` with ``model=RUN/weights/last.pt``: RUN."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        if model is None or Path(str(model)).suffix != ".pt":
+            raise InputError("resume=True: give the run's checkpoint, model=RUN/weights/last.pt (or resume=RUN_DIR)")
+        value = model
+    path = Path(str(value))
+    return str(path.parent.parent if path.suffix == ".pt" else path)  # RUN/weights/last.pt -> RUN
 
 
 def _yolo_value(key: str, value: Any) -> dict[str, Any]:
@@ -137,56 +165,68 @@ def _yolo_value(key: str, value: Any) -> dict[str, Any]:
     if key == "batch":
         batch, fraction = yolo_batch(value)
         return {option: batch, **({"memory_fraction": fraction} if fraction is not None else {})}
-    if key == "resume":
-        if value is False or value is None:
-            return {}
-        if value is True:
-            raise InputError("resume=True: give the run to continue, resume=RUN_DIR (or --resume RUN_DIR)")
-        path = Path(str(value))
-        return {option: str(path.parent.parent if path.suffix == ".pt" else path)}  # RUN/weights/last.pt -> RUN
     if key == "mode":
         if value != "train":
-            raise InputError(f"mode={value}: yolosafe train trains (mode=train)")
+            raise InputError(f"mode={value}: yolosafe train trains (mode=train); run 'yolosafe {value} ...' for "
+                             "Ultralytics' own")
         return {}
     if key == "exist_ok":
-        return {}  # yolosafe never writes into an earlier run: the next free name (train2, ...), as exist_ok=False
+        return {"exist_ok": value}  # yolosafe never writes into an earlier run: the next free name (train2, ...)
     if key in {"model", "data", "project", "name", "task"}:
         return {option: None if value is None else str(value)}
     return {option: value}
 
 
-def _expand_cfg(words: list[str]) -> list[str]:
-    for i, word in enumerate(words):
-        if word.partition("=")[0].strip() == "cfg":
-            return [*_read_cfg(trainplan.parse_passthrough([word])["cfg"]), *words[:i], *words[i + 1:]]
-    return words
+def yolo_words(words: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """The words of a ``yolo train`` command typed as Ultralytics types them: the Ultralytics arguments, the
+    yolosafe options the others mean, and the word each option came from."""
+    try:
+        typed, _ = trainplan.read_words(words)
+    except trainplan.PlanError as exc:
+        raise InputError(str(exc)) from None
+    if typed.get("cfg") is not None:
+        typed = {**_read_cfg(typed.pop("cfg")), **typed}
+    typed.pop("cfg", None)
+    resume_dir = _resume_dir(typed.pop("resume", None), typed.get("model"))
+    if resume_dir is not None and typed.get("model") is not None and Path(str(typed["model"])).suffix == ".pt" \
+            and Path(str(typed["model"])).resolve().parent.parent == Path(resume_dir).resolve():
+        typed.pop("model")  # the run's own checkpoint: the run resumes from it
+    rest, mapped, origin = {}, {}, {}
+    for key, value in typed.items():
+        if key not in YOLO_KEYS:
+            rest[key] = value
+            continue
+        for option, meant in _yolo_value(key, value).items():
+            mapped[option], origin[option] = meant, yolowords.word(key, value)
+    if resume_dir is not None:
+        mapped["resume_dir"], origin["resume_dir"] = resume_dir, f"resume={resume_dir}"
+    return rest, mapped, origin
 
 
 def yolo_style(given: Mapping[str, Any]) -> dict[str, Any]:
-    """The options ``given`` with ``yolo train``'s own ``key=value`` names (``model=``, ``data=``, ``device=``,
-    ``batch=``, ``epochs=``, ``nbs=``, ``resume=``, ``cfg=``...) turned into the yolosafe options they mean; the other
-    words stay Ultralytics arguments. A flag and its key with different values is refused."""
+    """The options ``given`` with ``yolo train``'s own words (``model=``, ``data=``, ``device=``, ``batch=``,
+    ``epochs=``, ``nbs=``, ``resume=``, ``cfg=``, the task word, bare flags...) turned into the yolosafe options they
+    mean; the other words stay Ultralytics arguments, as the ``key=value`` words that read back as Ultralytics typed
+    them. A flag and its key with different values is refused."""
     options = dict(given)
     if "batch" in options:
         options["batch"], fraction = yolo_batch(options["batch"])
         if fraction is not None:
             options.setdefault("memory_fraction", fraction)
-    rest, mapped, origin = [], {}, {}
-    try:
-        for word in _expand_cfg(list(options.get("args") or [])):
-            key = word.partition("=")[0].strip()
-            if key not in YOLO_KEYS:
-                rest.append(word)
-                continue
-            for option, meant in _yolo_value(key, trainplan.parse_passthrough([word])[key]).items():
-                mapped[option], origin[option] = meant, word
-    except trainplan.PlanError as exc:
-        raise InputError(str(exc)) from None
+    rest, mapped, origin = yolo_words(list(options.get("args") or []))
+    if "callbacks" in rest or "trainer" in rest:  # callbacks=module:function, trainer=module:Class
+        words = usercode.refs(rest.pop("callbacks", None), rest.pop("trainer", None)) or {}
+        api = options.get("user_code") or {"callbacks": [], "trainer": None}
+        options["user_code"] = {"callbacks": [*api["callbacks"], *words["callbacks"]],
+                                "trainer": words["trainer"] or api["trainer"]}
     for option, meant in mapped.items():
         if given.get(option) is not None and options[option] != meant:
             flag = "--" + option.replace("_dir", "").replace("_", "-")
             raise InputError(f"{flag} {given[option]} and {origin[option]} disagree: give one of them")
     options.update(mapped)
+    if options.pop("exist_ok", None) is True:  # said in one line when the run starts (TrainOptions.differences)
+        options["differences"] = ("exist_ok=True: yolosafe never writes into an earlier run; this run gets the next "
+                                  "free name",)
     if "args" in given:
-        options["args"] = rest
+        options["args"] = [yolowords.word(k, v) for k, v in rest.items()]
     return options

@@ -58,7 +58,7 @@ class Resume:
 
 def refused(given: dict[str, Any]) -> None:
     """Options that a resume cannot honour: one line naming them."""
-    names = [flag for key, flag in REFUSED.items() if given.get(key) not in (None, ())]
+    names = [flag for key, flag in REFUSED.items() if given.get(key) not in (None, (), [])]
     if names:
         raise validate.InputError(f"--resume continues the same training and cannot change {', '.join(names)}; "
                                   "start a new run for that (those it can change: --gpus, --batch, --effective-batch, "

@@ -59,6 +59,8 @@ class TrainOptions:
     dataset_name: str | None = None  # the dataset's name in the registry (or the YAML's)
     data_hint: str | None = None  # what to say when Ultralytics cannot read the dataset
     named: bool = False  # the user named the run (flag or config): a live run of that name is refused
+    differences: tuple[str, ...] = ()  # where yolosafe does what yolo would not (exist_ok, its default model): said
+    user_code: dict[str, Any] | None = None  # the user's callbacks and trainer class for every rank (usercode.refs)
     nnodes: int = 1  # machines in the run: the batch is the total over every node's GPUs
     train_images: int | None = None  # the training images as Ultralytics counts them, once it checked
     dataset_figures: dict[str, Any] | None = None  # the dataset's label figures Ultralytics' check measured

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from yolosafe.errors import UsageError
+from yolosafe.planning import yolowords
 from yolosafe.planning.accumulation import (
     ULTRALYTICS_DEFAULT_NBS,
     ULTRALYTICS_DEFAULT_WARMUP_EPOCHS,
@@ -182,8 +183,8 @@ class TrainPlan:
 
 
 @functools.cache
-def _ultralytics_defaults() -> MappingProxyType[str, Any]:
-    """Ultralytics' own default config, read from its YAML without importing ultralytics."""
+def ultralytics_defaults() -> MappingProxyType[str, Any]:
+    """Ultralytics' own default config (``DEFAULT_CFG_DICT``), read from its YAML without importing ultralytics."""
     spec = importlib.util.find_spec("ultralytics")
     if spec is None or not spec.submodule_search_locations:
         raise PlanError("ultralytics is not installed: pip install -c constraints.txt -e .")
@@ -193,27 +194,26 @@ def _ultralytics_defaults() -> MappingProxyType[str, Any]:
 
 def ultralytics_train_keys() -> frozenset[str]:
     """The argument names of Ultralytics' own default config."""
-    return frozenset(_ultralytics_defaults())
+    return frozenset(ultralytics_defaults())
 
 
 def ultralytics_default(key: str) -> Any:
     """Ultralytics' default value of one train argument (``weight_decay``: 0.0005)."""
-    return _ultralytics_defaults()[key]
+    return ultralytics_defaults()[key]
+
+
+def read_words(items: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The words of a ``yolo train`` command as Ultralytics' CLI types them (:mod:`yolosafe.planning.yolowords`):
+    ``key=value`` pairs, bare flags, task and mode words, its spacing; and the notes it would warn."""
+    try:
+        return yolowords.parse(items, ultralytics_defaults())
+    except yolowords.WordError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def parse_passthrough(items: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` words to a dict, values read as YAML scalars the way Ultralytics' own CLI reads them."""
-    args: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise PlanError(f"pass-through argument {item!r} is not key=value (e.g. lr0=0.01)")
-        try:
-            args[key] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            args[key] = value
-    return args
+    """``key=value`` words to a dict, values typed the way Ultralytics' own CLI types them."""
+    return read_words(items)[0]
 
 
 def check_passthrough(args: Mapping[str, Any]) -> dict[str, Any]:

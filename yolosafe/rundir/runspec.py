@@ -40,6 +40,7 @@ class RunSpec:
     save_every: str = "0"  # the step checkpoint inside the epoch (yolosafe.planning.saveevery, training.stepckpt)
     val_oom: str = "in-place"  # a validation OOM: recovered in place by the rank (yolosafe.training.valretry), or
                                # "relaunch": the attempt ends and every rank is relaunched
+    user_code: dict[str, Any] | None = None  # the user's callbacks and trainer, by name or pickled by value
 
     @property
     def run(self) -> RunDir:

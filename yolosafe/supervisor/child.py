@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from yolosafe import bench, proc
 from yolosafe.exits import Exit
@@ -115,6 +115,7 @@ class RunOptions:
     val_oom: str = DEFAULTS["val_oom"]  # in-place or relaunch (yolosafe.training.valretry)
     hang_timeout: float | None = DEFAULTS["hang_timeout"]  # None: learnt; 0: no hang watch
     max_hang_restarts: int = DEFAULTS["max_hang_restarts"]
+    user_code: dict[str, Any] | None = None  # the user's callbacks and trainer (yolosafe.planning.usercode)
 
     @classmethod
     def of(cls, env: dict[str, str], options: TrainOptions, simulated: bool,
@@ -124,7 +125,7 @@ class RunOptions:
                    warn_at=float(options.warn_at), clear_before_val=bool(options.clear_before_val),
                    multinode=multinode, val_oom=str(options.val_oom or DEFAULTS["val_oom"]),
                    hang_timeout=None if options.hang_timeout is None else float(options.hang_timeout),
-                   max_hang_restarts=int(options.max_hang_restarts),
+                   max_hang_restarts=int(options.max_hang_restarts), user_code=options.user_code,
                    save_every=str(options.save_every if options.save_every is not None else DEFAULTS["save_every"]))
 
 
@@ -198,6 +199,7 @@ class Supervisor:
             train_kwargs=kwargs,
             val_oom=self.options.val_oom,
             save_every=self.options.save_every,
+            user_code=self.options.user_code,
         )
 
     def command(self, spec: RunSpec, path: Path) -> list[str]:

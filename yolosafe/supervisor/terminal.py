@@ -22,6 +22,12 @@ TEE_PREFIX = re.compile(rb"\[rank(\d+)\]: ?")  # the launcher's line prefix (lau
 PARTIAL_PREFIX = re.compile(rb"\[(?:r(?:a(?:n(?:k\d*(?:\])?)?)?)?)?")
 RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s?")  # torch.distributed.run's per-rank line prefix
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours and cursor moves (Ultralytics colours its messages)
+# Lines for train.log only: torch DDP's warning about find_unused_parameters (Ultralytics' DDP sets it; the warning's
+# source line follows it), torch.distributed.run's lines as it stops the ranks yolosafe ends.
+LOG_ONLY = re.compile(r"find_unused_parameters=True( was specified|$)|Warning: find_unused_parameters=True"
+                      r"|death signal, shutting down workers|Sending process \d+ closing signal SIG")
+TORCH_LOG_LINE = re.compile(r"\[?W(?:\d|$)|\[$")  # a line torch's logging begins (W1201 ..., [W1201 ...]): held whole
+WARNING_SOURCE = re.compile(r"^\s+\S.*run_backward\(")  # the source line Python prints under that warning
 
 
 def say(message: str) -> None:
@@ -67,6 +73,7 @@ class TracebackFilter:
         self.line = b""  # the current line, so far
         self.shown = 0  # how much of it is on the terminal already
         self.state = "text"  # text | frames (in a traceback) | after (its exception message) | gap (blank after it)
+        # | warned (after a LOG_ONLY warning: its source line goes too)
 
     def write(self, chunk: bytes) -> int:
         for piece in chunk.splitlines(keepends=True):
@@ -75,7 +82,8 @@ class TracebackFilter:
                 if self._show(self.line):
                     self.out.write(self.line[self.shown:])
                 self.line, self.shown = b"", 0
-            elif self.state == "text" and not HEADER.startswith(_core(self.line)):
+            elif self.state == "text" and not HEADER.startswith(_core(self.line)) \
+                    and not TORCH_LOG_LINE.match(_core(self.line)):
                 self.out.write(self.line[self.shown:])
                 self.shown = len(self.line)
         return len(chunk)
@@ -85,6 +93,15 @@ class TracebackFilter:
 
     def _show(self, line: bytes) -> bool:
         core = _core(line)
+        if self.state == "text" and LOG_ONLY.search(core):
+            self.state = "warned" if "find_unused_parameters" in core else "text"
+            if self.shown:  # the start of the line (a progress bar the message is glued to) is out: end it
+                self.out.write(b"\n")
+            return False
+        if self.state == "warned":
+            self.state = "text"
+            if WARNING_SOURCE.match(core):
+                return False
         if core.startswith(HEADER):
             self.state = "frames"
             return False

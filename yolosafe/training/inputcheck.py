@@ -45,11 +45,12 @@ def load_model(request: dict[str, Any]) -> Any:
     """The model as ``YOLO(model)`` loads it; a release name not here is fetched only when downloads are asked for."""
     from ultralytics import YOLO
     from ultralytics.nn.tasks import torch_safe_load
+    from ultralytics.utils.checks import check_model_file_from_stem
     from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
 
-    name = str(request["model"])
+    flag = f"--model {request['model']}"
+    name = str(check_model_file_from_stem(str(request["model"])))  # yolov8n -> yolov8n.pt, as YOLO() resolves it
     path = Path(name)
-    flag = f"--model {name}"
     if path.suffix not in TRAINABLE_SUFFIXES:
         raise Refused(f"{flag}: expected a model YAML (yolov8n.yaml) or a checkpoint (.pt): Ultralytics trains those")
     if path.suffix == ".pt" and not path.is_file():

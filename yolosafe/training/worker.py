@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from yolosafe import bench, proc
 from yolosafe.exits import Exit
-from yolosafe.planning import allocator
+from yolosafe.planning import allocator, usercode
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import results, runspec
 from yolosafe.rundir.layout import RunDir
@@ -114,7 +114,10 @@ def train(context: RunContext) -> None:
     if context.rank.leads:  # one record per attempt; every rank's pid is in its events
         rundir.write_json(context.run.worker(context.attempt), _observed(context, resumed_from))
     install_callbacks(model, context)
-    metrics = model.train(trainer=trainer_class(model.task, context, model.task_map[model.task]["trainer"]), **kwargs)
+    for event, fn in usercode.callbacks_of(spec.user_code):  # the user's, after yolosafe's: every rank
+        model.add_callback(event, fn)
+    base = usercode.trainer_of(spec.user_code) or model.task_map[model.task]["trainer"]
+    metrics = model.train(trainer=trainer_class(model.task, context, base), **kwargs)
     if context.rank.leads:
         _save_metrics(context.run, metrics)
 

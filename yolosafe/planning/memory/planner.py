@@ -224,8 +224,11 @@ def resolve_auto(options: TrainOptions, inventory: gpus.Inventory,
     if batch == AUTO:
         selected = gpuselect.parse_gpus(None if resolved.gpus is None else str(resolved.gpus), visible,
                                    inventory.problem)
-        if not selected:
-            raise plan.PlanError("--batch auto needs GPUs (the memory model plans GPU memory); give --batch N on CPU")
+        if not selected:  # Ultralytics' AutoBatch on the CPU: a warning and its default batch
+            cpu_batch = int(plan.ultralytics_default("batch"))
+            entry.update(batch=cpu_batch, reasons=[*entry["reasons"], f"--batch auto on the CPU: AutoBatch is for "
+                                                   f"GPUs; using Ultralytics' default batch {cpu_batch}, as yolo does"])
+            return resolved.replace(batch=cpu_batch), entry
         chosen_gpus = [g for g in inventory.gpus if g.index in selected]
         terms = model_terms(options.model)
         setup = setup_of(options, len(selected), gpu_names=[g.name for g in chosen_gpus])
