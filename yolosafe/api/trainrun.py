@@ -22,7 +22,6 @@ from yolosafe.exits import Exit
 from yolosafe.planning import allocator, datasets, gpuselect, inputs, nodes, options, resume, trainoptions, validate
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, planner
-from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.planning.validate import InputError
 from yolosafe.readers import report
@@ -52,12 +51,9 @@ def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: st
     """Options from the flags ``given``, the ``--config`` file, the dataset's defaults and yolosafe's; ``data_yaml``
     is the dataset's YAML."""
     config = options.load_config(config_file)
-    try:
-        inputs.check_registry(datasets.registry_path(datasets_file))
-        dataset = datasets.resolve(str(given.get("data") or config.get("data") or options.DEFAULTS["data"]),
-                                   datasets.registry_path(datasets_file))
-    except datasets.DatasetError as exc:
-        raise InputError(str(exc)) from None
+    inputs.check_registry(datasets.registry_path(datasets_file))
+    dataset = datasets.resolve(str(given.get("data") or config.get("data") or options.DEFAULTS["data"]),
+                               datasets.registry_path(datasets_file))  # a DatasetError: a usage error of its own
     differences = list(given.get("differences", ()))  # options.yolo_style's
     user_code = given.get("user_code")  # the user's callbacks and trainer (planning.usercode)
     given = {k: v for k, v in given.items() if k not in ("differences", "user_code")}
@@ -140,21 +136,15 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     inputs.check_memory_fraction(opts.memory_fraction)
     early = opts.batch == planner.AUTO  # --batch auto plans on the dataset's figures: Ultralytics lists it first
     opts = ultralytics_accepts(opts, dry_run) if early else opts
-    try:
-        inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
-        env = allocator.apply(os.environ, opts.alloc_conf)
-        opts, auto = planner.resolve_auto(opts, inventory)
-    except (gpus.FakeGpusError, allocator.AllocConfError, plan.PlanError, memmodel.UnknownModel) as exc:
-        raise InputError(str(exc)) from None
+    inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
+    env = allocator.apply(os.environ, opts.alloc_conf)
+    opts, auto = planner.resolve_auto(opts, inventory)  # each refusal above is a UsageError of its own
     p = build(opts, inventory)
     trainoptions.check_ranges(opts, p.per_gpu_batch)
     inputs.check_injection_reachable(os.environ.get(oom.INJECT_ENV), p.epochs)
-    try:
-        oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
-        hang.check_injections(os.environ.get(hang.INJECT_ENV), p.world_size, p.epochs, p.nnodes)
-        multicli.check_plan(p, where)  # GPUs on every node
-    except (oom.InjectionError, hang.HangInjectionError, nodes.NodesError) as exc:
-        raise InputError(str(exc)) from None
+    oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
+    hang.check_injections(os.environ.get(hang.INJECT_ENV), p.world_size, p.epochs, p.nnodes)
+    multicli.check_plan(p, where)  # GPUs on every node
     if not early:
         opts = ultralytics_accepts(opts, dry_run)  # the last check: the slowest (it imports Ultralytics)
     p = p if opts.train_images is None else dataclasses.replace(p, train_images=opts.train_images)

@@ -188,10 +188,7 @@ def prepare(where: RunDir | Path, given: dict[str, Any], dry_run: bool, nnodes: 
     validate.check_options(options.replace(**applied, project=str(run_dir.parent), name=run_dir.name))
     p, simulated = _plan(story, given, nnodes)
     check_ranges(options.replace(**applied), p.per_gpu_batch)
-    try:
-        env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))
-    except allocator.AllocConfError as exc:
-        raise validate.InputError(str(exc)) from None
+    env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))  # AllocConfError: usage
     if final_val_only:
         notes = (*notes, "every epoch is trained: only the final validation is left to run")
     return Resume(run, last, story, p, env, options, simulated, lock_fd, _gpu_records(p), final_val_only, notes)

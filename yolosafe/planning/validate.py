@@ -81,11 +81,8 @@ def check_run_location(project: str, name: str) -> None:
 def check_injection(environ: Mapping[str, str]) -> None:
     """``YOLOSAFE_INJECT_OOM`` and ``YOLOSAFE_INJECT_HANG`` are read by the trainer in every rank: a typo there would
     be a silent no-op."""
-    try:
-        oom.parse_injection(environ.get(oom.INJECT_ENV))
-        hang.parse_injections(environ.get(hang.INJECT_ENV))
-    except (oom.InjectionError, hang.HangInjectionError) as exc:
-        raise InputError(str(exc)) from None
+    oom.parse_injection(environ.get(oom.INJECT_ENV))  # an InjectionError: a usage error of its own
+    hang.parse_injections(environ.get(hang.INJECT_ENV))
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
@@ -109,10 +106,7 @@ def check_checkpoint(path: Path, what: str) -> None:
 def ultralytics_request(opts: Any, dry_run: bool) -> dict[str, Any]:
     """What the input check asks Ultralytics of the options (a ``TrainOptions``): the model, the data, the train
     arguments as the worker passes them."""
-    try:
-        extra = trainplan.check_passthrough(trainplan.parse_passthrough(opts.args or []))
-    except trainplan.PlanError as exc:
-        raise InputError(str(exc)) from None
+    extra = trainplan.check_passthrough(trainplan.parse_passthrough(opts.args or []))  # a PlanError: a usage error
     batch = opts.batch
     overrides = {**extra, "epochs": opts.epochs, "imgsz": opts.imgsz,
                  "batch": batch if isinstance(batch, int) else 16, "nbs": opts.effective_batch}

@@ -29,11 +29,8 @@ NODE_KEYS = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_timeout")
 
 def resolve(params: dict[str, Any]) -> nodes.Nodes:
     """The flags, else SLURM's variables, else one machine; a usage error in one line."""
-    try:
-        where = nodes.resolve(params.get("nnodes"), params.get("node_rank"), params.get("rdzv_endpoint"),
-                              params.get("rdzv_id"), os.environ)
-    except nodes.NodesError as exc:
-        raise validate.InputError(str(exc)) from None
+    where = nodes.resolve(params.get("nnodes"), params.get("node_rank"), params.get("rdzv_endpoint"),
+                          params.get("rdzv_id"), os.environ)  # a NodesError: a usage error of its own
     timeout = params.get("rdzv_timeout")
     if timeout is not None and timeout < 1:
         raise validate.InputError(f"--rdzv-timeout {timeout}: give seconds, at least 1")
