@@ -188,6 +188,25 @@ def epochs_in_results(run: Path) -> list[int]:
         return [int(float(row["epoch"])) for row in csv.DictReader(f, skipinitialspace=True)]
 
 
+def assert_whole_epoch_losses(run: Path, resumed: dict) -> None:
+    """results.csv's train losses of the resumed epoch are the running mean of the whole epoch (rank 0's, as
+    Ultralytics logs them): the saved iterations stand for the ``skip`` iterations of the new batch, each at their
+    mean, then each iteration trained after the resume (from the ranks' own events, each batch's loss items)."""
+    batches = [e for e in _events(run) if e["event"] == "batch_trained" and e["epoch"] == resumed["epoch"]
+               and e["rank"] in (-1, 0)]
+    before = [e["losses"] for e in batches if e["attempt"] == resumed["attempt"] - 1]
+    after = [e["losses"] for e in batches if e["attempt"] == resumed["attempt"]]
+    skip, nb = resumed["iteration"], resumed["of"]
+    assert skip + len(after) == nb
+    with (run / "results.csv").open() as f:
+        rows = csv.DictReader(f, skipinitialspace=True)
+        row = next(r for r in rows if int(float(r["epoch"])) == resumed["epoch"] + 1)
+    for name in before[0]:
+        mean = sum(b[name] for b in before) / len(before)
+        expected = (mean * skip + sum(a[name] for a in after)) / nb
+        assert float(row[f"train/{name}"]) == pytest.approx(expected, abs=2e-5), name
+
+
 def assert_only_the_rest(run: Path, ranks: int, shard: int) -> dict[int, dict[int, list[int]]]:
     epoch2 = trained(run, 1)
     assert sorted(epoch2) == ([-1] if ranks == 1 else list(range(ranks)))
@@ -201,6 +220,7 @@ def assert_only_the_rest(run: Path, ranks: int, shard: int) -> dict[int, dict[in
     assert [(e["attempt"], e["epoch"], e["saved_iteration"], e["iteration"], e["of"]) for e in resumed] == [
         (2, 1, 3, 6, 11)]
     assert epochs_in_results(run) == [1, 2, 3]  # each epoch once
+    assert_whole_epoch_losses(run, resumed[0])
     s = story(run)
     assert s["outcome"] == "completed"
     # the relaunch at half the batch: the 3 of 6 iterations saved are 6 of 11 (the rank's own step_resume says so)

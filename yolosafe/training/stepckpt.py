@@ -326,7 +326,10 @@ class StepCheckpoints:
         if isinstance(self.model, _NoForward):  # a batch trained before the resume: already saved
             return
         if self._samples is not None:
-            callbacks.append_event(self.run_context, "batch_trained", self, iteration=self._i, samples=self._samples)
+            items = self.loss_items if isinstance(self.loss_items, dict) else {}
+            losses = {k: float(v) for k, v in items.items()}
+            callbacks.append_event(self.run_context, "batch_trained", self, iteration=self._i, samples=self._samples,
+                                   losses=losses)
             self._samples = None
         self._since_save += 1
         done = self._i + 1
