@@ -12,7 +12,12 @@ that epoch and lets ``BaseTrainer._do_train`` run its loop as it is: the iterati
 batches that load nothing, train nothing and step nothing, while the loop's own warm-up, learning rates and
 accumulation boundaries advance over them as in the uninterrupted run; each rank's loader then draws the samples
 of that epoch it has not trained (the order its sampler drew, saved), at the attempt's batch. With another number of
-ranks the samples left cannot be known: the epoch restarts from last.pt, said in one line.
+ranks the samples left cannot be known: the epoch restarts from last.pt (the supervisor says so in its one line).
+
+A preemption (SIGTERM or SIGUSR1 to the supervisor: ``supervisor.child.preempt``) leaves a request in the run
+directory (``RunDir.preempt_request``); at the next step boundary where rank 0's view is shared (every
+:data:`SYNC_EVERY` iterations over DDP, every iteration in one process) the ranks write the step checkpoint, rank 0
+removes the request, and every rank waits for the stop.
 """
 
 from __future__ import annotations
