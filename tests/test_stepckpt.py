@@ -188,6 +188,25 @@ def epochs_in_results(run: Path) -> list[int]:
         return [int(float(row["epoch"])) for row in csv.DictReader(f, skipinitialspace=True)]
 
 
+def assert_whole_epoch_losses(run: Path, resumed: dict) -> None:
+    """results.csv's train losses of the resumed epoch are the running mean of the whole epoch (rank 0's, as
+    Ultralytics logs them): the saved iterations stand for the ``skip`` iterations of the new batch, each at their
+    mean, then each iteration trained after the resume (from the ranks' own events, each batch's loss items)."""
+    batches = [e for e in _events(run) if e["event"] == "batch_trained" and e["epoch"] == resumed["epoch"]
+               and e["rank"] in (-1, 0)]
+    before = [e["losses"] for e in batches if e["attempt"] == resumed["attempt"] - 1]
+    after = [e["losses"] for e in batches if e["attempt"] == resumed["attempt"]]
+    skip, nb = resumed["iteration"], resumed["of"]
+    assert skip + len(after) == nb
+    with (run / "results.csv").open() as f:
+        rows = csv.DictReader(f, skipinitialspace=True)
+        row = next(r for r in rows if int(float(r["epoch"])) == resumed["epoch"] + 1)
+    for name in before[0]:
+        mean = sum(b[name] for b in before) / len(before)
+        expected = (mean * skip + sum(a[name] for a in after)) / nb
+        assert float(row[f"train/{name}"]) == pytest.approx(expected, abs=2e-5), name
+
+
 def assert_only_the_rest(run: Path, ranks: int, shard: int) -> dict[int, dict[int, list[int]]]:
     epoch2 = trained(run, 1)
     assert sorted(epoch2) == ([-1] if ranks == 1 else list(range(ranks)))
@@ -201,6 +220,7 @@ def assert_only_the_rest(run: Path, ranks: int, shard: int) -> dict[int, dict[in
     assert [(e["attempt"], e["epoch"], e["saved_iteration"], e["iteration"], e["of"]) for e in resumed] == [
         (2, 1, 3, 6, 11)]
     assert epochs_in_results(run) == [1, 2, 3]  # each epoch once
+    assert_whole_epoch_losses(run, resumed[0])
     s = story(run)
     assert s["outcome"] == "completed"
     # the relaunch at half the batch: the 3 of 6 iterations saved are 6 of 11 (the rank's own step_resume says so)
@@ -257,4 +277,39 @@ def test_sigterm_mid_epoch_writes_a_step_checkpoint_and_resume_continues_there(t
     assert sorted(attempts) == [1, 2] and len(attempts[1]) == at * 4  # the stop lost nothing trained
     both = attempts[1] + attempts[2]
     assert sorted(both) == list(range(TRAIN_IMAGES))  # each sample once
+    assert epochs_in_results(run) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_gpus_restarts_the_epoch(tmp_path, shared_cache, odd_data):
+    """A step checkpoint written by one rank (a stop mid-epoch 2 on fake GPU 0), resumed on 2: which samples each
+    rank has left cannot be known, so epoch 2 restarts from last.pt, said in the resume's one line; the ranks train
+    all of it, results.csv has each epoch once."""
+    import subprocess
+
+    env = cli_env(shared_cache, {stepckpt.RECORD_SAMPLES_ENV: "1", "YOLOSAFE_FAKE_GPUS": "2x24GB"})
+    proc = subprocess.Popen([YOLOSAFE, "train", "--data", str(odd_data), "--gpus", "0", *DRILL], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = tmp_path / "runs" / "detect" / "train"
+
+    def saved() -> bool:
+        return (run / "events.jsonl").is_file() and any(
+            e["event"] == "step_saved" and e["epoch"] == 1 for e in _events(run))
+
+    wait_until(saved, proc, "the step checkpoint of epoch 2", 300)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and (run / "weights" / "step.pt").is_file(), err[-2000:]
+    epoch = [e for e in _events(run) if e["event"] == "step_saved"][-1]["epoch"]
+    resumed = subprocess.run([YOLOSAFE, "train", "--resume", str(run), "--gpus", "0,1"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = [line for line in resumed.stderr.splitlines() if "restarts from its first iteration" in line]
+    assert len(said) == 1 and f"epoch {epoch + 1} restarts" in said[0] and "saved by 1 rank at" in said[0], said
+    restarts = [e for e in _events(run) if e["event"] == "step_restart"]
+    assert [(e["attempt"], e["saved_world"], e["world"]) for e in restarts] == [(2, 1, 2)]
+    again = trained(run, epoch)
+    assert list(again[-1]) == [1]  # the stopped attempt: one process
+    assert {i for rank in (0, 1) for i in again[rank][2]} == set(range(TRAIN_IMAGES))  # the whole epoch again
+    assert all(len(again[rank][2]) == math.ceil(TRAIN_IMAGES / 2) for rank in (0, 1))
     assert epochs_in_results(run) == [1, 2, 3]

@@ -8,7 +8,7 @@
     └── TrainingError                   a run that started and did not complete; ``.run`` is its yolosafe.Run
         ├── OutOfMemoryRetriesExhausted still out of memory after the retries, or at the minimum batch
         ├── TrainingFailed              failed for another reason than an OOM, or a rank was killed
-        └── TrainingInterrupted         stopped by Ctrl-C, SIGTERM or a notebook's interrupt; also a
+        └── TrainingInterrupted         stopped by Ctrl-C, SIGTERM, SIGUSR1 or a notebook's interrupt; also a
                                         KeyboardInterrupt, so ``except KeyboardInterrupt`` catches it
 
 The input errors of the subpackages (``InputError``, ``PlanError``, ``DatasetError``, ``InjectionError``, the input

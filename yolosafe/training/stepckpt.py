@@ -12,7 +12,12 @@ that epoch and lets ``BaseTrainer._do_train`` run its loop as it is: the iterati
 batches that load nothing, train nothing and step nothing, while the loop's own warm-up, learning rates and
 accumulation boundaries advance over them as in the uninterrupted run; each rank's loader then draws the samples
 of that epoch it has not trained (the order its sampler drew, saved), at the attempt's batch. With another number of
-ranks the samples left cannot be known: the epoch restarts from last.pt, said in one line.
+ranks the samples left cannot be known: the epoch restarts from last.pt (the supervisor says so in its one line).
+
+A preemption (SIGTERM or SIGUSR1 to the supervisor: ``supervisor.child.preempt``) leaves a request in the run
+directory (``RunDir.preempt_request``); at the next step boundary where rank 0's view is shared (every
+:data:`SYNC_EVERY` iterations over DDP, every iteration in one process) the ranks write the step checkpoint, rank 0
+removes the request, and every rank waits for the stop.
 """
 
 from __future__ import annotations
@@ -326,7 +331,10 @@ class StepCheckpoints:
         if isinstance(self.model, _NoForward):  # a batch trained before the resume: already saved
             return
         if self._samples is not None:
-            callbacks.append_event(self.run_context, "batch_trained", self, iteration=self._i, samples=self._samples)
+            items = self.loss_items if isinstance(self.loss_items, dict) else {}
+            losses = {k: float(v) for k, v in items.items()}
+            callbacks.append_event(self.run_context, "batch_trained", self, iteration=self._i, samples=self._samples,
+                                   losses=losses)
             self._samples = None
         self._since_save += 1
         done = self._i + 1
