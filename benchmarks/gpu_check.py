@@ -13,11 +13,22 @@ Steps (each a real ``yolosafe`` command, as a user runs it, on GPU 0, on a synth
 5. ``val_relaunch``: the same cap with ``--val-oom relaunch``: the same OOM recovered by a relaunch.
 6. ``train_oom``: the cap below the train peak: a real OOM in training, recovered by a relaunch with half the batch.
 
-``--dry`` runs every step on a machine without a GPU (fake GPUs, CPU training, small images; the OOMs injected with
-``YOLOSAFE_INJECT_OOM`` instead of a cap), so the script itself is checked wherever the tests run.
+7. ``oom_forms``: the out-of-memory errors the libraries really raise, each in a process of its own beside a filler
+                  process that holds all but a little of GPU 0: (a) CUDA context creation, (b) the first cuBLAS
+                  matmul of a process (handle and workspace), (c) the first cuDNN convolution, (d) the caching
+                  allocator; each text must be ``oom.is_oom_text`` (and the allocator's sizes read by
+                  ``oom.parse_message``); after the OOMs the probe frees its tensors: torch's allocated memory must be
+                  back where it was and the free memory must come back.
+8. ``nvml_release``: a process holding 1 GiB is SIGKILLed; the seconds until NVML no longer lists its pid and its
+                  memory is free, against the wait before a relaunch (``watch.RELEASE_WAIT_S``).
 
-Usage: ``python benchmarks/gpu_check.py --out gpu_check.json [--dry] [--timeout 90]`` (four trainings of at most
-``--timeout`` seconds each: under 8 minutes).
+Each step ends in a verdict (``pass``/``fail`` and why: the ``verdicts`` of the JSON, one line each at the end; the
+exit status is 1 when one fails). ``--dry`` runs every step on a machine without a GPU (fake GPUs, CPU training,
+small images; the OOMs injected with ``YOLOSAFE_INJECT_OOM`` instead of a cap, the libraries' texts those of the
+injection), so the script itself is checked wherever the tests run; ``--parts probes`` runs steps 1, 7 and 8 alone.
+
+Usage: ``python benchmarks/gpu_check.py --out gpu_check.json [--dry] [--timeout 90] [--parts probes,trainings]``
+(four trainings of at most ``--timeout`` seconds each and the probes, about a minute: under 9 minutes in all).
 """
 
 from __future__ import annotations
@@ -155,16 +166,191 @@ def capped(env: dict[str, str], fraction: float | None, dry: bool, injection: st
     return {**env, FRACTION_ENV: str(fraction)} if fraction else env
 
 
-def check(work: Path, dry: bool, timeout: float) -> dict[str, Any]:
+# --- the probes: real OOM texts, memory after an OOM, NVML's release after SIGKILL ---------------------------------
+
+FORMS = ("context", "cublas", "cudnn", "allocator")
+DRY_TEXT = {"context": "accelerator", "cublas": "cublas-init", "cudnn": "cudnn", "allocator": "oom"}  # the injection's
+LEAVE_MIB = {"context": 64, "cublas": 8, "cudnn": 8, "allocator": 512}  # what the filler leaves free on GPU 0
+
+
+def probe(kind: str, dry: bool) -> dict[str, Any]:
+    """In this process (``--probe KIND``): ``hold:MIB`` holds that much of GPU 0 until killed; a form of
+    :data:`FORMS` runs into it on what the filler left free and reports the error's text and the memory after."""
+    from yolosafe import oom
+
+    if dry:
+        return {"form": kind, "error": "RuntimeError", "text": oom.injected_text(DRY_TEXT[kind], 0), "freed": True}
+    import torch
+
+    if kind.startswith("hold:"):  # the filler: its context, then all the free memory but what it was told to leave
+        torch.zeros(1, device="cuda")
+        free = torch.cuda.mem_get_info()[0]
+        held = torch.empty(max(free - int(float(kind[5:]) * 2**20), 0), dtype=torch.uint8, device="cuda")
+        print("ready", flush=True)
+        time.sleep(3600)
+        del held
+    found: dict[str, Any] = {"form": kind}
+    kept: list[Any] = []
+    try:
+        if kind == "context":
+            torch.zeros(1, device="cuda")
+        else:
+            torch.zeros(1, device="cuda")  # the context first, then (once the filler holds the rest) the form
+            print("context", flush=True)
+            sys.stdin.readline()
+            before = torch.cuda.memory_allocated()
+            found["free_before_mib"] = torch.cuda.mem_get_info()[0] / 2**20
+            if kind == "cublas":
+                a = torch.ones(64, 64, device="cuda")
+                kept.append(a @ a)
+            elif kind == "cudnn":
+                x = torch.ones(1, 3, 64, 64, device="cuda")
+                kept.append(torch.nn.functional.conv2d(x, torch.ones(8, 3, 3, 3, device="cuda")))
+            else:
+                kept.append(torch.empty(int(found["free_before_mib"] * 4) * 2**20, dtype=torch.uint8, device="cuda"))
+        found["error"] = None
+    except Exception as exc:
+        found.update(error=type(exc).__name__, text=str(exc)[:3000])
+    if kind != "context":
+        kept.clear()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        found["allocated_back"] = torch.cuda.memory_allocated() <= before
+        found["free_after_mib"] = torch.cuda.mem_get_info()[0] / 2**20
+        found["freed"] = found["allocated_back"] and found["free_after_mib"] >= 0.9 * found["free_before_mib"]
+    return found
+
+
+def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, __file__, *args], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def oom_forms(env: dict[str, str], dry: bool) -> dict[str, Any]:
+    """Each form of :data:`FORMS` in its own process: its CUDA context first (but for the context's own form), then
+    a filler process takes all of GPU 0 but :data:`LEAVE_MIB`, then the form runs into it."""
+    found = {}
+    for kind in FORMS:
+        prober = _child(["--probe", kind, *(["--dry"] if dry else [])], env)
+        filler = None
+        try:
+            if not dry:
+                if kind != "context":
+                    prober.stdout.readline()  # "context": the probe's context exists
+                filler = _child(["--probe", f"hold:{LEAVE_MIB[kind]}"], env)
+                filler.stdout.readline()  # "ready": it holds the rest
+            out, err = prober.communicate("go\n", timeout=120)
+            lines = out.strip().splitlines()
+            found[kind] = json.loads(lines[-1]) if lines else {"form": kind, "crash": err[-2000:]}
+        except subprocess.TimeoutExpired:
+            prober.kill()
+            found[kind] = {"form": kind, "crash": "no answer within 120 s"}
+        finally:
+            for child in (prober, filler):
+                if child is not None and child.poll() is None:
+                    child.kill()
+                    child.wait()
+    return found
+
+
+def nvml_release(env: dict[str, str], dry: bool) -> dict[str, Any]:
+    """Seconds from a SIGKILL of a process holding 1 GiB of GPU 0 until NVML lists it no more and its memory is
+    back (polled every 0.05 s), against the relaunch's wait."""
+    from yolosafe import gpus
+    from yolosafe.supervisor import watch
+
+    if dry:
+        return {"dry": True, "listed_s": 0.0, "memory_s": 0.0, "bound_s": watch.RELEASE_WAIT_S}
+    backend = gpus.NvmlBackend()
+    try:
+        floor = backend.read_memory(0).used_mib
+        holder = _child(["--probe", f"hold:{max(backend.read_memory(0).total_mib - floor - 1024 - 600, 0):.0f}"], env)
+        holder.stdout.readline()  # it holds about 1 GiB (all the free memory but what it leaves)
+        listed = {p.pid for p in backend.read_memory(0).processes}
+        holder.kill()
+        killed, gone, freed = time.monotonic(), None, None
+        while time.monotonic() - killed < 2 * watch.RELEASE_WAIT_S and (gone is None or freed is None):
+            reading = backend.read_memory(0)
+            if gone is None and holder.pid not in {p.pid for p in reading.processes}:
+                gone = time.monotonic() - killed
+            if freed is None and reading.used_mib <= floor + watch.RELEASE_SLACK_MIB:
+                freed = time.monotonic() - killed
+            time.sleep(0.05)
+        holder.wait()
+    finally:
+        backend.close()
+    return {"listed_before_kill": holder.pid in listed, "listed_s": gone, "memory_s": freed,
+            "bound_s": watch.RELEASE_WAIT_S}
+
+
+# --- verdicts ---------------------------------------------------------------------------------------------------
+
+
+def _attempts(f: dict[str, Any]) -> list[tuple[Any, Any]]:
+    return [(a.get("outcome"), a.get("phase")) for a in f.get("attempts", [])]
+
+
+def verdicts(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``pass`` and why for each step the figures hold."""
+    from yolosafe import oom
+
+    found: dict[str, dict[str, Any]] = {}
+
+    def say(name: str, ok: bool, why: str) -> None:
+        found[name] = {"pass": bool(ok), "why": why}
+
+    g = figures.get("gpus", {})
+    if "gpus" in figures:
+        say("gpus", bool(g.get("gpus")), f"{len(g.get('gpus') or [])} GPU(s) read ({g.get('problem') or 'no problem'})")
+    trainings = {"baseline": ([("completed", None)], "one attempt, completed"),
+                 "val_in_place": ([("completed", None)], "one attempt: the validation OOM recovered in place"),
+                 "val_relaunch": ([("oom", "val"), ("completed", None)], "a validation OOM, then a relaunch"),
+                 "train_oom": ([("oom", "train"), ("completed", None)], "a training OOM, then half the batch")}
+    for name, (expected, what) in trainings.items():
+        if name not in figures:
+            continue
+        f = figures[name]
+        seen = [(o, p if o == "oom" else None) for o, p in _attempts(f)]
+        real = all(o["real"] for o in f.get("ooms", [])) or figures.get("dry")
+        ok = f.get("exit") == 0 and seen == expected and (name == "baseline" or (f.get("ooms") and real))
+        say(name, ok, f"{what}: exit {f.get('exit')}, attempts {seen}, OOM records {len(f.get('ooms', []))}")
+    for kind, f in (figures.get("oom_forms") or {}).items():
+        text = f.get("text") or ""
+        ok = bool(text) and oom.is_oom_text(text)
+        if kind == "allocator" and ok:
+            ok = bool(oom.parse_message(text))
+        if kind != "context":
+            ok = ok and f.get("freed") is True
+        first = text.splitlines()[0][:120] if text else f.get("crash", "no error raised")[-120:]
+        say(f"oom_{kind}", ok, f"{f.get('error')}: {first}; memory back after it: {f.get('freed')}")
+    r = figures.get("nvml_release")
+    if r:
+        ok = r.get("dry") or (r.get("listed_s") is not None and r.get("memory_s") is not None
+                              and max(r["listed_s"], r["memory_s"]) <= r["bound_s"])
+        say("nvml_release", ok, f"unlisted after {r.get('listed_s')} s, memory back after {r.get('memory_s')} s "
+            f"(the relaunch waits at most {r.get('bound_s')} s)")
+    return found
+
+
+PARTS = frozenset({"probes", "trainings"})
+
+
+def check(work: Path, dry: bool, timeout: float, parts: frozenset[str] | set[str] = PARTS) -> dict[str, Any]:
     from yolosafe.planning import datasets
 
     s = sizes(dry)
     env = environment(dry, work)
-    data = datasets.ensure_shapes(work / "data", train=s["train_images"], val=s["val_images"], size=s["imgsz"])
-    figures: dict[str, Any] = {"dry": dry, "sizes": s, "data": str(data)}
+    figures: dict[str, Any] = {"dry": dry, "sizes": s}
     gpus = cli(["gpus", "--json"], env, work, 60)
     figures["gpus"] = json.loads(gpus["stdout"]) if gpus["exit"] == 0 else gpus
     total = float(((figures["gpus"].get("gpus") or [{}])[0]).get("total_mib") or 0)
+    if "probes" in parts:
+        figures["oom_forms"] = oom_forms(env, dry)
+        figures["nvml_release"] = nvml_release(env, dry)
+    if "trainings" not in parts:
+        return figures
+    data = datasets.ensure_shapes(work / "data", train=s["train_images"], val=s["val_images"], size=s["imgsz"])
+    figures["data"] = str(data)
     plan = cli(["plan", *train_args(data, s, "plan")[1:-4], "--json"], env, work, 120)
     figures["plan"] = json.loads(plan["stdout"]) if plan["exit"] == 0 else plan
     step(figures, "baseline", env, train_args(data, s, "baseline"), work, timeout)
@@ -188,17 +374,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--dry", action="store_true", help="no GPU: fake GPUs, CPU training, injected OOMs")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds for each training step")
+    parser.add_argument("--parts", default="probes,trainings", help="probes, trainings or both (comma-separated)")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # a probe's own process
     args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.dry)), flush=True)
+        return
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="yolosafe-gpu-check-") as tmp:
-        figures = check(Path(tmp), args.dry, args.timeout)
+        figures = check(Path(tmp), args.dry, args.timeout, set(args.parts.split(",")))
     figures["seconds"] = round(time.time() - started, 1)
+    figures["verdicts"] = verdicts(figures)
     args.out.write_text(json.dumps(figures, indent=2))
-    for name in ("baseline", "val_in_place", "val_relaunch", "train_oom"):
-        f = figures.get(name, {})
-        print(f"{name:>13}: exit {f.get('exit')}, {f.get('seconds')} s, {f.get('outcome')}, "
-              f"{len(f.get('attempts', []))} attempt(s), OOMs {f.get('ooms')}")
+    for name, v in figures["verdicts"].items():
+        print(f"{'pass' if v['pass'] else 'FAIL'} {name:>13}: {v['why']}")
     print(f"figures: {args.out} ({figures['seconds']} s)")
+    raise SystemExit(0 if all(v["pass"] for v in figures["verdicts"].values()) else 1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,14 @@
    with the watch on, ends by writing the report: pandas, matplotlib, the plot), the median of the per-pair ratios,
    and the sampler thread's own CPU time in those runs (``cpu_s`` in yolosafe.json) per second of training.
 
-Usage: ``python benchmarks/watch_overhead.py [--seconds 5] [--pairs 3] [--epochs 2]``.
+3. NVML's calls per sample (``--nvml-calls``, alone: no training): nvidia-ml-py's real functions over the faked
+   driver library of the tests (``tests/fake_nvml.py``: each C symbol counts its calls), 1 and 8 GPUs with two
+   compute processes each, after the watch's first sample (NVML opened, handles cached): the C calls of one sample
+   (``read_memory`` of every GPU, what each tick of the watch asks), per symbol, and per second at the default
+   0.1 s interval. No graphics-process list is asked (a CUDA job's processes are compute processes).
+
+Usage: ``python benchmarks/watch_overhead.py [--seconds 5] [--pairs 3] [--epochs 2]``,
+``python benchmarks/watch_overhead.py --nvml-calls``.
 """
 
 from __future__ import annotations
@@ -71,12 +78,53 @@ def train(workdir: Path, env: dict[str, str], interval: float, epochs: int) -> t
     return sum(a["duration_s"] for a in story["attempts"]), total, sampler
 
 
+def nvml_calls(count: int, ticks: int = 100) -> dict[str, float]:
+    """C calls per watch sample of ``count`` GPUs, per symbol, over the faked driver library."""
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests import fake_nvml
+
+    processes = [(4242, 1000), (4343, 500)]
+    driver = fake_nvml.Driver([fake_nvml.gpu(i, used_mib=1500, processes=processes) for i in range(count)])
+    with pytest.MonkeyPatch.context() as patch:
+        fake_nvml.install(patch, driver)
+        backend = gpus.NvmlBackend()
+        try:
+            for index in range(count):  # the first sample: NVML opened, handles looked up and cached
+                backend.read_memory(index)
+            before = dict(driver.calls)
+            for _ in range(ticks):
+                for index in range(count):
+                    backend.read_memory(index)
+            after = dict(driver.calls)
+        finally:
+            backend.close()
+    return {name: (n - before.get(name, 0)) / ticks for name, n in after.items() if n > before.get(name, 0)}
+
+
+def print_nvml_calls(interval: float = 0.1) -> None:
+    print(f"NVML C calls per watch sample (nvidia-ml-py over tests/fake_nvml.py), and per second at {interval:g} s")
+    for count in (1, 8):
+        per = nvml_calls(count)
+        total = sum(per.values())
+        detail = ", ".join(f"{name} {n:g}" for name, n in sorted(per.items()))
+        print(f"  {count} GPU{'s' if count > 1 else ' '}: {total:g} calls per sample ({total / count:g} per GPU), "
+              f"{total / interval:g} per second; {detail}")
+        graphics = [name for name in per if "Graphics" in name]
+        print(f"          graphics-process calls: {graphics or 'none'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--nvml-calls", action="store_true", help="only NVML's calls per sample (1 and 8 GPUs)")
     args = parser.parse_args()
+    if args.nvml_calls:
+        print_nvml_calls()
+        return
     scratch = Path(tempfile.mkdtemp(prefix="yolosafe-watch-bench-"))
     phase_file = scratch / rundir.FAKE_PHASE
     rundir.write_json(phase_file, {"phase": "val", "pid": os.getpid(), "epoch": 0})

@@ -416,3 +416,18 @@ def test_gpus_asked_for_where_nvml_cannot_be_read_are_refused_never_the_cpu(nvml
     code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--data", data)
     assert (code, out, err.count("\n")) == (2, "", 1), err
     assert f"{variable}=0 asks for GPUs" in err and "NVML" in err and "--gpus cpu" in err
+
+
+def test_the_watch_overhead_benchmark_counts_three_nvml_calls_per_gpu_per_sample_and_no_graphics_list():
+    """benchmarks/watch_overhead.py --nvml-calls over this faked library: one memory call and the compute list's
+    sizing call and fill per GPU per sample, for 1 and 8 GPUs (240 C calls per second on 8 GPUs at 0.1 s)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "watch_overhead.py"
+    spec = importlib.util.spec_from_file_location("watch_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for count in (1, 8):
+        assert bench.nvml_calls(count, ticks=5) == {"nvmlDeviceGetMemoryInfo": count,
+                                                   "nvmlDeviceGetComputeRunningProcesses_v3": 2 * count}

@@ -141,3 +141,28 @@ def test_every_fake_gpu_decides_the_amp_check_as_a_gpu_and_trains_as_the_cpu(tmp
     assert trainer.AmpCheckOffline in real.__mro__ and cpuranks.AmpCheckAsOnAGpu not in real.__mro__
     for cls in (one_fake, fake_rank):
         assert cls.__mro__.index(cpuranks.AmpCheckAsOnAGpu) < cls.__mro__.index(trainer.AmpCheckOffline)
+
+
+def test_the_children_that_check_measure_or_train_are_offline_unless_the_user_or_download_says_otherwise(
+        monkeypatch, tmp_path):
+    """``import ultralytics`` asks is_online(), two DNS lookups, unless YOLO_OFFLINE is set: the input check (but
+    with --download), the fake pass and every attempt's processes get it unless the user set it."""
+    from yolosafe import proc
+    from yolosafe.planning import validate
+    from yolosafe.supervisor.child import training_env
+
+    assert proc.offline_env({"PATH": "/bin"})["YOLO_OFFLINE"] == "1"
+    assert proc.offline_env({"YOLO_OFFLINE": "0"})["YOLO_OFFLINE"] == "0"  # the user's word
+    assert training_env({"PATH": "/bin"}, {})["YOLO_OFFLINE"] == "1"
+    seen: list[dict] = []
+
+    def run_module(module, args, timeout, env=None):
+        seen.append(dict(env or {}))
+        raise proc.subprocess.TimeoutExpired(module, timeout)
+
+    monkeypatch.setattr(proc, "run_module", run_module)
+    monkeypatch.delenv("YOLO_OFFLINE", raising=False)
+    for download in (False, True):
+        with pytest.raises(validate.InputError):
+            validate._ask({"download": download})
+    assert seen[0]["YOLO_OFFLINE"] == "1" and "YOLO_OFFLINE" not in seen[1]

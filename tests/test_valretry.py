@@ -452,3 +452,38 @@ def test_every_ranks_own_yolosafe_line_reaches_the_terminal():
                           b"1/2 on rank 1, GPU 1: val batch 4 -> 2 on that rank, validated again in place\n")
     assert out.getvalue() == (b"epoch 1\nyolosafe: OOM in validation at epoch 1/2 on rank 1, GPU 1: val batch 4 -> 2 "
                               b"on that rank, validated again in place\n")
+
+
+def test_the_gpu_check_dry_probes_run_here_and_end_in_verdicts(tmp_path):
+    """``--dry --parts probes``: the OOM forms (the injection's texts), the memory after them and NVML's release
+    step run without a GPU in about a second; every verdict passes and the exit status says so."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu_check.json"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(path), "--dry", "--parts", "probes", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    verdicts = json.loads(out.read_text())["verdicts"]
+    assert set(verdicts) == {"gpus", "oom_context", "oom_cublas", "oom_cudnn", "oom_allocator", "nvml_release"}
+    assert all(v["pass"] for v in verdicts.values()) and done.stdout.count("pass ") == len(verdicts)
+
+
+def test_the_gpu_check_fails_what_a_gpu_would_get_wrong():
+    """A bare cuDNN internal error, no error at all, memory not back after an OOM, a release slower than the
+    relaunch's wait, a training that took other attempts than expected: each a failed verdict, saying why."""
+    check = gpu_check()
+    figures = {"oom_forms": {
+        "cudnn": {"error": "RuntimeError", "text": "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR", "freed": True},
+        "cublas": {"error": None, "freed": True},
+        "allocator": {"error": "OutOfMemoryError", "text": "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 "
+                      "has a total capacity of 79.19 GiB of which 1.50 MiB is free.", "freed": False},
+        "context": {"error": "AcceleratorError", "text": "CUDA error: out of memory"}},
+        "nvml_release": {"listed_s": 0.4, "memory_s": 75.0, "bound_s": 60.0},
+        "train_oom": {"exit": 0, "attempts": [{"outcome": "completed"}], "ooms": []}}
+    verdicts = check.verdicts(figures)
+    assert {k for k, v in verdicts.items() if not v["pass"]} == {"oom_cudnn", "oom_cublas", "oom_allocator",
+                                                                  "nvml_release", "train_oom"}
+    assert verdicts["oom_context"]["pass"] and "no error raised" in verdicts["oom_cublas"]["why"]
+    assert "75.0 s" in verdicts["nvml_release"]["why"]

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -302,9 +302,21 @@ def byte_stream(stream: Any) -> IO[bytes]:
     return buffer if buffer is not None and hasattr(buffer, "write") else TextSink(stream)  # type: ignore[return-value]
 
 
-def run_module(module: str, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+OFFLINE_ENV = "YOLO_OFFLINE"  # Ultralytics' own switch: is_online() answers False at once, without a name lookup
+
+
+def offline_env(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with Ultralytics offline unless it says otherwise: the children that train, check or measure without
+    being asked to download (``import ultralytics`` otherwise looks two DNS names up, a wait on an offline
+    machine whose resolver never answers)."""
+    return {**base, OFFLINE_ENV: base.get(OFFLINE_ENV, "1")}
+
+
+def run_module(module: str, args: Sequence[str], timeout: float,
+               env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m module args`` in a throw-away child of this interpreter, its output captured as text."""
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else dict(env))
 
 
 def reset_inherited_signals() -> None:

@@ -137,7 +137,8 @@ def _ask(request: dict[str, Any]) -> dict[str, Any]:
         asked.write_text(json.dumps(request))
         timeout = DOWNLOAD_TIMEOUT_S if request["download"] else INPUT_CHECK_TIMEOUT_S
         try:
-            done = proc.run_module(INPUT_CHECK, [str(asked), str(answer)], timeout=timeout)
+            env = os.environ if request["download"] else proc.offline_env(os.environ)  # the network if asked only
+            done = proc.run_module(INPUT_CHECK, [str(asked), str(answer)], timeout=timeout, env=env)
         except proc.subprocess.TimeoutExpired:
             raise InputError(f"Ultralytics' input check did not answer within {timeout} s") from None
         if not answer.is_file():

@@ -54,8 +54,7 @@ def training_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     # Offline first: no update checks, analytics or error reporting from inside Ultralytics (set YOLO_OFFLINE=0 to
     # allow them). Weights the user names explicitly are still fetched as usual.
-    env.setdefault("YOLO_OFFLINE", "1")
-    return env
+    return proc.offline_env(env)
 
 
 def tail(path: Path, start: int, limit: int = 20000) -> str:

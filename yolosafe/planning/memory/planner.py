@@ -84,7 +84,8 @@ def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
     elif not run:
         raise memmodel.UnknownModel(f"{model}: no memory figures yet (yolosafe plan --model {model} makes them)")
     else:
-        done = proc.run_module("yolosafe.training.fakepass", [model], timeout=FAKEPASS_TIMEOUT_S)
+        done = proc.run_module("yolosafe.training.fakepass", [model], timeout=FAKEPASS_TIMEOUT_S,
+                               env=proc.offline_env(os.environ))
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise memmodel.UnknownModel(f"{model}: the fake-tensor memory pass failed ({last})")
