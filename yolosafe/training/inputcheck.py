@@ -39,9 +39,16 @@ def one_line(exc: BaseException) -> str:
     return "".join(ch for ch in text if ord(ch) < 0x2000 or ch in "…").strip()
 
 
+def model_of(name: str) -> Any:
+    """The model as ``yolo``'s entrypoint builds it: ``RTDETR`` for an ``rtdetr`` name (its guess of the architecture;
+    tests/test_yolowords.py pins it), else ``YOLO``."""
+    from ultralytics import RTDETR, YOLO
+
+    return RTDETR(name) if "rtdetr" in Path(name).stem.lower() else YOLO(name)
+
+
 def load_model(request: dict[str, Any]) -> Any:
     """The model as ``YOLO(model)`` loads it; a release name not here is fetched only when downloads are asked for."""
-    from ultralytics import YOLO
     from ultralytics.nn.tasks import torch_safe_load
     from ultralytics.utils.checks import check_model_file_from_stem
     from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
@@ -63,7 +70,7 @@ def load_model(request: dict[str, Any]) -> Any:
             raise Refused(f"{flag}: not a readable PyTorch checkpoint ({one_line(exc)})") from None
     fetched = path.suffix == ".pt" and not path.is_file()
     try:
-        return YOLO(name)  # the worker's own load: task= is checked against the model's task, never forced on it
+        return model_of(name)  # the worker's own load: task= is checked against the model's task, never forced on it
     except Exception as exc:
         if fetched:
             raise Refused(f"cannot load model {name!r}: {one_line(exc)}") from None
