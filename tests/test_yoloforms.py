@@ -143,3 +143,11 @@ def test_other_yolo_commands_are_ultralytics_own(tmp_path, shared_cache, words):
 
 def _lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if "Arguments received" not in ln]
+
+
+def test_batch_auto_never_picks_more_than_the_training_set(run_cli, data):
+    result = run_cli("train", "model=yolov8n.yaml", f"data={data}", "imgsz=32", "--batch", "auto", "--dry-run",
+                     env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
+    assert result.returncode == 0, result.stderr
+    assert f"batch            {tinysets.TRAIN} total" in result.stdout, result.stdout
+    assert f"the training set holds {tinysets.TRAIN} images" in result.stderr
