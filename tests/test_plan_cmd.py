@@ -182,7 +182,7 @@ def test_batch_auto_reads_the_dataset_labels_a_crowded_set_gets_a_smaller_batch(
         assert "the dataset's labels" in memory["objects_per_image"]["source"]
         assert memory["objects_per_image"]["train"] == max(per_image)
         assert "public check" in memory["predicted"]["val"]["sources"]["required_mib"]
-        chosen[name] = json.loads(result.stdout)["auto"]["per_gpu_batch"]
+        chosen[name] = json.loads(result.stdout)["auto"]["memory_per_gpu_batch"]  # before the cap at 20 images
     assert chosen["crowded"] < 0.6 * chosen["sparse"]  # 1000 objects in one image: the assigner decides
 
 

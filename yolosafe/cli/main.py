@@ -235,11 +235,15 @@ def route(argv: list[str]) -> list[str] | None:
 
 
 def _merged(words: list[str]) -> list[str]:
-    """Ultralytics' spacing around ``=`` (``--imgsz= 160``, ``epochs =1``) joined, as its ``merge_equals_args``."""
-    try:
-        return yolowords.merge_equals_args(words)
-    except (yolowords.WordError, IndexError):
-        return words  # the words' own check says what is wrong
+    """``--imgsz= 160`` (Ultralytics' spacing, on a word that is also a yolosafe flag) as ``--imgsz=160`` for click;
+    the other words' spacing is read with them (:func:`yolowords.merge_equals_args`)."""
+    out: list[str] = []
+    for word in words:
+        if out and out[-1].startswith("--") and out[-1].endswith("=") and not word.startswith("-") and "=" not in word:
+            out[-1] += word
+        else:
+            out.append(word)
+    return out
 
 
 def run_ultralytics(argv: list[str]) -> None:

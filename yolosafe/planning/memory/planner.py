@@ -219,6 +219,7 @@ def resolve_auto(options: TrainOptions, inventory: gpus.Inventory,
         setup = setup_of(options, len(selected))
         per_gpu, why = auto_batch(terms, setup, chosen_gpus, entry["memory_fraction"], options.val_batch,
                                   history_file)
+        entry["memory_per_gpu_batch"] = per_gpu  # what the memory allows, before the caps below
         images = int(options.train_images or 0)  # Ultralytics counted them first (trainrun: --batch auto checks early)
         if images and per_gpu * len(selected) > images:
             per_gpu = max(-(-images // len(selected)), 1)
