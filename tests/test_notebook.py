@@ -19,9 +19,15 @@ manager = pytest.importorskip("jupyter_client.manager")
 pytestmark = pytest.mark.slow  # real Ultralytics trainings on CPU, two fake-GPU ranks
 
 TRAIN_CELL = """
+import os
 import yolosafe
+
+def mark_epoch(trainer):  # a callback defined in the notebook: every rank, every attempt (a resume keeps it)
+    with open(f"cb-rank{os.environ.get('RANK', '-1')}.txt", "a") as f:
+        f.write(f"{trainer.epoch}\\n")
+
 yolosafe.train(data="shapes", device=[0, 1], epochs=2, imgsz=64, batch=8, effective_batch=16, workers=0,
-               plots=False)
+               plots=False, callbacks={"on_train_epoch_start": mark_epoch})
 """
 
 
@@ -75,6 +81,8 @@ def test_train_in_a_kernel_streams_stops_on_interrupt_and_resumes(tmp_path: Path
             assert time.time() - interrupted < 15, "ranks outlived the kernel's interrupt"
             time.sleep(0.1)
         assert story(run)["outcome"] == "interrupted"
+        marks = {r: (tmp_path / f"cb-rank{r}.txt").read_text().split() for r in (0, 1)}
+        assert all(marks.values()), marks  # the notebook's callback ran in both ranks
 
         content, streamed = execute(kc, f"run = yolosafe.train(resume={str(run)!r})\n"
                                         "print('OUTCOME', run.outcome, run.best is not None, len(run.attempts))",
@@ -84,6 +92,8 @@ def test_train_in_a_kernel_streams_stops_on_interrupt_and_resumes(tmp_path: Path
         assert "Epoch" in streamed and "\r" in streamed  # rank 0's progress, redrawn in place
         assert "yolosafe: resuming" in streamed
         assert "[rank" not in streamed and "Traceback" not in streamed
+        for r in (0, 1):  # the resumed attempt's ranks ran it too
+            assert len((tmp_path / f"cb-rank{r}.txt").read_text().split()) > len(marks[r])
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)

@@ -109,6 +109,11 @@ def test_effective_batch_not_multiple_is_noted():
     p = plan(effective_batch=100)
     assert p.accumulate == 2 and p.real_effective_batch == 128
     assert "not a multiple" in plan_warnings(p)[0]
+    small = plan(gpus=(), batch=8, effective_batch=None, epochs=1, train_images=8)  # yolo's own nbs on a small set
+    assert small.accumulate == 1 and plan_warnings(small) == []  # Ultralytics says nothing of it either
+    asked = plan(gpus=(), batch=8, effective_batch=128, epochs=1, train_images=8)
+    assert plan_warnings(asked) == ["effective batch 128 is more than the run's iterations of batch 8: Ultralytics "
+                                    "will accumulate 1 step, an effective batch of 8"]
 
 
 def test_accumulation_is_capped_and_ramped_like_ultralytics():

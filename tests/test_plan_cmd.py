@@ -95,8 +95,9 @@ def test_batch_auto_dry_run_keeps_the_effective_batch(run_cli):
     assert "nbs 256" in result.stdout
     bad = run_cli("train", "--batch", "lots", "--dry-run", env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
     assert bad.returncode == 2 and "--batch" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    cpu = run_cli("train", "--batch", "auto", "--gpus", "cpu", "--dry-run")
-    assert cpu.returncode == 2 and "--batch auto needs GPUs" in cpu.stderr
+    cpu = run_cli("train", "--batch", "auto", "--gpus", "cpu", "--dry-run")  # yolo's AutoBatch on the CPU: its default
+    assert cpu.returncode == 0 and "using Ultralytics' default batch 16" in cpu.stderr, cpu.stderr
+    assert "16 total = 16 per GPU" in cpu.stdout
 
 
 def fake_gpu_for_batch(per_gpu: int, imgsz: int, world_size: int) -> float:
@@ -181,7 +182,7 @@ def test_batch_auto_reads_the_dataset_labels_a_crowded_set_gets_a_smaller_batch(
         assert "the dataset's labels" in memory["objects_per_image"]["source"]
         assert memory["objects_per_image"]["train"] == max(per_image)
         assert "public check" in memory["predicted"]["val"]["sources"]["required_mib"]
-        chosen[name] = json.loads(result.stdout)["auto"]["per_gpu_batch"]
+        chosen[name] = json.loads(result.stdout)["auto"]["memory_per_gpu_batch"]  # before the cap at 20 images
     assert chosen["crowded"] < 0.6 * chosen["sparse"]  # 1000 objects in one image: the assigner decides
 
 

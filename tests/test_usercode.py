@@ -96,3 +96,16 @@ def test_main_defined_callback_and_trainer_run_in_both_ranks(tmp_path: Path, sha
         assert record["box"] == 11.5 and "HeavierBoxes" in record["mro"] and record["mro"][0].startswith(
             ("Safe", "Cpu"))
         assert record["hyp_box"] in (None, 11.5)  # the loss reads the same hyperparameters
+
+
+def test_a_resume_keeps_the_last_attempts_callbacks(tmp_path):
+    from tests.test_misuse import fake_run
+    from yolosafe.planning import resume
+    from yolosafe.rundir import files as rundir
+    from yolosafe.rundir import records
+    from yolosafe.rundir.layout import RunDir
+
+    run = fake_run(tmp_path)
+    code = usercode.refs({"on_fit_epoch_end": on_fit_epoch_end})
+    rundir.write_json(RunDir(run).spec(1), {"user_code": code})
+    assert resume.last_user_code(RunDir(run), records.load_story(run)) == code

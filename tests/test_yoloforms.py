@@ -143,3 +143,31 @@ def test_other_yolo_commands_are_ultralytics_own(tmp_path, shared_cache, words):
 
 def _lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if "Arguments received" not in ln]
+
+
+def test_batch_auto_never_picks_more_than_the_training_set(run_cli, data):
+    result = run_cli("train", "model=yolov8n.yaml", f"data={data}", "imgsz=32", "--batch", "auto", "--dry-run",
+                     env={"YOLOSAFE_FAKE_GPUS": "1x24GB"})
+    assert result.returncode == 0, result.stderr
+    assert f"batch            {tinysets.TRAIN} total" in result.stdout, result.stdout
+    assert f"the training set holds {tinysets.TRAIN} images" in result.stderr
+
+
+@pytest.mark.parametrize(("words", "said"), [
+    (["callbacks=no_such_module:on_fit_epoch_end"], "cannot be loaded"),
+    (["callbacks=tests.test_usercode:on_fit_epoch_end", "trainer=tests.test_usercode:on_fit_epoch_end"],
+     "or a subclass of it"),
+    (["trainer=ultralytics.models.yolo.classify:ClassificationTrainer"], "DetectionTrainer or a subclass"),
+])
+def test_user_code_a_rank_could_not_use_is_one_line(run_cli, data, words, said):
+    result = run_cli("train", "model=yolov8n.yaml", f"data={data}", "imgsz=32", *words, "--dry-run",
+                     env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert_usage_error(result, said)
+
+
+def test_user_code_by_name_passes_the_check(run_cli, data):
+    result = run_cli("train", "model=yolov8n.yaml", f"data={data}", "imgsz=32", "--dry-run",
+                     "callbacks=tests.test_usercode:on_fit_epoch_end",
+                     "trainer=ultralytics.models.yolo.detect:DetectionTrainer",
+                     env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr

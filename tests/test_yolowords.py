@@ -104,6 +104,11 @@ def test_tasks_modes_and_special_commands_are_ultralytics_own():
         cfg.parse_key_value_pair)
 
 
+def test_the_architecture_guess_is_entrypoints():
+    source = inspect.getsource(cfg.entrypoint)
+    assert 'if "rtdetr" in stem:' in source and "model = RTDETR(model)" in source
+
+
 def _entrypoint_special_commands() -> set[str]:
     """The keys of the ``special`` dict literal in ``entrypoint``'s source."""
     tree = ast.parse(inspect.getsource(cfg.entrypoint))

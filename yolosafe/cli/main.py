@@ -223,18 +223,32 @@ def route(argv: list[str]) -> list[str] | None:
     if not argv:
         return ["--help"]
     first = argv[0]
+    if first in ("train", "plan"):
+        return [first, *_merged(argv[1:])]
     if first in cli.commands or first.startswith("-"):
         return argv
     if first in yolowords.TASKS:
         rest = argv[1:]
         mode = next((w for w in rest if w in yolowords.MODES), None)
         if mode == "train" or (mode is None and "mode=train" in rest):
-            return ["train", first, *[w for w in rest if w != "train"]]
+            return ["train", first, *_merged([w for w in rest if w != "train"])]
         return None
     if "=" in first and ("train" in argv or "mode=train" in argv):  # yolo model=... mode=train
-        return ["train", *[w for w in argv if w != "train"]]
+        return ["train", *_merged([w for w in argv if w != "train"])]
     ultralytics = {*yolowords.MODES, *yolowords.SPECIAL, *(w.removesuffix("s") for w in yolowords.SPECIAL)}
     return None if first.lower() in ultralytics or "=" in first else argv
+
+
+def _merged(words: list[str]) -> list[str]:
+    """``--imgsz= 160`` (Ultralytics' spacing, on a word that is also a yolosafe flag) as ``--imgsz=160`` for click;
+    the other words' spacing is read with them (:func:`yolowords.merge_equals_args`)."""
+    out: list[str] = []
+    for word in words:
+        if out and out[-1].startswith("--") and out[-1].endswith("=") and not word.startswith("-") and "=" not in word:
+            out[-1] += word
+        else:
+            out.append(word)
+    return out
 
 
 def run_ultralytics(argv: list[str]) -> None:

@@ -182,6 +182,7 @@ def prepare(where: RunDir | Path, given: dict[str, Any], dry_run: bool, nnodes: 
         progress = checkpoint.progress(last) if last.name != UNVALIDATED else None  # its trainer validates first
         final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
     options = TrainOptions.from_story(story).replace(**{k: given[k] for k in RUN_OPTIONS if given.get(k) is not None})
+    options = options.replace(user_code=given.get("user_code") or last_user_code(run, story))
     applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
     check_watch(options.replace(**applied))  # the same checks as a new run's
     check_hangs(options.replace(**applied))
@@ -267,6 +268,21 @@ def map_gpus(story: records.Story, inventory: gpus.Inventory, cuda_visible: str 
             f"CUDA_VISIBLE_DEVICES is {where}); resume on GPUs this job may use with --gpus (yolosafe gpus lists "
             "them), or where CUDA_VISIBLE_DEVICES names the run's GPUs")
     return tuple(i for i in found if i is not None)
+
+
+def last_user_code(run: RunDir, story: records.Story) -> dict[str, Any] | None:
+    """The user's callbacks and trainer the run's last attempt had (its spec file holds them): a resume keeps them."""
+    attempts = story.attempts or []
+    last = attempts[-1] if attempts else None
+    number = last.get("attempt") if isinstance(last, dict) else getattr(last, "attempt", None)
+    if not isinstance(number, int):
+        return None
+    try:
+        spec = rundir.read_json(run.spec(number))
+    except (OSError, ValueError):
+        return None
+    code = spec.get("user_code") if isinstance(spec, dict) else None
+    return code if isinstance(code, dict) else None
 
 
 def record(r: Resume, given: dict[str, Any]) -> None:

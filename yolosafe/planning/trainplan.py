@@ -306,9 +306,13 @@ def plan_warnings(plan: TrainPlan) -> list[str]:
     """Things that are allowed but probably not what the user meant."""
     if plan.real_effective_batch == plan.effective_batch:
         return []
+    if plan.nbs == ULTRALYTICS_DEFAULT_NBS and plan.effective_batch == default_effective_batch(
+            plan.first_batch or plan.batch):
+        return []  # yolo train's own default on a small set: Ultralytics does the same, and says nothing
     why = "is not a multiple of" if plan.effective_batch % plan.batch else "is more than the run's iterations of"
+    steps = f"{plan.accumulate} step{'s' if plan.accumulate != 1 else ''}"
     return [f"effective batch {plan.effective_batch} {why} batch {plan.batch}: Ultralytics will accumulate "
-            f"{plan.accumulate} steps, an effective batch of {plan.real_effective_batch}"]
+            f"{steps}, an effective batch of {plan.real_effective_batch}"]
 
 
 def replan(summary: Mapping[str, Any], **changes: Any) -> TrainPlan:

@@ -114,7 +114,8 @@ def ultralytics_request(opts: Any, dry_run: bool) -> dict[str, Any]:
     return {"model": opts.model, "data": opts.data_yaml, "task": opts.task,
             "overrides": {k: v for k, v in overrides.items() if v is not None},
             "project": None if project == ULTRALYTICS_PROJECT else project, "name": opts.name,
-            "download": bool(opts.download) and not dry_run, "dry_run": dry_run}  # a dry run fetches nothing
+            "download": bool(opts.download) and not dry_run, "dry_run": dry_run,  # a dry run fetches nothing
+            **({"user_code": opts.user_code} if getattr(opts, "user_code", None) else {})}
 
 
 def ultralytics_check(opts: Any, dry_run: bool = False) -> dict[str, Any]:
@@ -122,7 +123,8 @@ def ultralytics_check(opts: Any, dry_run: bool = False) -> dict[str, Any]:
     and the training images, or raises :class:`InputError` with Ultralytics' reason. With ``download`` set, the data
     and the weights are fetched there, once, before any rank starts."""
     request = ultralytics_request(opts, dry_run)
-    result = checkcache.lookup(request) or _ask(request)
+    # the user's code may change without a file the cache watches: asked every time
+    result = (None if request.get("user_code") else checkcache.lookup(request)) or _ask(request)
     if "error" in result:
         hint = opts.data_hint
         known = "--data" not in result["error"] or "images not found" in result["error"]  # Ultralytics knows it

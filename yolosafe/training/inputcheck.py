@@ -41,9 +41,16 @@ def one_line(exc: BaseException) -> str:
     return "".join(ch for ch in text if ord(ch) < 0x2000 or ch in "…").strip()
 
 
+def model_of(name: str) -> Any:
+    """The model as ``yolo``'s entrypoint builds it: ``RTDETR`` for an ``rtdetr`` name (its guess of the architecture;
+    tests/test_yolowords.py pins it), else ``YOLO``."""
+    from ultralytics import RTDETR, YOLO
+
+    return RTDETR(name) if "rtdetr" in Path(name).stem.lower() else YOLO(name)
+
+
 def load_model(request: dict[str, Any]) -> Any:
     """The model as ``YOLO(model)`` loads it; a release name not here is fetched only when downloads are asked for."""
-    from ultralytics import YOLO
     from ultralytics.nn.tasks import torch_safe_load
     from ultralytics.utils.checks import check_model_file_from_stem
     from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
@@ -65,7 +72,7 @@ def load_model(request: dict[str, Any]) -> Any:
             raise Refused(f"{flag}: not a readable PyTorch checkpoint ({one_line(exc)})") from None
     fetched = path.suffix == ".pt" and not path.is_file()
     try:
-        return YOLO(name)  # the worker's own load: task= is checked against the model's task, never forced on it
+        return model_of(name)  # the worker's own load: task= is checked against the model's task, never forced on it
     except Exception as exc:
         if fetched:
             raise Refused(f"cannot load model {name!r}: {one_line(exc)}") from None
@@ -246,12 +253,38 @@ def reads(request: dict[str, Any], data: dict[str, Any] | None, files: dict[str,
     return found
 
 
+def user_trainer(code: dict[str, Any] | None, base: type, task: str) -> type:
+    """The user's trainer class (or the task's), their callbacks loaded as a rank loads them: what a rank would fail
+    on is one line here, before any run directory exists."""
+    if not code:
+        return base
+    from ultralytics.utils.callbacks.base import default_callbacks
+
+    from yolosafe.planning import usercode
+
+    try:
+        callbacks, trainer = usercode.callbacks_of(code), usercode.trainer_of(code)
+    except Exception as exc:  # the user's import or unpickling: any error is theirs
+        raise Refused(f"callbacks/trainer: cannot be loaded ({type(exc).__name__}: {one_line(exc)})") from None
+    for event, fn in callbacks:
+        if event not in default_callbacks:
+            raise Refused(f"callbacks: {event!r} is not an Ultralytics callback event ({', '.join(default_callbacks)})")
+        if not callable(fn):
+            raise Refused(f"callbacks: {event} is given {fn!r}, not a function")
+    if trainer is None:
+        return base
+    if not (isinstance(trainer, type) and issubclass(trainer, base)):
+        raise Refused(f"trainer={getattr(trainer, '__name__', trainer)!r}: a {task} model trains with {base.__name__} "
+                      "or a subclass of it")
+    return trainer
+
+
 def check(request: dict[str, Any]) -> dict[str, Any]:
     model = load_model(request)
     task = model.task
     if request.get("task") not in (None, task):
         raise Refused(f"task={request['task']}: --model {request['model']} is a {task} model")
-    trainer_cls = model.task_map[task]["trainer"]
+    trainer_cls = user_trainer(request.get("user_code"), model.task_map[task]["trainer"], task)
     args = train_args(request, task)
     notes: list[str] = []
     images, figures, data, files = None, {}, None, {}

@@ -65,10 +65,10 @@ def _cannot_load(model_path: str, exc: Exception) -> NoReturn:
 
 def _load(model_path: str) -> Any:
     """Ultralytics model from a YAML (built, no download) or weights (which Ultralytics may fetch)."""
-    from ultralytics import YOLO
+    from yolosafe.training.inputcheck import model_of
 
     try:
-        return YOLO(model_path)
+        return model_of(model_path)
     except Exception as exc:
         _cannot_load(model_path, exc)
 

@@ -235,6 +235,11 @@ def resolve_auto(options: TrainOptions, inventory: gpus.Inventory,
         setup = setup_of(options, len(selected), gpu_names=[g.name for g in chosen_gpus])
         per_gpu, why = auto_batch(terms, setup, chosen_gpus, entry["memory_fraction"], options.val_batch,
                                   history_file)
+        entry["memory_per_gpu_batch"] = per_gpu  # what the memory allows, before the caps below
+        images = int(options.train_images or 0)  # Ultralytics counted them first (trainrun: --batch auto checks early)
+        if images and per_gpu * len(selected) > images:
+            per_gpu = max(-(-images // len(selected)), 1)
+            why.append(f"capped at {per_gpu} per GPU: the training set holds {images} images")
         if options.effective_batch and per_gpu * len(selected) > int(options.effective_batch):
             per_gpu = max(int(options.effective_batch) // len(selected), 1)
             why.append(f"capped at {per_gpu} per GPU: the total may not exceed --effective-batch")
