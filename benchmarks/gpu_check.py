@@ -231,19 +231,20 @@ def oom_forms(env: dict[str, str], dry: bool) -> dict[str, Any]:
     a filler process takes all of GPU 0 but :data:`LEAVE_MIB`, then the form runs into it."""
     found = {}
     for kind in FORMS:
-        prober = _child(["--probe", kind, *(["--dry"] if dry else [])], env)
-        filler = None
+        prober = filler = None
         try:
-            if not dry:
-                if kind != "context":
-                    prober.stdout.readline()  # "context": the probe's context exists
+            if not dry and kind == "context":  # the filler first: the probe's context is what runs into it
                 filler = _child(["--probe", f"hold:{LEAVE_MIB[kind]}"], env)
                 filler.stdout.readline()  # "ready": it holds the rest
+            prober = _child(["--probe", kind, *(["--dry"] if dry else [])], env)
+            if not dry and kind != "context":
+                prober.stdout.readline()  # "context": the probe's context exists
+                filler = _child(["--probe", f"hold:{LEAVE_MIB[kind]}"], env)
+                filler.stdout.readline()
             out, err = prober.communicate("go\n", timeout=120)
             lines = out.strip().splitlines()
             found[kind] = json.loads(lines[-1]) if lines else {"form": kind, "crash": err[-2000:]}
         except subprocess.TimeoutExpired:
-            prober.kill()
             found[kind] = {"form": kind, "crash": "no answer within 120 s"}
         finally:
             for child in (prober, filler):
