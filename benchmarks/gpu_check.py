@@ -191,6 +191,7 @@ def probe(kind: str, dry: bool) -> dict[str, Any]:
         del held
     found: dict[str, Any] = {"form": kind}
     kept: list[Any] = []
+    before = None  # torch's allocated bytes before the form (its context made)
     try:
         if kind == "context":
             torch.zeros(1, device="cuda")
@@ -215,7 +216,7 @@ def probe(kind: str, dry: bool) -> dict[str, Any]:
         kept.clear()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        found["allocated_back"] = torch.cuda.memory_allocated() <= before
+        found["allocated_back"] = before is not None and torch.cuda.memory_allocated() <= before
         found["free_after_mib"] = torch.cuda.mem_get_info()[0] / 2**20
         found["freed"] = found["allocated_back"] and found["free_after_mib"] >= 0.9 * found["free_before_mib"]
     return found
