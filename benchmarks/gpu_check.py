@@ -191,6 +191,7 @@ def probe(kind: str, dry: bool) -> dict[str, Any]:
         del held
     found: dict[str, Any] = {"form": kind}
     kept: list[Any] = []
+    before = None  # torch's allocated bytes before the form (its context made)
     try:
         if kind == "context":
             torch.zeros(1, device="cuda")
@@ -215,7 +216,7 @@ def probe(kind: str, dry: bool) -> dict[str, Any]:
         kept.clear()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        found["allocated_back"] = torch.cuda.memory_allocated() <= before
+        found["allocated_back"] = before is not None and torch.cuda.memory_allocated() <= before
         found["free_after_mib"] = torch.cuda.mem_get_info()[0] / 2**20
         found["freed"] = found["allocated_back"] and found["free_after_mib"] >= 0.9 * found["free_before_mib"]
     return found
@@ -231,19 +232,20 @@ def oom_forms(env: dict[str, str], dry: bool) -> dict[str, Any]:
     a filler process takes all of GPU 0 but :data:`LEAVE_MIB`, then the form runs into it."""
     found = {}
     for kind in FORMS:
-        prober = _child(["--probe", kind, *(["--dry"] if dry else [])], env)
-        filler = None
+        prober = filler = None
         try:
-            if not dry:
-                if kind != "context":
-                    prober.stdout.readline()  # "context": the probe's context exists
+            if not dry and kind == "context":  # the filler first: the probe's context is what runs into it
                 filler = _child(["--probe", f"hold:{LEAVE_MIB[kind]}"], env)
                 filler.stdout.readline()  # "ready": it holds the rest
+            prober = _child(["--probe", kind, *(["--dry"] if dry else [])], env)
+            if not dry and kind != "context":
+                prober.stdout.readline()  # "context": the probe's context exists
+                filler = _child(["--probe", f"hold:{LEAVE_MIB[kind]}"], env)
+                filler.stdout.readline()
             out, err = prober.communicate("go\n", timeout=120)
             lines = out.strip().splitlines()
             found[kind] = json.loads(lines[-1]) if lines else {"form": kind, "crash": err[-2000:]}
         except subprocess.TimeoutExpired:
-            prober.kill()
             found[kind] = {"form": kind, "crash": "no answer within 120 s"}
         finally:
             for child in (prober, filler):
