@@ -227,3 +227,60 @@ def _drain(fd: int, done: threading.Event) -> None:
             if exc.errno in (errno.EIO, errno.EBADF):
                 return
             raise
+
+
+# --- checkpoints read without running them ---------------------------------------------------------------------------
+
+
+class _WritesAFile:
+    """A pickle that runs code when loaded: ``os.system('touch MARKER')``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _hostile_checkpoints(tmp_path):
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    marker = tmp_path / "ran"
+    model = DetectionModel("yolov8n.yaml", verbose=False)
+    torch.save({"model": model, "epoch": 0, "train_args": {"epochs": 3}, "x": _WritesAFile(str(marker))},
+               tmp_path / "evil.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "linear.pt")
+    torch.save({"model": model, "epoch": 0, "train_args": {"epochs": 3},
+                "optimizer": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict(),
+                "train_metrics": {"metrics/mAP50(B)": __import__("numpy").float64(0.5)}}, tmp_path / "good.pt")
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "stack.pt", "w") as archive:  # protocol 4: names by STACK_GLOBAL, memoized
+        archive.writestr("stack/data.pkl", pickle.dumps({"ultralytics": 1, "x": _WritesAFile(str(marker))}, 4))
+    return marker
+
+
+def test_a_checkpoint_that_runs_code_or_is_no_ultralytics_one_is_refused_unread(run_cli, tmp_path):
+    """yolosafe reads a checkpoint's pickle by its opcodes: a ``__reduce__`` that writes a file never runs, neither in
+    yolosafe's own reading nor in the input check (refused before it), and a bare ``nn.Linear`` is refused by name."""
+    import torch
+
+    from yolosafe.planning import checkpoint, validate
+
+    marker = _hostile_checkpoints(tmp_path)
+    for name in ("evil.pt", "stack.pt"):
+        with pytest.raises(validate.InputError, match=r"would run posix\.system when loaded"):
+            validate.check_checkpoint(tmp_path / name, name)
+        line = one_line_refusal(run_cli("train", "--model", name, "--data", "shapes", "--dry-run", timeout=120),
+                                "posix.system", "not loaded")
+        assert name in line
+    one_line_refusal(run_cli("train", "--model", "linear.pt", "--data", "shapes", "--dry-run", timeout=120),
+                     "not an Ultralytics checkpoint", "torch.nn.modules.linear.Linear")
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+    validate.check_checkpoint(tmp_path / "good.pt", "good.pt")  # a model, its optimizer, numpy metrics: accepted
+    for name in ("evil.pt", "good.pt", "linear.pt"):  # delegation pinned: what torch's own reader finds unsafe
+        ours = {n.replace(" ", ".") for n in checkpoint.pickled_globals(tmp_path / name)}
+        assert set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / name)) <= ours
+    assert not marker.exists()

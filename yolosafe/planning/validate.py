@@ -21,7 +21,7 @@ from typing import Any
 
 from yolosafe import hang, oom, proc
 from yolosafe.errors import UsageError
-from yolosafe.planning import checkcache, trainplan
+from yolosafe.planning import checkcache, checkpoint, trainplan
 
 INPUT_CHECK = "yolosafe.training.inputcheck"
 ULTRALYTICS_PROJECT = "runs/<task>"  # --project not given: the folder Ultralytics' get_save_dir gives the task
@@ -89,17 +89,34 @@ def check_injection(environ: Mapping[str, str]) -> None:
 
 
 def check_checkpoint(path: Path, what: str) -> None:
-    """A PyTorch zip checkpoint whose pickle refers to Ultralytics' classes (read without torch)."""
+    """A PyTorch zip checkpoint whose pickle names Ultralytics' model classes and nothing a load would run as code
+    (its opcodes read, never executed: :func:`yolosafe.planning.checkpoint.pickled_globals`)."""
     try:
         with zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            text = archive.read(pickles[0]) if pickles else b""
     except (zipfile.BadZipFile, OSError, KeyError, zipfile.LargeZipFile) as exc:
         raise InputError(f"{what}: not a readable PyTorch checkpoint ({exc or type(exc).__name__})") from None
     if not pickles:
         raise InputError(f"{what}: not a PyTorch checkpoint (no data.pkl inside)")
-    if b"ultralytics" not in text:
-        raise InputError(f"{what}: a PyTorch file, but not an Ultralytics checkpoint")
+    names = checkpoint.pickled_globals(path)
+    if names is None:
+        raise InputError(f"{what}: not a readable PyTorch checkpoint (its pickle does not parse)")
+    unsafe = checkpoint.unsafe_globals(names)
+    if unsafe:
+        raise InputError(f"{what}: its pickle would run {unsafe[0].replace(' ', '.')} when loaded, which no "
+                         "Ultralytics checkpoint does: not loaded")
+    if not any(n.startswith("ultralytics.") for n in names):
+        held = next((n.replace(" ", ".") for n in names if n.startswith("torch.nn.")), None)
+        raise InputError(f"{what}: a PyTorch file, but not an Ultralytics checkpoint"
+                         + (f" (it holds a {held})" if held else ""))
+
+
+def check_model_file(model: Any) -> None:
+    """``--model x.pt`` that is a file here: vetted before Ultralytics' own load (which runs any code its pickle
+    names) in the input check."""
+    path = Path(str(model))
+    if path.suffix == ".pt" and path.is_file():
+        check_checkpoint(path, f"--model {model}")
 
 
 # --- what Ultralytics decides --------------------------------------------------------------------------------------
@@ -127,6 +144,7 @@ def ultralytics_check(opts: Any, dry_run: bool = False) -> dict[str, Any]:
     and the training images, or raises :class:`InputError` with Ultralytics' reason. With ``download`` set, the data
     and the weights are fetched there, once, before any rank starts."""
     request = ultralytics_request(opts, dry_run)
+    check_model_file(request["model"])
     result = checkcache.lookup(request) or _ask(request)
     if "error" in result:
         hint = opts.data_hint
