@@ -284,3 +284,62 @@ def test_a_checkpoint_that_runs_code_or_is_no_ultralytics_one_is_refused_unread(
         ours = {n.replace(" ", ".") for n in checkpoint.pickled_globals(tmp_path / name)}
         assert set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / name)) <= ours
     assert not marker.exists()
+
+
+# --- a full disk -----------------------------------------------------------------------------------------------------
+
+
+def test_the_kept_checkpoint_is_a_hard_link_and_a_copy_only_where_links_fail(tmp_path, monkeypatch):
+    """No byte copied to keep what an attempt resumes from; where the file system has no hard links a copy, and a
+    copy that meets a full disk (ENOSPC from the kernel's sendfile, the layer shutil copies with) leaves nothing."""
+    from yolosafe.rundir.layout import RunDir
+    from yolosafe.supervisor.loop import keep_checkpoint
+    from yolosafe.training.trainer import unlink_shared
+
+    run = RunDir(tmp_path / "run")
+    run.weights.mkdir(parents=True)
+    last = run.last_checkpoint
+    last.write_bytes(b"epoch 1" * 1000)
+    kept = keep_checkpoint(run, last, 2)
+    assert os.path.samefile(kept, last) and kept.read_bytes() == last.read_bytes()
+    last.with_name(".last.pt.partial").write_bytes(b"epoch 2")  # the next save: written beside, renamed
+    os.replace(last.with_name(".last.pt.partial"), last)
+    assert kept.read_bytes() == b"epoch 1" * 1000
+    os.link(last, run.weights / "linked.pt")
+    unlink_shared(last)  # before Ultralytics strips last.pt in place: the other name keeps its data
+    with open(last, "wb") as fh:
+        fh.write(b"stripped")
+    assert (run.weights / "linked.pt").read_bytes() == b"epoch 2"
+
+    def no_links(*_args, **_kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_links)
+    copied = keep_checkpoint(run, last, 3)
+    assert not os.path.samefile(copied, last) and copied.read_bytes() == b"stripped"
+    monkeypatch.setattr(os, "sendfile", full)
+    with pytest.raises(OSError, match="No space left"):
+        keep_checkpoint(run, last, 4)
+    assert not run.kept_checkpoint(4).exists() and not list(run.weights.glob(".*partial"))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 2**34), st.lists(st.sampled_from(["last.pt", "best.pt", "unvalidated.pt"]), unique=True))
+def test_the_space_a_resume_needs_is_its_checkpoints_less_those_there(tmp_path_factory, size, present):
+    from yolosafe.supervisor import advice
+
+    weights = tmp_path_factory.mktemp("run") / "weights"
+    weights.mkdir()
+    for name in present:
+        with open(weights / name, "wb") as fh:
+            fh.truncate(size)  # sparse: the size without the disk
+    hint = advice.space_hint(weights)
+    if not present:
+        assert "starts over" in hint
+        return
+    need = size * (advice.RESUME_CHECKPOINTS - len(present))
+    assert need == advice.resume_space(size, len(present))
+    assert f"free at least {need / 2**20:.1f} MiB" in hint and f"{len(present)} are there" in hint
