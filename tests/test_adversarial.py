@@ -343,3 +343,25 @@ def test_the_space_a_resume_needs_is_its_checkpoints_less_those_there(tmp_path_f
     need = size * (advice.RESUME_CHECKPOINTS - len(present))
     assert need == advice.resume_space(size, len(present))
     assert f"free at least {need / 2**20:.1f} MiB" in hint and f"{len(present)} are there" in hint
+
+
+# --- the runs' folder where Ultralytics puts it ----------------------------------------------------------------------
+
+
+def test_a_relative_project_is_checked_where_ultralytics_puts_it(run_cli, tmp_path):
+    """``--project P`` relative goes to ``runs/<task>/P`` (Ultralytics' get_save_dir): a file, a symlink loop or a
+    read-only folder named P here is no reason to refuse; a file where the run would go is, named both ways."""
+    (tmp_path / "pfile").write_text("")
+    os.symlink("loopb", tmp_path / "loopa")
+    os.symlink("loopa", tmp_path / "loopb")
+    (tmp_path / "x").mkdir(mode=0o555)
+    for project in ("pfile", "pfile/sub", "loopa", "x"):
+        result = run_cli("train", "--data", "shapes", "--project", project, "--dry-run", timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert str(tmp_path / "runs" / "detect" / project / "train") in result.stdout, result.stdout
+    (tmp_path / "runs" / "detect").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "runs" / "detect" / "taken").write_text("")
+    one_line_refusal(run_cli("train", "--data", "shapes", "--project", "taken", "--dry-run", timeout=120),
+                     "--project taken, which Ultralytics puts at", "runs/detect/taken is a file")
+    one_line_refusal(run_cli("train", "--data", "shapes", "--project", str(tmp_path / "pfile"), "--dry-run",
+                             timeout=120), "pfile is a file")

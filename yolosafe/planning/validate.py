@@ -66,13 +66,10 @@ def check_options(options: Any) -> None:
 
 
 def check_run_location(project: str, name: str) -> None:
-    """``--name`` is one folder inside ``--project``, and ``--project`` is a folder (or not there yet)."""
+    """``--name`` is one folder inside ``--project`` (where ``--project`` is, Ultralytics decides: it is checked there,
+    :func:`yolosafe.planning.inputs.check_run_place`)."""
     if not name or name in {".", ".."} or "/" in name or (os.sep != "/" and os.sep in name):
         raise InputError(f"--name {name!r}: give a single folder name (no '/'); use --project for the parent folder")
-    path = Path(project)
-    for parent in (path, *path.parents):
-        if parent.exists() and not parent.is_dir():
-            raise InputError(f"--project {project}: {parent} is a file, not a folder")
 
 
 def check_injection(environ: Mapping[str, str]) -> None:
