@@ -156,12 +156,14 @@ def _check_child(pid: int) -> int | None:
         return None
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_a_stop_during_the_input_check_ends_its_child_in_one_line(tmp_path, shared_cache, signum):
-    """Started as a script's ``cmd &`` starts it (SIGINT ignored): the stop still lands, in one line, exit 130."""
+@pytest.mark.parametrize(("signum", "ignored"), [(signal.SIGTERM, True), (signal.SIGHUP, True),
+                                                 (signal.SIGINT, True), (signal.SIGINT, False)])
+def test_a_stop_during_the_input_check_ends_its_child_in_one_line(tmp_path, shared_cache, signum, ignored):
+    """Started as a script's ``cmd &`` starts it (SIGINT ignored) or from a terminal (SIGINT at its default): the stop
+    lands, in one line, exit 130, the check's child ended."""
     # A verdict cache of its own: the check's child must run (a kept verdict answers without one).
     proc = drills.start(tmp_path, shared_cache, "train", *FAST, env={"YOLOSAFE_CACHE": str(tmp_path / "cache")},
-                        ignore_sigint=True)
+                        ignore_sigint=ignored)
     found: list[int] = []
     wait_until(lambda: bool(found.append(_check_child(proc.pid)) or found[-1]), proc, "the input check", 120)
     proc.send_signal(signum)
@@ -365,3 +367,30 @@ def test_a_relative_project_is_checked_where_ultralytics_puts_it(run_cli, tmp_pa
                      "--project taken, which Ultralytics puts at", "runs/detect/taken is a file")
     one_line_refusal(run_cli("train", "--data", "shapes", "--project", str(tmp_path / "pfile"), "--dry-run",
                              timeout=120), "pfile is a file")
+
+
+def test_a_full_log_disk_under_the_tee_leaves_the_terminal_its_output(tmp_path):
+    """The supervisor's tee of a worker's output: ``train.log`` on a full device (``/dev/full``: the kernel's own
+    ENOSPC) is dropped with one line on the other streams, which get every byte; nothing is raised."""
+    from yolosafe import proc as yproc
+
+    child = subprocess.Popen([os.sys.executable, "-c", "import sys; sys.stdout.write('x' * 200000)"],
+                             stdout=subprocess.PIPE)
+    with open("/dev/full", "wb") as log, open(tmp_path / "terminal", "wb") as terminal:
+        yproc._tee(child, [log, terminal])
+    child.wait()
+    text = (tmp_path / "terminal").read_text()
+    assert text.count("x") == 200000
+    assert "yolosafe: cannot write to /dev/full (No space left on device); its output goes on elsewhere" in text
+
+
+def test_a_resume_with_batch_auto_and_a_binary_memory_table_are_one_line(run_cli, tmp_path):
+    from tests.test_misuse import fake_run
+
+    run = fake_run(tmp_path)
+    one_line_refusal(run_cli("train", "--resume", str(run), "--batch", "auto", "--dry-run", timeout=120),
+                     "--batch auto", "give a number")
+    (run / "memory.csv").write_bytes(bytes(range(256)) * 64)
+    report = run_cli("report", str(run), timeout=120)
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr
+    assert "memory.csv is not the memory watch's table" in report.stderr
