@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from yolosafe import bench
 from yolosafe.exits import Exit
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult, stop_signals
@@ -285,6 +286,8 @@ def keep_checkpoint(run: RunDir, last: Path, attempt: int, writer: bool = True) 
         partial.unlink(missing_ok=True)
         try:
             try:
+                if bench.bench_off("checkpoint"):  # Ultralytics' own saves write last.pt in place: never a link
+                    raise OSError("saves in place")
                 os.link(last, partial)
             except OSError:  # no hard links here (EPERM, EXDEV, ENOTSUP of some network and FAT file systems)
                 shutil.copy2(last, partial)
