@@ -156,12 +156,14 @@ def _check_child(pid: int) -> int | None:
         return None
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_a_stop_during_the_input_check_ends_its_child_in_one_line(tmp_path, shared_cache, signum):
-    """Started as a script's ``cmd &`` starts it (SIGINT ignored): the stop still lands, in one line, exit 130."""
+@pytest.mark.parametrize(("signum", "ignored"), [(signal.SIGTERM, True), (signal.SIGHUP, True),
+                                                 (signal.SIGINT, True), (signal.SIGINT, False)])
+def test_a_stop_during_the_input_check_ends_its_child_in_one_line(tmp_path, shared_cache, signum, ignored):
+    """Started as a script's ``cmd &`` starts it (SIGINT ignored) or from a terminal (SIGINT at its default): the stop
+    lands, in one line, exit 130, the check's child ended."""
     # A verdict cache of its own: the check's child must run (a kept verdict answers without one).
     proc = drills.start(tmp_path, shared_cache, "train", *FAST, env={"YOLOSAFE_CACHE": str(tmp_path / "cache")},
-                        ignore_sigint=True)
+                        ignore_sigint=ignored)
     found: list[int] = []
     wait_until(lambda: bool(found.append(_check_child(proc.pid)) or found[-1]), proc, "the input check", 120)
     proc.send_signal(signum)
@@ -227,3 +229,168 @@ def _drain(fd: int, done: threading.Event) -> None:
             if exc.errno in (errno.EIO, errno.EBADF):
                 return
             raise
+
+
+# --- checkpoints read without running them ---------------------------------------------------------------------------
+
+
+class _WritesAFile:
+    """A pickle that runs code when loaded: ``os.system('touch MARKER')``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _hostile_checkpoints(tmp_path):
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    marker = tmp_path / "ran"
+    model = DetectionModel("yolov8n.yaml", verbose=False)
+    torch.save({"model": model, "epoch": 0, "train_args": {"epochs": 3}, "x": _WritesAFile(str(marker))},
+               tmp_path / "evil.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "linear.pt")
+    torch.save({"model": model, "epoch": 0, "train_args": {"epochs": 3},
+                "optimizer": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict(),
+                "train_metrics": {"metrics/mAP50(B)": __import__("numpy").float64(0.5)}}, tmp_path / "good.pt")
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "stack.pt", "w") as archive:  # protocol 4: names by STACK_GLOBAL, memoized
+        archive.writestr("stack/data.pkl", pickle.dumps({"ultralytics": 1, "x": _WritesAFile(str(marker))}, 4))
+    return marker
+
+
+def test_a_checkpoint_that_runs_code_or_is_no_ultralytics_one_is_refused_unread(run_cli, tmp_path):
+    """yolosafe reads a checkpoint's pickle by its opcodes: a ``__reduce__`` that writes a file never runs, neither in
+    yolosafe's own reading nor in the input check (refused before it), and a bare ``nn.Linear`` is refused by name."""
+    import torch
+
+    from yolosafe.planning import checkpoint, validate
+
+    marker = _hostile_checkpoints(tmp_path)
+    for name in ("evil.pt", "stack.pt"):
+        with pytest.raises(validate.InputError, match=r"would run posix\.system when loaded"):
+            validate.check_checkpoint(tmp_path / name, name)
+        line = one_line_refusal(run_cli("train", "--model", name, "--data", "shapes", "--dry-run", timeout=120),
+                                "posix.system", "not loaded")
+        assert name in line
+    one_line_refusal(run_cli("train", "--model", "linear.pt", "--data", "shapes", "--dry-run", timeout=120),
+                     "not an Ultralytics checkpoint", "torch.nn.modules.linear.Linear")
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+    validate.check_checkpoint(tmp_path / "good.pt", "good.pt")  # a model, its optimizer, numpy metrics: accepted
+    for name in ("evil.pt", "good.pt", "linear.pt"):  # delegation pinned: what torch's own reader finds unsafe
+        ours = {n.replace(" ", ".") for n in checkpoint.pickled_globals(tmp_path / name)}
+        assert set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / name)) <= ours
+    assert not marker.exists()
+
+
+# --- a full disk -----------------------------------------------------------------------------------------------------
+
+
+def test_the_kept_checkpoint_is_a_hard_link_and_a_copy_only_where_links_fail(tmp_path, monkeypatch):
+    """No byte copied to keep what an attempt resumes from; where the file system has no hard links a copy, and a
+    copy that meets a full disk (ENOSPC from the kernel's sendfile, the layer shutil copies with) leaves nothing."""
+    from yolosafe.rundir.layout import RunDir
+    from yolosafe.supervisor.loop import keep_checkpoint
+    from yolosafe.training.trainer import unlink_shared
+
+    run = RunDir(tmp_path / "run")
+    run.weights.mkdir(parents=True)
+    last = run.last_checkpoint
+    last.write_bytes(b"epoch 1" * 1000)
+    kept = keep_checkpoint(run, last, 2)
+    assert os.path.samefile(kept, last) and kept.read_bytes() == last.read_bytes()
+    last.with_name(".last.pt.partial").write_bytes(b"epoch 2")  # the next save: written beside, renamed
+    os.replace(last.with_name(".last.pt.partial"), last)
+    assert kept.read_bytes() == b"epoch 1" * 1000
+    os.link(last, run.weights / "linked.pt")
+    unlink_shared(last)  # before Ultralytics strips last.pt in place: the other name keeps its data
+    with open(last, "wb") as fh:
+        fh.write(b"stripped")
+    assert (run.weights / "linked.pt").read_bytes() == b"epoch 2"
+
+    def no_links(*_args, **_kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_links)
+    copied = keep_checkpoint(run, last, 3)
+    assert not os.path.samefile(copied, last) and copied.read_bytes() == b"stripped"
+    monkeypatch.setattr(os, "sendfile", full)
+    with pytest.raises(OSError, match="No space left"):
+        keep_checkpoint(run, last, 4)
+    assert not run.kept_checkpoint(4).exists() and not list(run.weights.glob(".*partial"))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 2**34), st.lists(st.sampled_from(["last.pt", "best.pt", "unvalidated.pt"]), unique=True))
+def test_the_space_a_resume_needs_is_its_checkpoints_less_those_there(tmp_path_factory, size, present):
+    from yolosafe.supervisor import advice
+
+    weights = tmp_path_factory.mktemp("run") / "weights"
+    weights.mkdir()
+    for name in present:
+        with open(weights / name, "wb") as fh:
+            fh.truncate(size)  # sparse: the size without the disk
+    hint = advice.space_hint(weights)
+    if not present:
+        assert "starts over" in hint
+        return
+    need = size * (advice.RESUME_CHECKPOINTS - len(present))
+    assert need == advice.resume_space(size, len(present))
+    assert f"free at least {need / 2**20:.1f} MiB" in hint and f"{len(present)} are there" in hint
+
+
+# --- the runs' folder where Ultralytics puts it ----------------------------------------------------------------------
+
+
+def test_a_relative_project_is_checked_where_ultralytics_puts_it(run_cli, tmp_path):
+    """``--project P`` relative goes to ``runs/<task>/P`` (Ultralytics' get_save_dir): a file, a symlink loop or a
+    read-only folder named P here is no reason to refuse; a file where the run would go is, named both ways."""
+    (tmp_path / "pfile").write_text("")
+    os.symlink("loopb", tmp_path / "loopa")
+    os.symlink("loopa", tmp_path / "loopb")
+    (tmp_path / "x").mkdir(mode=0o555)
+    for project in ("pfile", "pfile/sub", "loopa", "x"):
+        result = run_cli("train", "--data", "shapes", "--project", project, "--dry-run", timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert str(tmp_path / "runs" / "detect" / project / "train") in result.stdout, result.stdout
+    (tmp_path / "runs" / "detect").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "runs" / "detect" / "taken").write_text("")
+    one_line_refusal(run_cli("train", "--data", "shapes", "--project", "taken", "--dry-run", timeout=120),
+                     "--project taken, which Ultralytics puts at", "runs/detect/taken is a file")
+    one_line_refusal(run_cli("train", "--data", "shapes", "--project", str(tmp_path / "pfile"), "--dry-run",
+                             timeout=120), "pfile is a file")
+
+
+def test_a_full_log_disk_under_the_tee_leaves_the_terminal_its_output(tmp_path):
+    """The supervisor's tee of a worker's output: ``train.log`` on a full device (``/dev/full``: the kernel's own
+    ENOSPC) is dropped with one line on the other streams, which get every byte; nothing is raised."""
+    from yolosafe import proc as yproc
+
+    child = subprocess.Popen([os.sys.executable, "-c", "import sys; sys.stdout.write('x' * 200000)"],
+                             stdout=subprocess.PIPE)
+    with open("/dev/full", "wb") as log, open(tmp_path / "terminal", "wb") as terminal:
+        yproc._tee(child, [log, terminal])
+    child.wait()
+    text = (tmp_path / "terminal").read_text()
+    assert text.count("x") == 200000
+    assert "yolosafe: cannot write to /dev/full (No space left on device); its output goes on elsewhere" in text
+
+
+def test_a_resume_with_batch_auto_and_a_binary_memory_table_are_one_line(run_cli, tmp_path):
+    from tests.test_misuse import fake_run
+
+    run = fake_run(tmp_path)
+    one_line_refusal(run_cli("train", "--resume", str(run), "--batch", "auto", "--dry-run", timeout=120),
+                     "--batch auto", "give a number")
+    (run / "memory.csv").write_bytes(bytes(range(256)) * 64)
+    report = run_cli("report", str(run), timeout=120)
+    assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr
+    assert "memory.csv is not the memory watch's table" in report.stderr

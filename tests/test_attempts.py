@@ -4,6 +4,7 @@ asks for, in the style of accelerate's ``find_executable_batch_size`` tests. Mil
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ DONE = AttemptEnd(Outcome.COMPLETED)
 
 class StubChild:
     """Plays the child of each attempt: records what it was asked to run and ends as scripted. A training attempt
-    leaves ``weights/last.pt`` behind, as the real one does after its first epoch."""
+    leaves ``weights/last.pt`` behind, as the real one does after its first epoch (a new file renamed over it:
+    ``training.trainer.AtomicCheckpoints``)."""
 
     def __init__(self, run_dir: Path, ends: list[AttemptEnd | BaseException]) -> None:
         self.run_dir, self.ends, self.requests = run_dir, list(ends), []
@@ -36,7 +38,9 @@ class StubChild:
             raise end
         if not request.final_val_only:
             (self.run_dir / "weights").mkdir(exist_ok=True)
-            (self.run_dir / "weights" / "last.pt").write_bytes(f"after attempt {request.attempt}".encode())
+            partial = self.run_dir / "weights" / ".last.pt.partial"  # written beside and renamed, as the trainer does
+            partial.write_bytes(f"after attempt {request.attempt}".encode())
+            os.replace(partial, self.run_dir / "weights" / "last.pt")
         return AttemptResult(0 if end.outcome == Outcome.COMPLETED else 1, 0.01), end
 
     def batches(self) -> list[tuple[int, int, bool]]:

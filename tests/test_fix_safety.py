@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from tests.standins import SLEEPER, Processes, alive, fake_gpus, stale_run
+from tests.standins import SLEEPER, Processes, alive, asleep, fake_gpus, stale_run
 from tests.test_holders import SUPERVISOR, judged_inside
 from yolosafe.readers import holders
 from yolosafe.readers.holders import ASK, NEVER, PROVEN
@@ -98,3 +98,101 @@ def test_node_1s_supervisor_as_a_containers_pid_1_keeps_its_rank(tmp_path):
     finally:
         init.kill()
         init.wait()
+        init.kill()
+        init.wait()
+
+
+# --- a process proven by its own argv -------------------------------------------------------------------------------
+
+FORGED = [
+    ('{py} -c "{sleeper}" -m yolosafe.training.worker {spec}', "not one of its workers"),  # -c runs, -m is an arg
+    ("{py} {script} -m yolosafe.training.worker {spec}", "not one of its workers"),  # a script runs
+    ("{py} -m json.tool -m yolosafe.training.worker {spec}", "not one of its workers"),  # another module runs
+    ("{py} -m yolosafe.training.worker {spec} extra", "not one of its workers"),  # not the worker's argv
+    ("{py} -m yolosafe.training.launcher {spec}", "not one of its workers"),  # a launcher without its ranks' module
+]
+
+
+@pytest.mark.parametrize(("command", "words"), FORGED)
+def test_a_module_name_anywhere_but_where_python_reads_it_proves_nothing(procs, tmp_path, command, words):
+    run = tmp_path / "run"
+    script = tmp_path / "script.py"
+    script.write_text("")
+    spec = rundir.spec_path(run, 1)
+    pid = procs.orphaned_rank(run, command=command.format(py=sys.executable, sleeper=SLEEPER, script=script,
+                                                          spec=spec))
+    judged = holders.judge(pid, 0, 1.0)
+    assert judged.action == ASK and words in judged.reason, judged
+
+
+@pytest.mark.parametrize(("story", "spec", "words"), [
+    ("{}", "{}", "does not parse"),  # a forged directory: a story and a spec holding {}
+    ('{"attempts": []}', None, "which the run's story does not record"),  # the story records no such attempt
+    (None, "elsewhere", "names another run"),  # the spec names another run's directory
+])
+def test_a_forged_run_directory_proves_nothing(procs, tmp_path, story, spec, words):
+    import json
+
+    run = tmp_path / "run"
+    pid = procs.orphaned_rank(run)
+    if story is not None:
+        (run / rundir.STORY).write_text(story)
+    path = rundir.spec_path(run, 1)
+    if spec == "elsewhere":
+        (path.write_text(json.dumps({**json.loads(path.read_text()), "run_dir": str(tmp_path / "other")})))
+    elif spec is not None:
+        path.write_text(spec)
+    judged = holders.judge(pid, 0, 1.0)
+    assert judged.action == ASK and words in judged.reason, judged
+
+
+@pytest.mark.parametrize("options", ["-u", "-um", "-W ignore -X dev -B", "-mWORKER"])
+def test_a_worker_started_with_python_options_is_still_proven(procs, tmp_path, options):
+    run = tmp_path / "run"
+    spec = rundir.spec_path(run, 1)
+    module = "yolosafe.training.worker"
+    argv = f"{options.replace('WORKER', module)} {spec}" if "WORKER" in options else \
+        f"{options}{'' if options.endswith('m') else ' -m'} {module} {spec}"
+    pid = procs.orphaned_rank(run, command=f"{sys.executable} {argv}")
+    if not adopted(pid):
+        pytest.skip("the orphan was not re-parented")
+    assert holders.judge(pid, 0, 1.0).action == PROVEN
+
+
+SPAWNER = ("import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-m', 'yolosafe.training.worker', "
+           "sys.argv[1]], env={**os.environ, 'PYTHONPATH': sys.argv[2]}); print(p.pid, flush=True); time.sleep(600)")
+
+
+def test_a_live_marked_supervisor_whose_lock_was_deleted_keeps_its_worker(procs, tmp_path):
+    """The supervisor (marked, adopted by init, its lock file deleted) is alive: the walk up from its worker stops at
+    it, the first ancestor that is no worker, launcher or rank of the run, and the worker is never stopped."""
+    run = tmp_path / "run"
+    spec = stale_run(run)
+    stub = asleep(tmp_path)["PYTHONPATH"]
+    pidfile = tmp_path / "worker.pid"
+    # Every stream away from this test's pipes: a background child holding them would keep the shell's run waiting.
+    out = subprocess.run(["sh", "-c", f"{sys.executable} -c \"{SPAWNER}\" {spec} {stub} >{pidfile} 2>/dev/null "
+                          "</dev/null & echo $!"], env={**os.environ, rundir.RUN_DIR_ENV: str(run)},
+                         capture_output=True, text=True, check=True, timeout=60)
+    supervisor = int(out.stdout)
+    procs.orphans.append(supervisor)
+    deadline = time.monotonic() + 60
+    while not pidfile.read_text().endswith("\n") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker = int(pidfile.read_text())
+    procs.orphans.append(worker)
+    (run / ".lock").unlink(missing_ok=True)
+    judged = holders.judge(worker, 0, 1.0)
+    assert judged.action == NEVER and f"supervised by pid {supervisor}" in judged.reason, judged
+    assert alive(worker)
+
+
+def test_the_rc_file_is_edited_through_its_symlink(tmp_path):
+    from tests.test_fix import fix_env, run_fix
+
+    (tmp_path / "dotfiles").mkdir()
+    (tmp_path / "dotfiles" / "bashrc").write_text("# mine\n")
+    (tmp_path / ".bashrc").symlink_to(tmp_path / "dotfiles" / "bashrc")
+    out = run_fix(tmp_path, fix_env(tmp_path, fake_gpus([])), "--yes")
+    assert (tmp_path / ".bashrc").is_symlink(), out.stdout
+    assert "expandable_segments" in (tmp_path / "dotfiles" / "bashrc").read_text(), out.stdout

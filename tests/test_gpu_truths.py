@@ -116,7 +116,7 @@ def _stopped_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uuids: list[st
     run = tmp_path / "runs" / "detect" / "train"
     (run / "weights").mkdir(parents=True)
     with zipfile.ZipFile(run / "weights" / "last.pt", "w") as archive:
-        archive.writestr("last/data.pkl", b"ultralytics.nn.tasks DetectionModel")
+        archive.writestr("last/data.pkl", b"\x80\x02cultralytics.nn.tasks\nDetectionModel\n.")  # names the model
     data = tmp_path / "data.yaml"
     data.write_text("path: .\ntrain: images\nval: images\nnames: {0: box}\n")
     p = build_plan(model="yolov8n.yaml", data=str(data), gpus=planned, batch=8, imgsz=64, epochs=2)

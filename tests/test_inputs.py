@@ -76,7 +76,7 @@ CASES = [
     (["--project", "p" * 300], {}, ["--project", "300 bytes"]),
     (["--name", "a\udcff"], {}, ["--name", "not valid UTF-8"]),
     (["--project", "x\udcfe/runs"], {}, ["--project", "not valid UTF-8"]),
-    (["--project", "loop1/runs"], {}, ["symbolic link loop"]),
+    (["--project", "@loop"], {}, ["symbolic link loop"]),  # absolute: a relative one goes under runs/<task>
     (["--memory-fraction", "-1"], {}, ["--memory-fraction -1"]),
     (["--project", "/proc/yolosafe-runs"], {}, ["--project /proc/yolosafe-runs"]),
     ([], {"SLURM_NNODES": "x"}, ["SLURM_NNODES 'x'"]),
@@ -99,7 +99,7 @@ CASES = [
 @pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "train"])
 def test_malformed_inputs_are_one_line_before_anything_exists(cli, tmp_path, args, env, words, dry):
     files = {"@bad-utf8": write(tmp_path / "bad.yaml", b"epochs: 1\n\xff\xfe\n"),
-             "@list": write(tmp_path / "list.yaml", b"[]\n"),
+             "@list": write(tmp_path / "list.yaml", b"[]\n"), "@loop": str(tmp_path / "loop1" / "runs"),
              "@bad-list-data": write(tmp_path / "data.yaml", b"path: .\ntrain: list.txt\nval: list.txt\n"
                                                              b"names: {0: a}\n")}
     write(tmp_path / "list.txt", b"\xff\xfe.jpg\n")

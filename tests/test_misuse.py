@@ -123,7 +123,10 @@ def fake_run(tmp_path: Path, outcome: str = "failed", name: str = "train") -> Pa
                        "allocator": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
                                      "PYTORCH_ALLOC_CONF": "expandable_segments:True"},
                        "attempts": [{"attempt": 1, "batch": 8, "val_batch": 4}]})
-    fake_checkpoint(run / "weights" / "last.pt", {"train_args": {"model": "ultralytics"}, "epoch": 0})
+    from ultralytics.nn.modules.conv import Concat  # an Ultralytics module, as a checkpoint's model names one
+
+    fake_checkpoint(run / "weights" / "last.pt",
+                    {"model": Concat(), "train_args": {"model": "yolov8n.yaml"}, "epoch": 0})
     return run
 
 

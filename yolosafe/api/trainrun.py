@@ -75,6 +75,8 @@ def ultralytics_accepts(opts: TrainOptions, dry_run: bool) -> TrainOptions:
     if opts.download and not dry_run:
         terminal.say("Ultralytics downloads what is missing (the data, the weights) now, once, before training")
     checked = validate.ultralytics_check(opts, dry_run)
+    asked = None if opts.project in (None, validate.ULTRALYTICS_PROJECT) else str(opts.project)
+    inputs.check_run_place(checked["project"], str(opts.name), asked)  # where Ultralytics puts the runs
     opts = opts.replace(task=checked["task"], project=checked["project"], train_images=checked["train_images"],
                         dataset_figures=checked.get("dataset") or {})
     for note in checked["notes"]:

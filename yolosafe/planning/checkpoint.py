@@ -68,3 +68,65 @@ def progress(path: Path) -> Progress | None:
         return None
     epoch = _first_int_after(ops, "epoch")
     return None if epoch is None else Progress(epoch, _first_int_after(ops, "epochs"))
+
+
+# What an Ultralytics checkpoint's pickle names (``module name``): its model's classes (``ultralytics.*`` and the
+# ``torch.nn`` modules they hold), tensors as torch stores and rebuilds them, and the plain containers and numbers of
+# its training arguments and metrics. Unpickling calls what a pickle names, so a name outside these (``os.system``,
+# ``builtins.eval``, ``subprocess.Popen``) is refused before anything loads the file.
+SAFE_MODULE_PREFIXES = ("ultralytics.", "torch.nn.modules.", "torch.nn.parameter")
+SAFE_GLOBALS = frozenset({
+    "collections OrderedDict", "collections defaultdict", "__builtin__ set", "builtins set", "__builtin__ frozenset",
+    "builtins frozenset", "builtins slice", "__builtin__ slice", "builtins complex", "_codecs encode",
+    "torch Size", "torch device", "torch.serialization _get_layout", "torch._tensor _rebuild_from_type_v2",
+    "numpy.core.multiarray _reconstruct", "numpy.core.multiarray scalar", "numpy._core.multiarray _reconstruct",
+    "numpy._core.multiarray scalar", "numpy dtype", "numpy ndarray", "numpy.dtypes Float64DType",
+    "numpy.dtypes Float32DType", "numpy.dtypes Int64DType", "types SimpleNamespace", "argparse Namespace",
+    "pathlib PosixPath", "pathlib WindowsPath", "pathlib PurePosixPath", "datetime datetime",
+})
+TORCH_TYPES = ("Storage", "Tensor")  # torch.FloatStorage, torch.HalfStorage, ...: the storages torch.save writes
+
+
+def _safe(name: str) -> bool:
+    module, _, attr = name.partition(" ")
+    if name in SAFE_GLOBALS or module.startswith(SAFE_MODULE_PREFIXES):
+        return True
+    if module == "torch":
+        return attr.endswith(TORCH_TYPES) or attr in {"float16", "float32", "float64", "bfloat16", "int64", "int32",
+                                                      "uint8", "bool", "strided", "contiguous_format"}
+    return module == "torch._utils" and attr.startswith("_rebuild_")
+
+
+def pickled_globals(path: Path) -> list[str] | None:
+    """Every ``module name`` the checkpoint's pickle names (what unpickling would import and call), read from its
+    opcodes without running any of them; None when the file is not a PyTorch zip checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not pickles:
+                return None
+            data = archive.read(pickles[0])
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(io.BytesIO(data))]
+    except (zipfile.BadZipFile, OSError, KeyError, ValueError, EOFError, zipfile.LargeZipFile):
+        return None
+    names: list[str] = []
+    pushed: list[object] = []  # what each opcode pushed, as far as STACK_GLOBAL needs it (strings, memo lookups)
+    memo: dict[int, object] = {}
+    for op, arg in ops:
+        if op in ("GLOBAL", "INST"):
+            names.append(str(arg))
+        elif op == "STACK_GLOBAL":
+            module, attr = (pushed[-2:] if len(pushed) >= 2 else [None, None])
+            names.append(f"{module} {attr}" if isinstance(module, str) and isinstance(attr, str) else "? ?")
+        if op in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if op == "MEMOIZE" else int(arg)] = pushed[-1] if pushed else None
+        elif op in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(int(arg)))
+        else:
+            pushed.append(arg if isinstance(arg, str) and "UNICODE" in op else None)
+    return list(dict.fromkeys(names))
+
+
+def unsafe_globals(names: list[str]) -> list[str]:
+    """The names a plain Ultralytics checkpoint never holds (code a load would run)."""
+    return [n for n in names if not _safe(n)]

@@ -112,8 +112,9 @@ def writable_dir(path: Path, what: str, instead: str = "choose another --project
 
 
 def check_run_path(project: str, name: str) -> None:
-    """``--project`` and ``--name``: UTF-8, each folder name and the whole path of a size the file system takes, no
-    symlink loop, and a place this process can write."""
+    """``--project`` and ``--name`` as given: UTF-8, each folder name and the whole path of a size the file system
+    takes, an absolute ``--project`` no symlink loop; the place itself once Ultralytics has said where it is
+    (:func:`check_run_place`)."""
     name_bytes = _utf8(name, "--name")
     if len(name_bytes) > NAME_MAX:
         raise InputError(f"--name {name[:40]}...: {len(name_bytes)} bytes, at most {NAME_MAX}")
@@ -125,8 +126,22 @@ def check_run_path(project: str, name: str) -> None:
     if len(project_bytes) + len(name_bytes) + 1 > PATH_MAX:
         raise InputError(f"--project: the run's path would be {len(project_bytes) + len(name_bytes) + 1} bytes, "
                          f"at most {PATH_MAX}")
-    _no_loop(Path(project), "--project")
-    writable_dir(Path(project) / name, "--project")
+    if Path(project).is_absolute():  # where the runs go, as asked (a relative one: see check_run_place)
+        _no_loop(Path(project), "--project")
+
+
+def check_run_place(project: str, name: str, asked: str | None = None) -> None:
+    """The runs' folder where Ultralytics puts it (``project``: ``get_save_dir``'s answer in the input check; a
+    relative ``--project`` lands under ``runs/<task>``), named as the user gave it (``asked``): each folder on the way
+    a folder (or not there yet), no symlink loop, a place this process can write."""
+    moved = bool(asked) and os.path.abspath(str(asked)) != os.path.abspath(project)
+    what = f"--project {asked}, which Ultralytics puts at" if moved else "--project"
+    path = Path(project)
+    _no_loop(path, what)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"{what} {project}: {parent} is a file, not a folder")
+    writable_dir(path / name, what)
 
 
 def check_memory_fraction(value: Any) -> None:

@@ -69,13 +69,10 @@ def check_options(options: Any) -> None:
 
 
 def check_run_location(project: str, name: str) -> None:
-    """``--name`` is one folder inside ``--project``, and ``--project`` is a folder (or not there yet)."""
+    """``--name`` is one folder inside ``--project`` (where ``--project`` is, Ultralytics decides: it is checked there,
+    :func:`yolosafe.planning.inputs.check_run_place`)."""
     if not name or name in {".", ".."} or "/" in name or (os.sep != "/" and os.sep in name):
         raise InputError(f"--name {name!r}: give a single folder name (no '/'); use --project for the parent folder")
-    path = Path(project)
-    for parent in (path, *path.parents):
-        if parent.exists() and not parent.is_dir():
-            raise InputError(f"--project {project}: {parent} is a file, not a folder")
 
 
 def check_injection(environ: Mapping[str, str]) -> None:
@@ -89,15 +86,33 @@ def check_injection(environ: Mapping[str, str]) -> None:
 
 
 def check_checkpoint(path: Path, what: str) -> None:
-    """A PyTorch zip checkpoint whose pickle refers to Ultralytics' classes (read without torch)."""
+    """A PyTorch zip checkpoint whose pickle names Ultralytics' model classes and nothing a load would run as code
+    (its opcodes read, never executed: :func:`yolosafe.planning.checkpoint.pickled_globals`)."""
     try:
         text = checkpoint.pickle_of(path)
     except checkpoint.UNREADABLE as exc:
         raise InputError(f"{what}: not a readable PyTorch checkpoint ({exc or type(exc).__name__})") from None
     if text is None:
         raise InputError(f"{what}: not a PyTorch checkpoint (no data.pkl inside)")
-    if b"ultralytics" not in text:
-        raise InputError(f"{what}: a PyTorch file, but not an Ultralytics checkpoint")
+    names = checkpoint.pickled_globals(path)
+    if names is None:
+        raise InputError(f"{what}: not a readable PyTorch checkpoint (its pickle does not parse)")
+    unsafe = checkpoint.unsafe_globals(names)
+    if unsafe:
+        raise InputError(f"{what}: its pickle would run {unsafe[0].replace(' ', '.')} when loaded, which no "
+                         "Ultralytics checkpoint does: not loaded")
+    if not any(n.startswith("ultralytics.") for n in names):
+        held = next((n.replace(" ", ".") for n in names if n.startswith("torch.nn.")), None)
+        raise InputError(f"{what}: a PyTorch file, but not an Ultralytics checkpoint"
+                         + (f" (it holds a {held})" if held else ""))
+
+
+def check_model_file(model: Any) -> None:
+    """``--model x.pt`` that is a file here: vetted before Ultralytics' own load (which runs any code its pickle
+    names) in the input check."""
+    path = Path(str(model))
+    if path.suffix == ".pt" and path.is_file():
+        check_checkpoint(path, f"--model {model}")
 
 
 # --- what Ultralytics decides --------------------------------------------------------------------------------------
@@ -123,6 +138,7 @@ def ultralytics_check(opts: Any, dry_run: bool = False) -> dict[str, Any]:
     and the training images, or raises :class:`InputError` with Ultralytics' reason. With ``download`` set, the data
     and the weights are fetched there, once, before any rank starts."""
     request = ultralytics_request(opts, dry_run)
+    check_model_file(request["model"])
     # the user's code may change without a file the cache watches: asked every time
     result = (None if request.get("user_code") else checkcache.lookup(request)) or _ask(request)
     if "error" in result:

@@ -51,3 +51,32 @@ def advice(failure: AttemptEnd, plan: TrainPlan, others_mib: dict[int, float] | 
 def _smallest_model(model: str) -> bool:
     """yolov8n, yolo11n-seg, yolov5nu...: scale n is the smallest Ultralytics builds."""
     return re.search(r"yolo(?:v?\d+|e)[-_]?n(?:u|6)?(?:[-.]|$)", Path(model).name) is not None
+
+
+# The checkpoints a resumed epoch can hold at once: last.pt, the copy kept of what the attempt resumes from
+# (last-before-attemptN.pt), best.pt, unvalidated.pt (the epoch trained, before its validation), and the two
+# partial files of a save (last's and best's, written beside them and renamed).
+RESUME_HOLDS = ("last.pt", "the kept copy", "best.pt", "unvalidated.pt", "2 partial saves")
+RESUME_CHECKPOINTS = 6
+
+
+def resume_space(checkpoint_bytes: int, on_disk: int) -> int:
+    """The free bytes a resume needs: each checkpoint it can hold at once (:data:`RESUME_CHECKPOINTS`, each the size
+    of the one it resumes from) less the ``on_disk`` of them already there."""
+    return checkpoint_bytes * max(RESUME_CHECKPOINTS - on_disk, 0)
+
+
+def space_hint(weights: Path) -> str:
+    """One clause for a full disk: how much free space the resume needs, from the checkpoints in ``weights``."""
+    present = [weights / name for name in ("last.pt", "best.pt", "unvalidated.pt") if (weights / name).is_file()]
+    sizes = [p.stat().st_size for p in present]
+    if not sizes:
+        return "free some disk space (nothing was saved yet: the resume starts over)"
+    size = max(sizes)
+    need = resume_space(size, len(present))
+    return (f"free at least {_mib(need)} on {weights.parent}'s disk (the resume holds up to {RESUME_CHECKPOINTS} "
+            f"checkpoints of {_mib(size)}: {', '.join(RESUME_HOLDS)}; {len(present)} are there)")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

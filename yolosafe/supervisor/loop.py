@@ -10,6 +10,7 @@ rank launcher and watches it), so its whole sequence of plans is unit-tested wit
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import threading
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from yolosafe import bench
 from yolosafe.exits import Exit
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult, stop_signals
@@ -27,7 +29,7 @@ from yolosafe.rundir import records, steps
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Attempt, Outcome, Story
 from yolosafe.supervisor import terminal
-from yolosafe.supervisor.advice import advice
+from yolosafe.supervisor.advice import advice, space_hint
 from yolosafe.supervisor.policy import AttemptEnd, epoch_text, next_step, where
 
 
@@ -260,7 +262,7 @@ class AttemptLoop:
             place = f" in {end.phase} at {epoch_text(end.epoch, plan.epochs)}" if end.phase else ""
             log = self.files.log
             full = "No space left on device" in end.message
-            then = f"; free some disk space, then {resume_hint}" if full else ""
+            then = f"; {space_hint(self.files.weights)}, then {resume_hint}" if full else ""
             self.say(f"training failed{place}{where(plan, end)}, not an OOM, not retried: "
                      f"{end.message or 'no message'} (traceback: {log}){then}")
         return end.outcome.exit_status
@@ -297,15 +299,24 @@ def resume_checkpoint(run: RunDir | Path) -> Path:
 
 
 def keep_checkpoint(run: RunDir, last: Path, attempt: int, writer: bool = True) -> Path:
-    """A copy of ``last``, the checkpoint an attempt resumes from: Ultralytics overwrites last.pt at every epoch.
-    Written beside it and renamed, so a rank never reads half of it; over several nodes by node 0 alone
-    (``writer``): every node's ranks start only once node 0's ranks have joined, after the copy."""
+    """``last`` kept as the checkpoint an attempt resumes from: Ultralytics' saves replace last.pt at every epoch
+    (yolosafe's are written beside and renamed: a new file), so a hard link keeps it without a byte copied or a byte
+    of disk until then; a copy where the file system has no hard links. Made beside it and renamed, so a rank never
+    reads half of it; over several nodes by node 0 alone (``writer``): every node's ranks start only once node 0's
+    ranks have joined, after it is kept."""
     kept = run.kept_checkpoint(attempt)
     if writer:
         partial = kept.with_name(f".{kept.name}.partial")
+        partial.unlink(missing_ok=True)
         try:
-            shutil.copy2(last, partial)
+            try:
+                if bench.bench_off("checkpoint"):  # Ultralytics' own saves write last.pt in place: never a link
+                    raise OSError("saves in place")
+                os.link(last, partial)
+            except OSError:  # no hard links here (EPERM, EXDEV, ENOTSUP of some network and FAT file systems)
+                shutil.copy2(last, partial)
             partial.replace(kept)
+            partial.unlink(missing_ok=True)  # kept was already that file: rename leaves both names
         except BaseException:  # a stop or a full disk mid-copy: no half copy left behind
             partial.unlink(missing_ok=True)
             raise

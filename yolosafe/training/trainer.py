@@ -8,6 +8,7 @@ Each change is one small mixin overriding one Ultralytics detail (training.compa
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -134,6 +135,32 @@ class AtomicCheckpoints:
             for path in partial.values():  # an fsync that failed (a full disk): the last good one stays, alone
                 path.unlink(missing_ok=True)
         return saved
+
+    def final_eval(self) -> None:
+        """Ultralytics' final evaluation strips last.pt and best.pt in place: one the supervisor kept by a hard link
+        (``last-before-attemptN.pt``) is made a file of its own first, so the kept checkpoint stays as it was."""
+        from ultralytics.utils import RANK
+
+        if RANK in {-1, 0} and not bench.bench_off("checkpoint"):
+            for path in (self.last, self.best):
+                unlink_shared(path)
+        super().final_eval()
+
+
+def unlink_shared(path: Path) -> None:
+    """``path`` as a file of its own when it shares its data with another name (a hard link), so writing it in
+    place leaves the other name's data untouched."""
+    try:
+        if path.stat().st_nlink < 2:
+            return
+    except FileNotFoundError:
+        return
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        shutil.copy2(path, partial)
+        durable_replace(partial, path, sync=True)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def durable_replace(partial: Path, final: Path, sync: bool) -> None:
