@@ -273,7 +273,7 @@ def test_yolosafe_train_dry_run_over_nvml_refuses_an_invalid_gpu_in_one_line(nvm
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     data = tinysets.rooted(tmp_path / "set", "detect")  # the data is checked (by Ultralytics) before the plan
     nvml(Driver([gpu(0), gpu(1, lost=True), gpu(2, processes=[(4242, None)])]))
-    code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "0,2", "--batch", "8", "--data", str(data))
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--model", "yolov8n.yaml", "--gpus", "0,2", "--batch", "8", "--data", str(data))
     assert (code, err) == (0, "") and "0,2  (2 GPUs)" in out
     code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "0,1", "--batch", "8", "--data", str(data))
     assert (code, out) == (2, "")
@@ -307,7 +307,7 @@ def test_a_mig_uuid_plans_for_the_slice_and_never_falls_back_to_the_cpu(nvml, ca
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", slices[1]["uuid"])
     inventory = gpus.planning_inventory(gpus.read_inventory({}), slices[1]["uuid"])
     assert (inventory.gpus[0].total_mib, inventory.gpus[0].uuid) == (19968, slices[1]["uuid"])
-    code, out, err = run_cli(capsys, "train", "--dry-run", "--batch", "8", "--data", data)
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--model", "yolov8n.yaml", "--batch", "8", "--data", data)
     assert (code, err) == (0, "") and "0  (1 GPU)" in out and "device           cpu" not in out
     assert f"CUDA_VISIBLE_DEVICES={slices[1]['uuid']} " in out
     for visible, words in ((f"{slices[0]['uuid']},{slices[1]['uuid']}", "CUDA shows one MIG device per process"),

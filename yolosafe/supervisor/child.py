@@ -30,7 +30,7 @@ from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.planning.trainplan import TrainPlan
 from yolosafe.proc import AttemptResult, ProcessTree, run_child
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir import records, runspec
+from yolosafe.rundir import heartbeat, records, runspec
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Outcome, Story
 from yolosafe.rundir.runspec import RunSpec
@@ -301,11 +301,18 @@ def preempt(files: RunDir, spec: RunSpec, grace_s: float = PREEMPT_GRACE_S) -> N
     (:mod:`yolosafe.training.stepckpt`: rank 0 removes the request once written) and wait for it, at most
     ``grace_s``; then the attempt is stopped as any stop is, resumable from the newest checkpoint."""
     request = files.preempt_request
-    if spec.mode != "train":
-        return
+    if spec.mode != "train" or not in_an_epoch(files, spec.attempt):
+        return  # setting up, validating, saving: no step boundary comes soon, the stop is at once
     rundir.write_json(request, {"t": time.time()})
     deadline = time.monotonic() + grace_s
-    while request.exists() and time.monotonic() < deadline:
+    while request.exists() and time.monotonic() < deadline and in_an_epoch(files, spec.attempt):
         time.sleep(0.2)
     request.unlink(missing_ok=True)
+
+
+def in_an_epoch(files: RunDir, attempt: int) -> bool:
+    """Whether a rank of this node is in a training epoch (its heartbeat's state), where its next step boundary
+    writes the step checkpoint a preemption asks for."""
+    beats = (heartbeat.read(path) for path in files.heartbeats(attempt))
+    return any(beat is not None and beat.state in ("train", "save") for beat in beats)
 
