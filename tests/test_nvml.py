@@ -273,7 +273,8 @@ def test_yolosafe_train_dry_run_over_nvml_refuses_an_invalid_gpu_in_one_line(nvm
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     data = tinysets.rooted(tmp_path / "set", "detect")  # the data is checked (by Ultralytics) before the plan
     nvml(Driver([gpu(0), gpu(1, lost=True), gpu(2, processes=[(4242, None)])]))
-    code, out, err = run_cli(capsys, "train", "--dry-run", "--model", "yolov8n.yaml", "--gpus", "0,2", "--batch", "8", "--data", str(data))
+    code, out, err = run_cli(capsys, "train", "--dry-run", "--model", "yolov8n.yaml", "--gpus", "0,2", "--batch", "8",
+                             "--data", str(data))
     assert (code, err) == (0, "") and "0,2  (2 GPUs)" in out
     code, out, err = run_cli(capsys, "train", "--dry-run", "--gpus", "0,1", "--batch", "8", "--data", str(data))
     assert (code, out) == (2, "")

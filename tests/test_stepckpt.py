@@ -313,3 +313,60 @@ def test_resume_on_another_number_of_gpus_restarts_the_epoch(tmp_path, shared_ca
     assert {i for rank in (0, 1) for i in again[rank][2]} == set(range(TRAIN_IMAGES))  # the whole epoch again
     assert all(len(again[rank][2]) == math.ceil(TRAIN_IMAGES / 2) for rank in (0, 1))
     assert epochs_in_results(run) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_supervisor_mid_epoch_then_resume_continues_from_the_step_checkpoint(tmp_path, shared_cache,
+                                                                                             odd_data):
+    """The supervisor SIGKILLed in the middle of epoch 2 (nobody is left to ask for a save): the worker ends by
+    itself, and ``--resume`` continues from the newest step checkpoint: only what was trained after it is redone,
+    each sample of the epoch trained once counting the saved iterations, results.csv has each epoch once."""
+    import subprocess
+
+    from tests import drills
+
+    env = cli_env(shared_cache, {stepckpt.RECORD_SAMPLES_ENV: "1"})
+    proc = subprocess.Popen([YOLOSAFE, "train", "--data", str(odd_data), *DRILL], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = tmp_path / "runs" / "detect" / "train"
+
+    def saved() -> bool:
+        return (run / "events.jsonl").is_file() and any(
+            e["event"] == "step_saved" and e["epoch"] == 1 for e in _events(run))
+
+    wait_until(saved, proc, "the step checkpoint of epoch 2", 300)
+    worker = json.loads((run / "worker-1.json").read_text())["pid"]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    drills.wait_gone(worker)  # its parent is gone: it ends by itself
+    last = [e for e in _events(run) if e["event"] == "step_saved"][-1]
+    resumed = subprocess.run([YOLOSAFE, "train", "--resume", str(run)], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step.pt from epoch {last['epoch'] + 1}, iteration {last['iteration'] + 1} of 6" in resumed.stderr
+    attempts = trained(run, last["epoch"])[-1]
+    kept = attempts[1][:last["iteration"] * 4]  # what the step checkpoint holds; the rest of attempt 1 is redone
+    assert sorted(kept + attempts[2]) == list(range(TRAIN_IMAGES))
+    assert story(run)["attempts"][0]["outcome"] == "abandoned" and story(run)["outcome"] == "completed"
+    assert epochs_in_results(run) == [1, 2, 3]
+
+
+def test_a_step_checkpoint_of_epoch_1_on_another_number_of_ranks_trains_from_the_first_epoch(tmp_path):
+    """No last.pt yet for the epoch to restart from: the resume trains from the start (the supervisor's choice,
+    from the ranks' step_saved event), on the same number of ranks it continues, and after an epoch it restarts."""
+    from types import SimpleNamespace
+
+    from yolosafe.planning import resume
+    from yolosafe.rundir.layout import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.weights.mkdir(parents=True)
+    run.step_checkpoint.write_bytes(b"")
+    saved = {"event": "step_saved", "attempt": 1, "rank": -1, "epoch": 0, "iteration": 3, "of": 6,
+             "done_samples": 12, "shard": 21, "world": 1, "t": 1.0}
+    run.events.write_text(json.dumps(saved) + "\n")
+    two, one = SimpleNamespace(world_size=2, per_gpu_batch=2), SimpleNamespace(world_size=1, per_gpu_batch=4)
+    assert resume._restarts_without_an_epoch(run, run.step_checkpoint, two)
+    assert not resume._restarts_without_an_epoch(run, run.step_checkpoint, one)
+    run.last_checkpoint.write_bytes(b"")
+    assert not resume._restarts_without_an_epoch(run, run.step_checkpoint, two)

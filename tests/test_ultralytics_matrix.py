@@ -19,6 +19,8 @@ from tests import tinysets
 from tests.test_yoloforms import OWNED, _json_like, train_kwargs
 from tests.test_yolowords import entrypoint_reads
 
+pytestmark = pytest.mark.slow  # 20 input checks of 5 tasks: minutes on 2 cores, beside the trainings
+
 TASK_MODEL = {"detect": "yolov8n.yaml", "segment": "yolov8n-seg.yaml", "classify": "yolov8n-cls.yaml",
               "pose": "yolov8n-pose.yaml", "obb": "yolov8n-obb.yaml"}
 # (id, the words after 'yolo' with {model} and {data}, the task whose stand-ins fill them, fake GPUs)

@@ -22,7 +22,7 @@ from yolosafe.planning import allocator, checkpoint, gpuselect, inputs, recovere
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.trainoptions import TrainOptions, check_hangs, check_ranges, check_watch
 from yolosafe.rundir import files as rundir
-from yolosafe.rundir import records
+from yolosafe.rundir import records, steps
 from yolosafe.rundir.layout import RunDir
 
 # Options a resume applies (and records); every other option given with --resume is refused.
@@ -188,11 +188,22 @@ def prepare(where: RunDir | Path, given: dict[str, Any], dry_run: bool, nnodes: 
     check_hangs(options.replace(**applied))
     validate.check_options(options.replace(**applied, project=str(run_dir.parent), name=run_dir.name))
     p, simulated = _plan(story, given, nnodes)
+    if last is not None and _restarts_without_an_epoch(run, last, p):
+        last = None
+        notes = (*notes, f"the step checkpoint inside epoch 1 was written by another number of ranks than "
+                         f"{p.world_size} and no epoch has ended yet: training again from the first epoch")
     check_ranges(options.replace(**applied), p.per_gpu_batch)
     env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))  # AllocConfError: usage
     if final_val_only:
         notes = (*notes, "every epoch is trained: only the final validation is left to run")
     return Resume(run, last, story, p, env, options, simulated, lock_fd, _gpu_records(p), final_val_only, notes)
+
+
+def _restarts_without_an_epoch(run: RunDir, last: Path, p: plan.TrainPlan) -> bool:
+    """Whether the step checkpoint resumed from was written by another number of ranks (its epoch restarts, from
+    last.pt: :func:`yolosafe.rundir.steps.resume_point`) in the first epoch, before any last.pt."""
+    point = steps.resume_point(run, last, p.world_size, p.per_gpu_batch)
+    return bool(point and point.get("restart")) and not run.last_checkpoint.is_file()
 
 
 def _gpu_records(p: plan.TrainPlan) -> list[dict[str, Any]] | None:
