@@ -350,6 +350,7 @@ def test_the_space_a_resume_needs_is_its_checkpoints_less_those_there(tmp_path_f
 # --- the runs' folder where Ultralytics puts it ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 def test_a_relative_project_is_checked_where_ultralytics_puts_it(run_cli, tmp_path):
     """``--project P`` relative goes to ``runs/<task>/P`` (Ultralytics' get_save_dir): a file, a symlink loop or a
     read-only folder named P here is no reason to refuse; a file where the run would go is, named both ways."""

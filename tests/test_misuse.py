@@ -204,6 +204,7 @@ def readme_train_examples() -> list[list[str]]:
     return [ln[1:] for ln in lines if "--resume" not in ln]
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 @pytest.mark.parametrize("args", readme_train_examples(), ids=" ".join)
 def test_readme_examples_run_as_written(run_cli, args):
     """The README's examples, on four fake GPUs, as dry runs (a dry run checks all a real run checks first)."""

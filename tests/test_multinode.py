@@ -151,6 +151,7 @@ def test_a_node_stops_its_own_ranks_when_another_nodes_attempt_failed(tmp_path, 
         multi.beat.stop(state="done")
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 def test_a_node_that_never_sees_node_0s_marker_is_not_on_shared_storage(tmp_path, monkeypatch):
     monkeypatch.setattr(cluster, "HEARTBEAT_S", 0.1)
     where = nodes.Nodes(2, 1, "127.0.0.1:29500", None, "flags", timeout=1)

@@ -70,6 +70,7 @@ def test_plan_gpus_auto_2_on_four_gpus_two_busy(run_cli):
     assert too_many.returncode == 2 and "only 2 of 4 GPUs are idle" in too_many.stderr
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 def test_plan_warns_about_a_busy_gpu_a_thin_margin_and_a_batch_that_cannot_fit(run_cli):
     free, args = 24576 - 13000, ("--gpus", "0", "--imgsz", "640", "--model", "yolov8m.yaml")
     one = json.loads(run_cli("plan", *args, "--batch", "1", "--json", env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY}).stdout)
@@ -171,6 +172,7 @@ def _data_with_objects(root, per_image: list[int]) -> str:
     return str(data)
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 def test_batch_auto_reads_the_dataset_labels_a_crowded_set_gets_a_smaller_batch(run_cli, tmp_path):
     chosen = {}
     for name, per_image in (("sparse", [2] * 20), ("crowded", [5] * 19 + [1000])):
@@ -186,6 +188,7 @@ def test_batch_auto_reads_the_dataset_labels_a_crowded_set_gets_a_smaller_batch(
     assert chosen["crowded"] < 0.6 * chosen["sparse"]  # 1000 objects in one image: the assigner decides
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 @pytest.mark.parametrize("layout", ["roboflow", "listed"])
 def test_the_plan_measures_the_images_ultralytics_lists_in_every_layout(run_cli, tmp_path, layout):
     """A Roboflow export (``../train/images``, no ``path:``) and image lists in ``.txt`` files: the labels and shapes

@@ -174,6 +174,14 @@ def _events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
 
 
+def wait_for_the_step_checkpoint_of_epoch_2(run: Path, proc) -> None:
+    def saved() -> bool:
+        return (run / "events.jsonl").is_file() and any(
+            e["event"] == "step_saved" and e["epoch"] == 1 for e in _events(run))
+
+    wait_until(saved, proc, "the step checkpoint of epoch 2", 300)
+
+
 def trained(run: Path, epoch: int) -> dict[int, dict[int, list[int]]]:
     """``{rank: {attempt: [sample indices trained in epoch, in order]}}``, from the ranks' own events."""
     found: dict[int, dict[int, list[int]]] = {}
@@ -258,11 +266,7 @@ def test_sigterm_mid_epoch_writes_a_step_checkpoint_and_resume_continues_there(t
                             start_new_session=True)
     run = tmp_path / "runs" / "detect" / "job"
 
-    def saved() -> bool:
-        return (run / "events.jsonl").is_file() and any(
-            e["event"] == "step_saved" and e["epoch"] == 1 for e in _events(run))
-
-    wait_until(saved, proc, "the step checkpoint of epoch 2", 300)
+    wait_for_the_step_checkpoint_of_epoch_2(run, proc)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "stopped by SIGTERM" in err, err[-2000:]
@@ -292,11 +296,7 @@ def test_resume_on_another_number_of_gpus_restarts_the_epoch(tmp_path, shared_ca
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     run = tmp_path / "runs" / "detect" / "train"
 
-    def saved() -> bool:
-        return (run / "events.jsonl").is_file() and any(
-            e["event"] == "step_saved" and e["epoch"] == 1 for e in _events(run))
-
-    wait_until(saved, proc, "the step checkpoint of epoch 2", 300)
+    wait_for_the_step_checkpoint_of_epoch_2(run, proc)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130 and (run / "weights" / "step.pt").is_file(), err[-2000:]
@@ -330,11 +330,7 @@ def test_sigkill_of_the_supervisor_mid_epoch_then_resume_continues_from_the_step
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run = tmp_path / "runs" / "detect" / "train"
 
-    def saved() -> bool:
-        return (run / "events.jsonl").is_file() and any(
-            e["event"] == "step_saved" and e["epoch"] == 1 for e in _events(run))
-
-    wait_until(saved, proc, "the step checkpoint of epoch 2", 300)
+    wait_for_the_step_checkpoint_of_epoch_2(run, proc)
     worker = json.loads((run / "worker-1.json").read_text())["pid"]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)

@@ -49,6 +49,7 @@ FORMS = [  # the words after 'yolosafe', as yolo's docs and tests write them
 ]
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 @pytest.mark.parametrize("form", FORMS)
 def test_yolo_forms_train_with_what_yolo_reads(run_cli, data, form, monkeypatch):
     words = form.format(data=data).split()
@@ -62,6 +63,7 @@ def test_yolo_forms_train_with_what_yolo_reads(run_cli, data, form, monkeypatch)
     assert {k: ours.get(k) for k in expected} == expected
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 @pytest.mark.parametrize(("words", "shown"), [
     (["name=001"], "runs/detect/001 "),
     (["device=cuda:0"], "device           0 "),
@@ -115,6 +117,7 @@ def test_every_resume_form_resumes_the_run(run_cli, tmp_path, words):
     assert f"resumed from {run / 'weights' / 'last.pt'}" in result.stdout and "spec-2.json" in result.stdout
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 def test_copy_cfg_then_cfg_trains_with_its_keys(run_cli, tmp_path, data):
     copied = run_cli("copy-cfg")  # Ultralytics' own command
     assert copied.returncode == 0, copied.stderr
@@ -130,6 +133,7 @@ def test_yolosafe_alone_shows_its_help():
     assert result.returncode == 0 and "Usage" in result.stdout, result.stderr
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 @pytest.mark.parametrize("words", [["version"], ["cfg"], ["val", "model=missing.pt"], ["predict", "model=missing.pt"],
                                    ["export", "model=missing.pt"], ["detect", "val", "model=missing.pt"]])
 def test_other_yolo_commands_are_ultralytics_own(tmp_path, shared_cache, words):
@@ -153,6 +157,7 @@ def test_batch_auto_never_picks_more_than_the_training_set(run_cli, data):
     assert f"the training set holds {tinysets.TRAIN} images" in result.stderr
 
 
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
 @pytest.mark.parametrize(("words", "said"), [
     (["callbacks=no_such_module:on_fit_epoch_end"], "cannot be loaded"),
     (["callbacks=tests.test_usercode:on_fit_epoch_end", "trainer=tests.test_usercode:on_fit_epoch_end"],
