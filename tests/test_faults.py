@@ -164,7 +164,7 @@ def test_a_full_disk_during_a_checkpoint_save(tmp_path, shared_cache, failed_run
     if not _mount_tmpfs(disk, f"{size_kib}k"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        result = train(disk, shared_cache, "--epochs", "2", *FAST)
+        result = train(disk, shared_cache, "--epochs", "2", *FAST, "--save-every", "1h")  # unvalidated.pt each epoch
         run = run_dir_of(disk)
         assert result.returncode == 1, result.stderr[-3000:]
         lines = drills.yolosafe_lines(result.stderr)

@@ -213,7 +213,8 @@ def test_hangs_in_training_validation_and_save_are_found_stacked_relaunched_and_
     spec = ("phase=train,epoch=0,rank=1,seconds=10;phase=train,epoch=1,rank=1;phase=val,epoch=1,rank=0;"
             "phase=save,epoch=1,rank=0")
     result = run_cli("train", "--gpus", "0,1", "--epochs", "2", *TINY, "--hang-timeout", "20",
-                     "--max-hang-restarts", "3", env={**TWO, hang.INJECT_ENV: spec})
+                     "--max-hang-restarts", "3", "--save-every", "1h",  # the trained state kept before each validation
+                     env={**TWO, hang.INJECT_ENV: spec})
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     found = hangs_of(run)

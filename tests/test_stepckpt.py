@@ -55,6 +55,22 @@ def test_auto_keeps_the_cost_under_one_percent():
         assert save_s / auto.interval_s(save_s) < 0.01
 
 
+@given(trained=st.floats(0, 1e6), save=st.one_of(st.none(), st.floats(0, 1e4)),
+       word=st.sampled_from(["auto", "10m", "500it", "0", "1h"]))
+def test_the_trained_state_before_validation_is_kept_where_it_is_worth_its_save(trained, save, word):
+    """auto: kept while no save is timed, then only where the save costs at most AUTO_SHARE of the training since
+    the newest checkpoint (what it would spare a relaunch); an interval the user chose, or 0: before every
+    validation."""
+    every = saveevery.parse(word)
+    kept = every.keeps_unvalidated(trained, save)
+    if word != "auto":
+        assert kept
+    else:
+        assert kept == (save is None or save <= saveevery.AUTO_SHARE * trained)
+        if save is not None and kept:  # what the save costs, against the training it keeps
+            assert save <= 0.005 * trained
+
+
 def test_bad_save_every_is_one_line_before_any_run(run_cli, tmp_path):
     result = run_cli("train", "--save-every", "often", "--epochs", "1")
     assert result.returncode == 2 and "--save-every 'often'" in result.stderr and "Traceback" not in result.stderr

@@ -25,10 +25,29 @@ def on_fit_epoch_end(trainer):  # importable by name: tests.test_usercode:on_fit
 def test_importable_objects_travel_by_name_the_others_by_value():
     local = lambda trainer: trainer  # noqa: E731 - a notebook's lambda
     refs = usercode.refs({"on_fit_epoch_end": [on_fit_epoch_end, local]}, trainer="pkg.mod:MyTrainer")
-    assert refs["callbacks"][0] == ["on_fit_epoch_end", {"name": "tests.test_usercode:on_fit_epoch_end"}]
+    root = str(Path(__file__).resolve().parents[1])  # where this process imported ``tests`` from
+    assert refs["callbacks"][0] == ["on_fit_epoch_end", {"name": "tests.test_usercode:on_fit_epoch_end", "path": root}]
     assert "pickle" in refs["callbacks"][1][1] and usercode.load(refs["callbacks"][1][1])(7) == 7
     assert refs["trainer"] == {"name": "pkg.mod:MyTrainer"}
     assert usercode.load(refs["callbacks"][0][1]) is on_fit_epoch_end
+
+
+def test_a_module_found_on_a_path_the_user_added_loads_in_a_fresh_interpreter(tmp_path, monkeypatch):
+    """A notebook's ``sys.path.append(folder)`` (or a test runner's root): a rank starts without it, and still
+    imports the callback by name from where the user's process found it."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "__init__.py").write_text("")
+    (tmp_path / "mine" / "cbs.py").write_text("def on_train_start(trainer):\n    return 'mine'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from mine import cbs  # type: ignore[import-not-found]
+
+    ref = usercode.ref_of(cbs.on_train_start, "callback")
+    assert ref == {"name": "mine.cbs:on_train_start", "path": str(tmp_path)}
+    rank = ("import json, sys; from yolosafe.planning import usercode; "
+            "print(usercode.load(json.loads(sys.argv[1]))(None))")
+    done = subprocess.run([sys.executable, "-c", rank, json.dumps(ref)], capture_output=True, text=True, timeout=60,
+                          cwd="/")
+    assert done.returncode == 0 and done.stdout.strip() == "mine", done.stderr
 
 
 def test_an_unserialisable_callback_is_one_usage_error_line():

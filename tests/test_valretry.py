@@ -219,6 +219,10 @@ def test_a_relaunched_final_validation_is_the_trainers_own(tmp_path, monkeypatch
                                         True)["quantize"] == 16
 
 
+# an interval the user chose keeps the trained state before every validation (auto: where it is worth its save)
+KEEP_EVERY_EPOCH = ["--save-every", "1h"]
+
+
 # -- drills: real trainings -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -240,6 +244,9 @@ def test_rank_1_validation_oom_is_recovered_in_place_in_one_attempt(run_cli, tmp
     assert (1, "val", 1, 2) in batches and (1, "final", 1, 2) in batches  # later validations keep the batch that worked
     assert (0, "final", 1, 4) in batches  # the other rank untouched
     assert not (run / "weights" / valretry.UNVALIDATED).exists()  # every epoch validated and kept in last.pt
+    # --save-every auto: the trained state before validation is kept while no save is timed (epoch 1), then only
+    # where it costs at most 0.5 % of the training it keeps: not this epoch of a second
+    assert [(e["rank"], e["epoch"]) for e in events(run, "unvalidated_saved")] == [(0, 0)]
     report = run_cli("doctor", str(run))
     assert "recovered in place at val batch 2" in report.stdout and "--val-batch 2" in report.stdout
 
@@ -261,7 +268,7 @@ def test_rank_0_final_validation_oom_is_recovered_in_place(run_cli, tmp_path):
 def test_repeated_validation_ooms_down_to_batch_1_relaunch_without_training_again(run_cli, tmp_path):
     """Rank 0's validation of the last epoch fails at 4, 2 and 1: the relaunch validates that epoch first (its
     results.csv row, last.pt, best.pt) and runs only the final validation: no epoch trained twice."""
-    result = run_cli("train", "--gpus", "0,1", "--epochs", "2", *TINY,
+    result = run_cli("train", "--gpus", "0,1", "--epochs", "2", *TINY, *KEEP_EVERY_EPOCH,
                      env={**TWO, "YOLOSAFE_INJECT_OOM": "phase=val,epoch=1,rank=0,times=3"})
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
@@ -278,7 +285,7 @@ def test_repeated_validation_ooms_down_to_batch_1_relaunch_without_training_agai
 
 @pytest.mark.slow
 def test_a_relaunch_after_a_middle_epochs_validation_validates_it_and_trains_on(run_cli, tmp_path):
-    result = run_cli("train", "--gpus", "0,1", "--epochs", "3", *TINY,
+    result = run_cli("train", "--gpus", "0,1", "--epochs", "3", *TINY, *KEEP_EVERY_EPOCH,
                      env={**TWO, "YOLOSAFE_INJECT_OOM": "phase=val,epoch=1,rank=1,times=3"})
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)

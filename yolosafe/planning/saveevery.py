@@ -42,6 +42,17 @@ class SaveEvery:
             return max(AUTO_FLOOR_S, (last_save_s or 0.0) / AUTO_SHARE)
         return self.seconds
 
+    def keeps_unvalidated(self, trained_s: float, last_save_s: float | None) -> bool:
+        """Whether rank 0 keeps an epoch's trained state right before its validation (``weights/unvalidated.pt``,
+        what a relaunch after a validation OOM or hang resumes from), ``trained_s`` seconds of training after the
+        newest checkpoint, the last save having taken ``last_save_s``. ``auto``: when the save costs at most
+        :data:`AUTO_SHARE` of the training it keeps (and while no save has been timed), so a short epoch is trained
+        again rather than paid for at every epoch; any other ``--save-every`` (``0`` included): before every
+        validation."""
+        if not self.auto:
+            return True
+        return last_save_s is None or last_save_s <= AUTO_SHARE * trained_s
+
 
 def parse(word: object) -> SaveEvery:
     """The ``--save-every`` word; :class:`SaveEveryError` with the reason."""

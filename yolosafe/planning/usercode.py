@@ -15,11 +15,12 @@ import base64
 import importlib
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from yolosafe.errors import UsageError
 
-Ref = dict[str, str]  # {"name": "module:qualname"} or {"pickle": base64 of cloudpickle's bytes}
+Ref = dict[str, str]  # {"name": "module:qualname"[, "path": the folder it was imported from]} or {"pickle": ...}
 
 
 def refs(callbacks: Any = None, trainer: Any = None) -> dict[str, Any] | None:
@@ -71,7 +72,8 @@ def ref_of(obj: Any, what: str) -> Ref:
         raise UsageError(f"{what} {obj!r}: not a function or class")
     module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
     if module and module != "__main__" and "<" not in qualname and _lookup(sys.modules.get(module), qualname) is obj:
-        return {"name": f"{module}:{qualname}"}
+        found = _imported_from(module)
+        return {"name": f"{module}:{qualname}", **({"path": found} if found else {})}
     try:
         import cloudpickle
 
@@ -81,6 +83,18 @@ def ref_of(obj: Any, what: str) -> Ref:
         raise UsageError(f"{what} {qualname or obj!r}: cannot be sent to the ranks ({type(exc).__name__}: {first}); "
                          "define it in an importable module") from None
     return {"pickle": base64.b64encode(data).decode("ascii")}
+
+
+def _imported_from(module: str) -> str | None:
+    """The folder on this process's ``sys.path`` that ``module``'s top package was imported from: a rank is a fresh
+    interpreter whose path may lack it (a notebook's ``sys.path.append``, a test runner's root, a script's folder)."""
+    top = sys.modules.get(module.partition(".")[0])
+    where = getattr(top, "__file__", None)
+    if where:
+        folder = Path(where).parent
+        return str(folder.parent if folder.name == module.partition(".")[0] else folder)
+    paths = list(getattr(top, "__path__", []) or [])  # a namespace package
+    return str(Path(paths[0]).parent) if paths else None
 
 
 def _lookup(module: Any, qualname: str) -> Any:
@@ -94,6 +108,8 @@ def load(ref: Ref) -> Any:
     """The object a reference names (imported) or holds (unpickled): in a rank, never in the supervisor."""
     if "name" in ref:
         module, _, qualname = ref["name"].partition(":")
+        if ref.get("path") and ref["path"] not in sys.path:
+            sys.path.append(ref["path"])  # after everything else: where the user's process found it, never ahead
         obj = _lookup(importlib.import_module(module), qualname)
         if obj is None:
             raise UsageError(f"{ref['name']}: {module} has no {qualname}")

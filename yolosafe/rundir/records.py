@@ -214,7 +214,7 @@ class Event(Record):
     attempt: int | None = None
     iteration: int | None = None  # step_saved / step_resume: the iterations of the epoch done; of: the epoch's
     of: int | None = None
-    seconds: float | None = None  # step_saved: how long the save took
+    seconds: float | None = None  # step_saved, unvalidated_saved: how long the save took
     preempted: bool | None = None  # step_saved: written because a stop (SIGTERM, SIGUSR1) asked for it
     world: int | None = None  # step_saved: the ranks that wrote it
     shard: int | None = None  # step_saved: the samples of the epoch per rank (every rank's order is as long)

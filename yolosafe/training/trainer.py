@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -18,6 +19,7 @@ from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.model import YOLO
 
 from yolosafe import bench, gpus
+from yolosafe.planning import saveevery
 from yolosafe.rundir import files as rundir
 from yolosafe.training import callbacks, heartbeat, offline, peakmetrics, stepckpt, valretry
 from yolosafe.training import failure as failurerecord
@@ -237,20 +239,31 @@ class InPlaceValidationRetry(_InContext):
 class ValidateFirst(_InContext):
     """``validate``, ``save_model``, ``resume_training``, ``_setup_train``, ``_do_train``: no epoch is trained twice
     after a validation OOM that needed a relaunch. Rank 0 keeps each epoch's trained state right before its
-    validation (``weights/unvalidated.pt``, gone once the epoch's last.pt is written); a run resumed from it validates
+    validation (``weights/unvalidated.pt``, gone once the epoch's last.pt is written) where it is worth its save
+    (:meth:`~yolosafe.planning.saveevery.SaveEvery.keeps_unvalidated`: under ``--save-every auto``, an epoch shorter
+    than 200 saves is trained again instead, every save of it timed); a run resumed from it validates
     that epoch first, then trains on from the next (or, after the last epoch, runs only the final validation).
     Off with ``--val-oom relaunch``. Inside :class:`FailureRecord`: its end of the run is no failure."""
 
     validation_pending: dict[str, Any] | None = None
+    _kept_at: float | None = None  # time.monotonic() when the newest checkpoint was written (None: none yet)
+    _save_s: float | None = None  # how long the last save took (every save: the epoch's, a step's, this one's)
 
     def validate(self) -> tuple[Any, Any]:
         if (self.run_context.rank.leads and self.run_context.spec.val_oom == valretry.IN_PLACE
-                and self.validation_pending is None):
+                and self.validation_pending is None and self._keeps_unvalidated()):
             valretry.save_unvalidated(self)
         return super().validate()
 
+    def _keeps_unvalidated(self) -> bool:
+        trained = time.monotonic() - self._kept_at if self._kept_at is not None else 0.0  # none yet: none timed
+        return saveevery.parse(self.run_context.spec.save_every).keeps_unvalidated(trained, self._save_s)
+
     def save_model(self) -> bool:
+        started = time.monotonic()
         saved = super().save_model()
+        self._kept_at = time.monotonic()
+        self._save_s = self._kept_at - started
         if self.last.name == rundir.LAST:  # this epoch is validated and kept: the unvalidated state is old
             (self.wdir / valretry.UNVALIDATED).unlink(missing_ok=True)
         return saved

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,11 +332,14 @@ def save_unvalidated(trainer: Any) -> None:
         "epoch": trainer.epoch, "train": trainer.label_loss_items(trainer.tloss), "lr": dict(trainer.lr),
         "loss_items": {k: v.detach().cpu().tolist() for k, v in trainer.loss_items.items()},
         "loss": float(trainer.loss.detach().cpu())}}
+    started = time.monotonic()
     try:
         trainer.save_model()
     finally:
         trainer.best.unlink(missing_ok=True)
         trainer.last, trainer.best, trainer.save_period, trainer.metrics = saved
+    callbacks.append_event(trainer.run_context, "unvalidated_saved", trainer,
+                           seconds=round(time.monotonic() - started, 4))
 
 
 def pending(ckpt: Any) -> dict[str, Any] | None:
@@ -348,7 +352,6 @@ def validate_pending(trainer: Any, mark: dict[str, Any]) -> None:
     """Validate the resumed epoch and close it as ``BaseTrainer._do_train`` closes an epoch (metrics row, stopper,
     checkpoints, ``on_fit_epoch_end``, the stop shared by every rank); :class:`TrainingDone` when the run stops
     there."""
-    import time
 
     import torch
     import torch.distributed as dist
