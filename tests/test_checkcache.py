@@ -4,6 +4,7 @@ module (Ultralytics' real acceptance of a real tiny dataset); every case after i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ import pytest
 
 from tests import tinysets
 from yolosafe.planning import checkcache, validate
+from yolosafe.rundir.childrecords import CheckRefusal, CheckRequest
+from yolosafe.supervisor import children
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +26,14 @@ def asked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("checkcache")
     data = tinysets.rooted(root / "set", "detect")
     env = {"YOLOSAFE_CACHE": str(root / "cache"), "YOLO_CONFIG_DIR": str(root / "ultralytics"), "YOLO_OFFLINE": "1"}
-    request = {"model": "yolov8n.yaml", "data": str(data), "task": None, "overrides": {"epochs": 1, "imgsz": 32},
-               "project": None, "name": "train", "download": False, "dry_run": False}
+    request = CheckRequest(model="yolov8n.yaml", data=str(data), task=None, overrides={"epochs": 1, "imgsz": 32},
+                           project=None, name="train")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    elsewhere = {**request, "project": str(root / "projects" / "one"), "name": "first"}
+    elsewhere = dataclasses.replace(request, project=str(root / "projects" / "one"), name="first")
     try:
-        result = validate._ask(request)
-        validate._ask(elsewhere)
+        result = validate.verdict(request, children.input_check)
+        validate.verdict(elsewhere, children.input_check)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -47,35 +50,34 @@ def cache(asked: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     def no_child(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the input check's child was started")
 
-    monkeypatch.setattr(validate.proc, "run_module", no_child)
+    monkeypatch.setattr(children.proc, "run_module", no_child)
     return asked
 
 
-def entry_file(request: dict[str, Any]) -> Path:
+def entry_file(request: CheckRequest) -> Path:
     return Path(os.environ["YOLOSAFE_CACHE"]) / checkcache.FOLDER / f"{checkcache.key(request)}.json"
 
 
 def test_a_repeated_check_answers_from_the_cache_without_the_child(cache: dict[str, Any]) -> None:
     kept = checkcache.lookup(cache["request"])
     assert kept is not None
-    assert {k: v for k, v in kept.items() if k != "project"} == {k: v for k, v in cache["result"].items()
-                                                                 if k != "project"}
-    assert kept["task"] == "detect" and kept["train_images"] == cache["result"]["train_images"] > 0
+    assert dataclasses.replace(kept, project="") == dataclasses.replace(cache["result"], project="")
+    assert kept.task == "detect" and kept.train_images == cache["result"].train_images > 0
     # A dry run and a training of the same inputs share the answer.
-    assert checkcache.lookup({**cache["request"], "dry_run": True}) == kept
+    assert checkcache.lookup(dataclasses.replace(cache["request"], dry_run=True)) == kept
 
 
 def test_a_relative_runs_folder_is_resolved_in_the_directory_that_asks(cache: dict[str, Any],
                                                                        tmp_path: Path) -> None:
     kept = checkcache.lookup(cache["request"])
-    assert kept["project"] == str(tmp_path.resolve() / "runs" / "detect")
+    assert kept.project == str(tmp_path.resolve() / "runs" / "detect")
 
 
 def test_another_absolute_project_or_name_shares_the_answer(cache: dict[str, Any], tmp_path: Path) -> None:
-    other = {**cache["request"], "project": str(tmp_path / "another" / "project"), "name": "second"}
+    other = dataclasses.replace(cache["request"], project=str(tmp_path / "another" / "project"), name="second")
     kept = checkcache.lookup(other)
-    assert kept is not None and kept["project"] == str(tmp_path / "another" / "project")
-    relative = {**cache["request"], "project": "mine"}
+    assert kept is not None and kept.project == str(tmp_path / "another" / "project")
+    relative = dataclasses.replace(cache["request"], project="mine")
     assert checkcache.lookup(relative) is None  # under runs/<task>: another answer, asked once
 
 
@@ -84,7 +86,7 @@ def test_a_changed_request_version_or_environment_misses(cache: dict[str, Any], 
                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     request = cache["request"]
     if change == "request":
-        request = {**request, "overrides": {**request["overrides"], "epochs": 2}}
+        request = dataclasses.replace(request, overrides={**request.overrides, "epochs": 2})
     elif change in ("ultralytics", "torch"):
         real = checkcache._version
         monkeypatch.setattr(checkcache, "_version", lambda name: "0.0.0" if name == change else real(name))
@@ -94,7 +96,7 @@ def test_a_changed_request_version_or_environment_misses(cache: dict[str, Any], 
         monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "elsewhere"))
     else:  # the same relative name now means a file in this directory
         shutil.copy(Path(cache["data"]), tmp_path / "data.yaml")
-        request = {**request, "data": "data.yaml"}
+        request = dataclasses.replace(request, data="data.yaml")
         assert checkcache.lookup(request) is None
         return
     assert checkcache.lookup(request) is None
@@ -136,9 +138,9 @@ def test_a_changed_input_file_misses(cache: dict[str, Any], change: str, tmp_pat
 
 @pytest.mark.parametrize("damage", ["not-json", "binary", "foreign-key", "wrong-types", "refusal", "a-list"])
 def test_a_corrupt_or_foreign_entry_is_ignored(cache: dict[str, Any], damage: str) -> None:
-    request = {**cache["request"], "overrides": {"epochs": 3, "imgsz": 32, "lr0": 0.5,  # an entry of its own
-                                                 "cos_lr": damage}}
-    checkcache.store(request, {**cache["result"], "reads": []})
+    request = dataclasses.replace(cache["request"], overrides={"epochs": 3, "imgsz": 32, "lr0": 0.5,  # its own entry
+                                                               "cos_lr": damage})
+    checkcache.store(request, dataclasses.replace(cache["result"], reads=[]))
     path = entry_file(request)
     entry = json.loads(path.read_text())
     assert checkcache.lookup(request) is not None
@@ -159,12 +161,12 @@ def test_a_corrupt_or_foreign_entry_is_ignored(cache: dict[str, Any], damage: st
 
 def test_refusals_answers_with_notes_and_downloads_are_not_kept(cache: dict[str, Any]) -> None:
     base = cache["request"]
-    for name, result in (("refused", {"error": "no", "reads": []}),
-                         ("noted", {**cache["result"], "notes": ["a dry run"], "reads": []})):
-        request = {**base, "overrides": {**base["overrides"], "cache": name}}
+    for name, result in (("refused", CheckRefusal("no")),
+                         ("noted", dataclasses.replace(cache["result"], notes=["a dry run"], reads=[]))):
+        request = dataclasses.replace(base, overrides={**base.overrides, "cache": name})
         checkcache.store(request, result)
         assert not entry_file(request).exists()
-    downloading = {**base, "download": True}
+    downloading = dataclasses.replace(base, download=True)
     assert checkcache.lookup(downloading) is None  # a download is asked for: the check runs and fetches
 
 
@@ -173,4 +175,5 @@ def test_an_unwritable_cache_costs_only_the_time(cache: dict[str, Any], monkeypa
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("YOLOSAFE_CACHE", str(blocker))  # a file where the folder should be
-    checkcache.store({**cache["request"], "overrides": {}}, {**cache["result"], "reads": []})
+    checkcache.store(dataclasses.replace(cache["request"], overrides={}),
+                     dataclasses.replace(cache["result"], reads=[]))

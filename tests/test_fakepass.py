@@ -6,6 +6,7 @@ import pytest
 
 from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import table as memtable
+from yolosafe.rundir.childrecords import FakePassResult
 
 
 @pytest.mark.slow
@@ -22,4 +23,4 @@ def test_every_task_has_its_own_measured_loss():
     assert found["segment"]["loss_per_image_mib"] > found["detect"]["loss_per_image_mib"]  # masks at mask_ratio
     assert found["pose"]["head_outputs"] == 4 + 1 + 17 * 3 and found["obb"]["head_outputs"] == 4 + 80 + 1
     with pytest.raises(memmodel.UnknownModel, match="could not measure its loss"):
-        memtable.terms_from_entry("x", {"params": 1, "imgsz": 640, "loss_error": "boom"}, "fake pass")
+        memtable.terms_from_entry("x", FakePassResult(params=1, imgsz=640, loss_error="boom"), "fake pass")

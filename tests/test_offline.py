@@ -99,8 +99,8 @@ def test_download_fetches_the_amp_weights_once_through_ultralytics_release_downl
     fetched.clear()
     offline.amp_weights().unlink()
     notes: list[str] = []
-    for request, amp in (({"download": False}, True), ({"download": True}, "bf16"), ({"download": True}, True)):
-        inputcheck.amp_check_weights(request, SimpleNamespace(amp=amp), notes)  # the input check's step
+    for download, amp in ((False, True), (True, "bf16"), (True, True)):
+        inputcheck.amp_check_weights(download, SimpleNamespace(amp=amp), notes)  # the input check's step
     assert [file for _, file in fetched] == [weights_dir / "yolo26n.pt"] and notes == []
 
     def unreachable(url, file=None, **kwargs):
@@ -108,7 +108,7 @@ def test_download_fetches_the_amp_weights_once_through_ultralytics_release_downl
 
     offline.amp_weights().unlink()
     monkeypatch.setattr(downloads, "safe_download", unreachable)
-    inputcheck.amp_check_weights({"download": True}, SimpleNamespace(amp=True), notes)
+    inputcheck.amp_check_weights(True, SimpleNamespace(amp=True), notes)
     assert len(notes) == 1 and notes[0].startswith("AMP: yolo26n.pt could not be fetched (Download failure")
 
 
@@ -149,6 +149,9 @@ def test_the_children_that_check_measure_or_train_are_offline_unless_the_user_or
     with --download), the fake pass and every attempt's processes get it unless the user set it."""
     from yolosafe import proc
     from yolosafe.planning import validate
+    from yolosafe.planning.memory.model import UnknownModel
+    from yolosafe.rundir.childrecords import CheckRequest, FakePassRequest
+    from yolosafe.supervisor import children
     from yolosafe.supervisor.child import training_env
 
     assert proc.offline_env({"PATH": "/bin"})["YOLO_OFFLINE"] == "1"
@@ -163,6 +166,8 @@ def test_the_children_that_check_measure_or_train_are_offline_unless_the_user_or
     monkeypatch.setattr(proc, "run_module", run_module)
     monkeypatch.delenv("YOLO_OFFLINE", raising=False)
     for download in (False, True):
-        with pytest.raises(validate.InputError):
-            validate._ask({"download": download})
-    assert seen[0]["YOLO_OFFLINE"] == "1" and "YOLO_OFFLINE" not in seen[1]
+        with pytest.raises(validate.InputError, match="did not answer within"):
+            children.input_check(CheckRequest("yolov8n.yaml", None, None, {}, None, "train", download=download))
+    with pytest.raises(UnknownModel, match="did not answer within"):
+        children.fake_pass(FakePassRequest("my-net.yaml"))
+    assert seen[0]["YOLO_OFFLINE"] == "1" and "YOLO_OFFLINE" not in seen[1] and seen[2]["YOLO_OFFLINE"] == "1"

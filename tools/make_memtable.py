@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from yolosafe.rundir.childrecords import FakePassRequest, FakePassResult
+
 MODELS = [f"yolov8{s}.yaml" for s in "nsmlx"] + [f"yolo11{s}.yaml" for s in "nsmlx"]
 OUT = Path(__file__).resolve().parents[1] / "yolosafe" / "data" / "memtable.json"
 
@@ -36,11 +38,10 @@ def main() -> None:
             table[name] = {**table.get(name, {}), **losses[family]}
             print(model, f"loss terms of {family}'s first scale (same head)", flush=True)
             continue
-        command = [sys.executable, "-m", "yolosafe.training.fakepass", model, "--imgsz", str(args.imgsz)]
-        if args.loss_only:
-            command.append("--loss-only")
+        request = FakePassRequest(model, args.imgsz, args.loss_only)
+        command = [sys.executable, "-m", "yolosafe.training.fakepass", *request.args()]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
-        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        measured = FakePassResult.from_json(done.stdout.strip().splitlines()[-1]).to_dict()
         table[name] = {**table.get(name, {}), **measured} if args.loss_only else measured
         losses.setdefault(family, {k: v for k, v in measured.items() if k.startswith(("loss", "task", "head"))})
         print(model, json.dumps(table[name]), flush=True)

@@ -26,6 +26,7 @@ from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import planner
 from yolosafe.planning.trainoptions import TrainOptions
 from yolosafe.rundir import records
+from yolosafe.supervisor import children
 from yolosafe.supervisor.multinode import setup as multicli
 
 OPTION_KEYS = tuple(key for key in options.DEFAULTS if key != "args")  # yolosafe's own options, as keywords
@@ -74,10 +75,10 @@ def plan(model: str | Path | None = None, data: str | Path | None = None, **kwar
 def plan_of(opts: TrainOptions, inventory: inventory_of.Inventory) -> Plan:
     """The plan of resolved options on ``inventory``'s GPUs, with ``batch="auto"`` chosen and the memory predicted."""
     opts = trainrun.ultralytics_accepts(opts, dry_run=True)  # what Ultralytics accepts, Ultralytics decides
-    opts, auto = planner.resolve_auto(opts, inventory)
+    opts, auto = planner.resolve_auto(opts, inventory, fake_pass=children.fake_pass)
     built = trainrun.build(opts, inventory)
     built = built if opts.train_images is None else dataclasses.replace(built, train_images=opts.train_images)
-    memory = planner.memory_plan(built, inventory, opts)
+    memory = planner.memory_plan(built, inventory, opts, fake_pass=children.fake_pass)
     if memory is None:
         raise memmodel.UnknownModel(f"{built.model}: no memory figures (not in the table, and weights cannot be "
                                     "fake-passed); give the model's YAML")
@@ -110,11 +111,11 @@ def finish(ended: trainrun.Ended) -> Run:
     """The run as its story says once it ended; its lock given up (the calling process may resume it); a run that
     did not complete raised as the :class:`~yolosafe.errors.TrainingError` of its end."""
     ended.run.unlock()
-    run_dir = ended.run_dir.resolve()
+    where = ended.run.resolve()
     try:
-        run = Run.of(run_dir, records.load_story(ended.run.resolve()))
+        run = Run.of(where, records.load_story(where))
     except (OSError, records.RecordError):
-        run = Run(run_dir=run_dir, outcome=None, exit_code=Exit(ended.code))
+        run = Run(run_dir=where.path, outcome=None, exit_code=Exit(ended.code))
     if ended.code == Exit.OK:
         return run
     log = ended.run.log

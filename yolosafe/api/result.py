@@ -30,6 +30,7 @@ class Run:
     ``killed``, ``interrupted``...); ``exit_code`` what ``yolosafe train`` exits with for it; ``attempts`` each
     attempt's batches and end, as ``yolosafe.json`` records them; ``metrics`` the final validation's metrics
     (``metrics/mAP50-95(B)``...); ``weights`` ``{"last": path, "best": path}`` for the files that exist.
+    ``run_dir`` is the run directory's path (:attr:`yolosafe.rundir.layout.RunDir.path` of the run it was read from).
     """
 
     run_dir: Path
@@ -58,22 +59,23 @@ class Run:
         message) when there is none or it is damaged."""
         from yolosafe.planning.validate import InputError
 
-        path = Path(run_dir)
+        run = RunDir(Path(run_dir), node)
         try:
-            story = records.load_story(RunDir(path, node))
+            story = records.load_story(run)
         except (OSError, records.RecordError) as exc:
-            raise InputError(f"{path}: not a readable yolosafe run ({exc})") from None
-        return cls.of(path, story)
+            raise InputError(f"{run.path}: not a readable yolosafe run ({exc})") from None
+        return cls.of(run, story)
 
     @classmethod
-    def of(cls, run_dir: Path, story: records.Story) -> Run:
+    def of(cls, run: RunDir, story: records.Story) -> Run:
+        """The run in ``run`` as ``story`` (its ``yolosafe.json``) says."""
         try:
             outcome: Outcome | str | None = Outcome(story.outcome) if story.outcome else None
         except ValueError:
             outcome = story.outcome
         weights = {name: Path(p) for name, p in (story.weights or {}).items()}
         exit_code = outcome.exit_status if isinstance(outcome, Outcome) else Exit.FAILED  # a value of a newer yolosafe
-        return cls(run_dir=run_dir, outcome=outcome, exit_code=exit_code,
+        return cls(run_dir=run.path, outcome=outcome, exit_code=exit_code,
                    attempts=tuple(story.attempts), metrics=_frozen(story.final_metrics), weights=_frozen(weights),
                    story=_frozen(story.to_dict()))
 

@@ -29,7 +29,7 @@ from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records, steps
 from yolosafe.rundir.layout import RunDir
 from yolosafe.supervisor import child as supervise
-from yolosafe.supervisor import terminal
+from yolosafe.supervisor import children, terminal
 from yolosafe.supervisor.multinode import setup as multicli
 
 
@@ -69,17 +69,17 @@ def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: st
 
 
 def ultralytics_accepts(opts: TrainOptions, dry_run: bool) -> TrainOptions:
-    """Ultralytics' own verdict on the model, the arguments and the data (a child process: validate.ultralytics_check);
+    """Ultralytics' own verdict on the model, the arguments and the data (a child process: children.input_check);
     says its notes, returns the options with the task, the runs' folder Ultralytics gives that task and the training
     images."""
     if opts.download and not dry_run:
         terminal.say("Ultralytics downloads what is missing (the data, the weights) now, once, before training")
-    checked = validate.ultralytics_check(opts, dry_run)
+    checked = validate.ultralytics_check(opts, dry_run, children.input_check)
     asked = None if opts.project in (None, validate.ULTRALYTICS_PROJECT) else str(opts.project)
-    inputs.check_run_place(checked["project"], str(opts.name), asked)  # where Ultralytics puts the runs
-    opts = opts.replace(task=checked["task"], project=checked["project"], train_images=checked["train_images"],
-                        dataset_figures=checked.get("dataset") or {})
-    for note in checked["notes"]:
+    inputs.check_run_place(checked.project, str(opts.name), asked)  # where Ultralytics puts the runs
+    opts = opts.replace(task=checked.task, project=checked.project, train_images=checked.train_images,
+                        dataset_figures=checked.dataset or {})
+    for note in checked.notes:
         terminal.say(f"note: {note}")
     return opts
 
@@ -140,7 +140,7 @@ def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     opts = ultralytics_accepts(opts, dry_run) if early else opts
     inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
     env = allocator.apply(os.environ, opts.alloc_conf)
-    opts, auto = planner.resolve_auto(opts, inventory)  # each refusal above is a UsageError of its own
+    opts, auto = planner.resolve_auto(opts, inventory, fake_pass=children.fake_pass)  # refusals: UsageErrors
     p = build(opts, inventory)
     trainoptions.check_ranges(opts, p.per_gpu_batch)
     inputs.check_injection_reachable(os.environ.get(oom.INJECT_ENV), p.epochs)
@@ -209,7 +209,7 @@ def new_story(run: RunDir, p: plan.TrainPlan, env: Mapping[str, str], opts: Trai
         simulated_on_cpu=simulated,
         **opts.to_story(),  # command, dataset, max_retries, min_batch and the memory watch's options
         batch_auto=auto,
-        memory_plan=planner.memory_plan(p, inventory, opts, allow_fake_pass=False),
+        memory_plan=planner.memory_plan(p, inventory, opts),  # no fake pass here: a model measured before
     )
 
 

@@ -8,8 +8,9 @@ environment variables Ultralytics reads. The entry also lists what the check rea
 the model file, the data YAML, every image list and every image and label folder): each is stat'ed again at every
 lookup, and any change of size or modification time, or a file appearing or vanishing, is a miss. Only acceptances
 are kept (a refusal is asked again: the user is mending something), never an answer that carries notes, and never a
-request that downloads. A file that is not valid JSON, not an entry of this format or not for this key is ignored
-and asked again, never trusted.
+request that downloads. An entry holds the child's own record (:class:`~yolosafe.rundir.childrecords.CheckAnswer`)
+and the stamps of what it read; a file that is not valid JSON, not an entry of this format or not for this key is
+ignored and asked again, never trusted.
 
 Limits, said in ``docs/overhead.md``: a label file edited in place (same folder, same directory listing) keeps the
 entry; the dataset's figures it holds are then the memory model's estimate of the previous labels.
@@ -17,6 +18,7 @@ entry; the dataset's figures it holds are then the memory model's estimate of th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,13 +29,16 @@ from typing import Any
 
 from yolosafe.planning import datasets
 from yolosafe.rundir import files
+from yolosafe.rundir.childrecords import CheckAnswer, CheckRequest, CheckResult
+from yolosafe.rundir.typed import RecordError
 
 FOLDER = "checks"
-FORMAT = 1
+FORMAT = 2  # the answer as its record, the stamps beside it
 # What Ultralytics reads from the environment that can change its answer (where its settings and datasets are).
 ENV_KEYS = ("YOLO_CONFIG_DIR", "XDG_CONFIG_HOME", "HOME", "YOLO_OFFLINE", "YOLO_VERBOSE")
 # The code whose answer is kept: the check and the dataset figures it computes.
-CODE = ("training/inputcheck.py", "planning/memory/objects.py", "planning/memory/valshapes.py")
+CODE = ("training/inputcheck.py", "rundir/childrecords.py", "planning/memory/objects.py",
+        "planning/memory/valshapes.py")
 PATH_FIELDS = ("model", "data")
 
 
@@ -71,17 +76,17 @@ def _where(value: Any) -> str | None:
         return None
 
 
-def key(request: dict[str, Any]) -> str:
+def key(request: CheckRequest) -> str:
     """The entry's name for a request: everything its answer depends on that is known before asking."""
     # The run's name never changes the answer (the runs' folder is its parent), nor does an absolute project= (the
     # answer is that folder: ``project_is_asked``); a relative one does (Ultralytics puts it under runs/<task>).
-    asked = {k: v for k, v in request.items() if k not in ("download", "dry_run", "name")}
-    if _absolute(request.get("project")):
+    asked = {k: v for k, v in request.to_dict().items() if k not in ("download", "dry_run", "name")}
+    if _absolute(request.project):
         asked["project"] = "<absolute>"
     material = {
         "format": FORMAT,
         "request": asked,
-        "resolved": {field: _where(request.get(field)) for field in PATH_FIELDS},
+        "resolved": {field: _where(getattr(request, field)) for field in PATH_FIELDS},
         "versions": {name: _version(name) for name in ("ultralytics", "torch", "yolosafe")},
         "code": _code_digest(),
         "env": {name: os.environ.get(name) for name in ENV_KEYS},
@@ -106,11 +111,11 @@ def _entry_path(name: str) -> Path:
     return datasets.cache_dir() / FOLDER / f"{name}.json"
 
 
-def cacheable(request: dict[str, Any]) -> bool:
-    return not request.get("download")
+def cacheable(request: CheckRequest) -> bool:
+    return not request.download
 
 
-def lookup(request: dict[str, Any]) -> dict[str, Any] | None:
+def lookup(request: CheckRequest) -> CheckAnswer | None:
     """The kept answer to ``request`` when every file it read is as it was, else ``None``."""
     if not cacheable(request):
         return None
@@ -119,42 +124,39 @@ def lookup(request: dict[str, Any]) -> dict[str, Any] | None:
         entry = json.loads(_entry_path(name).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-    if not _valid(entry, name):
+    result = _valid(entry, name)
+    if result is None or stamps(result.reads) != entry["stamps"]:
         return None
-    if stamps(entry["reads"]) != entry["reads"]:
-        return None
-    result = entry["result"]
-    if _absolute(request.get("project")):  # the folder asked for is the answer
-        if not result.get("project_is_asked"):
+    if _absolute(request.project):  # the folder asked for is the answer
+        if not result.project_is_asked:
             return None
-        result["project"] = str(Path(request["project"]).resolve())
-    elif result.get("project_in_cwd"):  # Ultralytics resolves a relative runs' folder from the working directory
-        result["project"] = str(Path(result["project_in_cwd"]).resolve())
+        return dataclasses.replace(result, project=str(Path(str(request.project)).resolve()))
+    if result.project_in_cwd:  # Ultralytics resolves a relative runs' folder from the working directory
+        return dataclasses.replace(result, project=str(Path(result.project_in_cwd).resolve()))
     return result
 
 
-def _valid(entry: Any, name: str) -> bool:
+def _valid(entry: Any, name: str) -> CheckAnswer | None:
+    """The entry's answer, when it is an entry of this format for this key, its stamps of the files it read."""
     if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != name:
-        return False
-    result, reads = entry.get("result"), entry.get("reads")
-    if not isinstance(result, dict) or not isinstance(reads, dict) or "error" in result:
-        return False
-    if not isinstance(result.get("task"), str) or not isinstance(result.get("notes"), list):
-        return False
-    if not isinstance(result.get("project"), str) or not isinstance(result.get("project_in_cwd"), (str, type(None))):
-        return False
-    if not isinstance(result.get("project_is_asked", False), bool):
-        return False
-    return all(isinstance(p, str) and (s is None or (isinstance(s, list) and len(s) == 2)) for p, s in reads.items())
+        return None
+    try:
+        result = CheckAnswer.from_dict(entry.get("result"), "a kept verdict")
+    except RecordError:
+        return None
+    kept = entry.get("stamps")
+    if not isinstance(kept, dict) or sorted(kept) != sorted(set(result.reads)):
+        return None
+    shaped = all(s is None or (isinstance(s, list) and len(s) == 2) for s in kept.values())
+    return result if shaped else None
 
 
-def store(request: dict[str, Any], result: dict[str, Any]) -> None:
-    """Keep an acceptance without notes, with the stamps of what the check read (``result["reads"]``)."""
-    if "error" in result or result.get("notes") or not isinstance(result.get("reads"), list):
+def store(request: CheckRequest, result: CheckResult) -> None:
+    """Keep an acceptance without notes, with the stamps of what the check read (``result.reads``)."""
+    if not isinstance(result, CheckAnswer) or result.notes:
         return
     name = key(request)
-    kept = {k: v for k, v in result.items() if k != "reads"}
-    entry = {"format": FORMAT, "key": name, "result": kept, "reads": stamps(result["reads"])}
+    entry = {"format": FORMAT, "key": name, "result": result.to_dict(), "stamps": stamps(result.reads)}
     try:
         _entry_path(name).parent.mkdir(parents=True, exist_ok=True)
         files.write_json(_entry_path(name), entry)

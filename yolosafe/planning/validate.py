@@ -1,8 +1,9 @@
 """Everything a user can get wrong, checked before a run directory or a worker exists.
 
 Each check raises :class:`InputError` with one line for the user. What Ultralytics accepts, Ultralytics decides:
-:func:`ultralytics_check` asks it in a short-lived child (:mod:`yolosafe.training.inputcheck`; torch and Ultralytics
-stay out of this process) about the model, the arguments, the dataset and the run's folder. What is checked here
+:func:`ultralytics_check` asks it about the model, the arguments, the dataset and the run's folder through the
+function its caller hands it (a short-lived child, :func:`yolosafe.supervisor.children.input_check`: torch and
+Ultralytics stay out of this process, and planning starts no process). What is checked here
 is only what Ultralytics leaves to yolosafe: yolosafe's own options, the run's name, the fault injection, and a
 resumed run's checkpoint (read without torch: PyTorch checkpoints are zip archives whose pickle names the classes it
 holds; an Ultralytics checkpoint names ``ultralytics`` modules).
@@ -10,22 +11,18 @@ holds; an Ultralytics checkpoint names ``ultralytics`` modules).
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from yolosafe import hang, oom, proc
+from yolosafe import hang, oom
 from yolosafe.errors import UsageError
 from yolosafe.planning import checkcache, checkpoint, saveevery, trainplan
+from yolosafe.rundir.childrecords import CheckAnswer, CheckRefusal, CheckRequest, CheckResult
 
-INPUT_CHECK = "yolosafe.training.inputcheck"
 ULTRALYTICS_PROJECT = "runs/<task>"  # --project not given: the folder Ultralytics' get_save_dir gives the task
-INPUT_CHECK_TIMEOUT_S = 600  # loading a large checkpoint and listing a large dataset's images
-DOWNLOAD_TIMEOUT_S = 24 * 3600  # --download: the dataset may be large
 # yolosafe's own options, integers and numbers (from a --config file they arrive untyped).
 INT_OPTIONS = MappingProxyType({"batch": 1, "effective_batch": 1, "val_batch": 1, "imgsz": 32, "epochs": 1,
                                "max_retries": 0, "min_batch": 1})
@@ -118,7 +115,10 @@ def check_model_file(model: Any) -> None:
 # --- what Ultralytics decides --------------------------------------------------------------------------------------
 
 
-def ultralytics_request(opts: Any, dry_run: bool) -> dict[str, Any]:
+AskCheck = Callable[[CheckRequest], CheckResult]  # the input check: supervisor.children.input_check
+
+
+def ultralytics_request(opts: Any, dry_run: bool) -> CheckRequest:
     """What the input check asks Ultralytics of the options (a ``TrainOptions``): the model, the data, the train
     arguments as the worker passes them."""
     extra = trainplan.check_passthrough(trainplan.parse_passthrough(opts.args or []))  # a PlanError: a usage error
@@ -126,42 +126,33 @@ def ultralytics_request(opts: Any, dry_run: bool) -> dict[str, Any]:
     overrides = {**extra, "epochs": opts.epochs, "imgsz": opts.imgsz,
                  "batch": batch if isinstance(batch, int) else 16, "nbs": opts.effective_batch}
     project = opts.project
-    return {"model": opts.model, "data": opts.data_yaml, "task": opts.task,
-            "overrides": {k: v for k, v in overrides.items() if v is not None},
-            "project": None if project == ULTRALYTICS_PROJECT else project, "name": opts.name,
-            "download": bool(opts.download) and not dry_run, "dry_run": dry_run,  # a dry run fetches nothing
-            **({"user_code": opts.user_code} if getattr(opts, "user_code", None) else {})}
+    return CheckRequest(model=opts.model, data=opts.data_yaml, task=opts.task,
+                        overrides={k: v for k, v in overrides.items() if v is not None},
+                        project=None if project == ULTRALYTICS_PROJECT else project, name=opts.name,
+                        download=bool(opts.download) and not dry_run, dry_run=dry_run,  # a dry run fetches nothing
+                        user_code=getattr(opts, "user_code", None) or None)
 
 
-def ultralytics_check(opts: Any, dry_run: bool = False) -> dict[str, Any]:
-    """Ask Ultralytics in a child process whether it trains this; returns the task, the runs' folder (``project``)
-    and the training images, or raises :class:`InputError` with Ultralytics' reason. With ``download`` set, the data
-    and the weights are fetched there, once, before any rank starts."""
+def ultralytics_check(opts: Any, dry_run: bool, ask: AskCheck) -> CheckAnswer:
+    """Whether Ultralytics trains this, asked through ``ask`` (the input check's child); returns the task, the runs'
+    folder (``project``) and the training images, or raises :class:`InputError` with Ultralytics' reason. With
+    ``download`` set, the data and the weights are fetched there, once, before any rank starts."""
     request = ultralytics_request(opts, dry_run)
-    check_model_file(request["model"])
-    # the user's code may change without a file the cache watches: asked every time
-    result = (None if request.get("user_code") else checkcache.lookup(request)) or _ask(request)
-    if "error" in result:
-        hint = opts.data_hint
-        known = "--data" not in result["error"] or "images not found" in result["error"]  # Ultralytics knows it
-        raise InputError(result["error"] if known or not hint else f"{hint}; Ultralytics: {result['error']}")
+    check_model_file(request.model)
+    result = verdict(request, ask)
+    if isinstance(result, CheckRefusal):
+        hint, error = opts.data_hint, result.error
+        known = "--data" not in error or "images not found" in error  # Ultralytics knows it
+        raise InputError(error if known or not hint else f"{hint}; Ultralytics: {error}")
     return result
 
 
-def _ask(request: dict[str, Any]) -> dict[str, Any]:
-    """The input check's child, asked once; its acceptance kept for the next identical request."""
-    with tempfile.TemporaryDirectory(prefix="yolosafe-check-") as tmp:
-        asked, answer = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        asked.write_text(json.dumps(request))
-        timeout = DOWNLOAD_TIMEOUT_S if request["download"] else INPUT_CHECK_TIMEOUT_S
-        try:
-            env = os.environ if request["download"] else proc.offline_env(os.environ)  # the network if asked only
-            done = proc.run_module(INPUT_CHECK, [str(asked), str(answer)], timeout=timeout, env=env)
-        except proc.subprocess.TimeoutExpired:
-            raise InputError(f"Ultralytics' input check did not answer within {timeout} s") from None
-        if not answer.is_file():
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise InputError(f"Ultralytics' input check failed: {last}")
-        result = json.loads(answer.read_text())
+def verdict(request: CheckRequest, ask: AskCheck) -> CheckResult:
+    """The kept answer to ``request`` (:mod:`yolosafe.planning.checkcache`), else ``ask``'s, kept for the next
+    identical request. The user's code may change without a file the cache watches: asked every time."""
+    kept = None if request.user_code else checkcache.lookup(request)
+    if kept is not None:
+        return kept
+    result = ask(request)
     checkcache.store(request, result)
-    return {k: v for k, v in result.items() if k != "reads"}
+    return result

@@ -101,3 +101,25 @@ def _typed(cls: type[R], path: Path, data: Any) -> R:
         return cls.from_dict(data)
     except TypeError as exc:
         raise RecordError(f"{path}: damaged ({exc})") from None
+
+
+def exact_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
+    """The fields of the dataclass ``cls`` read from ``data``, a JSON object that holds exactly them: each checked
+    against its annotation, a required field missing or a key no field has refused. For the records written and read
+    by the same code (a message between two processes, a cache entry), where anything else is damage.
+    Raises :class:`RecordError` with one line naming ``what``."""
+    if not isinstance(data, dict):
+        raise RecordError(f"{what}: damaged, expected a JSON object, found {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    missing = [name for name, f in known.items() if name not in data and _default(f) is MISSING]
+    if unknown or missing:
+        raise RecordError(f"{what}: damaged ({'unknown ' + ', '.join(map(repr, unknown)) if unknown else ''}"
+                          f"{'; ' if unknown and missing else ''}"
+                          f"{'missing ' + ', '.join(map(repr, missing)) if missing else ''})")
+    try:
+        for key, value in data.items():
+            _check_type(key, value, str(known[key].type))
+    except TypeError as exc:
+        raise RecordError(f"{what}: damaged ({exc})") from None
+    return dict(data)

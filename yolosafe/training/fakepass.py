@@ -1,9 +1,10 @@
 """Measure a model's memory terms without a GPU: a fake-tensor pass for the network, a real CPU pass for the loss.
 
-Run as ``python -m yolosafe.training.fakepass MODEL.yaml [--imgsz 640]`` (JSON on stdout) by
-``tools/make_memtable.py`` for
-the shipped table and by ``yolosafe plan`` for a custom model YAML, always in a child process: it imports torch and
-ultralytics, which the CLI must not.
+Run as ``python -m yolosafe.training.fakepass MODEL.yaml [--imgsz 640]`` by ``tools/make_memtable.py`` for the
+shipped table and by ``yolosafe plan`` for a custom model YAML (:func:`yolosafe.supervisor.children.fake_pass`),
+always in a child process: it imports torch and ultralytics, which the CLI must not. Its command line is a
+:class:`~yolosafe.rundir.childrecords.FakePassRequest`, its answer a
+:class:`~yolosafe.rundir.childrecords.FakePassResult`, one JSON line on stdout.
 
 Why these tools: torch's ``MemTracker`` counts every tensor a module holds, by kind (parameters, activations saved
 for backward, gradients, optimizer state), and under ``FakeTensorMode`` no tensor has real storage, so a yolov8x
@@ -15,10 +16,10 @@ Activations are exactly linear in the batch, so two batches give the fixed and p
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from typing import Any
+
+from yolosafe.rundir.childrecords import FakePassRequest, FakePassResult
 
 MIB = 2**20
 LOSS_IMGSZ = 160  # the real CPU loss pass: anchors scale as imgsz², so 160 px is 1/16 of 640's
@@ -187,7 +188,7 @@ def loss_terms(model: Any, imgsz: int) -> dict[str, Any]:
     return entry
 
 
-def measure(model_path: str, imgsz: int = 640, loss_only: bool = False) -> dict[str, Any]:
+def measure(model_path: str, imgsz: int = 640, loss_only: bool = False) -> FakePassResult:
     """All terms of one model at ``imgsz``: parameters, fixed + per-image MiB for train, val and the loss."""
     import torch
     import ultralytics
@@ -207,20 +208,16 @@ def measure(model_path: str, imgsz: int = 640, loss_only: bool = False) -> dict[
         entry.update(loss_terms(model, imgsz))
     except Exception as exc:  # a loss the CPU pass cannot run: the plan refuses the model rather than guess
         entry["loss_error"] = f"{type(exc).__name__}: {exc}"
-    return entry
+    return FakePassResult(**entry)
 
 
 def main(argv: list[str] | None = None) -> None:
     from yolosafe import proc
 
     proc.reset_inherited_signals()  # a Ctrl-C reaches it however yolosafe was started
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model")
-    parser.add_argument("--imgsz", type=int, default=640)
-    parser.add_argument("--loss-only", action="store_true", help="only the loss terms (the network's are kept)")
-    args = parser.parse_args(argv)
-    json.dump(measure(args.model, args.imgsz, args.loss_only), sys.stdout)
-    sys.stdout.write("\n")
+    request = FakePassRequest.from_args(argv, description=__doc__.split("\n")[0])
+    result = measure(request.model, request.imgsz, request.loss_only)
+    sys.stdout.write(result.to_json() + "\n")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,15 @@ optimizer through ``build_optimizer`` and the run directory's parent through ``g
 unless the request says ``download``: then the dataset and the weights (the model's, and the one Ultralytics' AMP check
 loads) are fetched here, once, before any rank starts.
 
-The result file holds ``{"error": LINE}`` or what the caller needs (the task, the project folder, the number of
-training images, the dataset's figures for the memory model, notes). It runs in its own process so that torch,
+The request file is a :class:`~yolosafe.rundir.childrecords.CheckRequest`; the result file a
+:class:`~yolosafe.rundir.childrecords.CheckRefusal` (one line) or what the caller needs, a
+:class:`~yolosafe.rundir.childrecords.CheckAnswer` (the task, the project folder, the number of training images, the
+dataset's figures for the memory model, notes, what it read). It runs in its own process so that torch,
 Ultralytics and any CUDA initialisation stay out of the supervisor's.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from yolosafe.errors import UsageError
+from yolosafe.rundir.childrecords import CheckAnswer, CheckRefusal, CheckRequest, CheckResult, save_check_result
 from yolosafe.training import offline
 
 TRAINABLE_SUFFIXES = (".pt", ".yaml", ".yml")  # what Ultralytics' Model.train accepts (_check_is_pytorch_model)
@@ -49,21 +51,21 @@ def model_of(name: str) -> Any:
     return RTDETR(name) if "rtdetr" in Path(name).stem.lower() else YOLO(name)
 
 
-def load_model(request: dict[str, Any]) -> Any:
+def load_model(request: CheckRequest) -> Any:
     """The model as ``YOLO(model)`` loads it; a release name not here is fetched only when downloads are asked for."""
     from ultralytics.nn.tasks import torch_safe_load
     from ultralytics.utils.checks import check_model_file_from_stem
     from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
 
-    flag = f"--model {request['model']}"
-    name = str(check_model_file_from_stem(str(request["model"])))  # yolov8n -> yolov8n.pt, as YOLO() resolves it
+    flag = f"--model {request.model}"
+    name = str(check_model_file_from_stem(str(request.model)))  # yolov8n -> yolov8n.pt, as YOLO() resolves it
     path = Path(name)
     if path.suffix not in TRAINABLE_SUFFIXES:
         raise Refused(f"{flag}: expected a model YAML (yolov8n.yaml) or a checkpoint (.pt): Ultralytics trains those")
     if path.suffix == ".pt" and not path.is_file():
         if os.sep in name or path.name not in GITHUB_ASSETS_NAMES:
             raise Refused(f"{flag}: no such file")
-        if not request.get("download"):
+        if not request.download:
             raise Refused(f"{flag}: not here; add --download to let Ultralytics fetch it (once, before training)")
     elif path.suffix == ".pt":
         try:
@@ -87,11 +89,11 @@ def _unloadable(name: str, exc: Exception) -> str:
     return f"{flag}: {what} ({type(exc).__name__}: {one_line(exc)})"
 
 
-def train_args(request: dict[str, Any], task: str) -> Any:
+def train_args(request: CheckRequest, task: str) -> Any:
     """The arguments as the trainer would get them: ``get_cfg`` over Ultralytics' defaults (``check_cfg`` inside)."""
     from ultralytics.cfg import DEFAULT_CFG, get_cfg
 
-    overrides = {**request["overrides"], "model": request["model"], "data": request["data"], "task": task,
+    overrides = {**request.overrides, "model": request.model, "data": request.data, "task": task,
                  "mode": "train", "device": "cpu"}
     try:
         return get_cfg(DEFAULT_CFG, overrides)
@@ -99,14 +101,14 @@ def train_args(request: dict[str, Any], task: str) -> Any:
         raise Refused(one_line(exc)) from None
 
 
-def offline_dataset(request: dict[str, Any], task: str, notes: list[str]) -> bool:
+def offline_dataset(request: CheckRequest, task: str, notes: list[str]) -> bool:
     """Whether the data is on disk without downloading; Ultralytics' own resolution, its download switched off."""
     from ultralytics.data.utils import check_det_dataset
     from ultralytics.utils import DATASETS_DIR
 
-    if request.get("download"):
+    if request.download:
         return True  # the trainer's own get_dataset below downloads what is missing, here, once
-    data = str(request["data"])
+    data = str(request.data)
     hint = "add --download to let Ultralytics download it (once, before training)"
     if task == "classify":
         if Path(data).is_dir() or (DATASETS_DIR / data).is_dir() or Path(data).suffix:
@@ -122,7 +124,7 @@ def offline_dataset(request: dict[str, Any], task: str, notes: list[str]) -> boo
                 raise Refused(missing) from None
         except Exception as exc:
             raise Refused(f"--data {data}: {one_line(exc)}") from None
-    if request.get("dry_run"):
+    if request.dry_run:
         notes.append(f"{missing}; a real run needs --download")
         return False
     raise Refused(f"{missing}; {hint}")
@@ -192,11 +194,11 @@ def check_optimizer(trainer: Any, args: Any) -> None:
         pass
 
 
-def amp_check_weights(request: dict[str, Any], args: Any, notes: list[str]) -> None:
+def amp_check_weights(download: bool, args: Any, notes: list[str]) -> None:
     """With ``download``: the weights Ultralytics' AMP check loads on rank 0 of a GPU training, fetched here, once,
     so no attempt downloads them (:mod:`yolosafe.training.offline`). A failed fetch is a note: offline, the check is
     skipped as Ultralytics skips it."""
-    if not request.get("download") or not offline.amp_wanted(args.amp):
+    if not download or not offline.amp_wanted(args.amp):
         return
     try:
         offline.fetch_amp_weights()
@@ -205,7 +207,7 @@ def amp_check_weights(request: dict[str, Any], args: Any, notes: list[str]) -> N
                      "as Ultralytics skips it offline")
 
 
-def project_dir(request: dict[str, Any], task: str) -> dict[str, Any]:
+def project_dir(request: CheckRequest, task: str) -> dict[str, Any]:
     """The folder Ultralytics puts this task's runs in (``runs/<task>``, its ``runs_dir`` setting, ``project=``), and
     how it came from what was asked, for a kept verdict (``planning.checkcache``) to give another directory or
     another ``project=`` its own: relative to the working directory when Ultralytics derived it from there (a relative
@@ -213,16 +215,16 @@ def project_dir(request: dict[str, Any], task: str) -> dict[str, Any]:
     from ultralytics.cfg import get_save_dir
     from ultralytics.utils import SETTINGS
 
-    where = SimpleNamespace(project=request.get("project"), name=request["name"], task=task, mode="train",
+    where = SimpleNamespace(project=request.project, name=request.name, task=task, mode="train",
                             exist_ok=True, save_dir=None)
     folder = str(get_save_dir(where).parent)
-    asked = request.get("project") or ""
+    asked = request.project or ""
     from_cwd = not Path(asked).is_absolute() and (bool(asked) or not Path(SETTINGS["runs_dir"]).is_absolute())
     return {"project": folder, "project_in_cwd": os.path.relpath(folder) if from_cwd else None,
             "project_is_asked": bool(asked) and Path(asked).is_absolute() and folder == str(Path(asked).resolve())}
 
 
-def reads(request: dict[str, Any], data: dict[str, Any] | None, files: dict[str, list[str]]) -> list[str]:
+def reads(request: CheckRequest, data: dict[str, Any] | None, files: dict[str, list[str]]) -> list[str]:
     """What this answer was read from, for the verdict cache (``planning.checkcache``): Ultralytics' settings (its
     runs' and datasets' folders), the model file, the data
     YAML, each split's list file or folder (a classification split's class folders too), and every folder of the
@@ -232,8 +234,8 @@ def reads(request: dict[str, Any], data: dict[str, Any] | None, files: dict[str,
     from ultralytics.utils import SETTINGS
 
     found = [str(Path(SETTINGS.file).resolve())]
-    if Path(request["model"]).is_file():
-        found.append(str(Path(request["model"]).resolve()))
+    if Path(request.model).is_file():
+        found.append(str(Path(request.model).resolve()))
     if not data:
         return found
     if data.get("yaml_file"):
@@ -279,12 +281,12 @@ def user_trainer(code: dict[str, Any] | None, base: type, task: str) -> type:
     return trainer
 
 
-def check(request: dict[str, Any]) -> dict[str, Any]:
+def check(request: CheckRequest) -> CheckAnswer:
     model = load_model(request)
     task = model.task
-    if request.get("task") not in (None, task):
-        raise Refused(f"task={request['task']}: --model {request['model']} is a {task} model")
-    trainer_cls = user_trainer(request.get("user_code"), model.task_map[task]["trainer"], task)
+    if request.task not in (None, task):
+        raise Refused(f"task={request.task}: --model {request.model} is a {task} model")
+    trainer_cls = user_trainer(request.user_code, model.task_map[task]["trainer"], task)
     args = train_args(request, task)
     notes: list[str] = []
     images, figures, data, files = None, {}, None, {}
@@ -293,21 +295,22 @@ def check(request: dict[str, Any]) -> dict[str, Any]:
         files = image_files(data, args, task)
         images, figures = (len(files["train"]) if files else None), dataset_figures(files)
         check_optimizer(trainer, args)
-    amp_check_weights(request, args, notes)
-    return {"task": task, **project_dir(request, task), "train_images": images, "dataset": figures, "notes": notes,
-            "reads": reads(request, data, files)}
+    amp_check_weights(request.download, args, notes)
+    return CheckAnswer(task=task, **project_dir(request, task), train_images=images, dataset=figures, notes=notes,
+                       reads=reads(request, data, files))
 
 
 def main(argv: list[str] | None = None) -> None:
     request_path, result_path = sys.argv[1:3] if argv is None else argv
     os.environ.pop("PYTEST_CURRENT_TEST", None)  # Ultralytics answers for the user's command, not a test runner's
-    request = json.loads(Path(request_path).read_text())
+    request = CheckRequest.load(Path(request_path))
+    result: CheckResult
     try:
-        with offline.no_probes(lambda: bool(request.get("download"))):  # the network only when --download asks
+        with offline.no_probes(lambda: request.download):  # the network only when --download asks
             result = check(request)
     except Refused as exc:
-        result = {"error": str(exc)}
-    Path(result_path).write_text(json.dumps(result))
+        result = CheckRefusal(str(exc))
+    save_check_result(Path(result_path), result)
 
 
 if __name__ == "__main__":

@@ -5,33 +5,38 @@ applies it
 to the GPUs of this machine as NVML sees them now, and to this machine's history
 (:mod:`yolosafe.planning.memory.history`). The
 smallest free memory among the chosen GPUs decides the per-GPU batch: DDP runs the same batch on every rank.
+
+A model the table lacks is measured by the fake-tensor pass, a child this module never starts: the caller hands the
+function that runs it (``fake_pass``, :func:`yolosafe.supervisor.children.fake_pass`); without one, only a model
+measured before (the cache) or in the table has figures.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yolosafe import gpus, proc
+from yolosafe import gpus
 from yolosafe.planning import datasets, gpuselect
 from yolosafe.planning import trainplan as plan
 from yolosafe.planning.memory import history, hostram, objects
 from yolosafe.planning.memory import model as memmodel
 from yolosafe.planning.memory import table as memtable
 from yolosafe.planning.trainoptions import TrainOptions
+from yolosafe.rundir.childrecords import FakePassRequest, FakePassResult
+from yolosafe.rundir.typed import RecordError
 
 AUTO = "auto"
 CACHE_EMPTIED_ABOVE = 0.5  # Ultralytics empties the CUDA cache around validation above this share of the GPU
 LOW_MARGIN = 0.10  # warn when less than this share of a GPU stays free beside what the plan requires
-FAKEPASS_TIMEOUT_S = 600
 FAKEPASS_FORMAT = 2  # the fake pass's entry format: per-task loss terms with the assigner's per-object slope
+FakePass = Callable[[FakePassRequest], FakePassResult]  # the fake pass's child: supervisor.children.fake_pass
 
 
 def fraction_of(options: TrainOptions) -> float:
@@ -72,37 +77,35 @@ def setup_of(options: TrainOptions, world_size: int, imgsz: int | None = None,
     return objects.apply(setup, options.dataset_figures)  # the dataset's own labels, as Ultralytics lists them
 
 
-def fake_pass_terms(model: str, run: bool = True) -> memmodel.Terms:
-    """The fake-tensor pass for a model the table lacks, in a throw-away child (torch stays out of the CLI), cached
-    in the cache directory by the YAML's content and the torch/ultralytics versions."""
+def fake_pass_terms(model: str, fake_pass: FakePass | None = None) -> memmodel.Terms:
+    """The fake-tensor pass for a model the table lacks, run by ``fake_pass`` (a throw-away child: torch stays out of
+    the CLI), kept in the cache directory by the YAML's content and the torch/ultralytics versions; without
+    ``fake_pass``, only a kept entry answers. A damaged entry is measured again."""
     path = Path(model)
     text = path.read_text() if path.is_file() else model
     key = hashlib.sha256(f"{text}|{sys.version}|{FAKEPASS_FORMAT}".encode()).hexdigest()[:16]
     cache = datasets.cache_dir() / "memterms" / f"{memtable.model_key(model)}-{key}.json"
-    if cache.is_file():
-        entry = json.loads(cache.read_text())
-    elif not run:
+    try:
+        entry = FakePassResult.load(cache) if cache.is_file() else None
+    except RecordError:
+        entry = None
+    if entry is None and fake_pass is None:
         raise memmodel.UnknownModel(f"{model}: no memory figures yet (yolosafe plan --model {model} makes them)")
-    else:
-        done = proc.run_module("yolosafe.training.fakepass", [model], timeout=FAKEPASS_TIMEOUT_S,
-                               env=proc.offline_env(os.environ))
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise memmodel.UnknownModel(f"{model}: the fake-tensor memory pass failed ({last})")
-        entry = json.loads(done.stdout.strip().splitlines()[-1])
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(entry))
-    return memtable.terms_from_entry(memtable.model_key(model), entry, entry.get("source", "fake pass"))
+    if entry is None:
+        entry = fake_pass(FakePassRequest(model))
+        entry.save(cache)
+    return memtable.terms_from_entry(memtable.model_key(model), entry, entry.source or "fake pass")
 
 
-def model_terms(model: str, allow_fake_pass: bool = True) -> memmodel.Terms:
-    """The table's figures when it has the model, else a fake pass on its YAML (or Ultralytics' built-in name)."""
+def model_terms(model: str, fake_pass: FakePass | None = None) -> memmodel.Terms:
+    """The table's figures when it has the model, else a fake pass on its YAML (or Ultralytics' built-in name), run
+    by ``fake_pass`` when none was kept."""
     try:
         return memtable.table_terms(model)
     except memmodel.UnknownModel:
         if model.endswith(".pt"):
             raise
-        return fake_pass_terms(model, run=allow_fake_pass)
+        return fake_pass_terms(model, fake_pass)
 
 
 def choose_gpus(text: str, inventory: gpus.Inventory, visible: tuple[int, ...],
@@ -209,9 +212,10 @@ def auto_batch(terms: memmodel.Terms, setup: memmodel.Setup, chosen: list[gpus.G
     return best, reasons
 
 
-def resolve_auto(options: TrainOptions, inventory: gpus.Inventory,
-                 history_file: Path | None = None) -> tuple[TrainOptions, dict[str, Any] | None]:
-    """Replace ``--gpus auto[:N]`` and ``--batch auto`` by numbers; returns the options and the story's entry."""
+def resolve_auto(options: TrainOptions, inventory: gpus.Inventory, history_file: Path | None = None,
+                 fake_pass: FakePass | None = None) -> tuple[TrainOptions, dict[str, Any] | None]:
+    """Replace ``--gpus auto[:N]`` and ``--batch auto`` by numbers; returns the options and the story's entry.
+    ``fake_pass`` measures a model the table lacks (``--batch auto`` of a custom YAML)."""
     gpus_text, batch = str(options.gpus or "").lower(), options.batch
     if not gpus_text.startswith(AUTO) and batch != AUTO:
         return options, None
@@ -231,7 +235,7 @@ def resolve_auto(options: TrainOptions, inventory: gpus.Inventory,
                                                    f"GPUs; using Ultralytics' default batch {cpu_batch}, as yolo does"])
             return resolved.replace(batch=cpu_batch), entry
         chosen_gpus = [g for g in inventory.gpus if g.index in selected]
-        terms = model_terms(options.model)
+        terms = model_terms(options.model, fake_pass)
         setup = setup_of(options, len(selected), gpu_names=[g.name for g in chosen_gpus])
         per_gpu, why = auto_batch(terms, setup, chosen_gpus, entry["memory_fraction"], options.val_batch,
                                   history_file)
@@ -259,11 +263,11 @@ def _gpu_entry(m: GpuMemory) -> dict[str, Any]:
 
 
 def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: TrainOptions,
-                allow_fake_pass: bool = True, history_file: Path | None = None) -> dict[str, Any] | None:
+                fake_pass: FakePass | None = None, history_file: Path | None = None) -> dict[str, Any] | None:
     """Both figures of each phase of a resolved plan on its GPUs (``yolosafe.json``'s ``memory_plan``); None without
-    figures for the model."""
+    figures for the model (``fake_pass`` measures one the table lacks; without it, only one measured before)."""
     try:
-        terms = model_terms(p.model, allow_fake_pass)
+        terms = model_terms(p.model, fake_pass)
     except memmodel.UnknownModel:
         return None
     chosen = [g for g in inventory.gpus if g.index in p.gpus]
@@ -295,11 +299,11 @@ def warnings(memory: dict[str, Any] | None) -> list[str]:
 
 
 def tier_table(vram_gib: list[float], imgsz: int, options: TrainOptions, fraction: float,
-               models: list[str] | None = None) -> dict[str, Any]:
+               models: list[str] | None = None, fake_pass: FakePass | None = None) -> dict[str, Any]:
     """Largest per-GPU batch whose ``required_mib`` fits, per model and per VRAM size, from the model (never typed
-    in): the table's models, or the ones asked for (any YAML: a fake pass)."""
+    in): the table's models, or the ones asked for (any YAML: a fake pass, run by ``fake_pass``)."""
     setup = setup_of(options, 1, imgsz)
-    chosen = {name: model_terms(name) for name in models} if models else memtable.load_table()
+    chosen = {name: model_terms(name, fake_pass) for name in models} if models else memtable.load_table()
     rows, sources = {}, {}
     for name, terms in chosen.items():
         key = memtable.model_key(name)

@@ -7,25 +7,27 @@ import functools
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from yolosafe.planning.memory.model import Terms, UnknownModel
+from yolosafe.rundir.childrecords import FakePassResult
+
+MEASURED = ("train_act_fixed_mib", "train_act_per_image_mib", "val_act_fixed_mib", "val_act_per_image_mib",
+            "loss_per_image_mib", "loss_per_object_mib")
 
 
-def terms_from_entry(name: str, entry: dict[str, Any], source: str) -> Terms:
+def terms_from_entry(name: str, entry: FakePassResult, source: str) -> Terms:
     """A table or fake-pass entry. An entry without a loss term (a loss the CPU pass could not run) is refused:
     another task's loss is never borrowed."""
-    missing = [k for k in ("loss_per_image_mib", "loss_per_object_mib") if k not in entry]
-    if missing:
-        raise UnknownModel(f"{name}: the fake pass could not measure its loss ({entry.get('loss_error', 'no error')})")
-    task = str(entry.get("task", "detect"))
-    loss_source = entry.get("loss_source") or f"{source}: {task} loss measured on CPU"
-    return Terms(name=name, params=int(entry["params"]), imgsz=int(entry["imgsz"]),
-                 **{k: float(entry[k]) for k in ("train_act_fixed_mib", "train_act_per_image_mib",
-                                                  "val_act_fixed_mib", "val_act_per_image_mib",
-                                                  "loss_per_image_mib", "loss_per_object_mib")},
-                 source=source, task=task, head_outputs=int(entry.get("head_outputs", 84)), loss_source=loss_source,
-                 loss_curve=tuple((float(n), float(mib)) for n, mib in entry.get("loss_curve", ())))
+    if entry.loss_per_image_mib is None or entry.loss_per_object_mib is None:
+        raise UnknownModel(f"{name}: the fake pass could not measure its loss ({entry.loss_error or 'no error'})")
+    if entry.params is None or any(getattr(entry, k) is None for k in MEASURED):
+        raise UnknownModel(f"{name}: the fake pass measured its loss alone, not the network")
+    task = entry.task or "detect"
+    loss_source = entry.loss_source or f"{source}: {task} loss measured on CPU"
+    return Terms(name=name, params=int(entry.params), imgsz=int(entry.imgsz),
+                 **{k: float(getattr(entry, k)) for k in MEASURED},
+                 source=source, task=task, head_outputs=int(entry.head_outputs or 84), loss_source=loss_source,
+                 loss_curve=tuple((float(n), float(mib)) for n, mib in entry.loss_curve or ()))
 
 
 @functools.cache
@@ -33,7 +35,8 @@ def load_table() -> dict[str, Terms]:
     """The shipped table, read once."""
     data = json.loads(resources.files("yolosafe").joinpath("data/memtable.json").read_text())
     ordered = sorted(data["models"], key=lambda n: (n.rstrip("nsmlx"), "nsmlx".find(n[-1])))  # family, then size
-    return {name: terms_from_entry(name, data["models"][name], "table") for name in ordered}
+    return {name: terms_from_entry(name, FakePassResult.from_dict(data["models"][name], f"memtable.json: {name}"),
+                                   "table") for name in ordered}
 
 
 def model_key(model: str) -> str:
