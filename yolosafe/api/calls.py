@@ -77,7 +77,7 @@ def plan_of(opts: TrainOptions, inventory: inventory_of.Inventory) -> Plan:
     opts, auto = planner.resolve_auto(opts, inventory)
     built = trainrun.build(opts, inventory)
     built = built if opts.train_images is None else dataclasses.replace(built, train_images=opts.train_images)
-    memory = planner.memory_plan(built, inventory, opts)
+    memory = planner.memory_plan(built, inventory, opts, auto=auto)
     if memory is None:
         raise memmodel.UnknownModel(f"{built.model}: no memory figures (not in the table, and weights cannot be "
                                     "fake-passed); give the model's YAML")

@@ -209,7 +209,7 @@ def new_story(run: RunDir, p: plan.TrainPlan, env: Mapping[str, str], opts: Trai
         simulated_on_cpu=simulated,
         **opts.to_story(),  # command, dataset, max_retries, min_batch and the memory watch's options
         batch_auto=auto,
-        memory_plan=planner.memory_plan(p, inventory, opts, allow_fake_pass=False),
+        memory_plan=planner.memory_plan(p, inventory, opts, allow_fake_pass=False, auto=auto),
     )
 
 
