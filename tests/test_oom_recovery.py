@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, run_dir_of, story, wait_until
+from tests.test_terminal import dead_bars
 
 pytestmark = pytest.mark.slow  # real Ultralytics trainings on CPU
 
@@ -60,6 +61,7 @@ def recovered(run_cli, tmp_path: Path, epochs: int, injection: str, *args: str) 
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     first, second = assert_finished(run, epochs)["attempts"]
+    assert not dead_bars(result.stdout), result.stdout[-3000:]  # the bar the OOM cut short is train.log's
     return run, first, second
 
 

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import TINY, YOLOSAFE, alive, cli_env, run_dir_of, story, wait_until
+from tests.test_terminal import dead_bars
 from yolosafe.rundir import files as rundir
 
 TWO, FOUR = {"YOLOSAFE_FAKE_GPUS": "2x24GB"}, {"YOLOSAFE_FAKE_GPUS": "4x24GB"}
@@ -131,6 +132,7 @@ def assert_clean_terminal(result: subprocess.CompletedProcess[str], run: Path, f
         assert noise not in shown, f"{noise!r} on the terminal"
     assert all(line.startswith(("yolosafe: ", "  ")) for line in result.stderr.splitlines()), result.stderr
     assert "Epoch" in result.stdout  # rank 0's progress is there
+    assert not dead_bars(result.stdout), result.stdout[-3000:]  # its bar the stop cut short is not left there
     log = (run / "train.log").read_text()
     assert "Traceback" in log and f"[rank{failed_rank}]: " in log and "traceback :" in log
 

@@ -192,3 +192,15 @@ def test_a_line_that_only_begins_like_the_mark_is_shown():
     for piece in (b"progress", b" bar ", b"done\n"):
         stream.write(piece)
     assert shown.getvalue() == b"progress bar done\n"
+
+
+def test_an_attempts_end_leaves_no_line_open():
+    """A rank stopped mid-bar (the launcher stopped it after another rank's OOM): its bar goes, and any other
+    unfinished line is ended, so the supervisor's next line starts a line of its own."""
+    bar = b"\r\x1b[K  1/2  0G  1.1: 25% \xe2\x94\x81 1/4"
+    for partial, kept in ((bar, []), (b"Ultralytics 8.4", ["Ultralytics 8.4"])):
+        shown = io.BytesIO()
+        stream = TracebackFilter(shown)
+        stream.write(b"Epoch 1/2\n" + partial)
+        stream.end()
+        assert screen(shown.getvalue().decode() + "yolosafe: OOM\n") == ["Epoch 1/2", *kept, "yolosafe: OOM", ""]

@@ -73,7 +73,7 @@ class TracebackFilter:
     A progress bar that ends short of its total may have been cut short by an OOM: its line end is held until the
     next line that shows. When that is the worker's :data:`CUT_SHORT` line (:mod:`yolosafe.training.cutbars`), the
     bar's line is cleared instead, so no dead bar stays above the retry's or the relaunch's; else the line end goes
-    out first. :meth:`end` lets a line end still held out once the attempt's output is over.
+    out first. :meth:`end` closes what the attempt's output left open.
     """
 
     def __init__(self, out: IO[bytes]) -> None:
@@ -100,8 +100,14 @@ class TracebackFilter:
         self.out.flush()
 
     def end(self) -> None:
-        """The attempt's output is over: a line end still held goes out."""
-        self._emit(b"", force=True)
+        """The attempt's output is over: a line end still held goes out; a line its process left unfinished (stopped
+        mid-line by the failure that ends the attempt) is ended there, or cleared when it is a bar cut short (the log
+        keeps it), so the next line starts on a line of its own."""
+        if self.shown:
+            self.out.write(CLEAR_LINE if ended_short(_core(self.line)) else b"\n")
+        else:
+            self._emit(b"", force=True)
+        self.line, self.shown, self.held, self.state = b"", 0, b"", "text"
         self.out.flush()
 
     def _emit(self, data: bytes, force: bool = False) -> None:
