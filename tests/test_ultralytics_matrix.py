@@ -1,10 +1,12 @@
 """Conformance matrix from Ultralytics' own tests: the training commands of its ``tests/test_cli.py`` (``test_train``
 for every task, ``test_rtdetr``'s spacing, ``test_train_gpu``'s ``device=0`` and ``device=0,1``) and the training calls
-of ``tests/test_python.py`` (``test_train_scratch``, ``test_workflow``) and ``tests/test_engine.py`` (a task trainer
-with a callback added), with local tiny stand-ins for its hub datasets and model YAMLs for its weights (nothing
-downloads). CLI commands run through the installed ``yolosafe`` as dry runs (every check a real run makes: Ultralytics'
-own check of model, data and arguments in its child) and their ``train kwargs`` are compared with what Ultralytics'
-``entrypoint`` reads from the same words; Python calls go through ``yolosafe.plan`` with the same keywords.
+of ``tests/test_python.py`` and ``tests/test_engine.py`` (task trainers with a callback added), with local tiny
+stand-ins for its hub datasets and model YAMLs for its weights (nothing downloads).
+
+CLI commands run through the installed ``yolosafe`` as dry runs (every check a real run makes: Ultralytics' own check
+of model, data and arguments in its child) and their ``train kwargs`` are compared with what Ultralytics'
+``entrypoint`` reads from the same words. Python calls run through ``yolosafe.train`` and through Ultralytics alone,
+each stopped once its trainer is built, and their ``args.yaml`` are compared (see ``PYTHON``).
 
 Tasks ``semantic`` and ``depth`` (cityscapes8, depth8) have no local stand-in here: not in the matrix.
 """
@@ -19,7 +21,7 @@ from tests import tinysets
 from tests.test_yoloforms import OWNED, _json_like, train_kwargs
 from tests.test_yolowords import entrypoint_reads
 
-pytestmark = pytest.mark.slow  # 20 input checks of 5 tasks: minutes on 2 cores, beside the trainings
+pytestmark = pytest.mark.slow  # input checks and trainer builds of 5 tasks: minutes on 2 cores
 
 TASK_MODEL = {"detect": "yolov8n.yaml", "segment": "yolov8n-seg.yaml", "classify": "yolov8n-cls.yaml",
               "pose": "yolov8n-pose.yaml", "obb": "yolov8n-obb.yaml"}
