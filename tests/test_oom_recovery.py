@@ -57,7 +57,7 @@ def inject(spec: str) -> dict[str, str]:
 
 def recovered(run_cli, tmp_path: Path, epochs: int, injection: str, *args: str) -> tuple[Path, dict, dict]:
     """Train with one injected OOM; check the run finished; return it with its two attempts."""
-    result = run_cli("train", "--epochs", str(epochs), *args, *TINY, env=inject(injection))
+    result = run_cli("train", "--epochs", str(epochs), *args, *TINY, env=inject(injection), keep_cr=True)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     first, second = assert_finished(run, epochs)["attempts"]

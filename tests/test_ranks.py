@@ -141,7 +141,7 @@ def assert_clean_terminal(result: subprocess.CompletedProcess[str], run: Path, f
 def test_oom_on_rank_2_of_4_in_training_halves_every_rank(run_cli, tmp_path):
     args = ["--gpus", "0,1,2,3", "--epochs", "2", "--imgsz", "64", "--batch", "16", "--effective-batch", "32",
             "workers=0", "plots=False"]
-    result = run_cli("train", *args, env=inject("phase=train,epoch=1,rank=2", FOUR))
+    result = run_cli("train", *args, env=inject("phase=train,epoch=1,rank=2", FOUR), keep_cr=True)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     first, second = completed(run, 2)["attempts"]
@@ -165,7 +165,7 @@ def test_oom_on_rank_2_of_4_in_training_halves_every_rank(run_cli, tmp_path):
 @pytest.mark.slow
 def test_oom_on_rank_1_in_validation_halves_the_val_batch_of_every_rank(run_cli, tmp_path):
     result = run_cli("train", "--gpus", "0,1", "--epochs", "1", "--val-oom", "relaunch", *TINY,
-                     env=inject("phase=val,epoch=0,rank=1"))
+                     env=inject("phase=val,epoch=0,rank=1"), keep_cr=True)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     first, second = completed(run, 1)["attempts"]

@@ -301,7 +301,7 @@ def test_one_process_retry_gives_the_uninterrupted_runs_metrics(run_cli, tmp_pat
     """One process: validation at 8 fails on its first batch and runs again with forward passes of 4; the run
     without the OOM (same seed, same val batch) has the same results.csv row."""
     retried = run_cli("train", "--epochs", "1", "--name", "retried", *TINY, "--val-batch", "8",
-                      env={"YOLOSAFE_INJECT_OOM": "phase=val,epoch=0,iteration=0"})
+                      env={"YOLOSAFE_INJECT_OOM": "phase=val,epoch=0,iteration=0"}, keep_cr=True)
     assert retried.returncode == 0, retried.stderr[-3000:]
     plain = run_cli("train", "--epochs", "1", "--name", "plain", *TINY, "--val-batch", "8")
     assert plain.returncode == 0, plain.stderr[-3000:]
@@ -350,7 +350,8 @@ def test_an_in_place_retry_on_either_rank_leaves_the_epochs_results_as_without_i
     0's second one, is recovered in place, and the epoch's results.csv row (metrics, validation and training losses)
     and the final validation's metrics are those of the run without it; the validator counted all 10 images."""
     result = run_cli("train", *UNEVEN, "--data", str(uneven),
-                     env={**TWO, "YOLOSAFE_INJECT_OOM": f"phase=val,epoch=0,rank={rank},iteration={iteration}"})
+                     env={**TWO, "YOLOSAFE_INJECT_OOM": f"phase=val,epoch=0,rank={rank},iteration={iteration}"},
+                     keep_cr=True)  # the terminal's bytes: its redraws too
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     finished(run, 1)
