@@ -129,9 +129,9 @@ def test_batch_auto_never_warns_about_its_own_choice(tmp_path_factory, gpus_mib,
 
 @pytest.mark.slow  # Ultralytics in a child process, seconds a case
 def test_plan_batch_auto_says_no_margin_warning_a_given_batch_does(run_cli):
-    """A 24 GiB GPU with 5 GB in use: --batch auto fills 95% of the free memory and says nothing of it; the same
-    batch given by hand is warned about."""
-    spec = json.dumps({"gpus": [{"name": "Fake A", "total_mib": 24576, "used_mib": 5000}]})
+    """A 4 GiB GPU with 1.5 GB in use (fewer images fit than the training set holds): --batch auto fills 95% of the
+    free memory and says nothing of it; the same batch given by hand is warned about."""
+    spec = json.dumps({"gpus": [{"name": "Fake A", "total_mib": 4096, "used_mib": 1500}]})
     auto = run_cli("plan", "--gpus", "0", "--batch", "auto", "--imgsz", "640", "--model", "yolov8n.yaml",
                    env={"YOLOSAFE_FAKE_GPUS": spec})
     assert auto.returncode == 0, auto.stderr
