@@ -97,7 +97,9 @@ PYTHON = [
       for t in ("detect", "segment", "pose", "obb")],
     ("test_python.test_semantic_polygon_data", "yolo26n-sem.yaml", "segment",
      {"epochs": 1, "imgsz": 32, "close_mosaic": 1}, None),
-    ("test_python.test_train_multi", "yolo26n.yaml", ["detect", "detect"], {"epochs": 1, "imgsz": 32}, None),
+    pytest.param("test_python.test_train_multi", "yolo26n.yaml", ["detect", "detect"], {"epochs": 1, "imgsz": 32},
+                 None, marks=pytest.mark.xfail(strict=True, reason="a known difference: data=[a, b] (Ultralytics' "
+                                               "MultiTrainer, one run per dataset) is refused by yolosafe")),
     *[(f"test_engine.test_{t}", f"yolo11n{suffix}.yaml", t, {"imgsz": 32, "epochs": 1, "save": False, **extra}, t)
       for t, suffix, extra in (("detect", "", {}), ("segment", "-seg", {"mask_ratio": 1, "overlap_mask": False}),
                                ("classify", "-cls", {}))],
@@ -140,11 +142,12 @@ def ultralytics_builds(model: str, data, kwargs: dict, engine_task: str | None, 
             built.add_callback("on_pretrain_routine_end", stop)
             built.train(data=data, **kwargs)
     except Built:
-        [args] = sorted(project.rglob("args.yaml"), key=lambda p: p.stat().st_mtime)[-1:]
-        return "ok", yaml.safe_load(args.read_text())
+        pass
     except Exception:
         return "refused", {}
-    raise AssertionError("the trainer was never built")
+    written = sorted(project.rglob("args.yaml"), key=lambda p: p.stat().st_mtime)  # MultiTrainer: one per dataset,
+    assert written, "the trainer was never built"  # each run's failure (the stop) logged and skipped
+    return "ok", yaml.safe_load(written[-1].read_text())
 
 
 def yolosafe_builds(model: str, data, kwargs: dict, engine_task: str | None) -> tuple[str, dict]:
@@ -167,7 +170,8 @@ def yolosafe_builds(model: str, data, kwargs: dict, engine_task: str | None) -> 
     raise AssertionError("the run trained past the stop")
 
 
-@pytest.mark.parametrize(("case", "model", "data", "kwargs", "engine_task"), PYTHON, ids=[c[0] for c in PYTHON])
+@pytest.mark.parametrize(("case", "model", "data", "kwargs", "engine_task"), PYTHON,
+                         ids=[(c.values if hasattr(c, "values") else c)[0] for c in PYTHON])
 def test_ultralytics_python_training_calls(python_standins, shared_cache, monkeypatch, tmp_path, case, model, data,
                                            kwargs, engine_task):
     from tests.conftest import cli_env

@@ -76,9 +76,10 @@ def ultralytics_accepts(opts: TrainOptions, dry_run: bool) -> TrainOptions:
         terminal.say("Ultralytics downloads what is missing (the data, the weights) now, once, before training")
     checked = validate.ultralytics_check(opts, dry_run)
     asked = None if opts.project in (None, validate.ULTRALYTICS_PROJECT) else str(opts.project)
-    inputs.check_run_place(checked["project"], str(opts.name), asked)  # where Ultralytics puts the runs
-    opts = opts.replace(task=checked["task"], project=checked["project"], train_images=checked["train_images"],
-                        dataset_figures=checked.get("dataset") or {})
+    name = str(checked.get("name") or opts.name)  # Ultralytics' name for the run (name=model: the model's stem)
+    inputs.check_run_place(checked["project"], name, asked)  # where Ultralytics puts the runs
+    opts = opts.replace(task=checked["task"], project=checked["project"], name=name,
+                        train_images=checked["train_images"], dataset_figures=checked.get("dataset") or {})
     for note in checked["notes"]:
         terminal.say(f"note: {note}")
     return opts

@@ -29,7 +29,7 @@ from yolosafe.planning import datasets
 from yolosafe.rundir import files
 
 FOLDER = "checks"
-FORMAT = 1
+FORMAT = 2  # 2: the verdict holds the run's name as Ultralytics makes it
 # What Ultralytics reads from the environment that can change its answer (where its settings and datasets are).
 ENV_KEYS = ("YOLO_CONFIG_DIR", "XDG_CONFIG_HOME", "HOME", "YOLO_OFFLINE", "YOLO_VERBOSE")
 # The code whose answer is kept: the check and the dataset figures it computes.
