@@ -41,9 +41,15 @@ def cli_env(shared_cache: Path, extra: dict[str, str] | None = None) -> dict[str
 def run_cli(tmp_path: Path, shared_cache: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """``run_cli(*args, env={...})`` runs ``yolosafe`` in ``tmp_path`` and returns the completed process."""
 
-    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([YOLOSAFE, *args], cwd=tmp_path, env=cli_env(shared_cache, env), capture_output=True,
-                              text=True, timeout=timeout)
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+            keep_cr: bool = False) -> subprocess.CompletedProcess[str]:
+        """``keep_cr``: the output as written, ``\r`` redraws kept (text mode turns each one into a line end)."""
+        done = subprocess.run([YOLOSAFE, *args], cwd=tmp_path, env=cli_env(shared_cache, env), capture_output=True,
+                              text=not keep_cr, timeout=timeout)
+        if keep_cr:
+            return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(errors="replace"),
+                                               done.stderr.decode(errors="replace"))
+        return done
 
     return run
 

@@ -169,3 +169,14 @@ def test_retries_exhausted_raise_with_the_run(tmp_path, monkeypatch, shared_cach
     assert (run.outcome, run.exit_code, len(run.attempts)) == ("oom_exhausted", Exit.OOM_EXHAUSTED, 1)
     assert "giving up after 0 retries" in capsys.readouterr().err
     assert rundir.holder(run.run_dir) is None  # given back: this process may resume the run
+
+
+def test_a_number_as_name_or_project_is_text_as_ultralytics_makes_it():
+    from ultralytics.cfg import get_cfg
+
+    from yolosafe.api import calls
+
+    for number in (0, 7, 1.5):
+        given, _ = calls.given_of({"name": number, "project": number})
+        theirs = get_cfg(overrides={"name": number, "project": number})
+        assert (given["name"], given["project"]) == (theirs.name, theirs.project) == (str(number), str(number))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, run_dir_of, story, wait_until
+from tests.test_terminal import dead_bars
 
 pytestmark = pytest.mark.slow  # real Ultralytics trainings on CPU
 
@@ -56,10 +57,11 @@ def inject(spec: str) -> dict[str, str]:
 
 def recovered(run_cli, tmp_path: Path, epochs: int, injection: str, *args: str) -> tuple[Path, dict, dict]:
     """Train with one injected OOM; check the run finished; return it with its two attempts."""
-    result = run_cli("train", "--epochs", str(epochs), *args, *TINY, env=inject(injection))
+    result = run_cli("train", "--epochs", str(epochs), *args, *TINY, env=inject(injection), keep_cr=True)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     first, second = assert_finished(run, epochs)["attempts"]
+    assert not dead_bars(result.stdout), result.stdout[-3000:]  # the bar the OOM cut short is train.log's
     return run, first, second
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests import tinysets
 from tests.conftest import run_dir_of, story
@@ -85,6 +88,58 @@ def test_plan_warns_about_a_busy_gpu_a_thin_margin_and_a_batch_that_cannot_fit(r
                          env={"YOLOSAFE_FAKE_GPUS": FOUR_TWO_BUSY})
         assert result.returncode == 0, result.stderr
         assert "another process uses 12.7 GiB" in result.stdout and expected in result.stdout
+
+
+GPU_MIB = st.integers(min_value=1024, max_value=200 * 1024)
+
+
+@settings(max_examples=60, deadline=None)
+@given(gpus_mib=st.lists(st.tuples(GPU_MIB, st.floats(0.0, 0.9)), min_size=1, max_size=3),
+       model=st.sampled_from(["yolov8n.yaml", "yolov8m.yaml", "yolo11x.yaml"]),
+       imgsz=st.sampled_from([32, 320, 640, 1280]), fraction=st.sampled_from([0.5, 0.85, 0.95, 1.0]),
+       images=st.one_of(st.none(), st.integers(1, 500)))
+def test_batch_auto_never_warns_about_its_own_choice(tmp_path_factory, gpus_mib, model, imgsz, fraction, images):
+    """Over fake GPUs of every size, partly used: the batch ``--batch auto`` chose fills the memory share it was
+    given, so the plan warns of no thin margin and no misfit for it; the same batch given by hand does warn of a
+    margin under 10% of the GPU."""
+    from yolosafe import gpus
+    from yolosafe.api import trainrun
+    from yolosafe.planning.memory import planner
+    from yolosafe.planning.trainoptions import TrainOptions
+    from yolosafe.planning.trainplan import PlanError
+
+    inventory = gpus.Inventory("fake", tuple(gpus.GPU(i, "Fake A", None, float(total), used * total, 0)
+                                             for i, (total, used) in enumerate(gpus_mib)))
+    history = tmp_path_factory.getbasetemp() / "no-history.jsonl"  # no calibration: the model's figures alone
+    opts = TrainOptions(model=model, gpus=",".join(map(str, inventory.ids)), batch="auto", imgsz=imgsz,
+                        memory_fraction=fraction, train_images=images)
+    try:
+        chosen, auto = planner.resolve_auto(opts, inventory, history_file=history)
+    except PlanError:
+        return  # not even one image fits: refused, nothing chosen
+    built = trainrun.build(chosen, inventory)
+    memory = planner.memory_plan(built, inventory, chosen, history_file=history, auto=auto)
+    assert memory["predicted"]["train"]["batch"] == auto["per_gpu_batch"] == built.per_gpu_batch
+    assert not [w for w in planner.warnings(memory) if "margin" in w or "does not fit" in w], memory["gpus"]
+    by_hand = planner.memory_plan(built, inventory, chosen, history_file=history)
+    for gpu, entry in zip(inventory.gpus, by_hand["gpus"], strict=True):
+        thin = entry["headroom_mib"] < planner.LOW_MARGIN * gpu.total_mib
+        assert thin == any("is under 10% of the GPU" in w for w in entry["warnings"]), entry
+
+
+@pytest.mark.slow  # Ultralytics in a child process, seconds a case
+def test_plan_batch_auto_says_no_margin_warning_a_given_batch_does(run_cli):
+    """A 4 GiB GPU with 1.5 GB in use (fewer images fit than the training set holds): --batch auto fills 95% of the
+    free memory and says nothing of it; the same batch given by hand is warned about."""
+    spec = json.dumps({"gpus": [{"name": "Fake A", "total_mib": 4096, "used_mib": 1500}]})
+    auto = run_cli("plan", "--gpus", "0", "--batch", "auto", "--imgsz", "640", "--model", "yolov8n.yaml",
+                   env={"YOLOSAFE_FAKE_GPUS": spec})
+    assert auto.returncode == 0, auto.stderr
+    per_gpu = int(re.search(r"batch (\d+) total = \d+ per GPU", auto.stdout).group(1))
+    assert "another process uses" in auto.stdout and "under 10% of the GPU" not in auto.stdout, auto.stdout
+    given = run_cli("plan", "--gpus", "0", "--batch", str(per_gpu), "--imgsz", "640", "--model", "yolov8n.yaml",
+                    env={"YOLOSAFE_FAKE_GPUS": spec})
+    assert given.returncode == 0 and "under 10% of the GPU: an OOM is likely" in given.stdout, given.stdout
 
 
 def test_batch_auto_dry_run_keeps_the_effective_batch(run_cli):

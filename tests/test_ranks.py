@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import TINY, YOLOSAFE, alive, cli_env, run_dir_of, story, wait_until
+from tests.test_terminal import dead_bars
 from yolosafe.rundir import files as rundir
 
 TWO, FOUR = {"YOLOSAFE_FAKE_GPUS": "2x24GB"}, {"YOLOSAFE_FAKE_GPUS": "4x24GB"}
@@ -131,6 +132,7 @@ def assert_clean_terminal(result: subprocess.CompletedProcess[str], run: Path, f
         assert noise not in shown, f"{noise!r} on the terminal"
     assert all(line.startswith(("yolosafe: ", "  ")) for line in result.stderr.splitlines()), result.stderr
     assert "Epoch" in result.stdout  # rank 0's progress is there
+    assert not dead_bars(result.stdout), result.stdout[-3000:]  # its bar the stop cut short is not left there
     log = (run / "train.log").read_text()
     assert "Traceback" in log and f"[rank{failed_rank}]: " in log and "traceback :" in log
 
@@ -139,7 +141,7 @@ def assert_clean_terminal(result: subprocess.CompletedProcess[str], run: Path, f
 def test_oom_on_rank_2_of_4_in_training_halves_every_rank(run_cli, tmp_path):
     args = ["--gpus", "0,1,2,3", "--epochs", "2", "--imgsz", "64", "--batch", "16", "--effective-batch", "32",
             "workers=0", "plots=False"]
-    result = run_cli("train", *args, env=inject("phase=train,epoch=1,rank=2", FOUR))
+    result = run_cli("train", *args, env=inject("phase=train,epoch=1,rank=2", FOUR), keep_cr=True)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     first, second = completed(run, 2)["attempts"]
@@ -163,7 +165,7 @@ def test_oom_on_rank_2_of_4_in_training_halves_every_rank(run_cli, tmp_path):
 @pytest.mark.slow
 def test_oom_on_rank_1_in_validation_halves_the_val_batch_of_every_rank(run_cli, tmp_path):
     result = run_cli("train", "--gpus", "0,1", "--epochs", "1", "--val-oom", "relaunch", *TINY,
-                     env=inject("phase=val,epoch=0,rank=1"))
+                     env=inject("phase=val,epoch=0,rank=1"), keep_cr=True)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     first, second = completed(run, 1)["attempts"]

@@ -4,12 +4,14 @@ nothing else; however the pipe cuts the output into chunks."""
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 
 import pytest
 
-from yolosafe.supervisor.terminal import RankStream, TracebackFilter
+from yolosafe import oom
+from yolosafe.supervisor.terminal import ANSI, RankStream, TracebackFilter, ended_short
 
 LAUNCHER_OUTPUT = (
     b"W1201 19:50:53.947000 11480 torch/distributed/run.py:982] *****\n"
@@ -93,3 +95,112 @@ def test_ddp_warnings_and_torchrun_shutdown_lines_go_to_the_log_only():
                   b"process 4242 closing signal SIGTERM\n", b"done\n"):
         stream.write(piece)
     assert out.getvalue() == b"Epoch 1/2\n\r  1/2  0G  0.7: 75% 3/4\ndone\n"
+
+
+CONTROL = re.compile(r"(\n|\r|\x1b\[K)")
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal shows for ``text``: ``\r`` goes back to the line's start, ``ESC[K`` clears the rest of
+    the line, other colour codes show nothing."""
+    rows: list[list[str]] = [[]]
+    col = 0
+    for part in CONTROL.split(text):
+        if part == "\n":
+            rows.append([])
+            col = 0
+        elif part == "\r":
+            col = 0
+        elif part == "\x1b[K":
+            del rows[-1][col:]
+        elif part:
+            part = ANSI.sub("", part)
+            rows[-1][col:col + len(part)] = part
+            col += len(part)
+    return ["".join(row) for row in rows]
+
+
+def dead_bars(text: str) -> list[str]:
+    """The progress bars the terminal keeps short of their total."""
+    return [line for line in screen(text) if ended_short(line)]
+
+
+def cut_validation(capfd) -> str:
+    """A real Ultralytics bar over 4 batches, an OOM at the first, the bar cut short: what the process wrote."""
+    from ultralytics.utils.tqdm import TQDM
+
+    from yolosafe.training import cutbars
+
+    def validate() -> None:
+        bar = TQDM(range(4), desc="                 Class     Images", total=4)
+        for _ in bar:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 300.00 MiB [injected by yolosafe]")
+
+    capfd.readouterr()
+    try:
+        validate()
+    except RuntimeError as exc:
+        assert cutbars.cut_short(exc) == 1
+    out, err = capfd.readouterr()
+    assert not err
+    return out
+
+
+def test_a_bar_an_oom_cut_short_is_marked_and_the_terminal_takes_it_off(capfd):
+    out = cut_validation(capfd)
+    *frames, mark, end = out.split("\n")
+    assert re.search(r"Class     Images: 0% \S+ 0/4", "\n".join(frames)) and not end  # Ultralytics closed it, short
+    assert mark == f"{oom.BAR_CUT_SHORT}Class Images at 0/4", out
+    retry = "yolosafe: OOM in validation at epoch 1/1: val batch 8 -> 4, validated again in place\n"
+    again = "\r\x1b[K                 Class     Images: 100% ━━━━ 4/4 1.2it/s 0.5s\n"
+    raw = f"Epoch 1/1\n{out}{retry}{again}done\n".encode()
+    for size in (1, 3, 7, len(raw)):  # however the pipe cuts it
+        shown = io.BytesIO()
+        stream = TracebackFilter(shown)
+        for start in range(0, len(raw), size):
+            stream.write(raw[start:start + size])
+        stream.end()
+        text = shown.getvalue().decode()
+        assert screen(text) == ["Epoch 1/1", retry.strip(), again.strip("\r\x1b[K\n"), "done", ""], text
+        assert oom.BAR_CUT_SHORT not in text and not dead_bars(text)
+    assert dead_bars(out)  # what a dead bar is, to the check
+
+
+def test_a_bar_that_ends_short_otherwise_stays():
+    """A bar stopped short without the mark (a time limit, Ctrl-C) keeps its line; the next line starts below it."""
+    for after in (b"yolosafe: worker stopped by SIGINT\n", b""):
+        shown = io.BytesIO()
+        stream = TracebackFilter(shown)
+        stream.write(b"\r\x1b[K  1/2  0G  1.1: 25% \xe2\x94\x81 1/4 1.0s\n" + after)
+        stream.end()
+        assert screen(shown.getvalue().decode()) == ["  1/2  0G  1.1: 25% ━ 1/4 1.0s", after.decode().strip(), ""][
+            : 3 if after else 2]
+
+
+def test_a_bar_still_open_is_closed_by_the_mark():
+    shown = io.BytesIO()
+    stream = RankStream(TracebackFilter(shown))
+    stream.write(b"[rank0]: \r[rank0]: \x1b[K  Class: 40% \xe2\x94\x81 2/5[rank0]: \r[rank0]: "
+                 + oom.BAR_CUT_SHORT.encode() + b"Class at 2/5\n[rank0]: next\n")
+    stream.end()
+    assert screen(shown.getvalue().decode()) == ["next", ""]
+
+
+def test_a_line_that_only_begins_like_the_mark_is_shown():
+    shown = io.BytesIO()
+    stream = TracebackFilter(shown)
+    for piece in (b"progress", b" bar ", b"done\n"):
+        stream.write(piece)
+    assert shown.getvalue() == b"progress bar done\n"
+
+
+def test_an_attempts_end_leaves_no_line_open():
+    """A rank stopped mid-bar (the launcher stopped it after another rank's OOM): its bar goes, and any other
+    unfinished line is ended, so the supervisor's next line starts a line of its own."""
+    bar = b"\r\x1b[K  1/2  0G  1.1: 25% \xe2\x94\x81 1/4"
+    for partial, kept in ((bar, []), (b"Ultralytics 8.4", ["Ultralytics 8.4"])):
+        shown = io.BytesIO()
+        stream = TracebackFilter(shown)
+        stream.write(b"Epoch 1/2\n" + partial)
+        stream.end()
+        assert screen(shown.getvalue().decode() + "yolosafe: OOM\n") == ["Epoch 1/2", *kept, "yolosafe: OOM", ""]

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import TINY, run_dir_of, story
 from tests.contexts import run_context
+from tests.test_terminal import dead_bars
+from yolosafe import oom
 from yolosafe.proc import AttemptResult
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.records import Failure, Outcome
@@ -306,11 +308,15 @@ def test_one_process_retry_gives_the_uninterrupted_runs_metrics(run_cli, tmp_pat
     """One process: validation at 8 fails on its first batch and runs again with forward passes of 4; the run
     without the OOM (same seed, same val batch) has the same results.csv row."""
     retried = run_cli("train", "--epochs", "1", "--name", "retried", *TINY, "--val-batch", "8",
-                      env={"YOLOSAFE_INJECT_OOM": "phase=val,epoch=0,iteration=0"})
+                      env={"YOLOSAFE_INJECT_OOM": "phase=val,epoch=0,iteration=0"}, keep_cr=True)
     assert retried.returncode == 0, retried.stderr[-3000:]
     plain = run_cli("train", "--epochs", "1", "--name", "plain", *TINY, "--val-batch", "8")
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert "OOM in validation at epoch 1/1: val batch 8 -> 4, validated again in place" in retried.stdout
+    # the bar the OOM cut short, at 0 of its batches: in train.log, not left dead on the terminal
+    log = (run_dir_of(tmp_path, "retried") / "train.log").read_text()
+    assert re.search(r"\b0% \S+ 0/2\b", log) and f"{oom.BAR_CUT_SHORT}" in log
+    assert not dead_bars(retried.stdout) and oom.BAR_CUT_SHORT not in retried.stdout, retried.stdout[-3000:]
     rows = {}
     for name in ("retried", "plain"):
         finished(run_dir_of(tmp_path, name), 1)
@@ -351,11 +357,15 @@ def test_an_in_place_retry_on_either_rank_leaves_the_epochs_results_as_without_i
     0's second one, is recovered in place, and the epoch's results.csv row (metrics, validation and training losses)
     and the final validation's metrics are those of the run without it; the validator counted all 10 images."""
     result = run_cli("train", *UNEVEN, "--data", str(uneven),
-                     env={**TWO, "YOLOSAFE_INJECT_OOM": f"phase=val,epoch=0,rank={rank},iteration={iteration}"})
+                     env={**TWO, "YOLOSAFE_INJECT_OOM": f"phase=val,epoch=0,rank={rank},iteration={iteration}"},
+                     keep_cr=True)  # the terminal's bytes: its redraws too
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(tmp_path)
     finished(run, 1)
     assert f"on rank {rank}, GPU {rank}: val batch 4 -> 2 on that rank, validated again in place" in result.stdout
+    # rank 0's bar cut at 1 of its 2 batches: the log's, not the terminal's (other ranks draw no bar)
+    assert (f"[rank0]: {oom.BAR_CUT_SHORT}" in (run / "train.log").read_text()) == (rank == 0)
+    assert not dead_bars(result.stdout), result.stdout[-3000:]
     assert epoch_row(run) == epoch_row(uneven_baseline) and any(k.startswith("val/") for k in epoch_row(run))
     assert story(run)["final_metrics"] == story(uneven_baseline)["final_metrics"]
     assert re.search(r"^\s*all\s+10\s", result.stdout + result.stderr, re.M), result.stdout[-3000:]

@@ -16,6 +16,9 @@ from yolosafe.injection import check_place
 
 INJECT_ENV = "YOLOSAFE_INJECT_OOM"
 INJECTED = " [injected by yolosafe]"  # the end of every injected message
+# The start of a worker's line for train.log only: the last frame of a progress bar that an OOM (or the failure that
+# ends an attempt) cut short (training.cutbars writes it; the supervisor's terminal filter keeps it off the terminal).
+BAR_CUT_SHORT = "progress bar cut short: "
 
 # What marks a failed attempt as a GPU out-of-memory: (pattern, the text's source). Each literal is in the strings of
 # the libraries torch 2.14 ships (tests/test_oom.py reads them there): the caching allocator's and torch's own

@@ -32,6 +32,7 @@ from yolosafe.supervisor.multinode import setup as multicli
 OPTION_KEYS = tuple(key for key in options.DEFAULTS if key != "args")  # yolosafe's own options, as keywords
 FILE_KEYS = {"config": "config_file", "datasets": "datasets_file"}  # keyword -> the command line's parameter
 PATH_KEYS = ("model", "data", "project", "config_file", "datasets_file")
+NUMBER_AS_TEXT = ("project", "name")  # keywords Ultralytics' get_cfg turns from a number into text
 
 
 def train(model: str | Path | None = None, data: str | Path | None = None, *, device: Any = None,
@@ -78,7 +79,7 @@ def plan_of(opts: TrainOptions, inventory: inventory_of.Inventory) -> Plan:
     opts, auto = planner.resolve_auto(opts, inventory, fake_pass=children.fake_pass)
     built = trainrun.build(opts, inventory)
     built = built if opts.train_images is None else dataclasses.replace(built, train_images=opts.train_images)
-    memory = planner.memory_plan(built, inventory, opts, fake_pass=children.fake_pass)
+    memory = planner.memory_plan(built, inventory, opts, fake_pass=children.fake_pass, auto=auto)
     if memory is None:
         raise memmodel.UnknownModel(f"{built.model}: no memory figures (not in the table, and weights cannot be "
                                     "fake-passed); give the model's YAML")
@@ -144,6 +145,9 @@ def given_of(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     for key in PATH_KEYS:
         if isinstance(given.get(key), os.PathLike):
             given[key] = os.fspath(given[key])
+    for key in NUMBER_AS_TEXT:  # as Ultralytics' get_cfg: name=0 is the run "0" (tests/test_api.py pins it)
+        if isinstance(given.get(key), (int, float)) and not isinstance(given[key], bool):
+            given[key] = str(given[key])
     words = [yolowords.word(key, os.fspath(value) if isinstance(value, os.PathLike) else value)
              for key, value in values.items()]
     if words:

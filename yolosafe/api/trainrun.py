@@ -76,8 +76,9 @@ def ultralytics_accepts(opts: TrainOptions, dry_run: bool) -> TrainOptions:
         terminal.say("Ultralytics downloads what is missing (the data, the weights) now, once, before training")
     checked = validate.ultralytics_check(opts, dry_run, children.input_check)
     asked = None if opts.project in (None, validate.ULTRALYTICS_PROJECT) else str(opts.project)
-    inputs.check_run_place(checked.project, str(opts.name), asked)  # where Ultralytics puts the runs
-    opts = opts.replace(task=checked.task, project=checked.project, train_images=checked.train_images,
+    name = checked.name or str(opts.name)  # Ultralytics' name for the run (name=model: the model's stem)
+    inputs.check_run_place(checked.project, name, asked)  # where Ultralytics puts the runs
+    opts = opts.replace(task=checked.task, project=checked.project, name=name, train_images=checked.train_images,
                         dataset_figures=checked.dataset or {})
     for note in checked.notes:
         terminal.say(f"note: {note}")
@@ -209,7 +210,7 @@ def new_story(run: RunDir, p: plan.TrainPlan, env: Mapping[str, str], opts: Trai
         simulated_on_cpu=simulated,
         **opts.to_story(),  # command, dataset, max_retries, min_batch and the memory watch's options
         batch_auto=auto,
-        memory_plan=planner.memory_plan(p, inventory, opts),  # no fake pass here: a model measured before
+        memory_plan=planner.memory_plan(p, inventory, opts, auto=auto),  # no fake pass here: a model measured before
     )
 
 

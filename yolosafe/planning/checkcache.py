@@ -33,7 +33,7 @@ from yolosafe.rundir.childrecords import CheckAnswer, CheckRequest, CheckResult
 from yolosafe.rundir.typed import RecordError
 
 FOLDER = "checks"
-FORMAT = 2  # the answer as its record, the stamps beside it
+FORMAT = 3  # 2: the answer as its record, the stamps beside it; 3: it holds the run's name as Ultralytics makes it
 # What Ultralytics reads from the environment that can change its answer (where its settings and datasets are).
 ENV_KEYS = ("YOLO_CONFIG_DIR", "XDG_CONFIG_HOME", "HOME", "YOLO_OFFLINE", "YOLO_VERBOSE")
 # The code whose answer is kept: the check and the dataset figures it computes.

@@ -73,6 +73,7 @@ class CheckAnswer:
     project_in_cwd: str | None  # that folder relative to the working directory, when Ultralytics derived it from there
     project_is_asked: bool  # the absolute project= asked for is the folder
     train_images: int | None  # None: not listed (classification, or data not here in a dry run)
+    name: str | None = None  # the run's name as Ultralytics makes it (name=model: the model's stem)
     dataset: dict[str, Any] = field(default_factory=dict)  # objects per image, validation shapes (memory model)
     notes: list[str] = field(default_factory=list)
     reads: list[str] = field(default_factory=list)  # the files and folders the answer depends on (checkcache)

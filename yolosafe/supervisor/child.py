@@ -231,8 +231,13 @@ class Supervisor:
                 else:  # multi-node: also stop this node's ranks when another node's attempt failed
                     on_start = self.machines.watch(spec.attempt, on_start)
                     with self.hang_watch(spec, on_start) as on_start:
-                        result = run_child(cmd, env, log, on_start=on_start, out=self.terminal(spec),
-                                           preempt=lambda: preempt(self.files, spec))
+                        shown = self.terminal(spec)
+                        try:
+                            result = run_child(cmd, env, log, on_start=on_start, out=shown,
+                                               preempt=lambda: preempt(self.files, spec))
+                        finally:
+                            with contextlib.suppress(OSError, ValueError):  # a closed terminal: run_child said so
+                                terminal.end(shown)
         # multi-node: the outcome every node derives from every node's end record
         return result, self.machines.agree(spec.attempt, result, tail(log_path, start))
 

@@ -12,7 +12,7 @@ import re
 import sys
 from typing import IO
 
-from yolosafe import proc
+from yolosafe import oom, proc
 from yolosafe.planning import allocator
 from yolosafe.planning.trainplan import TrainPlan
 
@@ -28,6 +28,9 @@ LOG_ONLY = re.compile(r"find_unused_parameters=True( was specified|$)|Warning: f
                       r"|death signal, shutting down workers|Sending process \d+ closing signal SIG")
 TORCH_LOG_LINE = re.compile(r"\[?W(?:\d|$)|\[$")  # a line torch's logging begins (W1201 ..., [W1201 ...]): held whole
 WARNING_SOURCE = re.compile(r"^\s+\S.*run_backward\(")  # the source line Python prints under that warning
+CUT_SHORT = oom.BAR_CUT_SHORT  # a worker's line after a bar an OOM cut short (training.cutbars): train.log only
+CLEAR_LINE = b"\r\x1b[K"  # to the line's start, the line cleared (how Ultralytics' bar begins each frame)
+BAR = re.compile(r"(\d+)% \S* (\d+)/(\d+)(?!\S)")  # Ultralytics' bar: percent, bar, images or batches done/total
 
 
 def say(message: str) -> None:
@@ -63,9 +66,14 @@ class TracebackFilter:
     """A byte stream to the terminal that drops Python tracebacks (the log gets everything, unfiltered).
 
     Output passes through as it comes, partial lines included, so progress bars stay live; only a partial line that
-    could still become a traceback's first line is held until it is complete. A traceback is its header, the
-    indented frame lines, the exception line that ends it and the rest of its message (up to the next blank line),
-    and chained tracebacks after it.
+    could still become a traceback's first line (or another line for the log only) is held until it is complete. A
+    traceback is its header, the indented frame lines, the exception line that ends it and the rest of its message
+    (up to the next blank line), and chained tracebacks after it.
+
+    A progress bar that ends short of its total may have been cut short by an OOM: its line end is held until the
+    next line that shows. When that is the worker's :data:`CUT_SHORT` line (:mod:`yolosafe.training.cutbars`), the
+    bar's line is cleared instead, so no dead bar stays above the retry's or the relaunch's; else the line end goes
+    out first. :meth:`end` closes what the attempt's output left open.
     """
 
     def __init__(self, out: IO[bytes]) -> None:
@@ -74,29 +82,59 @@ class TracebackFilter:
         self.shown = 0  # how much of it is on the terminal already
         self.state = "text"  # text | frames (in a traceback) | after (its exception message) | gap (blank after it)
         # | warned (after a LOG_ONLY warning: its source line goes too)
+        self.held = b""  # the line end of a bar that ended short, until the next line shown (or a CUT_SHORT line)
 
     def write(self, chunk: bytes) -> int:
         for piece in chunk.splitlines(keepends=True):
             self.line += piece
             if piece.endswith((b"\n", b"\r")):  # a line, or a progress bar's redraw
                 if self._show(self.line):
-                    self.out.write(self.line[self.shown:])
+                    self._show_line(self.line)
                 self.line, self.shown = b"", 0
-            elif self.state == "text" and not HEADER.startswith(_core(self.line)) \
-                    and not TORCH_LOG_LINE.match(_core(self.line)):
-                self.out.write(self.line[self.shown:])
+            elif self.state == "text" and not _may_be_held(_core(self.line)):
+                self._emit(self.line[self.shown:])
                 self.shown = len(self.line)
         return len(chunk)
 
     def flush(self) -> None:
         self.out.flush()
 
+    def end(self) -> None:
+        """The attempt's output is over: a line end still held goes out; a line its process left unfinished (stopped
+        mid-line by the failure that ends the attempt) is ended there, or cleared when it is a bar cut short (the log
+        keeps it), so the next line starts on a line of its own."""
+        if self.shown:
+            self.out.write(CLEAR_LINE if ended_short(_core(self.line)) else b"\n")
+        else:
+            self._emit(b"", force=True)
+        self.line, self.shown, self.held, self.state = b"", 0, b"", "text"
+        self.out.flush()
+
+    def _emit(self, data: bytes, force: bool = False) -> None:
+        if (data or force) and self.held:
+            self.out.write(self.held)
+            self.held = b""
+        if data:
+            self.out.write(data)
+
+    def _show_line(self, line: bytes) -> None:
+        rest = line[self.shown:]
+        if line.endswith(b"\n") and ended_short(_core(line)):
+            self._emit(rest[:-1], force=True)
+            self.held = b"\n"
+        else:
+            self._emit(rest)
+
     def _show(self, line: bytes) -> bool:
         core = _core(line)
+        if self.state == "text" and core.startswith(CUT_SHORT):
+            self.held = b""  # the cut bar's line end (or, from a bar still open, the mark's own "\r")
+            self.out.write(CLEAR_LINE)  # the bar's frames on that line go too
+            return False
         if self.state == "text" and LOG_ONLY.search(core):
             self.state = "warned" if "find_unused_parameters" in core else "text"
             if self.shown:  # the start of the line (a progress bar the message is glued to) is out: end it
-                self.out.write(b"\n")
+                self._emit(b"\n")
             return False
         if self.state == "warned":
             self.state = "text"
@@ -146,6 +184,10 @@ class RankStream:
     def flush(self) -> None:
         self.out.flush()
 
+    def end(self) -> None:
+        """The attempt's output is over (:meth:`TracebackFilter.end` of the stream under it)."""
+        end(self.out)
+
     def _step(self, data: bytes) -> bytes:
         """Pass on or drop the first piece of ``data``; returns what is left of it."""
         match = TEE_PREFIX.match(data)
@@ -175,6 +217,12 @@ class RankStream:
         return rest
 
 
+def end(stream: IO[bytes]) -> None:
+    """An attempt's output to ``stream`` is over: what a filter still holds goes out (a plain stream: flushed)."""
+    ending = getattr(stream, "end", None)
+    (ending or stream.flush)()
+
+
 OWN, LAUNCHER = "yolosafe", "launcher"  # RankStream's sources besides the ranks
 OWN_LINE = b"yolosafe: "
 
@@ -192,6 +240,19 @@ def _first_piece(data: bytes) -> tuple[bytes, bytes]:
 def _may_become_prefix(data: bytes) -> bool:
     """Whether ``data`` is the start of a ``[rankN]:`` prefix cut by the end of a chunk."""
     return PARTIAL_PREFIX.fullmatch(data) is not None
+
+
+def ended_short(core: str) -> bool:
+    """Whether a line (its core) ends in a progress bar's frame short of its total."""
+    frame = ANSI.sub("", core).rsplit("\r", 1)[-1]
+    found = BAR.search(frame)
+    return found is not None and found.group(2) != found.group(3)
+
+
+def _may_be_held(core: str) -> bool:
+    """Whether a partial line (its core) could still become a line the terminal must not show from its start."""
+    return (HEADER.startswith(core) or TORCH_LOG_LINE.match(core) is not None or CUT_SHORT.startswith(core)
+            or core.startswith(CUT_SHORT))
 
 
 def _core(line: bytes) -> str:

@@ -215,13 +215,21 @@ def project_dir(request: CheckRequest, task: str) -> dict[str, Any]:
     from ultralytics.cfg import get_save_dir
     from ultralytics.utils import SETTINGS
 
-    where = SimpleNamespace(project=request.project, name=request.name, task=task, mode="train",
+    where = SimpleNamespace(project=request.project, name=run_name(request), task=task, mode="train",
                             exist_ok=True, save_dir=None)
     folder = str(get_save_dir(where).parent)
     asked = request.project or ""
     from_cwd = not Path(asked).is_absolute() and (bool(asked) or not Path(SETTINGS["runs_dir"]).is_absolute())
     return {"project": folder, "project_in_cwd": os.path.relpath(folder) if from_cwd else None,
             "project_is_asked": bool(asked) and Path(asked).is_absolute() and folder == str(Path(asked).resolve())}
+
+
+def run_name(request: CheckRequest) -> str:
+    """The run's name as Ultralytics' ``get_cfg`` makes it: ``name=model`` becomes the model's stem (a number is
+    text already, from the caller)."""
+    from ultralytics.cfg import DEFAULT_CFG, get_cfg
+
+    return str(get_cfg(DEFAULT_CFG, {"name": request.name, "model": request.model}).name)
 
 
 def reads(request: CheckRequest, data: dict[str, Any] | None, files: dict[str, list[str]]) -> list[str]:
@@ -296,8 +304,11 @@ def check(request: CheckRequest) -> CheckAnswer:
         images, figures = (len(files["train"]) if files else None), dataset_figures(files)
         check_optimizer(trainer, args)
     amp_check_weights(request.download, args, notes)
-    return CheckAnswer(task=task, **project_dir(request, task), train_images=images, dataset=figures, notes=notes,
-                       reads=reads(request, data, files))
+    name = run_name(request)
+    if name != request.name:
+        notes.append(f"name={request.name} is name={name}, as Ultralytics names the run")
+    return CheckAnswer(task=task, **project_dir(request, task), name=name, train_images=images, dataset=figures,
+                       notes=notes, reads=reads(request, data, files))
 
 
 def main(argv: list[str] | None = None) -> None:

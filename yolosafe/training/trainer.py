@@ -21,7 +21,7 @@ from ultralytics.models.yolo.model import YOLO
 from yolosafe import bench, gpus
 from yolosafe.planning import saveevery
 from yolosafe.rundir import files as rundir
-from yolosafe.training import callbacks, heartbeat, offline, peakmetrics, stepckpt, valretry
+from yolosafe.training import callbacks, cutbars, heartbeat, offline, peakmetrics, stepckpt, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 from yolosafe.training.fake import cpuranks
@@ -96,7 +96,8 @@ class HangPoints(_InContext):
 
 class FailureRecord(_InContext):
     """``_do_train``: a rank that fails writes its failure record (:mod:`yolosafe.training.failure`) before it dies, so
-    the supervisor can tell an OOM on rank 3 from the NCCL errors it causes on ranks 0-2."""
+    the supervisor can tell an OOM on rank 3 from the NCCL errors it causes on ranks 0-2; the progress bar the failure
+    cut short goes to train.log only (:mod:`yolosafe.training.cutbars`): the relaunch's bars follow, not a dead one."""
 
     def _do_train(self) -> None:
         try:
@@ -104,6 +105,8 @@ class FailureRecord(_InContext):
         except BaseException as exc:
             batch = self.batch_size // max(self.world_size, 1)
             failurerecord.write_failure(self.run_context, exc, batch, self.device)
+            if not isinstance(exc, KeyboardInterrupt):  # a stop: the bar stays where the user stopped it
+                cutbars.cut_short(exc)
             raise
 
 

@@ -20,7 +20,8 @@ final validation of best.pt too) keep the forward batch that worked.
 Not recovered here, left to the relaunch: an OOM at forward batch 1, a network that is not an Ultralytics one, and
 any OOM outside the loop (model set-up, the gather, the loss reduce: the other ranks may already be past a
 collective there). Each recovery writes a failure record
-marked ``recovered`` (:func:`yolosafe.training.failure.write_failure`), a ``val_oom_recovered`` event and one line.
+marked ``recovered`` (:func:`yolosafe.training.failure.write_failure`), a ``val_oom_recovered`` event and one line;
+the loop's progress bar the OOM cut short goes to train.log only (:mod:`yolosafe.training.cutbars`).
 
 With ``val_oom = relaunch`` in the run spec the validator is Ultralytics' own, and every validation OOM ends the
 attempt as before.
@@ -40,7 +41,7 @@ from yolosafe import oom
 from yolosafe.errors import YolosafeError
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import results
-from yolosafe.training import callbacks, torchmem
+from yolosafe.training import callbacks, cutbars, torchmem
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 
@@ -138,6 +139,7 @@ class ValRetry:
         lost = Lost(batch, progress.epoch, progress.final)
         failurerecord.write_failure(self.context, exc, self.trainer.batch_size // max(self.trainer.world_size, 1),
                                     validator.device, recovered={"val_batch": batch, "next_val_batch": batch // 2})
+        cutbars.cut_short(exc)  # the loop's bar, left at the failed batch: train.log's, not the terminal's
         return lost
 
     def again(self, validator: Any, lost: Lost) -> None:
@@ -146,7 +148,8 @@ class ValRetry:
         smaller = self.forward_batch = lost.batch // 2
         callbacks.append_event(self.context, "val_oom_recovered", validator, batch=lost.batch,
                                next_batch=smaller, cleared_mib=cleared)
-        print(f"yolosafe: {recovered_line(self.context, lost, smaller, self.trainer.epochs)}", file=sys.stderr,
+        # on stdout, the stream of the bar the OOM cut short: its mark comes first there (training.cutbars)
+        print(f"yolosafe: {recovered_line(self.context, lost, smaller, self.trainer.epochs)}", file=sys.stdout,
               flush=True)
 
 

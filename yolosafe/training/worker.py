@@ -32,7 +32,7 @@ from yolosafe.planning import allocator, usercode
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import results, runspec
 from yolosafe.rundir.layout import RunDir
-from yolosafe.training import callbacks, heartbeat, offline
+from yolosafe.training import callbacks, cutbars, heartbeat, offline
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import Rank, RunContext
 from yolosafe.training.fake import phases as fakephase
@@ -166,6 +166,8 @@ def final_validation(context: RunContext) -> None:
         metrics = model.val(**final_validation_args(context, cuda))
     except BaseException as exc:
         failurerecord.write_failure(context, exc, None, getattr(model, "device", None))
+        if not isinstance(exc, KeyboardInterrupt):
+            cutbars.cut_short(exc)  # the validation's bar: train.log's (training.cutbars)
         raise
     _save_metrics(run, metrics)
 

@@ -160,7 +160,9 @@ class GpuMemory:
     def headroom_mib(self) -> float:
         return (self.gpu.free_mib or 0) - self.required_mib
 
-    def warnings(self) -> list[str]:
+    def warnings(self, batch_chosen: bool = False) -> list[str]:
+        """What to say about this GPU's plan; ``batch_chosen``: ``--batch auto`` chose the batch, filling the share
+        of the free memory it was given (``--memory-fraction``), so a thin margin is its choice, not a mistake."""
         g, notes = self.gpu, []
         if g.processes or (g.used_mib or 0) > gpus.BUSY_MIB:
             notes.append(f"GPU {g.index}: another process uses {(g.used_mib or 0) / 1024:.1f} GiB of it")
@@ -170,7 +172,7 @@ class GpuMemory:
         if self.headroom_mib < 0:
             notes.append(f"GPU {g.index}: the required {self.required_mib / 1024:.1f} GiB does not fit the "
                          f"{(g.free_mib or 0) / 1024:.1f} GiB free: lower --batch, or use --batch auto")
-        elif g.total_mib and self.headroom_mib < LOW_MARGIN * g.total_mib:
+        elif g.total_mib and self.headroom_mib < LOW_MARGIN * g.total_mib and not batch_chosen:
             notes.append(f"GPU {g.index}: margin {self.headroom_mib / 1024:.1f} GiB is under "
                          f"{LOW_MARGIN:.0%} of the GPU: an OOM is likely; lower --batch")
         return notes
@@ -253,19 +255,27 @@ def resolve_auto(options: TrainOptions, inventory: gpus.Inventory, history_file:
     return resolved, entry
 
 
-def _gpu_entry(m: GpuMemory) -> dict[str, Any]:
+def chose_batch(auto: Mapping[str, Any] | None) -> bool:
+    """Whether ``--batch auto`` chose the per-GPU batch (``auto``: :func:`resolve_auto`'s entry; on the CPU it
+    takes Ultralytics' default instead)."""
+    return bool(auto) and "per_gpu_batch" in auto
+
+
+def _gpu_entry(m: GpuMemory, batch_chosen: bool) -> dict[str, Any]:
     return {"index": m.gpu.index, "name": m.gpu.name, "total_mib": m.gpu.total_mib, "free_mib": m.gpu.free_mib,
             "train_gpu_mem_gib": round(m.train.gpu_mem_gib, 2), "val_gpu_mem_gib": round(m.val.gpu_mem_gib, 2),
             "gpu_mem_column_gib": round(m.gpu_mem_column_gib, 2),
             "train_required_mib": round(m.train.required_mib, 1), "val_required_mib": round(m.val.required_mib, 1),
             "headroom_mib": round(m.headroom_mib, 1), "calibrated_runs": m.calibrated_runs,
-            "warnings": m.warnings()}
+            "warnings": m.warnings(batch_chosen)}
 
 
 def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: TrainOptions,
-                fake_pass: FakePass | None = None, history_file: Path | None = None) -> dict[str, Any] | None:
+                fake_pass: FakePass | None = None, history_file: Path | None = None,
+                auto: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Both figures of each phase of a resolved plan on its GPUs (``yolosafe.json``'s ``memory_plan``); None without
-    figures for the model (``fake_pass`` measures one the table lacks; without it, only one measured before)."""
+    figures for the model (``fake_pass`` measures one the table lacks; without it, only one measured before).
+    ``auto``: :func:`resolve_auto`'s entry, when it chose GPUs or the batch."""
     try:
         terms = model_terms(p.model, fake_pass)
     except memmodel.UnknownModel:
@@ -285,7 +295,7 @@ def memory_plan(p: plan.TrainPlan, inventory: gpus.Inventory, options: TrainOpti
                               "source": setup.objects_source},
         "terms_source": terms.source,
         "predicted": {"train": reference.train.as_dict(), "val": reference.val.as_dict()},
-        "gpus": [_gpu_entry(m) for m in per_gpu],
+        "gpus": [_gpu_entry(m, chose_batch(auto)) for m in per_gpu],
         "host_ram": {"needed_mib": round(host.total_mib), "available_mib": host.available_mib,
                      "images": host.images, "advice": hostram.advice(host)},
     }
