@@ -85,6 +85,7 @@ def test_keywords_become_the_command_lines_options():
     ({"lr00": 0.1}, "lr00"),
     ({"device": ["a"]}, "give GPU ids"),
     ({"dry_run": True}, "yolosafe.plan"),
+    ({"data": ["a.yaml", "b.yaml"]}, "several datasets in one call"),  # Ultralytics' MultiTrainer: refused, said
 ])
 def test_bad_input_raises_a_usage_error_before_any_run_directory(tmp_path, monkeypatch, shared_cache, kwargs,
                                                                  message):

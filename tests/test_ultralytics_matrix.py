@@ -99,7 +99,8 @@ PYTHON = [
      {"epochs": 1, "imgsz": 32, "close_mosaic": 1}, None),
     pytest.param("test_python.test_train_multi", "yolo26n.yaml", ["detect", "detect"], {"epochs": 1, "imgsz": 32},
                  None, marks=pytest.mark.xfail(strict=True, reason="a known difference: data=[a, b] (Ultralytics' "
-                                               "MultiTrainer, one run per dataset) is refused by yolosafe")),
+                                               "MultiTrainer, one run per dataset) is refused by yolosafe in one "
+                                               "line (tests/test_api.py)")),
     *[(f"test_engine.test_{t}", f"yolo11n{suffix}.yaml", t, {"imgsz": 32, "epochs": 1, "save": False, **extra}, t)
       for t, suffix, extra in (("detect", "", {}), ("segment", "-seg", {"mask_ratio": 1, "overlap_mask": False}),
                                ("classify", "-cls", {}))],

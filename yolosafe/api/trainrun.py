@@ -52,7 +52,11 @@ def resolve(given: Mapping[str, Any], config_file: str | None, datasets_file: st
     is the dataset's YAML."""
     config = options.load_config(config_file)
     inputs.check_registry(datasets.registry_path(datasets_file))
-    dataset = datasets.resolve(str(given.get("data") or config.get("data") or options.DEFAULTS["data"]),
+    data = given.get("data") or config.get("data") or options.DEFAULTS["data"]
+    if isinstance(data, (list, tuple)):  # Ultralytics' MultiTrainer: one run per dataset, in turn
+        raise InputError(f"data={list(data)!r}: several datasets in one call (Ultralytics trains one after the "
+                         "other) is not something yolosafe does; train each with its own call")
+    dataset = datasets.resolve(str(data),
                                datasets.registry_path(datasets_file))  # a DatasetError: a usage error of its own
     differences = list(given.get("differences", ()))  # options.yolo_style's
     user_code = given.get("user_code")  # the user's callbacks and trainer (planning.usercode)
