@@ -73,12 +73,16 @@ def test_a_relative_runs_folder_is_resolved_in_the_directory_that_asks(cache: di
     assert kept.project == str(tmp_path.resolve() / "runs" / "detect")
 
 
-def test_another_absolute_project_or_name_shares_the_answer(cache: dict[str, Any], tmp_path: Path) -> None:
-    other = dataclasses.replace(cache["request"], project=str(tmp_path / "another" / "project"), name="second")
-    kept = checkcache.lookup(other)
-    assert kept is not None and kept.project == str(tmp_path / "another" / "project")
+def test_another_absolute_project_shares_the_answer_another_name_does_not(cache: dict[str, Any],
+                                                                         tmp_path: Path) -> None:
+    other = dataclasses.replace(cache["request"], project=str(tmp_path / "another" / "project"), name="first")
+    kept = checkcache.lookup(other)  # the fixture asked for name=first under another absolute project
+    assert kept is not None and kept.project == str(tmp_path / "another" / "project") and kept.name == "first"
     relative = dataclasses.replace(cache["request"], project="mine")
     assert checkcache.lookup(relative) is None  # under runs/<task>: another answer, asked once
+    # the answer holds Ultralytics' name for the run (name=model: the model's stem): never another request's
+    assert checkcache.lookup(dataclasses.replace(cache["request"], name="model")) is None
+    assert checkcache.lookup(dataclasses.replace(cache["request"], name="second")) is None
 
 
 @pytest.mark.parametrize("change", ["request", "ultralytics", "torch", "code", "env", "relative"])

@@ -78,9 +78,10 @@ def _where(value: Any) -> str | None:
 
 def key(request: CheckRequest) -> str:
     """The entry's name for a request: everything its answer depends on that is known before asking."""
-    # The run's name never changes the answer (the runs' folder is its parent), nor does an absolute project= (the
-    # answer is that folder: ``project_is_asked``); a relative one does (Ultralytics puts it under runs/<task>).
-    asked = {k: v for k, v in request.to_dict().items() if k not in ("download", "dry_run", "name")}
+    # An absolute project= never changes the answer (the answer is that folder: ``project_is_asked``); a relative one
+    # does (Ultralytics puts it under runs/<task>), and so does the run's name (Ultralytics' own for it: name=model
+    # is the model's stem).
+    asked = {k: v for k, v in request.to_dict().items() if k not in ("download", "dry_run")}
     if _absolute(request.project):
         asked["project"] = "<absolute>"
     material = {
