@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from yolosafe import hang, oom
+from yolosafe.planning import saveevery
 from yolosafe.rundir import heartbeat as beats
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.runspec import RunSpec
@@ -79,6 +80,10 @@ class RunContext:
     progress: Progress = field(default_factory=Progress)
     hangs: tuple[hang.HangInjection, ...] = ()  # YOLOSAFE_INJECT_HANG, parsed once
     heartbeat: HeartbeatFiles = field(default_factory=HeartbeatFiles)
+    save_every: saveevery.SaveEvery = field(init=False)  # the spec's --save-every, parsed once (checked before the run)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "save_every", saveevery.parse(self.spec.save_every))
 
     @classmethod
     def load(cls, spec_path: Path, rank: Rank | None = None,

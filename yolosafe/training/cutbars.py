@@ -23,7 +23,10 @@ from yolosafe import oom
 
 def cut_short(exc: BaseException) -> int:
     """One marked line per progress bar that ``exc`` cut short (short of its total, in the frames ``exc`` went
-    through); a bar still open is closed first, its last frame kept off the stream. Returns how many."""
+    through); a bar still open is closed first, its last frame kept off the stream. Returns how many. A stop
+    (``KeyboardInterrupt``) cuts none: its bar stays where the user stopped it."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 0
     from ultralytics.utils.tqdm import TQDM
 
     bars: dict[int, Any] = {}

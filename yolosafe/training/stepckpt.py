@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from yolosafe import bench
-from yolosafe.planning import saveevery
 from yolosafe.rundir import files as rundir
 from yolosafe.training import callbacks
 from yolosafe.training.context import RunContext
@@ -151,7 +150,7 @@ class StepCheckpoints:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._every = saveevery.parse(self.run_context.spec.save_every)
+        self._every = self.run_context.save_every
         self._i = -1  # the iteration of the epoch (0-based), counted here
         self._last_step = -1  # last_opt_step as the uninterrupted run has it
         self._loop_last = -1  # last_opt_step as this attempt's loop has it (-1 at its start)

@@ -19,7 +19,6 @@ from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.models.yolo.model import YOLO
 
 from yolosafe import bench, gpus
-from yolosafe.planning import saveevery
 from yolosafe.rundir import files as rundir
 from yolosafe.training import callbacks, cutbars, heartbeat, offline, peakmetrics, stepckpt, valretry
 from yolosafe.training import failure as failurerecord
@@ -105,8 +104,7 @@ class FailureRecord(_InContext):
         except BaseException as exc:
             batch = self.batch_size // max(self.world_size, 1)
             failurerecord.write_failure(self.run_context, exc, batch, self.device)
-            if not isinstance(exc, KeyboardInterrupt):  # a stop: the bar stays where the user stopped it
-                cutbars.cut_short(exc)
+            cutbars.cut_short(exc)
             raise
 
 
@@ -249,24 +247,27 @@ class ValidateFirst(_InContext):
     Off with ``--val-oom relaunch``. Inside :class:`FailureRecord`: its end of the run is no failure."""
 
     validation_pending: dict[str, Any] | None = None
-    _kept_at: float | None = None  # time.monotonic() when the newest checkpoint was written (None: none yet)
-    _save_s: float | None = None  # how long the last save took (every save: the epoch's, a step's, this one's)
+    _newest_save_at: float | None = None  # time.monotonic() when the newest checkpoint was written (None: none yet)
+    _newest_save_s: float | None = None  # how long it took (every save: the epoch's, a step's, unvalidated.pt's)
 
     def validate(self) -> tuple[Any, Any]:
         if (self.run_context.rank.leads and self.run_context.spec.val_oom == valretry.IN_PLACE
                 and self.validation_pending is None and self._keeps_unvalidated()):
             valretry.save_unvalidated(self)
+            callbacks.append_event(self.run_context, "unvalidated_saved", self,
+                                   seconds=round(self._newest_save_s or 0.0, 4))
         return super().validate()
 
     def _keeps_unvalidated(self) -> bool:
-        trained = time.monotonic() - self._kept_at if self._kept_at is not None else 0.0  # none yet: none timed
-        return saveevery.parse(self.run_context.spec.save_every).keeps_unvalidated(trained, self._save_s)
+        at = self._newest_save_at
+        trained = time.monotonic() - at if at is not None else 0.0  # no save yet: none timed, kept
+        return self.run_context.save_every.keeps_unvalidated(trained, self._newest_save_s)
 
     def save_model(self) -> bool:
         started = time.monotonic()
         saved = super().save_model()
-        self._kept_at = time.monotonic()
-        self._save_s = self._kept_at - started
+        self._newest_save_at = time.monotonic()
+        self._newest_save_s = self._newest_save_at - started
         if self.last.name == rundir.LAST:  # this epoch is validated and kept: the unvalidated state is old
             (self.wdir / valretry.UNVALIDATED).unlink(missing_ok=True)
         return saved

@@ -335,14 +335,11 @@ def save_unvalidated(trainer: Any) -> None:
         "epoch": trainer.epoch, "train": trainer.label_loss_items(trainer.tloss), "lr": dict(trainer.lr),
         "loss_items": {k: v.detach().cpu().tolist() for k, v in trainer.loss_items.items()},
         "loss": float(trainer.loss.detach().cpu())}}
-    started = time.monotonic()
     try:
         trainer.save_model()
     finally:
         trainer.best.unlink(missing_ok=True)
         trainer.last, trainer.best, trainer.save_period, trainer.metrics = saved
-    callbacks.append_event(trainer.run_context, "unvalidated_saved", trainer,
-                           seconds=round(time.monotonic() - started, 4))
 
 
 def pending(ckpt: Any) -> dict[str, Any] | None:

@@ -166,8 +166,7 @@ def final_validation(context: RunContext) -> None:
         metrics = model.val(**final_validation_args(context, cuda))
     except BaseException as exc:
         failurerecord.write_failure(context, exc, None, getattr(model, "device", None))
-        if not isinstance(exc, KeyboardInterrupt):
-            cutbars.cut_short(exc)  # the validation's bar: train.log's (training.cutbars)
+        cutbars.cut_short(exc)  # the validation's bar: train.log's (training.cutbars)
         raise
     _save_metrics(run, metrics)
 
