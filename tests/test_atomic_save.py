@@ -46,6 +46,7 @@ def test_a_killed_ranks_partial_is_never_promoted(tmp_path, improved):
         (weights / f".{name}.pt.partial").write_bytes(b"truncated")
     t = trainer(weights, fitness=0.9 if improved else 0.1, best_fitness=0.9 if improved else 0.5)
     assert t.save_model()
+    t.checkpoints_durable()
     assert epoch_of(weights / "last.pt") == 1
     if improved:  # Ultralytics wrote best.pt: this save's file is promoted
         assert epoch_of(weights / "best.pt") == 1

@@ -1,6 +1,7 @@
 """What yolosafe does per epoch costs only what it buys: the checkpoint a retry resumes from is fsynced (and nothing
-else is), no garbage collection before validation where there is no CUDA cache to give back, and the benchmark's
-switches are off unless a benchmark sets them. Real ``BaseTrainer.save_model`` on a tiny model, in milliseconds.
+else is) beside the training, not in its way; no garbage collection before validation where there is no CUDA cache
+to give back, and the benchmark's switches are off unless a benchmark sets them. Real ``BaseTrainer.save_model``
+on a tiny model, in milliseconds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from tests.test_atomic_save import epoch_of, trainer
 from yolosafe import bench
 from yolosafe.training import torchmem
-from yolosafe.training.trainer import durable_replace
+from yolosafe.training.durable import durable_replace
 
 
 @pytest.fixture
@@ -37,6 +38,7 @@ def test_a_save_fsyncs_last_pt_before_its_rename_and_the_folder_after_and_nothin
     weights.mkdir()
     t = trainer(weights, fitness=0.9 if improved else 0.1, best_fitness=0.9 if improved else 0.5)
     assert t.save_model()
+    t.checkpoints_durable()
     assert fsynced == [str(weights / ".last.pt.partial"), str(weights)]  # best.pt, when written, is not fsynced
     assert epoch_of(weights / "last.pt") == 1
     assert (weights / "best.pt").is_file() is improved
@@ -113,7 +115,45 @@ def test_an_fsync_that_fails_leaves_the_last_good_checkpoint_and_no_partial_file
 
     monkeypatch.setattr(os, "fsync", full)
     t = trainer(weights, fitness=0.9, best_fitness=0.9)
+    t.save_model()  # the sync runs beside the training: its error comes at the next save or the end
     with pytest.raises(OSError, match="No space"):
-        t.save_model()
+        t.checkpoints_durable()
     assert (weights / "last.pt").read_bytes() == b"the last good one"
     assert not list(weights.glob(".*.partial"))
+
+
+def test_a_save_returns_before_its_sync_and_the_old_checkpoint_stays_until_the_new_one_is_durable(tmp_path,
+                                                                                                  monkeypatch):
+    """The fsync waits on the disk on a thread of its own: until it ends, last.pt is the previous good one (a rank
+    killed meanwhile resumes from it); what the new one supersedes goes only after its rename; the next save waits."""
+    import threading
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "last.pt").write_bytes(b"the last good one")
+    (weights / "step.pt").write_bytes(b"the step checkpoint it supersedes")
+    release, syncing = threading.Event(), threading.Event()
+    real = os.fsync
+
+    def slow(fd: int) -> None:
+        syncing.set()
+        assert release.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", slow)
+    t = trainer(weights, fitness=0.1, best_fitness=0.5)
+    assert t.save_model()  # returns while the sync waits; the trainer's own step.pt removal waits for the rename
+    assert syncing.wait(30)
+    assert (weights / "last.pt").read_bytes() == b"the last good one" and (weights / "step.pt").exists()
+    assert (weights / ".last.pt.partial").is_file()
+    waited = threading.Thread(target=t.save_model)  # the next save waits for this one's rename
+    waited.start()
+    waited.join(0.2)
+    assert waited.is_alive()
+    release.set()
+    waited.join(30)
+    t.checkpoints_durable()
+    assert epoch_of(weights / "last.pt") == 1 and not (weights / "step.pt").exists()
+    assert not list(weights.glob(".*.partial"))
+    t.when_durable(lambda: (weights / "done").touch())  # nothing pending: at once
+    assert (weights / "done").exists()

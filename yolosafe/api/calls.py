@@ -68,8 +68,7 @@ def plan(model: str | Path | None = None, data: str | Path | None = None, **kwar
     given, node_params = given_of({"model": model, "data": data, **kwargs})
     opts = trainrun.resolve(given, given.get("config_file"), given.get("datasets_file"))
     where = multicli.resolve(node_params)  # batch is the total over every node's GPUs
-    multicli.check_options(opts, where)
-    opts = opts.replace(nnodes=where.nnodes)
+    opts = opts.replace(nnodes=where.nnodes)  # --batch auto over several nodes: refused there
     return plan_of(opts, inventory_of.read_inventory())
 
 

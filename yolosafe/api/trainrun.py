@@ -101,14 +101,14 @@ def build(opts: TrainOptions, inventory: gpus.Inventory) -> plan.TrainPlan:
             model=opts.model,
             data=opts.data_yaml,
             gpus=selected,
-            batch=int(opts.batch),
+            batch=opts.batch,
             effective_batch=opts.effective_batch,
             val_batch=opts.val_batch,
-            imgsz=int(opts.imgsz),
-            epochs=int(opts.epochs),
+            imgsz=opts.imgsz,
+            epochs=opts.epochs,
             extra=plan.parse_passthrough(opts.args),
             train_images=opts.train_images,  # Ultralytics' own count (ultralytics_accepts), once known
-            nnodes=int(opts.nnodes or 1),  # multi-node: --batch is the total over every node's GPUs
+            nnodes=opts.nnodes,  # multi-node: --batch is the total over every node's GPUs
         )
     except plan.PlanError as exc:
         hidden = len(visible) < len(inventory.ids)
@@ -133,21 +133,15 @@ def check_visible(inventory: gpus.Inventory, selected: tuple[int, ...], cpu_aske
 
 def new_run(opts: TrainOptions, dry_run: bool, where: nodes.Nodes) -> Ended:
     """A new run: everything checked, then the run directory claimed and the attempts supervised."""
-    opts = opts.replace(nnodes=where.nnodes)
-    multicli.check_options(opts, where)  # what every node of a multi-node run must decide alike
-    trainoptions.check_watch(opts)
-    trainoptions.check_hangs(opts)
-    trainoptions.check_ranges(opts)
-    inputs.check_run_path(str(opts.project), str(opts.name))
-    validate.check_options(opts)
-    inputs.check_memory_fraction(opts.memory_fraction)
+    opts = opts.replace(nnodes=where.nnodes)  # --batch auto over several nodes: refused there
+    inputs.check_asked_project(opts.project)
     early = opts.batch == planner.AUTO  # --batch auto plans on the dataset's figures: Ultralytics lists it first
     opts = ultralytics_accepts(opts, dry_run) if early else opts
     inventory = gpus.planning_inventory(gpus.read_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))  # MIG
     env = allocator.apply(os.environ, opts.alloc_conf)
     opts, auto = planner.resolve_auto(opts, inventory, fake_pass=children.fake_pass)  # refusals: UsageErrors
     p = build(opts, inventory)
-    trainoptions.check_ranges(opts, p.per_gpu_batch)
+    trainoptions.check_min_batch(opts, p.per_gpu_batch)
     inputs.check_injection_reachable(os.environ.get(oom.INJECT_ENV), p.epochs)
     oom.check_injection(os.environ.get(oom.INJECT_ENV), p.world_size, p.nnodes)
     hang.check_injections(os.environ.get(hang.INJECT_ENV), p.world_size, p.epochs, p.nnodes)
@@ -252,7 +246,7 @@ def resume_run(path: Path, given: dict[str, Any], dry_run: bool, where: nodes.No
     with released_on_error(r.run):
         if where.multi:  # every node resumes the same attempt of the same run
             multicli.rejoin(r.run, where, r.plan, attempt, r.story)
-        resume.record(r, given)
+        resume.record(r)
         at = steps.words(steps.resume_point(r.run, r.last, r.plan.world_size, r.plan.per_gpu_batch), r.plan.world_size)
         terminal.say(f"resuming {r.run_dir} from {r.last or 'the start'}{' ' + at if at else ''}")
         code = run_supervised(r.run, r.plan, r.env, r.options, r.simulated, r.story,

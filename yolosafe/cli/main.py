@@ -114,8 +114,7 @@ def plan_command(ctx: click.Context, vram: str | None, as_json: bool, datasets_f
     given = options.yolo_style(given_options(ctx))  # yolo train's own key=value names too
     opts = trainrun.resolve(given, config_file, datasets_file)
     where = multicli.resolve(ctx.params)  # --batch is the total over every node's GPUs
-    multicli.check_options(opts, where)
-    opts = opts.replace(nnodes=where.nnodes)
+    opts = opts.replace(nnodes=where.nnodes)  # --batch auto over several nodes: refused there
     if vram:
         planview.print_tier_table(opts, vram, as_json, given.get("model"))
     else:  # a GPU in MIG mode is planned as the MIG device it stands for

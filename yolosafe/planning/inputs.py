@@ -1,6 +1,7 @@
 """The shape of what yolosafe reads before a run directory exists, each refused in one line: files decoded as
-UTF-8 (``--config``, the dataset registry), run names and project paths (length, encoding, symlink loops,
-writability), the ``--memory-fraction`` share, and a ``YOLOSAFE_INJECT_OOM`` that can never fire in the plan.
+UTF-8 (``--config``, the dataset registry), the runs' folder where Ultralytics puts it (symlink loops, writability),
+and a ``YOLOSAFE_INJECT_OOM`` that can never fire in the plan (the run's name and the path's size and encoding: the
+options' own parsing, :func:`yolosafe.planning.trainoptions.check_run_names`).
 
 Dataset contents (the data YAML's keys and its images) are checked where datasets are read
 (:mod:`yolosafe.planning.datasets`, :mod:`yolosafe.planning.validate`).
@@ -34,7 +35,7 @@ def shorten(line: str, limit: int = LINE_MAX) -> str:
     return f"{line[:keep - 80]} ...[{len(line) - keep} characters left out]... {line[-80:]}"
 
 
-def _utf8(text: str, what: str) -> bytes:
+def utf8(text: str, what: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
@@ -57,7 +58,7 @@ def yaml_mapping(path: str | Path, what: str, holds: str) -> dict[str, Any]:
     """A YAML file of the user's that holds a mapping (``--config``, ``cfg=``): UTF-8, valid YAML within the bounds
     of :func:`yolosafe.planning.bounded.load_yaml`, a mapping of ``holds`` (or empty); one line naming ``what``
     otherwise."""
-    _utf8(str(path), what)
+    utf8(str(path), what)
     shown = f"{what}{path}" if what.endswith("=") else f"{what} {path}"
     try:
         text = text_file(path, what)
@@ -111,22 +112,10 @@ def writable_dir(path: Path, what: str, instead: str = "choose another --project
         raise InputError(f"{what} {path}: {here} is {why}; {instead}")
 
 
-def check_run_path(project: str, name: str) -> None:
-    """``--project`` and ``--name`` as given: UTF-8, each folder name and the whole path of a size the file system
-    takes, an absolute ``--project`` no symlink loop; the place itself once Ultralytics has said where it is
-    (:func:`check_run_place`)."""
-    name_bytes = _utf8(name, "--name")
-    if len(name_bytes) > NAME_MAX:
-        raise InputError(f"--name {name[:40]}...: {len(name_bytes)} bytes, at most {NAME_MAX}")
-    project_bytes = _utf8(project, "--project")
-    long = next((part for part in Path(project).parts if len(part.encode()) > NAME_MAX), None)
-    if long is not None:
-        raise InputError(f"--project: the folder name {long[:40]}... is {len(long.encode())} bytes, "
-                         f"at most {NAME_MAX}")
-    if len(project_bytes) + len(name_bytes) + 1 > PATH_MAX:
-        raise InputError(f"--project: the run's path would be {len(project_bytes) + len(name_bytes) + 1} bytes, "
-                         f"at most {PATH_MAX}")
-    if Path(project).is_absolute():  # where the runs go, as asked (a relative one: see check_run_place)
+def check_asked_project(project: str | None) -> None:
+    """An absolute ``--project`` as asked: no symbolic link loop, before anything resolves it (a relative one: see
+    :func:`check_run_place`)."""
+    if project is not None and Path(project).is_absolute():
         _no_loop(Path(project), "--project")
 
 
@@ -142,11 +131,6 @@ def check_run_place(project: str, name: str, asked: str | None = None) -> None:
         if parent.exists() and not parent.is_dir():
             raise InputError(f"{what} {project}: {parent} is a file, not a folder")
     writable_dir(path / name, what)
-
-
-def check_memory_fraction(value: Any) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and 0 < float(value) <= 1):
-        raise InputError(f"--memory-fraction {value}: give a share above 0 and at most 1 (e.g. 0.85)")
 
 
 def check_injection_reachable(text: str | None, epochs: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 from yolosafe import gpus
 from yolosafe.planning import allocator, checkpoint, gpuselect, inputs, recovered, validate
 from yolosafe.planning import trainplan as plan
-from yolosafe.planning.trainoptions import TrainOptions, check_hangs, check_ranges, check_watch
+from yolosafe.planning.trainoptions import TrainOptions, check_min_batch
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import records, steps
 from yolosafe.rundir.layout import RunDir
@@ -50,6 +50,7 @@ class Resume:
     gpus: list[dict[str, Any]] | None = None  # the plan's GPUs as this process sees them now (GPU.as_dict)
     final_val_only: bool = False  # every epoch trained: only the final validation is left
     notes: tuple[str, ...] = ()  # what the resume had to do otherwise than asked, said once the run resumes
+    applied: dict[str, Any] = field(default_factory=dict)  # the options given that it applies, parsed
 
     @property
     def run_dir(self) -> Path:
@@ -183,20 +184,21 @@ def prepare(where: RunDir | Path, given: dict[str, Any], dry_run: bool, nnodes: 
         final_val_only = (progress is not None and progress.finished) or _next(story).get("final_val_only") is True
     options = TrainOptions.from_story(story).replace(**{k: given[k] for k in RUN_OPTIONS if given.get(k) is not None})
     options = options.replace(user_code=given.get("user_code") or last_user_code(run, story))
-    applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
-    check_watch(options.replace(**applied))  # the same checks as a new run's
-    check_hangs(options.replace(**applied))
-    validate.check_options(options.replace(**applied, project=str(run_dir.parent), name=run_dir.name))
-    p, simulated = _plan(story, given, nnodes)
+    keys = [key for key in APPLIED if given.get(key) is not None]
+    applied = options.replace(**{key: given[key] for key in keys}, project=str(run_dir.parent),
+                              name=run_dir.name)  # parsed as a new run's options are
+    typed = applied.recorded(keys)
+    p, simulated = _plan(story, typed, nnodes)
     if last is not None and _restarts_without_an_epoch(run, last, p):
         last = None
         notes = (*notes, f"the step checkpoint inside epoch 1 was written by another number of ranks than "
                          f"{p.world_size} and no epoch has ended yet: training again from the first epoch")
-    check_ranges(options.replace(**applied), p.per_gpu_batch)
-    env = allocator.apply({**os.environ, **(story.allocator or {})}, given.get("alloc_conf"))  # AllocConfError: usage
+    check_min_batch(applied, p.per_gpu_batch)
+    env = allocator.apply({**os.environ, **(story.allocator or {})}, typed.get("alloc_conf"))  # AllocConfError: usage
     if final_val_only:
         notes = (*notes, "every epoch is trained: only the final validation is left to run")
-    return Resume(run, last, story, p, env, options, simulated, lock_fd, _gpu_records(p), final_val_only, notes)
+    return Resume(run, last, story, p, env, options, simulated, lock_fd, _gpu_records(p), final_val_only, notes,
+                  typed)
 
 
 def _restarts_without_an_epoch(run: RunDir, last: Path, p: plan.TrainPlan) -> bool:
@@ -296,15 +298,14 @@ def last_user_code(run: RunDir, story: records.Story) -> dict[str, Any] | None:
     return code if isinstance(code, dict) else None
 
 
-def record(r: Resume, given: dict[str, Any]) -> None:
+def record(r: Resume) -> None:
     """What this resume changed, where the run now is, and the options it runs with, in the story."""
-    applied = {key: given[key] for key in APPLIED if given.get(key) is not None}
     r.story.resumes = [*(r.story.resumes or []), {
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_dir": str(r.run_dir),
         "previous_run_dir": r.story.run_dir,
         "from": str(r.last) if r.last else None,
-        "applied": applied,
+        "applied": r.applied,
     }]
     r.story.run_dir = str(r.run_dir)
     r.story.plan = r.plan.summary()
@@ -312,5 +313,5 @@ def record(r: Resume, given: dict[str, Any]) -> None:
     if r.gpus is not None:
         r.story.gpus = r.gpus
     r.story.allocator = {k: r.env[k] for k in allocator.ENV_VARS}
-    for key in RUN_OPTIONS:
-        setattr(r.story, key, getattr(r.options, key))
+    for key, value in r.options.recorded(RUN_OPTIONS).items():
+        setattr(r.story, key, value)

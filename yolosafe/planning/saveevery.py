@@ -9,7 +9,7 @@ the supervisor checks the word before any run directory exists; the ranks read t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from yolosafe.errors import UsageError
 
@@ -31,6 +31,16 @@ class SaveEvery:
     iterations: int | None = None
     seconds: float | None = None
     auto: bool = False
+    word: str = field(default="", compare=False)  # as given (10m), what the story and the run spec say
+
+    def __str__(self) -> str:
+        if self.word:
+            return self.word
+        if self.auto:
+            return AUTO
+        if self.iterations is not None:
+            return f"{self.iterations}it"
+        return "0" if self.seconds is None else f"{self.seconds:g}s"
 
     @property
     def off(self) -> bool:
@@ -58,9 +68,9 @@ def parse(word: object) -> SaveEvery:
     """The ``--save-every`` word; :class:`SaveEveryError` with the reason."""
     text = str(word).strip().lower() if word is not None else AUTO
     if text == AUTO:
-        return SaveEvery(auto=True)
+        return SaveEvery(auto=True, word=text)
     if text in {"0", "0it", "0s", "0m", "off", "false"}:
-        return SaveEvery()
+        return SaveEvery(word=text)
     match = _WORD.match(text)
     if not match:
         raise SaveEveryError("must be a duration (10m, 90s, 1h), iterations (500it), 0 (off) or auto")
@@ -68,7 +78,7 @@ def parse(word: object) -> SaveEvery:
     if unit == "it":
         if number != int(number) or number < 1:
             raise SaveEveryError("iterations must be a whole number of at least 1")
-        return SaveEvery(iterations=int(number))
+        return SaveEvery(iterations=int(number), word=text)
     if number <= 0:
-        return SaveEvery()
-    return SaveEvery(seconds=number * _UNITS[unit])
+        return SaveEvery(word=text)
+    return SaveEvery(seconds=number * _UNITS[unit], word=text)

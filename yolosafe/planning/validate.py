@@ -3,73 +3,28 @@
 Each check raises :class:`InputError` with one line for the user. What Ultralytics accepts, Ultralytics decides:
 :func:`ultralytics_check` asks it about the model, the arguments, the dataset and the run's folder through the
 function its caller hands it (a short-lived child, :func:`yolosafe.supervisor.children.input_check`: torch and
-Ultralytics stay out of this process, and planning starts no process). What is checked here
-is only what Ultralytics leaves to yolosafe: yolosafe's own options, the run's name, the fault injection, and a
-resumed run's checkpoint (read without torch: PyTorch checkpoints are zip archives whose pickle names the classes it
-holds; an Ultralytics checkpoint names ``ultralytics`` modules).
+Ultralytics stay out of this process, and planning starts no process). What is checked here is only what Ultralytics
+leaves to yolosafe and its options' parsing (:class:`yolosafe.planning.trainoptions.TrainOptions`) cannot see: the
+fault injection and a checkpoint to be loaded (read without torch: PyTorch checkpoints are zip archives whose pickle
+names the classes it holds; an Ultralytics checkpoint names ``ultralytics`` modules).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from yolosafe import hang, oom
 from yolosafe.errors import UsageError
-from yolosafe.planning import checkcache, checkpoint, saveevery, trainplan
+from yolosafe.planning import checkcache, checkpoint, trainplan
 from yolosafe.rundir.childrecords import CheckAnswer, CheckRefusal, CheckRequest, CheckResult
 
 ULTRALYTICS_PROJECT = "runs/<task>"  # --project not given: the folder Ultralytics' get_save_dir gives the task
-# yolosafe's own options, integers and numbers (from a --config file they arrive untyped).
-INT_OPTIONS = MappingProxyType({"batch": 1, "effective_batch": 1, "val_batch": 1, "imgsz": 32, "epochs": 1,
-                               "max_retries": 0, "min_batch": 1})
-VAL_OOM = ("in-place", "relaunch")  # what a validation OOM does (yolosafe.training.valretry)
-STR_OPTIONS = ("model", "data", "project", "name", "alloc_conf", "gpus")
 
 
 class InputError(UsageError):
     """Bad input; ``str()`` is the one line the user sees."""
-
-
-# --- yolosafe's own options -----------------------------------------------------------------------------------------
-
-
-def check_options(options: Any) -> None:
-    """Types and ranges of yolosafe's options (a :class:`~yolosafe.planning.trainoptions.TrainOptions`), whether
-    they came from flags or a ``--config`` file."""
-    for key, minimum in INT_OPTIONS.items():
-        value = getattr(options, key)
-        if value is None or (key == "batch" and value == "auto"):  # --batch auto: planner.resolve_auto decides
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{flag} {value!r}: must be a whole number")
-        if value < minimum:
-            raise InputError(f"{flag} {value}: must be at least {minimum}")
-    for key in STR_OPTIONS:
-        value = getattr(options, key)
-        if value is not None and not isinstance(value, str):
-            raise InputError(f"--{key.replace('_', '-')} {value!r}: must be text")
-    if options.val_oom not in VAL_OOM:
-        raise InputError(f"val_oom {options.val_oom!r}: must be one of {', '.join(VAL_OOM)}")
-    try:
-        saveevery.parse(options.save_every)
-    except saveevery.SaveEveryError as exc:
-        raise InputError(f"--save-every {options.save_every!r}: {exc}") from None
-    if not isinstance(options.clear_before_val, bool):
-        raise InputError(f"clear_before_val {options.clear_before_val!r}: must be true or false")
-    if options.project is not None:
-        check_run_location(str(options.project), str(options.name))
-
-
-def check_run_location(project: str, name: str) -> None:
-    """``--name`` is one folder inside ``--project`` (where ``--project`` is, Ultralytics decides: it is checked there,
-    :func:`yolosafe.planning.inputs.check_run_place`)."""
-    if not name or name in {".", ".."} or "/" in name or (os.sep != "/" and os.sep in name):
-        raise InputError(f"--name {name!r}: give a single folder name (no '/'); use --project for the parent folder")
 
 
 def check_injection(environ: Mapping[str, str]) -> None:

@@ -119,13 +119,11 @@ class RunOptions:
     @classmethod
     def of(cls, env: dict[str, str], options: TrainOptions, simulated: bool,
            multinode: MultiNode | None = None) -> RunOptions:
-        return cls(env=env, max_retries=int(options.max_retries), min_batch=int(options.min_batch),
-                   simulate_on_cpu=simulated, watch_interval=float(options.watch_interval),
-                   warn_at=float(options.warn_at), clear_before_val=bool(options.clear_before_val),
-                   multinode=multinode, val_oom=str(options.val_oom or DEFAULTS["val_oom"]),
-                   hang_timeout=None if options.hang_timeout is None else float(options.hang_timeout),
-                   max_hang_restarts=int(options.max_hang_restarts), user_code=options.user_code,
-                   save_every=str(options.save_every if options.save_every is not None else DEFAULTS["save_every"]))
+        return cls(env=env, max_retries=options.max_retries, min_batch=options.min_batch,
+                   simulate_on_cpu=simulated, watch_interval=options.watch_interval, warn_at=options.warn_at,
+                   clear_before_val=options.clear_before_val, multinode=multinode, val_oom=options.val_oom,
+                   hang_timeout=options.hang_timeout, max_hang_restarts=options.max_hang_restarts,
+                   user_code=options.user_code, save_every=str(options.save_every))
 
 
 def versions() -> dict[str, str | None]:

@@ -429,7 +429,7 @@ class StepCheckpoints:
     def save_model(self) -> bool:
         saved = super().save_model()
         if self.last.name == rundir.LAST:  # the epoch is kept: its step checkpoint is old
-            (self.wdir / rundir.STEP).unlink(missing_ok=True)
+            self.when_durable(lambda: (self.wdir / rundir.STEP).unlink(missing_ok=True))
         return saved
 
 

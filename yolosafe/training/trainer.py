@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -20,7 +20,7 @@ from ultralytics.models.yolo.model import YOLO
 
 from yolosafe import bench, gpus
 from yolosafe.rundir import files as rundir
-from yolosafe.training import callbacks, cutbars, heartbeat, offline, peakmetrics, stepckpt, valretry
+from yolosafe.training import callbacks, cutbars, durable, heartbeat, offline, peakmetrics, stepckpt, valretry
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 from yolosafe.training.fake import cpuranks
@@ -112,11 +112,17 @@ class AtomicCheckpoints:
     """``save_model``: Ultralytics writes last.pt/best.pt in place, so a rank killed mid-write (SIGKILL, the host's
     OOM killer) would leave the very checkpoint a retry resumes from truncated. Written beside, then renamed: all or
     nothing. A save that fails (a full disk, a stop) removes what it had written: the last good checkpoints stay,
-    and the space their partial copies took is free again for the records of the failure."""
+    and the space their partial copies took is free again for the records of the failure. The checkpoint a retry
+    reads is fsynced and renamed beside the training (:class:`yolosafe.training.durable.Pending`): the next save,
+    the final evaluation and the end of training wait for it; what a new checkpoint supersedes goes once it is in
+    place (:meth:`when_durable`)."""
+
+    _durable: durable.Pending | None = None
 
     def save_model(self) -> bool:
         if bench.bench_off("checkpoint"):
             return super().save_model()
+        self.checkpoints_durable()  # one at a time, in order: the previous save's rename before this one's
         final = {"last": self.last, "best": self.best}
         partial = {name: path.with_name(f".{path.name}.partial") for name, path in final.items()}
         for path in partial.values():  # a killed rank's leftover: promote only what this save writes
@@ -131,23 +137,46 @@ class AtomicCheckpoints:
         finally:
             self.last, self.best = final["last"], final["best"]
         try:
-            for name, path in partial.items():
-                if path.exists():
-                    durable_replace(path, final[name], sync=name == "last")
+            if partial["best"].exists():
+                durable.durable_replace(partial["best"], final["best"], sync=False)
         finally:
-            for path in partial.values():  # an fsync that failed (a full disk): the last good one stays, alone
-                path.unlink(missing_ok=True)
+            partial["best"].unlink(missing_ok=True)
+        if partial["last"].exists():
+            self._durable = durable.Pending(partial["last"], final["last"])
         return saved
+
+    def when_durable(self, action: Callable[[], None]) -> None:
+        """``action`` (removing what the newest checkpoint supersedes) once that checkpoint is in place."""
+        pending = self._durable
+        if pending is None:
+            action()
+        else:
+            pending.then(action)
+
+    def checkpoints_durable(self, raise_error: bool = True) -> None:
+        """Until the newest checkpoint is on disk and in place; the error of its sync (a full disk) raised here."""
+        pending, self._durable = self._durable, None
+        if pending is not None:
+            pending.wait(raise_error)
 
     def final_eval(self) -> None:
         """Ultralytics' final evaluation strips last.pt and best.pt in place: one the supervisor kept by a hard link
         (``last-before-attemptN.pt``) is made a file of its own first, so the kept checkpoint stays as it was."""
         from ultralytics.utils import RANK
 
+        self.checkpoints_durable()
         if RANK in {-1, 0} and not bench.bench_off("checkpoint"):
             for path in (self.last, self.best):
                 unlink_shared(path)
         super().final_eval()
+
+    def _do_train(self) -> None:
+        try:
+            super()._do_train()
+        except BaseException:
+            self.checkpoints_durable(raise_error=False)  # the failure in flight is the one to say
+            raise
+        self.checkpoints_durable()
 
 
 def unlink_shared(path: Path) -> None:
@@ -161,29 +190,9 @@ def unlink_shared(path: Path) -> None:
     partial = path.with_name(f".{path.name}.partial")
     try:
         shutil.copy2(path, partial)
-        durable_replace(partial, path, sync=True)
+        durable.durable_replace(partial, path, sync=True)
     finally:
         partial.unlink(missing_ok=True)
-
-
-def durable_replace(partial: Path, final: Path, sync: bool) -> None:
-    """``partial`` renamed over ``final``; with ``sync``, through a power loss too: its data on disk before the
-    rename, the rename itself after it. A killed process needs neither (the page cache outlives it, the rename is
-    atomic); a crashed machine could otherwise come back with a last.pt of zeros. last.pt alone: it is what a retry
-    and ``--resume`` read, and one ``fsync`` of it per epoch is the whole cost (docs/overhead.md)."""
-    if sync:
-        _fsync(partial)
-    os.replace(partial, final)
-    if sync:
-        _fsync(final.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ResumeNbs:
@@ -269,7 +278,7 @@ class ValidateFirst(_InContext):
         self._newest_save_at = time.monotonic()
         self._newest_save_s = self._newest_save_at - started
         if self.last.name == rundir.LAST:  # this epoch is validated and kept: the unvalidated state is old
-            (self.wdir / valretry.UNVALIDATED).unlink(missing_ok=True)
+            self.when_durable(lambda: (self.wdir / valretry.UNVALIDATED).unlink(missing_ok=True))
         return saved
 
     def resume_training(self, ckpt: Any) -> None:

@@ -40,14 +40,9 @@ FakePass = Callable[[FakePassRequest], FakePassResult]  # the fake pass's child:
 
 
 def fraction_of(options: TrainOptions) -> float:
-    """``--memory-fraction``: the share of a GPU's free memory the required figures may fill."""
-    try:
-        value = float(options.memory_fraction)
-    except (TypeError, ValueError):
-        raise plan.PlanError(f"--memory-fraction {options.memory_fraction!r}: expected a number") from None
-    if not 0 < value <= 1:
-        raise plan.PlanError(f"--memory-fraction {value:g}: give a share above 0 and at most 1 (e.g. 0.85)")
-    return value
+    """``--memory-fraction``: the share of a GPU's free memory the required figures may fill (parsed with the
+    options: above 0, at most 1)."""
+    return options.memory_fraction
 
 
 def expandable_segments(options: TrainOptions) -> bool:

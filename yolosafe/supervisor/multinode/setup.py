@@ -37,16 +37,6 @@ def resolve(params: dict[str, Any]) -> nodes.Nodes:
     return replace(where, timeout=timeout or cluster.DEFAULT_TIMEOUT_S) if where.multi else where
 
 
-def check_options(options: TrainOptions, where: nodes.Nodes) -> None:
-    """What each node would decide on its own, and differently: refused before anything starts."""
-    if not where.multi:
-        return
-    if str(options.batch).lower() == "auto":
-        raise validate.InputError(f"--batch auto with {where.nnodes} nodes: each node would pick its own; run "
-                                  "yolosafe plan --batch auto on one node without the node options, and give every "
-                                  f"node --batch = its per-GPU batch x GPUs per node x {where.nnodes}")
-
-
 def check_plan(p: TrainPlan, where: nodes.Nodes) -> None:
     if where.multi and not p.gpus:
         raise nodes.NodesError(f"--nnodes {where.nnodes}: a multi-node run trains on GPUs (--gpus); to rehearse one on "
