@@ -115,7 +115,7 @@ def finish(ended: trainrun.Ended) -> Run:
     try:
         run = Run.of(where, records.load_story(where))
     except (OSError, records.RecordError):
-        run = Run(run_dir=where.path, outcome=None, exit_code=Exit(ended.code))
+        run = Run(run=where, outcome=None, exit_code=Exit(ended.code))
     if ended.code == Exit.OK:
         return run
     log = ended.run.log

@@ -30,16 +30,20 @@ class Run:
     ``killed``, ``interrupted``...); ``exit_code`` what ``yolosafe train`` exits with for it; ``attempts`` each
     attempt's batches and end, as ``yolosafe.json`` records them; ``metrics`` the final validation's metrics
     (``metrics/mAP50-95(B)``...); ``weights`` ``{"last": path, "best": path}`` for the files that exist.
-    ``run_dir`` is the run directory's path (:attr:`yolosafe.rundir.layout.RunDir.path` of the run it was read from).
+    ``run`` is the run directory it was read from (a :class:`~yolosafe.rundir.layout.RunDir`), ``run_dir`` its path.
     """
 
-    run_dir: Path
+    run: RunDir
     outcome: Outcome | str | None
     exit_code: Exit
     attempts: tuple[Attempt, ...] = ()
     metrics: Mapping[str, Any] = field(default_factory=_frozen)
     weights: Mapping[str, Path] = field(default_factory=_frozen)
     story: Mapping[str, Any] = field(default_factory=_frozen, repr=False, compare=False)  # all of yolosafe.json
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
     @property
     def completed(self) -> bool:
@@ -75,7 +79,7 @@ class Run:
             outcome = story.outcome
         weights = {name: Path(p) for name, p in (story.weights or {}).items()}
         exit_code = outcome.exit_status if isinstance(outcome, Outcome) else Exit.FAILED  # a value of a newer yolosafe
-        return cls(run_dir=run.path, outcome=outcome, exit_code=exit_code,
+        return cls(run=run, outcome=outcome, exit_code=exit_code,
                    attempts=tuple(story.attempts), metrics=_frozen(story.final_metrics), weights=_frozen(weights),
                    story=_frozen(story.to_dict()))
 
