@@ -101,13 +101,11 @@ def pickled_globals(path: Path) -> list[str] | None:
     """Every ``module name`` the checkpoint's pickle names (what unpickling would import and call), read from its
     opcodes without running any of them; None when the file is not a PyTorch zip checkpoint."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if not pickles:
-                return None
-            data = archive.read(pickles[0])
+        data = pickle_of(path)
+        if data is None:
+            return None
         ops = [(op.name, arg) for op, arg, _ in pickletools.genops(io.BytesIO(data))]
-    except (zipfile.BadZipFile, OSError, KeyError, ValueError, EOFError, zipfile.LargeZipFile):
+    except (*UNREADABLE, ValueError, EOFError):
         return None
     names: list[str] = []
     pushed: list[object] = []  # what each opcode pushed, as far as STACK_GLOBAL needs it (strings, memo lookups)
