@@ -176,8 +176,10 @@ def test_a_number_as_name_or_project_is_text_as_ultralytics_makes_it():
     from ultralytics.cfg import get_cfg
 
     from yolosafe.api import calls
+    from yolosafe.planning.trainoptions import TrainOptions
 
     for number in (0, 7, 1.5):
         given, _ = calls.given_of({"name": number, "project": number})
+        options = TrainOptions.of({k: given[k] for k in ("name", "project")})  # the options' parsing owns the rule
         theirs = get_cfg(overrides={"name": number, "project": number})
-        assert (given["name"], given["project"]) == (theirs.name, theirs.project) == (str(number), str(number))
+        assert (options.name, options.project) == (theirs.name, theirs.project) == (str(number), str(number))

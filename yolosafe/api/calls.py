@@ -32,7 +32,6 @@ from yolosafe.supervisor.multinode import setup as multicli
 OPTION_KEYS = tuple(key for key in options.DEFAULTS if key != "args")  # yolosafe's own options, as keywords
 FILE_KEYS = {"config": "config_file", "datasets": "datasets_file"}  # keyword -> the command line's parameter
 PATH_KEYS = ("model", "data", "project", "config_file", "datasets_file")
-NUMBER_AS_TEXT = ("project", "name")  # keywords Ultralytics' get_cfg turns from a number into text
 
 
 def train(model: str | Path | None = None, data: str | Path | None = None, *, device: Any = None,
@@ -144,9 +143,6 @@ def given_of(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     for key in PATH_KEYS:
         if isinstance(given.get(key), os.PathLike):
             given[key] = os.fspath(given[key])
-    for key in NUMBER_AS_TEXT:  # as Ultralytics' get_cfg: name=0 is the run "0" (tests/test_api.py pins it)
-        if isinstance(given.get(key), (int, float)) and not isinstance(given[key], bool):
-            given[key] = str(given[key])
     words = [yolowords.word(key, os.fspath(value) if isinstance(value, os.PathLike) else value)
              for key, value in values.items()]
     if words:

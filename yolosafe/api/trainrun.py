@@ -79,8 +79,8 @@ def ultralytics_accepts(opts: TrainOptions, dry_run: bool) -> TrainOptions:
     if opts.download and not dry_run:
         terminal.say("Ultralytics downloads what is missing (the data, the weights) now, once, before training")
     checked = validate.ultralytics_check(opts, dry_run, children.input_check)
-    asked = None if opts.project in (None, validate.ULTRALYTICS_PROJECT) else str(opts.project)
-    name = checked.name or str(opts.name)  # Ultralytics' name for the run (name=model: the model's stem)
+    asked = None if opts.project in (None, validate.ULTRALYTICS_PROJECT) else opts.project
+    name = checked.name or opts.name  # Ultralytics' name for the run (name=model: the model's stem)
     inputs.check_run_place(checked.project, name, asked)  # where Ultralytics puts the runs
     opts = opts.replace(task=checked.task, project=checked.project, name=name, train_images=checked.train_images,
                         dataset_figures=checked.dataset or {})
@@ -93,10 +93,10 @@ def build(opts: TrainOptions, inventory: gpus.Inventory) -> plan.TrainPlan:
     """The plan of resolved options on this machine's GPUs (``--gpus`` within ``$CUDA_VISIBLE_DEVICES``)."""
     visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
-        selected = gpuselect.parse_gpus(None if opts.gpus is None else str(opts.gpus), visible, inventory.problem)
+        selected = gpuselect.parse_gpus(opts.gpus, visible, inventory.problem)
         for bad in (g for g in inventory.gpus if g.index in selected and not g.valid):
             raise plan.PlanError(f"GPU {bad.index}: {bad.problem}; choose other GPUs with --gpus (see yolosafe gpus)")
-        check_visible(inventory, selected, str(opts.gpus).strip().lower() == "cpu")
+        check_visible(inventory, selected, (opts.gpus or "").strip().lower() == "cpu")
         built = plan.build_plan(
             model=opts.model,
             data=opts.data_yaml,

@@ -106,7 +106,7 @@ def print_tier_table(options: TrainOptions, vram: str, as_json: bool, vram_model
     """``yolosafe plan --vram 8,12,24``: the largest safe per-GPU batch per model and GPU size (the models asked for,
     else the shipped table's)."""
     models = [m for m in str(vram_models or "").split(",") if m.strip()] or None
-    table = planner.tier_table(parse_vram(vram), int(options.imgsz), options, planner.fraction_of(options), models,
+    table = planner.tier_table(parse_vram(vram), options.imgsz, options, options.memory_fraction, models,
                                fake_pass=children.fake_pass)
     click.echo(json.dumps(table, indent=2)) if as_json else print_tiers(table)
 

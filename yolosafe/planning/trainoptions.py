@@ -78,10 +78,15 @@ def number(key: str, value: Any, optional: bool = False) -> float | None:
     raise InputError(f"{_flag(key)} {value!r}: expected a number")
 
 
-def text(optional: bool = True) -> Callable[[str, Any], str | None]:
+def text(optional: bool = True, numbers: bool = False) -> Callable[[str, Any], str | None]:
+    """Text (``None`` too when ``optional``); with ``numbers``, a number is its text, as Ultralytics' ``get_cfg``
+    reads ``project=`` and ``name=`` (``name=0`` is the run "0")."""
+
     def parse(key: str, value: Any) -> str | None:
         if value is None and optional:
             return None
+        if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
         if not isinstance(value, str):
             raise InputError(f"{_flag(key)} {value!r}: must be text")
         return value
@@ -178,8 +183,8 @@ PARSERS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType({
     "min_batch": whole(1),
     "model": text(),
     "data": text(optional=False),
-    "project": text(),
-    "name": text(optional=False),
+    "project": text(numbers=True),
+    "name": text(optional=False, numbers=True),
     "alloc_conf": text(),
     "gpus": text(),
     "task": text(),

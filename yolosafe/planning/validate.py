@@ -84,7 +84,7 @@ def ultralytics_request(opts: Any, dry_run: bool) -> CheckRequest:
     return CheckRequest(model=opts.model, data=opts.data_yaml, task=opts.task,
                         overrides={k: v for k, v in overrides.items() if v is not None},
                         project=None if project == ULTRALYTICS_PROJECT else project, name=opts.name,
-                        download=bool(opts.download) and not dry_run, dry_run=dry_run,  # a dry run fetches nothing
+                        download=opts.download and not dry_run, dry_run=dry_run,  # a dry run fetches nothing
                         user_code=getattr(opts, "user_code", None) or None)
 
 

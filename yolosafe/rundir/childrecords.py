@@ -21,16 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from yolosafe.rundir import files
-from yolosafe.rundir.typed import RecordError, exact_fields
-
-
-def _load(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RecordError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RecordError(f"{what} {path}: damaged, not JSON ({' '.join(str(exc).split())})") from None
+from yolosafe.rundir.typed import RecordError, exact_fields, read_json
 
 
 @dataclass(frozen=True)
@@ -60,7 +51,7 @@ class CheckRequest:
 
     @classmethod
     def load(cls, path: Path) -> CheckRequest:
-        return cls.from_dict(_load(path, "the input check's request"), f"the input check's request {path}")
+        return cls.from_dict(read_json(path, "the input check's request"), f"the input check's request {path}")
 
 
 @dataclass(frozen=True)
@@ -115,7 +106,7 @@ def save_check_result(path: Path, result: CheckResult) -> None:
 
 
 def load_check_result(path: Path) -> CheckResult:
-    return check_result_of(_load(path, "the input check's result"), f"the input check's result {path}")
+    return check_result_of(read_json(path, "the input check's result"), f"the input check's result {path}")
 
 
 @dataclass(frozen=True)
@@ -196,4 +187,4 @@ class FakePassResult:
 
     @classmethod
     def load(cls, path: Path) -> FakePassResult:
-        return cls.from_dict(_load(path, "the fake pass's result"), f"the fake pass's result {path}")
+        return cls.from_dict(read_json(path, "the fake pass's result"), f"the fake pass's result {path}")

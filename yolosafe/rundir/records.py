@@ -17,7 +17,7 @@ from typing import Any
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir.layout import RunDir
 from yolosafe.rundir.outcome import Outcome
-from yolosafe.rundir.typed import Record, RecordError, _read, _typed
+from yolosafe.rundir.typed import Record, RecordError, _typed, read_json
 
 __all__ = (  # RecordError: what every loader here raises, so readers catch it as records.RecordError
     "VAL_PHASES",
@@ -229,7 +229,7 @@ def story_path(run: RunDir | Path) -> Path:
 
 def load_story(run: RunDir | Path) -> Story:
     path = story_path(run)
-    return _typed(Story, path, _read(path))
+    return _typed(Story, path, read_json(path))
 
 
 def save_story(run: RunDir | Path, story: Story) -> None:
@@ -246,7 +246,7 @@ def load_failures(run: RunDir | Path, attempt: int | None = None) -> list[Failur
     """The failure records (of one attempt, or all), in attempt then rank order."""
     found = []
     for path in sorted(RunDir.of(run).failures(attempt), key=_failure_order):
-        record = _typed(Failure, path, _read(path))
+        record = _typed(Failure, path, read_json(path))
         record.name = path.name
         found.append(record)
     return found
@@ -266,7 +266,7 @@ def save_hang(run: RunDir | Path, record: Hang) -> Path:
 
 
 def load_hang(path: Path) -> Hang:
-    return _typed(Hang, path, _read(path))
+    return _typed(Hang, path, read_json(path))
 
 
 def failures_from(data: list[Any]) -> list[Failure]:

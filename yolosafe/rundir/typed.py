@@ -85,13 +85,16 @@ class Record:
         return dict(sorted(out.items(), key=lambda item: order.get(item[0], len(order))))
 
 
-def _read(path: Path) -> Any:
+def read_json(path: Path, what: str = "") -> Any:
+    """The JSON value of the file ``path`` (yolosafe writes its files as UTF-8); one :class:`RecordError` line,
+    beginning with ``what`` and the path, when it cannot be read or is not JSON."""
+    shown = f"{what} {path}" if what else str(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise RecordError(f"{path}: cannot read ({exc.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordError(f"{path}: damaged, not JSON ({' '.join(str(exc).split())})") from None
+        raise RecordError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RecordError(f"{shown}: damaged, not JSON ({' '.join(str(exc).split())})") from None
 
 
 def _typed(cls: type[R], path: Path, data: Any) -> R:

@@ -39,12 +39,6 @@ FAKEPASS_FORMAT = 2  # the fake pass's entry format: per-task loss terms with th
 FakePass = Callable[[FakePassRequest], FakePassResult]  # the fake pass's child: supervisor.children.fake_pass
 
 
-def fraction_of(options: TrainOptions) -> float:
-    """``--memory-fraction``: the share of a GPU's free memory the required figures may fill (parsed with the
-    options: above 0, at most 1)."""
-    return options.memory_fraction
-
-
 def expandable_segments(options: TrainOptions) -> bool:
     """Whether the training child's allocator grows segments in place (yolosafe's default unless turned off)."""
     conf = f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')},{options.alloc_conf or ''}".replace(" ", "")
@@ -217,7 +211,7 @@ def resolve_auto(options: TrainOptions, inventory: gpus.Inventory, history_file:
     if not gpus_text.startswith(AUTO) and batch != AUTO:
         return options, None
     visible = gpus.visible_ids(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    entry: dict[str, Any] = {"memory_fraction": fraction_of(options), "reasons": []}
+    entry: dict[str, Any] = {"memory_fraction": options.memory_fraction, "reasons": []}
     resolved = options
     if gpus_text.startswith(AUTO):
         chosen, why = choose_gpus(gpus_text, inventory, visible)
@@ -237,12 +231,12 @@ def resolve_auto(options: TrainOptions, inventory: gpus.Inventory, history_file:
         per_gpu, why = auto_batch(terms, setup, chosen_gpus, entry["memory_fraction"], options.val_batch,
                                   history_file)
         entry["memory_per_gpu_batch"] = per_gpu  # what the memory allows, before the caps below
-        images = int(options.train_images or 0)  # Ultralytics counted them first (trainrun: --batch auto checks early)
+        images = options.train_images or 0  # Ultralytics counted them first (trainrun: --batch auto checks early)
         if images and per_gpu * len(selected) > images:
             per_gpu = max(-(-images // len(selected)), 1)
             why.append(f"capped at {per_gpu} per GPU: the training set holds {images} images")
-        if options.effective_batch and per_gpu * len(selected) > int(options.effective_batch):
-            per_gpu = max(int(options.effective_batch) // len(selected), 1)
+        if options.effective_batch and per_gpu * len(selected) > options.effective_batch:
+            per_gpu = max(options.effective_batch // len(selected), 1)
             why.append(f"capped at {per_gpu} per GPU: the total may not exceed --effective-batch")
         resolved = resolved.replace(batch=per_gpu * len(selected))
         entry.update(per_gpu_batch=per_gpu, batch=resolved.batch, terms_source=terms.source,

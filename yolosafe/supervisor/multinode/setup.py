@@ -48,7 +48,7 @@ def claim(project: Path, options: TrainOptions, named: bool, where: nodes.Nodes,
     """The run directory, the same on every node, as this node names its files: node 0 makes it, the others find it
     (a dry run only names it)."""
     try:
-        run = RunDir(project / nodes.run_name(str(options.name), named, where), where.node_rank)
+        run = RunDir(project / nodes.run_name(options.name, named, where), where.node_rank)
         if dry_run:
             return run
         if where.node_rank == 0:
