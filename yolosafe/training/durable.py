@@ -9,6 +9,10 @@ from that one, as when it is killed during a synchronous fsync). What must follo
 step checkpoint it supersedes) is handed to :meth:`Pending.then` and runs right after its rename, in that order.
 One is pending at a time: the next save, the final evaluation and the end of training wait for it
 (:meth:`Pending.wait`), and an error of the sync (a full disk) is raised there.
+
+yolosafe's own checkpoints (the step checkpoint, the state kept before validation) are written by
+:func:`save_beside`, through Ultralytics' own ``save_model``: the same file, the same safety, a resume Ultralytics
+reads as its own.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def durable_replace(partial: Path, final: Path, sync: bool) -> None:
@@ -81,3 +86,18 @@ class Pending:
         error, self._error = self._error, None
         if error is not None and raise_error:
             raise error
+
+
+def save_beside(trainer: Any, name: str, key: str, value: Any) -> None:
+    """The trainer's state through Ultralytics' own ``save_model`` into ``weights/NAME`` (never last.pt, best.pt or
+    epochN.pt), with ``value`` under ``key`` in its ``train_metrics``; the trainer's paths and metrics as they were
+    after."""
+    saved = trainer.last, trainer.best, trainer.save_period, trainer.metrics
+    trainer.last, trainer.best = trainer.wdir / name, trainer.wdir / f".{name}.best"
+    trainer.save_period = -1
+    trainer.metrics = {**(trainer.metrics or {}), key: value}
+    try:
+        trainer.save_model()
+    finally:
+        trainer.best.unlink(missing_ok=True)
+        trainer.last, trainer.best, trainer.save_period, trainer.metrics = saved

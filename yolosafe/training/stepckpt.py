@@ -33,7 +33,7 @@ from typing import Any
 
 from yolosafe import bench
 from yolosafe.rundir import files as rundir
-from yolosafe.training import callbacks
+from yolosafe.training import callbacks, durable
 from yolosafe.training.context import RunContext
 
 STATE = "yolosafe/step"  # in the step checkpoint's train_metrics
@@ -416,15 +416,7 @@ class StepCheckpoints:
             "orders": [r["order"] for r in every], "done_samples": [r["done_samples"] for r in every],
             "rng": [r["rng"] for r in every], "save_s": self._save_s, "time": time.time(),
         }
-        saved = self.last, self.best, self.save_period, self.metrics
-        self.last, self.best = self.wdir / rundir.STEP, self.wdir / f".{rundir.STEP}.best"
-        self.save_period = -1
-        self.metrics = {**(self.metrics or {}), STATE: state}
-        try:
-            self.save_model()
-        finally:
-            self.best.unlink(missing_ok=True)
-            self.last, self.best, self.save_period, self.metrics = saved
+        durable.save_beside(self, rundir.STEP, STATE, state)
 
     def save_model(self) -> bool:
         saved = super().save_model()

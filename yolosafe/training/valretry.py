@@ -41,7 +41,7 @@ from yolosafe import oom
 from yolosafe.errors import YolosafeError
 from yolosafe.rundir import files as rundir
 from yolosafe.rundir import results
-from yolosafe.training import callbacks, cutbars, torchmem
+from yolosafe.training import callbacks, cutbars, durable, torchmem
 from yolosafe.training import failure as failurerecord
 from yolosafe.training.context import RunContext
 
@@ -328,18 +328,10 @@ class TrainingDone(YolosafeError):
 def save_unvalidated(trainer: Any) -> None:
     """Rank 0, right before an epoch's validation: its trained state through Ultralytics' own ``save_model``, into
     ``weights/unvalidated.pt`` (never best.pt or epochN.pt)."""
-    saved = trainer.last, trainer.best, trainer.save_period, trainer.metrics
-    trainer.last, trainer.best = trainer.wdir / UNVALIDATED, trainer.wdir / f".{UNVALIDATED}.best"
-    trainer.save_period = -1
-    trainer.metrics = {**(trainer.metrics or {}), MARK: {
+    durable.save_beside(trainer, UNVALIDATED, MARK, {
         "epoch": trainer.epoch, "train": trainer.label_loss_items(trainer.tloss), "lr": dict(trainer.lr),
         "loss_items": {k: v.detach().cpu().tolist() for k, v in trainer.loss_items.items()},
-        "loss": float(trainer.loss.detach().cpu())}}
-    try:
-        trainer.save_model()
-    finally:
-        trainer.best.unlink(missing_ok=True)
-        trainer.last, trainer.best, trainer.save_period, trainer.metrics = saved
+        "loss": float(trainer.loss.detach().cpu())})
 
 
 def pending(ckpt: Any) -> dict[str, Any] | None:
